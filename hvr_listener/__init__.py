@@ -1,0 +1,1 @@
+"""hvr_listener."""
