@@ -1,0 +1,91 @@
+"""The agent's composition root: owns every long-lived object and task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from hvr_common import systemd
+from hvr_common.config import AgentConfig
+from hvr_common.logs import event
+from hvr_common.unix_socket import claim_socket_path
+from hvr_agent.admin import make_app
+from hvr_agent.nbd_server import NbdServer
+from hvr_agent.store import AgentStore
+from hvr_agent.vms import VmRegistry
+
+log = logging.getLogger("hvr.agent")
+
+VERSION = "0.1.0"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self._stop = asyncio.Event()
+
+    def request_stop(self, why: str) -> None:
+        event(log, "agent_stopping", reason=why)
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.state_dir, 0o700)
+        store = AgentStore(cfg.db_path)
+        registry = VmRegistry(cfg, store)
+        nbd = NbdServer(registry)
+        runner: web.AppRunner | None = None
+        try:
+            await registry.load_all()
+            claim_socket_path(cfg.nbd_socket)
+            await nbd.listen_unix(cfg.nbd_socket)
+            os.chmod(cfg.nbd_socket, 0o660)
+            tcp_port = None
+            if cfg.nbd_tcp:
+                tcp_port = await nbd.listen_tcp(*cfg.nbd_tcp)
+            status = {"daemon": "hvr-agent", "version": VERSION, "pid": os.getpid(),
+                      "nbd_socket": str(cfg.nbd_socket), "nbd_tcp_port": tcp_port}
+            runner = web.AppRunner(make_app(registry, status), access_log=None, handle_signals=False)
+            await runner.setup()
+            claim_socket_path(cfg.admin_socket)
+            old_umask = os.umask(0o177)
+            try:
+                await web.UnixSite(runner, str(cfg.admin_socket)).start()
+            finally:
+                os.umask(old_umask)
+            os.chmod(cfg.admin_socket, 0o600)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+            event(log, "agent_ready", nbd_socket=str(cfg.nbd_socket), nbd_tcp_port=tcp_port,
+                  admin_socket=str(cfg.admin_socket), vms=len(registry.vms))
+            systemd.notify("READY=1")
+            async with asyncio.TaskGroup() as tg:
+                interval = systemd.watchdog_interval_s()
+                watchdog = tg.create_task(self._watchdog(interval)) if interval else None
+                await self._stop.wait()
+                systemd.notify("STOPPING=1")
+                if watchdog is not None:
+                    watchdog.cancel()
+        finally:
+            await nbd.close()
+            await registry.close_all()
+            if runner is not None:
+                await runner.cleanup()
+            store.close()
+            for path in (cfg.admin_socket, cfg.nbd_socket):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+            event(log, "agent_stopped")
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)

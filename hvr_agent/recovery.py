@@ -1,0 +1,129 @@
+"""Start-up recovery of a VM's logs after a crash or a stop.
+
+For every disk:
+
+1. A log without its END record was active when the agent stopped.  Its
+   valid prefix is kept (a torn tail is the end of the log, not corruption):
+   the file is truncated there and closed with an END record.
+2. The write-intent bitmap names the regions whose image contents may not
+   match the logs (writes applied but not journaled before the crash).  The
+   current contents of exactly those regions are journaled as the first
+   records of the new log (data as WRITE, holes as TRIM), so that replaying
+   every log in order reproduces the image again.  If the bitmap is missing
+   or unreadable while a log was left open, every region is uncertain.
+3. Once the new log and the image are durable the bitmap is cleared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvr_common.hrl import HEADER_SIZE, HrlCorruptError, HrlEncoder, HrlHeader, encode_header
+from hvr_common.hrl_file import read_hrl_summary
+from hvr_common.intent_bitmap import IntentBitmap
+from hvr_common import sparse
+from hvr_agent.journal import list_logs
+
+log = logging.getLogger("hvr.agent.recovery")
+
+RESYNC_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class LogRepair:
+    path: Path
+    sequence: int
+    valid_bytes: int
+    torn_bytes: int
+    records: int
+    reason: str | None
+
+
+@dataclass
+class DiskScan:
+    max_sequence: int = 0
+    repaired: list[LogRepair] = field(default_factory=list)
+    left_open: bool = False
+
+
+def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
+    """Close every log of a disk that lacks its END record (blocking; run in a thread)."""
+    scan = DiskScan()
+    for seq, path in list_logs(image_path):
+        scan.max_sequence = max(scan.max_sequence, seq)
+        try:
+            header, summary = read_hrl_summary(path)
+        except HrlCorruptError as exc:
+            # The header itself never became durable: nothing in this file was
+            # valid.  Start it again as an empty log with the known identity.
+            header = HrlHeader(fallback_header.vm_id, fallback_header.disk_id, fallback_header.generation,
+                               seq, fallback_header.disk_size, time.time_ns())
+            enc = HrlEncoder(header)
+            _rewrite(path, encode_header(header) + enc.end(time.time_ns()))
+            scan.repaired.append(LogRepair(path, seq, HEADER_SIZE, 0, 0, str(exc)))
+            scan.left_open = True
+            continue
+        if summary.clean:
+            continue
+        scan.left_open = True
+        enc = HrlEncoder(header)
+        enc.crc = summary.final_crc
+        enc.record_count = summary.record_count
+        enc.write_bytes = summary.write_bytes
+        enc.position = summary.valid_length
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, summary.valid_length)
+            os.pwrite(fd, enc.end(time.time_ns()), summary.valid_length)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        scan.repaired.append(LogRepair(path, seq, summary.valid_length, summary.torn_bytes,
+                                       summary.record_count, summary.reason))
+    return scan
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def uncertain_ranges(found: IntentBitmap | None, disk_size: int, region_bytes: int,
+                     left_open: bool) -> list[tuple[int, int]]:
+    """Byte ranges whose contents must be re-journaled."""
+    if found is None:
+        if not left_open:
+            return []
+        everything = IntentBitmap(disk_size, region_bytes)
+        everything.mark(range(len(everything.marks)))
+        return everything.marked_ranges()
+    return found.marked_ranges()
+
+
+def read_region_runs(fd: int, offset: int, length: int):
+    """Yield ``(offset, data | None, length)`` pieces of a range: data pieces, or holes (None)."""
+    for run_off, run_len, is_data in sparse.data_extents(fd, offset, length):
+        if not is_data:
+            yield run_off, None, run_len
+            continue
+        pos = run_off
+        end = run_off + run_len
+        while pos < end:
+            n = min(RESYNC_CHUNK, end - pos)
+            yield pos, os.pread(fd, n, pos), n
+            pos += n

@@ -1,0 +1,216 @@
+"""The change-tracking filter: a block device whose writes are journaled.
+
+``TrackedDisk`` wraps any :class:`~hvr_agent.blockdev.BlockDevice`.  Each
+write, trim or zero is applied to the device and appended to the active HRL
+log in one synchronous step, so the log's record order is exactly the order
+in which the image changed.  Before the first write to a region after a cut,
+the region is made durable in the write-intent bitmap.
+
+Write order and commit points (see docs/hrl-format.md):
+
+1. region marked in the bitmap file and fdatasync'd (first write after a cut);
+2. image ``pwrite`` / punch / zero (page cache);
+3. record appended to the log buffer;
+4. FLUSH or FUA: log buffer drained, log and image fdatasync'd, then reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvr_common.hrl import RECORD_FLAG_FUA, RECORD_FLAG_NO_HOLE, HrlHeader
+from hvr_common.logs import event
+from hvr_agent.blockdev import BlockDevice
+from hvr_agent.intent import IntentBitmapFile
+from hvr_agent.journal import ActiveLog, ClosedLog, log_path
+
+log = logging.getLogger("hvr.agent.tracker")
+
+TRIM_CHUNK = 1 << 30  # trims/zeroes are journaled in records of at most this many bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DiskIdentity:
+    vm: str
+    vm_id: uuid.UUID
+    disk: str
+    disk_id: uuid.UUID
+    generation: int
+
+
+class TrackedDisk:
+    """A device with change tracking; the NBD server talks to this."""
+
+    def __init__(self, device: BlockDevice, image_path: Path, identity: DiskIdentity,
+                 intent: IntentBitmapFile, *, buffer_limit: int):
+        self.device = device
+        self.image_path = image_path
+        self.identity = identity
+        self.intent = intent
+        self.size = device.size
+        self.read_only = device.read_only
+        self.buffer_limit = buffer_limit
+        self.log: ActiveLog | None = None
+        self._unsynced: list[ActiveLog] = []
+        self._ops = 0  # journaled operations so far (monotonic)
+        self._durable_ops = 0
+        self._flush_lock = asyncio.Lock()
+        self.stats = {"writes": 0, "write_bytes": 0, "trims": 0, "zeroes": 0, "flushes": 0, "syncs": 0}
+
+    # --- log lifecycle ----------------------------------------------------
+    def open_log(self, sequence: int) -> ActiveLog:
+        ident = self.identity
+        header = HrlHeader(vm_id=ident.vm_id, disk_id=ident.disk_id, generation=ident.generation,
+                           sequence=sequence, disk_size=self.size, created_ns=_now_ns())
+        self.log = ActiveLog(log_path(self.image_path, sequence), header, self.buffer_limit)
+        return self.log
+
+    def switch_log(self, sequence: int) -> ActiveLog:
+        """The synchronous half of a cut: end the active log, start the next, reset the fast-path marks."""
+        old = self.log
+        old.write_end()
+        self._unsynced.append(old)
+        self.open_log(sequence)
+        self.intent.start_period()
+        return old
+
+    async def finish_cut(self, old: ActiveLog) -> ClosedLog:
+        """The asynchronous half: make the ended log and the image durable, then shrink the bitmap."""
+        await self.flush(force=True)
+        await self.intent.reset_to_period(self.log.sequence)
+        return old.describe_closed(self.identity.disk)
+
+    # --- reads ------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.device.pread(offset, length)
+
+    def extents(self, offset: int, length: int):
+        return self.device.extents(offset, length)
+
+    # --- writes -----------------------------------------------------------
+    def can_write_now(self, offset: int, length: int) -> bool:
+        """True if the regions are already marked: the write may complete synchronously."""
+        return self.intent.period.covers(offset, length)
+
+    def write_now(self, offset: int, data, fua: bool = False) -> None:
+        self.device.pwrite(offset, data)
+        self.log.append_write(offset, data, RECORD_FLAG_FUA if fua else 0)
+        self._ops += 1
+        st = self.stats
+        st["writes"] += 1
+        st["write_bytes"] += len(data)
+
+    def trim_now(self, offset: int, length: int, fua: bool = False) -> None:
+        self.device.trim(offset, length)
+        flags = RECORD_FLAG_FUA if fua else 0
+        for off in range(offset, offset + length, TRIM_CHUNK):
+            self.log.append_trim(off, min(TRIM_CHUNK, offset + length - off), flags)
+        self._ops += 1
+        self.stats["trims"] += 1
+
+    def zero_now(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
+        self.device.write_zeroes(offset, length, may_trim)
+        flags = (RECORD_FLAG_FUA if fua else 0) | (0 if may_trim else RECORD_FLAG_NO_HOLE)
+        for off in range(offset, offset + length, TRIM_CHUNK):
+            self.log.append_zero(off, min(TRIM_CHUNK, offset + length - off), flags)
+        self._ops += 1
+        self.stats["zeroes"] += 1
+
+    async def _ensure_marked(self, offset: int, length: int) -> None:
+        regions = self.intent.period.unmarked(offset, length)
+        if regions:
+            await self.intent.mark(regions)
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        if length := len(data):
+            await self._ensure_marked(offset, length)
+            self.write_now(offset, data, fua)
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if length:
+            await self._ensure_marked(offset, length)
+            self.trim_now(offset, length, fua)
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
+        if length:
+            await self._ensure_marked(offset, length)
+            self.zero_now(offset, length, may_trim, fua)
+        if fua:
+            await self.flush()
+
+    # --- durability -------------------------------------------------------
+    async def flush(self, force: bool = False) -> None:
+        """Make every operation journaled before this call durable in the log and the image.
+
+        Concurrent flushes share one fdatasync round (group commit).
+        """
+        target = self._ops
+        self.stats["flushes"] += 1
+        async with self._flush_lock:
+            if self._durable_ops >= target and not force and not self._unsynced:
+                return
+            upto = self._ops
+            log_ = self.log
+            if log_ is not None:
+                log_.drain()
+            pending = list(self._unsynced)
+            await asyncio.to_thread(self._sync_files, pending, log_)
+            for old in pending:
+                old.close_fd()
+                self._unsynced.remove(old)
+            self._durable_ops = max(self._durable_ops, upto)
+            self.stats["syncs"] += 1
+
+    def _sync_files(self, pending: list[ActiveLog], current: ActiveLog | None) -> None:
+        for old in pending:
+            old.sync_fd()
+        if current is not None:
+            current.sync_fd()
+        self.device.sync()
+
+    async def close(self, *, end_log: bool = True) -> None:
+        """Flush and close.  With ``end_log`` the active log gets its END record and the
+        bitmap is cleared: nothing is uncertain after a clean stop, so the next start
+        re-journals nothing."""
+        if self.log is not None and not self.read_only:
+            if end_log:
+                old = self.log
+                old.write_end()
+                self._unsynced.append(old)
+                self.log = None
+            await self.flush(force=True)
+            if self.log is not None:
+                self.log.close_fd()
+            if end_log:
+                self.intent.start_period()
+                await self.intent.reset_to_period(old.sequence)
+        self.intent.close()
+        self.device.close()
+
+    def status(self) -> dict:
+        lg = self.log
+        return {
+            "name": self.identity.disk,
+            "disk_id": str(self.identity.disk_id),
+            "path": str(self.image_path),
+            "size_bytes": self.size,
+            "read_only": self.read_only,
+            "sequence": lg.sequence if lg else None,
+            "active_log": str(lg.path) if lg else None,
+            "active_log_records": lg.encoder.record_count if lg else 0,
+            "marked_regions": self.intent.period.count,
+            "stats": dict(self.stats),
+        }
+
+
+def _now_ns() -> int:
+    import time
+    return time.time_ns()

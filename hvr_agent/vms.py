@@ -1,0 +1,229 @@
+"""Protected VMs on this host: their tracked disks, exports, cuts and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvr_common.config import AgentConfig
+from hvr_common.errors import ConflictError, NotFoundError, UsageError
+from hvr_common.hrl import HrlHeader
+from hvr_common.logs import event
+from hvr_common.nbd_protocol import MAX_PAYLOAD, ExportInfo
+from hvr_agent.blockdev import RawImage
+from hvr_agent.intent import IntentBitmapFile, bitmap_path
+from hvr_agent.journal import ClosedLog
+from hvr_agent.recovery import close_open_logs, read_region_runs, uncertain_ranges
+from hvr_agent.store import AgentStore, VmRecord
+from hvr_agent.tracker import DiskIdentity, TrackedDisk
+
+log = logging.getLogger("hvr.agent.vms")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(kind: str, name: str) -> None:
+    if not NAME_RE.match(name):
+        raise UsageError(f"{kind} name {name!r} is not valid",
+                         hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+def disk_name_for(path: Path) -> str:
+    return path.stem if path.suffix else path.name
+
+
+@dataclass
+class ProtectedVm:
+    record: VmRecord
+    disks: dict[str, TrackedDisk] = field(default_factory=dict)
+    sequence: int = 0  # sequence of the active logs
+    cut_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "vm_id": str(self.record.vm_id),
+            "generation": self.record.generation,
+            "read_only": self.record.read_only,
+            "sequence": self.sequence,
+            "disks": [dict(d.status(), export=f"{self.name}/{n}") for n, d in self.disks.items()],
+        }
+
+
+class VmRegistry:
+    def __init__(self, config: AgentConfig, store: AgentStore):
+        self.config = config
+        self.store = store
+        self.vms: dict[str, ProtectedVm] = {}
+        self._exports: dict[str, tuple[ProtectedVm, TrackedDisk]] = {}
+        self.on_remove: list[Callable[[str], None]] = []
+        self._admin_lock = asyncio.Lock()
+
+    # --- exports ----------------------------------------------------------
+    def lookup_export(self, name: str) -> ExportInfo | None:
+        found = self._exports.get(name)
+        if found is None:
+            return None
+        vm, disk = found
+        return ExportInfo(name=name, size=disk.size, read_only=disk.read_only,
+                          description=f"hvr disk {disk.identity.disk} of VM {vm.name}",
+                          multi_conn=True, max_block=MAX_PAYLOAD)
+
+    def list_exports(self) -> list[ExportInfo]:
+        return [self.lookup_export(n) for n in sorted(self._exports)]
+
+    def disk_for_export(self, name: str) -> TrackedDisk | None:
+        found = self._exports.get(name)
+        return found[1] if found else None
+
+    # --- lifecycle --------------------------------------------------------
+    async def load_all(self) -> None:
+        records = await asyncio.to_thread(self.store.list_vms)
+        for rec in records:
+            await self._open_vm(rec)
+
+    async def add(self, name: str, paths: list[str], read_only: bool) -> ProtectedVm:
+        check_name("VM", name)
+        if not paths:
+            raise UsageError("a VM needs at least one disk", hint="pass --disk PATH")
+        disks: list[tuple[str, Path]] = []
+        for raw in paths:
+            path = Path(raw)
+            if not path.is_absolute():
+                raise UsageError(f"disk path {raw!r} must be absolute")
+            dname = disk_name_for(path)
+            check_name("disk", dname)
+            if any(d == dname for d, _ in disks):
+                raise UsageError(f"two disks of VM {name!r} would both be named {dname!r}",
+                                 hint="give the image files different names")
+            disks.append((dname, path.resolve()))
+        async with self._admin_lock:
+            if name in self.vms:
+                raise ConflictError(f"a VM named {name!r} is already registered")
+            # Open every image before recording anything, so a bad path changes nothing.
+            for _, path in disks:
+                RawImage(path, read_only=True).close()
+            rec = await asyncio.to_thread(self.store.add_vm, name, disks, read_only)
+            try:
+                vm = await self._open_vm(rec)
+            except Exception:
+                await asyncio.to_thread(self.store.remove_vm, name)
+                raise
+        event(log, "vm_added", vm=name, disks=[str(p) for _, p in disks], read_only=read_only)
+        return vm
+
+    async def _open_vm(self, rec: VmRecord) -> ProtectedVm:
+        vm = ProtectedVm(rec)
+        opened: list[TrackedDisk] = []
+        try:
+            for d in rec.disks:
+                device = RawImage(d.path, read_only=rec.read_only)
+                ident = DiskIdentity(rec.name, rec.vm_id, d.name, d.disk_id, rec.generation)
+                intent = IntentBitmapFile(bitmap_path(d.path), device.size, self.config.bitmap_region_bytes)
+                disk = TrackedDisk(device, d.path, ident, intent, buffer_limit=self.config.journal_buffer_bytes)
+                opened.append(disk)
+                vm.disks[d.name] = disk
+            if not rec.read_only:
+                await self._recover(vm)
+        except BaseException:
+            for disk in opened:
+                disk.device.close()
+                disk.intent.close()
+            raise
+        self.vms[rec.name] = vm
+        for dname, disk in vm.disks.items():
+            self._exports[f"{rec.name}/{dname}"] = (vm, disk)
+        return vm
+
+    async def _recover(self, vm: ProtectedVm) -> None:
+        scans = {}
+        for dname, disk in vm.disks.items():
+            ident = disk.identity
+            fallback = HrlHeader(ident.vm_id, ident.disk_id, ident.generation, 0, disk.size, 0)
+            scans[dname] = await asyncio.to_thread(close_open_logs, disk.image_path, fallback)
+            for rep in scans[dname].repaired:
+                event(log, "log_recovered", logging.WARNING, vm=vm.name, disk=dname, seq=rep.sequence,
+                      valid_bytes=rep.valid_bytes, torn_bytes=rep.torn_bytes, records=rep.records,
+                      reason=rep.reason)
+        seq = max([vm.record.next_sequence] + [s.max_sequence + 1 for s in scans.values()])
+        for dname, disk in vm.disks.items():
+            found = await asyncio.to_thread(disk.intent.load)
+            ranges = uncertain_ranges(found, disk.size, disk.intent.region_bytes, scans[dname].left_open)
+            disk.open_log(seq)
+            if ranges:
+                resynced = await self._rejournal(disk, ranges)
+                event(log, "regions_rejournaled", logging.WARNING, vm=vm.name, disk=dname, seq=seq,
+                      ranges=len(ranges), bytes=resynced, bitmap_lost=found is None)
+            await disk.flush(force=True)
+            await disk.intent.reset_to_period(seq)
+        vm.sequence = seq
+        await asyncio.to_thread(self.store.set_next_sequence, vm.name, seq + 1)
+        event(log, "vm_opened", vm=vm.name, seq=seq, disks=list(vm.disks))
+
+    async def _rejournal(self, disk: TrackedDisk, ranges: list[tuple[int, int]]) -> int:
+        fd = disk.device.fd
+        total = 0
+        for offset, length in ranges:
+            pieces = await asyncio.to_thread(lambda o=offset, n=length: list(read_region_runs(fd, o, n)))
+            for off, data, n in pieces:
+                if data is None:
+                    disk.log.append_trim(off, n, 0)
+                else:
+                    disk.log.append_write(off, data, 0)
+                    total += n
+        return total
+
+    async def remove(self, name: str) -> None:
+        async with self._admin_lock:
+            vm = self.vms.get(name)
+            if vm is None:
+                raise NotFoundError(f"no VM named {name!r} is registered")
+            self._unexport(vm)
+            for cb in self.on_remove:
+                cb(name)
+            await self._close_vm(vm, end_logs=True)
+            await asyncio.to_thread(self.store.remove_vm, name)
+        event(log, "vm_removed", vm=name)
+
+    def _unexport(self, vm: ProtectedVm) -> None:
+        del self.vms[vm.name]
+        for dname in vm.disks:
+            self._exports.pop(f"{vm.name}/{dname}", None)
+
+    async def _close_vm(self, vm: ProtectedVm, *, end_logs: bool) -> None:
+        async with vm.cut_lock:
+            for disk in vm.disks.values():
+                await disk.close(end_log=end_logs)
+
+    async def cut(self, name: str) -> list[ClosedLog]:
+        """Switch all the VM's disks to new logs at one instant; return the closed logs once durable."""
+        vm = self.vms.get(name)
+        if vm is None:
+            raise NotFoundError(f"no VM named {name!r} is registered")
+        if vm.record.read_only:
+            raise UsageError(f"VM {name!r} is exported read-only: it has no logs to cut")
+        async with vm.cut_lock:
+            started = time.monotonic()
+            new_seq = vm.sequence + 1
+            # One synchronous step of the event loop: no guest write can land between disks.
+            olds = [(disk, disk.switch_log(new_seq)) for disk in vm.disks.values()]
+            vm.sequence = new_seq
+            closed = [await disk.finish_cut(old) for disk, old in olds]
+            await asyncio.to_thread(self.store.set_next_sequence, name, new_seq + 1)
+        event(log, "vm_cut", vm=name, seq=new_seq - 1, bytes=sum(c.write_bytes for c in closed),
+              latency_s=round(time.monotonic() - started, 6))
+        return closed
+
+    async def close_all(self) -> None:
+        for vm in list(self.vms.values()):
+            self._unexport(vm)
+            await self._close_vm(vm, end_logs=True)

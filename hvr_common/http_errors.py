@@ -1,0 +1,37 @@
+"""How an :class:`HvrError` maps to an HTTP status (pure; shared by both daemons' APIs)."""
+
+from __future__ import annotations
+
+from hvr_common.errors import (
+    ConfigError, ConflictError, CorruptError, HvrError, NotFoundError, TransientError, UsageError,
+)
+
+_STATUS = [
+    (UsageError, 400),
+    (ConfigError, 400),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (CorruptError, 422),
+    (TransientError, 503),
+]
+
+
+def status_for(exc: HvrError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+_BY_CODE = {
+    400: UsageError, 404: NotFoundError, 409: ConflictError, 422: CorruptError, 503: TransientError,
+}
+
+
+def error_from_body(status: int, body: dict) -> HvrError:
+    """Rebuild an error from an API error body (the CLI side)."""
+    cls = _BY_CODE.get(status, HvrError)
+    exc = cls(str(body.get("message") or f"HTTP {status}"), hint=body.get("hint"), detail=body.get("detail"))
+    if body.get("code"):
+        exc.code = body["code"]
+    return exc

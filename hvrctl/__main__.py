@@ -1,0 +1,3 @@
+import sys
+from hvrctl.main import main
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""A small JSON client for the daemons' admin APIs on unix sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+
+from hvr_common.errors import HvrError, UnavailableError
+from hvr_common.http_errors import error_from_body
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout_s: float):
+        super().__init__("localhost", timeout=timeout_s)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AdminClient:
+    def __init__(self, path: Path, daemon: str, *, timeout_s: float = 120.0):
+        self.path = Path(path)
+        self.daemon = daemon
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, route: str, body: dict | None = None):
+        conn = _UnixConnection(self.path, self.timeout_s)
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, route, body=payload, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except FileNotFoundError:
+            raise UnavailableError(f"{self.daemon} admin socket {self.path} does not exist",
+                                   hint=f"is {self.daemon} running? pass the socket with --{self._flag()}") from None
+        except (ConnectionRefusedError, ConnectionResetError):
+            raise UnavailableError(f"{self.daemon} is not answering on {self.path}",
+                                   hint=f"check that {self.daemon} is running") from None
+        except PermissionError:
+            raise UnavailableError(f"no permission to use {self.path}", hint="run as the daemon's user or root") from None
+        except (TimeoutError, socket.timeout):
+            raise UnavailableError(f"{self.daemon} did not answer within {self.timeout_s:.0f} s") from None
+        finally:
+            conn.close()
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            raise HvrError(f"{self.daemon} sent a reply that is not JSON (HTTP {resp.status})") from None
+        if resp.status >= 400:
+            raise error_from_body(resp.status, data if isinstance(data, dict) else {})
+        return data
+
+    def _flag(self) -> str:
+        return "agent-socket" if self.daemon == "hvr-agent" else "listener-socket"

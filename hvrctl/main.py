@@ -1,0 +1,65 @@
+"""``hvrctl``: the operator's command line for hvr.
+
+Verbs mirror the Hyper-V Replica PowerShell cmdlets where one exists.
+Tables by default; ``-o json`` for programs.  Exit codes: 0 success,
+2 bad usage, 3 not found, 4 conflict, 65 corrupt data, 69 daemon unreachable,
+75 temporary failure, 78 bad configuration, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hvr_common.errors import HvrError
+from hvrctl import hrl_commands, vm_commands
+
+DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS,
+                        help="output format (default: table)")
+    common.add_argument("--agent-socket", type=Path, default=argparse.SUPPRESS,
+                        help="the agent's admin socket (default: $HVR_AGENT_SOCKET or "
+                             f"{DEFAULT_AGENT_SOCKET})")
+
+    parser = argparse.ArgumentParser(
+        prog="hvrctl", parents=[common],
+        description="Operate hvr: protected VMs on the agent, HRL logs, replication.",
+        epilog="Run 'hvrctl COMMAND --help' for the options of each command.")
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    vm_commands.register(sub, common)
+    hrl_commands.register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "output"):
+        args.output = "table"
+    if not hasattr(args, "agent_socket"):
+        args.agent_socket = Path(os.environ.get("HVR_AGENT_SOCKET") or DEFAULT_AGENT_SOCKET)
+    try:
+        return args.func(args) or 0
+    except HvrError as exc:
+        if args.output == "json":
+            import json
+            print(json.dumps({"error": exc.to_dict()}), file=sys.stderr)
+        else:
+            print(f"hvrctl: error: {exc.message}", file=sys.stderr)
+            if exc.hint:
+                print(f"hvrctl: hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
