@@ -58,6 +58,11 @@ def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
         try:
             header, summary = read_hrl_summary(path)
         except HrlCorruptError as exc:
+            if exc.detail.get("part") != "header":
+                raise HrlCorruptError(f"log {path} is damaged after its header: {exc.message}",
+                                      hint="move it aside after saving a copy for analysis "
+                                           "(hvrctl hrl inspect shows where), then restart the agent",
+                                      detail=exc.detail) from None
             # The header itself never became durable: nothing in this file was
             # valid.  Start it again as an empty log with the known identity.
             header = HrlHeader(fallback_header.vm_id, fallback_header.disk_id, fallback_header.generation,

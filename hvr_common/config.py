@@ -150,3 +150,45 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
     )
     c.finish()
     return AgentConfig(**cfg)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    state_dir: Path
+    admin_socket: Path
+    listen: tuple[str, int]
+    storage: Path
+    server_name: str = ""
+    log_level: str = "info"
+    log_format: str = "auto"
+    max_bundle_bytes: int = 64 * 1024 * 1024 * 1024
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "listener.db"
+
+
+def parse_listener_config(table: dict, source: str = "listener config") -> ListenerConfig:
+    c = _Checker(table, source)
+    listen = c.endpoint("listen", "")
+    if listen is None and "listen" in table and not any(p.startswith("listen:") for p in c.problems):
+        c.problems.append("listen: required, as HOST:PORT")
+    elif "listen" not in table:
+        c.problems.append("listen: required key is missing")
+    name = table.get("server_name", "")
+    c.seen.add("server_name")
+    if not isinstance(name, str):
+        c.problems.append(f"server_name: must be a string, not {name!r}")
+        name = ""
+    cfg = dict(
+        state_dir=c.path("state_dir", required=True),
+        admin_socket=c.path("admin_socket", required=True),
+        listen=listen,
+        storage=c.path("storage", required=True),
+        server_name=name,
+        log_level=c.choice("log_level", LOG_LEVELS, "info"),
+        log_format=c.choice("log_format", LOG_FORMATS, "auto"),
+        max_bundle_bytes=c.integer("max_bundle_bytes", 64 * 1024 * 1024 * 1024, check=_positive),
+    )
+    c.finish()
+    return ListenerConfig(**cfg)

@@ -115,7 +115,7 @@ def _pieces(ops: _Operations):
                 heappop(heap)
                 continue
             stop = top_end if top_end < start else start
-            if stop >= pos:
+            if stop > pos:
                 if top != piece_seq:
                     if piece_seq >= 0:
                         yield piece_from, pos, piece_seq
@@ -145,7 +145,7 @@ def coalesce(records: Iterable[Operation]) -> list[Extent]:
     Neighbouring extents merge when they touch and have the same kind and
     flags, and, for WRITE, continue the same source run.
 
-    O(n log n) for n operations (see :func:`_pieces`); about a second for
+    O(n log n) for n operations (see :func:`_pieces`); 1 to 2 s of CPU for
     300,000 operations.
     """
     ops = _Operations(records)

@@ -117,25 +117,29 @@ def _header_crc(buf) -> int:
 def decode_header(buf) -> HrlHeader:
     """Decode the 128-byte file header; raise :class:`HrlCorruptError` saying what is wrong."""
     if len(buf) < HEADER_SIZE:
-        raise HrlCorruptError(f"truncated HRL header: {len(buf)} of {HEADER_SIZE} bytes")
+        raise HrlCorruptError(f"truncated HRL header: {len(buf)} of {HEADER_SIZE} bytes",
+                              detail={"part": "header"})
     (magic, version, header_size, flags, vm_id, disk_id, generation, sequence,
      disk_size, created_ns, reserved, crc) = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
-        raise HrlCorruptError(f"not an HRL file (magic {magic!r})")
+        raise HrlCorruptError(f"not an HRL file (magic {magic!r})", detail={"part": "header"})
     if version != VERSION:
         raise HrlCorruptError(
             f"unsupported HRL version {version} (this build reads version {VERSION})",
             hint="upgrade hvr on this host to read logs written by a newer agent",
+            detail={"part": "header", "version": version},
         )
     actual = zlib.crc32(memoryview(buf)[:HEADER_CRC_OFFSET])
     if actual != crc:
-        raise HrlCorruptError(f"HRL header checksum mismatch (stored {crc:#010x}, computed {actual:#010x})")
+        raise HrlCorruptError(f"HRL header checksum mismatch (stored {crc:#010x}, computed {actual:#010x})",
+                              detail={"part": "header"})
     if header_size != HEADER_SIZE:
-        raise HrlCorruptError(f"HRL header_size is {header_size}, version 1 requires {HEADER_SIZE}")
+        raise HrlCorruptError(f"HRL header_size is {header_size}, version 1 requires {HEADER_SIZE}",
+                              detail={"part": "header"})
     if flags & ~HEADER_FLAGS_KNOWN:
-        raise HrlCorruptError(f"HRL header has unsupported flags {flags:#x}")
+        raise HrlCorruptError(f"HRL header has unsupported flags {flags:#x}", detail={"part": "header"})
     if reserved != _HEADER_RESERVED:
-        raise HrlCorruptError("HRL header reserved bytes are not zero")
+        raise HrlCorruptError("HRL header reserved bytes are not zero", detail={"part": "header"})
     return HrlHeader(
         vm_id=uuid.UUID(bytes=vm_id), disk_id=uuid.UUID(bytes=disk_id),
         generation=generation, sequence=sequence, disk_size=disk_size, created_ns=created_ns,
@@ -249,7 +253,7 @@ class LogSummary:
                 f"{what} is not cleanly closed: {self.reason}",
                 hint="a log is shipped only after its END record is durable; "
                      "a log without one is still active or was torn by a crash",
-                detail={"valid_length": self.valid_length, "torn_bytes": self.torn_bytes,
+                detail={"part": "records", "valid_length": self.valid_length, "torn_bytes": self.torn_bytes,
                         "record_count": self.record_count},
             )
 
@@ -361,7 +365,7 @@ class HrlDecoder:
             return self._next_header()
         if state is DecoderState.CLOSED:
             if self._received > self._valid_length:
-                raise HrlCorruptError(f"data after end record at {self._valid_length}")
+                raise self._data_after_end()
             return self._summary
         return NEED_DATA  # TORN, FINISHED
 
@@ -370,7 +374,7 @@ class HrlDecoder:
         if avail < HEADER_SIZE:
             seen = bytes(self._buf[self._start:self._start + min(avail, len(MAGIC))])
             if not MAGIC.startswith(seen):
-                raise HrlCorruptError(f"not an HRL file (magic {seen!r})")
+                raise HrlCorruptError(f"not an HRL file (magic {seen!r})", detail={"part": "header"})
             return NEED_DATA
         raw = bytes(self._buf[self._start:self._start + HEADER_SIZE])
         self.header = decode_header(raw)
@@ -420,7 +424,11 @@ class HrlDecoder:
         why = self._invalid(magic, kind, flags, reserved16, offset, length, payload_length, reserved32)
         if why is not None:
             return self._stop(f"{why} at {position}")
-        if not self.keep_data and kind == RecordKind.WRITE:
+        end = start + RECORD_SIZE + payload_length
+        if len(buf) < end:
+            if self.keep_data or kind != RecordKind.WRITE:
+                return NEED_DATA
+            # keep_data=False: check the payload as it streams through instead of holding it
             with memoryview(buf) as view:
                 self._pending_crc = zlib.crc32(view[start:start + RECORD_CRC_OFFSET], self._crc)
             self._pending_expected = crc
@@ -430,13 +438,12 @@ class HrlDecoder:
             self._consume(RECORD_SIZE)
             self._set_state(DecoderState.PAYLOAD)
             return self._stream_payload()
-        end = start + RECORD_SIZE + payload_length
-        if len(buf) < end:
-            return NEED_DATA
         with memoryview(buf) as view:
             actual = zlib.crc32(view[start + RECORD_SIZE:end],
                                 zlib.crc32(view[start:start + RECORD_CRC_OFFSET], self._crc))
-            data = bytes(view[start + RECORD_SIZE:end]) if payload_length and actual == crc else None
+            data = (bytes(view[start + RECORD_SIZE:end])
+                    if payload_length and actual == crc and self.keep_data and kind != RecordKind.END
+                    else None)
         if actual != crc:
             return self._stop(f"record checksum mismatch at {position}")
         if kind == RecordKind.END:
@@ -477,15 +484,20 @@ class HrlDecoder:
         if record_count != self._record_count or write_bytes != self._write_bytes:
             raise HrlCorruptError(
                 f"end record at {position} counts {record_count} records / {write_bytes} bytes, "
-                f"the log holds {self._record_count} / {self._write_bytes}")
+                f"the log holds {self._record_count} / {self._write_bytes}",
+                detail={"part": "end", "valid_length": position})
         self._consume(end - start)
         self._crc = crc
         self._valid_length = self._consumed
         self._set_state(DecoderState.CLOSED)
         self._summary = self._summary_now(clean=True, closed_ns=closed_ns)
         if self._received > self._valid_length:
-            raise HrlCorruptError(f"data after end record at {self._valid_length}")
+            raise self._data_after_end()
         return self._summary
+
+    def _data_after_end(self) -> HrlCorruptError:
+        return HrlCorruptError(f"data after end record at {self._valid_length}",
+                               detail={"part": "end", "valid_length": self._valid_length})
 
     def finish(self) -> LogSummary:
         """End of file: the summary of the log.  Call after next_event() answered NEED_DATA."""
@@ -499,8 +511,9 @@ class HrlDecoder:
         if self.state is DecoderState.HEADER:
             have = len(self._buf) - self._start
             if have == 0:
-                raise HrlCorruptError("empty file, not an HRL file")
-            raise HrlCorruptError(f"truncated HRL header: {have} of {HEADER_SIZE} bytes")
+                raise HrlCorruptError("empty file, not an HRL file", detail={"part": "header"})
+            raise HrlCorruptError(f"truncated HRL header: {have} of {HEADER_SIZE} bytes",
+                                  detail={"part": "header"})
         if self.state is not DecoderState.TORN:
             if self._received > self._valid_length:
                 self._reason = f"truncated record at {self._valid_length}"

@@ -145,9 +145,10 @@ def replay(log_path: str | os.PathLike, image: int | str | os.PathLike, *,
     """Apply a log's records, in order, onto ``image`` (a path or an open read-write fd).
 
     WRITE is written, ZERO is ``zero_range`` (a hole may be punched unless
-    the record has NO_HOLE), TRIM is ``punch_hole``: both leave zeroes.  With ``require_clean`` the whole log is checked first and
-    nothing is written unless it is cleanly closed; without, the valid records
-    before a torn tail are applied.  The image must be at least the log's
+    the record has NO_HOLE), TRIM is ``punch_hole``: both leave zeroes.  With
+    ``require_clean`` the whole log is checked first and nothing is written
+    unless it is cleanly closed; without, the valid records before a torn
+    tail are applied.  The image must be at least the log's
     disk size.  With ``sync`` the image is fdatasync'd before returning: the
     returned summary then describes data that is durable.
     """

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from hvr_common.errors import HvrError
-from hvrctl import hrl_commands, vm_commands
+from hvrctl import hrl_commands, replication_commands, server_commands, vm_commands
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
+DEFAULT_LISTENER_SOCKET = "/run/hvr/listener.sock"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--agent-socket", type=Path, default=argparse.SUPPRESS,
                         help="the agent's admin socket (default: $HVR_AGENT_SOCKET or "
                              f"{DEFAULT_AGENT_SOCKET})")
+    common.add_argument("--listener-socket", type=Path, default=argparse.SUPPRESS,
+                        help="the listener's admin socket (default: $HVR_LISTENER_SOCKET or "
+                             f"{DEFAULT_LISTENER_SOCKET})")
 
     parser = argparse.ArgumentParser(
         prog="hvrctl", parents=[common],
@@ -33,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'hvrctl COMMAND --help' for the options of each command.")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     vm_commands.register(sub, common)
+    replication_commands.register(sub, common)
+    server_commands.register(sub, common)
     hrl_commands.register(sub, common)
     return parser
 
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         args.output = "table"
     if not hasattr(args, "agent_socket"):
         args.agent_socket = Path(os.environ.get("HVR_AGENT_SOCKET") or DEFAULT_AGENT_SOCKET)
+    if not hasattr(args, "listener_socket"):
+        args.listener_socket = Path(os.environ.get("HVR_LISTENER_SOCKET") or DEFAULT_LISTENER_SOCKET)
     try:
         return args.func(args) or 0
     except HvrError as exc:

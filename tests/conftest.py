@@ -1,6 +1,7 @@
 """Shared fixtures: real daemons started per test in the test's tmp_path.
 
-* ``agent``: a started :class:`daemons.AgentProcess`, terminated at teardown.
+* ``agent``: a started :class:`daemons.AgentProcess`, terminated at teardown,
+  where it must exit 0 and its log must hold no traceback or error event.
 * ``server``: the same NBD test body against the agent and against qemu-nbd,
   the reference.  A test that passes on ``qemu-nbd`` and fails on ``agent``
   found a bug in the agent.
@@ -40,13 +41,21 @@ def start_agent(workdir: Path) -> AgentProcess:
     return agent
 
 
+def stop_server(served) -> None:
+    """Stop a daemon; the agent must also exit 0 on SIGTERM with a clean log."""
+    if isinstance(served, AgentProcess):
+        served.stop_and_check()
+    else:
+        served.close()
+
+
 @pytest.fixture
 def agent(tmp_path):
     agent = start_agent(tmp_path / "agent")
     try:
         yield agent
     finally:
-        agent.close()
+        stop_server(agent)
 
 
 def start_server(kind: str, workdir: Path):
@@ -62,7 +71,7 @@ def server(request, tmp_path):
     try:
         yield served
     finally:
-        served.close()
+        stop_server(served)
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
@@ -71,4 +80,4 @@ def shared_server(request, tmp_path_factory):
     try:
         yield served
     finally:
-        served.close()
+        stop_server(served)

@@ -373,6 +373,36 @@ class AgentProcess:
             f"--- agent stderr ({self.stderr_path}) ---\n{tail_of_file(self.stderr_path, lines)}"
         )
 
+    def log_problems(self) -> list[str]:
+        """Lines that show the agent hurt itself: tracebacks, error-level
+        events, or stdout that is not a JSON event."""
+        problems = []
+        if self.stdout_path.exists():
+            for line in self.stdout_path.read_text(errors="replace").splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    problems.append(f"stdout, not JSON: {line}")
+                    continue
+                if not isinstance(event, dict) or event.get("level") in ("error", "critical"):
+                    problems.append(f"stdout: {line}")
+        if self.stderr_path.exists():
+            stderr = self.stderr_path.read_text(errors="replace")
+            if "Traceback" in stderr:
+                problems.append(f"stderr has a traceback:\n{stderr[-3000:]}")
+        return problems
+
+    def stop_and_check(self, timeout_s: float = 15) -> None:
+        """Teardown check: SIGTERM exits 0 and the log shows no error."""
+        try:
+            if self.is_alive():
+                code = self.terminate(timeout_s)
+                assert code == 0, f"agent exited {code} on SIGTERM\n{self.log_tail()}"
+            problems = self.log_problems()
+            assert not problems, "agent log shows problems:\n" + "\n".join(problems[:20])
+        finally:
+            self.close()
+
     # -- control ------------------------------------------------------------
 
     def hvrctl(self, *args: str | os.PathLike, check: bool = True,

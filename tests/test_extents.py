@@ -252,7 +252,7 @@ def test_300k_records_coalesce_fast():
     elapsed_s = time.process_time() - started
     assert_well_formed(extents)
     assert 100_000 < len(extents) < 300_000
-    # about a second on a slow machine; quadratic splicing would take minutes
+    # 1.5 to 2 s of CPU on a slow shared test VM; splicing a flat sorted list would be quadratic
     assert elapsed_s < 5, f"coalescing 300k records took {elapsed_s:.2f} s"
     # exactly the union of all operations is covered ...
     union = []

@@ -163,6 +163,7 @@ def test_struct_sizes():
     assert RECORD.size == RECORD_SIZE == 32
     assert END_PAYLOAD.size == 24
     assert MAX_RECORD_LENGTH == 32 * 1024 * 1024
+    assert VERSION == 1 and MAGIC == b"HVR-HRL\n" and RECORD_MAGIC == 0x52524C48
     assert issubclass(HrlCorruptError, CorruptError) and HrlCorruptError.code == "hrl_corrupt"
 
 
@@ -210,6 +211,18 @@ def test_decode_header_says_what_is_wrong(raw, message):
     with pytest.raises(HrlCorruptError, match=message) as info:
         decode_header(raw)
     assert isinstance(info.value, HvrError) and info.value.code == "hrl_corrupt"
+
+
+def test_errors_say_which_part_of_the_log_is_bad(small_log):
+    """Recovery treats a bad header (nothing was durable) unlike a bad end (a closed log)."""
+    data, _, _ = small_log
+    for damaged, part in ((data[:100], "header"), (b"x" + data[1:], "header"), (data + b"\0", "end")):
+        with pytest.raises(HrlCorruptError) as info:
+            decode_bytes(damaged)
+        assert info.value.detail["part"] == part
+    with pytest.raises(HrlCorruptError) as info:
+        decode_bytes(data[:-1])[2].require_clean("log")
+    assert info.value.detail["part"] == "records"
 
 
 def test_unknown_version_is_refused_before_its_checksum():

@@ -280,7 +280,12 @@ def test_apply_coalesced_writes_each_surviving_byte_once(tmp_path, monkeypatch):
     image.write_bytes(bytes(DISK))
     written = []
     real_pwrite = os.pwrite
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: written.append(len(data)) or real_pwrite(fd, data, offset))
+
+    def counting_pwrite(fd, data, offset):
+        written.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", counting_pwrite)
     apply_coalesced(log, image)
     assert sum(written) == 8192
     assert image.read_bytes() == b"a" * 4096 + b"b" * 4096 + bytes(DISK - 8192)

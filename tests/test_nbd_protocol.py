@@ -1222,24 +1222,53 @@ def test_option_haggling_is_the_same_fed_whole_or_byte_by_byte(client_flags, ste
 GARBAGE = st.binary(max_size=96)
 
 
+def _maybe_lying(draw, honest: int, bits: int) -> int:
+    """Mostly the honest length or count, sometimes one more, sometimes any value of the field."""
+    choice = draw(st.integers(0, 7))
+    if choice == 0:
+        return draw(st.integers(0, 2**bits - 1))
+    if choice == 1:
+        return min(honest + 1, 2**bits - 1)
+    return honest
+
+
+# names and queries: mostly valid UTF-8 (so parsing goes on past them), sometimes not
+STRINGISH = st.one_of(st.text(max_size=8).map(str.encode), st.sampled_from([b"disk0", b"base:allocation"]),
+                      st.binary(max_size=8))
+
+
+@st.composite
+def option_bodies(draw, meta: bool):
+    """Option data shaped like INFO/GO data or meta-context data, with lengths that may lie."""
+    name = draw(STRINGISH)
+    body = struct.pack(">I", _maybe_lying(draw, len(name), 32)) + name
+    if meta:
+        queries = draw(st.lists(STRINGISH, max_size=3))
+        body += struct.pack(">I", _maybe_lying(draw, len(queries), 32))
+        for q in queries:
+            body += struct.pack(">I", _maybe_lying(draw, len(q), 32)) + q
+    else:
+        requests = draw(st.lists(st.integers(0, 2**16 - 1), max_size=4))
+        body += (struct.pack(">H", _maybe_lying(draw, len(requests), 16))
+                 + b"".join(struct.pack(">H", r) for r in requests))
+    if draw(st.integers(0, 7)) == 0:  # torn or padded
+        body = body[: draw(st.integers(0, len(body)))] + draw(st.binary(max_size=3))
+    return body
+
+
 @st.composite
 def option_garbage(draw):
     """Option frames with a valid magic but arbitrary numbers, lengths and data."""
     parts = []
     for _ in range(draw(st.integers(1, 5))):
-        option = draw(st.one_of(st.integers(0, 12), st.sampled_from([OPT_INFO, OPT_GO, OPT_LIST_META_CONTEXT,
-                                                                     OPT_SET_META_CONTEXT]),
-                                st.integers(0, 2**32 - 1)))
-        body = draw(st.one_of(
-            GARBAGE,
-            st.builds(lambda n, name, c, rest: struct.pack(">I", n) + name + struct.pack(">H", c) + rest,
-                      st.integers(0, 2**32 - 1), GARBAGE, st.integers(0, 2**16 - 1), GARBAGE),
-            st.builds(lambda n, name, c, rest: struct.pack(">I", n) + name + struct.pack(">I", c) + rest,
-                      st.integers(0, 2**32 - 1), GARBAGE, st.integers(0, 2**32 - 1), GARBAGE),
-        ))
-        declared = draw(st.one_of(st.just(len(body)), st.integers(0, 2**32 - 1)))
-        parts.append(struct.pack(">QII", IHAVEOPT, option, declared) + body)
-        if draw(st.booleans()):
+        option = draw(st.one_of(st.sampled_from([OPT_INFO, OPT_GO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT]),
+                                st.integers(0, 12), st.integers(0, 2**32 - 1)))
+        if draw(st.integers(0, 3)):
+            body = draw(option_bodies(meta=option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT)))
+        else:
+            body = draw(GARBAGE)
+        parts.append(struct.pack(">QII", IHAVEOPT, option, _maybe_lying(draw, len(body), 32)) + body)
+        if not draw(st.integers(0, 7)):
             parts.append(draw(GARBAGE))
     return b"".join(parts)
 
@@ -1287,8 +1316,9 @@ def _survives(conn: NbdServerConnection, wire: bytes, cuts) -> None:
 
 
 @settings(max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(phase=st.sampled_from(["client_flags", "options", "options, structured", "transmission",
-                               "transmission, large payloads"]), data=st.data())
+@given(phase=st.sampled_from(["client_flags", "options", "options, structured", "options, structured",
+                               "transmission", "transmission", "transmission, large payloads"]),
+       data=st.data())
 def test_garbage_never_raises_anything_but_nbd_protocol_error(phase, data):
     generator = {"client_flags": GARBAGE,
                  "options": st.one_of(GARBAGE, option_garbage()),
@@ -1300,6 +1330,41 @@ def test_garbage_never_raises_anything_but_nbd_protocol_error(phase, data):
     _survives(_fuzz_conn(phase), wire, [])
     _survives(_fuzz_conn(phase), wire, range(1, len(wire)))
     _survives(_fuzz_conn(phase), wire, cuts)
+
+
+VALID_OPTION_DATA = {
+    "INFO": (OPT_INFO, c_info_go_data("disk0", (INFO_NAME, INFO_BLOCK_SIZE))),
+    "GO": (OPT_GO, c_info_go_data(ODD_DISK.name, (INFO_DESCRIPTION,))),
+    "LIST_META_CONTEXT": (OPT_LIST_META_CONTEXT, c_meta_data("disk0", ("base:", "x-a:b"))),
+    "SET_META_CONTEXT": (OPT_SET_META_CONTEXT, c_meta_data("ro-disk", (BASE_ALLOCATION, "x-a:b"))),
+}
+
+
+@pytest.mark.parametrize("option,data", VALID_OPTION_DATA.values(), ids=VALID_OPTION_DATA.keys())
+def test_every_truncation_of_option_data_is_err_invalid(option, data):
+    for cut in range(len(data)):
+        conn = in_options()
+        feed(conn, c_option(OPT_STRUCTURED_REPLY))
+        conn.data_to_send()
+        events = feed(conn, c_option(option, data[:cut]))
+        assert [(e.option, e.reply) for e in events] == [(option, REP_ERR_INVALID)], cut
+        assert [r.reply for r in parse_option_replies(conn.data_to_send())] == [REP_ERR_INVALID]
+        assert conn.phase == "options"
+
+
+@pytest.mark.parametrize("option,data", VALID_OPTION_DATA.values(), ids=VALID_OPTION_DATA.keys())
+def test_every_flipped_byte_of_option_data_gets_one_final_reply(option, data):
+    for index in range(len(data)):
+        for mask in (0x01, 0x80, 0xFF):
+            flipped = data[:index] + bytes([data[index] ^ mask]) + data[index + 1:]
+            conn = in_options()
+            feed(conn, c_option(OPT_STRUCTURED_REPLY))
+            conn.data_to_send()
+            events = feed(conn, c_option(option, flipped))
+            assert len(events) == 1 and isinstance(events[0], (OptionHandled, Negotiated)), (index, mask)
+            replies = parse_option_replies(conn.data_to_send())
+            assert [r.final for r in replies].count(True) == 1 and replies[-1].final
+            assert all(r.option == option for r in replies)
 
 
 # --- spec rules the core once broke (found by this suite; kept as regression tests) -------

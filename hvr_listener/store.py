@@ -1,0 +1,313 @@
+"""The listener's state database (SQLite, WAL): settings, keys, replicas, cycles.
+
+Synchronous short transactions; the daemon calls them via ``asyncio.to_thread``.
+The commit point of a received cycle is :meth:`ListenerStore.record_cycle`;
+of an applied cycle :meth:`ListenerStore.mark_applied`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvr_common.errors import ConflictError, CorruptError, NotFoundError
+from hvr_common.replication_state import ReplicationState
+from hvr_common.token_auth import Key
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (principal TEXT PRIMARY KEY, secret BLOB NOT NULL, added_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS replicas (
+    vm_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    principal TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    state_detail TEXT,
+    frequency_s INTEGER NOT NULL,
+    compression INTEGER NOT NULL,
+    storage_dir TEXT NOT NULL,
+    next_sequence INTEGER NOT NULL DEFAULT 0,
+    last_received_sequence INTEGER NOT NULL DEFAULT 0,
+    last_applied_sequence INTEGER NOT NULL DEFAULT 0,
+    last_replication_ns INTEGER,
+    last_applied_log_ns INTEGER,
+    last_applied_ns INTEGER,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replica_disks (
+    vm_id TEXT NOT NULL REFERENCES replicas(vm_id) ON DELETE CASCADE,
+    disk_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    initial_offset INTEGER NOT NULL DEFAULT 0,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (vm_id, disk_id)
+);
+CREATE TABLE IF NOT EXISTS cycles (
+    vm_id TEXT NOT NULL REFERENCES replicas(vm_id) ON DELETE CASCADE,
+    sequence INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    log_created_ns INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    applied_ns INTEGER,
+    PRIMARY KEY (vm_id, sequence)
+);
+"""
+
+DEFAULT_SETTINGS = {
+    "enabled": False,
+    "auth_modes": ["token"],
+    "allow_any_authenticated": True,
+}
+
+
+@dataclass(frozen=True)
+class ReplicaDisk:
+    disk_id: uuid.UUID
+    name: str
+    size_bytes: int
+    path: Path
+    initial_offset: int
+
+
+@dataclass(frozen=True)
+class Replica:
+    vm_id: uuid.UUID
+    name: str
+    principal: str
+    generation: int
+    state: ReplicationState
+    state_detail: str | None
+    frequency_s: int
+    compression: bool
+    storage_dir: Path
+    next_sequence: int
+    last_received_sequence: int
+    last_applied_sequence: int
+    last_replication_ns: int | None
+    last_applied_log_ns: int | None
+    last_applied_ns: int | None
+    disks: tuple[ReplicaDisk, ...] = field(default=())
+
+    def disk(self, disk_id: uuid.UUID) -> ReplicaDisk:
+        for d in self.disks:
+            if d.disk_id == disk_id:
+                return d
+        raise NotFoundError(f"VM {self.name} has no disk {disk_id}", detail={"code": "unknown_disk"})
+
+
+@dataclass(frozen=True)
+class CycleRow:
+    vm_id: uuid.UUID
+    sequence: int
+    generation: int
+    digest: str
+    bytes: int
+    path: Path
+    log_created_ns: int
+    received_ns: int
+    applied_ns: int | None
+
+
+class ListenerStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise CorruptError(f"listener state database {path} is unreadable: {exc}",
+                               hint="restore it from backup") from None
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise CorruptError(f"listener state database {path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self):
+        return _Tx(self._db)
+
+    # --- settings and keys ------------------------------------------------
+    def settings(self) -> dict:
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM settings").fetchall()
+        out = dict(DEFAULT_SETTINGS)
+        out.update({k: json.loads(v) for k, v in rows})
+        return out
+
+    def update_settings(self, changes: dict) -> dict:
+        with self._lock, self._tx():
+            for k, v in changes.items():
+                self._db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                                 (k, json.dumps(v)))
+        return self.settings()
+
+    def add_key(self, key: Key, *, replace: bool) -> bool:
+        """Store a key; True if it replaced an existing one."""
+        with self._lock, self._tx():
+            exists = self._db.execute("SELECT 1 FROM keys WHERE principal=?", (key.principal,)).fetchone()
+            if exists and not replace:
+                raise ConflictError(f"a key for {key.principal!r} is already installed",
+                                    hint="use --replace to rotate it")
+            self._db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?)",
+                             (key.principal, key.secret, time.time_ns()))
+            return bool(exists)
+
+    def remove_key(self, principal: str) -> None:
+        with self._lock:
+            if self._db.execute("DELETE FROM keys WHERE principal=?", (principal,)).rowcount == 0:
+                raise NotFoundError(f"no key is installed for {principal!r}")
+
+    def keys(self) -> dict[str, Key]:
+        with self._lock:
+            rows = self._db.execute("SELECT principal, secret FROM keys").fetchall()
+        return {p: Key(p, bytes(s)) for p, s in rows}
+
+    def key_list(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT principal, added_ns FROM keys ORDER BY principal").fetchall()
+        return [{"principal": p, "added_ns": t} for p, t in rows]
+
+    # --- replicas ---------------------------------------------------------
+    _REPLICA_COLS = ("vm_id, name, principal, generation, state, state_detail, frequency_s, compression, "
+                     "storage_dir, next_sequence, last_received_sequence, last_applied_sequence, "
+                     "last_replication_ns, last_applied_log_ns, last_applied_ns")
+
+    def _replica_from_row(self, row) -> Replica:
+        (vm_id, name, principal, gen, state, detail, freq, comp, sdir, nseq, lrecv, lapp, lrep, lalog,
+         lapplied) = row
+        disks = self._db.execute(
+            "SELECT disk_id, name, size_bytes, path, initial_offset FROM replica_disks WHERE vm_id=? "
+            "ORDER BY position", (vm_id,)).fetchall()
+        return Replica(uuid.UUID(vm_id), name, principal, gen, ReplicationState(state), detail, freq, bool(comp),
+                       Path(sdir), nseq, lrecv, lapp, lrep, lalog, lapplied,
+                       tuple(ReplicaDisk(uuid.UUID(i), n, s, Path(p), o) for i, n, s, p, o in disks))
+
+    def replica(self, vm_id: uuid.UUID) -> Replica | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {self._REPLICA_COLS} FROM replicas WHERE vm_id=?",
+                                   (str(vm_id),)).fetchone()
+            return self._replica_from_row(row) if row else None
+
+    def replica_by_name(self, name: str) -> Replica | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {self._REPLICA_COLS} FROM replicas WHERE name=?", (name,)).fetchone()
+            return self._replica_from_row(row) if row else None
+
+    def replicas(self) -> list[Replica]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._REPLICA_COLS} FROM replicas ORDER BY name").fetchall()
+            return [self._replica_from_row(r) for r in rows]
+
+    def create_replica(self, vm_id: uuid.UUID, name: str, principal: str, generation: int, frequency_s: int,
+                       compression: bool, storage_dir: Path, disks: list[tuple[uuid.UUID, str, int, Path]]) -> None:
+        with self._lock, self._tx():
+            try:
+                self._db.execute(
+                    "INSERT INTO replicas (vm_id, name, principal, generation, state, frequency_s, compression, "
+                    "storage_dir, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (str(vm_id), name, principal, generation, ReplicationState.WAITING_FOR_INITIAL_REPLICATION.value,
+                     frequency_s, int(compression), str(storage_dir), time.time_ns()))
+            except sqlite3.IntegrityError:
+                raise ConflictError(f"a replica named {name!r} already exists for another VM",
+                                    detail={"code": "replica_conflict"}) from None
+            for pos, (disk_id, dname, size, path) in enumerate(disks):
+                self._db.execute("INSERT INTO replica_disks (vm_id, disk_id, name, size_bytes, path, position) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", (str(vm_id), str(disk_id), dname, size, str(path), pos))
+
+    def update_replica(self, vm_id: uuid.UUID, **fields) -> None:
+        if "state" in fields:
+            fields["state"] = ReplicationState(fields["state"]).value
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE replicas SET {cols} WHERE vm_id=?", (*fields.values(), str(vm_id)))
+
+    def set_initial_offset(self, vm_id: uuid.UUID, disk_id: uuid.UUID, offset: int, state: ReplicationState) -> None:
+        with self._lock, self._tx():
+            self._db.execute("UPDATE replica_disks SET initial_offset=? WHERE vm_id=? AND disk_id=?",
+                             (offset, str(vm_id), str(disk_id)))
+            self._db.execute("UPDATE replicas SET state=? WHERE vm_id=?", (state.value, str(vm_id)))
+
+    def delete_replica(self, vm_id: uuid.UUID) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM replicas WHERE vm_id=?", (str(vm_id),))
+
+    # --- cycles -----------------------------------------------------------
+    def cycle(self, vm_id: uuid.UUID, sequence: int) -> CycleRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns "
+                "FROM cycles WHERE vm_id=? AND sequence=?", (str(vm_id), sequence)).fetchone()
+        return _cycle(row) if row else None
+
+    def record_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, digest: str, nbytes: int,
+                     path: Path, log_created_ns: int) -> None:
+        """The commit point of a received cycle (after its file is durable)."""
+        now = time.time_ns()
+        with self._lock, self._tx():
+            self._db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                             (str(vm_id), sequence, generation, digest, nbytes, str(path), log_created_ns, now))
+            self._db.execute("UPDATE replicas SET next_sequence=?, last_received_sequence=?, last_replication_ns=? "
+                             "WHERE vm_id=?", (sequence + 1, sequence, now, str(vm_id)))
+
+    def unapplied_cycles(self, vm_id: uuid.UUID) -> list[CycleRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns "
+                "FROM cycles WHERE vm_id=? AND applied_ns IS NULL ORDER BY sequence", (str(vm_id),)).fetchall()
+        return [_cycle(r) for r in rows]
+
+    def mark_applied(self, vm_id: uuid.UUID, sequence: int, log_created_ns: int) -> None:
+        """The commit point of an applied cycle (after the images are durable)."""
+        now = time.time_ns()
+        with self._lock, self._tx():
+            self._db.execute("UPDATE cycles SET applied_ns=? WHERE vm_id=? AND sequence=?", (now, str(vm_id), sequence))
+            self._db.execute("UPDATE replicas SET last_applied_sequence=?, last_applied_log_ns=?, last_applied_ns=? "
+                             "WHERE vm_id=?", (sequence, log_created_ns, now, str(vm_id)))
+
+    def cycle_history(self, vm_id: uuid.UUID) -> list[CycleRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns "
+                "FROM cycles WHERE vm_id=? ORDER BY sequence", (str(vm_id),)).fetchall()
+        return [_cycle(r) for r in rows]
+
+
+def _cycle(row) -> CycleRow:
+    vm_id, seq, gen, digest, nbytes, path, log_ns, recv, applied = row
+    return CycleRow(uuid.UUID(vm_id), seq, gen, digest, nbytes, Path(path), log_ns, recv, applied)
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
