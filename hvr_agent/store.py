@@ -1,6 +1,10 @@
 """The agent's state database (SQLite in WAL mode under ``state_dir``).
 
-Holds the registered VMs and their disks, so exports survive a restart.
+Holds the registered VMs and their disks, so exports survive a restart, and
+each VM's replication relationship: its settings and state, the initial
+copy's progress per disk, and one row per recorded cycle (statistics).
+Tables are created with ``IF NOT EXISTS``: opening an older database adds
+the missing ones.
 Methods are synchronous and short; the daemon calls them through
 ``asyncio.to_thread``.  One connection, serialised by a lock.
 """
@@ -12,10 +16,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from hvr_common.errors import ConflictError, CorruptError, NotFoundError
+from hvr_common.measure import CycleResult, CycleStat
+from hvr_common.replication_state import ReplicationState
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -36,6 +42,46 @@ CREATE TABLE IF NOT EXISTS disks (
     position INTEGER NOT NULL,
     PRIMARY KEY (vm, name)
 );
+CREATE TABLE IF NOT EXISTS replication (
+    vm TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE,
+    replica_host TEXT NOT NULL,
+    replica_port INTEGER NOT NULL,
+    key_file TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    frequency_s INTEGER NOT NULL,
+    compression INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    state_detail TEXT,
+    generation INTEGER NOT NULL,
+    base_sequence INTEGER,          -- cut at the start of the initial copy: logs up to it are in the images
+    next_sequence INTEGER,          -- the next cycle to ship
+    initial_at_ns INTEGER,          -- scheduled start of the initial copy
+    initial_started_ns INTEGER,
+    initial_completed_ns INTEGER,
+    last_replication_ns INTEGER,    -- last acknowledgement of a cycle
+    enabled_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replication_initial (
+    vm TEXT NOT NULL REFERENCES replication(vm) ON DELETE CASCADE,
+    disk_id TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    durable_offset INTEGER NOT NULL,  -- the replica holds [0, durable_offset) of the disk
+    allocated_bytes INTEGER NOT NULL, -- data bytes of the image when the copy started
+    done_bytes INTEGER NOT NULL,      -- data bytes below durable_offset
+    PRIMARY KEY (vm, disk_id)
+);
+CREATE TABLE IF NOT EXISTS replication_cycles (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL REFERENCES replication(vm) ON DELETE CASCADE,
+    sequence INTEGER,
+    started_ns INTEGER NOT NULL,
+    finished_ns INTEGER,
+    wire_bytes INTEGER NOT NULL,
+    raw_bytes INTEGER NOT NULL,
+    result TEXT NOT NULL,           -- ok | missed | error
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS replication_cycles_by_time ON replication_cycles (vm, started_ns);
 """
 
 
@@ -54,6 +100,56 @@ class VmRecord:
     next_sequence: int
     read_only: bool
     disks: tuple[DiskRecord, ...]
+
+
+@dataclass(frozen=True)
+class ReplicationRecord:
+    vm: str
+    replica_host: str
+    replica_port: int
+    key_file: Path
+    principal: str
+    frequency_s: int
+    compression: bool
+    state: ReplicationState
+    state_detail: str | None
+    generation: int
+    base_sequence: int | None
+    next_sequence: int | None
+    initial_at_ns: int | None
+    initial_started_ns: int | None
+    initial_completed_ns: int | None
+    last_replication_ns: int | None
+    enabled_ns: int
+
+    def replace(self, **changes) -> "ReplicationRecord":
+        return replace(self, **changes)
+
+    def _row(self) -> tuple:
+        out = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out.append(str(v) if isinstance(v, (Path, ReplicationState)) else int(v) if isinstance(v, bool) else v)
+        return tuple(out)
+
+    @staticmethod
+    def _from_row(row) -> "ReplicationRecord":
+        (vm, host, port, key_file, principal, freq, comp, state, detail, gen, base, nxt, at, started, completed,
+         last, enabled) = row
+        return ReplicationRecord(vm, host, port, Path(key_file), principal, freq, bool(comp), ReplicationState(state),
+                                 detail, gen, base, nxt, at, started, completed, last, enabled)
+
+
+@dataclass(frozen=True)
+class InitialProgress:
+    disk_id: uuid.UUID
+    size_bytes: int
+    durable_offset: int
+    allocated_bytes: int
+    done_bytes: int
+
+
+_REPLICATION_COLUMNS = tuple(f.name for f in fields(ReplicationRecord))
 
 
 class AgentStore:
@@ -125,3 +221,77 @@ class AgentStore:
     def set_next_sequence(self, name: str, next_sequence: int) -> None:
         with self._lock:
             self._db.execute("UPDATE vms SET next_sequence=? WHERE name=?", (next_sequence, name))
+
+    # --- replication ------------------------------------------------------------------------
+    def add_replication(self, rec: ReplicationRecord) -> None:
+        marks = ", ".join("?" for _ in _REPLICATION_COLUMNS)
+        with self._lock:
+            try:
+                self._db.execute(f"INSERT INTO replication ({', '.join(_REPLICATION_COLUMNS)}) VALUES ({marks})",
+                                 rec._row())
+            except sqlite3.IntegrityError:
+                raise ConflictError(f"replication of VM {rec.vm!r} is already enabled",
+                                    hint="hvrctl vm get shows it; remove it first with "
+                                         "hvrctl vm remove NAME --replication-only") from None
+
+    def save_replication(self, rec: ReplicationRecord) -> None:
+        """Write every field of an existing relationship (one transaction: the commit point)."""
+        sets = ", ".join(f"{c}=?" for c in _REPLICATION_COLUMNS[1:])
+        with self._lock:
+            cur = self._db.execute(f"UPDATE replication SET {sets} WHERE vm=?", rec._row()[1:] + (rec.vm,))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"replication of VM {rec.vm!r} is not enabled")
+
+    def list_replications(self) -> list[ReplicationRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_REPLICATION_COLUMNS)} FROM replication ORDER BY vm")
+            return [ReplicationRecord._from_row(r) for r in rows.fetchall()]
+
+    def remove_replication(self, vm: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM replication_cycles WHERE vm=?", (vm,))
+            self._db.execute("DELETE FROM replication_initial WHERE vm=?", (vm,))
+            cur = self._db.execute("DELETE FROM replication WHERE vm=?", (vm,))
+            self._db.execute("COMMIT")
+            if cur.rowcount == 0:
+                raise NotFoundError(f"replication of VM {vm!r} is not enabled")
+
+    def set_initial_progress(self, vm: str, p: InitialProgress) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO replication_initial VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (vm, disk_id) DO UPDATE SET "
+                "size_bytes=excluded.size_bytes, durable_offset=excluded.durable_offset, "
+                "allocated_bytes=excluded.allocated_bytes, done_bytes=excluded.done_bytes",
+                (vm, str(p.disk_id), p.size_bytes, p.durable_offset, p.allocated_bytes, p.done_bytes))
+
+    def initial_progress(self, vm: str) -> list[InitialProgress]:
+        with self._lock:
+            rows = self._db.execute("SELECT disk_id, size_bytes, durable_offset, allocated_bytes, done_bytes "
+                                    "FROM replication_initial WHERE vm=?", (vm,)).fetchall()
+        return [InitialProgress(uuid.UUID(d), s, o, a, n) for d, s, o, a, n in rows]
+
+    def clear_initial_progress(self, vm: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM replication_initial WHERE vm=?", (vm,))
+
+    def add_cycle_stat(self, vm: str, stat: CycleStat) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO replication_cycles (vm, sequence, started_ns, finished_ns, wire_bytes, raw_bytes, "
+                "result, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (vm, stat.sequence, stat.started_ns, stat.finished_ns, stat.wire_bytes, stat.raw_bytes,
+                 stat.result.value, stat.error))
+
+    def cycle_stats(self, vm: str, since_ns: int) -> list[CycleStat]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sequence, started_ns, finished_ns, wire_bytes, raw_bytes, result, error "
+                "FROM replication_cycles WHERE vm=? AND COALESCE(finished_ns, started_ns) >= ? ORDER BY id",
+                (vm, since_ns)).fetchall()
+        return [CycleStat(q, s, f, w, r, CycleResult(res), e) for q, s, f, w, r, res, e in rows]
+
+    def prune_cycle_stats(self, vm: str, before_ns: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM replication_cycles WHERE vm=? AND COALESCE(finished_ns, started_ns) < ?",
+                             (vm, before_ns))

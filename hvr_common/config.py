@@ -113,6 +113,16 @@ def _positive(v: int) -> None:
         raise ValueError(f"must be positive, not {v}")
 
 
+DEFAULT_INITIAL_WINDOW_BYTES = 64 * 1024 * 1024
+MIN_INITIAL_WINDOW_BYTES = 4 * 1024 * 1024
+MAX_INITIAL_WINDOW_BYTES = 1024 * 1024 * 1024
+
+
+def _initial_window_check(v: int) -> None:
+    if not MIN_INITIAL_WINDOW_BYTES <= v <= MAX_INITIAL_WINDOW_BYTES:
+        raise ValueError(f"must be from {MIN_INITIAL_WINDOW_BYTES} to {MAX_INITIAL_WINDOW_BYTES} bytes, not {v}")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
@@ -123,10 +133,16 @@ class AgentConfig:
     log_format: str = "auto"
     bitmap_region_bytes: int = DEFAULT_REGION_BYTES
     journal_buffer_bytes: int = 1024 * 1024
+    initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
 
     @property
     def db_path(self) -> Path:
         return self.state_dir / "agent.db"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Spool files of bundles waiting to be uploaded, one folder per VM."""
+        return self.state_dir / "outbox"
 
 
 DEFAULT_AGENT_CONFIG = {
@@ -147,6 +163,8 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         log_format=c.choice("log_format", LOG_FORMATS, "auto"),
         bitmap_region_bytes=c.integer("bitmap_region_bytes", DEFAULT_REGION_BYTES, check=_region_check),
         journal_buffer_bytes=c.integer("journal_buffer_bytes", 1024 * 1024, check=_positive),
+        initial_window_bytes=c.integer("initial_window_bytes", DEFAULT_INITIAL_WINDOW_BYTES,
+                                       check=_initial_window_check),
     )
     c.finish()
     return AgentConfig(**cfg)

@@ -314,6 +314,8 @@ class NbdServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         if self._chunks is not None and self._chunks_need:
+            if type(data) is not bytes:  # chunks are kept: never hold on to a caller's mutable buffer
+                data = bytes(data)
             need = self._chunks_need
             if len(data) <= need:
                 self._chunks.append(data)
@@ -600,9 +602,9 @@ class NbdServerConnection:
                 self._pos = pos + 28
                 self._discard = length
                 msg = f"write of {length} bytes exceeds the maximum payload {self.max_payload}"
-                self._discard_then = ("request", (cmd, flags, handle, offset, length, EOVERFLOW, msg))
+                self._discard_then = ("request", (cmd, flags, handle, offset, length, EINVAL, msg))
                 self._drop_discard()  # the reply is queued once the payload is gone
-                return Rejected(cmd, handle, offset, length, EOVERFLOW, msg)
+                return Rejected(cmd, handle, offset, length, EINVAL, msg)
             end = pos + 28 + length
             if len(buf) < end:
                 if length < LARGE_PAYLOAD:
@@ -646,7 +648,7 @@ class NbdServerConnection:
         if cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES) and export.read_only:
             return EPERM, "export is read-only"
         if cmd == CMD_READ and length > self.max_payload:
-            return EOVERFLOW, f"read of {length} bytes exceeds the maximum payload {self.max_payload}"
+            return EINVAL, f"read of {length} bytes exceeds the maximum payload {self.max_payload}"
         if offset + length > export.size:
             err = ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) and offset <= export.size else EINVAL
             return err, f"range {offset}+{length} is beyond the export size {export.size}"

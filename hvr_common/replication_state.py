@@ -2,6 +2,11 @@
 
 An invalid transition raises :class:`InvalidTransition`; states appear as-is
 in status JSON and in the CLI.
+
+Primary side: suspending is possible once the VM replicates (not during the
+initial copy: there is no cycle to hold back yet); resuming a VM in Error
+goes back to where it failed (``RESUME`` after the initial copy,
+``START_INITIAL`` before it).
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
     ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("primary", S.REPLICATING, Action.SUSPEND): S.SUSPENDED,
-    ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.SUSPEND): S.SUSPENDED,
     ("primary", S.SUSPENDED, Action.RESUME): S.REPLICATING,
     ("primary", S.READY_FOR_INITIAL_REPLICATION, Action.FAIL): S.ERROR,
     ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.FAIL): S.ERROR,
@@ -59,6 +63,8 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("primary", S.ERROR, Action.FAIL): S.ERROR,
     ("primary", S.ERROR, Action.RECOVER): S.REPLICATING,
     ("primary", S.ERROR, Action.RESUME): S.REPLICATING,
+    # A permanent error before the initial copy finished: resuming re-enters it (from the durable offsets).
+    ("primary", S.ERROR, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
     ("replica", None, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,

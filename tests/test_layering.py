@@ -128,13 +128,27 @@ def test_pure_module_imports_no_io_and_no_shell(module):
     assert not bad, f"hvr_common/{module}.py is pure but imports {sorted(bad)}"
 
 
+def _common_siblings(names: set[str]) -> set[str]:
+    """The hvr_common modules among imported names (``hvr_common.x`` or ``hvr_common.x.Name``)."""
+    return {n.split(".")[1] for n in names
+            if _top(n) == "hvr_common" and "." in n and (COMMON / f"{n.split('.')[1]}.py").is_file()}
+
+
 @pytest.mark.parametrize("module", PURE_MODULES)
-def test_pure_module_imports_only_pure_hvr_common_modules(module):
-    """Otherwise I/O could come in through an impure sibling (logs, systemd, unix_socket...)."""
-    siblings = {n.split(".")[1] for n in _imports_of(COMMON / f"{module}.py")
-                if _top(n) == "hvr_common" and "." in n}
-    impure = {s for s in siblings if (COMMON / f"{s}.py").is_file() and s not in PURE_MODULES}
-    assert not impure, f"hvr_common/{module}.py is pure but imports impure hvr_common modules {sorted(impure)}"
+def test_pure_module_does_no_io_through_hvr_common_siblings(module):
+    """I/O must not come in through a sibling (logs, systemd, unix_socket...), however indirectly."""
+    seen: dict[str, str] = {}  # sibling -> the module that imported it
+    todo = [(s, module) for s in _common_siblings(_imports_of(COMMON / f"{module}.py"))]
+    while todo:
+        sibling, importer = todo.pop()
+        if sibling in seen or sibling == module:
+            continue
+        seen[sibling] = importer
+        names = _imports_of(COMMON / f"{sibling}.py")
+        bad = forbidden_in_pure(names)
+        assert not bad, (f"hvr_common/{module}.py is pure but reaches hvr_common/{sibling}.py "
+                         f"(imported by {importer}), which imports {sorted(bad)}")
+        todo.extend((s, sibling) for s in _common_siblings(names))
 
 
 @pytest.mark.parametrize("path", sorted(COMMON.glob("*.py")), ids=lambda p: p.name)

@@ -1,0 +1,260 @@
+"""The agent's client of a replica server's replication API (``docs/replication-protocol.md``).
+
+Every request is signed (token mode): ``Authorization`` carries the HMAC
+over method, path with query, body digest, timestamp and a fresh nonce, and
+``X-Hvr-Content-SHA256`` the body's digest.  A retried request is signed
+again (new timestamp and nonce), never replayed.  Bundle uploads stream from
+their spool file (``aiofiles``), with the digest computed when the spool was
+written and ``Content-Length`` set.
+
+Answers are mapped at this boundary (rule 5):
+
+* 2xx: the decoded JSON body;
+* 401, 403, 404, 409 and the other 4xx: a permanent :class:`ReplicaError`
+  subclass carrying the server's ``code``, ``message``, ``hint``, ``detail``;
+* 5xx, refused or dropped connections, timeouts: :class:`ReplicaUnavailableError`
+  (transient: the caller retries with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import aiohttp
+from yarl import URL
+
+from hvr_common.errors import ConflictError, HvrError, NotFoundError, TransientError
+from hvr_common.token_auth import CONTENT_DIGEST_HEADER, Key, authorization
+
+BUNDLE_CONTENT_TYPE = "application/x-hvr-bundle"
+GENERATION_HEADER = "X-Hvr-Generation"
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+MAX_ANSWER_BYTES = 1024 * 1024
+
+
+class ReplicaError(HvrError):
+    """A refusal by the replica server (permanent: retrying the same request cannot help)."""
+
+    code = "replica_refused"
+    status = 0
+
+    def __init__(self, message: str, *, status: int, server_code: str | None = None, **kw):
+        super().__init__(message, **kw)
+        self.status = status
+        if server_code:
+            self.code = server_code
+
+
+class ReplicaAuthError(ReplicaError):
+    """401: the replica did not accept our signature."""
+
+    code = "unauthenticated"
+    exit_code = 77
+
+
+class ReplicaForbiddenError(ReplicaError):
+    """403: authenticated, but not allowed (server disabled, VM of another principal)."""
+
+    code = "forbidden"
+    exit_code = 77
+
+
+class ReplicaNotFoundError(ReplicaError, NotFoundError):
+    """404: the replica has no such VM."""
+
+    code = "unknown_vm"
+
+
+class ReplicaConflictError(ReplicaError, ConflictError):
+    """409: fencing, sequence or state conflict (``code`` tells which; ``detail`` may carry offsets)."""
+
+    code = "conflict"
+
+
+class ReplicaRejectedError(ReplicaError):
+    """400, 411, 413 and other 4xx: the replica refused our request as malformed or too large."""
+
+    code = "bad_request"
+
+
+class ReplicaUnavailableError(TransientError):
+    """5xx, connection refused or dropped, timeout: try again later."""
+
+    code = "replica_unavailable"
+
+
+_PERMANENT = {401: ReplicaAuthError, 403: ReplicaForbiddenError, 404: ReplicaNotFoundError,
+              409: ReplicaConflictError}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaEndpoint:
+    host: str
+    port: int
+
+    @property
+    def base(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class ReplicaClient:
+    """One replica server, one key.  Use as ``async with ReplicaClient(...) as client``."""
+
+    def __init__(self, endpoint: ReplicaEndpoint, key: Key, *, connect_timeout_s: float = 10.0,
+                 read_timeout_s: float = 300.0, clock=time.time):
+        self.endpoint = endpoint
+        self.key = key
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s,
+                                              sock_read=read_timeout_s)
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ReplicaClient:
+        self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False,
+                                              connector=aiohttp.TCPConnector(limit=4, force_close=False))
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- routes ----------------------------------------------------------------------------
+    async def server_info(self) -> dict:
+        return await self._json("GET", "/v1/server")
+
+    async def enable(self, vm_id: uuid.UUID, body: dict) -> tuple[int, dict]:
+        """PUT /v1/replicas/{vm_id}: (status, body); 201 created, 200 identical record present."""
+        return await self._request("PUT", f"/v1/replicas/{vm_id}", json_body=body)
+
+    async def replica_state(self, vm_id: uuid.UUID) -> dict:
+        return await self._json("GET", f"/v1/replicas/{vm_id}")
+
+    async def send_initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, start: int, end: int,
+                                  generation: int, spool: Path, sha256: str, size_bytes: int) -> dict:
+        path = f"/v1/replicas/{vm_id}/initial/{disk_id}?offset={start}&end={end}"
+        _, body = await self._request("PUT", path, upload=(spool, sha256, size_bytes),
+                                      headers={GENERATION_HEADER: str(generation)})
+        return body
+
+    async def complete_initial(self, vm_id: uuid.UUID, generation: int, next_sequence: int) -> dict:
+        return await self._json("POST", f"/v1/replicas/{vm_id}/initial/complete",
+                                {"generation": generation, "next_sequence": next_sequence})
+
+    async def send_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, spool: Path, sha256: str,
+                         size_bytes: int) -> tuple[int, dict]:
+        """PUT /v1/replicas/{vm_id}/cycles/{sequence}: (status, body); 201 stored, 200 already stored."""
+        return await self._request("PUT", f"/v1/replicas/{vm_id}/cycles/{sequence}",
+                                   upload=(spool, sha256, size_bytes),
+                                   headers={GENERATION_HEADER: str(generation)})
+
+    # --- the request shell -----------------------------------------------------------------
+    async def _json(self, method: str, path: str, body: dict | None = None) -> dict:
+        _, answer = await self._request(method, path, json_body=body)
+        return answer
+
+    async def _request(self, method: str, path: str, *, json_body: dict | None = None,
+                       upload: tuple[Path, str, int] | None = None,
+                       headers: dict | None = None) -> tuple[int, dict]:
+        if self._session is None:
+            raise RuntimeError("ReplicaClient used outside 'async with'")
+        hdrs = dict(headers or {})
+        data = None
+        if upload is not None:
+            spool, digest, size = upload
+            hdrs["Content-Type"] = BUNDLE_CONTENT_TYPE
+            hdrs["Content-Length"] = str(size)
+            data = _stream_file(spool, size)
+        elif json_body is not None:
+            data = json.dumps(json_body, separators=(",", ":")).encode()
+            digest = hashlib.sha256(data).hexdigest()
+            hdrs["Content-Type"] = "application/json"
+        else:
+            digest = hashlib.sha256(b"").hexdigest()
+        hdrs[CONTENT_DIGEST_HEADER] = digest
+        hdrs["Authorization"] = authorization(self.key, method, path, digest, int(self._clock()))
+        url = URL(self.endpoint.base + path, encoded=True)
+        where = f"{method} {path} on replica server {self.endpoint}"
+        try:
+            async with self._session.request(method, url, data=data, headers=hdrs,
+                                             allow_redirects=False) as resp:
+                raw = await _read_answer(resp)
+                status = resp.status
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise ReplicaUnavailableError(f"{where} failed: {_describe(exc)}",
+                                          hint="check that hvr-listener runs there and the network "
+                                               "between the hosts") from None
+        except asyncio.TimeoutError:
+            raise ReplicaUnavailableError(f"{where} timed out") from None
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and upload is not None:
+                raise
+            raise ReplicaUnavailableError(f"{where} failed: {exc}") from None
+        return status, _answer(status, raw, where)
+
+
+async def _stream_file(path: Path, size: int):
+    """The spool file's bytes, in pieces, never the whole file at once."""
+    left = size
+    async with aiofiles.open(path, "rb") as f:
+        while left > 0:
+            chunk = await f.read(min(UPLOAD_CHUNK_BYTES, left))
+            if not chunk:
+                raise OSError(f"spool file {path} is shorter than {size} bytes")
+            left -= len(chunk)
+            yield chunk
+
+
+async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, at most ``MAX_ANSWER_BYTES`` of it (answers are small JSON objects)."""
+    out = bytearray()
+    while len(out) <= MAX_ANSWER_BYTES:
+        chunk = await resp.content.read(64 * 1024)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out[:MAX_ANSWER_BYTES])
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _answer(status: int, raw: bytes, where: str) -> dict:
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if 200 <= status < 300:
+        if not isinstance(body, dict):
+            raise ReplicaUnavailableError(f"{where}: HTTP {status} with a body that is not a JSON object")
+        return body
+    err = body if isinstance(body, dict) else {}
+    message = str(err.get("message") or f"HTTP {status}")
+    detail = err.get("detail") if isinstance(err.get("detail"), dict) else None
+    hint = err.get("hint") if isinstance(err.get("hint"), str) else None
+    server_code = err.get("code") if isinstance(err.get("code"), str) else None
+    if status >= 500 or status == 429:
+        exc = ReplicaUnavailableError(f"replica server: {message} ({where}, HTTP {status})", hint=hint,
+                                      detail=detail)
+        if server_code:
+            exc.code = server_code
+        raise exc
+    cls = _PERMANENT.get(status, ReplicaRejectedError)
+    raise cls(f"replica server: {message}", status=status, server_code=server_code, hint=hint,
+              detail=dict(detail or {}, status=status))

@@ -1,0 +1,300 @@
+"""Building bundles into spool files: what the agent uploads to the replica.
+
+Blocking functions, run in worker threads by :mod:`hvr_agent.replication`.
+Memory stays bounded: a log's records are collected without their payloads,
+surviving bytes are copied from the log (or the image) in pieces of at most
+``RECORD_BYTES``, and frames go to the spool file as they are made.
+
+Write order of a spool file (``<outbox>/<vm>/<sequence:010d>.bundle``, or a
+window file for initial replication):
+
+1. a temporary file is created and the header's space is left as zeroes;
+2. each disk's frames are appended;
+3. the header (which needs every disk's frame totals) is written at offset 0;
+4. the SHA-256 of the whole file is computed by reading it back;
+5. the file is renamed to its final name.
+
+Spools are throw-away: a cycle's bundle is rebuilt from its logs after a
+restart, and rebuilding is deterministic (the bundle's ``created_ns`` and each
+log's times come from the logs themselves), so an upload that reached the
+replica before a crash is recognised there by its digest (protocol P4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvr_common import sparse
+from hvr_common.bundle import BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
+from hvr_common.errors import CorruptError
+from hvr_common.extents import coalesce
+from hvr_common.hrl import HrlEncoder, HrlHeader, LogSummary, Record, RecordKind
+from hvr_common.hrl_file import iter_hrl_file
+from hvr_agent.journal import log_path
+
+RECORD_BYTES = 4 * 1024 * 1024  # largest WRITE record the shipper emits
+ZERO_RECORD_BYTES = 1 << 30  # largest TRIM/ZERO record the shipper emits
+_READ_BYTES = 1024 * 1024
+_ZEROES = bytes(RECORD_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSource:
+    """What the shipper needs to know of one disk of the VM."""
+
+    name: str
+    disk_id: uuid.UUID
+    image_path: Path
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledBundle:
+    path: Path
+    sha256: str
+    wire_bytes: int  # the file's size: what travels
+    raw_bytes: int  # the HRL bytes inside, uncompressed
+    write_bytes: int  # WRITE payload bytes inside
+    frames: int
+    compressed_frames: int
+    cut_ns: int  # cycle: when its logs were closed (newest END time); initial: when it was built
+
+
+def spool_path(outbox: Path, sequence: int) -> Path:
+    return outbox / f"{sequence:010d}.bundle"
+
+
+class _SpoolWriter:
+    """Appends frames after a reserved header, then writes the header and digests the file."""
+
+    def __init__(self, final: Path, disk_count: int):
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.file.write(bytes(header_size(disk_count)))
+        self.entries: list[DiskEntry] = []
+        self.raw_bytes = 0
+        self.write_bytes = 0
+        self.frames = 0
+        self.compressed_frames = 0
+
+    def write(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.file.write(piece)
+
+    def add_disk(self, disk_id: uuid.UUID, encoder: FrameEncoder, hrl: HrlEncoder,
+                 range_start: int, range_end: int) -> None:
+        self.write(encoder.finish())
+        self.entries.append(DiskEntry(disk_id, encoder.stored_bytes, encoder.raw_bytes, range_start, range_end,
+                                      encoder.frames))
+        self.raw_bytes += encoder.raw_bytes
+        self.write_bytes += hrl.write_bytes
+        self.frames += encoder.frames
+        self.compressed_frames += encoder.compressed_frames
+
+    def commit(self, header: BundleHeader, cut_ns: int) -> SpooledBundle:
+        try:
+            self.file.seek(0)
+            self.file.write(header.encode())
+            self.file.close()
+            digest = hashlib.sha256()
+            size = 0
+            with open(self.tmp, "rb", buffering=0) as f:
+                while chunk := f.read(_READ_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        return SpooledBundle(self.final, digest.hexdigest(), size, self.raw_bytes, self.write_bytes,
+                             self.frames, self.compressed_frames, cut_ns)
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+# --- cycles ------------------------------------------------------------------------------
+@dataclass
+class _ClosedLogScan:
+    header: HrlHeader | None
+    records: list[Record]
+    summary: LogSummary | None
+
+
+def _scan_log(path: Path) -> _ClosedLogScan | None:
+    """A closed log's header and records (no payloads), or None if the disk has no log of that sequence."""
+    if not path.exists():
+        return None
+    header = None
+    records: list[Record] = []
+    summary = None
+    for ev in iter_hrl_file(path, keep_data=False):
+        if isinstance(ev, Record):
+            records.append(ev)
+        elif isinstance(ev, HrlHeader):
+            header = ev
+        else:
+            summary = ev
+    summary.require_clean(f"HRL file {path}")
+    return _ClosedLogScan(header, records, summary)
+
+
+def _check_identity(path: Path, h: HrlHeader, vm_id: uuid.UUID, disk: DiskSource, generation: int,
+                    sequence: int) -> None:
+    problems = []
+    if h.vm_id != vm_id or h.disk_id != disk.disk_id:
+        problems.append("it belongs to another VM or disk")
+    if h.sequence != sequence:
+        problems.append(f"its sequence is {h.sequence}")
+    if h.generation != generation:
+        problems.append(f"its generation is {h.generation}, replication's is {generation}")
+    if h.disk_size != disk.size_bytes:
+        problems.append(f"it is for a disk of {h.disk_size} bytes, the disk has {disk.size_bytes}")
+    if problems:
+        raise CorruptError(f"HRL file {path} cannot be shipped as cycle {sequence} of disk {disk.name}: "
+                           + "; ".join(problems),
+                           hint="move the file aside; if it held writes, the replica needs a resynchronization")
+
+
+def _pread_exact(fd: int, length: int, offset: int, what: Path) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise CorruptError(f"{what} is shorter than a record's payload at {offset} (changed while shipping?)")
+    return data
+
+
+def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, sequence: int,
+                       disks: list[DiskSource], compress: bool) -> SpooledBundle:
+    """Coalesce every disk's closed log of ``sequence`` into one cycle bundle.
+
+    A disk without a log of that sequence (a crash between two disks' log
+    switches, or a cut the disk missed) contributes an empty log: nothing of
+    it changed in that cycle.
+    """
+    scans = [_scan_log(log_path(d.image_path, sequence)) for d in disks]
+    closed = [s.summary.closed_ns for s in scans if s is not None and s.summary.closed_ns is not None]
+    created_ns = max(closed, default=0)
+    writer = _SpoolWriter(spool_path(outbox, sequence), len(disks))
+    try:
+        for disk, scan in zip(disks, scans):
+            path = log_path(disk.image_path, sequence)
+            if scan is not None:
+                _check_identity(path, scan.header, vm_id, disk, generation, sequence)
+                header = scan.header
+                closed_ns = scan.summary.closed_ns
+                extents = coalesce(scan.records)
+                scan.records.clear()
+            else:
+                header = HrlHeader(vm_id, disk.disk_id, generation, sequence, disk.size_bytes, created_ns)
+                closed_ns = created_ns
+                extents = []
+            encoder = FrameEncoder(compress)
+            hrl = HrlEncoder(header)
+            writer.write(encoder.feed(hrl.header_bytes()))
+            if extents:
+                with open(path, "rb", buffering=0) as log_file:
+                    fd = log_file.fileno()
+                    for ext in extents:
+                        if ext.kind is RecordKind.WRITE:
+                            for done in range(0, ext.length, RECORD_BYTES):
+                                n = min(RECORD_BYTES, ext.length - done)
+                                data = _pread_exact(fd, n, ext.source + done, path)
+                                writer.write(encoder.feed(hrl.write(ext.offset + done, data)))
+                                writer.write(encoder.feed(data))
+                        else:
+                            emit = hrl.trim if ext.kind is RecordKind.TRIM else hrl.zero
+                            for done in range(0, ext.length, ZERO_RECORD_BYTES):
+                                n = min(ZERO_RECORD_BYTES, ext.length - done)
+                                writer.write(encoder.feed(emit(ext.offset + done, n, ext.flags)))
+            writer.write(encoder.feed(hrl.end(closed_ns if closed_ns is not None else created_ns)))
+            writer.add_disk(disk.disk_id, encoder, hrl, 0, disk.size_bytes)
+        header = BundleHeader(BundleKind.CYCLE, vm_id, generation, sequence, created_ns,
+                              tuple(writer.entries))
+        return writer.commit(header, created_ns)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# --- initial replication -----------------------------------------------------------------
+def allocated_bytes(fd: int, offset: int, length: int) -> int:
+    """Bytes of data (not holes) in ``[offset, offset+length)`` of an image."""
+    return sum(n for _, n, is_data in sparse.data_extents(fd, offset, length) if is_data)
+
+
+def plan_window(fd: int, start: int, size: int, window_bytes: int, *, scan_bytes: int = 1 << 30) -> int:
+    """End of the window starting at ``start``: it holds ``window_bytes`` of allocated data, or reaches the end.
+
+    Holes cost nothing to send, so a window spans as much of a sparse disk as
+    it takes to collect ``window_bytes`` of data.
+    """
+    budget = window_bytes
+    pos = start
+    while pos < size:
+        span = min(scan_bytes, size - pos)
+        for offset, length, is_data in sparse.data_extents(fd, pos, span):
+            if is_data:
+                if length >= budget:
+                    return offset + budget
+                budget -= length
+        pos += span
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class InitialWindow:
+    bundle: SpooledBundle
+    start: int
+    end: int
+    allocated_bytes: int  # data bytes of the image in [start, end)
+
+
+def build_initial_bundle(path: Path, *, vm_id: uuid.UUID, generation: int, disk: DiskSource, image_fd: int,
+                         start: int, end: int, compress: bool, created_ns: int) -> InitialWindow:
+    """One initial-replication window ``[start, end)`` of a disk: its allocated data as WRITE records.
+
+    Pieces of data that read as zeroes are left out like holes: the replica
+    image starts sparse, and anything that changes after the initial cut is
+    in the logs shipped after the initial copy.
+    """
+    header = HrlHeader(vm_id, disk.disk_id, generation, 0, disk.size_bytes, created_ns)
+    writer = _SpoolWriter(path, 1)
+    allocated = 0
+    try:
+        encoder = FrameEncoder(compress)
+        hrl = HrlEncoder(header)
+        writer.write(encoder.feed(hrl.header_bytes()))
+        for offset, length, is_data in sparse.data_extents(image_fd, start, end - start):
+            if not is_data:
+                continue
+            allocated += length
+            for done in range(0, length, RECORD_BYTES):
+                n = min(RECORD_BYTES, length - done)
+                data = os.pread(image_fd, n, offset + done)
+                if len(data) < n:  # the image shrank under us: the rest reads as zeroes
+                    n = len(data)
+                    if not n:
+                        break
+                if data == _ZEROES[:n]:
+                    continue
+                writer.write(encoder.feed(hrl.write(offset + done, data)))
+                writer.write(encoder.feed(data))
+        writer.write(encoder.feed(hrl.end(created_ns)))
+        writer.add_disk(disk.disk_id, encoder, hrl, start, end)
+        bundle_header = BundleHeader(BundleKind.INITIAL, vm_id, generation, 0, created_ns, tuple(writer.entries))
+        return InitialWindow(writer.commit(bundle_header, created_ns), start, end, allocated)
+    except BaseException:
+        writer.abort()
+        raise

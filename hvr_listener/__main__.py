@@ -1,0 +1,3 @@
+import sys
+from hvr_listener.main import main
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""The listener's admin API: JSON over HTTP on a unix socket (mode 0600).
+
+* ``GET /v1/server``, ``PATCH /v1/server``      replica server settings
+* ``GET /v1/keys``, ``POST /v1/keys``, ``DELETE /v1/keys/{principal}``
+* ``GET /v1/replicas``, ``GET /v1/replicas/{name}``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from hvr_common.errors import HvrError, NotFoundError, UsageError
+from hvr_common.http_errors import status_for
+from hvr_common.logs import event
+from hvr_common.token_auth import SECRET_BYTES, Key, check_principal
+from hvr_listener.settings import ServerSettings
+from hvr_listener.store import ListenerStore, Replica
+
+log = logging.getLogger("hvr.listener.admin")
+
+SETTINGS = web.AppKey("settings", ServerSettings)
+STORE = web.AppKey("store", ListenerStore)
+ON_LISTEN_CHANGE = web.AppKey("on_listen_change", Callable[[], Awaitable[None]])
+
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except HvrError as exc:
+        return web.json_response(exc.to_dict(), status=status_for(exc))
+
+
+async def _body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    return body
+
+
+def replica_status(rep: Replica) -> dict:
+    return {
+        "name": rep.name, "vm_id": str(rep.vm_id), "role": "replica", "state": rep.state.value,
+        "state_detail": rep.state_detail, "primary_server": rep.principal, "generation": rep.generation,
+        "frequency_s": rep.frequency_s, "compression": rep.compression, "storage": str(rep.storage_dir),
+        "next_sequence": rep.next_sequence, "last_received_sequence": rep.last_received_sequence,
+        "last_applied_sequence": rep.last_applied_sequence,
+        "last_replication_time_ns": rep.last_replication_ns, "last_applied_log_time_ns": rep.last_applied_log_ns,
+        "last_applied_time_ns": rep.last_applied_ns,
+        "disks": [{"disk_id": str(d.disk_id), "name": d.name, "size_bytes": d.size_bytes, "path": str(d.path),
+                   "initial_offset": d.initial_offset} for d in rep.disks],
+    }
+
+
+async def get_server(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SETTINGS].view())
+
+
+async def patch_server(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    changes = await _body(request)
+    old_listen = settings.listen_endpoint()
+    view = await asyncio.to_thread(settings.update, changes)
+    event(log, "server_settings_changed", changes=changes)
+    if "listen" in changes and settings.listen_endpoint() != old_listen:
+        await request.app[ON_LISTEN_CHANGE]()
+    return web.json_response(settings.view())
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(request.app[STORE].key_list))
+
+
+async def add_key(request: web.Request) -> web.Response:
+    body = await _body(request)
+    principal = body.get("principal")
+    if not isinstance(principal, str):
+        raise UsageError("field 'principal' must be a string")
+    check_principal(principal)
+    try:
+        secret = base64.b64decode(body.get("secret", ""), validate=True)
+    except (binascii.Error, TypeError):
+        raise UsageError("field 'secret' must be base64") from None
+    if len(secret) != SECRET_BYTES:
+        raise UsageError(f"secret must be {SECRET_BYTES} bytes")
+    replaced = await asyncio.to_thread(request.app[STORE].add_key, Key(principal, secret),
+                                       replace=bool(body.get("replace")))
+    request.app[SETTINGS].reload_keys()
+    event(log, "key_added", principal=principal, replaced=replaced)
+    return web.json_response({"principal": principal, "replaced": replaced}, status=200 if replaced else 201)
+
+
+async def remove_key(request: web.Request) -> web.Response:
+    principal = request.match_info["principal"]
+    await asyncio.to_thread(request.app[STORE].remove_key, principal)
+    request.app[SETTINGS].reload_keys()
+    event(log, "key_removed", principal=principal)
+    return web.json_response({"removed": principal})
+
+
+async def list_replicas(request: web.Request) -> web.Response:
+    reps = await asyncio.to_thread(request.app[STORE].replicas)
+    return web.json_response([replica_status(r) for r in reps])
+
+
+async def get_replica(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    rep = await asyncio.to_thread(request.app[STORE].replica_by_name, name)
+    if rep is None:
+        raise NotFoundError(f"no replica VM named {name!r} on this server")
+    status = replica_status(rep)
+    history = await asyncio.to_thread(request.app[STORE].cycle_history, rep.vm_id)
+    status["cycles"] = [{"sequence": c.sequence, "bytes": c.bytes, "received_ns": c.received_ns,
+                         "applied_ns": c.applied_ns} for c in history[-100:]]
+    return web.json_response(status)
+
+
+def make_app(settings: ServerSettings, store: ListenerStore,
+             on_listen_change: Callable[[], Awaitable[None]]) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
+    app[SETTINGS] = settings
+    app[STORE] = store
+    app[ON_LISTEN_CHANGE] = on_listen_change
+    app.router.add_get("/v1/server", get_server)
+    app.router.add_patch("/v1/server", patch_server)
+    app.router.add_get("/v1/keys", list_keys)
+    app.router.add_post("/v1/keys", add_key)
+    app.router.add_delete("/v1/keys/{principal}", remove_key)
+    app.router.add_get("/v1/replicas", list_replicas)
+    app.router.add_get("/v1/replicas/{name}", get_replica)
+    return app

@@ -1,0 +1,124 @@
+"""The listener's composition root: owns the store, the APIs and the applier."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from hvr_common import systemd
+from hvr_common.config import ListenerConfig
+from hvr_common.errors import ConflictError
+from hvr_common.logs import event
+from hvr_common.unix_socket import claim_socket_path
+from hvr_listener import admin, replication_api
+from hvr_listener.applier import Applier
+from hvr_listener.replicas import ReplicaService
+from hvr_listener.settings import ServerSettings
+from hvr_listener.store import ListenerStore
+
+log = logging.getLogger("hvr.listener")
+
+
+def cleanup_leftovers(store: ListenerStore) -> int:
+    """Remove partial uploads and files of cycles already applied (crash leftovers)."""
+    removed = 0
+    for rep in store.replicas():
+        for part in (rep.storage_dir / "incoming").glob("*.part"):
+            part.unlink(missing_ok=True)
+            removed += 1
+        for row in store.cycle_history(rep.vm_id):
+            if row.applied_ns is not None and row.path.exists():
+                row.path.unlink()
+                removed += 1
+    return removed
+
+
+class Listener:
+    def __init__(self, config: ListenerConfig):
+        self.config = config
+        self._stop = asyncio.Event()
+        self._api_runner: web.AppRunner | None = None
+        self._api_site: web.TCPSite | None = None
+        self.settings: ServerSettings | None = None
+
+    def request_stop(self, why: str) -> None:
+        event(log, "listener_stopping", reason=why)
+        self._stop.set()
+
+    async def _bind(self) -> None:
+        host, port = self.settings.listen_endpoint()
+        site = web.TCPSite(self._api_runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConflictError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                hint="another process uses the port, or the address is not on this host") from None
+        old, self._api_site = self._api_site, site
+        if old is not None:
+            await old.stop()
+        bound = site._server.sockets[0].getsockname()[:2] if site._server and site._server.sockets else (host, port)
+        self.bound = bound
+        self.settings.bound = bound
+        event(log, "listening", host=bound[0], port=bound[1])
+
+    async def run(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.state_dir, 0o700)
+        cfg.storage.mkdir(parents=True, exist_ok=True)
+        store = ListenerStore(cfg.db_path)
+        admin_runner = None
+        try:
+            removed = await asyncio.to_thread(cleanup_leftovers, store)
+            if removed:
+                event(log, "leftovers_removed", files=removed)
+            self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage))
+            service = ReplicaService(store, self.settings.storage_dir, cfg.max_bundle_bytes)
+            applier = Applier(service)
+            self._api_runner = web.AppRunner(replication_api.make_app(service, self.settings, cfg.max_bundle_bytes),
+                                             access_log=None, handle_signals=False)
+            await self._api_runner.setup()
+            await self._bind()
+            admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind), access_log=None,
+                                         handle_signals=False)
+            await admin_runner.setup()
+            claim_socket_path(cfg.admin_socket)
+            old_umask = os.umask(0o177)
+            try:
+                await web.UnixSite(admin_runner, str(cfg.admin_socket)).start()
+            finally:
+                os.umask(old_umask)
+            os.chmod(cfg.admin_socket, 0o600)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+            event(log, "listener_ready", admin_socket=str(cfg.admin_socket), host=self.bound[0], port=self.bound[1],
+                  enabled=self.settings.current()["enabled"])
+            systemd.notify("READY=1")
+            async with asyncio.TaskGroup() as tg:
+                apply_task = tg.create_task(applier.run())
+                interval = systemd.watchdog_interval_s()
+                watchdog = tg.create_task(self._watchdog(interval)) if interval else None
+                await self._stop.wait()
+                systemd.notify("STOPPING=1")
+                apply_task.cancel()
+                if watchdog is not None:
+                    watchdog.cancel()
+        finally:
+            if self._api_runner is not None:
+                await self._api_runner.cleanup()
+            if admin_runner is not None:
+                await admin_runner.cleanup()
+            store.close()
+            Path(cfg.admin_socket).unlink(missing_ok=True)
+            event(log, "listener_stopped")
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)

@@ -1,0 +1,300 @@
+"""Replica VMs on this server: enabling, initial replication, receiving cycles.
+
+The business rules of the replication API live here; the HTTP shell
+(:mod:`hvr_listener.replication_api`) only authenticates, parses and maps
+errors.  Every rule that refuses a request does so before anything changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from hvr_common.bundle import BundleDecoder, BundleKind
+from hvr_common.errors import ConflictError, HvrError, NotFoundError, UsageError
+from hvr_common.logs import event
+from hvr_common.replication_state import Action, ReplicationState, transition
+from hvr_listener.bundle_io import SpoolWriter, apply_bundle, commit_file, fsync_dir
+from hvr_listener.store import ListenerStore, Replica
+
+log = logging.getLogger("hvr.listener.replicas")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FREQUENCIES = (30, 300, 900)
+MAX_DISK_BYTES = 64 * 1024 ** 4
+
+
+class ForbiddenError(HvrError):
+    code = "not_authorized"
+    exit_code = 77
+
+
+class BodyError(UsageError):
+    """The request body is damaged or malformed (400)."""
+
+
+class TooLargeError(UsageError):
+    code = "body_too_large"
+
+
+class LengthRequiredError(UsageError):
+    code = "length_required"
+
+
+def _conflict(code: str, message: str, **detail) -> ConflictError:
+    exc = ConflictError(message, detail=detail or None)
+    exc.code = code
+    return exc
+
+
+class ReplicaService:
+    def __init__(self, store: ListenerStore, storage: Callable[[], str], max_bundle_bytes: int):
+        self.store = store
+        self.storage = storage  # the current default storage location (a setting)
+        self.max_bundle_bytes = max_bundle_bytes
+        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self.applied = asyncio.Condition()  # notified after every applied cycle
+        self.wake_applier = asyncio.Event()
+
+    def lock(self, vm_id: uuid.UUID) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    async def get(self, vm_id: uuid.UUID, principal: str | None = None) -> Replica:
+        rep = await asyncio.to_thread(self.store.replica, vm_id)
+        if rep is None:
+            exc = NotFoundError(f"this replica server has no VM {vm_id}",
+                                hint="enable replication first (hvrctl vm enable)")
+            exc.code = "unknown_vm"
+            raise exc
+        if principal is not None and rep.principal != principal:
+            raise ForbiddenError(f"VM {rep.name} is replicated from {rep.principal!r}, not from {principal!r}")
+        return rep
+
+    # --- enable -----------------------------------------------------------
+    async def enable(self, vm_id: uuid.UUID, principal: str, body: dict) -> tuple[Replica, bool]:
+        name, generation, frequency_s, compression, disks = _parse_enable(body)
+        async with self.lock(vm_id):
+            existing = await asyncio.to_thread(self.store.replica, vm_id)
+            if existing is not None:
+                if existing.principal != principal:
+                    raise ForbiddenError(f"VM {existing.name} is replicated from another primary")
+                same = (existing.name == name and existing.generation == generation and
+                        [(d.disk_id, d.name, d.size_bytes) for d in existing.disks] == disks)
+                if not same:
+                    raise _conflict("replica_conflict",
+                                    f"a replica of VM {vm_id} exists with other settings (name, disks or generation)",
+                                    hint="remove the old replica first")
+                return existing, False
+            vm_dir = Path(self.storage()) / name
+            if vm_dir.exists() and any(vm_dir.iterdir()):
+                raise _conflict("replica_conflict", f"replica storage {vm_dir} is already in use",
+                                hint="move the old files away or use another VM name")
+            paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
+            await asyncio.to_thread(_create_images, vm_dir, paths)
+            await asyncio.to_thread(self.store.create_replica, vm_id, name, principal, generation, frequency_s,
+                                    compression, vm_dir, paths)
+        event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=principal, disks=len(disks))
+        return await self.get(vm_id), True
+
+    # --- initial replication ----------------------------------------------
+    async def initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, principal: str, generation: int,
+                             start: int, end: int, length: int | None, digest: str,
+                             body: AsyncIterator[bytes]) -> int:
+        async with self.lock(vm_id):
+            rep = await self.get(vm_id, principal)
+            self._check_generation(rep, generation)
+            if rep.state not in (ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+                                 ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+                raise _conflict("wrong_state", f"VM {rep.name} is {rep.state}, not in initial replication")
+            disk = rep.disk(disk_id)
+            if not 0 <= start < end <= disk.size_bytes:
+                raise UsageError(f"window [{start}, {end}) is not inside disk {disk.name} of {disk.size_bytes} bytes")
+            if start > disk.initial_offset:
+                raise _conflict("initial_gap", f"window starts at {start} but disk {disk.name} is durable only "
+                                f"up to {disk.initial_offset}", offset=disk.initial_offset)
+            if end <= disk.initial_offset:
+                await _drain(body)
+                return disk.initial_offset
+            expect = {"vm_id": vm_id, "generation": rep.generation, "kind": BundleKind.INITIAL,
+                      "disks": {disk_id: disk.size_bytes}}
+            spool = self._spool_path(rep, f"initial-{disk_id}-{start}")
+            header = await self._receive(spool, length, digest, expect, body)
+            entry = header.disks[0]
+            if (entry.disk_id, entry.range_start, entry.range_end) != (disk_id, start, end):
+                await asyncio.to_thread(_unlink, spool)
+                raise BodyError("bundle window does not match the request's disk, offset and end")
+            try:
+                await asyncio.to_thread(apply_bundle, spool, {disk_id: disk.path}, expect)
+            finally:
+                await asyncio.to_thread(_unlink, spool)
+            state = transition("replica", rep.state, Action.START_INITIAL)
+            await asyncio.to_thread(self.store.set_initial_offset, vm_id, disk_id, end, state)
+        event(log, "initial_window_stored", vm=rep.name, disk=disk.name, offset=start, bytes=end - start)
+        return end
+
+    async def initial_complete(self, vm_id: uuid.UUID, principal: str, body: dict) -> Replica:
+        generation = _int_field(body, "generation", 1)
+        next_sequence = _int_field(body, "next_sequence", 1)
+        async with self.lock(vm_id):
+            rep = await self.get(vm_id, principal)
+            self._check_generation(rep, generation)
+            if rep.state == ReplicationState.REPLICATING and rep.next_sequence == next_sequence:
+                return rep
+            incomplete = {str(d.disk_id): d.initial_offset for d in rep.disks if d.initial_offset != d.size_bytes}
+            if incomplete:
+                raise _conflict("initial_incomplete", "initial replication has not reached the end of every disk",
+                                offsets=incomplete)
+            state = transition("replica", rep.state if rep.state != ReplicationState.WAITING_FOR_INITIAL_REPLICATION
+                               else ReplicationState.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL)
+            await asyncio.to_thread(self.store.update_replica, vm_id, state=state, next_sequence=next_sequence,
+                                    last_received_sequence=next_sequence - 1,
+                                    last_applied_sequence=next_sequence - 1, last_replication_ns=time.time_ns(),
+                                    last_applied_ns=time.time_ns())
+        event(log, "initial_completed", vm=rep.name, next_sequence=next_sequence)
+        return await self.get(vm_id)
+
+    # --- cycles -----------------------------------------------------------
+    async def receive_cycle(self, vm_id: uuid.UUID, sequence: int, principal: str, generation: int,
+                            length: int | None, digest: str, body: AsyncIterator[bytes]) -> tuple[bool, Replica]:
+        """Store a cycle durably.  Returns (created, replica)."""
+        async with self.lock(vm_id):
+            rep = await self.get(vm_id, principal)
+            self._check_generation(rep, generation)
+            if rep.state != ReplicationState.REPLICATING:
+                raise _conflict("wrong_state", f"VM {rep.name} is {rep.state}, not Replicating")
+            if sequence <= rep.last_received_sequence:
+                row = await asyncio.to_thread(self.store.cycle, vm_id, sequence)
+                if row is not None and row.digest == digest and row.generation == generation:
+                    await _drain(body)
+                    return False, rep
+                raise _conflict("out_of_order", f"cycle {sequence} of VM {rep.name} was already received "
+                                f"with other contents", expected=rep.next_sequence)
+            if sequence != rep.next_sequence:
+                raise _conflict("out_of_order", f"cycle {sequence} of VM {rep.name} is out of order; "
+                                f"expected {rep.next_sequence}", expected=rep.next_sequence)
+            expect = {"vm_id": vm_id, "generation": rep.generation, "sequence": sequence, "kind": BundleKind.CYCLE,
+                      "disks": {d.disk_id: d.size_bytes for d in rep.disks}}
+            spool = self._spool_path(rep, f"cycle-{sequence}")
+            header = await self._receive(spool, length, digest, expect, body)
+            final = rep.storage_dir / "cycles" / f"{sequence:010d}.bundle"
+            await asyncio.to_thread(commit_file, spool, final)
+            await asyncio.to_thread(self.store.record_cycle, vm_id, sequence, generation, digest, length or 0,
+                                    final, header.created_ns)
+        event(log, "cycle_received", vm=rep.name, seq=sequence, bytes=length)
+        self.wake_applier.set()
+        return True, await self.get(vm_id)
+
+    def _check_generation(self, rep: Replica, generation: int) -> None:
+        if generation != rep.generation:
+            raise _conflict("stale_generation", f"request is for generation {generation} of VM {rep.name}; "
+                            f"the replica is at generation {rep.generation}", generation=rep.generation)
+
+    def _spool_path(self, rep: Replica, what: str) -> Path:
+        return rep.storage_dir / "incoming" / f"{what}.{secrets.token_hex(4)}.part"
+
+    async def _receive(self, spool: Path, length: int | None, digest: str, expect: dict,
+                       body: AsyncIterator[bytes]):
+        if length is None:
+            raise LengthRequiredError("bundle uploads need a Content-Length header")
+        if length > self.max_bundle_bytes:
+            raise TooLargeError(f"bundle of {length} bytes exceeds this server's limit of {self.max_bundle_bytes}")
+        decoder = BundleDecoder(keep_data=False, max_bytes=length, expect=expect)
+        writer = await asyncio.to_thread(SpoolWriter, spool, decoder)
+        try:
+            async for chunk in body:
+                await asyncio.to_thread(writer.feed, chunk)
+            if writer.bytes != length:
+                err = BodyError(f"body ended after {writer.bytes} of {length} bytes")
+                err.code = "body_truncated"
+                raise err
+            if writer.sha.hexdigest() != digest:
+                err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
+                err.code = "digest_mismatch"
+                raise err
+            done = await asyncio.to_thread(writer.finish)
+        except HvrError as exc:
+            await asyncio.to_thread(writer.abort)
+            if exc.code in ("bundle_corrupt", "corrupt", "hrl_corrupt"):
+                raise BodyError(exc.message, detail={"code": exc.code}) from None
+            raise
+        except BaseException:
+            await asyncio.to_thread(writer.abort)
+            raise
+        return done.header
+
+
+async def _drain(body: AsyncIterator[bytes]) -> None:
+    async for _ in body:
+        pass
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _create_images(vm_dir: Path, paths) -> None:
+    vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for _, _, size, path in paths:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    (vm_dir / "cycles").mkdir(exist_ok=True)
+    (vm_dir / "incoming").mkdir(exist_ok=True)
+    fsync_dir(vm_dir)
+    fsync_dir(vm_dir.parent)
+
+
+def _int_field(body: dict, key: str, minimum: int) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UsageError(f"field {key!r} must be an integer >= {minimum}")
+    return value
+
+
+def _parse_enable(body: dict):
+    unknown = set(body) - {"name", "generation", "frequency_s", "compression", "disks"}
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError("field 'name' must be a VM name (letters, digits, '.', '_', '-')")
+    generation = _int_field(body, "generation", 1)
+    frequency_s = body.get("frequency_s")
+    if frequency_s not in FREQUENCIES:
+        raise UsageError(f"field 'frequency_s' must be one of {FREQUENCIES}")
+    compression = body.get("compression", True)
+    if not isinstance(compression, bool):
+        raise UsageError("field 'compression' must be true or false")
+    disks_raw = body.get("disks")
+    if not isinstance(disks_raw, list) or not 1 <= len(disks_raw) <= 64:
+        raise UsageError("field 'disks' must list 1 to 64 disks")
+    disks = []
+    for d in disks_raw:
+        if not isinstance(d, dict) or set(d) != {"disk_id", "name", "size_bytes"}:
+            raise UsageError("each disk needs exactly disk_id, name and size_bytes")
+        try:
+            disk_id = uuid.UUID(d["disk_id"])
+        except (ValueError, TypeError, AttributeError):
+            raise UsageError(f"disk_id {d.get('disk_id')!r} is not a UUID") from None
+        if not isinstance(d["name"], str) or not NAME_RE.match(d["name"]):
+            raise UsageError(f"disk name {d['name']!r} is not valid")
+        size = d["size_bytes"]
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_DISK_BYTES:
+            raise UsageError(f"disk size {size!r} is not valid")
+        disks.append((disk_id, d["name"], size))
+    if len({d[0] for d in disks}) != len(disks) or len({d[1] for d in disks}) != len(disks):
+        raise UsageError("disk ids and names must be unique")
+    return name, generation, frequency_s, compression, disks

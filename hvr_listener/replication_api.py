@@ -1,0 +1,213 @@
+"""The replication API (``/v1``) that primaries call: the HTTP shell.
+
+Authenticates every request (token mode), checks the server settings,
+parses paths and headers, streams bodies to :class:`ReplicaService`, and maps
+errors to the statuses of ``docs/replication-protocol.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from hvr_common.errors import HvrError, UsageError
+from hvr_common.http_errors import status_for
+from hvr_common.logs import event
+from hvr_common.token_auth import CONTENT_DIGEST_HEADER, AuthError, ReplayCache, verify
+from hvr_listener.replicas import (
+    BodyError, ForbiddenError, LengthRequiredError, ReplicaService, TooLargeError,
+)
+from hvr_listener.settings import ServerSettings
+
+log = logging.getLogger("hvr.listener.api")
+
+SERVICE = web.AppKey("service", ReplicaService)
+SETTINGS = web.AppKey("settings", ServerSettings)
+REPLAY = web.AppKey("replay", ReplayCache)
+PRINCIPAL = "hvr_principal"
+MAX_JSON_BODY = 1024 * 1024
+BODY_CHUNK = 1024 * 1024
+VERSION = "0.1.0"
+
+
+class DisabledError(HvrError):
+    code = "replication_disabled"
+
+
+def status_of(exc: HvrError) -> int:
+    if isinstance(exc, AuthError):
+        return 401
+    if isinstance(exc, (ForbiddenError, DisabledError)):
+        return 403
+    if isinstance(exc, TooLargeError):
+        return 413
+    if isinstance(exc, LengthRequiredError):
+        return 411
+    return status_for(exc)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except HvrError as exc:
+        status = status_of(exc)
+        code = exc.detail.get("code") if isinstance(exc, BodyError) and exc.code == "bad_request" else None
+        body = exc.to_dict()
+        if code:
+            body["code"] = code
+        event(log, "request_refused", logging.WARNING if status != 404 else logging.INFO,
+              method=request.method, path=request.path_qs, status=status, code=body["code"],
+              principal=request.get(PRINCIPAL), error=exc.message)
+        return web.json_response(body, status=status)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return web.json_response({"code": "http_error", "message": exc.reason}, status=exc.status)
+        raise
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    settings = request.app[SETTINGS]
+    current = settings.current()
+    if not current["enabled"]:
+        raise DisabledError("this replica server does not accept replication (it is disabled)",
+                            hint="on the replica host: hvrctl server set --enabled true")
+    if "token" not in current["auth_modes"]:
+        raise AuthError("token authentication is not accepted by this server",
+                        hint="use an authentication mode the server accepts (hvrctl server get)")
+    principal = verify(request.headers.get("Authorization"), request.method, request.path_qs,
+                       request.headers.get(CONTENT_DIGEST_HEADER), int(time.time()), settings.key,
+                       request.app[REPLAY])
+    if not current["allow_any_authenticated"]:
+        raise ForbiddenError(f"{principal!r} is authenticated but not authorised on this server",
+                             hint="allow any authenticated server, or add an authorization entry")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+async def _json(request: web.Request) -> dict:
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise TooLargeError(f"JSON body larger than {MAX_JSON_BODY} bytes")
+    raw = await request.content.read(MAX_JSON_BODY + 1)
+    if len(raw) > MAX_JSON_BODY:
+        raise TooLargeError(f"JSON body larger than {MAX_JSON_BODY} bytes")
+    if hashlib.sha256(raw).hexdigest() != request.headers.get(CONTENT_DIGEST_HEADER):
+        err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
+        err.code = "digest_mismatch"
+        raise err
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise UsageError("body must be a JSON object")
+    return body
+
+
+def _vm_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["vm_id"])
+    except ValueError:
+        raise UsageError(f"{request.match_info['vm_id']!r} is not a VM id (UUID)") from None
+
+
+def _generation(request: web.Request) -> int:
+    raw = request.headers.get("X-Hvr-Generation", "")
+    if not raw.isdigit():
+        raise UsageError("X-Hvr-Generation header is missing or not a number")
+    return int(raw)
+
+
+def _int_query(request: web.Request, key: str) -> int:
+    raw = request.query.get(key, "")
+    if not raw.isdigit():
+        raise UsageError(f"query parameter {key!r} is missing or not a number")
+    return int(raw)
+
+
+async def _body_chunks(request: web.Request):
+    try:
+        async for chunk in request.content.iter_chunked(BODY_CHUNK):
+            yield chunk
+    except (ConnectionResetError, web.HTTPException):
+        raise
+    except Exception as exc:  # aiohttp reports a body cut short in several ways
+        err = BodyError(f"body could not be read completely: {exc}")
+        err.code = "body_truncated"
+        raise err from None
+
+
+def replica_view(rep) -> dict:
+    return {
+        "vm_id": str(rep.vm_id), "name": rep.name, "state": rep.state.value, "generation": rep.generation,
+        "next_sequence": rep.next_sequence, "last_received_sequence": rep.last_received_sequence,
+        "last_applied_sequence": rep.last_applied_sequence,
+        "initial": {str(d.disk_id): d.initial_offset for d in rep.disks},
+    }
+
+
+async def get_server(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response({"server": settings.server_name, "version": VERSION, "time_ns": time.time_ns(),
+                              "auth_modes": settings.current()["auth_modes"]})
+
+
+async def put_replica(request: web.Request) -> web.Response:
+    body = await _json(request)
+    rep, created = await request.app[SERVICE].enable(_vm_id(request), request[PRINCIPAL], body)
+    return web.json_response(replica_view(rep), status=201 if created else 200)
+
+
+async def get_replica(request: web.Request) -> web.Response:
+    rep = await request.app[SERVICE].get(_vm_id(request), request[PRINCIPAL])
+    return web.json_response(replica_view(rep))
+
+
+async def put_initial(request: web.Request) -> web.Response:
+    try:
+        disk_id = uuid.UUID(request.match_info["disk_id"])
+    except ValueError:
+        raise UsageError("disk id is not a UUID") from None
+    offset = await request.app[SERVICE].initial_window(
+        _vm_id(request), disk_id, request[PRINCIPAL], _generation(request), _int_query(request, "offset"),
+        _int_query(request, "end"), request.content_length, request.headers[CONTENT_DIGEST_HEADER],
+        _body_chunks(request))
+    return web.json_response({"offset": offset})
+
+
+async def post_initial_complete(request: web.Request) -> web.Response:
+    body = await _json(request)
+    rep = await request.app[SERVICE].initial_complete(_vm_id(request), request[PRINCIPAL], body)
+    return web.json_response(replica_view(rep))
+
+
+async def put_cycle(request: web.Request) -> web.Response:
+    raw = request.match_info["sequence"]
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{raw!r} is not a cycle sequence number")
+    created, rep = await request.app[SERVICE].receive_cycle(
+        _vm_id(request), int(raw), request[PRINCIPAL], _generation(request), request.content_length,
+        request.headers[CONTENT_DIGEST_HEADER], _body_chunks(request))
+    return web.json_response({"sequence": int(raw), "next_sequence": rep.next_sequence},
+                             status=201 if created else 200)
+
+
+def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int) -> web.Application:
+    # aiohttp's own body limit applies to request.read()/post(); bundles are streamed and bounded by the service.
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_JSON_BODY)
+    app[SERVICE] = service
+    app[SETTINGS] = settings
+    app[REPLAY] = ReplayCache()
+    app.router.add_get("/v1/server", get_server)
+    app.router.add_put("/v1/replicas/{vm_id}", put_replica)
+    app.router.add_get("/v1/replicas/{vm_id}", get_replica)
+    app.router.add_put("/v1/replicas/{vm_id}/initial/{disk_id}", put_initial)
+    app.router.add_post("/v1/replicas/{vm_id}/initial/complete", post_initial_complete)
+    app.router.add_put("/v1/replicas/{vm_id}/cycles/{sequence}", put_cycle)
+    return app
