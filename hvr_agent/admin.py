@@ -6,6 +6,10 @@ Routes (documented in docs/agent-admin-api.md):
 * ``GET /v1/vms``, ``POST /v1/vms``
 * ``GET /v1/vms/{name}``, ``DELETE /v1/vms/{name}``
 * ``POST /v1/vms/{name}/cut``
+* ``POST /v1/vms/{name}/replication`` (enable), ``DELETE /v1/vms/{name}/replication`` (remove)
+* ``GET /v1/replication``, ``GET /v1/replication/{name}`` (Get-VMReplication)
+* ``GET /v1/vms/{name}/replication/measure`` (Measure-VMReplication)
+* ``POST /v1/vms/{name}/replication/{initial,sync-now,suspend,resume}``
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from aiohttp import web
 from hvr_common.errors import HvrError, NotFoundError, UsageError
 from hvr_common.http_errors import status_for
 from hvr_common.logs import event
+from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
 
 log = logging.getLogger("hvr.agent.admin")
 
 REGISTRY = web.AppKey("registry", VmRegistry)
 STATUS = web.AppKey("status", dict)
+REPLICATION = web.AppKey("replication", ReplicationManager)
 
 MAX_BODY = 1024 * 1024
 
@@ -110,14 +116,85 @@ async def cut_vm(request: web.Request) -> web.Response:
     return web.json_response({"vm": name, "sequence": vm.sequence, "logs": [c.to_dict() for c in closed]})
 
 
-def make_app(registry: VmRegistry, status: dict) -> web.Application:
+# --- replication ---------------------------------------------------------------------------
+def _fields(body: dict, allowed: set[str]) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+
+
+async def enable_replication(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    _fields(body, {"replica_server", "port", "key_file", "frequency_s", "compression"})
+    for key in ("replica_server", "port", "key_file", "frequency_s"):
+        if key not in body:
+            raise UsageError(f"field {key!r} is required")
+    result = await request.app[REPLICATION].enable(
+        request.match_info["name"], replica_host=body["replica_server"], port=body["port"],
+        key_file=body["key_file"], frequency_s=body["frequency_s"], compression=body.get("compression", True))
+    return web.json_response(result, status=201)
+
+
+async def remove_replication(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].remove(request.match_info["name"]))
+
+
+async def list_replication(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].status())
+
+
+async def get_replication(request: web.Request) -> web.Response:
+    return web.json_response((await request.app[REPLICATION].status(request.match_info["name"]))[0])
+
+
+async def measure_replication(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].measure(request.match_info["name"]))
+
+
+async def start_initial(request: web.Request) -> web.Response:
+    body = await _json_body(request) if request.can_read_body else {}
+    _fields(body, {"at_ns"})
+    at_ns = body.get("at_ns")
+    if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or at_ns < 0):
+        raise UsageError("field 'at_ns' must be a time in nanoseconds since the epoch")
+    return web.json_response(await request.app[REPLICATION].start_initial(request.match_info["name"], at_ns))
+
+
+async def sync_now(request: web.Request) -> web.Response:
+    body = await _json_body(request) if request.can_read_body else {}
+    _fields(body, {"wait"})
+    wait = body.get("wait", True)
+    if not isinstance(wait, bool):
+        raise UsageError("field 'wait' must be true or false")
+    return web.json_response(await request.app[REPLICATION].sync_now(request.match_info["name"], wait))
+
+
+async def suspend_replication(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].suspend(request.match_info["name"]))
+
+
+async def resume_replication(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].resume(request.match_info["name"]))
+
+
+def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
     app[REGISTRY] = registry
     app[STATUS] = status
+    app[REPLICATION] = replication
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", add_vm)
     app.router.add_get("/v1/vms/{name}", get_vm)
     app.router.add_delete("/v1/vms/{name}", remove_vm)
     app.router.add_post("/v1/vms/{name}/cut", cut_vm)
+    app.router.add_post("/v1/vms/{name}/replication", enable_replication)
+    app.router.add_delete("/v1/vms/{name}/replication", remove_replication)
+    app.router.add_get("/v1/vms/{name}/replication/measure", measure_replication)
+    app.router.add_post("/v1/vms/{name}/replication/initial", start_initial)
+    app.router.add_post("/v1/vms/{name}/replication/sync-now", sync_now)
+    app.router.add_post("/v1/vms/{name}/replication/suspend", suspend_replication)
+    app.router.add_post("/v1/vms/{name}/replication/resume", resume_replication)
+    app.router.add_get("/v1/replication", list_replication)
+    app.router.add_get("/v1/replication/{name}", get_replication)
     return app

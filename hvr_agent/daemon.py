@@ -15,6 +15,7 @@ from hvr_common.logs import event
 from hvr_common.unix_socket import claim_socket_path
 from hvr_agent.admin import make_app
 from hvr_agent.nbd_server import NbdServer
+from hvr_agent.replication import ReplicationManager
 from hvr_agent.store import AgentStore
 from hvr_agent.vms import VmRegistry
 
@@ -39,6 +40,7 @@ class Agent:
         store = AgentStore(cfg.db_path)
         registry = VmRegistry(cfg, store)
         nbd = NbdServer(registry)
+        replication = ReplicationManager(cfg, store, registry)
         runner: web.AppRunner | None = None
         try:
             await registry.load_all()
@@ -50,7 +52,7 @@ class Agent:
                 tcp_port = await nbd.listen_tcp(*cfg.nbd_tcp)
             status = {"daemon": "hvr-agent", "version": VERSION, "pid": os.getpid(),
                       "nbd_socket": str(cfg.nbd_socket), "nbd_tcp_port": tcp_port}
-            runner = web.AppRunner(make_app(registry, status), access_log=None, handle_signals=False)
+            runner = web.AppRunner(make_app(registry, status, replication), access_log=None, handle_signals=False)
             await runner.setup()
             claim_socket_path(cfg.admin_socket)
             old_umask = os.umask(0o177)
@@ -68,8 +70,10 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 interval = systemd.watchdog_interval_s()
                 watchdog = tg.create_task(self._watchdog(interval)) if interval else None
+                tg.create_task(replication.run(), name="replication")
                 await self._stop.wait()
                 systemd.notify("STOPPING=1")
+                replication.request_stop()
                 if watchdog is not None:
                     watchdog.cancel()
         finally:

@@ -48,6 +48,10 @@ class BundleCorruptError(CorruptError):
     code = "bundle_corrupt"
 
 
+class BundleTruncatedError(BundleCorruptError):
+    code = "body_truncated"
+
+
 def header_size(disk_count: int) -> int:
     return HEADER.size + ENTRY.size * disk_count
 
@@ -346,7 +350,7 @@ class BundleDecoder:
         while self._phase is not _Phase.DONE:
             ev = self.next_event()
             if ev is NEED_DATA:
-                raise BundleCorruptError("bundle is truncated")
+                raise BundleTruncatedError("bundle is truncated (the body ended before the bundle did)")
             if isinstance(ev, BundleDone):
                 return ev
         return BundleDone(self.header, self.total)

@@ -221,7 +221,7 @@ class ReplicaService:
             done = await asyncio.to_thread(writer.finish)
         except HvrError as exc:
             await asyncio.to_thread(writer.abort)
-            if exc.code in ("bundle_corrupt", "corrupt", "hrl_corrupt"):
+            if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
                 raise BodyError(exc.message, detail={"code": exc.code}) from None
             raise
         except BaseException:

@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operate hvr: protected VMs on the agent, HRL logs, replication.",
         epilog="Run 'hvrctl COMMAND --help' for the options of each command.")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
-    vm_commands.register(sub, common)
-    replication_commands.register(sub, common)
+    vm_verbs = vm_commands.register(sub, common)
+    replication_commands.register(sub, vm_verbs, common)
     server_commands.register(sub, common)
     hrl_commands.register(sub, common)
     return parser

@@ -1,5 +1,354 @@
-"""``hvrctl vm enable/get/measure/...`` and ``hvrctl initial ...``: replication on the primary."""
+"""``hvrctl vm enable/get/measure/...`` and ``hvrctl initial ...``: replication on the primary.
+
+The verbs mirror Enable-, Get-, Measure-, Suspend-, Resume-, Remove-VMReplication
+and Start-VMInitialReplication; they talk to the agent's admin socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+import time
+from pathlib import Path
+
+from hvr_common.errors import HvrError, UsageError
+from hvrctl.client import AdminClient
+from hvrctl.output import emit_json, human_bytes, kv, table
+
+NS = 1_000_000_000
+PROGRESS_POLL_S = 0.5
 
 
-def register(sub, common) -> None:
-    """Filled in with the agent-side replication commands."""
+def register(sub, vm_verbs, common) -> None:
+    p = vm_verbs.add_parser(
+        "enable", parents=[common], help="enable replication of a VM to a replica server",
+        description="Enable-VMReplication: record where the VM replicates to, create its replica on the replica "
+                    "server (state WaitingForInitialReplication there) and show ReadyForInitialReplication here. "
+                    "Start the initial copy with: hvrctl initial start NAME.")
+    p.add_argument("name", metavar="NAME", help="a VM registered with the agent")
+    p.add_argument("--replica-server", required=True, metavar="HOST", help="host name or address of hvr-listener")
+    p.add_argument("--port", required=True, type=int, metavar="N", help="the listener's TCP port")
+    p.add_argument("--key", required=True, type=Path, metavar="FILE",
+                   help="this primary's key file (hvrctl key new PRINCIPAL --out FILE; the replica server "
+                        "knows it through hvrctl server key add)")
+    p.add_argument("--frequency", type=int, choices=(30, 300, 900), default=300, metavar="30|300|900",
+                   help="replication interval in seconds (default 300)")
+    p.add_argument("--no-compression", dest="compression", action="store_false",
+                   help="send logs uncompressed (default: zstd, frames that do not shrink stay raw)")
+    p.set_defaults(func=cmd_enable)
+
+    p = vm_verbs.add_parser(
+        "get", parents=[common], help="show replication state and health",
+        description="Get-VMReplication: state, health, mode, frequency, primary and replica server, last "
+                    "replication time and initial-copy progress of one VM, or of every replicated VM.")
+    p.add_argument("name", metavar="NAME", nargs="?", help="one VM (default: all replicated VMs)")
+    p.set_defaults(func=cmd_get)
+
+    p = vm_verbs.add_parser(
+        "measure", parents=[common], help="show replication statistics",
+        description="Measure-VMReplication: sizes and latencies of the cycles of the last 12 hours, successful "
+                    "and missed cycles, errors, what is pending and when the last cycle was acknowledged.")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_measure)
+
+    p = vm_verbs.add_parser(
+        "suspend", parents=[common], help="stop shipping cycles (changes are still tracked)",
+        description="Suspend-VMReplication: no more cycles are sent; writes go on being logged, so resuming "
+                    "ships everything that accumulated.")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=lambda a: _simple(a, "suspend", "suspended"))
+
+    p = vm_verbs.add_parser(
+        "resume", parents=[common], help="resume a suspended VM, or retry one in Error",
+        description="Resume-VMReplication: a suspended VM ships its accumulated logs and replicates again; "
+                    "a VM in Error retries where it failed (the initial copy from its durable offsets).")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=lambda a: _simple(a, "resume", "resumed"))
+
+    p = vm_verbs.add_parser(
+        "sync-now", parents=[common], help="cut and ship a cycle now",
+        description="Cut the VM's logs now and upload everything not yet acknowledged; waits for the "
+                    "replica's acknowledgement unless --no-wait.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="return once the cycle is requested")
+    p.set_defaults(func=cmd_sync_now)
+
+    remove = vm_verbs.choices["remove"]
+    remove.add_argument("--replication-only", action="store_true",
+                        help="Remove-VMReplication: forget the replication relationship but keep the VM "
+                             "registered (its logs are kept; the replica is left as it is)")
+    unregister = remove.get_default("func")
+    remove.set_defaults(func=lambda a: cmd_remove_replication(a) if a.replication_only else unregister(a))
+
+    initial = sub.add_parser("initial", parents=[common], help="initial replication",
+                             description="Start-VMInitialReplication and related verbs.")
+    isub = initial.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = isub.add_parser(
+        "start", parents=[common], help="copy the VM's disks to the replica over the network",
+        description="Start-VMInitialReplication (network method): send the allocated data of every disk in "
+                    "windows; an interrupted copy resumes from the replica's durable offsets. Writes made "
+                    "meanwhile are shipped as the first cycles right after.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--at", metavar="TIME", type=parse_time,
+                   help="start later: ISO 8601 date and time (local unless it has a zone), HH:MM (next "
+                        "occurrence) or +N[s|m|h] from now")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the copy completes, with a progress bar on stderr")
+    p.set_defaults(func=cmd_initial_start)
+
+
+def _client(args) -> AdminClient:
+    return AdminClient(args.agent_socket, "hvr-agent")
+
+
+# --- time ------------------------------------------------------------------------------------
+_RELATIVE = re.compile(r"^\+(\d+)([smh]?)$")
+
+
+def parse_time(text: str, now: datetime.datetime | None = None) -> int:
+    """``--at`` into nanoseconds since the epoch."""
+    now = now or datetime.datetime.now().astimezone()
+    m = _RELATIVE.match(text.strip())
+    if m:
+        seconds = int(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
+        return int((now.timestamp() + seconds) * NS)
+    hm = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
+    try:
+        if hm:
+            when = now.replace(hour=int(hm[1]), minute=int(hm[2]), second=0, microsecond=0)
+            if when <= now:
+                when += datetime.timedelta(days=1)
+        else:
+            when = datetime.datetime.fromisoformat(text.strip())
+            if when.tzinfo is None:
+                when = when.astimezone()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time (use 2030-01-31T22:00, 22:00 or +30m)") from None
+    return int(when.timestamp() * NS)
+
+
+def _local(iso: str | None) -> str | None:
+    if iso is None:
+        return None
+    when = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# --- verbs -----------------------------------------------------------------------------------
+def cmd_enable(args) -> int:
+    key = args.key.expanduser().resolve()
+    if not key.is_file():
+        raise UsageError(f"key file {key} does not exist", hint="create it with hvrctl key new PRINCIPAL --out FILE")
+    result = _client(args).request("POST", f"/v1/vms/{args.name}/replication", {
+        "replica_server": args.replica_server, "port": args.port, "key_file": str(key),
+        "frequency_s": args.frequency, "compression": args.compression})
+    if args.output == "json":
+        emit_json(result)
+    else:
+        _print_detail(result)
+        print(f"\nnext: hvrctl initial start {args.name}")
+    return 0
+
+
+_COLUMNS = [("VM", "vm"), ("STATE", "state"), ("HEALTH", "health"), ("MODE", "mode"), ("FREQ", "freq"),
+            ("PRIMARY", "primary_server"), ("REPLICA", "replica"), ("LAST REPLICATION", "last"),
+            ("PROGRESS", "progress")]
+
+
+def _progress_text(status: dict) -> str | None:
+    ini = status.get("initial") or {}
+    if status["state"] == "InitialReplicationInProgress" or (status["state"] == "Error" and "percent" in ini):
+        return f"{ini.get('percent', 0):.1f}%"
+    if ini.get("scheduled_at"):
+        return f"starts {_local(ini['scheduled_at'])}"
+    return None
+
+
+def cmd_get(args) -> int:
+    client = _client(args)
+    if args.name:
+        result = client.request("GET", f"/v1/replication/{args.name}")
+        if args.output == "json":
+            emit_json(result)
+        else:
+            _print_detail(result)
+        return 0
+    result = client.request("GET", "/v1/replication")
+    if args.output == "json":
+        emit_json(result)
+    elif not result:
+        print("no VM replicates (enable one with: hvrctl vm enable NAME --replica-server HOST --port N --key FILE)")
+    else:
+        rows = [dict(s, freq=f"{s['frequency_s']} s", replica=f"{s['replica_server']}:{s['replica_port']}",
+                     last=_local(s["last_replication_time"]), progress=_progress_text(s)) for s in result]
+        print(table(rows, _COLUMNS))
+    return 0
+
+
+def _print_detail(s: dict) -> None:
+    pairs = [("VMName", s["vm"]), ("State", s["state"])]
+    if s.get("state_detail"):
+        pairs.append(("StateDetail", s["state_detail"]))
+    pairs += [("Health", s["health"])]
+    for i, d in enumerate(s.get("health_details") or []):
+        pairs.append(("HealthDetail" if i == 0 else "", d))
+    pairs += [("Mode", s["mode"]), ("FrequencySec", s["frequency_s"]),
+              ("Compression", "zstd" if s["compression"] else "off"),
+              ("PrimaryServer", s["primary_server"]), ("Principal", s["principal"]),
+              ("ReplicaServer", f"{s['replica_server']}:{s['replica_port']}"),
+              ("Generation", s["generation"]), ("NextSequence", s["next_sequence"]),
+              ("PendingCycles", s["pending_cycles"]),
+              ("LastReplicationTime", _local(s["last_replication_time"]))]
+    if s.get("last_error"):
+        pairs.append(("LastError", s["last_error"]))
+    ini = s.get("initial") or {}
+    if ini.get("scheduled_at"):
+        pairs.append(("InitialScheduledFor", _local(ini["scheduled_at"])))
+    if ini.get("started_at"):
+        pairs.append(("InitialStarted", _local(ini["started_at"])))
+    if ini.get("completed_at"):
+        pairs.append(("InitialCompleted", _local(ini["completed_at"])))
+    elif "percent" in ini and ini.get("started_at"):
+        pairs += [("InitialProgress", f"{ini['percent']:.1f}% ({human_bytes(ini['bytes_done'])} of "
+                                      f"{human_bytes(ini['bytes_total'])})"),
+                  ("InitialRate", f"{human_bytes(ini['rate_bytes_per_s'])}/s" if ini.get("rate_bytes_per_s")
+                   else None),
+                  ("InitialETA", _duration(ini.get("eta_s")))]
+    print(kv(pairs))
+
+
+_MEASURE_FIELDS = ("VMName", "State", "Health", "ReplicationMode", "FrequencySec", "AverageReplicationSize",
+                   "MaximumReplicationSize", "AverageReplicationLatency", "MaximumReplicationLatency",
+                   "SuccessfulReplicationCount", "MissedReplicationCount", "PendingReplicationSize",
+                   "LastReplicationTime", "ReplicationErrors", "WindowStartTime")
+
+
+def cmd_measure(args) -> int:
+    m = _client(args).request("GET", f"/v1/vms/{args.name}/replication/measure")
+    if args.output == "json":
+        emit_json(m)
+        return 0
+    shown = []
+    for name in _MEASURE_FIELDS:
+        value = m.get(name)
+        if name.endswith("Size") and value is not None:
+            value = f"{human_bytes(value)} ({value} B)"
+        elif name.endswith("Latency") and value is not None:
+            value = f"{value:.3f} s"
+        elif name.endswith("Time"):
+            value = _local(value)
+        shown.append((name, value))
+    print(kv(shown))
+    return 0
+
+
+def _simple(args, verb: str, done: str) -> int:
+    result = _client(args).request("POST", f"/v1/vms/{args.name}/replication/{verb}")
+    if args.output == "json":
+        emit_json(result)
+    else:
+        print(f"replication of VM {args.name} {done}: {result['state']}")
+    return 0
+
+
+def cmd_sync_now(args) -> int:
+    result = _client(args).request("POST", f"/v1/vms/{args.name}/replication/sync-now", {"wait": args.wait})
+    if args.output == "json":
+        emit_json(result)
+    elif args.wait:
+        print(f"cycle {result['sequence']} of VM {args.name} acknowledged "
+              f"({human_bytes(result['bytes'])} sent, {result['result']})")
+    else:
+        print(f"cycle of VM {args.name} requested")
+    return 0
+
+
+def cmd_remove_replication(args) -> int:
+    result = _client(args).request("DELETE", f"/v1/vms/{args.name}/replication")
+    if args.output == "json":
+        emit_json(result)
+    else:
+        print(f"replication of VM {args.name} removed (the VM stays registered)")
+    return 0
+
+
+def cmd_initial_start(args) -> int:
+    client = _client(args)
+    body = {"at_ns": args.at} if args.at is not None else {}
+    result = client.request("POST", f"/v1/vms/{args.name}/replication/initial", body)
+    if not args.wait:
+        if args.output == "json":
+            emit_json(result)
+        else:
+            ini = result.get("initial") or {}
+            when = f" (scheduled for {_local(ini['scheduled_at'])})" if ini.get("scheduled_at") else ""
+            print(f"initial replication of VM {args.name}: {result['state']}{when}")
+        return 0
+    bar = ProgressBar(sys.stderr)
+    while True:
+        status = client.request("GET", f"/v1/replication/{args.name}")
+        state = status["state"]
+        if state == "Error":
+            bar.close()
+            raise HvrError(f"initial replication of VM {args.name} failed: {status.get('state_detail')}",
+                           hint=f"fix the cause, then: hvrctl vm resume {args.name}")
+        if state not in ("ReadyForInitialReplication", "InitialReplicationInProgress"):
+            bar.update(status, final=True)
+            bar.close()
+            break
+        bar.update(status)
+        time.sleep(PROGRESS_POLL_S)
+    if args.output == "json":
+        emit_json(status)
+    else:
+        print(f"initial replication of VM {args.name} complete: {status['state']}")
+    return 0
+
+
+class ProgressBar:
+    """One redrawn line on a terminal; a line every few seconds otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._last_line = 0.0
+        self._drawn = False
+
+    def update(self, status: dict, final: bool = False) -> None:
+        ini = status.get("initial") or {}
+        if status["state"] == "ReadyForInitialReplication":
+            text = f"waiting: initial replication scheduled for {_local(ini.get('scheduled_at')) or 'now'}"
+        else:
+            percent = 100.0 if final else float(ini.get("percent") or 0.0)
+            filled = int(self.WIDTH * percent / 100)
+            rate = ini.get("rate_bytes_per_s")
+            text = (f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {percent:5.1f}%  "
+                    f"{human_bytes(ini.get('bytes_done'))} / {human_bytes(ini.get('bytes_total'))}  "
+                    f"{human_bytes(rate) + '/s' if rate else '-'}  ETA {_duration(ini.get('eta_s'))}")
+            if final:
+                text = f"[{'#' * self.WIDTH}] 100.0%  done"
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+            self._drawn = True
+        elif final or now - self._last_line >= 5:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._last_line = now
+
+    def close(self) -> None:
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()

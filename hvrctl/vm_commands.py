@@ -6,7 +6,8 @@ from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 
 
-def register(sub, common) -> None:
+def register(sub, common):
+    """Add ``hvrctl vm``; returns its subparsers so other modules add their verbs."""
     vm = sub.add_parser("vm", parents=[common], help="protected VMs and their disks",
                         description="Register, list and remove protected VMs on the agent.")
     vsub = vm.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -37,6 +38,7 @@ def register(sub, common) -> None:
                                     "closed logs once they are durable.")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_cut)
+    return vsub
 
 
 def _client(args) -> AdminClient:

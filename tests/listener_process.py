@@ -131,7 +131,7 @@ class Reply:
 def call(port: int, method: str, path: str, body: bytes = b"", *, key: Key | None = None,
          headers: dict | None = None, ts: int | None = None, nonce: str | None = None,
          digest: str | None = None, send_body: bytes | None = None, content_length: int | None = None,
-         sign: bool = True) -> Reply:
+         sign: bool = True, half_close: bool = True) -> Reply:
     """One request; ``send_body``/``content_length`` let a test lie about the body to the server."""
     digest = digest or hashlib.sha256(body).hexdigest()
     hdrs = {"X-Hvr-Content-SHA256": digest}
@@ -149,7 +149,7 @@ def call(port: int, method: str, path: str, body: bytes = b"", *, key: Key | Non
         conn.endheaders()
         if payload:
             conn.send(payload)
-        if content_length is not None and content_length > len(payload):
+        if half_close and content_length is not None and content_length > len(payload):
             conn.sock.shutdown(1)  # the body ends early: the server sees a truncated body
         resp = conn.getresponse()
         return Reply(resp.status, resp.read())

@@ -78,3 +78,23 @@ def test_check_config_creates_nothing(tmp_path):
     result = _agent("--config", cfg, "--check-config")
     assert result.returncode == 0, result.stderr
     assert not state.exists() and not (tmp_path / "a.sock").exists()
+
+
+def test_sample_listener_config_in_deploy_is_valid():
+    from hvr_common.config import parse_listener_config
+    cfg = parse_listener_config(read_toml(REPO / "deploy" / "listener.toml"))
+    assert cfg.listen == ("0.0.0.0", 8443) and cfg.storage == Path("/var/lib/hvr/replicas")
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"listen": "127.0.0.1"}, "listen:"),
+    ({"storage": "rel"}, "storage: must be an absolute path"),
+    ({"max_bundle_bytes": -1}, "max_bundle_bytes: must be positive"),
+    ({"surprise": True}, "surprise: unknown key"),
+])
+def test_bad_listener_value_is_refused_naming_the_key(bad, key):
+    from hvr_common.config import parse_listener_config
+    good = {"state_dir": "/s", "admin_socket": "/a.sock", "listen": "127.0.0.1:1", "storage": "/r"}
+    with pytest.raises(ConfigError) as info:
+        parse_listener_config({**good, **bad})
+    assert any(p.startswith(key) for p in info.value.problems), info.value.problems

@@ -1,0 +1,747 @@
+"""Replication on the primary: initial copy and cycles of each protected VM.
+
+The :class:`ReplicationManager` belongs to the agent's composition root
+(:mod:`hvr_agent.daemon`); it runs one :class:`VmReplication` task per
+relationship in its own ``TaskGroup``.  Each task does, one step at a time:
+
+* **initial copy** (``InitialReplicationInProgress``): cut the VM once (the
+  closed logs up to that sequence S are contained in the images: they are
+  deleted), record ``next_sequence = S + 1``, then, per disk, ask the replica
+  for its durable offset and send windows of allocated data from there;
+  finally ``initial/complete`` with ``next_sequence`` S + 1.  Writes made
+  meanwhile are in logs S + 1, S + 2, ... and are shipped right after.
+* **cycles** (``Replicating``): every ``frequency_s`` (or on sync-now) cut the
+  VM, then upload every closed log not yet acknowledged, strictly in sequence
+  order.  After a cycle's acknowledgement: ``next_sequence`` is recorded
+  (the commit point), then its logs and spool file are deleted.
+
+Invariants:
+
+* R1 A log is deleted only when its content is on the replica: after the
+  acknowledgement of its cycle, or when it predates the initial cut.
+* R2 Sequence k + 1 is uploaded only after k was acknowledged.
+* R3 Only transient errors are retried (backoff 1 s doubling to 300 s); a
+  permanent one puts the VM in ``Error`` with the replica's message.
+* R4 The relationship record is saved whole, latest version last, so the
+  database never goes back to an older state.
+
+A crash between any two steps leaves logs that are either still needed or
+older than ``next_sequence``; the latter are deleted when the task starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvr_common.config import AgentConfig
+from hvr_common.errors import ConflictError, HvrError, NotFoundError, TransientError, UsageError
+from hvr_common.health import replication_health
+from hvr_common.key_file import read_key
+from hvr_common.logs import event
+from hvr_common.measure import DEFAULT_WINDOW_S, NS, CycleResult, CycleStat, measure, result_for
+from hvr_common.replication_state import TRANSITIONS, Action, ReplicationState, transition
+from hvr_agent import shipper
+from hvr_agent.journal import list_logs, log_path
+from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError, ReplicaEndpoint
+from hvr_agent.store import AgentStore, InitialProgress, ReplicationRecord
+from hvr_agent.vms import ProtectedVm, VmRegistry
+
+log = logging.getLogger("hvr.agent.replication")
+
+S = ReplicationState
+FREQUENCIES_S = (30, 300, 900)
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 300.0
+STATS_KEPT_S = 7 * 24 * 3600
+ROLE = "primary"
+
+
+def iso_time(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return datetime.datetime.fromtimestamp(ns / NS, datetime.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+@dataclass
+class DiskProgress:
+    name: str
+    disk_id: uuid.UUID
+    size_bytes: int
+    durable_offset: int
+    allocated_bytes: int
+    done_bytes: int
+
+    def to_dict(self) -> dict:
+        return {"disk": self.name, "disk_id": str(self.disk_id), "size_bytes": self.size_bytes,
+                "durable_offset": self.durable_offset, "allocated_bytes": self.allocated_bytes,
+                "done_bytes": self.done_bytes}
+
+
+class _Stopped(Exception):
+    """The relationship changed state under a running step (suspend, remove): stop the step."""
+
+
+class VmReplication:
+    """One VM's relationship: its record, its task, its in-memory progress."""
+
+    def __init__(self, manager: ReplicationManager, rec: ReplicationRecord):
+        self.manager = manager
+        self.rec = rec
+        self.task: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+        self._save_lock = asyncio.Lock()
+        self._client: ReplicaClient | None = None
+        self._backoff_s = FIRST_BACKOFF_S
+        self._next_cut_ns = time.time_ns() + rec.frequency_s * NS
+        self._sync_requested = False
+        self._waiters: list[tuple[int | None, asyncio.Future]] = []
+        self._spools: dict[int, shipper.SpooledBundle] = {}
+        self.progress: dict[uuid.UUID, DiskProgress] = {}
+        self._run_started_ns: int | None = None
+        self._run_bytes = 0
+        self.last_error: str | None = None
+
+    # --- helpers -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.rec.vm
+
+    @property
+    def store(self) -> AgentStore:
+        return self.manager.store
+
+    def vm(self) -> ProtectedVm:
+        vm = self.manager.registry.vms.get(self.name)
+        if vm is None:
+            raise NotFoundError(f"VM {self.name!r} is no longer registered")
+        return vm
+
+    def disks(self) -> list[shipper.DiskSource]:
+        vm = self.vm()
+        return [shipper.DiskSource(n, d.identity.disk_id, d.image_path, d.size) for n, d in vm.disks.items()]
+
+    @property
+    def outbox(self) -> Path:
+        return self.manager.config.outbox_dir / self.name
+
+    async def _save(self) -> None:
+        async with self._save_lock:  # R4: whoever saves last writes the newest record
+            await asyncio.to_thread(self.store.save_replication, self.rec)
+
+    async def update(self, **changes) -> None:
+        self.rec = self.rec.replace(**changes)
+        await self._save()
+
+    async def set_state(self, action: Action, detail: str | None = None, **changes) -> None:
+        old = self.rec.state
+        new = transition(ROLE, old, action)
+        await self.update(state=new, state_detail=detail, **changes)
+        if new is not old:
+            event(log, "replication_state_changed", vm=self.name, old=old.value, new=new.value, action=action.value,
+                  detail=detail)
+        self.wake.set()
+
+    async def _record(self, stat: CycleStat) -> None:
+        await asyncio.to_thread(self.store.add_cycle_stat, self.name, stat)
+
+    def pending_sequences(self) -> list[int]:
+        nxt = self.rec.next_sequence
+        if nxt is None:
+            return []
+        return list(range(nxt, self.vm().sequence))
+
+    # --- the task ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            key = await asyncio.to_thread(read_key, self.rec.key_file)
+            endpoint = ReplicaEndpoint(self.rec.replica_host, self.rec.replica_port)
+            async with ReplicaClient(endpoint, key) as client:
+                self._client = client
+                await asyncio.to_thread(self._clean_leftovers)
+                await self._loop()
+        except HvrError as exc:
+            await self._fail(exc)
+        except Exception as exc:  # a bug: stop this VM's replication, keep serving disks
+            log.exception("replication task of VM %s failed", self.name)
+            await self._fail(HvrError(f"internal error in the replication task: {type(exc).__name__}: {exc}",
+                                      hint="see the agent's log; hvrctl vm resume NAME retries"))
+        finally:
+            self._client = None
+            self._fail_waiters(HvrError("replication task stopped"))
+
+    async def _loop(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                worked = await self._step()
+                if not worked:
+                    await self._wait(self._idle_timeout_s())
+            except _Stopped:
+                continue
+            except TransientError as exc:
+                await self._transient(exc)
+                await self._wait(self._backoff_s)
+                self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
+            except HvrError as exc:
+                await self._fail(exc)
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        if timeout_s is not None and timeout_s <= 0:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.wake.wait()
+        except TimeoutError:
+            pass
+
+    def _idle_timeout_s(self) -> float | None:
+        now = time.time_ns()
+        if self.rec.state is S.READY_FOR_INITIAL_REPLICATION and self.rec.initial_at_ns is not None:
+            return max(0.0, (self.rec.initial_at_ns - now) / NS)
+        if self.rec.state is S.REPLICATING:
+            return max(0.0, (self._next_cut_ns - now) / NS)
+        return None
+
+    async def _step(self) -> bool:
+        st = self.rec.state
+        if st is S.READY_FOR_INITIAL_REPLICATION:
+            at = self.rec.initial_at_ns
+            if at is not None and time.time_ns() >= at:
+                await self.set_state(Action.START_INITIAL, initial_at_ns=None)
+                return True
+            return False
+        if st is S.INITIAL_REPLICATION_IN_PROGRESS:
+            await self._initial()
+            return True
+        if st is S.REPLICATING:
+            return await self._replicating_step()
+        return False
+
+    def _check_state(self, expected: ReplicationState) -> None:
+        if self.rec.state is not expected:
+            raise _Stopped()
+
+    # --- errors ------------------------------------------------------------------------------
+    async def _transient(self, exc: TransientError) -> None:
+        self.last_error = exc.message
+        seq = self.rec.next_sequence if self.rec.state is S.REPLICATING else None
+        event(log, "cycle_failed" if seq is not None else "initial_failed", logging.WARNING, vm=self.name,
+              seq=seq, transient=True, code=exc.code, error=exc.message, retry_in_s=self._backoff_s)
+        now = time.time_ns()
+        await self._record(CycleStat(seq, now, now, 0, 0, CycleResult.ERROR, f"{exc.code}: {exc.message}"))
+        self._fail_waiters(exc)
+
+    async def _fail(self, exc: HvrError) -> None:
+        self.last_error = exc.message
+        detail = exc.message + (f" ({exc.hint})" if exc.hint else "")
+        seq = self.rec.next_sequence if self.rec.state is S.REPLICATING else None
+        event(log, "cycle_failed" if seq is not None else "replication_failed", logging.ERROR, vm=self.name,
+              seq=seq, transient=False, code=exc.code, error=exc.message)
+        now = time.time_ns()
+        try:
+            await self._record(CycleStat(seq, now, now, 0, 0, CycleResult.ERROR, f"{exc.code}: {exc.message}"))
+            if (ROLE, self.rec.state, Action.FAIL) in TRANSITIONS:
+                await self.set_state(Action.FAIL, detail)
+            else:
+                await self.update(state_detail=detail)
+        except NotFoundError:
+            pass  # the relationship was removed meanwhile
+        self._fail_waiters(exc)
+
+    def _fail_waiters(self, exc: HvrError) -> None:
+        waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    # --- initial copy ------------------------------------------------------------------------
+    async def _initial(self) -> None:
+        vm = self.vm()
+        disks = self.disks()
+        if self.rec.base_sequence is None:
+            await self._initial_cut(vm, disks)
+        client = self._client
+        remote = await client.replica_state(vm.record.vm_id)
+        offsets = remote.get("initial") or {}
+        stored = {p.disk_id: p for p in await asyncio.to_thread(self.store.initial_progress, self.name)}
+        self._run_started_ns = time.time_ns()
+        self._run_bytes = 0
+        for disk in disks:
+            offset = int(offsets.get(str(disk.disk_id), 0))
+            prior = stored.get(disk.disk_id)
+            done = await asyncio.to_thread(_allocated_below, disk.image_path, offset)
+            allocated = prior.allocated_bytes if prior else done
+            self.progress[disk.disk_id] = DiskProgress(disk.name, disk.disk_id, disk.size_bytes, offset,
+                                                       max(allocated, done), done)
+        for disk in disks:
+            await self._initial_disk(vm, disk)
+        self._check_state(S.INITIAL_REPLICATION_IN_PROGRESS)
+        next_sequence = self.rec.base_sequence + 1
+        await client.complete_initial(vm.record.vm_id, self.rec.generation, next_sequence)
+        now = time.time_ns()
+        await self.set_state(Action.COMPLETE_INITIAL, initial_completed_ns=now, next_sequence=next_sequence)
+        await asyncio.to_thread(self.store.clear_initial_progress, self.name)
+        total = sum(p.done_bytes for p in self.progress.values())
+        event(log, "initial_completed", vm=self.name, seq=next_sequence, bytes=total,
+              latency_s=round((now - (self.rec.initial_started_ns or now)) / NS, 3))
+        self._backoff_s = FIRST_BACKOFF_S
+        self._sync_requested = True  # writes made during the copy go out right away
+
+    async def _initial_cut(self, vm: ProtectedVm, disks: list[shipper.DiskSource]) -> None:
+        closed = await self.manager.registry.cut(self.name)
+        base = closed[0].sequence if closed else vm.sequence - 1
+        await self.update(base_sequence=base, next_sequence=base + 1, initial_started_ns=time.time_ns())
+        removed = await asyncio.to_thread(_delete_logs_upto, disks, base)
+        for disk in disks:
+            allocated = await asyncio.to_thread(_allocated_below, disk.image_path, disk.size_bytes)
+            await asyncio.to_thread(self.store.set_initial_progress, self.name,
+                                    InitialProgress(disk.disk_id, disk.size_bytes, 0, allocated, 0))
+        event(log, "initial_started", vm=self.name, seq=base, logs_deleted=removed,
+              bytes=sum(p.allocated_bytes for p in await asyncio.to_thread(self.store.initial_progress,
+                                                                            self.name)))
+
+    async def _initial_disk(self, vm: ProtectedVm, disk: shipper.DiskSource) -> None:
+        progress = self.progress[disk.disk_id]
+        window_bytes = self.manager.config.initial_window_bytes
+        path = self.outbox / f"initial-{disk.disk_id}.bundle"
+        fd = await asyncio.to_thread(os.open, disk.image_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while progress.durable_offset < disk.size_bytes:
+                self._check_state(S.INITIAL_REPLICATION_IN_PROGRESS)
+                start = progress.durable_offset
+                end = await asyncio.to_thread(shipper.plan_window, fd, start, disk.size_bytes, window_bytes)
+                window = await asyncio.to_thread(
+                    shipper.build_initial_bundle, path, vm_id=vm.record.vm_id, generation=self.rec.generation,
+                    disk=disk, image_fd=fd, start=start, end=end, compress=self.rec.compression,
+                    created_ns=time.time_ns())
+                sent_ns = time.time_ns()
+                try:
+                    answer = await self._client.send_initial_window(
+                        vm.record.vm_id, disk.disk_id, start, end, self.rec.generation, window.bundle.path,
+                        window.bundle.sha256, window.bundle.wire_bytes)
+                    durable = int(answer.get("offset", end))
+                except ReplicaConflictError as exc:
+                    if exc.code != "initial_gap" or "offset" not in exc.detail:
+                        raise
+                    durable = int(exc.detail["offset"])  # the replica holds less than we thought: resume there
+                    event(log, "initial_gap", logging.WARNING, vm=self.name, disk=disk.name, offset=durable,
+                          window_start=start)
+                finally:
+                    await asyncio.to_thread(_unlink, window.bundle.path)
+                if durable == end:
+                    progress.done_bytes += window.allocated_bytes
+                    self._run_bytes += window.allocated_bytes
+                else:
+                    progress.done_bytes = await asyncio.to_thread(_allocated_below, disk.image_path, durable)
+                progress.durable_offset = durable
+                progress.allocated_bytes = max(progress.allocated_bytes, progress.done_bytes)
+                await asyncio.to_thread(self.store.set_initial_progress, self.name, InitialProgress(
+                    disk.disk_id, disk.size_bytes, durable, progress.allocated_bytes, progress.done_bytes))
+                self._backoff_s = FIRST_BACKOFF_S
+                event(log, "initial_window_sent", vm=self.name, disk=disk.name, offset=start, end=durable,
+                      bytes=window.bundle.wire_bytes, data_bytes=window.bundle.write_bytes,
+                      latency_s=round((time.time_ns() - sent_ns) / NS, 3))
+        finally:
+            os.close(fd)
+
+    def initial_status(self) -> dict | None:
+        rec = self.rec
+        if rec.state not in (S.INITIAL_REPLICATION_IN_PROGRESS, S.READY_FOR_INITIAL_REPLICATION) and \
+                rec.initial_completed_ns is not None:
+            return {"scheduled_at": None, "started_at": iso_time(rec.initial_started_ns),
+                    "completed_at": iso_time(rec.initial_completed_ns)}
+        disks = list(self.progress.values())
+        done = sum(p.done_bytes for p in disks)
+        total = sum(p.allocated_bytes for p in disks)
+        if total:
+            percent = round(100.0 * done / total, 1)
+        else:
+            size = sum(p.size_bytes for p in disks)
+            percent = round(100.0 * sum(p.durable_offset for p in disks) / size, 1) if size else 0.0
+        rate = None
+        eta_s = None
+        if rec.state is S.INITIAL_REPLICATION_IN_PROGRESS and self._run_started_ns is not None:
+            elapsed_s = (time.time_ns() - self._run_started_ns) / NS
+            if elapsed_s > 0 and self._run_bytes:
+                rate = round(self._run_bytes / elapsed_s)
+                eta_s = round(max(0, total - done) / rate, 1)
+        return {"scheduled_at": iso_time(rec.initial_at_ns), "started_at": iso_time(rec.initial_started_ns),
+                "completed_at": iso_time(rec.initial_completed_ns), "bytes_done": done, "bytes_total": total,
+                "percent": percent, "rate_bytes_per_s": rate, "eta_s": eta_s,
+                "disks": [p.to_dict() for p in disks]}
+
+    # --- cycles ------------------------------------------------------------------------------
+    async def _replicating_step(self) -> bool:
+        now = time.time_ns()
+        pending = self.pending_sequences()
+        freq_ns = self.rec.frequency_s * NS
+        if self._sync_requested or (now >= self._next_cut_ns and not pending):
+            self._sync_requested = False
+            closed = await self.manager.registry.cut(self.name)
+            self._next_cut_ns = time.time_ns() + freq_ns
+            if closed:
+                target = closed[0].sequence
+                self._waiters = [(target if t is None else t, f) for t, f in self._waiters]
+            pending = self.pending_sequences()
+        elif now >= self._next_cut_ns:
+            # An interval ended while earlier cycles are still not acknowledged: it is missed.
+            while self._next_cut_ns <= now:
+                await self._record(CycleStat(None, self._next_cut_ns - freq_ns, self._next_cut_ns, 0, 0,
+                                             CycleResult.MISSED, self.last_error))
+                event(log, "cycle_missed", logging.WARNING, vm=self.name, seq=pending[0], pending=len(pending))
+                self._next_cut_ns += freq_ns
+        if not pending:
+            return False
+        for seq in pending:
+            self._check_state(S.REPLICATING)
+            await self._ship(seq)
+        return True
+
+    async def _ship(self, seq: int) -> None:
+        vm = self.vm()
+        bundle = self._spools.get(seq)
+        if bundle is None or not bundle.path.exists():
+            bundle = await asyncio.to_thread(
+                shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=self.rec.generation,
+                sequence=seq, disks=self.disks(), compress=self.rec.compression)
+            self._spools[seq] = bundle
+        sent_ns = time.time_ns()
+        status, _ = await self._client.send_cycle(vm.record.vm_id, seq, self.rec.generation, bundle.path,
+                                                  bundle.sha256, bundle.wire_bytes)
+        finished = time.time_ns()
+        # Commit point: the replica holds cycle seq durably (P2); record that before deleting anything (R1).
+        await self.update(next_sequence=seq + 1, last_replication_ns=finished)
+        self._spools.pop(seq, None)
+        await asyncio.to_thread(_delete_cycle_files, self.disks(), seq, bundle.path)
+        started = bundle.cut_ns or sent_ns
+        result = result_for(started, finished, self.rec.frequency_s)
+        await self._record(CycleStat(seq, started, finished, bundle.wire_bytes, bundle.raw_bytes, result))
+        if seq % 100 == 0:
+            await asyncio.to_thread(self.store.prune_cycle_stats, self.name, finished - STATS_KEPT_S * NS)
+        self._backoff_s = FIRST_BACKOFF_S
+        self.last_error = None
+        event(log, "cycle_shipped", vm=self.name, seq=seq, bytes=bundle.wire_bytes, raw_bytes=bundle.raw_bytes,
+              write_bytes=bundle.write_bytes, frames=bundle.frames, compressed_frames=bundle.compressed_frames,
+              already_stored=status == 200, result=result.value,
+              latency_s=round((finished - started) / NS, 3), upload_s=round((finished - sent_ns) / NS, 3))
+        waiters, self._waiters = self._waiters, []
+        for target, fut in waiters:
+            if target is not None and target <= seq:
+                if not fut.done():
+                    fut.set_result({"vm": self.name, "sequence": seq, "bytes": bundle.wire_bytes,
+                                    "raw_bytes": bundle.raw_bytes, "result": result.value})
+            else:
+                self._waiters.append((target, fut))
+
+    def request_sync(self, wait: bool) -> asyncio.Future | None:
+        self._sync_requested = True
+        fut = None
+        if wait:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append((None, fut))
+        self.wake.set()
+        return fut
+
+    # --- housekeeping ------------------------------------------------------------------------
+    def _clean_leftovers(self) -> None:
+        """Spool files are rebuilt from logs; logs older than next_sequence were acknowledged (R1)."""
+        if self.outbox.is_dir():
+            for p in self.outbox.iterdir():
+                _unlink(p)
+        nxt = self.rec.next_sequence
+        if nxt is not None and self.rec.state is not S.READY_FOR_INITIAL_REPLICATION:
+            removed = _delete_logs_upto(self.disks(), nxt - 1)
+            if removed:
+                event(log, "acknowledged_logs_deleted", vm=self.name, seq=nxt - 1, logs=removed)
+
+    async def pending_bytes(self) -> int:
+        """Bytes of logs not yet acknowledged: the closed ones on disk and the active ones."""
+        try:
+            vm = self.vm()
+        except NotFoundError:
+            return 0
+        nxt = self.rec.next_sequence
+        active = {disk.image_path: disk.log for disk in vm.disks.values() if disk.log is not None}
+        total = sum(lg.written + len(lg.buf) for lg in active.values())
+        skip = {(path, lg.sequence) for path, lg in active.items()}
+        images = [d.image_path for d in vm.disks.values()]
+        return total + await asyncio.to_thread(_closed_log_bytes, images, nxt, skip)
+
+
+def _closed_log_bytes(images: list[Path], next_sequence: int | None, skip: set) -> int:
+    total = 0
+    for image in images:
+        for seq, path in list_logs(image):
+            if (next_sequence is not None and seq < next_sequence) or (image, seq) in skip:
+                continue
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _delete_logs_upto(disks: list[shipper.DiskSource], last: int) -> int:
+    removed = 0
+    for disk in disks:
+        for seq, path in list_logs(disk.image_path):
+            if seq <= last:
+                _unlink(path)
+                removed += 1
+    return removed
+
+
+def _delete_cycle_files(disks: list[shipper.DiskSource], seq: int, spool: Path) -> None:
+    for disk in disks:
+        _unlink(log_path(disk.image_path, seq))
+    _unlink(spool)
+
+
+def _allocated_below(image: Path, end: int) -> int:
+    if end <= 0:
+        return 0
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return shipper.allocated_bytes(fd, 0, end)
+    finally:
+        os.close(fd)
+
+
+class ReplicationManager:
+    """Every VM's replication; the admin API's entry point for the replication verbs."""
+
+    def __init__(self, config: AgentConfig, store: AgentStore, registry: VmRegistry):
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.vms: dict[str, VmReplication] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._admin_lock = asyncio.Lock()
+        self.primary_server = socket.getfqdn()
+        registry.on_remove.append(self._vm_unregistered)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        records = await asyncio.to_thread(self.store.list_replications)
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            for rec in records:
+                if rec.vm in self.registry.vms:
+                    self._start(VmReplication(self, rec))
+            await self._stop.wait()
+            for rep in self.vms.values():
+                if rep.task is not None:
+                    rep.task.cancel()
+        self._tg = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _start(self, rep: VmReplication) -> None:
+        self.vms[rep.name] = rep
+        if self._tg is None:
+            raise TransientError("the agent is starting or stopping", hint="try again in a moment")
+        rep.task = self._tg.create_task(rep.run(), name=f"replication:{rep.name}")
+
+    async def _stop_task(self, rep: VmReplication) -> None:
+        task = rep.task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+
+    def _vm_unregistered(self, name: str) -> None:
+        rep = self.vms.pop(name, None)
+        if rep is not None and rep.task is not None:
+            rep.task.cancel()
+            event(log, "replication_removed", vm=name, reason="VM unregistered")
+
+    def _get(self, name: str) -> VmReplication:
+        rep = self.vms.get(name)
+        if rep is None:
+            if name not in self.registry.vms:
+                raise NotFoundError(f"no VM named {name!r} is registered", hint="hvrctl vm list shows them")
+            raise NotFoundError(f"replication of VM {name!r} is not enabled",
+                                hint="enable it with hvrctl vm enable NAME --replica-server HOST ...")
+        return rep
+
+    # --- verbs -------------------------------------------------------------------------------
+    async def enable(self, name: str, *, replica_host: str, port: int, key_file: str, frequency_s: int,
+                     compression: bool) -> dict:
+        if not isinstance(replica_host, str) or not replica_host or len(replica_host) > 253:
+            raise UsageError("replica_server must be a host name or address")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise UsageError(f"port must be from 1 to 65535, not {port!r}")
+        if frequency_s not in FREQUENCIES_S:
+            raise UsageError(f"frequency must be one of {', '.join(map(str, FREQUENCIES_S))} seconds, "
+                             f"not {frequency_s!r}")
+        if not isinstance(compression, bool):
+            raise UsageError("compression must be true or false")
+        if not isinstance(key_file, str) or not Path(key_file).is_absolute():
+            raise UsageError(f"key file must be an absolute path, not {key_file!r}")
+        async with self._admin_lock:
+            vm = self.registry.vms.get(name)
+            if vm is None:
+                raise NotFoundError(f"no VM named {name!r} is registered", hint="hvrctl vm list shows them")
+            if vm.record.read_only:
+                raise UsageError(f"VM {name!r} is exported read-only: it has no changes to replicate")
+            if name in self.vms:
+                raise ConflictError(f"replication of VM {name!r} is already enabled "
+                                    f"(state {self.vms[name].rec.state.value})",
+                                    hint="remove it first with hvrctl vm remove NAME --replication-only")
+            state = transition(ROLE, None, Action.ENABLE)
+            key = await asyncio.to_thread(read_key, Path(key_file))
+            endpoint = ReplicaEndpoint(replica_host, port)
+            body = {"name": name, "generation": vm.record.generation, "frequency_s": frequency_s,
+                    "compression": compression,
+                    "disks": [{"disk_id": str(d.identity.disk_id), "name": n, "size_bytes": d.size}
+                              for n, d in vm.disks.items()]}
+            async with ReplicaClient(endpoint, key) as client:
+                status, _ = await client.enable(vm.record.vm_id, body)
+            rec = ReplicationRecord(
+                vm=name, replica_host=replica_host, replica_port=port, key_file=Path(key_file),
+                principal=key.principal, frequency_s=frequency_s, compression=compression, state=state,
+                state_detail=None, generation=vm.record.generation, base_sequence=None, next_sequence=None,
+                initial_at_ns=None, initial_started_ns=None, initial_completed_ns=None, last_replication_ns=None,
+                enabled_ns=time.time_ns())
+            await asyncio.to_thread(self.store.add_replication, rec)
+            rep = VmReplication(self, rec)
+            self._start(rep)
+        event(log, "replication_enabled", vm=name, replica=str(endpoint), principal=key.principal,
+              frequency_s=frequency_s, compression=compression, replica_existed=status == 200)
+        return await self.status_of(rep)
+
+    async def start_initial(self, name: str, at_ns: int | None) -> dict:
+        rep = self._get(name)
+        st = rep.rec.state
+        if st is S.ERROR and rep.rec.initial_completed_ns is None:
+            return await self.resume(name)
+        if st is S.READY_FOR_INITIAL_REPLICATION and at_ns is not None and at_ns > time.time_ns():
+            await rep.update(initial_at_ns=at_ns, state_detail=f"initial replication scheduled for {iso_time(at_ns)}")
+            rep.wake.set()
+            event(log, "initial_scheduled", vm=name, at=iso_time(at_ns))
+        elif st is not S.INITIAL_REPLICATION_IN_PROGRESS:
+            await rep.set_state(Action.START_INITIAL, initial_at_ns=None)
+        return await self.status_of(rep)
+
+    async def sync_now(self, name: str, wait: bool) -> dict:
+        rep = self._get(name)
+        if rep.rec.state is not S.REPLICATING:
+            raise ConflictError(f"VM {name!r} is {rep.rec.state.value}: only a replicating VM can sync now",
+                                hint="hvrctl vm get NAME shows why; hvrctl vm resume NAME if it is suspended")
+        fut = rep.request_sync(wait)
+        if fut is None:
+            return {"vm": name, "requested": True}
+        return await fut
+
+    async def suspend(self, name: str) -> dict:
+        rep = self._get(name)
+        await rep.set_state(Action.SUSPEND, "suspended by the operator")
+        event(log, "replication_suspended", vm=name)
+        return await self.status_of(rep)
+
+    async def resume(self, name: str) -> dict:
+        rep = self._get(name)
+        st = rep.rec.state
+        if st is S.ERROR:
+            action = Action.RESUME if rep.rec.initial_completed_ns is not None else Action.START_INITIAL
+            await self._stop_task(rep)
+            await rep.set_state(action)
+            fresh = VmReplication(self, rep.rec)
+            self._start(fresh)
+            rep = fresh
+        else:
+            await rep.set_state(Action.RESUME)
+        event(log, "replication_resumed", vm=name, state=rep.rec.state.value)
+        return await self.status_of(rep)
+
+    async def remove(self, name: str) -> dict:
+        async with self._admin_lock:
+            rep = self._get(name)
+            del self.vms[name]
+            await self._stop_task(rep)
+            await asyncio.to_thread(self.store.remove_replication, name)
+            await asyncio.to_thread(_remove_dir, rep.outbox)
+        event(log, "replication_removed", vm=name, reason="operator")
+        return {"vm": name, "removed": True}
+
+    # --- reports -----------------------------------------------------------------------------
+    async def status(self, name: str | None = None) -> list[dict]:
+        reps = [self._get(name)] if name is not None else list(self.vms.values())
+        return [await self.status_of(rep) for rep in reps]
+
+    async def status_of(self, rep: VmReplication) -> dict:
+        rec = rep.rec
+        now = time.time_ns()
+        rows = await asyncio.to_thread(self.store.cycle_stats, rep.name, now - 3600 * NS)
+        health = replication_health(rec.state, frequency_s=rec.frequency_s, rows=rows, now_ns=now,
+                                    last_ack_ns=rec.last_replication_ns,
+                                    replicating_since_ns=rec.initial_completed_ns, state_detail=rec.state_detail)
+        vm = self.registry.vms.get(rep.name)
+        try:
+            pending = len(rep.pending_sequences())
+        except NotFoundError:
+            pending = 0
+        return {
+            "vm": rep.name,
+            "vm_id": str(vm.record.vm_id) if vm else None,
+            "state": rec.state.value,
+            "state_detail": rec.state_detail,
+            "health": health.health.value,
+            "health_details": list(health.details),
+            "mode": "Primary",
+            "frequency_s": rec.frequency_s,
+            "compression": rec.compression,
+            "primary_server": self.primary_server,
+            "principal": rec.principal,
+            "replica_server": rec.replica_host,
+            "replica_port": rec.replica_port,
+            "generation": rec.generation,
+            "next_sequence": rec.next_sequence,
+            "pending_cycles": pending,
+            "last_replication_time": iso_time(rec.last_replication_ns),
+            "last_error": rep.last_error,
+            "enabled_at": iso_time(rec.enabled_ns),
+            "initial": rep.initial_status(),
+        }
+
+    async def measure(self, name: str) -> dict:
+        rep = self._get(name)
+        now = time.time_ns()
+        rows = await asyncio.to_thread(self.store.cycle_stats, name, now - DEFAULT_WINDOW_S * NS)
+        pending = await rep.pending_bytes()
+        m = measure(rows, now_ns=now, pending_bytes=pending, last_replication_ns=rep.rec.last_replication_ns)
+        out = m.to_dict()
+        out["LastReplicationTime"] = iso_time(m.LastReplicationTime)
+        out["WindowStartTime"] = iso_time(m.WindowStartTime)
+        out.update({"VMName": name, "State": rep.rec.state.value,
+                    "Health": (await self.status_of(rep))["health"], "ReplicationMode": "Primary",
+                    "FrequencySec": rep.rec.frequency_s})
+        return out
+
+
+def _remove_dir(path: Path) -> None:
+    if path.is_dir():
+        for p in path.iterdir():
+            _unlink(p)
+        path.rmdir()

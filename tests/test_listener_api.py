@@ -1,0 +1,289 @@
+"""The listener's replication API, driven by a hand-written signed HTTP client.
+
+Every refusal test also checks that nothing changed: replica images (SHA-256)
+and the replica's state as the API reports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bundles import bundle, hrl_bytes
+from daemons import wait_for
+from hvr_common.bundle import BundleKind
+from hvr_common.token_auth import Key
+from listener_process import ListenerProcess, call, call_json
+
+MiB = 1024 * 1024
+SIZE = 4 * MiB
+
+
+@pytest.fixture(scope="module")
+def listener(tmp_path_factory):
+    lp = ListenerProcess(tmp_path_factory.mktemp("listener"), extra_config={"max_bundle_bytes": 8 * MiB})
+    lp.start().wait_ready()
+    lp.key, _ = lp.new_key("primary1.example")
+    lp.other_key, _ = lp.new_key("primary2.example")
+    yield lp
+    lp.close()
+
+
+class Vm:
+    """A replica VM set up through the API, with the expected image contents kept in memory."""
+
+    def __init__(self, lp: ListenerProcess, name: str, *, disks: int = 1, initial: bool = True):
+        self.lp = lp
+        self.vm_id = uuid.uuid4()
+        self.disk_ids = [uuid.uuid4() for _ in range(disks)]
+        self.name = name
+        self.expected = [bytearray(SIZE) for _ in range(disks)]
+        r = call_json(lp.port, "PUT", f"/v1/replicas/{self.vm_id}", self.enable_body(), key=lp.key)
+        assert r.status == 201, r.body
+        if initial:
+            self.initial()
+
+    def enable_body(self) -> dict:
+        return {"name": self.name, "generation": 1, "frequency_s": 30, "compression": True,
+                "disks": [{"disk_id": str(d), "name": f"d{i}", "size_bytes": SIZE}
+                          for i, d in enumerate(self.disk_ids)]}
+
+    def initial(self) -> None:
+        for i, disk_id in enumerate(self.disk_ids):
+            data = os.urandom(65536)
+            self.expected[i][MiB:MiB + len(data)] = data
+            for start in range(0, SIZE, 2 * MiB):
+                ops = [("write", MiB, data)] if start == 0 else []
+                log = hrl_bytes(self.vm_id, disk_id, 1, 0, SIZE, ops)
+                body = bundle(BundleKind.INITIAL, self.vm_id, 1, 0, [(disk_id, SIZE, start, start + 2 * MiB, log)])
+                r = call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/initial/{disk_id}?offset={start}"
+                         f"&end={start + 2 * MiB}", body, key=self.lp.key, headers={"X-Hvr-Generation": "1"})
+                assert r.status == 200, r.body
+        r = call_json(self.lp.port, "POST", f"/v1/replicas/{self.vm_id}/initial/complete",
+                      {"generation": 1, "next_sequence": 1}, key=self.lp.key)
+        assert r.status == 200, r.body
+        assert r.json()["state"] == "Replicating"
+
+    def cycle_body(self, seq: int, ops_per_disk: list[list[tuple]], generation: int = 1, compress=True) -> bytes:
+        disks = []
+        for disk_id, ops in zip(self.disk_ids, ops_per_disk):
+            disks.append((disk_id, SIZE, 0, SIZE, hrl_bytes(self.vm_id, disk_id, generation, seq, SIZE, ops)))
+        return bundle(BundleKind.CYCLE, self.vm_id, generation, seq, disks, compress=compress)
+
+    def put_cycle(self, seq: int, body: bytes, *, generation: int = 1, **kw):
+        return call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/cycles/{seq}", body, key=kw.pop("key", self.lp.key),
+                    headers={"X-Hvr-Generation": str(generation), "Content-Type": "application/x-hvr-bundle"}, **kw)
+
+    def state(self) -> dict:
+        r = call(self.lp.port, "GET", f"/v1/replicas/{self.vm_id}", key=self.lp.key)
+        assert r.status == 200, r.body
+        return r.json()
+
+    def image_paths(self) -> list[Path]:
+        return [self.lp.storage / self.name / f"d{i}.img" for i in range(len(self.disk_ids))]
+
+    def snapshot(self) -> tuple:
+        return (tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in self.image_paths()),
+                json.dumps(self.state(), sort_keys=True))
+
+    def wait_applied(self, seq: int) -> None:
+        wait_for(lambda: self.state()["last_applied_sequence"] >= seq, 30, f"cycle {seq} of {self.name} applied",
+                 context=self.lp.log_tail)
+
+    def assert_images(self) -> None:
+        for path, exp in zip(self.image_paths(), self.expected):
+            assert path.read_bytes() == bytes(exp), f"{path} differs from the expected contents"
+
+
+def test_enable_creates_sparse_images_and_is_idempotent(listener):
+    vm = Vm(listener, "enable1", disks=2, initial=False)
+    for p in vm.image_paths():
+        assert p.stat().st_size == SIZE and p.stat().st_blocks == 0
+    again = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}", vm.enable_body(), key=listener.key)
+    assert again.status == 200
+    changed = dict(vm.enable_body(), generation=2)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}", changed, key=listener.key)
+    assert r.status == 409 and r.code == "replica_conflict"
+    assert vm.state()["state"] == "WaitingForInitialReplication"
+
+
+def test_initial_then_cycles_are_applied_in_order(listener):
+    vm = Vm(listener, "cycles1", disks=2)
+    vm.assert_images()
+    for seq in range(1, 4):
+        ops = []
+        for i in range(2):
+            data = os.urandom(8192)
+            off = 4096 * seq + i
+            vm.expected[i][off:off + len(data)] = data
+            ops.append([("write", off, data), ("zero", 3 * MiB, 4096)])
+            vm.expected[i][3 * MiB:3 * MiB + 4096] = bytes(4096)
+        r = vm.put_cycle(seq, vm.cycle_body(seq, ops))
+        assert r.status == 201, r.body
+        assert r.json()["next_sequence"] == seq + 1
+    vm.wait_applied(3)
+    vm.assert_images()
+    history = listener.hvrctl_json("replica", "get", "cycles1")["cycles"]
+    assert [c["sequence"] for c in history] == [1, 2, 3]
+    assert all(c["applied_ns"] for c in history)
+
+
+def test_resending_a_stored_cycle_is_idempotent(listener):
+    vm = Vm(listener, "idem1")
+    body = vm.cycle_body(1, [[("write", 0, b"x" * 4096)]])
+    assert vm.put_cycle(1, body).status == 201
+    assert vm.put_cycle(1, body).status == 200
+    assert vm.state()["next_sequence"] == 2
+
+
+# --- bad input: each refused, each changes nothing --------------------------
+
+@pytest.fixture(scope="module")
+def victim(listener):
+    vm = Vm(listener, "victim")
+    assert vm.put_cycle(1, vm.cycle_body(1, [[("write", 0, b"v" * 4096)]])).status == 201
+    vm.expected[0][0:4096] = b"v" * 4096
+    vm.wait_applied(1)
+    return vm
+
+
+def _refused(vm: Vm, reply, status: int, code: str | None, before) -> None:
+    assert reply.status == status, (reply.status, reply.body)
+    if code is not None:
+        assert reply.code == code, reply.body
+    assert vm.snapshot() == before, "a refused request changed the replica"
+
+
+def good_body(vm: Vm, seq: int = 2) -> bytes:
+    return vm.cycle_body(seq, [[("write", 8192, b"n" * 4096)]])
+
+
+def test_missing_signature_is_401(listener, victim):
+    before = victim.snapshot()
+    _refused(victim, victim.put_cycle(2, good_body(victim), sign=False), 401, "unauthenticated", before)
+
+
+def test_wrong_key_is_401(listener, victim):
+    before = victim.snapshot()
+    forged = Key("primary1.example", b"\x01" * 32)
+    _refused(victim, victim.put_cycle(2, good_body(victim), key=forged), 401, "unauthenticated", before)
+
+
+def test_unknown_principal_is_401(listener, victim):
+    before = victim.snapshot()
+    stranger = Key.generate("stranger.example")
+    r = victim.put_cycle(2, good_body(victim), key=stranger)
+    _refused(victim, r, 401, "unauthenticated", before)
+    assert "not known" in r.json()["message"]
+
+
+def test_expired_signature_is_401(listener, victim):
+    before = victim.snapshot()
+    r = victim.put_cycle(2, good_body(victim), ts=int(time.time()) - 3600)
+    _refused(victim, r, 401, "unauthenticated", before)
+    assert "clock" in r.json()["message"]
+
+
+def test_replayed_request_is_401(listener):
+    nonce = "ab" * 16
+    ts = int(time.time())
+    first = call(listener.port, "GET", "/v1/server", key=listener.key, ts=ts, nonce=nonce)
+    assert first.status == 200
+    again = call(listener.port, "GET", "/v1/server", key=listener.key, ts=ts, nonce=nonce)
+    assert again.status == 401 and "replayed" in again.json()["message"]
+
+
+def test_other_primary_cannot_touch_the_vm(listener, victim):
+    before = victim.snapshot()
+    _refused(victim, victim.put_cycle(2, good_body(victim), key=listener.other_key), 403, "not_authorized", before)
+
+
+def test_unknown_vm_is_404(listener, victim):
+    before = victim.snapshot()
+    r = call(listener.port, "PUT", f"/v1/replicas/{uuid.uuid4()}/cycles/2", good_body(victim), key=listener.key,
+             headers={"X-Hvr-Generation": "1"})
+    _refused(victim, r, 404, "unknown_vm", before)
+
+
+def test_out_of_order_sequence_is_409(listener, victim):
+    before = victim.snapshot()
+    _refused(victim, victim.put_cycle(3, good_body(victim, 3)), 409, "out_of_order", before)
+
+
+def test_stale_generation_is_409(listener, victim):
+    before = victim.snapshot()
+    body = victim.cycle_body(2, [[("write", 0, b"s" * 4096)]], generation=0 + 1)
+    _refused(victim, victim.put_cycle(2, body, generation=7), 409, "stale_generation", before)
+
+
+def test_digest_mismatch_is_400(listener, victim):
+    before = victim.snapshot()
+    body = good_body(victim)
+    r = victim.put_cycle(2, body, send_body=body[:-1] + bytes([body[-1] ^ 1]))
+    _refused(victim, r, 400, None, before)
+    assert r.code in ("digest_mismatch", "bundle_corrupt"), r.body
+
+
+def test_truncated_body_is_400(listener, victim):
+    before = victim.snapshot()
+    body = good_body(victim)
+    r = victim.put_cycle(2, body[:len(body) // 2], digest=hashlib.sha256(body[:len(body) // 2]).hexdigest())
+    _refused(victim, r, 400, "body_truncated", before)
+
+
+def test_connection_dropped_mid_body_stores_nothing(listener, victim):
+    before = victim.snapshot()
+    body = good_body(victim)
+    with pytest.raises(ConnectionError):
+        victim.put_cycle(2, body, send_body=body[:len(body) // 2], content_length=len(body))
+    incoming = listener.storage / victim.name / "incoming"
+    wait_for(lambda: not any(incoming.iterdir()), 10, "the partial upload to be removed")
+    assert victim.snapshot() == before
+
+
+def test_corrupt_zstd_frame_is_400(listener, victim):
+    before = victim.snapshot()
+    body = bytearray(victim.cycle_body(2, [[("write", 0, b"z" * 65536)]], compress=True))
+    body[-10] ^= 0xFF  # inside the compressed frame
+    r = victim.put_cycle(2, bytes(body))
+    _refused(victim, r, 400, "bundle_corrupt", before)
+
+
+def test_corrupt_hrl_record_is_400(listener, victim):
+    before = victim.snapshot()
+    body = bytearray(victim.cycle_body(2, [[("write", 0, os.urandom(4096))]], compress=False))
+    body[-200] ^= 0x01  # inside the raw (uncompressed) record data: the record checksum fails
+    r = victim.put_cycle(2, bytes(body))
+    _refused(victim, r, 400, "bundle_corrupt", before)
+
+
+def test_oversized_body_is_413(listener, victim):
+    before = victim.snapshot()
+    r = victim.put_cycle(2, b"", content_length=9 * MiB, send_body=b"", half_close=False)
+    _refused(victim, r, 413, "body_too_large", before)
+
+
+def test_victim_still_accepts_a_good_cycle_after_all_that(listener, victim):
+    data = b"g" * 4096
+    assert victim.put_cycle(2, victim.cycle_body(2, [[("write", 8192, data)]])).status == 201
+    victim.expected[0][8192:8192 + 4096] = data
+    victim.wait_applied(2)
+    victim.assert_images()
+
+
+def test_disabled_server_refuses_clearly(tmp_path):
+    lp = ListenerProcess(tmp_path / "l", enabled=False)
+    lp.start().wait_ready()
+    try:
+        key, _ = lp.new_key("p.example")
+        r = call(lp.port, "GET", "/v1/server", key=key)
+        assert r.status == 403 and r.code == "replication_disabled"
+        assert "hvrctl server set --enabled true" in r.json()["hint"]
+    finally:
+        lp.close()
