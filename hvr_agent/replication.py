@@ -305,6 +305,7 @@ class VmReplication:
             allocated = await asyncio.to_thread(_allocated_below, disk.image_path, disk.size_bytes)
             await asyncio.to_thread(self.store.set_initial_progress, self.name,
                                     InitialProgress(disk.disk_id, disk.size_bytes, 0, allocated, 0))
+            self.progress[disk.disk_id] = DiskProgress(disk.name, disk.disk_id, disk.size_bytes, 0, allocated, 0)
         event(log, "initial_started", vm=self.name, seq=base, logs_deleted=removed,
               bytes=sum(p.allocated_bytes for p in await asyncio.to_thread(self.store.initial_progress,
                                                                             self.name)))
@@ -384,6 +385,14 @@ class VmReplication:
         now = time.time_ns()
         pending = self.pending_sequences()
         freq_ns = self.rec.frequency_s * NS
+        if pending and now >= self._next_cut_ns:
+            # A cut is due while earlier cycles are still not acknowledged: the cycle that should start
+            # then is missed (the late ones count as missed themselves when they are acknowledged).
+            while self._next_cut_ns <= now:
+                await self._record(CycleStat(None, self._next_cut_ns, self._next_cut_ns, 0, 0,
+                                             CycleResult.MISSED, self.last_error))
+                event(log, "cycle_missed", logging.WARNING, vm=self.name, seq=pending[0], pending=len(pending))
+                self._next_cut_ns += freq_ns
         if self._sync_requested or (now >= self._next_cut_ns and not pending):
             self._sync_requested = False
             closed = await self.manager.registry.cut(self.name)
@@ -392,13 +401,6 @@ class VmReplication:
                 target = closed[0].sequence
                 self._waiters = [(target if t is None else t, f) for t, f in self._waiters]
             pending = self.pending_sequences()
-        elif now >= self._next_cut_ns:
-            # An interval ended while earlier cycles are still not acknowledged: it is missed.
-            while self._next_cut_ns <= now:
-                await self._record(CycleStat(None, self._next_cut_ns - freq_ns, self._next_cut_ns, 0, 0,
-                                             CycleResult.MISSED, self.last_error))
-                event(log, "cycle_missed", logging.WARNING, vm=self.name, seq=pending[0], pending=len(pending))
-                self._next_cut_ns += freq_ns
         if not pending:
             return False
         for seq in pending:
@@ -649,6 +651,9 @@ class ReplicationManager:
         if rep.rec.state is not S.REPLICATING:
             raise ConflictError(f"VM {name!r} is {rep.rec.state.value}: only a replicating VM can sync now",
                                 hint="hvrctl vm get NAME shows why; hvrctl vm resume NAME if it is suspended")
+        if self._stop.is_set() or rep.task is None or rep.task.done():
+            raise TransientError(f"the replication task of VM {name!r} is not running (the agent is stopping?)",
+                                 hint="try again once the agent runs; hvrctl vm get NAME shows the state")
         fut = rep.request_sync(wait)
         if fut is None:
             return {"vm": name, "requested": True}

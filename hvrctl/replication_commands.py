@@ -241,7 +241,7 @@ def cmd_measure(args) -> int:
     for name in _MEASURE_FIELDS:
         value = m.get(name)
         if name.endswith("Size") and value is not None:
-            value = f"{human_bytes(value)} ({value} B)"
+            value = human_bytes(value) if value < 1024 else f"{human_bytes(value)} ({value} B)"
         elif name.endswith("Latency") and value is not None:
             value = f"{value:.3f} s"
         elif name.endswith("Time"):
@@ -329,6 +329,8 @@ class ProgressBar:
         ini = status.get("initial") or {}
         if status["state"] == "ReadyForInitialReplication":
             text = f"waiting: initial replication scheduled for {_local(ini.get('scheduled_at')) or 'now'}"
+        elif not final and not ini.get("disks"):
+            text = "starting: cutting the logs and reading the disks' allocation"
         else:
             percent = 100.0 if final else float(ini.get("percent") or 0.0)
             filled = int(self.WIDTH * percent / 100)
