@@ -12,7 +12,7 @@ from aiohttp import web
 from hvr_common import systemd
 from hvr_common.config import AgentConfig
 from hvr_common.logs import event
-from hvr_common.unix_socket import claim_socket_path
+from hvr_common.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_agent.admin import make_app
 from hvr_agent.nbd_server import NbdServer
 from hvr_agent.replication import ReplicationManager
@@ -42,11 +42,13 @@ class Agent:
         nbd = NbdServer(registry)
         replication = ReplicationManager(cfg, store, registry)
         runner: web.AppRunner | None = None
+        owned: dict = {}  # socket path -> identity of the socket this process bound
         try:
             await registry.load_all()
             claim_socket_path(cfg.nbd_socket)
             await nbd.listen_unix(cfg.nbd_socket)
             os.chmod(cfg.nbd_socket, 0o660)
+            owned[cfg.nbd_socket] = socket_identity(cfg.nbd_socket)
             tcp_port = None
             if cfg.nbd_tcp:
                 tcp_port = await nbd.listen_tcp(*cfg.nbd_tcp)
@@ -61,6 +63,7 @@ class Agent:
             finally:
                 os.umask(old_umask)
             os.chmod(cfg.admin_socket, 0o600)
+            owned[cfg.admin_socket] = socket_identity(cfg.admin_socket)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
@@ -82,11 +85,8 @@ class Agent:
             if runner is not None:
                 await runner.cleanup()
             store.close()
-            for path in (cfg.admin_socket, cfg.nbd_socket):
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+            for path, identity in owned.items():
+                release_socket_path(path, identity)
             event(log, "agent_stopped")
 
     async def _watchdog(self, interval_s: float) -> None:

@@ -31,6 +31,7 @@ from hvr_agent.journal import ActiveLog, ClosedLog, log_path
 log = logging.getLogger("hvr.agent.tracker")
 
 TRIM_CHUNK = 1 << 30  # trims/zeroes are journaled in records of at most this many bytes
+MARK_AHEAD_REGIONS = 16  # a sequential stream entering a new region marks this many more with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,15 @@ class TrackedDisk:
         self._ops = 0  # journaled operations so far (monotonic)
         self._durable_ops = 0
         self._flush_lock = asyncio.Lock()
-        self.stats = {"writes": 0, "write_bytes": 0, "trims": 0, "zeroes": 0, "flushes": 0, "syncs": 0}
+        self._mark_lock = asyncio.Lock()
+        self._mark_batch: tuple[set[int], asyncio.Future] | None = None
+        # plain int counters: a dict update per write cost measurable time on the hot path
+        self.writes = 0
+        self.write_bytes = 0
+        self.trims = 0
+        self.zeroes = 0
+        self.flushes = 0
+        self.syncs = 0
 
     # --- log lifecycle ----------------------------------------------------
     def open_log(self, sequence: int) -> ActiveLog:
@@ -97,12 +106,12 @@ class TrackedDisk:
         return self.intent.period.covers(offset, length)
 
     def write_now(self, offset: int, data, fua: bool = False) -> None:
+        """Apply and journal one write in one synchronous step (regions already marked)."""
         self.device.pwrite(offset, data)
         self.log.append_write(offset, data, RECORD_FLAG_FUA if fua else 0)
         self._ops += 1
-        st = self.stats
-        st["writes"] += 1
-        st["write_bytes"] += len(data)
+        self.writes += 1
+        self.write_bytes += len(data)
 
     def trim_now(self, offset: int, length: int, fua: bool = False) -> None:
         self.device.trim(offset, length)
@@ -110,7 +119,7 @@ class TrackedDisk:
         for off in range(offset, offset + length, TRIM_CHUNK):
             self.log.append_trim(off, min(TRIM_CHUNK, offset + length - off), flags)
         self._ops += 1
-        self.stats["trims"] += 1
+        self.trims += 1
 
     def zero_now(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
         self.device.write_zeroes(offset, length, may_trim)
@@ -118,12 +127,54 @@ class TrackedDisk:
         for off in range(offset, offset + length, TRIM_CHUNK):
             self.log.append_zero(off, min(TRIM_CHUNK, offset + length - off), flags)
         self._ops += 1
-        self.stats["zeroes"] += 1
+        self.zeroes += 1
 
     async def _ensure_marked(self, offset: int, length: int) -> None:
-        regions = self.intent.period.unmarked(offset, length)
-        if regions:
-            await self.intent.mark(regions)
+        """Return when every region of the range is marked in this period (durably, I1).
+
+        Checked again after each wait: a cut may have started a new period meanwhile,
+        and the caller writes synchronously right after this returns.
+        """
+        while regions := self.intent.period.unmarked(offset, length):
+            await self._mark_group(regions + self._mark_ahead(offset, length, regions))
+
+    def _mark_ahead(self, offset: int, length: int, regions: list[int]) -> list[int]:
+        """Regions after a sequential stream's write, marked with it to save slot writes.
+
+        A write that enters a new region from an already marked one (its preceding
+        ``length`` bytes lie in a marked region) looks like one write of a stream;
+        the next ``MARK_AHEAD_REGIONS`` regions go into the same slot write.  More
+        marks never break I1; they only widen what recovery re-journals.
+        """
+        period = self.intent.period
+        first = regions[0]
+        if first == 0 or not period.marks[first - 1] or offset - length >= first << period.shift:
+            return []
+        stop = min(regions[-1] + 1 + MARK_AHEAD_REGIONS, len(period.marks))
+        return [r for r in range(regions[-1] + 1, stop) if not period.marks[r]]
+
+    async def _mark_group(self, regions: list[int]) -> None:
+        """Group commit of marks: regions asked for while a slot write runs share the next one."""
+        batch = self._mark_batch
+        if batch is not None:  # a batch is still open: join it and wait for its slot write
+            batch[0].update(regions)
+            await asyncio.shield(batch[1])
+            return
+        batch = self._mark_batch = (set(regions), asyncio.get_running_loop().create_future())
+        try:
+            async with self._mark_lock:
+                self._mark_batch = None  # from here on the set is fixed; later callers open the next
+                await self.intent.mark(sorted(batch[0]))
+        except BaseException as exc:
+            if self._mark_batch is batch:
+                self._mark_batch = None
+            if isinstance(exc, Exception):  # the slot write failed: so do the joiners' writes
+                batch[1].set_exception(exc)
+                batch[1].exception()  # retrieved here: the joiners may all be gone
+            else:  # the leader was cancelled: joiners look again and one of them leads
+                batch[1].set_result(None)
+            raise
+        batch[1].set_result(None)
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
         if length := len(data):
@@ -153,7 +204,7 @@ class TrackedDisk:
         Concurrent flushes share one fdatasync round (group commit).
         """
         target = self._ops
-        self.stats["flushes"] += 1
+        self.flushes += 1
         async with self._flush_lock:
             if self._durable_ops >= target and not force and not self._unsynced:
                 return
@@ -167,7 +218,7 @@ class TrackedDisk:
                 old.close_fd()
                 self._unsynced.remove(old)
             self._durable_ops = max(self._durable_ops, upto)
-            self.stats["syncs"] += 1
+            self.syncs += 1
 
     def _sync_files(self, pending: list[ActiveLog], current: ActiveLog | None) -> None:
         for old in pending:
@@ -195,6 +246,11 @@ class TrackedDisk:
         self.intent.close()
         self.device.close()
 
+    @property
+    def stats(self) -> dict:
+        return {"writes": self.writes, "write_bytes": self.write_bytes, "trims": self.trims,
+                "zeroes": self.zeroes, "flushes": self.flushes, "syncs": self.syncs}
+
     def status(self) -> dict:
         lg = self.log
         return {
@@ -207,7 +263,7 @@ class TrackedDisk:
             "active_log": str(lg.path) if lg else None,
             "active_log_records": lg.encoder.record_count if lg else 0,
             "marked_regions": self.intent.period.count,
-            "stats": dict(self.stats),
+            "stats": self.stats,
         }
 
 

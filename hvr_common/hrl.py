@@ -79,6 +79,10 @@ _ALLOWED_FLAGS = {
     RecordKind.END: 0,
 }
 _KINDS = {int(k): k for k in RecordKind}
+_KIND_WRITE = int(RecordKind.WRITE)
+_pack_record_prefix = _RECORD_PREFIX.pack_into
+_pack_record_suffix = _RECORD_SUFFIX.pack_into
+_fast_crc32 = zlib.crc32  # the one CRC-32 of the format; bound once for the hot path
 
 
 class HrlCorruptError(CorruptError):
@@ -179,9 +183,9 @@ class HrlEncoder:
         if self._closed:
             raise ValueError("HRL log already has its END record")
         _RECORD_PREFIX.pack_into(self._buf, 0, RECORD_MAGIC, kind, flags, 0, offset, length, payload_length)
-        crc = zlib.crc32(self._prefix, self.crc)
+        crc = _fast_crc32(self._prefix, self.crc)
         if payload is not None:
-            crc = zlib.crc32(payload, crc)
+            crc = _fast_crc32(payload, crc)
         _RECORD_SUFFIX.pack_into(self._buf, RECORD_CRC_OFFSET, crc, 0)
         self.crc = crc
         self.position += RECORD_SIZE + payload_length
@@ -197,13 +201,24 @@ class HrlEncoder:
             raise ValueError(f"HRL {kind.name} does not take flags {flags:#x}")
 
     def write(self, offset: int, data, flags: int = 0) -> bytes:
-        """Record header of a WRITE of ``data`` at ``offset``; append it, then ``data``."""
+        """Record header of a WRITE of ``data`` at ``offset``; append it, then ``data``.
+
+        The hot path of every guest write: :meth:`_check` and :meth:`_record` inlined.
+        """
         length = data.nbytes if type(data) is memoryview else len(data)
-        self._check(RecordKind.WRITE, offset, length, flags, MAX_RECORD_LENGTH)
-        out = self._record(RecordKind.WRITE, flags, offset, length, length, data)
+        if (not 0 < length <= MAX_RECORD_LENGTH or offset < 0 or offset + length > self._disk_size
+                or flags & ~RECORD_FLAG_FUA or self._closed):
+            self._check(RecordKind.WRITE, offset, length, flags, MAX_RECORD_LENGTH)
+            raise ValueError("HRL log already has its END record")
+        buf = self._buf
+        _pack_record_prefix(buf, 0, RECORD_MAGIC, _KIND_WRITE, flags, 0, offset, length, length)
+        crc = _fast_crc32(data, _fast_crc32(self._prefix, self.crc))
+        _pack_record_suffix(buf, RECORD_CRC_OFFSET, crc, 0)
+        self.crc = crc
+        self.position += RECORD_SIZE + length
         self.record_count += 1
         self.write_bytes += length
-        return out
+        return bytes(buf)
 
     def trim(self, offset: int, length: int, flags: int = 0) -> bytes:
         self._check(RecordKind.TRIM, offset, length, flags, MAX_TRIM_LENGTH)

@@ -120,6 +120,8 @@ _ALLOWED_FLAGS = {
     CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE | CMD_FLAG_FUA,
 }
 
+_READ_FLAGS = _ALLOWED_FLAGS[CMD_READ]
+
 # errno values of the protocol
 EPERM = 1
 EIO = 5
@@ -624,6 +626,15 @@ class NbdServerConnection:
         if self._pos > 65536 and self._pos * 2 > len(buf):
             del buf[: self._pos]
             self._pos = 0
+        # Fast accept of the common in-bounds READ and WRITE; anything else gets the full check.
+        export = self.export
+        if cmd == CMD_WRITE:
+            if not flags & ~CMD_FLAG_FUA and offset + length <= export.size and not export.read_only:
+                return Request(cmd, flags, handle, offset, length, data)
+        elif cmd == CMD_READ:
+            if (not flags & ~_READ_FLAGS and length <= self.max_payload
+                    and offset + length <= export.size):
+                return Request(cmd, flags, handle, offset, length, data)
         return self._validated(cmd, flags, handle, offset, length, data)
 
     def _validated(self, cmd: int, flags: int, handle: int, offset: int, length: int, data):

@@ -33,3 +33,18 @@ def claim_socket_path(path: Path) -> None:
         probe.close()
     raise ConflictError(f"another process is already listening on {path}",
                         hint="stop the other daemon or give this one another socket path")
+
+
+def socket_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the socket at ``path``, to recognise our own socket at exit."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def release_socket_path(path: Path, identity: tuple[int, int] | None) -> None:
+    """Remove ``path`` only if it is still the socket we bound (a successor may own it now)."""
+    if identity is not None and socket_identity(path) == identity:
+        path.unlink(missing_ok=True)

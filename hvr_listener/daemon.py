@@ -14,7 +14,7 @@ from hvr_common import systemd
 from hvr_common.config import ListenerConfig
 from hvr_common.errors import ConflictError
 from hvr_common.logs import event
-from hvr_common.unix_socket import claim_socket_path
+from hvr_common.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
 from hvr_listener.replicas import ReplicaService
@@ -22,6 +22,8 @@ from hvr_listener.settings import ServerSettings
 from hvr_listener.store import ListenerStore
 
 log = logging.getLogger("hvr.listener")
+
+SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def cleanup_leftovers(store: ListenerStore) -> int:
@@ -73,6 +75,7 @@ class Listener:
         cfg.storage.mkdir(parents=True, exist_ok=True)
         store = ListenerStore(cfg.db_path)
         admin_runner = None
+        admin_identity = None
         try:
             removed = await asyncio.to_thread(cleanup_leftovers, store)
             if removed:
@@ -80,8 +83,11 @@ class Listener:
             self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage))
             service = ReplicaService(store, self.settings.storage_dir, cfg.max_bundle_bytes)
             applier = Applier(service)
+            # A primary that vanishes mid-upload cancels its handler (and frees the VM's lock);
+            # a stop waits at most SHUTDOWN_TIMEOUT_S for requests in flight.
             self._api_runner = web.AppRunner(replication_api.make_app(service, self.settings, cfg.max_bundle_bytes),
-                                             access_log=None, handle_signals=False)
+                                             access_log=None, handle_signals=False, handler_cancellation=True,
+                                             shutdown_timeout=SHUTDOWN_TIMEOUT_S)
             await self._api_runner.setup()
             await self._bind()
             admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind), access_log=None,
@@ -94,6 +100,7 @@ class Listener:
             finally:
                 os.umask(old_umask)
             os.chmod(cfg.admin_socket, 0o600)
+            admin_identity = socket_identity(cfg.admin_socket)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
@@ -115,7 +122,7 @@ class Listener:
             if admin_runner is not None:
                 await admin_runner.cleanup()
             store.close()
-            Path(cfg.admin_socket).unlink(missing_ok=True)
+            release_socket_path(Path(cfg.admin_socket), admin_identity)
             event(log, "listener_stopped")
 
     async def _watchdog(self, interval_s: float) -> None:

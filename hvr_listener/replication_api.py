@@ -7,6 +7,7 @@ errors to the statuses of ``docs/replication-protocol.md``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ REPLAY = web.AppKey("replay", ReplayCache)
 PRINCIPAL = "hvr_principal"
 MAX_JSON_BODY = 1024 * 1024
 BODY_CHUNK = 1024 * 1024
+BODY_IDLE_TIMEOUT_S = 60.0  # a stalled upload must not hold the VM's lock forever
 VERSION = "0.1.0"
 
 
@@ -132,9 +134,18 @@ def _int_query(request: web.Request, key: str) -> int:
 
 
 async def _body_chunks(request: web.Request):
+    reader = request.content
     try:
-        async for chunk in request.content.iter_chunked(BODY_CHUNK):
+        while True:
+            async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
+                chunk = await reader.read(BODY_CHUNK)
+            if not chunk:
+                return
             yield chunk
+    except TimeoutError:
+        err = BodyError(f"no body data for {BODY_IDLE_TIMEOUT_S:.0f} s; upload abandoned")
+        err.code = "body_truncated"
+        raise err from None
     except (ConnectionResetError, web.HTTPException):
         raise
     except Exception as exc:  # aiohttp reports a body cut short in several ways
@@ -149,6 +160,8 @@ def replica_view(rep) -> dict:
         "next_sequence": rep.next_sequence, "last_received_sequence": rep.last_received_sequence,
         "last_applied_sequence": rep.last_applied_sequence,
         "initial": {str(d.disk_id): d.initial_offset for d in rep.disks},
+        "last_replication_time_ns": rep.last_replication_ns,
+        "last_applied_log_time_ns": rep.last_applied_log_ns,
     }
 
 

@@ -1,8 +1,8 @@
 """A small fault-injecting TCP proxy for tests (loopback only).
 
-Forwards 127.0.0.1:<port> to a target; while ``drop_after`` is set, each new
-connection is cut (both directions, RST-like close) once that many bytes
-have gone from client to server.  ``dropped`` counts the cuts; ``forwarded``
+Forwards 127.0.0.1:<port> to a target; while ``drop_after`` is set, each
+connection (new or kept alive) is cut in both directions once a random number
+of bytes in that range has gone from client to server.  ``dropped`` counts the cuts; ``forwarded``
 counts the client->server bytes that passed.
 """
 
@@ -49,9 +49,7 @@ class FaultProxy:
             except OSError:
                 client.close()
                 continue
-            with self._lock:
-                budget = self.rng.randint(*self.drop_after) if self.drop_after else None
-            state = {"budget": budget, "closed": False}
+            state = {"budget": None, "closed": False}
             threading.Thread(target=self._pipe, args=(client, upstream, state, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, state, False), daemon=True).start()
 
@@ -60,8 +58,12 @@ class FaultProxy:
             return
         state["closed"] = True
         for s in (a, b):
-            try:
+            try:  # shutdown also wakes the other direction's thread blocked in recv()
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
                 s.close()
             except OSError:
                 pass
@@ -72,6 +74,13 @@ class FaultProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if upstream_dir:
+                    cfg = self.drop_after  # read per chunk: applies to kept-alive connections too
+                    if cfg is None:
+                        state["budget"] = None
+                    elif state["budget"] is None:
+                        with self._lock:
+                            state["budget"] = self.rng.randint(*cfg)
                 if upstream_dir and state["budget"] is not None:
                     if len(data) >= state["budget"]:
                         dst.sendall(data[:state["budget"]])
@@ -91,6 +100,10 @@ class FaultProxy:
             if not state["closed"]:
                 state["closed"] = True
                 for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
                     try:
                         s.close()
                     except OSError:

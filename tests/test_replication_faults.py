@@ -1,0 +1,111 @@
+"""Replication under faults: SIGKILLs of either daemon at random points, and dropped connections.
+
+After every fault, replication converges: the replica equals the primary
+(qemu-img compare) and its cycle history is contiguous, each cycle applied
+once, in order.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemons import wait_for
+from fault_proxy import FaultProxy
+from replication_pair import MiB, Pair, make_disk, qemu_io
+
+
+def _history_ok(pair: Pair, vm: str) -> list[int]:
+    history = pair.replica(vm)["cycles"]
+    seqs = [c["sequence"] for c in history]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"gap or duplicate in cycle history: {seqs}"
+    applied = [c["applied_ns"] for c in history if c["applied_ns"]]
+    assert applied == sorted(applied), "cycles applied out of order"
+    return seqs
+
+
+def _write_round(pair: Pair, vm: str, disks: list[Path], rng: random.Random, size: int) -> None:
+    for d in disks:
+        cmds = []
+        for _ in range(6):
+            off = rng.randrange(0, size - MiB)
+            cmds.append(f"write -P {rng.randrange(256)} {off} {rng.choice([65536, 512 * 1024, MiB])}")
+        qemu_io(pair.agent.nbd_uri(vm, d.stem), *cmds)
+
+
+def test_sigkill_of_either_daemon_at_random_points_converges(tmp_path):
+    rng = random.Random(20261123)
+    size = 16 * MiB
+    pair = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}).start()
+    try:
+        disks = [make_disk(tmp_path / "k0.img", size), make_disk(tmp_path / "k1.img", size)]
+        pair.protect("kvm", disks, frequency=900)
+        pair.initial("kvm")
+        kills = {"listener": 0, "agent": 0}
+        for point in range(22):
+            _write_round(pair, "kvm", disks, rng, size)
+            victim = "agent" if point % 3 == 2 else "listener"
+            sync = threading.Thread(target=lambda: pair.agent.hvrctl("vm", "sync-now", "kvm", "--no-wait",
+                                                                     check=False))
+            sync.start()
+            time.sleep(rng.uniform(0.0, 0.25))  # a random crash point: cut, spool, upload or apply
+            sync.join(30)
+            (pair.agent if victim == "agent" else pair.listener).kill()
+            kills[victim] += 1
+            (pair.agent if victim == "agent" else pair.listener).start().wait_ready()
+        assert kills["listener"] >= 14 and kills["agent"] >= 7
+        # everything converges once both run undisturbed
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                pair.sync("kvm", timeout_s=60)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "sync-now never succeeded after the faults"
+        pair.wait_replica_applied("kvm")
+        pair.assert_identical("kvm", disks)
+        seqs = _history_ok(pair, "kvm")
+        assert len(seqs) >= 10
+        assert pair.status("kvm")["state"] == "Replicating"
+    finally:
+        pair.close()
+
+
+def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_path):
+    size = 64 * MiB
+    window = 2 * MiB
+    pair = Pair(tmp_path, agent_config={"initial_window_bytes": window}).start()
+    proxy = FaultProxy(pair.listener.port, seed=9)
+    try:
+        disk = make_disk(tmp_path / "net.img", size)
+        noise = tmp_path / "noise.bin"
+        noise.write_bytes(random.Random(1).randbytes(size))
+        pair.agent.add_vm("net", [disk])
+        qemu_io(pair.agent.nbd_uri("net", "net"), f"write -s {noise} 0 {size}")
+        pair.agent.hvrctl("vm", "enable", "net", "--replica-server", "127.0.0.1", "--port", str(proxy.port),
+                          "--key", str(pair.key_path), "--frequency", "900", "--no-compression")
+        proxy.drop_after = (256 * 1024, 1536 * 1024)  # every connection dies mid-window
+        pair.agent.hvrctl("initial", "start", "net")
+        wait_for(lambda: proxy.dropped >= 3, 60, "three connections to be cut mid-upload")
+        proxy.drop_after = None
+        wait_for(lambda: pair.status("net")["state"] == "Replicating", 180, "the initial copy to finish",
+                 context=pair.agent.log_tail)
+        resent = proxy.forwarded - size
+        assert resent < size * 0.10, f"the interrupted copy re-sent {resent} bytes ({resent / size:.1%} of the disk)"
+        # cycles through the same flaky path
+        proxy.drop_after = (4096, 200 * 1024)
+        qemu_io(pair.agent.nbd_uri("net", "net"), "write -P 7 0 3M", "write -P 8 10M 1M")
+        pair.agent.hvrctl("vm", "sync-now", "net", "--no-wait")
+        wait_for(lambda: proxy.dropped >= 6, 60, "cycle uploads to be cut")
+        proxy.drop_after = None
+        pair.sync("net")
+        pair.wait_replica_applied("net")
+        pair.assert_identical("net", [disk])
+        _history_ok(pair, "net")
+    finally:
+        proxy.close()
+        pair.close()
