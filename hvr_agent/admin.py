@@ -21,7 +21,7 @@ from aiohttp import web
 
 from hvr_common.errors import HvrError, NotFoundError, UsageError
 from hvr_common.http_errors import status_for
-from hvr_common.logs import event
+from hvr_common.http_middleware import error_middleware
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
 
@@ -36,21 +36,6 @@ MAX_BODY = 1024 * 1024
 
 def _error_response(exc: HvrError) -> web.Response:
     return web.json_response(exc.to_dict(), status=status_for(exc))
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except HvrError as exc:
-        event(log, "admin_request_failed", logging.INFO, method=request.method, path=request.path,
-              code=exc.code, error=exc.message)
-        return _error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            body = {"code": "http_error", "message": exc.reason}
-            return web.json_response(body, status=exc.status)
-        raise
 
 
 async def _json_body(request: web.Request) -> dict:
@@ -70,7 +55,7 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def list_vms(request: web.Request) -> web.Response:
     reg = request.app[REGISTRY]
-    return web.json_response([vm.status() for vm in reg.vms.values()])
+    return web.json_response([vm.status() for vm in reg.vms.values()] + reg.unavailable_status())
 
 
 async def add_vm(request: web.Request) -> web.Response:
@@ -104,7 +89,9 @@ async def get_vm(request: web.Request) -> web.Response:
 
 
 async def remove_vm(request: web.Request) -> web.Response:
-    name = _vm(request).name
+    name = request.match_info["name"]
+    if name not in request.app[REGISTRY].unavailable:
+        name = _vm(request).name
     await request.app[REGISTRY].remove(name)
     return web.json_response({"removed": name})
 
@@ -178,7 +165,7 @@ async def resume_replication(request: web.Request) -> web.Response:
 
 
 def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[error_middleware(log)], client_max_size=MAX_BODY)
     app[REGISTRY] = registry
     app[STATUS] = status
     app[REPLICATION] = replication

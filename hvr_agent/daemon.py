@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from aiohttp import web
 from hvr_common import systemd
 from hvr_common.config import AgentConfig
 from hvr_common.logs import event
+from hvr_common.state_lock import StateLock
 from hvr_common.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_agent.admin import make_app
 from hvr_agent.nbd_server import NbdServer
@@ -37,6 +39,8 @@ class Agent:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.state_dir, 0o700)
+        os.umask(0o077)  # logs, bitmaps, spool files: owner only
+        lock = StateLock(cfg.state_dir, "hvr-agent").acquire()
         store = AgentStore(cfg.db_path)
         registry = VmRegistry(cfg, store)
         nbd = NbdServer(registry)
@@ -48,6 +52,8 @@ class Agent:
             claim_socket_path(cfg.nbd_socket)
             await nbd.listen_unix(cfg.nbd_socket)
             os.chmod(cfg.nbd_socket, 0o660)
+            if cfg.nbd_socket_group:  # e.g. libvirt-qemu, so QEMU can connect without root
+                shutil.chown(cfg.nbd_socket, group=cfg.nbd_socket_group)
             owned[cfg.nbd_socket] = socket_identity(cfg.nbd_socket)
             tcp_port = None
             if cfg.nbd_tcp:
@@ -85,6 +91,7 @@ class Agent:
             if runner is not None:
                 await runner.cleanup()
             store.close()
+            lock.release()
             for path, identity in owned.items():
                 release_socket_path(path, identity)
             event(log, "agent_stopped")

@@ -43,6 +43,7 @@ class ReplicaError(HvrError):
     """A refusal by the replica server (permanent: retrying the same request cannot help)."""
 
     code = "replica_refused"
+    http_status = 502  # the agent's admin API passes the replica's refusal on as a bad gateway
     status = 0
 
     def __init__(self, message: str, *, status: int, server_code: str | None = None, **kw):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvr_common.config import AgentConfig
-from hvr_common.errors import ConflictError, NotFoundError, UsageError
+from hvr_common.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.hrl import HrlHeader
 from hvr_common.logs import event
 from hvr_common.nbd_protocol import MAX_PAYLOAD, ExportInfo
@@ -66,6 +66,7 @@ class VmRegistry:
         self.vms: dict[str, ProtectedVm] = {}
         self._exports: dict[str, tuple[ProtectedVm, TrackedDisk]] = {}
         self.on_remove: list[Callable[[str], None]] = []
+        self.unavailable: dict[str, tuple[VmRecord, str]] = {}  # registered but could not be opened
         self._admin_lock = asyncio.Lock()
 
     # --- exports ----------------------------------------------------------
@@ -87,9 +88,24 @@ class VmRegistry:
 
     # --- lifecycle --------------------------------------------------------
     async def load_all(self) -> None:
+        """Open every registered VM; one that cannot be opened is kept aside as unavailable
+        (listed with its error, removable) so it does not stop the others."""
         records = await asyncio.to_thread(self.store.list_vms)
         for rec in records:
-            await self._open_vm(rec)
+            try:
+                await self._open_vm(rec)
+            except (HvrError, OSError) as exc:
+                self.unavailable[rec.name] = (rec, str(exc))
+                event(log, "vm_unavailable", logging.ERROR, vm=rec.name, error=str(exc),
+                      hint="fix the cause and restart the agent, or: hvrctl vm remove " + rec.name)
+
+    def unavailable_status(self) -> list[dict]:
+        return [{"name": rec.name, "vm_id": str(rec.vm_id), "generation": rec.generation,
+                 "read_only": rec.read_only, "state": "Unavailable", "error": error, "sequence": None,
+                 "disks": [{"name": d.name, "disk_id": str(d.disk_id), "path": str(d.path), "export": None,
+                            "size_bytes": None, "read_only": rec.read_only, "sequence": None,
+                            "active_log": None} for d in rec.disks]}
+                for rec, error in self.unavailable.values()]
 
     async def add(self, name: str, paths: list[str], read_only: bool) -> ProtectedVm:
         check_name("VM", name)
@@ -107,7 +123,7 @@ class VmRegistry:
                                  hint="give the image files different names")
             disks.append((dname, path.resolve()))
         async with self._admin_lock:
-            if name in self.vms:
+            if name in self.vms or name in self.unavailable:
                 raise ConflictError(f"a VM named {name!r} is already registered")
             # Open every image before recording anything, so a bad path changes nothing.
             for _, path in disks:
@@ -183,15 +199,25 @@ class VmRegistry:
         return total
 
     async def remove(self, name: str) -> None:
+        """Unregister: the database row goes first (the commit point), then exports and logs close."""
         async with self._admin_lock:
+            if name in self.unavailable:
+                await asyncio.to_thread(self.store.remove_vm, name)
+                del self.unavailable[name]
+                event(log, "vm_removed", vm=name, was_unavailable=True)
+                return
             vm = self.vms.get(name)
             if vm is None:
                 raise NotFoundError(f"no VM named {name!r} is registered")
+            await asyncio.to_thread(self.store.remove_vm, name)
             self._unexport(vm)
             for cb in self.on_remove:
                 cb(name)
-            await self._close_vm(vm, end_logs=True)
-            await asyncio.to_thread(self.store.remove_vm, name)
+            try:
+                await self._close_vm(vm, end_logs=True)
+            except (HvrError, OSError) as exc:
+                event(log, "vm_close_failed", logging.ERROR, vm=name, error=str(exc),
+                      hint="the VM is unregistered; its last log may lack its END record")
         event(log, "vm_removed", vm=name)
 
     def _unexport(self, vm: ProtectedVm) -> None:

@@ -81,6 +81,21 @@ class _Checker:
             self.problems.append(f"{key}: {exc}")
             return None
 
+    def group(self, key: str) -> str | None:
+        value, present = self._get(key, False, None)
+        if not present:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problems.append(f"{key}: must be a group name, not {value!r}")
+            return None
+        try:
+            import grp
+            grp.getgrnam(value)
+        except KeyError:
+            self.problems.append(f"{key}: no group named {value!r} on this host")
+            return None
+        return value
+
     def finish(self) -> None:
         for key in sorted(set(self.table) - self.seen):
             self.problems.append(f"{key}: unknown key")
@@ -134,6 +149,7 @@ class AgentConfig:
     bitmap_region_bytes: int = DEFAULT_REGION_BYTES
     journal_buffer_bytes: int = 1024 * 1024
     initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
+    nbd_socket_group: str | None = None
 
     @property
     def db_path(self) -> Path:
@@ -163,6 +179,7 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         log_format=c.choice("log_format", LOG_FORMATS, "auto"),
         bitmap_region_bytes=c.integer("bitmap_region_bytes", DEFAULT_REGION_BYTES, check=_region_check),
         journal_buffer_bytes=c.integer("journal_buffer_bytes", 1024 * 1024, check=_positive),
+        nbd_socket_group=c.group("nbd_socket_group"),
         initial_window_bytes=c.integer("initial_window_bytes", DEFAULT_INITIAL_WINDOW_BYTES,
                                        check=_initial_window_check),
     )

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from hvr_common.errors import HvrError, NotFoundError, UsageError
-from hvr_common.http_errors import status_for
+from hvr_common.errors import NotFoundError, UsageError
+from hvr_common.http_middleware import error_middleware
 from hvr_common.logs import event
 from hvr_common.token_auth import SECRET_BYTES, Key, check_principal
 from hvr_listener.settings import ServerSettings
@@ -28,14 +28,6 @@ log = logging.getLogger("hvr.listener.admin")
 SETTINGS = web.AppKey("settings", ServerSettings)
 STORE = web.AppKey("store", ListenerStore)
 ON_LISTEN_CHANGE = web.AppKey("on_listen_change", Callable[[], Awaitable[None]])
-
-
-@web.middleware
-async def errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except HvrError as exc:
-        return web.json_response(exc.to_dict(), status=status_for(exc))
 
 
 async def _body(request: web.Request) -> dict:
@@ -70,7 +62,7 @@ async def patch_server(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     changes = await _body(request)
     old_listen = settings.listen_endpoint()
-    view = await asyncio.to_thread(settings.update, changes)
+    await asyncio.to_thread(settings.update, changes)
     event(log, "server_settings_changed", changes=changes)
     if "listen" in changes and settings.listen_endpoint() != old_listen:
         await request.app[ON_LISTEN_CHANGE]()
@@ -127,7 +119,7 @@ async def get_replica(request: web.Request) -> web.Response:
 
 def make_app(settings: ServerSettings, store: ListenerStore,
              on_listen_change: Callable[[], Awaitable[None]]) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[error_middleware(log)], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[STORE] = store
     app[ON_LISTEN_CHANGE] = on_listen_change

@@ -14,6 +14,7 @@ from hvr_common import systemd
 from hvr_common.config import ListenerConfig
 from hvr_common.errors import ConflictError
 from hvr_common.logs import event
+from hvr_common.state_lock import StateLock
 from hvr_common.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
@@ -72,6 +73,8 @@ class Listener:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.state_dir, 0o700)
+        os.umask(0o077)
+        lock = StateLock(cfg.state_dir, "hvr-listener").acquire()
         cfg.storage.mkdir(parents=True, exist_ok=True)
         store = ListenerStore(cfg.db_path)
         admin_runner = None
@@ -122,6 +125,7 @@ class Listener:
             if admin_runner is not None:
                 await admin_runner.cleanup()
             store.close()
+            lock.release()
             release_socket_path(Path(cfg.admin_socket), admin_identity)
             event(log, "listener_stopped")
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from hvr_common.errors import HvrError, UsageError
 from hvr_common.http_errors import status_for
-from hvr_common.logs import event
+from hvr_common.http_middleware import error_middleware
 from hvr_common.token_auth import CONTENT_DIGEST_HEADER, AuthError, ReplayCache, verify
 from hvr_listener.replicas import (
     BodyError, ForbiddenError, LengthRequiredError, ReplicaService, TooLargeError,
@@ -53,24 +53,11 @@ def status_of(exc: HvrError) -> int:
     return status_for(exc)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except HvrError as exc:
-        status = status_of(exc)
-        code = exc.detail.get("code") if isinstance(exc, BodyError) and exc.code == "bad_request" else None
-        body = exc.to_dict()
-        if code:
-            body["code"] = code
-        event(log, "request_refused", logging.WARNING if status != 404 else logging.INFO,
-              method=request.method, path=request.path_qs, status=status, code=body["code"],
-              principal=request.get(PRINCIPAL), error=exc.message)
-        return web.json_response(body, status=status)
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return web.json_response({"code": "http_error", "message": exc.reason}, status=exc.status)
-        raise
+def _body_of(exc: HvrError) -> dict:
+    body = exc.to_dict()
+    if isinstance(exc, BodyError) and exc.code == "bad_request" and exc.detail.get("code"):
+        body["code"] = exc.detail["code"]
+    return body
 
 
 @web.middleware
@@ -213,7 +200,7 @@ async def put_cycle(request: web.Request) -> web.Response:
 
 def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int) -> web.Application:
     # aiohttp's own body limit applies to request.read()/post(); bundles are streamed and bounded by the service.
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_JSON_BODY)
+    app = web.Application(middlewares=[error_middleware(log, status_of, _body_of), auth_middleware], client_max_size=MAX_JSON_BODY)
     app[SERVICE] = service
     app[SETTINGS] = settings
     app[REPLAY] = ReplayCache()

@@ -9,7 +9,6 @@ was reproduces the live disk.  Nothing outside the temporary folder changes.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess

@@ -48,8 +48,9 @@ def _client(args) -> AdminClient:
 def _disk_rows(vm: dict) -> list[dict]:
     rows = []
     for d in vm["disks"]:
-        rows.append({"vm": vm["name"], "disk": d["name"], "export": d["export"], "size": human_bytes(d["size_bytes"]),
-                     "mode": "ro" if d["read_only"] else "rw", "seq": d.get("sequence"), "path": d["path"]})
+        rows.append({"vm": vm["name"], "disk": d["name"], "export": d["export"] or "UNAVAILABLE",
+                     "size": human_bytes(d["size_bytes"]), "mode": "ro" if d["read_only"] else "rw",
+                     "seq": d.get("sequence"), "path": d["path"]})
     return rows
 
 
@@ -75,6 +76,10 @@ def cmd_list(args) -> int:
         print("no VMs registered (add one with: hvrctl vm add NAME --disk PATH)")
     else:
         print(table([r for vm in vms for r in _disk_rows(vm)], _DISK_COLUMNS))
+        for vm in vms:
+            if vm.get("error"):
+                print(f"\n{vm['name']} is unavailable: {vm['error']}\n  fix it and restart the agent, "
+                      f"or unregister it: hvrctl vm remove {vm['name']}")
     return 0
 
 

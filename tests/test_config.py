@@ -98,3 +98,10 @@ def test_bad_listener_value_is_refused_naming_the_key(bad, key):
     with pytest.raises(ConfigError) as info:
         parse_listener_config({**good, **bad})
     assert any(p.startswith(key) for p in info.value.problems), info.value.problems
+
+
+def test_nbd_socket_group_must_exist():
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config({**GOOD, "nbd_socket_group": "no-such-group-hvr"})
+    assert info.value.problems == ["nbd_socket_group: no group named 'no-such-group-hvr' on this host"]
+    assert parse_agent_config({**GOOD, "nbd_socket_group": "root"}).nbd_socket_group == "root"

@@ -1,0 +1,48 @@
+"""The error boundary of the daemons' HTTP APIs (aiohttp middleware).
+
+Every failure leaves as a JSON error body: an :class:`HvrError` with its
+status and code, an aiohttp HTTP error (404 route, 405 method, keeping its
+``Allow`` header), and anything unexpected as a 500 whose traceback goes to
+the log and never to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from hvr_common.errors import HvrError
+from hvr_common.http_errors import internal_error_body, status_for
+from hvr_common.logs import event
+
+
+def error_middleware(logger: logging.Logger, status_of: Callable[[HvrError], int] = status_for,
+                     body_of: Callable[[HvrError], dict] | None = None):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except HvrError as exc:
+            status = status_of(exc)
+            body = body_of(exc) if body_of else exc.to_dict()
+            event(logger, "request_refused", logging.WARNING if status >= 500 or status == 401 else logging.INFO,
+                  method=request.method, path=request.path_qs, status=status, code=body.get("code"),
+                  error=exc.message)
+            return web.json_response(body, status=status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return web.json_response({"code": "http_error", "message": exc.reason}, status=exc.status,
+                                     headers=headers)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the boundary: log it whole, answer in JSON
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+            event(logger, "request_failed", logging.ERROR, method=request.method, path=request.path_qs,
+                  error=f"{type(exc).__name__}: {exc}")
+            return web.json_response(internal_error_body(exc), status=500)
+    return middleware
