@@ -742,7 +742,24 @@ class ReplicationManager:
         out.update({"VMName": name, "State": rep.rec.state.value,
                     "Health": (await self.status_of(rep))["health"], "ReplicationMode": "Primary",
                     "FrequencySec": rep.rec.frequency_s})
+        out["LastAppliedLogTime"] = await self._last_applied_log_time(rep)
         return out
+
+    async def _last_applied_log_time(self, rep: "VmReplication") -> str | None:
+        """LastAppliedLogTime lives on the replica: ask it (briefly); None when it cannot say."""
+        client = getattr(rep, "_client", None)
+        vm = self.registry.vms.get(rep.name)
+        if client is None or vm is None:
+            return None
+        try:
+            async with asyncio.timeout(MEASURE_REPLICA_TIMEOUT_S):
+                state = await client.replica_state(vm.record.vm_id)
+        except (HvrError, TimeoutError):
+            return None
+        return iso_time(state.get("last_applied_log_time_ns"))
+
+
+MEASURE_REPLICA_TIMEOUT_S = 3.0
 
 
 def _remove_dir(path: Path) -> None:

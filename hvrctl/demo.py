@@ -1,16 +1,20 @@
 """A self-contained demonstration of hvr on this machine, on loopback, in a temporary folder.
 
-Runs the real agent, writes to a VM disk through NBD with qemu-io (an
-independent client), cuts the logs, inspects them, and proves with
-``qemu-img compare`` that replaying the logs onto a copy of the disk as it
-was reproduces the live disk.  Nothing outside the temporary folder changes.
+Starts a replica server (hvr-listener) and a primary (hvr-agent), writes to a
+VM's two disks through NBD with qemu-io (an independent client), enables
+replication with a token key, runs the initial replication, ships a few
+cycles, shows ``vm get`` and ``vm measure``, and proves with ``qemu-img
+compare`` that the replica disks equal the primary's.  Nothing outside the
+temporary folder changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,26 +28,43 @@ def step(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
+def sh(cmd: list, *, quiet: bool = False, **kw) -> subprocess.CompletedProcess:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     result = subprocess.run([str(c) for c in cmd], text=True, capture_output=True, **kw)
     out = (result.stdout + result.stderr).rstrip()
-    if out:
+    if out and not quiet:
         print(out, flush=True)
     if result.returncode != 0:
+        if quiet and out:
+            print(out, flush=True)
         raise SystemExit(f"demo: command failed with exit code {result.returncode}")
     return result
 
 
-def wait_for_socket(proc: subprocess.Popen, path: Path, log: Path, timeout_s: float = 30) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what: str, predicate, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def start(cmd: list, log: Path, sock: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
         if proc.poll() is not None:
-            raise SystemExit(f"demo: the agent exited early:\n{log.read_text()}")
-        if path.exists():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"demo: the agent did not open {path} within {timeout_s} s")
+            raise SystemExit(f"demo: {cmd[2]} exited early:\n{log.read_text()}")
+        return sock.exists()
+    wait_until(f"{cmd[2]} to start", ready)
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,70 +75,84 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="hvr-demo-"))
     py = sys.executable
-    hvrctl = [py, "-m", "hvrctl", "--agent-socket", work / "agent.sock"]
-    agent = None
+    agent_ctl = [py, "-m", "hvrctl", "--agent-socket", work / "agent.sock"]
+    listener_ctl = [py, "-m", "hvrctl", "--listener-socket", work / "listener.sock"]
+    procs: list[subprocess.Popen] = []
+    port = free_port()
     try:
-        step(f"workspace {work}: two raw sparse disks of {args.size_mib} MiB for VM 'web01'")
+        step(f"workspace {work}")
+        (work / "listener.toml").write_text(
+            f'state_dir = "{work}/listener-state"\nadmin_socket = "{work}/listener.sock"\n'
+            f'listen = "127.0.0.1:{port}"\nstorage = "{work}/replicas"\nlog_format = "json"\n')
+        (work / "agent.toml").write_text(
+            f'state_dir = "{work}/agent-state"\nadmin_socket = "{work}/agent.sock"\n'
+            f'nbd_socket = "{work}/nbd.sock"\nlog_format = "json"\ninitial_window_bytes = 16777216\n')
+
+        step("replica server: start hvr-listener on 127.0.0.1, enable it, install the primary's key")
+        procs.append(start([py, "-m", "hvr_listener", "--config", work / "listener.toml"],
+                           work / "listener.log", work / "listener.sock"))
+        sh(listener_ctl + ["server", "set", "--enabled", "true"])
+        sh([py, "-m", "hvrctl", "key", "new", "primary.example", "--out", work / "primary.key"])
+        sh(listener_ctl + ["server", "key", "add", work / "primary.key"])
+
+        step("primary: start hvr-agent and protect VM 'web01' (two raw disks served over NBD)")
         disks = [work / "sys.img", work / "data.img"]
         for d in disks:
             sh(["qemu-img", "create", "-q", "-f", "raw", d, f"{args.size_mib}M"])
-            shutil.copyfile(d, d.with_suffix(".before"))
-        (work / "agent.toml").write_text(
-            f'state_dir = "{work}/state"\nadmin_socket = "{work}/agent.sock"\n'
-            f'nbd_socket = "{work}/nbd.sock"\nlog_format = "json"\n')
-
-        step("start hvr-agent (foreground daemon; its JSON log goes to agent.log)")
-        log = work / "agent.log"
-        with open(log, "wb") as fh:
-            agent = subprocess.Popen([py, "-m", "hvr_agent", "--config", work / "agent.toml"],
-                                     stdout=fh, stderr=subprocess.STDOUT)
-        wait_for_socket(agent, work / "agent.sock", log)
-        print(f"agent running, pid {agent.pid}")
-
-        step("protect the VM: export both disks over NBD with change tracking")
-        sh(hvrctl + ["vm", "add", "web01", "--disk", disks[0], "--disk", disks[1]])
+        procs.append(start([py, "-m", "hvr_agent", "--config", work / "agent.toml"],
+                           work / "agent.log", work / "agent.sock"))
+        sh(agent_ctl + ["vm", "add", "web01", "--disk", disks[0], "--disk", disks[1]])
         uri = {d.stem: f"nbd+unix:///web01/{d.stem}?socket={work}/nbd.sock" for d in disks}
 
-        step("the guest writes (qemu-io over NBD): data, a TRIM, zeroes, a FUA write")
-        sh(["qemu-io", "-f", "raw", "-c", "write -P 0xaa 0 8M", "-c", "write -P 0xbb 1M 64k",
-            "-c", "discard 4M 1M", "-c", "write -z 6M 512k", "-c", "write -f -P 0x11 7M 4k",
-            uri["sys"]])
-        sh(["qemu-io", "-f", "raw", "-c", "write -P 0x42 100M 3M", "-c", "write -P 0x43 101M 5000",
-            "-c", "flush", uri["data"]])
+        step("the guest writes its disks (qemu-io over NBD)")
+        sh(["qemu-io", "-f", "raw", "-c", "write -P 0xaa 0 32M", "-c", "write -P 0xbb 40M 8M",
+            "-c", "discard 8M 4M", uri["sys"]])
+        sh(["qemu-io", "-f", "raw", "-c", f"write -P 0x42 {args.size_mib // 2}M 16M", uri["data"]])
 
-        step("cut: both disks switch to new logs at one instant; the closed logs are durable")
-        sh(hvrctl + ["vm", "cut", "web01"])
-        sh(["qemu-io", "-f", "raw", "-c", "write -P 0xcc 2M 2M", uri["sys"]])
-        sh(hvrctl + ["vm", "cut", "web01"])
+        step("enable replication (Enable-VMReplication) and run the initial replication")
+        sh(agent_ctl + ["vm", "enable", "web01", "--replica-server", "127.0.0.1", "--port", str(port),
+                        "--key", work / "primary.key", "--frequency", "30"])
+        sh(agent_ctl + ["initial", "start", "web01", "--wait"], timeout=600)
 
-        step("holes are visible to NBD clients (block status)")
-        sh(["qemu-img", "map", "--output=human", "-f", "raw", uri["sys"]])
+        step("a few replication cycles: the guest writes, then sync-now ships the changes")
+        for n in range(3):
+            sh(["qemu-io", "-f", "raw", "-c", f"write -P {0x10 + n} {n * 5}M 3M",
+                "-c", f"write -z {100 + n}M 1M", uri["sys"]], quiet=True)
+            sh(["qemu-io", "-f", "raw", "-c", f"write -P {0x20 + n} {n}M 512k", uri["data"]], quiet=True)
+            sh(agent_ctl + ["vm", "sync-now", "web01"])
 
-        step("inspect the first log of the system disk")
-        logs = sorted(work.glob("sys.img.*.hrl"))
-        sh(hvrctl + ["hrl", "inspect", logs[0]])
+        step("replication state and statistics (Get-VMReplication, Measure-VMReplication)")
+        sh(agent_ctl + ["vm", "get", "web01"])
+        sh(agent_ctl + ["vm", "measure", "web01"])
 
-        step("stop the agent cleanly (SIGTERM): active logs are closed")
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=60)
-        print(f"agent exited with {agent.returncode}")
+        step("the replica server's view")
+        status = json.loads(sh(agent_ctl + ["vm", "get", "web01", "-o", "json"], quiet=True).stdout)
+        target = status["next_sequence"] - 1
 
-        step("replay every log, in order, onto copies of the disks as they were before")
+        def applied() -> bool:
+            rep = json.loads(subprocess.run([str(c) for c in listener_ctl + ["replica", "get", "web01", "-o",
+                                                                              "json"]],
+                                            capture_output=True, text=True).stdout)
+            return rep["last_applied_sequence"] >= target
+        wait_until("the replica to apply the last cycle", applied)
+        sh(listener_ctl + ["replica", "get", "web01"])
+
+        step("verify with qemu-img compare: primary disk == replica disk")
         for d in disks:
-            replica = d.with_suffix(".replayed")
-            shutil.copyfile(d.with_suffix(".before"), replica)
-            for hrl in sorted(work.glob(d.name + ".*.hrl")):
-                sh([py, "-m", "hvrctl", "hrl", "apply", hrl, replica])
+            sh(["qemu-img", "compare", "-f", "raw", "-F", "raw", d, work / "replicas" / "web01" / d.name])
 
-        step("verify with qemu-img compare: replayed copy == live disk")
-        for d in disks:
-            sh(["qemu-img", "compare", "-f", "raw", "-F", "raw", d, d.with_suffix(".replayed")])
-        print("\nDemo complete: every guest write was captured, and the logs rebuild the disks exactly.")
+        step("stop both daemons cleanly (SIGTERM)")
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=60)
+            print(f"pid {p.pid} exited with {p.returncode}")
+        print("\nDemo complete: the replica disks are identical to the primary's.")
         return 0
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         if args.keep:
             print(f"(kept {work})")
         else:

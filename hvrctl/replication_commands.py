@@ -229,7 +229,7 @@ def _print_detail(s: dict) -> None:
 _MEASURE_FIELDS = ("VMName", "State", "Health", "ReplicationMode", "FrequencySec", "AverageReplicationSize",
                    "MaximumReplicationSize", "AverageReplicationLatency", "MaximumReplicationLatency",
                    "SuccessfulReplicationCount", "MissedReplicationCount", "PendingReplicationSize",
-                   "LastReplicationTime", "ReplicationErrors", "WindowStartTime")
+                   "LastReplicationTime", "LastAppliedLogTime", "ReplicationErrors", "WindowStartTime")
 
 
 def cmd_measure(args) -> int:

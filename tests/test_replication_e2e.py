@@ -66,6 +66,9 @@ def test_initial_replication_and_cycles_keep_the_replica_identical(pair, tmp_pat
     assert st["state"] == "Replicating"
     measure = pair.agent.hvrctl_json("vm", "measure", "web", "-o", "json")
     assert measure["SuccessfulReplicationCount"] >= 3
+    assert measure["MissedReplicationCount"] == 0 and measure["ReplicationErrors"] == 0
+    assert measure["LastAppliedLogTime"] and measure["LastReplicationTime"]
+    assert measure["LastAppliedLogTime"] <= measure["LastReplicationTime"]
     history = pair.replica("web")["cycles"]
     seqs = [c["sequence"] for c in history]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))

@@ -1,0 +1,472 @@
+"""Shared pieces of the replication benchmarks (``initial_vs_rsync.py``, ``churn.py``).
+
+* :class:`CountingProxy`: a TCP forwarder on 127.0.0.1 that counts the bytes
+  it carries in each direction.  It moves data with ``splice(2)`` (socket to
+  pipe to socket, no copy through Python), so it costs little CPU and
+  measures hvr and rsync the same way, independently of what either reports.
+* :class:`RssSampler`: the resident set of one process (``VmRSS`` from
+  ``/proc/PID/status``), sampled in a thread; keeps the peak and the samples.
+* :class:`AdminHttp`: a minimal HTTP/1.1 client over a unix socket, for the
+  agent's and listener's admin APIs.  Polling through it costs far less CPU
+  than starting ``hvrctl`` (a Python interpreter) every half second, which on
+  a 2-core machine would disturb what is measured.
+* :class:`ReplicationPair`: a listener and an agent from ``tests/`` wired
+  together through a :class:`CountingProxy`.
+* small things: size parsing and printing, a table printer, the work
+  directory with ``--keep``, percentiles.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from daemons import AgentProcess, run, wait_for  # noqa: E402
+from listener_process import ListenerProcess  # noqa: E402
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+PIPE_BYTES = 1 * MiB  # pipe capacity the proxy asks for (F_SETPIPE_SZ)
+SPLICE_BYTES = 1 * MiB
+F_SETPIPE_SZ = 1031
+RSS_INTERVAL_S = 0.2
+
+
+# --- sizes, tables, statistics -----------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """``4G``, ``512M``, ``1.5GiB``, ``65536`` -> bytes (binary units)."""
+    units = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = t[-1] if t and t[-1] in units else ""
+    return int(float(t[: len(t) - len(suffix)]) * units[suffix])
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (``p`` in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-p * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=sys.stdout) -> None:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if n and _numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip(),
+              file=out)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+    out.flush()
+
+
+def _numeric(cell: str) -> bool:
+    return bool(cell) and (cell[0].isdigit() or cell[0] in "-+.") and cell != "-" or cell.endswith("iB")
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# --- work directory ------------------------------------------------------------------------------
+class WorkDir:
+    """A fresh directory under ``parent`` (default /var/tmp), removed on exit unless ``keep``."""
+
+    def __init__(self, prefix: str, parent: str | None = None, keep: bool = False):
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent or "/var/tmp"))
+        self.keep = keep
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc_info) -> None:
+        if self.keep:
+            say(f"work directory kept: {self.path}")
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+# --- the counting proxy ------------------------------------------------------------------------
+class CountingProxy:
+    """Forwards 127.0.0.1:``port`` to 127.0.0.1:``target_port`` and counts bytes per direction.
+
+    ``up_bytes`` counts client to server (what the sender puts on the wire),
+    ``down_bytes`` server to client.  :meth:`reset` zeroes both.
+    """
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.up_bytes = 0
+        self.down_bytes = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        self._open: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.up_bytes = self.down_bytes = 0
+            self.connections = 0
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.up_bytes, self.down_bytes
+
+    def close(self) -> None:
+        self._closed = True
+        for s in [self._listener, *list(self._open)]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> CountingProxy:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._open.add(s)
+            with self._lock:
+                self.connections += 1
+            done = threading.Barrier(2, action=lambda c=client, u=upstream: self._finish(c, u))
+            threading.Thread(target=self._pipe, args=(client, upstream, True, done), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False, done), daemon=True).start()
+
+    def _finish(self, a: socket.socket, b: socket.socket) -> None:
+        for s in (a, b):
+            self._open.discard(s)
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool, done: threading.Barrier) -> None:
+        pipe_r, pipe_w = os.pipe()
+        try:
+            try:
+                fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # the default 64 KiB pipe works, a little slower
+            src_fd, dst_fd = src.fileno(), dst.fileno()
+            while True:
+                n = os.splice(src_fd, pipe_w, SPLICE_BYTES)
+                if n == 0:
+                    break
+                left = n
+                while left:
+                    left -= os.splice(pipe_r, dst_fd, left)
+                with self._lock:
+                    if upstream:
+                        self.up_bytes += n
+                    else:
+                        self.down_bytes += n
+            try:
+                dst.shutdown(socket.SHUT_WR)  # pass the half-close on
+            except OSError:
+                pass
+        except OSError:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        finally:
+            os.close(pipe_r)
+            os.close(pipe_w)
+            try:
+                done.wait(timeout=600)
+            except threading.BrokenBarrierError:
+                pass
+
+
+# --- resident memory -----------------------------------------------------------------------------
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * KiB
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples one process's VmRSS every ``interval_s`` in a thread.
+
+    ``mark(label)`` tags the following samples, so a caller can ask for the
+    peak within a phase: ``peak(label)``.
+    """
+
+    def __init__(self, pid: int, interval_s: float = RSS_INTERVAL_S):
+        self.pid = pid
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, str | None, int]] = []
+        self._label: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def mark(self, label: str | None) -> None:
+        self._label = label
+
+    def peak(self, label: str | None = None) -> int | None:
+        values = [v for _, lab, v in self.samples if label is None or lab == label]
+        return max(values, default=None)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            value = rss_bytes(self.pid)
+            if value is not None:
+                self.samples.append((time.monotonic(), self._label, value))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+# --- admin API over a unix socket ----------------------------------------------------------------
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout_s: float):
+        super().__init__("localhost", timeout=timeout_s)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+class AdminError(RuntimeError):
+    pass
+
+
+class AdminHttp:
+    """JSON requests to a daemon's admin socket (one connection per request)."""
+
+    def __init__(self, socket_path: Path, timeout_s: float = 30):
+        self.socket_path = Path(socket_path)
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None):
+        conn = _UnixConnection(self.socket_path, timeout_s or self.timeout_s)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            doc = None
+        if resp.status >= 300:
+            raise AdminError(f"{method} {path}: HTTP {resp.status}: {raw[:500]!r}")
+        return doc
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+
+# --- a replication pair --------------------------------------------------------------------------
+class ReplicationPair:
+    """Listener, agent and a counting proxy between them, all on 127.0.0.1.
+
+    The agent's replica endpoint is the proxy, so ``proxy.counts()`` is what
+    hvr put on the wire.  Use as a context manager: everything is stopped on
+    exit.
+    """
+
+    def __init__(self, workdir: Path, *, agent_config: dict | None = None,
+                 listener_config: dict | None = None):
+        self.workdir = workdir
+        self.listener = ListenerProcess(workdir / "listener", extra_config=listener_config)
+        self.agent = AgentProcess(workdir / "agent", extra_config=dict({"log_format": "json"},
+                                                                       **(agent_config or {})))
+        self.proxy: CountingProxy | None = None
+        self.key_path: Path | None = None
+        self.agent_api: AdminHttp | None = None
+        self.listener_api: AdminHttp | None = None
+
+    def start(self) -> ReplicationPair:
+        self.listener.start().wait_ready()
+        _, self.key_path = self.listener.new_key("primary.bench")
+        self.agent.start().wait_ready()
+        self.proxy = CountingProxy(self.listener.port)
+        self.agent_api = AdminHttp(self.agent.admin_socket)
+        self.listener_api = AdminHttp(self.listener.admin_socket)
+        return self
+
+    @property
+    def agent_pid(self) -> int:
+        return self.agent.process.pid
+
+    @property
+    def listener_pid(self) -> int:
+        return self.listener.process.pid
+
+    def close(self) -> None:
+        try:
+            try:
+                self.agent.close()
+            finally:
+                self.listener.close()
+        finally:
+            if self.proxy is not None:
+                self.proxy.close()
+
+    def __enter__(self) -> ReplicationPair:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # primary side
+    def protect(self, vm: str, disks: list[Path], *, frequency_s: int = 30, compression: bool = True) -> None:
+        self.agent.add_vm(vm, disks)
+        args = ["vm", "enable", vm, "--replica-server", "127.0.0.1", "--port", str(self.proxy.port),
+                "--key", str(self.key_path), "--frequency", str(frequency_s)]
+        if not compression:
+            args.append("--no-compression")
+        self.agent.hvrctl(*args)
+
+    def status(self, vm: str) -> dict:
+        return self.agent_api.get(f"/v1/replication/{vm}")
+
+    def measure(self, vm: str) -> dict:
+        return self.agent_api.get(f"/v1/vms/{vm}/replication/measure")
+
+    def vm_info(self, vm: str) -> dict:
+        return self.agent_api.get(f"/v1/vms/{vm}")
+
+    def sync_now(self, vm: str, wait: bool) -> dict:
+        return self.agent_api.request("POST", f"/v1/vms/{vm}/replication/sync-now", {"wait": wait},
+                                      timeout_s=600)
+
+    # replica side
+    def replica(self, vm: str) -> dict:
+        return self.listener_api.get(f"/v1/replicas/{vm}")
+
+    def replica_image(self, vm: str, disk: str) -> Path:
+        return self.listener.storage / vm / f"{disk}.img"
+
+    def agent_events(self, name: str) -> list[dict]:
+        """The agent's JSON log events called ``name`` (stdout)."""
+        out = []
+        path = self.agent.stdout_path
+        if not path.exists():
+            return out
+        with open(path, errors="replace") as f:
+            for line in f:
+                if name not in line:
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if ev.get("event") == name:
+                    out.append(ev)
+        return out
+
+    def log_tails(self) -> str:
+        return self.agent.log_tail() + "\n" + self.listener.log_tail()
+
+
+def qemu_img_compare(a: Path, b: Path, timeout_s: float = 1800) -> tuple[bool, str]:
+    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+                            capture_output=True, text=True, timeout=timeout_s)
+    return result.returncode == 0, (result.stdout + result.stderr).strip()
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes of data (SEEK_DATA/SEEK_HOLE) in a file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        total = 0
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            total += end - start
+            pos = end
+        return total
+    finally:
+        os.close(fd)
+
+
+def drop_dirty_pages() -> None:
+    """Write back dirty pages so one run's writeback does not slow the next."""
+    os.sync()
+
+
+__all__ = ["AgentProcess", "ListenerProcess", "run", "wait_for", "KiB", "MiB", "GiB", "parse_size", "human",
+           "percentile", "print_table", "say", "WorkDir", "CountingProxy", "rss_bytes", "RssSampler", "AdminHttp",
+           "AdminError", "ReplicationPair", "qemu_img_compare", "allocated_bytes", "drop_dirty_pages"]
