@@ -287,3 +287,33 @@ def test_disabled_server_refuses_clearly(tmp_path):
         assert "hvrctl server set --enabled true" in r.json()["hint"]
     finally:
         lp.close()
+
+
+def test_server_set_listen_rebinds_and_storage_applies_to_new_replicas(tmp_path):
+    from daemons import free_tcp_port
+    lp = ListenerProcess(tmp_path / "l2")
+    lp.start().wait_ready()
+    try:
+        key, _ = lp.new_key("mover.example")
+        old_port, new_port = lp.port, free_tcp_port()
+        view = lp.hvrctl_json("server", "set", "--listen", f"127.0.0.1:{new_port}")
+        assert view["listening_on"] == f"127.0.0.1:{new_port}"
+        assert call(new_port, "GET", "/v1/server", key=key).status == 200
+        with pytest.raises(ConnectionRefusedError):
+            call(old_port, "GET", "/v1/server", key=key)
+        bad = lp.hvrctl("server", "set", "--listen", "127.0.0.1:notaport", check=False)
+        assert bad.returncode == 2 and "listen" in bad.stderr
+        assert lp.hvrctl_json("server", "get")["listening_on"] == f"127.0.0.1:{new_port}"
+        elsewhere = tmp_path / "other-storage"
+        lp.hvrctl("server", "set", "--storage", str(elsewhere))
+        lp.port = new_port
+        vm = Vm(lp_with_key(lp, key), "moved", initial=False)
+        assert (elsewhere / "moved" / "d0.img").stat().st_size == SIZE
+        assert vm.state()["state"] == "WaitingForInitialReplication"
+    finally:
+        lp.close()
+
+
+def lp_with_key(lp: ListenerProcess, key: Key) -> ListenerProcess:
+    lp.key = key
+    return lp
