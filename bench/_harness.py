@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -287,6 +288,52 @@ class RssSampler:
         self.stop()
 
 
+# --- profiling -----------------------------------------------------------------------------------
+class PySpy:
+    """``py-spy record`` of one process into ``out`` (raw collapsed stacks) until :meth:`stop`.
+
+    Samples are taken with ``--nonblocking`` (the process is not paused) and
+    include idle threads, so waiting shows up as well as work.
+    """
+
+    def __init__(self, pid: int, out: Path, rate: int = 100):
+        self.out = Path(out)
+        exe = Path(sys.executable).with_name("py-spy")
+        self.process = subprocess.Popen([str(exe), "record", "--pid", str(pid), "--format", "raw", "--output",
+                                         str(self.out), "--rate", str(rate), "--nonblocking", "--threads",
+                                         "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> Path:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.out
+
+
+def top_frames(raw: Path, limit: int = 15, active_only: bool = True) -> list[tuple[int, str]]:
+    """The most frequent leaf frames of a py-spy raw file: [(samples, frame)]."""
+    counts: dict[str, int] = {}
+    if not raw.exists():
+        return []
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        if active_only and any(w in leaf for w in ("select (selectors.py", "wait (threading.py",
+                                                   "_worker (concurrent", "run_forever", "poll (",
+                                                   # uvloop runs the loop in C: this leaf is the loop
+                                                   # waiting or in native code, not Python work
+                                                   "Runner.run (asyncio/runners.py")):
+            continue
+        counts[leaf] = counts.get(leaf, 0) + int(n)
+    return sorted(((c, f) for f, c in counts.items()), reverse=True)[:limit]
+
+
 # --- admin API over a unix socket ----------------------------------------------------------------
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout_s: float):
@@ -468,5 +515,5 @@ def drop_dirty_pages() -> None:
 
 
 __all__ = ["AgentProcess", "ListenerProcess", "run", "wait_for", "KiB", "MiB", "GiB", "parse_size", "human",
-           "percentile", "print_table", "say", "WorkDir", "CountingProxy", "rss_bytes", "RssSampler", "AdminHttp",
+           "percentile", "PySpy", "top_frames", "print_table", "say", "WorkDir", "CountingProxy", "rss_bytes", "RssSampler", "AdminHttp",
            "AdminError", "ReplicationPair", "qemu_img_compare", "allocated_bytes", "drop_dirty_pages"]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
     GiB, KiB, MiB, CountingProxy, ReplicationPair, RssSampler, WorkDir, allocated_bytes, drop_dirty_pages, human,
-    parse_size, print_table, qemu_img_compare, say, wait_for,
+    parse_size, print_table, PySpy, top_frames, qemu_img_compare, say, wait_for,
 )
 
 VM = "bench"
@@ -97,7 +97,7 @@ def build_image(path: Path, size_bytes: int, data_fraction: float, seed: int) ->
 
 
 # --- hvr ---------------------------------------------------------------------------------------
-def run_hvr(work: Path, image: Path) -> dict:
+def run_hvr(work: Path, image: Path, profile_dir: Path | None = None) -> dict:
     pair = ReplicationPair(work / "hvr")
     try:
         pair.start()
@@ -105,6 +105,12 @@ def run_hvr(work: Path, image: Path) -> dict:
         say(f"hvr: agent pid {pair.agent_pid}, listener pid {pair.listener_pid}, proxy :{pair.proxy.port}")
         pair.proxy.reset()
         sampler = RssSampler(pair.agent_pid).start()
+        spies = []
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            spies = [PySpy(pair.agent_pid, profile_dir / "agent.raw"),
+                     PySpy(pair.listener_pid, profile_dir / "listener.raw")]
+            time.sleep(1)  # py-spy attaches
         rss_before = sampler.peak()
         started = time.monotonic()
         pair.agent_api.request("POST", f"/v1/vms/{VM}/replication/initial", {})
@@ -126,6 +132,8 @@ def run_hvr(work: Path, image: Path) -> dict:
         elapsed_s = time.monotonic() - started
         up, down = pair.proxy.counts()
         sampler.stop()
+        for spy in spies:
+            spy.stop()
         windows = pair.agent_events("initial_window_sent")
         agent_reported = sum(int(ev.get("bytes") or 0) for ev in windows)
         replica = pair.replica_image(VM, image.stem)
@@ -240,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir-parent", default="/var/tmp", help="where the work directory is made")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--skip-rsync", action="store_true", help="run hvr only")
+    ap.add_argument("--py-spy", metavar="DIR", help="record the agent and the listener with py-spy during the "
+                    "initial copy (raw stacks in DIR) and print their busiest frames")
     ap.add_argument("--json-out", help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         drop_dirty_pages()
 
         say("hvr: initial replication")
-        hvr = run_hvr(work, image)
+        hvr = run_hvr(work, image, Path(args.py_spy) if args.py_spy else None)
         say(f"hvr: done in {hvr['time_s']:.2f} s, identical={hvr['identical']}")
         shutil.rmtree(work / "hvr" / "listener" / "replicas", ignore_errors=True)
         drop_dirty_pages()
@@ -298,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["figure", "value", "target", "met"], [[a, b, c, "yes" if d else "NO"] for a, b, c, d in verdicts])
     print(f"(agent RSS sampled every 0.2 s: {hvr['rss_samples']} samples, {human(hvr['rss_at_start_bytes'])} "
           f"before the copy)")
+    if args.py_spy:
+        for who in ("agent", "listener"):
+            print(f"\nbusiest frames of the {who} during the copy (py-spy samples, idle waits left out):")
+            for count, frame in top_frames(Path(args.py_spy) / f"{who}.raw"):
+                print(f"  {count:6d}  {frame}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"size_bytes": size, "allocated_bytes": allocated,
                                                    "extents": extents, "hvr": hvr, "rsync": rs}, indent=2))

@@ -11,16 +11,15 @@ All methods run on the event loop thread except :meth:`sync_fd` (threads).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvr_common import sparse
 from hvr_common.hrl import HrlEncoder, HrlHeader
 
 DIRECT_WRITE_BYTES = 64 * 1024  # writes this large skip the buffer (one writev, no copy)
-PREALLOCATE_BYTES = 64 * 1024 * 1024  # log blocks are reserved this many at a time
 
 
 def log_path(image_path: Path, sequence: int) -> Path:
@@ -65,89 +64,124 @@ class ClosedLog:
 
 
 class ActiveLog:
-    __slots__ = ("path", "fd", "encoder", "buf", "buffer_limit", "closed", "written", "reserved")
+    """The log being written.  Its file always holds a prefix of the record stream.
+
+    Small records are buffered in memory (appending them cannot fail); large
+    writes go straight to the file, and if that fails the partial record is cut
+    off again and the encoder rewound, so a full disk never leaves a broken
+    record in the middle of a log.  All writes use explicit offsets.
+    """
+
+    __slots__ = ("path", "fd", "encoder", "buf", "buffer_limit", "closed", "written", "_end_undo")
 
     def __init__(self, path: Path, header: HrlHeader, buffer_limit: int):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.encoder = HrlEncoder(header)
         header_bytes = self.encoder.header_bytes()
-        if os.write(self.fd, header_bytes) != len(header_bytes):
-            raise OSError(f"short write of the HRL header to {path}")
+        try:
+            if os.pwrite(self.fd, header_bytes, 0) != len(header_bytes):
+                raise OSError(errno.ENOSPC, f"short write of the HRL header to {path}")
+        except OSError:
+            self.discard()
+            raise
         self.buf = bytearray()
         self.buffer_limit = buffer_limit
         self.closed = False
-        self.written = len(header_bytes)  # bytes handed to the kernel
-        self.reserved = 0  # blocks reserved up to here (beyond the size, released at the end)
+        self.written = len(header_bytes)  # bytes of the file that hold records (its logical end)
+        self._end_undo: tuple | None = None
 
     @property
     def sequence(self) -> int:
         return self.encoder.header.sequence
 
     def append_write(self, offset: int, data, flags: int) -> None:
-        hdr = self.encoder.write(offset, data, flags)
+        """Journal a write.  Large ones are written through and raise OSError with nothing left behind."""
         if len(data) >= DIRECT_WRITE_BYTES:
             if self.buf:
-                self.drain()
-            self._write_all([hdr, data])
+                self.drain()  # may raise: nothing of this write is journaled yet
+            undo = self.encoder.snapshot()
+            hdr = self.encoder.write(offset, data, flags)
+            self._write_through([hdr, data], undo)
             return
         buf = self.buf
-        buf += hdr
+        buf += self.encoder.write(offset, data, flags)
         buf += data
-        if len(buf) >= self.buffer_limit:
-            self.drain()
+
+    def append_buffered_write(self, offset: int, data, flags: int) -> None:
+        """Journal a write into the buffer whatever its size (cannot fail)."""
+        self.buf += self.encoder.write(offset, data, flags)
+        self.buf += data
 
     def append_trim(self, offset: int, length: int, flags: int) -> None:
         self.buf += self.encoder.trim(offset, length, flags)
-        if len(self.buf) >= self.buffer_limit:
-            self.drain()
 
     def append_zero(self, offset: int, length: int, flags: int) -> None:
         self.buf += self.encoder.zero(offset, length, flags)
+
+    def drain_if_full(self) -> None:
         if len(self.buf) >= self.buffer_limit:
             self.drain()
 
-    def _reserve(self, nbytes: int) -> None:
-        end = self.written + nbytes
-        if end > self.reserved:
-            start = max(self.reserved, self.written)
-            if sparse.preallocate(self.fd, start, PREALLOCATE_BYTES + end - start):
-                self.reserved = end + PREALLOCATE_BYTES
-            else:
-                self.reserved = 1 << 62  # unsupported: stop trying
-
-    def _write_all(self, parts) -> None:
+    def _write_through(self, parts, undo: tuple) -> None:
+        start = self.written
         total = sum(len(p) for p in parts)
-        self._reserve(total)
-        self.written += total
-        n = os.writev(self.fd, parts)
-        if n < total:  # short write: finish it piecewise
-            rest = b"".join(bytes(p) for p in parts)[n:]
-            while rest:
-                rest = rest[os.write(self.fd, rest):]
+        try:
+            done = os.pwritev(self.fd, parts, start)
+            if done < total:  # short write: finish it piecewise
+                rest = memoryview(b"".join(bytes(p) for p in parts))[done:]
+                while rest:
+                    n = os.pwrite(self.fd, rest, start + done)
+                    done += n
+                    rest = rest[n:]
+        except OSError:
+            self.encoder.restore(undo)
+            try:
+                os.ftruncate(self.fd, start)
+            except OSError:
+                pass  # the bytes past ``written`` are not part of the log either way: they are overwritten next
+            raise
+        self.written = start + total
 
     def drain(self) -> None:
-        """Hand buffered records to the kernel (not yet durable)."""
+        """Hand buffered records to the kernel (not yet durable).  On error the rest stays buffered."""
         if not self.buf:
             return
-        self._reserve(len(self.buf))
-        self.written += len(self.buf)
         view = memoryview(self.buf)
         done = 0
         try:
             while done < len(view):
-                done += os.write(self.fd, view[done:])
+                done += os.pwrite(self.fd, view[done:], self.written + done)
         finally:
             view.release()
+            self.written += done
             del self.buf[:done]
 
     def write_end(self) -> None:
-        """Append the END record: after this the log takes nothing more."""
-        self.buf += self.encoder.end(time.time_ns())
+        """Append the END record: after this the log takes nothing more.  All or nothing."""
         self.drain()
-        if self.reserved > self.written:
-            os.ftruncate(self.fd, self.written)  # give back the reserved blocks past the end
+        undo = self.encoder.snapshot()
+        start = self.written
+        self._write_through([self.encoder.end(time.time_ns())], undo)
+        self._end_undo = (start, undo)
         self.closed = True
+
+    def unend(self) -> None:
+        """Take the END record back (a cut of another disk of the VM failed)."""
+        start, undo = self._end_undo
+        os.ftruncate(self.fd, start)
+        self.encoder.restore(undo)
+        self.written = start
+        self.closed = False
+        self._end_undo = None
+
+    def discard(self) -> None:
+        """Remove a log that never took a record (a cut that did not happen)."""
+        self.close_fd()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
     def sync_fd(self) -> None:
         os.fdatasync(self.fd)

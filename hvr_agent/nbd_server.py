@@ -23,7 +23,7 @@ from hvr_common.errors import HvrError
 from hvr_common.logs import event
 from hvr_common.nbd_protocol import (
     BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH,
-    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, ESHUTDOWN, NEED_DATA,
+    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, NEED_DATA,
     STATE_HOLE, STATE_ZERO, Disconnect, NbdProtocolError, NbdServerConnection, Negotiated, Rejected,
     Request,
 )
@@ -101,6 +101,7 @@ class NbdConnection(asyncio.Protocol):
         self.export_name: str | None = None
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
+        self._disconnect_requested = False
         self._paused_reading = False
         self._reading_paused_by_tasks = False
         self._writable = asyncio.Event()
@@ -151,13 +152,14 @@ class NbdConnection(asyncio.Protocol):
         out: list = []
         next_event = proto.next_event
         try:
-            while not self.closing:
+            while not self.closing and not self._disconnect_requested:
                 ev = next_event()
                 if type(ev) is not Request:
                     if ev is NEED_DATA:
                         break
                     self._control_event(ev)
-                elif ev.cmd == CMD_WRITE and not ev.flags and self.disk.can_write_now(ev.offset, ev.length):
+                elif (ev.cmd == CMD_WRITE and not ev.flags and ev.length
+                      and self.disk.can_write_now(ev.offset, ev.length)):
                     # The common case inline: a plain write to marked regions completes now.
                     try:
                         self.disk.write_now(ev.offset, ev.data)
@@ -183,6 +185,8 @@ class NbdConnection(asyncio.Protocol):
         if out and not self.transport.is_closing():
             # One write of the joined replies: far cheaper than writelines of many small ones.
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._disconnect_requested and not self.tasks:
+            self.close("client_disconnect")  # after the replies above (e.g. the ACK of NBD_OPT_ABORT)
 
     def _control_event(self, ev) -> None:
         if type(ev) is Negotiated:
@@ -198,10 +202,9 @@ class NbdConnection(asyncio.Protocol):
                   cmd=ev.cmd, offset=ev.offset, length=ev.length, errno=ev.error, reason=ev.message)
         elif type(ev) is Disconnect:
             # Replies still owed are sent by their tasks before the transport closes.
+            self._disconnect_requested = True
             if self.tasks:
                 asyncio.ensure_future(self._close_after_tasks())
-            else:
-                self.close("client_disconnect")
 
     async def _close_after_tasks(self) -> None:
         await self.wait_tasks()
@@ -213,7 +216,7 @@ class NbdConnection(asyncio.Protocol):
         proto = self.proto
         try:
             if cmd == CMD_WRITE:
-                if not req.flags & CMD_FLAG_FUA and disk.can_write_now(req.offset, req.length):
+                if not req.flags & CMD_FLAG_FUA and req.length and disk.can_write_now(req.offset, req.length):
                     disk.write_now(req.offset, req.data)
                     out.append(proto.reply_ok(req.handle))
                     return

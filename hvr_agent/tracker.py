@@ -30,6 +30,7 @@ from hvr_agent.journal import ActiveLog, ClosedLog, log_path
 
 log = logging.getLogger("hvr.agent.tracker")
 
+ACTUAL_CHUNK = 4 * 1024 * 1024  # read-back records after a failed device write
 TRIM_CHUNK = 1 << 30  # trims/zeroes are journaled in records of at most this many bytes
 MARK_AHEAD_REGIONS = 16  # a sequential stream entering a new region marks this many more with it
 
@@ -62,6 +63,9 @@ class TrackedDisk:
         self._flush_lock = asyncio.Lock()
         self._mark_lock = asyncio.Lock()
         self._mark_batch: tuple[set[int], asyncio.Future] | None = None
+        # True once a failed write could not even be read back: the log may not describe
+        # the image, so the bitmap keeps its marks until a restart re-journals them.
+        self.untrusted = False
         # plain int counters: a dict update per write cost measurable time on the hot path
         self.writes = 0
         self.write_bytes = 0
@@ -78,19 +82,26 @@ class TrackedDisk:
         self.log = ActiveLog(log_path(self.image_path, sequence), header, self.buffer_limit)
         return self.log
 
-    def switch_log(self, sequence: int) -> ActiveLog:
-        """The synchronous half of a cut: end the active log, start the next, reset the fast-path marks."""
+    def prepare_log(self, sequence: int) -> ActiveLog:
+        """Step 1 of a cut: create the next log (nothing else changes; undo with ``discard``)."""
+        ident = self.identity
+        header = HrlHeader(vm_id=ident.vm_id, disk_id=ident.disk_id, generation=ident.generation,
+                           sequence=sequence, disk_size=self.size, created_ns=_now_ns())
+        return ActiveLog(log_path(self.image_path, sequence), header, self.buffer_limit)
+
+    def commit_log(self, new: ActiveLog) -> ActiveLog:
+        """Step 3 of a cut (after every disk's END record is written): switch; cannot fail."""
         old = self.log
-        old.write_end()
         self._unsynced.append(old)
-        self.open_log(sequence)
+        self.log = new
         self.intent.start_period()
         return old
 
     async def finish_cut(self, old: ActiveLog) -> ClosedLog:
         """The asynchronous half: make the ended log and the image durable, then shrink the bitmap."""
         await self.flush(force=True)
-        await self.intent.reset_to_period(self.log.sequence)
+        if not self.untrusted:
+            await self.intent.reset_to_period(self.log.sequence)
         return old.describe_closed(self.identity.disk)
 
     # --- reads ------------------------------------------------------------
@@ -105,29 +116,68 @@ class TrackedDisk:
         """True if the regions are already marked: the write may complete synchronously."""
         return self.intent.period.covers(offset, length)
 
+    # Each operation is journaled first, then applied to the device, in one synchronous
+    # step.  If journaling a large write fails, nothing happened.  If the device fails
+    # after the record was journaled, the range's actual contents are journaled after
+    # it, so the log still describes the image exactly.  Either way the error goes back
+    # to the guest, for whom the range's contents are then undefined (as NBD allows).
+
     def write_now(self, offset: int, data, fua: bool = False) -> None:
-        """Apply and journal one write in one synchronous step (regions already marked)."""
-        self.device.pwrite(offset, data)
-        self.log.append_write(offset, data, RECORD_FLAG_FUA if fua else 0)
-        self._ops += 1
+        """Journal and apply one write in one synchronous step (regions already marked)."""
+        log = self.log
+        log.append_write(offset, data, RECORD_FLAG_FUA if fua else 0)
+        try:
+            self.device.pwrite(offset, data)
+        except OSError:
+            self._journal_actual(offset, len(data))
+            raise
+        finally:
+            self._ops += 1
         self.writes += 1
         self.write_bytes += len(data)
+        log.drain_if_full()
 
     def trim_now(self, offset: int, length: int, fua: bool = False) -> None:
-        self.device.trim(offset, length)
+        log = self.log
         flags = RECORD_FLAG_FUA if fua else 0
         for off in range(offset, offset + length, TRIM_CHUNK):
-            self.log.append_trim(off, min(TRIM_CHUNK, offset + length - off), flags)
-        self._ops += 1
+            log.append_trim(off, min(TRIM_CHUNK, offset + length - off), flags)
+        try:
+            self.device.trim(offset, length)
+        except OSError:
+            self._journal_actual(offset, length)
+            raise
+        finally:
+            self._ops += 1
         self.trims += 1
+        log.drain_if_full()
 
     def zero_now(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
-        self.device.write_zeroes(offset, length, may_trim)
+        log = self.log
         flags = (RECORD_FLAG_FUA if fua else 0) | (0 if may_trim else RECORD_FLAG_NO_HOLE)
         for off in range(offset, offset + length, TRIM_CHUNK):
-            self.log.append_zero(off, min(TRIM_CHUNK, offset + length - off), flags)
-        self._ops += 1
+            log.append_zero(off, min(TRIM_CHUNK, offset + length - off), flags)
+        try:
+            self.device.write_zeroes(offset, length, may_trim)
+        except OSError:
+            self._journal_actual(offset, length)
+            raise
+        finally:
+            self._ops += 1
         self.zeroes += 1
+        log.drain_if_full()
+
+    def _journal_actual(self, offset: int, length: int) -> None:
+        """After a failed device operation: journal what the range really holds now."""
+        try:
+            for off in range(offset, offset + length, ACTUAL_CHUNK):
+                n = min(ACTUAL_CHUNK, offset + length - off)
+                self.log.append_buffered_write(off, self.device.pread(off, n), 0)
+        except OSError as exc:  # cannot even read it back: only a restart's re-journaling can tell
+            self.untrusted = True
+            event(log, "journal_untrusted", logging.ERROR, vm=self.identity.vm, disk=self.identity.disk,
+                  offset=offset, bytes=length, error=str(exc),
+                  hint="restart the agent once the disk is healthy: recovery re-journals the marked regions")
 
     async def _ensure_marked(self, offset: int, length: int) -> None:
         """Return when every region of the range is marked in this period (durably, I1).
@@ -232,15 +282,22 @@ class TrackedDisk:
         bitmap is cleared: nothing is uncertain after a clean stop, so the next start
         re-journals nothing."""
         if self.log is not None and not self.read_only:
+            ended = False
             if end_log:
                 old = self.log
-                old.write_end()
-                self._unsynced.append(old)
-                self.log = None
+                try:
+                    old.write_end()
+                except OSError as exc:  # e.g. a full disk: the log stays open; the next start recovers it
+                    event(log, "log_end_failed", logging.ERROR, vm=self.identity.vm, disk=self.identity.disk,
+                          seq=old.sequence, error=str(exc))
+                else:
+                    ended = True
+                    self._unsynced.append(old)
+                    self.log = None
             await self.flush(force=True)
             if self.log is not None:
                 self.log.close_fd()
-            if end_log:
+            if ended and not self.untrusted:
                 self.intent.start_period()
                 await self.intent.reset_to_period(old.sequence)
         self.intent.close()

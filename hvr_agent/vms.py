@@ -241,13 +241,41 @@ class VmRegistry:
             started = time.monotonic()
             new_seq = vm.sequence + 1
             # One synchronous step of the event loop: no guest write can land between disks.
-            olds = [(disk, disk.switch_log(new_seq)) for disk in vm.disks.values()]
+            olds = self._switch_all(vm, new_seq)
             vm.sequence = new_seq
             closed = [await disk.finish_cut(old) for disk, old in olds]
             await asyncio.to_thread(self.store.set_next_sequence, name, new_seq + 1)
         event(log, "vm_cut", vm=name, seq=new_seq - 1, bytes=sum(c.write_bytes for c in closed),
               latency_s=round(time.monotonic() - started, 6))
         return closed
+
+    @staticmethod
+    def _switch_all(vm: ProtectedVm, new_seq: int):
+        """Switch every disk of the VM to log ``new_seq``, all or nothing (no await inside).
+
+        1. create every next log; 2. write every active log's END record; 3. switch.
+        A failure in 1 or 2 (a full disk, a leftover file) undoes what was done, so the
+        VM keeps writing its current logs and the error says why the cut failed.
+        """
+        disks = list(vm.disks.values())
+        prepared = []
+        ended = []
+        try:
+            for disk in disks:
+                prepared.append(disk.prepare_log(new_seq))
+            for disk in disks:
+                disk.log.write_end()
+                ended.append(disk)
+        except OSError as exc:
+            for disk in ended:
+                disk.log.unend()
+            for new in prepared:
+                new.discard()
+            what = f" ({exc.filename})" if exc.filename else ""
+            raise HvrError(f"cannot cut the logs of VM {vm.name}: {exc.strerror or exc}{what}",
+                           hint="the VM goes on writing its current logs; free space on the images' file "
+                                "system (or remove the leftover log file) and cut again") from None
+        return [(disk, disk.commit_log(new)) for disk, new in zip(disks, prepared)]
 
     async def close_all(self) -> None:
         for vm in list(self.vms.values()):

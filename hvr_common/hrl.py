@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import struct
 import uuid
-import zlib
+from zlib_ng import zlib_ng as zlib  # the same CRC-32 as the standard zlib, about 3x faster
 from dataclasses import dataclass
 
 from hvr_common.errors import CorruptError
@@ -177,6 +177,13 @@ class HrlEncoder:
 
     def header_bytes(self) -> bytes:
         return self._header_bytes
+
+    def snapshot(self) -> tuple:
+        """The chain state, to undo records that could not be written (see :meth:`restore`)."""
+        return (self.crc, self.record_count, self.write_bytes, self.position, self._closed)
+
+    def restore(self, state: tuple) -> None:
+        self.crc, self.record_count, self.write_bytes, self.position, self._closed = state
 
     def _record(self, kind: int, flags: int, offset: int, length: int, payload_length: int,
                 payload) -> bytes:

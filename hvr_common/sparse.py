@@ -108,7 +108,3 @@ def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool
         pos = data_end
     return runs
 
-
-def preallocate(fd: int, offset: int, length: int) -> bool:
-    """Reserve blocks without changing the file size (FALLOC_FL_KEEP_SIZE); False if unsupported."""
-    return _call_fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)

@@ -624,7 +624,7 @@ def test_arbitrary_bytes_after_a_header_never_crash(tail, keep_data):
 # --- purity -----------------------------------------------------------------------------------
 
 ALLOWED_IMPORTS = {
-    "hrl.py": {"__future__", "enum", "struct", "uuid", "zlib", "dataclasses", "hvr_common.errors"},
+    "hrl.py": {"__future__", "enum", "struct", "uuid", "zlib", "zlib_ng", "dataclasses", "hvr_common.errors"},
     "extents.py": {"__future__", "heapq", "collections.abc", "dataclasses", "hvr_common.hrl"},
 }
 

@@ -492,3 +492,24 @@ def test_bad_request_magic_closes_the_connection(served):
     with open(served.image, "rb") as handle:
         assert handle.read(4096) == bytes(4096), "a request with a bad magic was applied"
     served.assert_still_serves()
+
+
+def test_abort_gets_its_ack_before_the_close(served):
+    with served.raw_client() as client:
+        client.start_haggling()
+        client.send_option(2)  # NBD_OPT_ABORT
+        option, reply_type, data = client.read_option_reply()
+        assert (option, reply_type, data) == (2, REP_ACK, b"")
+        client.wait_closed()
+    served.assert_still_serves()
+
+
+def test_zero_length_write_is_answered_and_changes_nothing(served):
+    with served.raw_client() as client:
+        client.connect_export(served.export_name)
+        before = client.read(0, 4096)
+        assert client.write(0, b"") == 0
+        assert client.write(0, b"\x42" * 512) == 0  # the connection still works
+        assert client.read(512, 4096 - 512) == (0, before[1][512:])
+        client.disconnect()
+    served.assert_still_serves()
