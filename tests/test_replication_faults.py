@@ -109,3 +109,54 @@ def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_pat
     finally:
         proxy.close()
         pair.close()
+
+
+@pytest.mark.parametrize("victim", ["agent", "listener"])
+def test_initial_copy_resumes_after_a_restart_from_the_durable_offset(tmp_path, victim):
+    size = 64 * MiB
+    pair = Pair(tmp_path, agent_config={"initial_window_bytes": 2 * MiB}).start()
+    proxy = FaultProxy(pair.listener.port, seed=3)  # only counts bytes here
+    try:
+        disk = make_disk(tmp_path / "rs.img", size)
+        noise = tmp_path / "noise.bin"
+        noise.write_bytes(random.Random(2).randbytes(size))
+        pair.agent.add_vm("rs", [disk])
+        qemu_io(pair.agent.nbd_uri("rs", "rs"), f"write -s {noise} 0 {size}")
+        pair.agent.hvrctl("vm", "enable", "rs", "--replica-server", "127.0.0.1", "--port", str(proxy.port),
+                          "--key", str(pair.key_path), "--frequency", "900", "--no-compression")
+        pair.agent.hvrctl("initial", "start", "rs")
+        wait_for(lambda: proxy.forwarded > size // 3, 60, "a third of the disk to be sent")
+        process = pair.agent if victim == "agent" else pair.listener
+        process.kill()
+        process.start().wait_ready()
+        wait_for(lambda: pair.status("rs")["state"] == "Replicating", 180, "the initial copy to finish",
+                 context=lambda: pair.agent.log_tail() + pair.listener.log_tail())
+        resent = proxy.forwarded - size
+        assert resent < size * 0.10, f"{resent} bytes ({resent / size:.1%}) sent again after the restart"
+        pair.wait_replica_applied("rs")
+        pair.assert_identical("rs", [disk])
+    finally:
+        proxy.close()
+        pair.close()
+
+
+def test_suspend_keeps_tracking_and_resume_ships_everything(tmp_path):
+    size = 8 * MiB
+    pair = Pair(tmp_path).start()
+    try:
+        disk = make_disk(tmp_path / "sr.img", size)
+        pair.protect("sr", [disk], frequency=900)
+        pair.initial("sr")
+        pair.agent.hvrctl("vm", "suspend", "sr")
+        assert pair.status("sr")["state"] == "Suspended"
+        applied_before = pair.replica("sr")["last_applied_sequence"]
+        qemu_io(pair.agent.nbd_uri("sr", "sr"), "write -P 5 0 1M", "write -P 6 3M 64k")
+        refused = pair.agent.hvrctl("vm", "sync-now", "sr", check=False)
+        assert refused.returncode != 0 and "Suspended" in refused.stderr
+        assert pair.replica("sr")["last_applied_sequence"] == applied_before
+        pair.agent.hvrctl("vm", "resume", "sr")
+        pair.sync("sr")
+        pair.wait_replica_applied("sr")
+        pair.assert_identical("sr", [disk])
+    finally:
+        pair.close()
