@@ -15,8 +15,10 @@ One run:
    ``last_applied_log_time_ns`` (listener admin API); the agent's VmRSS is
    sampled every 0.2 s;
 3. a rate is *sustained* when fio reached at least 90 % of it, no cycle was
-   missed, the replica applied at least ``cycles - 1`` cycles in the phase
-   and still kept pace at its end (at most one cycle behind what the agent
+   missed, every cycle shipped in the phase was acknowledged less than one
+   interval after its cut (``latency_s`` of the agent's ``cycle_shipped``
+   events), the replica applied at least ``cycles - 2`` (and at least one)
+   cycles in the phase and still kept pace at its end (at most one cycle behind what the agent
    had cut), and the backlog did not grow (the smallest
    ``PendingReplicationSize`` of the last cycle is at most 1.5 x that of the
    second one plus 64 MiB; the first cycle of a rate is its ramp).  The ladder stops at the first rate that is not
@@ -172,6 +174,7 @@ class Phase:
     max_cycle_bytes: int = 0
     max_cycle_raw_bytes: int = 0
     cycles_shipped: int = 0
+    max_latency_s: float | None = None  # cut to acknowledgement, largest of the cycles shipped in the phase
     rpo: list[float] = field(default_factory=list)
     sustained: bool = False
     why_not: list[str] = field(default_factory=list)
@@ -251,6 +254,7 @@ def run_phase(pair: ReplicationPair, states: StateSampler, rss: RssSampler, phas
     phase.cycles_shipped = len(shipped)
     phase.max_cycle_bytes = max((int(ev.get("bytes") or 0) for ev in shipped), default=0)
     phase.max_cycle_raw_bytes = max((int(ev.get("raw_bytes") or 0) for ev in shipped), default=0)
+    phase.max_latency_s = max((float(ev.get("latency_s") or 0) for ev in shipped), default=None)
     if not judge:
         return
     cycles = max(1, round(phase.seconds / cycle_s))
@@ -260,8 +264,11 @@ def run_phase(pair: ReplicationPair, states: StateSampler, rss: RssSampler, phas
         phase.why_not.append(f"fio reached only {phase.fio_mib_s:.1f} MiB/s through the agent")
     if phase.missed > 0:
         phase.why_not.append(f"{phase.missed} missed cycle(s)")
-    if phase.cycles_applied < cycles - 1:
+    if phase.cycles_applied < cycles - 2 or phase.cycles_applied < 1:
         phase.why_not.append(f"replica applied {phase.cycles_applied} cycle(s) in {cycles} intervals")
+    if phase.max_latency_s is not None and phase.max_latency_s >= cycle_s:
+        phase.why_not.append(f"a cycle took {phase.max_latency_s:.1f} s from cut to acknowledgement, "
+                             f"longer than the {cycle_s:g} s interval")
     if phase.behind_at_end is not None and phase.behind_at_end > 1:
         phase.why_not.append(f"replica {phase.behind_at_end} cycles behind at the end")
     steady = phase.troughs[1:] if len(phase.troughs) >= 3 else phase.troughs  # the first cycle is the ramp
@@ -372,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in phases + ([rpo_phase] if rpo_phase else []):
         rows.append([f"{p.rate_mib_s:g}" + (" (RPO run)" if p is rpo_phase else ""), f"{p.fio_mib_s:.1f}",
                      p.cycles_shipped, p.cycles_applied, p.missed, " ".join(human(t) for t in p.troughs) or "-",
-                     p.behind_at_end, human(p.max_cycle_bytes), human(p.peak_rss),
+                     p.behind_at_end, human(p.max_cycle_bytes),
+                     "-" if p.max_latency_s is None else f"{p.max_latency_s:.1f}", human(p.peak_rss),
                      "-" if p is rpo_phase else ("yes" if p.sustained else "no")])
     print_table(["rate MiB/s", "fio MiB/s", "shipped", "applied", "missed", "backlog troughs per cycle",
-                 "behind", "largest cycle", "agent peak RSS", "sustained"], rows)
+                 "behind", "largest cycle", "max latency s", "agent peak RSS", "sustained"], rows)
     for p in phases:
         if p.why_not:
             print(f"  {p.rate_mib_s:g} MiB/s not sustained: " + "; ".join(p.why_not))

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    GiB, KiB, MiB, CountingProxy, ReplicationPair, RssSampler, WorkDir, allocated_bytes, drop_dirty_pages, human,
+    KiB, MiB, CountingProxy, ReplicationPair, RssSampler, WorkDir, allocated_bytes, drop_dirty_pages, human,
     parse_size, print_table, PySpy, top_frames, qemu_img_compare, say, wait_for,
 )
 

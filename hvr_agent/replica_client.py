@@ -236,6 +236,11 @@ def _describe(exc: Exception) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
+# 400 answers that mean the bytes were damaged or cut on the way, not that the agent
+# built a bad request: the upload is rebuilt from the spool file and retried.
+DAMAGED_IN_TRANSIT = frozenset({"digest_mismatch", "body_truncated"})
+
+
 def _answer(status: int, raw: bytes, where: str) -> dict:
     try:
         body = json.loads(raw) if raw else {}
@@ -250,7 +255,7 @@ def _answer(status: int, raw: bytes, where: str) -> dict:
     detail = err.get("detail") if isinstance(err.get("detail"), dict) else None
     hint = err.get("hint") if isinstance(err.get("hint"), str) else None
     server_code = err.get("code") if isinstance(err.get("code"), str) else None
-    if status >= 500 or status == 429:
+    if status >= 500 or status == 429 or (status == 400 and server_code in DAMAGED_IN_TRANSIT):
         exc = ReplicaUnavailableError(f"replica server: {message} ({where}, HTTP {status})", hint=hint,
                                       detail=detail)
         if server_code:

@@ -251,8 +251,15 @@ class BundleDecoder:
             self._stored_left -= FRAME.size + stored_len
             if codec == CODEC_ZSTD:
                 try:
-                    raw = self._dctx.decompress(stored, max_output_size=raw_len)
+                    declared = zstandard.frame_content_size(stored)
                 except zstandard.ZstdError as exc:
+                    raise BundleCorruptError(f"disk {self._disk}: corrupt zstd frame: {exc}") from None
+                if declared != raw_len:  # never let a frame header decide how much memory to take
+                    raise BundleCorruptError(f"disk {self._disk}: zstd frame declares {declared} bytes, "
+                                             f"the frame header says {raw_len}")
+                try:
+                    raw = self._dctx.decompress(stored, max_output_size=raw_len)
+                except (zstandard.ZstdError, MemoryError) as exc:
                     raise BundleCorruptError(f"disk {self._disk}: corrupt zstd frame: {exc}") from None
                 if len(raw) != raw_len:
                     raise BundleCorruptError(f"disk {self._disk}: frame decompressed to {len(raw)} bytes, "

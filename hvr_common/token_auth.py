@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hvr_common.errors import HvrError
+from hvr_common.errors import HvrError, TransientError
 
 SCHEME = "HVR1-HMAC-SHA256"
 CONTENT_DIGEST_HEADER = "X-Hvr-Content-SHA256"
@@ -48,6 +48,16 @@ class AuthError(HvrError):
 
     code = "unauthenticated"
     exit_code = 77  # EX_NOPERM
+
+
+class SignedBeforeStartError(TransientError):
+    """Signed before this server started: its replay cache cannot vouch for it (HTTP 503).
+
+    The sender signs again and retries; a captured request cannot be replayed
+    after a restart.
+    """
+
+    code = "signed_before_restart"
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ class ReplayCache:
 
 
 def verify(header: str | None, method: str, path: str, body_sha256: str | None, now: int,
-           lookup: Callable[[str], Key | None], cache: ReplayCache) -> str:
+           lookup: Callable[[str], Key | None], cache: ReplayCache, not_before: int = 0) -> str:
     """Return the authenticated principal or raise :class:`AuthError` saying why not."""
     if not header:
         raise AuthError("request is not signed (no Authorization header)",
@@ -124,5 +134,8 @@ def verify(header: str | None, method: str, path: str, body_sha256: str | None, 
     expected = sign(key, method, path, body_sha256, ts, nonce)
     if not hmac.compare_digest(expected, sig):
         raise AuthError("signature does not match (wrong key, or the request was altered)")
+    if ts < not_before:
+        raise SignedBeforeStartError("request was signed before this replica server started",
+                                     hint="sign it again and retry (agents do this by themselves)")
     cache.check_and_add(principal, nonce, now)
     return principal

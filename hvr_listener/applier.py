@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 
 from hvr_common.bundle import BundleKind
@@ -19,28 +20,50 @@ from hvr_common.errors import HvrError
 from hvr_common.logs import event
 from hvr_common.replication_state import ReplicationState
 from hvr_listener.bundle_io import BeforeOverwrite, apply_bundle
-from hvr_listener.replicas import ReplicaService
+from hvr_listener.replicas import ReplicaService, finish_in_thread
 from hvr_listener.store import Replica
 
 log = logging.getLogger("hvr.listener.apply")
+
+SAFETY_WAKE_S = 30.0  # look for unapplied cycles at least this often, whatever woke us or not
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 60.0
 
 
 class Applier:
     def __init__(self, service: ReplicaService, before_overwrite: BeforeOverwrite | None = None):
         self.service = service
         self.store = service.store
+        self._backoff_s = 0.0
+        self._retry_in_s: float | None = None
         self.before_overwrite = before_overwrite  # recovery history plugs its undo capture in here
 
     async def run(self) -> None:
-        """Apply forever; woken by every received cycle (and once at start, for leftovers)."""
+        """Apply forever; woken by every received cycle, at start, and every ``SAFETY_WAKE_S``."""
         wake = self.service.wake_applier
         wake.set()
         while True:
-            await wake.wait()
+            try:
+                async with asyncio.timeout(self._retry_in_s or SAFETY_WAKE_S):
+                    await wake.wait()
+            except TimeoutError:
+                pass
             wake.clear()
-            for rep in await asyncio.to_thread(self.store.replicas):
+            try:
+                replicas = await asyncio.to_thread(self.store.replicas)
+            except sqlite3.Error as exc:
+                self._transient_failure("(all)", None, exc)
+                continue
+            self._retry_in_s = None
+            for rep in replicas:
                 if rep.state == ReplicationState.REPLICATING:
                     await self.apply_pending(rep)
+
+    def _transient_failure(self, name: str, seq: int | None, exc: BaseException) -> None:
+        """A full disk, an I/O error, a busy database: stay Replicating and try again later."""
+        self._backoff_s = min(self._backoff_s * 2, MAX_RETRY_S) if self._backoff_s else FIRST_RETRY_S
+        self._retry_in_s = self._backoff_s
+        event(log, "apply_retry", logging.WARNING, vm=name, seq=seq, error=str(exc), retry_in_s=self._backoff_s)
 
     async def apply_pending(self, rep: Replica) -> int:
         applied = 0
@@ -54,14 +77,21 @@ class Applier:
                       "kind": BundleKind.CYCLE, "disks": {d.disk_id: d.size_bytes for d in rep.disks}}
             images = {d.disk_id: d.path for d in rep.disks}
             try:
-                await asyncio.to_thread(apply_bundle, row.path, images, expect, self.before_overwrite)
-            except (HvrError, OSError) as exc:
+                # No initial-window thread of the same VM writes its images meanwhile.
+                async with self.service.image_lock(rep.vm_id):
+                    await finish_in_thread(apply_bundle, row.path, images, expect, self.before_overwrite)
+                    await finish_in_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns)
+            except (OSError, sqlite3.Error) as exc:
+                self._transient_failure(rep.name, row.sequence, exc)
+                return applied
+            except HvrError as exc:  # the stored bundle itself is bad: the operator must look
                 detail = f"applying cycle {row.sequence} failed: {exc}"
-                event(log, "apply_failed", logging.ERROR, vm=rep.name, seq=row.sequence, error=str(exc))
+                event(log, "apply_failed", logging.ERROR, vm=rep.name, seq=row.sequence, error=str(exc),
+                      hint=f"hvrctl replica get {rep.name}; after fixing, hvrctl replica resume {rep.name}")
                 await asyncio.to_thread(self.store.update_replica, rep.vm_id, state=ReplicationState.ERROR,
                                         state_detail=detail)
                 return applied
-            await asyncio.to_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns)
+            self._backoff_s = 0.0
             await asyncio.to_thread(_unlink, row.path)
             applied += 1
             event(log, "cycle_applied", vm=rep.name, seq=row.sequence, bytes=row.bytes,

@@ -93,7 +93,7 @@ class Listener:
                                              shutdown_timeout=SHUTDOWN_TIMEOUT_S)
             await self._api_runner.setup()
             await self._bind()
-            admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind), access_log=None,
+            admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind, service), access_log=None,
                                          handle_signals=False)
             await admin_runner.setup()
             claim_socket_path(cfg.admin_socket)

@@ -60,11 +60,21 @@ class ReplicaService:
         self.storage = storage  # the current default storage location (a setting)
         self.max_bundle_bytes = max_bundle_bytes
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._image_locks: dict[uuid.UUID, asyncio.Lock] = {}
         self.applied = asyncio.Condition()  # notified after every applied cycle
         self.wake_applier = asyncio.Event()
 
+    async def locked(self, vm_id: uuid.UUID, principal: str | None = None):
+        """The VM's lock, made only for a replica that exists (random ids make no locks)."""
+        await self.get(vm_id, principal)
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
     def lock(self, vm_id: uuid.UUID) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def image_lock(self, vm_id: uuid.UUID) -> asyncio.Lock:
+        """Held by whoever writes the replica images (initial windows, the applier)."""
+        return self._image_locks.setdefault(vm_id, asyncio.Lock())
 
     async def get(self, vm_id: uuid.UUID, principal: str | None = None) -> Replica:
         rep = await asyncio.to_thread(self.store.replica, vm_id)
@@ -87,6 +97,14 @@ class ReplicaService:
                     raise ForbiddenError(f"VM {existing.name} is replicated from another primary")
                 same = (existing.name == name and existing.generation == generation and
                         [(d.disk_id, d.name, d.size_bytes) for d in existing.disks] == disks)
+                untouched = (existing.state == ReplicationState.WAITING_FOR_INITIAL_REPLICATION
+                             and all(d.initial_offset == 0 for d in existing.disks))
+                if same and not untouched:
+                    raise _conflict("replica_conflict",
+                                    f"VM {existing.name} already has a replica here ({existing.state}); enabling "
+                                    f"again would mix an old copy with a new one",
+                                    hint=f"on the replica server: hvrctl replica remove {existing.name} "
+                                         f"--delete-storage, then enable again")
                 if not same:
                     raise _conflict("replica_conflict",
                                     f"a replica of VM {vm_id} exists with other settings (name, disks or generation)",
@@ -107,7 +125,7 @@ class ReplicaService:
     async def initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, principal: str, generation: int,
                              start: int, end: int, length: int | None, digest: str,
                              body: AsyncIterator[bytes]) -> int:
-        async with self.lock(vm_id):
+        async with await self.locked(vm_id, principal):
             rep = await self.get(vm_id, principal)
             self._check_generation(rep, generation)
             if rep.state not in (ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
@@ -120,8 +138,7 @@ class ReplicaService:
                 raise _conflict("initial_gap", f"window starts at {start} but disk {disk.name} is durable only "
                                 f"up to {disk.initial_offset}", offset=disk.initial_offset)
             if end <= disk.initial_offset:
-                await _drain(body)
-                return disk.initial_offset
+                return disk.initial_offset  # already stored; the unread body is discarded
             expect = {"vm_id": vm_id, "generation": rep.generation, "kind": BundleKind.INITIAL,
                       "disks": {disk_id: disk.size_bytes}}
             spool = self._spool_path(rep, f"initial-{disk_id}-{start}")
@@ -131,9 +148,10 @@ class ReplicaService:
                 await asyncio.to_thread(_unlink, spool)
                 raise BodyError("bundle window does not match the request's disk, offset and end")
             try:
-                await asyncio.to_thread(apply_bundle, spool, {disk_id: disk.path}, expect)
+                async with self.image_lock(vm_id):
+                    await finish_in_thread(apply_bundle, spool, {disk_id: disk.path}, expect)
             finally:
-                await asyncio.to_thread(_unlink, spool)
+                await finish_in_thread(_unlink, spool)
             state = transition("replica", rep.state, Action.START_INITIAL)
             await asyncio.to_thread(self.store.set_initial_offset, vm_id, disk_id, end, state)
         event(log, "initial_window_stored", vm=rep.name, disk=disk.name, offset=start, bytes=end - start)
@@ -142,11 +160,14 @@ class ReplicaService:
     async def initial_complete(self, vm_id: uuid.UUID, principal: str, body: dict) -> Replica:
         generation = _int_field(body, "generation", 1)
         next_sequence = _int_field(body, "next_sequence", 1)
-        async with self.lock(vm_id):
+        async with await self.locked(vm_id, principal):
             rep = await self.get(vm_id, principal)
             self._check_generation(rep, generation)
-            if rep.state == ReplicationState.REPLICATING and rep.next_sequence == next_sequence:
-                return rep
+            if rep.state == ReplicationState.REPLICATING:
+                if rep.next_sequence == next_sequence and rep.last_received_sequence == next_sequence - 1:
+                    return rep  # the same completion again (its answer was lost)
+                raise _conflict("wrong_state", f"initial replication of VM {rep.name} completed already; "
+                                f"the replica expects cycle {rep.next_sequence}", expected=rep.next_sequence)
             incomplete = {str(d.disk_id): d.initial_offset for d in rep.disks if d.initial_offset != d.size_bytes}
             if incomplete:
                 raise _conflict("initial_incomplete", "initial replication has not reached the end of every disk",
@@ -164,7 +185,13 @@ class ReplicaService:
     async def receive_cycle(self, vm_id: uuid.UUID, sequence: int, principal: str, generation: int,
                             length: int | None, digest: str, body: AsyncIterator[bytes]) -> tuple[bool, Replica]:
         """Store a cycle durably.  Returns (created, replica)."""
-        async with self.lock(vm_id):
+        try:
+            return await self._receive_cycle(vm_id, sequence, principal, generation, length, digest, body)
+        finally:
+            self.wake_applier.set()  # whatever happened, a stored cycle must not wait for the next one
+
+    async def _receive_cycle(self, vm_id, sequence, principal, generation, length, digest, body):
+        async with await self.locked(vm_id, principal):
             rep = await self.get(vm_id, principal)
             self._check_generation(rep, generation)
             if rep.state != ReplicationState.REPLICATING:
@@ -172,7 +199,6 @@ class ReplicaService:
             if sequence <= rep.last_received_sequence:
                 row = await asyncio.to_thread(self.store.cycle, vm_id, sequence)
                 if row is not None and row.digest == digest and row.generation == generation:
-                    await _drain(body)
                     return False, rep
                 raise _conflict("out_of_order", f"cycle {sequence} of VM {rep.name} was already received "
                                 f"with other contents", expected=rep.next_sequence)
@@ -184,11 +210,9 @@ class ReplicaService:
             spool = self._spool_path(rep, f"cycle-{sequence}")
             header = await self._receive(spool, length, digest, expect, body)
             final = rep.storage_dir / "cycles" / f"{sequence:010d}.bundle"
-            await asyncio.to_thread(commit_file, spool, final)
-            await asyncio.to_thread(self.store.record_cycle, vm_id, sequence, generation, digest, length or 0,
-                                    final, header.created_ns)
+            await finish_in_thread(_commit_cycle, self.store, spool, final, vm_id, sequence, generation, digest,
+                                   length or 0, header.created_ns)
         event(log, "cycle_received", vm=rep.name, seq=sequence, bytes=length)
-        self.wake_applier.set()
         return True, await self.get(vm_id)
 
     def _check_generation(self, rep: Replica, generation: int) -> None:
@@ -201,15 +225,12 @@ class ReplicaService:
 
     async def _receive(self, spool: Path, length: int | None, digest: str, expect: dict,
                        body: AsyncIterator[bytes]):
-        if length is None:
-            raise LengthRequiredError("bundle uploads need a Content-Length header")
-        if length > self.max_bundle_bytes:
-            raise TooLargeError(f"bundle of {length} bytes exceeds this server's limit of {self.max_bundle_bytes}")
+        self.check_length(length)
         decoder = BundleDecoder(keep_data=False, max_bytes=length, expect=expect)
-        writer = await asyncio.to_thread(SpoolWriter, spool, decoder)
+        writer = await finish_in_thread(SpoolWriter, spool, decoder)
         try:
             async for chunk in body:
-                await asyncio.to_thread(writer.feed, chunk)
+                await finish_in_thread(writer.feed, chunk)
             if writer.bytes != length:
                 err = BodyError(f"body ended after {writer.bytes} of {length} bytes")
                 err.code = "body_truncated"
@@ -218,21 +239,41 @@ class ReplicaService:
                 err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
                 err.code = "digest_mismatch"
                 raise err
-            done = await asyncio.to_thread(writer.finish)
+            done = await finish_in_thread(writer.finish)
         except HvrError as exc:
-            await asyncio.to_thread(writer.abort)
+            await finish_in_thread(writer.abort)
             if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
                 raise BodyError(exc.message, detail={"code": exc.code}) from None
             raise
         except BaseException:
-            await asyncio.to_thread(writer.abort)
+            await finish_in_thread(writer.abort)
             raise
         return done.header
 
+    def check_length(self, length: int | None) -> None:
+        if length is None:
+            raise LengthRequiredError("bundle uploads need a Content-Length header")
+        if length > self.max_bundle_bytes:
+            raise TooLargeError(f"bundle of {length} bytes exceeds this server's limit of {self.max_bundle_bytes}")
 
-async def _drain(body: AsyncIterator[bytes]) -> None:
-    async for _ in body:
-        pass
+
+async def finish_in_thread(fn, *args):
+    """Run blocking work in a thread and never abandon it: if the caller is cancelled (its
+    client vanished), wait for the thread before passing the cancellation on, so locks are
+    released only when no thread still writes."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+def _commit_cycle(store: ListenerStore, spool: Path, final: Path, vm_id, sequence, generation, digest,
+                  nbytes, created_ns) -> None:
+    """Rename the durable spool into place, then record it: the commit point of a received cycle."""
+    commit_file(spool, final)
+    store.record_cycle(vm_id, sequence, generation, digest, nbytes, final, created_ns)
 
 
 def _unlink(path: Path) -> None:

@@ -30,6 +30,7 @@ log = logging.getLogger("hvr.listener.api")
 SERVICE = web.AppKey("service", ReplicaService)
 SETTINGS = web.AppKey("settings", ServerSettings)
 REPLAY = web.AppKey("replay", ReplayCache)
+STARTED_S = web.AppKey("started_s", int)  # requests signed earlier are refused (the replay cache is new)
 PRINCIPAL = "hvr_principal"
 MAX_JSON_BODY = 1024 * 1024
 BODY_CHUNK = 1024 * 1024
@@ -72,7 +73,7 @@ async def auth_middleware(request: web.Request, handler):
                         hint="use an authentication mode the server accepts (hvrctl server get)")
     principal = verify(request.headers.get("Authorization"), request.method, request.path_qs,
                        request.headers.get(CONTENT_DIGEST_HEADER), int(time.time()), settings.key,
-                       request.app[REPLAY])
+                       request.app[REPLAY], not_before=request.app[STARTED_S])
     if not current["allow_any_authenticated"]:
         raise ForbiddenError(f"{principal!r} is authenticated but not authorised on this server",
                              hint="allow any authenticated server, or add an authorization entry")
@@ -204,6 +205,7 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app[SERVICE] = service
     app[SETTINGS] = settings
     app[REPLAY] = ReplayCache()
+    app[STARTED_S] = int(time.time())
     app.router.add_get("/v1/server", get_server)
     app.router.add_put("/v1/replicas/{vm_id}", put_replica)
     app.router.add_get("/v1/replicas/{vm_id}", get_replica)

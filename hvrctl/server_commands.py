@@ -75,6 +75,16 @@ def register(sub, common) -> None:
                         description="Show one replica VM (with its recent cycles) or all of them.")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.set_defaults(func=cmd_replica_get)
+    p = rsub.add_parser("remove", parents=[common], help="forget a replica VM (Remove-VMReplication)",
+                        description="Forget a replica VM on this server: its primary's requests are refused from "
+                                    "now on. The replica disks stay unless --delete-storage.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--delete-storage", action="store_true", help="also delete the replica's disks and cycles")
+    p.set_defaults(func=cmd_replica_remove)
+    p = rsub.add_parser("resume", parents=[common], help="leave Error and apply stored cycles again",
+                        description="After the cause of an Error was fixed, apply the stored cycles again.")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_replica_resume)
 
 
 def _client(args) -> AdminClient:
@@ -179,4 +189,24 @@ def cmd_replica_get(args) -> int:
     if args.name:
         size = sum(d["size_bytes"] for d in reps[0]["disks"])
         print(f"\ndisks: {len(reps[0]['disks'])}, {human_bytes(size)} in {reps[0]['storage']}")
+    return 0
+
+
+def cmd_replica_remove(args) -> int:
+    query = "?delete_storage=1" if args.delete_storage else ""
+    result = _client(args).request("DELETE", f"/v1/replicas/{args.name}{query}")
+    if args.output == "json":
+        emit_json(result)
+    else:
+        kept = "deleted" if result["storage_deleted"] else f"kept in {result['storage']}"
+        print(f"removed replica {args.name} (storage {kept})")
+    return 0
+
+
+def cmd_replica_resume(args) -> int:
+    result = _client(args).request("POST", f"/v1/replicas/{args.name}/resume")
+    if args.output == "json":
+        emit_json(result)
+    else:
+        print(f"replica {args.name} is {result['state']}")
     return 0

@@ -317,3 +317,25 @@ def test_server_set_listen_rebinds_and_storage_applies_to_new_replicas(tmp_path)
 def lp_with_key(lp: ListenerProcess, key: Key) -> ListenerProcess:
     lp.key = key
     return lp
+
+
+def test_requests_signed_before_a_restart_cannot_be_replayed(tmp_path):
+    lp = ListenerProcess(tmp_path / "l3")
+    lp.start().wait_ready()
+    try:
+        lp.key, _ = lp.new_key("replayer.example")
+        vm = Vm(lp, "replayed", initial=False)
+        ts, nonce = int(time.time()), "cd" * 16
+        body = {"generation": 1, "next_sequence": 1}
+        path = f"/v1/replicas/{vm.vm_id}/initial/complete"
+        first = call_json(lp.port, "POST", path, body, key=lp.key, ts=ts, nonce=nonce)
+        assert first.status == 409 and first.code == "initial_incomplete"
+        lp.terminate()
+        wait_for(lambda: int(time.time()) > ts, 5, "the clock to pass the signing second")
+        lp.start().wait_ready()
+        before = vm.snapshot()
+        replay = call_json(lp.port, "POST", path, body, key=lp.key, ts=ts, nonce=nonce)
+        assert replay.status == 503 and replay.code == "signed_before_restart", replay.body
+        assert vm.snapshot() == before
+    finally:
+        lp.close()

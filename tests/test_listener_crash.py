@@ -8,12 +8,11 @@ images equal the expected contents.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
 
-from test_listener_api import SIZE, Vm, MiB
+from test_listener_api import SIZE, Vm
 from listener_process import ListenerProcess
 
 

@@ -6,16 +6,13 @@ replica images are compared with the primary's using ``qemu-img compare``.
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from daemons import wait_for
 from replication_pair import MiB, Pair, make_disk, qemu_io
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
@@ -119,3 +116,22 @@ def test_multi_disk_consistency_b_never_ahead_of_a(pair, tmp_path):
         writer.kill()
         writer.wait()
     assert len(seen) >= 3 and seen[-1][0] > 0, f"too few samples or the writer never wrote: {seen}"
+
+
+def test_enabling_again_never_mixes_an_old_replica_with_a_new_copy(pair, tmp_path):
+    size = 8 * MiB
+    disk = make_disk(tmp_path / "re.img", size)
+    pair.protect("re", [disk], frequency=900)
+    qemu_io(pair.agent.nbd_uri("re", "re"), "write -P 1 0 2M")
+    pair.initial("re")
+    pair.agent.hvrctl("vm", "remove", "re", "--replication-only")
+    qemu_io(pair.agent.nbd_uri("re", "re"), "write -P 2 0 1M")  # changes nobody ships
+    again = pair.agent.hvrctl("vm", "enable", "re", "--replica-server", "127.0.0.1", "--port",
+                              str(pair.replica_port), "--key", str(pair.key_path), "--frequency", "900", check=False)
+    assert again.returncode != 0 and "already has a replica" in again.stderr, again.stderr
+    pair.listener.hvrctl("replica", "remove", "re", "--delete-storage")
+    pair.agent.hvrctl("vm", "enable", "re", "--replica-server", "127.0.0.1", "--port", str(pair.replica_port),
+                      "--key", str(pair.key_path), "--frequency", "900")
+    pair.initial("re")
+    pair.wait_replica_applied("re")
+    pair.assert_identical("re", [disk])

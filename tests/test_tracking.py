@@ -16,13 +16,11 @@ import subprocess
 import zlib
 from pathlib import Path
 
-import pytest
-
 from daemons import AgentProcess, python_executable, run, wait_for
 from hvr_common.hrl import RecordKind
 from hvr_common.hrl_file import iter_hrl_file
-from hvr_common.hrl import HrlHeader, LogSummary, Record
-from hvr_common.intent_bitmap import decode_file, slot_size
+from hvr_common.hrl import LogSummary, Record
+from hvr_common.intent_bitmap import decode_file
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
 SYSTEM_PYTHON = "/usr/bin/python3"  # has libnbd's bindings (Debian python3-libnbd)

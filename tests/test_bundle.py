@@ -1,0 +1,93 @@
+"""The bundle codec on its own: round trip, and every kind of damage refused."""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+
+import pytest
+import zstandard
+
+from bundles import bundle, hrl_bytes
+from hvr_common.bundle import FRAME, BundleCorruptError, BundleDecoder, BundleDone, BundleKind, header_size
+from hvr_common.hrl import NEED_DATA
+
+SIZE = 1 << 20
+
+
+def _decode(raw: bytes, expect: dict | None = None, chunk: int | None = None):
+    dec = BundleDecoder(keep_data=True, expect=expect)
+    records = []
+    pieces = [raw] if chunk is None else [raw[i:i + chunk] for i in range(0, len(raw), chunk)]
+    for piece in pieces:
+        dec.receive_data(piece)
+        while (ev := dec.next_event()) is not NEED_DATA:
+            if isinstance(ev, tuple):
+                records.append((ev[0], ev[1].offset, ev[1].data))
+    dec.finish()
+    return records
+
+
+def _sample(compress=True):
+    vm, d1, d2 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    data = os.urandom(5000) + bytes(70000)
+    logs = [(d1, SIZE, 0, SIZE, hrl_bytes(vm, d1, 3, 9, SIZE, [("write", 100, data), ("trim", 0, 10)])),
+            (d2, SIZE, 0, SIZE, hrl_bytes(vm, d2, 3, 9, SIZE, [("write", 4096, b"x" * 4096)]))]
+    return vm, d1, d2, data, bundle(BundleKind.CYCLE, vm, 3, 9, logs, compress=compress)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 4096])
+def test_round_trip_whole_and_in_pieces(chunk):
+    vm, d1, d2, data, raw = _sample()
+    records = _decode(raw, {"vm_id": vm, "generation": 3, "sequence": 9, "disks": {d1: SIZE, d2: SIZE}}, chunk)
+    assert records == [(0, 100, data), (0, 0, None), (1, 4096, b"x" * 4096)]
+
+
+def test_every_truncation_is_refused():
+    *_, raw = _sample()
+    for cut in range(len(raw)):
+        with pytest.raises(BundleCorruptError):
+            _decode(raw[:cut])
+
+
+def test_identity_mismatches_are_refused():
+    vm, d1, d2, _, raw = _sample()
+    for expect in ({"vm_id": uuid.uuid4()}, {"generation": 4}, {"sequence": 10}, {"kind": BundleKind.INITIAL},
+                   {"disks": {d1: SIZE}}, {"disks": {d1: SIZE, d2: SIZE, uuid.uuid4(): SIZE}},
+                   {"disks": {d1: SIZE, d2: SIZE * 2}}):
+        with pytest.raises(BundleCorruptError):
+            _decode(raw, expect)
+
+
+def test_zstd_frame_declaring_a_huge_size_is_refused_without_allocating_it():
+    vm, d1 = uuid.uuid4(), uuid.uuid4()
+    log = hrl_bytes(vm, d1, 1, 1, SIZE, [("write", 0, bytes(60000))])
+    raw = bytes(bundle(BundleKind.CYCLE, vm, 1, 1, [(d1, SIZE, 0, SIZE, log)], compress=True))
+    start = header_size(1)
+    codec, _stored_len, raw_len = FRAME.unpack_from(raw, start)
+    assert codec == 1
+    # A frame whose header claims 2**45 bytes of content (frame header descriptor: 8-byte
+    # content size, single segment), followed by one raw block of 16 bytes.
+    lie = (b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", 1 << 45)
+           + struct.pack("<I", (16 << 3) | 1)[:3] + bytes(16))
+    assert zstandard.frame_content_size(lie) == 1 << 45
+    patched = raw[:start] + FRAME.pack(1, len(lie), raw_len) + lie
+    with pytest.raises(BundleCorruptError, match="declares"):
+        _decode(patched)
+
+
+def test_garbage_after_the_bundle_is_refused():
+    *_, raw = _sample()
+    with pytest.raises(BundleCorruptError):
+        _decode(raw + b"\0")
+
+
+def test_decoder_reports_done_once():
+    *_, raw = _sample()
+    dec = BundleDecoder(keep_data=False)
+    dec.receive_data(raw)
+    seen = []
+    while (ev := dec.next_event()) is not NEED_DATA:
+        seen.append(type(ev).__name__)
+    assert seen.count("BundleDone") == 1 and isinstance(dec.finish(), BundleDone)
