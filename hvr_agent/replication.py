@@ -313,17 +313,33 @@ class VmReplication:
     async def _initial_disk(self, vm: ProtectedVm, disk: shipper.DiskSource) -> None:
         progress = self.progress[disk.disk_id]
         window_bytes = self.manager.config.initial_window_bytes
-        path = self.outbox / f"initial-{disk.disk_id}.bundle"
+        paths = [self.outbox / f"initial-{disk.disk_id}-{i}.bundle" for i in (0, 1)]
         fd = await asyncio.to_thread(os.open, disk.image_path, os.O_RDONLY | os.O_CLOEXEC)
+
+        def build(path: Path, start: int):
+            # plan and spool the window at ``start`` (blocking; runs in a thread)
+            end = shipper.plan_window(fd, start, disk.size_bytes, window_bytes)
+            return end, shipper.build_initial_bundle(
+                path, vm_id=vm.record.vm_id, generation=self.rec.generation, disk=disk, image_fd=fd, start=start,
+                end=end, compress=self.rec.compression, created_ns=time.time_ns())
+
+        # The next window is built while the current one travels (two spool files in turn).
+        ahead: tuple[int, asyncio.Future] | None = None
+        turn = 0
         try:
             while progress.durable_offset < disk.size_bytes:
                 self._check_state(S.INITIAL_REPLICATION_IN_PROGRESS)
                 start = progress.durable_offset
-                end = await asyncio.to_thread(shipper.plan_window, fd, start, disk.size_bytes, window_bytes)
-                window = await asyncio.to_thread(
-                    shipper.build_initial_bundle, path, vm_id=vm.record.vm_id, generation=self.rec.generation,
-                    disk=disk, image_fd=fd, start=start, end=end, compress=self.rec.compression,
-                    created_ns=time.time_ns())
+                if ahead is not None and ahead[0] == start:
+                    end, window = await ahead[1]
+                else:
+                    if ahead is not None:
+                        await _discard_window(ahead[1])
+                    end, window = await asyncio.to_thread(build, paths[turn], start)
+                ahead = None
+                turn ^= 1
+                if end < disk.size_bytes:
+                    ahead = (end, asyncio.ensure_future(asyncio.to_thread(build, paths[turn], end)))
                 sent_ns = time.time_ns()
                 try:
                     answer = await self._client.send_initial_window(
@@ -351,6 +367,10 @@ class VmReplication:
                 event(log, "initial_window_sent", vm=self.name, disk=disk.name, offset=start, end=durable,
                       bytes=window.bundle.wire_bytes, data_bytes=window.bundle.write_bytes,
                       latency_s=round((time.time_ns() - sent_ns) / NS, 3))
+        except BaseException:
+            if ahead is not None:
+                await _discard_window(ahead[1])
+            raise
         finally:
             os.close(fd)
 
@@ -760,6 +780,15 @@ class ReplicationManager:
 
 
 MEASURE_REPLICA_TIMEOUT_S = 3.0
+
+
+async def _discard_window(task: asyncio.Future) -> None:
+    """Drop a window built ahead that will not be sent (its spool file goes too)."""
+    try:
+        _end, window = await asyncio.shield(task)
+    except (HvrError, OSError):
+        return
+    await asyncio.to_thread(_unlink, window.bundle.path)
 
 
 def _remove_dir(path: Path) -> None:

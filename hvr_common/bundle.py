@@ -283,6 +283,11 @@ class BundleDecoder:
         for field in ("vm_id", "generation", "sequence", "kind"):
             if field in exp and getattr(header, field) != exp[field]:
                 raise BundleCorruptError(f"bundle {field} is {getattr(header, field)}, expected {exp[field]}")
+        if "window" in exp:  # an initial window: exactly one disk and the range the request names
+            disk_id, start, end = exp["window"]
+            if len(header.disks) != 1 or (header.disks[0].disk_id, header.disks[0].range_start,
+                                          header.disks[0].range_end) != (disk_id, start, end):
+                raise BundleCorruptError("bundle window does not match the request's disk, offset and end")
         if "disks" in exp:
             ids = {d.disk_id for d in header.disks}
             if not ids <= set(exp["disks"]):

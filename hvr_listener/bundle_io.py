@@ -77,6 +77,56 @@ class SpoolWriter:
             pass
 
 
+class DirectWindowWriter:
+    """Receives an initial-replication window straight into the replica image.
+
+    Used only for initial windows: the bytes it writes lie at or above the
+    disk's durable offset, which is not yet replicated content (it is
+    rewritten when the window is sent again), and the offset advances only
+    after the whole body was valid, its digest matched and the image was
+    fdatasync'd.  Each record is checked (CRC chain, bounds, identity) before
+    it is written, so a damaged body writes nothing that was not sent.
+    """
+
+    def __init__(self, image: Path, disk_id: uuid.UUID, decoder: BundleDecoder):
+        self.fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        self.disk_id = disk_id
+        self.sha = hashlib.sha256()
+        self.decoder = decoder
+        self.bytes = 0
+        self.done: BundleDone | None = None
+        self.header: BundleHeader | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.sha.update(chunk)
+        self.bytes += len(chunk)
+        self.decoder.receive_data(chunk)
+        self._drain_events()
+
+    def _drain_events(self) -> None:
+        while True:
+            ev = self.decoder.next_event()
+            if ev is NEED_DATA:
+                return
+            if isinstance(ev, BundleHeader):
+                self.header = ev
+            elif isinstance(ev, tuple):
+                _apply_record(self.fd, self.disk_id, ev[1], None)
+            elif isinstance(ev, BundleDone):
+                self.done = ev
+
+    def finish(self) -> BundleDone:
+        done = self.done or self.decoder.finish()
+        os.fdatasync(self.fd)
+        self.close()
+        return done
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def commit_file(spool: Path, final: Path) -> None:
     """Move a durable spool file into place and make the rename durable."""
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from hvr_common.bundle import BundleDecoder, BundleKind
 from hvr_common.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.logs import event
 from hvr_common.replication_state import Action, ReplicationState, transition
-from hvr_listener.bundle_io import SpoolWriter, apply_bundle, commit_file, fsync_dir
+from hvr_listener.bundle_io import DirectWindowWriter, SpoolWriter, commit_file, fsync_dir
 from hvr_listener.store import ListenerStore, Replica
 
 log = logging.getLogger("hvr.listener.replicas")
@@ -140,18 +140,10 @@ class ReplicaService:
             if end <= disk.initial_offset:
                 return disk.initial_offset  # already stored; the unread body is discarded
             expect = {"vm_id": vm_id, "generation": rep.generation, "kind": BundleKind.INITIAL,
-                      "disks": {disk_id: disk.size_bytes}}
-            spool = self._spool_path(rep, f"initial-{disk_id}-{start}")
-            header = await self._receive(spool, length, digest, expect, body)
-            entry = header.disks[0]
-            if (entry.disk_id, entry.range_start, entry.range_end) != (disk_id, start, end):
-                await asyncio.to_thread(_unlink, spool)
-                raise BodyError("bundle window does not match the request's disk, offset and end")
-            try:
-                async with self.image_lock(vm_id):
-                    await finish_in_thread(apply_bundle, spool, {disk_id: disk.path}, expect)
-            finally:
-                await finish_in_thread(_unlink, spool)
+                      "disks": {disk_id: disk.size_bytes}, "window": (disk_id, start, end)}
+            self.check_length(length)
+            async with self.image_lock(vm_id):
+                await self._receive_window(disk, length, digest, expect, body)
             state = transition("replica", rep.state, Action.START_INITIAL)
             await asyncio.to_thread(self.store.set_initial_offset, vm_id, disk_id, end, state)
         event(log, "initial_window_stored", vm=rep.name, disk=disk.name, offset=start, bytes=end - start)
@@ -249,6 +241,30 @@ class ReplicaService:
             await finish_in_thread(writer.abort)
             raise
         return done.header
+
+    async def _receive_window(self, disk, length: int, digest: str, expect: dict,
+                              body: AsyncIterator[bytes]) -> None:
+        """An initial window goes straight into the image (no spool): see DirectWindowWriter."""
+        decoder = BundleDecoder(keep_data=True, max_bytes=length, expect=expect)
+        writer = await finish_in_thread(DirectWindowWriter, disk.path, disk.disk_id, decoder)
+        try:
+            async for chunk in body:
+                await finish_in_thread(writer.feed, chunk)
+            if writer.bytes != length:
+                err = BodyError(f"body ended after {writer.bytes} of {length} bytes")
+                err.code = "body_truncated"
+                raise err
+            if writer.sha.hexdigest() != digest:
+                err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
+                err.code = "digest_mismatch"
+                raise err
+            await finish_in_thread(writer.finish)
+        except HvrError as exc:
+            if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
+                raise BodyError(exc.message, detail={"code": exc.code}) from None
+            raise
+        finally:
+            await finish_in_thread(writer.close)
 
     def check_length(self, length: int | None) -> None:
         if length is None:

@@ -339,3 +339,23 @@ def test_requests_signed_before_a_restart_cannot_be_replayed(tmp_path):
         assert vm.snapshot() == before
     finally:
         lp.close()
+
+
+def test_damaged_initial_window_does_not_advance_the_durable_offset(listener):
+    vm = Vm(listener, "win1", initial=False)
+    disk_id = vm.disk_ids[0]
+    log = hrl_bytes(vm.vm_id, disk_id, 1, 0, SIZE, [("write", 0, os.urandom(65536))])
+    body = bundle(BundleKind.INITIAL, vm.vm_id, 1, 0, [(disk_id, SIZE, 0, 2 * MiB, log)], compress=False)
+    path = f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset=0&end={2 * MiB}"
+    headers = {"X-Hvr-Generation": "1"}
+    damaged = bytearray(body)
+    damaged[-300] ^= 1
+    for bad, code in ((bytes(damaged), "bundle_corrupt"), (body[:-100], "body_truncated")):
+        r = call(listener.port, "PUT", path, bad, key=listener.key, headers=headers)
+        assert r.status == 400 and r.code == code, r.body
+        assert vm.state()["initial"][str(disk_id)] == 0
+    wrong_window = call(listener.port, "PUT", path.replace(f"end={2 * MiB}", f"end={3 * MiB}"), body,
+                        key=listener.key, headers=headers)
+    assert wrong_window.status == 400 and vm.state()["initial"][str(disk_id)] == 0
+    good = call(listener.port, "PUT", path, body, key=listener.key, headers=headers)
+    assert good.status == 200 and vm.state()["initial"][str(disk_id)] == 2 * MiB
