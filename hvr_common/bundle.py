@@ -35,6 +35,7 @@ assert HEADER.size == 68 and ENTRY.size == 56 and FRAME.size == 12
 MAX_DISKS = 64
 MAX_FRAME_RAW = 4 * 1024 * 1024
 FRAME_RAW_BYTES = 1024 * 1024  # what encoders use
+SKIP_AFTER_INCOMPRESSIBLE = 3  # frames stored raw without trying, after one that did not shrink
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
@@ -124,6 +125,7 @@ class FrameEncoder:
         self.compress = compress
         self._cctx = zstandard.ZstdCompressor(level=level) if compress else None
         self._pending = bytearray()
+        self._skip = 0
         self.stored_bytes = 0
         self.raw_bytes = 0
         self.frames = 0
@@ -148,11 +150,15 @@ class FrameEncoder:
 
     def _frame(self, raw: bytes) -> list[bytes]:
         codec, stored = CODEC_RAW, raw
-        if self._cctx is not None:
+        if self._cctx is not None and self._skip:
+            self._skip -= 1  # recent frames did not shrink: do not spend CPU on this one
+        elif self._cctx is not None:
             packed = self._cctx.compress(raw)
             if len(packed) < len(raw):
                 codec, stored = CODEC_ZSTD, packed
                 self.compressed_frames += 1
+            else:
+                self._skip = SKIP_AFTER_INCOMPRESSIBLE
         self.frames += 1
         self.raw_bytes += len(raw)
         self.stored_bytes += FRAME.size + len(stored)

@@ -165,7 +165,7 @@ def test_incompressible_frames_are_stored_raw_and_compressible_ones_zstd(tmp_pat
     rng = random.Random(5)
     d = _disk(tmp_path, "a")
     ops = [(RecordKind.WRITE, 0, rng.randbytes(3 * 1024 * 1024)),
-           (RecordKind.WRITE, 8 * 1024 * 1024, b"\x5a" * (3 * 1024 * 1024))]
+           (RecordKind.WRITE, 8 * 1024 * 1024, b"\x5a" * (8 * 1024 * 1024))]
     _write_log(d.image_path, d.disk_id, 1, ops)
     bundle = shipper.build_cycle_bundle(tmp_path / "out", vm_id=VM_ID, generation=GENERATION, sequence=1,
                                         disks=[d], compress=True)
@@ -173,13 +173,17 @@ def test_incompressible_frames_are_stored_raw_and_compressible_ones_zstd(tmp_pat
     codecs = _frame_codecs(bundle.path, header)
     assert 0 in codecs and 1 in codecs
     assert bundle.compressed_frames == codecs.count(1)
-    # random megabytes travel raw, the repeated byte compresses to almost nothing
-    assert 3 * 1024 * 1024 < bundle.wire_bytes < 3.2 * 1024 * 1024
+    # random megabytes travel raw (and, after one that did not shrink, the next few frames are not even
+    # tried: SKIP_AFTER_INCOMPRESSIBLE); then the repeated byte compresses to almost nothing again
+    from hvr_common.bundle import SKIP_AFTER_INCOMPRESSIBLE
+    raw_frames = codecs.count(0)
+    assert raw_frames <= 3 + SKIP_AFTER_INCOMPRESSIBLE + 1
+    assert bundle.wire_bytes < (raw_frames + 0.2) * 1024 * 1024
     plain = shipper.build_cycle_bundle(tmp_path / "plain", vm_id=VM_ID, generation=GENERATION, sequence=1,
                                        disks=[d], compress=False)
     header, _, _ = decode_file(plain.path)
     assert set(_frame_codecs(plain.path, header)) == {0}
-    assert plain.wire_bytes > 6 * 1024 * 1024
+    assert plain.wire_bytes > 11 * 1024 * 1024
 
 
 def test_a_disk_without_a_log_of_the_sequence_ships_an_empty_log(tmp_path):
