@@ -14,14 +14,13 @@ Routes (documented in docs/agent-admin-api.md):
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
 
 from hvr_common.errors import HvrError, NotFoundError, UsageError
 from hvr_common.http_errors import status_for
-from hvr_common.http_middleware import error_middleware
+from hvr_common.http_middleware import error_middleware, read_json_object
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
 
@@ -38,16 +37,6 @@ def _error_response(exc: HvrError) -> web.Response:
     return web.json_response(exc.to_dict(), status=status_for(exc))
 
 
-async def _json_body(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    return body
-
-
 async def get_status(request: web.Request) -> web.Response:
     reg = request.app[REGISTRY]
     return web.json_response(dict(request.app[STATUS], vms=len(reg.vms)))
@@ -59,7 +48,7 @@ async def list_vms(request: web.Request) -> web.Response:
 
 
 async def add_vm(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await read_json_object(request)
     unknown = set(body) - {"name", "disks", "read_only"}
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -111,7 +100,7 @@ def _fields(body: dict, allowed: set[str]) -> None:
 
 
 async def enable_replication(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await read_json_object(request)
     _fields(body, {"replica_server", "port", "key_file", "frequency_s", "compression"})
     for key in ("replica_server", "port", "key_file", "frequency_s"):
         if key not in body:
@@ -139,7 +128,7 @@ async def measure_replication(request: web.Request) -> web.Response:
 
 
 async def start_initial(request: web.Request) -> web.Response:
-    body = await _json_body(request) if request.can_read_body else {}
+    body = await read_json_object(request) if request.can_read_body else {}
     _fields(body, {"at_ns"})
     at_ns = body.get("at_ns")
     if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or at_ns < 0):
@@ -148,7 +137,7 @@ async def start_initial(request: web.Request) -> web.Response:
 
 
 async def sync_now(request: web.Request) -> web.Response:
-    body = await _json_body(request) if request.can_read_body else {}
+    body = await read_json_object(request) if request.can_read_body else {}
     _fields(body, {"wait"})
     wait = body.get("wait", True)
     if not isinstance(wait, bool):

@@ -2,60 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
 from pathlib import Path
 
-from hvr_common import logs
 from hvr_common.config import parse_agent_config
-from hvr_common.config_file import read_toml
-from hvr_common.errors import HvrError
+from hvr_common.daemon_main import run_daemon
 
 DEFAULT_CONFIG = Path("/etc/hvr/agent.toml")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hvr-agent",
-        description="Serve protected VMs' disks over NBD, journaling every write into HRL logs. "
-                    "Runs in the foreground (as systemd expects); stop it with SIGTERM.")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help=f"TOML configuration file (default {DEFAULT_CONFIG})")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the configuration, print it, and exit (0 if valid)")
-    return p
+def _agent(config):
+    from hvr_agent.daemon import Agent
+    return Agent(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = parse_agent_config(read_toml(args.config), str(args.config))
-    except HvrError as exc:
-        print(f"hvr-agent: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if args.check_config:
-        print(f"{args.config}: configuration is valid")
-        for key, value in vars(config).items():
-            print(f"  {key} = {value}")
-        return 0
-    logs.configure(config.log_level, config.log_format)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - optional speed-up
-        uvloop = None
-    from hvr_agent.daemon import Agent
-    try:
-        if uvloop is not None:
-            uvloop.run(Agent(config).run())
-        else:
-            asyncio.run(Agent(config).run())
-    except HvrError as exc:
-        print(f"hvr-agent: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_daemon(argv, prog="hvr-agent",
+                      description="Serve protected VMs' disks over NBD, journaling every write into HRL logs, "
+                                  "and replicate them to a replica server.",
+                      default_config=DEFAULT_CONFIG, parse_config=parse_agent_config, make_root=_agent)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ the log and never to the client.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
 from aiohttp import web
 
-from hvr_common.errors import HvrError
+from hvr_common.errors import HvrError, UsageError
 from hvr_common.http_errors import internal_error_body, status_for
 from hvr_common.logs import event
 
@@ -46,3 +47,14 @@ def error_middleware(logger: logging.Logger, status_of: Callable[[HvrError], int
                   error=f"{type(exc).__name__}: {exc}")
             return web.json_response(internal_error_body(exc), status=500)
     return middleware
+
+
+async def read_json_object(request: web.Request) -> dict:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    return body

@@ -11,14 +11,13 @@ import asyncio
 import base64
 import shutil
 import binascii
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from hvr_common.errors import NotFoundError, UsageError
-from hvr_common.http_middleware import error_middleware
+from hvr_common.http_middleware import error_middleware, read_json_object
 from hvr_common.logs import event
 from hvr_common.token_auth import SECRET_BYTES, Key, check_principal
 from hvr_common.replication_state import Action, transition
@@ -32,16 +31,6 @@ SETTINGS = web.AppKey("settings", ServerSettings)
 STORE = web.AppKey("store", ListenerStore)
 SERVICE = web.AppKey("service", ReplicaService)
 ON_LISTEN_CHANGE = web.AppKey("on_listen_change", Callable[[], Awaitable[None]])
-
-
-async def _body(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    return body
 
 
 def replica_status(rep: Replica) -> dict:
@@ -64,7 +53,7 @@ async def get_server(request: web.Request) -> web.Response:
 
 async def patch_server(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    changes = await _body(request)
+    changes = await read_json_object(request)
     old_listen = settings.listen_endpoint()
     await asyncio.to_thread(settings.update, changes)
     event(log, "server_settings_changed", changes=changes)
@@ -78,7 +67,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def add_key(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_json_object(request)
     principal = body.get("principal")
     if not isinstance(principal, str):
         raise UsageError("field 'principal' must be a string")

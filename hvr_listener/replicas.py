@@ -223,20 +223,11 @@ class ReplicaService:
         try:
             async for chunk in body:
                 await finish_in_thread(writer.feed, chunk)
-            if writer.bytes != length:
-                err = BodyError(f"body ended after {writer.bytes} of {length} bytes")
-                err.code = "body_truncated"
-                raise err
-            if writer.sha.hexdigest() != digest:
-                err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
-                err.code = "digest_mismatch"
-                raise err
+            _check_body_end(writer.bytes, length, writer.sha.hexdigest(), digest)
             done = await finish_in_thread(writer.finish)
         except HvrError as exc:
             await finish_in_thread(writer.abort)
-            if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
-                raise BodyError(exc.message, detail={"code": exc.code}) from None
-            raise
+            raise _as_body_error(exc) from None
         except BaseException:
             await finish_in_thread(writer.abort)
             raise
@@ -250,19 +241,10 @@ class ReplicaService:
         try:
             async for chunk in body:
                 await finish_in_thread(writer.feed, chunk)
-            if writer.bytes != length:
-                err = BodyError(f"body ended after {writer.bytes} of {length} bytes")
-                err.code = "body_truncated"
-                raise err
-            if writer.sha.hexdigest() != digest:
-                err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
-                err.code = "digest_mismatch"
-                raise err
+            _check_body_end(writer.bytes, length, writer.sha.hexdigest(), digest)
             await finish_in_thread(writer.finish)
         except HvrError as exc:
-            if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
-                raise BodyError(exc.message, detail={"code": exc.code}) from None
-            raise
+            raise _as_body_error(exc) from None
         finally:
             await finish_in_thread(writer.close)
 
@@ -271,6 +253,25 @@ class ReplicaService:
             raise LengthRequiredError("bundle uploads need a Content-Length header")
         if length > self.max_bundle_bytes:
             raise TooLargeError(f"bundle of {length} bytes exceeds this server's limit of {self.max_bundle_bytes}")
+
+
+def _check_body_end(received: int, length: int, actual_digest: str, digest: str) -> None:
+    """The body is all there and is what was signed; else 400 with the reason."""
+    if received != length:
+        err = BodyError(f"body ended after {received} of {length} bytes")
+        err.code = "body_truncated"
+        raise err
+    if actual_digest != digest:
+        err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
+        err.code = "digest_mismatch"
+        raise err
+
+
+def _as_body_error(exc: HvrError) -> HvrError:
+    """Damaged bundle data is the sender's problem (400), whatever layer noticed it."""
+    if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
+        return BodyError(exc.message, detail={"code": exc.code})
+    return exc
 
 
 async def finish_in_thread(fn, *args):
