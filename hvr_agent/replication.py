@@ -127,7 +127,8 @@ class VmReplication:
 
     def disks(self) -> list[shipper.DiskSource]:
         vm = self.vm()
-        return [shipper.DiskSource(n, d.identity.disk_id, d.image_path, d.size) for n, d in vm.disks.items()]
+        return [shipper.DiskSource(n, d.identity.disk_id, d.image_path, d.size, d.log_base)
+                for n, d in vm.disks.items()]
 
     @property
     def outbox(self) -> Path:
@@ -492,10 +493,10 @@ class VmReplication:
         except NotFoundError:
             return 0
         nxt = self.rec.next_sequence
-        active = {disk.image_path: disk.log for disk in vm.disks.values() if disk.log is not None}
+        active = {disk.log_base: disk.log for disk in vm.disks.values() if disk.log is not None}
         total = sum(lg.written + len(lg.buf) for lg in active.values())
         skip = {(path, lg.sequence) for path, lg in active.items()}
-        images = [d.image_path for d in vm.disks.values()]
+        images = [d.log_base for d in vm.disks.values()]
         return total + await asyncio.to_thread(_closed_log_bytes, images, nxt, skip)
 
 
@@ -522,7 +523,7 @@ def _unlink(path: Path) -> None:
 def _delete_logs_upto(disks: list[shipper.DiskSource], last: int) -> int:
     removed = 0
     for disk in disks:
-        for seq, path in list_logs(disk.image_path):
+        for seq, path in list_logs(disk.logs_at):
             if seq <= last:
                 _unlink(path)
                 removed += 1
@@ -531,7 +532,7 @@ def _delete_logs_upto(disks: list[shipper.DiskSource], last: int) -> int:
 
 def _delete_cycle_files(disks: list[shipper.DiskSource], seq: int, spool: Path) -> None:
     for disk in disks:
-        _unlink(log_path(disk.image_path, seq))
+        _unlink(log_path(disk.logs_at, seq))
     _unlink(spool)
 
 

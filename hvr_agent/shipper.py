@@ -51,6 +51,11 @@ class DiskSource:
     disk_id: uuid.UUID
     image_path: Path
     size_bytes: int
+    log_base: Path | None = None  # where the logs are named from (the image itself unless a block device)
+
+    @property
+    def logs_at(self) -> Path:
+        return self.log_base or self.image_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +188,13 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
     switches, or a cut the disk missed) contributes an empty log: nothing of
     it changed in that cycle.
     """
-    scans = [_scan_log(log_path(d.image_path, sequence)) for d in disks]
+    scans = [_scan_log(log_path(d.logs_at, sequence)) for d in disks]
     closed = [s.summary.closed_ns for s in scans if s is not None and s.summary.closed_ns is not None]
     created_ns = max(closed, default=0)
     writer = _SpoolWriter(spool_path(outbox, sequence), len(disks))
     try:
         for disk, scan in zip(disks, scans):
-            path = log_path(disk.image_path, sequence)
+            path = log_path(disk.logs_at, sequence)
             if scan is not None:
                 _check_identity(path, scan.header, vm_id, disk, generation, sequence)
                 header = scan.header

@@ -48,9 +48,10 @@ class TrackedDisk:
     """A device with change tracking; the NBD server talks to this."""
 
     def __init__(self, device: BlockDevice, image_path: Path, identity: DiskIdentity,
-                 intent: IntentBitmapFile, *, buffer_limit: int):
+                 intent: IntentBitmapFile, *, buffer_limit: int, log_base: Path | None = None):
         self.device = device
         self.image_path = image_path
+        self.log_base = log_base or image_path  # logs are <log_base name>.<seq>.hrl beside it
         self.identity = identity
         self.intent = intent
         self.size = device.size
@@ -79,7 +80,7 @@ class TrackedDisk:
         ident = self.identity
         header = HrlHeader(vm_id=ident.vm_id, disk_id=ident.disk_id, generation=ident.generation,
                            sequence=sequence, disk_size=self.size, created_ns=_now_ns())
-        self.log = ActiveLog(log_path(self.image_path, sequence), header, self.buffer_limit)
+        self.log = ActiveLog(log_path(self.log_base, sequence), header, self.buffer_limit)
         return self.log
 
     def prepare_log(self, sequence: int) -> ActiveLog:
@@ -87,7 +88,7 @@ class TrackedDisk:
         ident = self.identity
         header = HrlHeader(vm_id=ident.vm_id, disk_id=ident.disk_id, generation=ident.generation,
                            sequence=sequence, disk_size=self.size, created_ns=_now_ns())
-        return ActiveLog(log_path(self.image_path, sequence), header, self.buffer_limit)
+        return ActiveLog(log_path(self.log_base, sequence), header, self.buffer_limit)
 
     def commit_log(self, new: ActiveLog) -> ActiveLog:
         """Step 3 of a cut (after every disk's END record is written): switch; cannot fail."""

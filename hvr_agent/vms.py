@@ -137,6 +137,15 @@ class VmRegistry:
         event(log, "vm_added", vm=name, disks=[str(p) for _, p in disks], read_only=read_only)
         return vm
 
+    def log_base(self, vm: str, disk: str, path: Path, is_block_device: bool) -> Path:
+        """Where a disk's logs and bitmap live: next to an image file; for a block device (whose
+        folder is /dev), in ``state_dir/blockdev-logs/VM/`` under the disk's name."""
+        if not is_block_device:
+            return path
+        folder = self.config.state_dir / "blockdev-logs" / vm
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return folder / disk
+
     async def _open_vm(self, rec: VmRecord) -> ProtectedVm:
         vm = ProtectedVm(rec)
         opened: list[TrackedDisk] = []
@@ -144,8 +153,10 @@ class VmRegistry:
             for d in rec.disks:
                 device = RawImage(d.path, read_only=rec.read_only)
                 ident = DiskIdentity(rec.name, rec.vm_id, d.name, d.disk_id, rec.generation)
-                intent = IntentBitmapFile(bitmap_path(d.path), device.size, self.config.bitmap_region_bytes)
-                disk = TrackedDisk(device, d.path, ident, intent, buffer_limit=self.config.journal_buffer_bytes)
+                log_base = self.log_base(rec.name, d.name, d.path, device.is_block_device)
+                intent = IntentBitmapFile(bitmap_path(log_base), device.size, self.config.bitmap_region_bytes)
+                disk = TrackedDisk(device, d.path, ident, intent, buffer_limit=self.config.journal_buffer_bytes,
+                                   log_base=log_base)
                 opened.append(disk)
                 vm.disks[d.name] = disk
             if not rec.read_only:
@@ -165,7 +176,7 @@ class VmRegistry:
         for dname, disk in vm.disks.items():
             ident = disk.identity
             fallback = HrlHeader(ident.vm_id, ident.disk_id, ident.generation, 0, disk.size, 0)
-            scans[dname] = await asyncio.to_thread(close_open_logs, disk.image_path, fallback)
+            scans[dname] = await asyncio.to_thread(close_open_logs, disk.log_base, fallback)
             for rep in scans[dname].repaired:
                 event(log, "log_recovered", logging.WARNING, vm=vm.name, disk=dname, seq=rep.sequence,
                       valid_bytes=rep.valid_bytes, torn_bytes=rep.torn_bytes, records=rep.records,
