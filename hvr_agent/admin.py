@@ -18,8 +18,7 @@ import logging
 
 from aiohttp import web
 
-from hvr_common.errors import HvrError, NotFoundError, UsageError
-from hvr_common.http_errors import status_for
+from hvr_common.errors import NotFoundError, UsageError
 from hvr_common.http_middleware import error_middleware, read_json_object
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
@@ -31,10 +30,6 @@ STATUS = web.AppKey("status", dict)
 REPLICATION = web.AppKey("replication", ReplicationManager)
 
 MAX_BODY = 1024 * 1024
-
-
-def _error_response(exc: HvrError) -> web.Response:
-    return web.json_response(exc.to_dict(), status=status_for(exc))
 
 
 async def get_status(request: web.Request) -> web.Response:

@@ -31,7 +31,6 @@ class IntentBitmapFile:
         self.counter = 0
         self.next_slot = 0
         self.log_sequence = 0
-        self.persist_count = 0
         self._lock = asyncio.Lock()
         self.fd = -1
 
@@ -70,7 +69,6 @@ class IntentBitmapFile:
         self.next_slot = slot ^ 1
         self.log_sequence = log_sequence
         self.durable = marks
-        self.persist_count += 1
 
     async def mark(self, regions: list[int]) -> None:
         """Return once ``regions`` are durable and in ``period``; the caller then writes at once."""
@@ -91,12 +89,6 @@ class IntentBitmapFile:
         """After the previous log and the image are durable: shrink the on-disk marks to this period's."""
         async with self._lock:
             await self._persist(self.period.copy(), log_sequence)
-
-    async def mark_all_durable(self, regions: list[int]) -> None:
-        async with self._lock:
-            widened = self.durable.copy()
-            widened.mark(regions)
-            await self._persist(widened, self.log_sequence)
 
     def close(self) -> None:
         if self.fd >= 0:

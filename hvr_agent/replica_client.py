@@ -135,9 +135,6 @@ class ReplicaClient:
             self._session = None
 
     # --- routes ----------------------------------------------------------------------------
-    async def server_info(self) -> dict:
-        return await self._json("GET", "/v1/server")
-
     async def enable(self, vm_id: uuid.UUID, body: dict) -> tuple[int, dict]:
         """PUT /v1/replicas/{vm_id}: (status, body); 201 created, 200 identical record present."""
         return await self._request("PUT", f"/v1/replicas/{vm_id}", json_body=body)

@@ -34,7 +34,7 @@ from hvr_common.bundle import BundleHeader, BundleKind, DiskEntry, FrameEncoder,
 from hvr_common.errors import CorruptError
 from hvr_common.extents import coalesce
 from hvr_common.hrl import HrlEncoder, HrlHeader, LogSummary, Record, RecordKind
-from hvr_common.hrl_file import iter_hrl_file
+from hvr_common.hrl_file import scan_hrl_file
 from hvr_agent.journal import log_path
 
 RECORD_BYTES = 4 * 1024 * 1024  # largest WRITE record the shipper emits
@@ -142,16 +142,7 @@ def _scan_log(path: Path) -> _ClosedLogScan | None:
     """A closed log's header and records (no payloads), or None if the disk has no log of that sequence."""
     if not path.exists():
         return None
-    header = None
-    records: list[Record] = []
-    summary = None
-    for ev in iter_hrl_file(path, keep_data=False):
-        if isinstance(ev, Record):
-            records.append(ev)
-        elif isinstance(ev, HrlHeader):
-            header = ev
-        else:
-            summary = ev
+    header, records, summary = scan_hrl_file(path)
     summary.require_clean(f"HRL file {path}")
     return _ClosedLogScan(header, records, summary)
 

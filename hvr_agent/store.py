@@ -11,15 +11,14 @@ Methods are synchronous and short; the daemon calls them through
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hvr_common.errors import ConflictError, CorruptError, NotFoundError
+from hvr_common.state_db import StateDatabase
+from hvr_common.errors import ConflictError, NotFoundError
 from hvr_common.measure import CycleResult, CycleStat
 from hvr_common.replication_state import ReplicationState
 
@@ -152,31 +151,9 @@ class InitialProgress:
 _REPLICATION_COLUMNS = tuple(f.name for f in fields(ReplicationRecord))
 
 
-class AgentStore:
+class AgentStore(StateDatabase):
     def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise CorruptError(f"agent state database {path} is unreadable: {exc}",
-                               hint="restore it from backup or move it aside to start empty") from None
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise CorruptError(f"agent state database {path} has schema {row[0]}, expected {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, SCHEMA, SCHEMA_VERSION, "agent")
 
     def list_vms(self) -> list[VmRecord]:
         with self._lock:
@@ -195,15 +172,13 @@ class AgentStore:
         recs = tuple(DiskRecord(dname, uuid.uuid4(), path) for dname, path in disks)
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO vms VALUES (?, ?, 1, 1, ?, ?)",
-                                 (name, str(vm_id), int(read_only), time.time_ns()))
-                for pos, d in enumerate(recs):
-                    self._db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?)",
-                                     (name, d.name, str(d.disk_id), str(d.path), pos))
-                self._db.execute("COMMIT")
+                with self.transaction() as db:
+                    db.execute("INSERT INTO vms VALUES (?, ?, 1, 1, ?, ?)",
+                               (name, str(vm_id), int(read_only), time.time_ns()))
+                    for pos, d in enumerate(recs):
+                        db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?)",
+                                   (name, d.name, str(d.disk_id), str(d.path), pos))
             except sqlite3.IntegrityError as exc:
-                self._db.execute("ROLLBACK")
                 if "vms.name" in str(exc):
                     raise ConflictError(f"a VM named {name!r} is already registered") from None
                 if "disks.path" in str(exc):
@@ -248,12 +223,10 @@ class AgentStore:
             return [ReplicationRecord._from_row(r) for r in rows.fetchall()]
 
     def remove_replication(self, vm: str) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM replication_cycles WHERE vm=?", (vm,))
-            self._db.execute("DELETE FROM replication_initial WHERE vm=?", (vm,))
-            cur = self._db.execute("DELETE FROM replication WHERE vm=?", (vm,))
-            self._db.execute("COMMIT")
+        with self._lock, self.transaction() as db:
+            db.execute("DELETE FROM replication_cycles WHERE vm=?", (vm,))
+            db.execute("DELETE FROM replication_initial WHERE vm=?", (vm,))
+            cur = db.execute("DELETE FROM replication WHERE vm=?", (vm,))
             if cur.rowcount == 0:
                 raise NotFoundError(f"replication of VM {vm!r} is not enabled")
 

@@ -161,13 +161,6 @@ class AgentConfig:
         return self.state_dir / "outbox"
 
 
-DEFAULT_AGENT_CONFIG = {
-    "state_dir": "/var/lib/hvr/agent",
-    "admin_socket": "/run/hvr/agent.sock",
-    "nbd_socket": "/run/hvr/nbd.sock",
-}
-
-
 def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig:
     c = _Checker(table, source)
     cfg = dict(

@@ -76,6 +76,21 @@ def read_hrl_summary(path: str | os.PathLike) -> tuple[HrlHeader, LogSummary]:
     raise AssertionError("iter_hrl_file ends with a LogSummary")
 
 
+def scan_hrl_file(path: str | os.PathLike) -> tuple[HrlHeader, list[Record], LogSummary]:
+    """A whole log checked (checksums included): header, records without payloads, summary."""
+    header = None
+    records: list[Record] = []
+    summary = None
+    for event in iter_hrl_file(path, keep_data=False):
+        if isinstance(event, Record):
+            records.append(event)
+        elif isinstance(event, HrlHeader):
+            header = event
+        else:
+            summary = event
+    return header, records, summary
+
+
 def _zero_ops():
     """``(punch_hole, zero_range)`` from :mod:`hvr_common.sparse`, or writing zeroes without it."""
     try:
@@ -191,16 +206,7 @@ def apply_coalesced(log_path: str | os.PathLike, image: int | str | os.PathLike,
     verified in the first pass: the log must not change in between (closed
     logs never do).
     """
-    header = None
-    records: list[Record] = []
-    summary = None
-    for event in iter_hrl_file(log_path, keep_data=False):
-        if isinstance(event, Record):
-            records.append(event)
-        elif isinstance(event, HrlHeader):
-            header = event
-        else:
-            summary = event
+    header, records, summary = scan_hrl_file(log_path)
     if require_clean:
         summary.require_clean(f"HRL file {os.fspath(log_path)}")
     extents = coalesce(records)

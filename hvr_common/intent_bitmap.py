@@ -92,13 +92,6 @@ class IntentBitmap:
                 marks[r] = 1
                 self.count += 1
 
-    def union(self, other: "IntentBitmap") -> "IntentBitmap":
-        if (other.disk_size, other.region_bytes) != (self.disk_size, self.region_bytes):
-            raise ValueError("bitmaps of different geometry")
-        out = IntentBitmap(self.disk_size, self.region_bytes)
-        out.mark(i for i in range(len(self.marks)) if self.marks[i] or other.marks[i])
-        return out
-
     def copy(self) -> "IntentBitmap":
         out = IntentBitmap(self.disk_size, self.region_bytes)
         out.marks[:] = self.marks

@@ -293,13 +293,6 @@ def _commit_cycle(store: ListenerStore, spool: Path, final: Path, vm_id, sequenc
     store.record_cycle(vm_id, sequence, generation, digest, nbytes, final, created_ns)
 
 
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
 def _create_images(vm_dir: Path, paths) -> None:
     vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     for _, _, size, path in paths:

@@ -8,15 +8,14 @@ of an applied cycle :meth:`ListenerStore.mark_applied`.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvr_common.errors import ConflictError, CorruptError, NotFoundError
+from hvr_common.state_db import StateDatabase
+from hvr_common.errors import ConflictError, NotFoundError
 from hvr_common.replication_state import ReplicationState
 from hvr_common.token_auth import Key
 
@@ -122,32 +121,9 @@ class CycleRow:
     applied_ns: int | None
 
 
-class ListenerStore:
+class ListenerStore(StateDatabase):
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise CorruptError(f"listener state database {path} is unreadable: {exc}",
-                               hint="restore it from backup") from None
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise CorruptError(f"listener state database {path} has schema {row[0]}, expected {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _tx(self):
-        return _Tx(self._db)
+        super().__init__(path, SCHEMA, SCHEMA_VERSION, "listener")
 
     # --- settings and keys ------------------------------------------------
     def settings(self) -> dict:
@@ -158,7 +134,7 @@ class ListenerStore:
         return out
 
     def update_settings(self, changes: dict) -> dict:
-        with self._lock, self._tx():
+        with self._lock, self.transaction():
             for k, v in changes.items():
                 self._db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                                  (k, json.dumps(v)))
@@ -166,7 +142,7 @@ class ListenerStore:
 
     def add_key(self, key: Key, *, replace: bool) -> bool:
         """Store a key; True if it replaced an existing one."""
-        with self._lock, self._tx():
+        with self._lock, self.transaction():
             exists = self._db.execute("SELECT 1 FROM keys WHERE principal=?", (key.principal,)).fetchone()
             if exists and not replace:
                 raise ConflictError(f"a key for {key.principal!r} is already installed",
@@ -223,7 +199,7 @@ class ListenerStore:
 
     def create_replica(self, vm_id: uuid.UUID, name: str, principal: str, generation: int, frequency_s: int,
                        compression: bool, storage_dir: Path, disks: list[tuple[uuid.UUID, str, int, Path]]) -> None:
-        with self._lock, self._tx():
+        with self._lock, self.transaction():
             try:
                 self._db.execute(
                     "INSERT INTO replicas (vm_id, name, principal, generation, state, frequency_s, compression, "
@@ -245,7 +221,7 @@ class ListenerStore:
             self._db.execute(f"UPDATE replicas SET {cols} WHERE vm_id=?", (*fields.values(), str(vm_id)))
 
     def set_initial_offset(self, vm_id: uuid.UUID, disk_id: uuid.UUID, offset: int, state: ReplicationState) -> None:
-        with self._lock, self._tx():
+        with self._lock, self.transaction():
             self._db.execute("UPDATE replica_disks SET initial_offset=? WHERE vm_id=? AND disk_id=?",
                              (offset, str(vm_id), str(disk_id)))
             self._db.execute("UPDATE replicas SET state=? WHERE vm_id=?", (state.value, str(vm_id)))
@@ -266,7 +242,7 @@ class ListenerStore:
                      path: Path, log_created_ns: int) -> None:
         """The commit point of a received cycle (after its file is durable)."""
         now = time.time_ns()
-        with self._lock, self._tx():
+        with self._lock, self.transaction():
             self._db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                              (str(vm_id), sequence, generation, digest, nbytes, str(path), log_created_ns, now))
             self._db.execute("UPDATE replicas SET next_sequence=?, last_received_sequence=?, last_replication_ns=? "
@@ -282,7 +258,7 @@ class ListenerStore:
     def mark_applied(self, vm_id: uuid.UUID, sequence: int, log_created_ns: int) -> None:
         """The commit point of an applied cycle (after the images are durable)."""
         now = time.time_ns()
-        with self._lock, self._tx():
+        with self._lock, self.transaction():
             self._db.execute("UPDATE cycles SET applied_ns=? WHERE vm_id=? AND sequence=?", (now, str(vm_id), sequence))
             self._db.execute("UPDATE replicas SET last_applied_sequence=?, last_applied_log_ns=?, last_applied_ns=? "
                              "WHERE vm_id=?", (sequence, log_created_ns, now, str(vm_id)))
@@ -298,16 +274,3 @@ class ListenerStore:
 def _cycle(row) -> CycleRow:
     vm_id, seq, gen, digest, nbytes, path, log_ns, recv, applied = row
     return CycleRow(uuid.UUID(vm_id), seq, gen, digest, nbytes, Path(path), log_ns, recv, applied)
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False

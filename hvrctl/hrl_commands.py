@@ -6,7 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 from hvr_common.extents import coalesce, total_bytes
-from hvr_common.hrl import HrlHeader, LogSummary, Record, RecordKind
+from hvr_common.hrl import HrlHeader, LogSummary, RecordKind
 from hvrctl.output import emit_json, human_bytes, kv, table
 
 
@@ -53,26 +53,13 @@ def _time(ns: int | None) -> str | None:
 
 
 def cmd_inspect(args) -> int:
-    from hvr_common.hrl_file import iter_hrl_file
+    from hvr_common.hrl_file import scan_hrl_file
 
-    header = None
-    summary = None
-    records: list[dict] = []
-    ops = []
-    counts = {k.name: 0 for k in (RecordKind.WRITE, RecordKind.TRIM, RecordKind.ZERO)}
-    for item in iter_hrl_file(args.file, keep_data=False):
-        if isinstance(item, HrlHeader):
-            header = item
-        elif isinstance(item, Record):
-            counts[item.kind.name] += 1
-            ops.append((item.kind, item.offset, item.length,
-                        item.data_position if item.kind == RecordKind.WRITE else None))
-            if args.records:
-                records.append({"kind": item.kind.name, "offset": item.offset, "length": item.length,
-                                "flags": item.flags, "position": item.position})
-        elif isinstance(item, LogSummary):
-            summary = item
-    extents = coalesce(ops)
+    header, recs, summary = scan_hrl_file(args.file)
+    counts = {k.name: sum(1 for r in recs if r.kind == k) for k in (RecordKind.WRITE, RecordKind.TRIM, RecordKind.ZERO)}
+    records = [{"kind": r.kind.name, "offset": r.offset, "length": r.length, "flags": r.flags,
+                "position": r.position} for r in recs] if args.records else []
+    extents = coalesce(recs)
     shipped = total_bytes(extents)
     result = {"path": str(args.file), "header": _header_dict(header), "summary": _summary_dict(summary),
               "records_by_kind": counts, "coalesced_extents": len(extents), "coalesced_write_bytes": shipped}
