@@ -11,6 +11,7 @@ import signal
 from aiohttp import web
 
 from hvr_common import systemd
+from hvr_common.http_middleware import serve_on_unix_socket
 from hvr_common.config import AgentConfig
 from hvr_common.logs import event
 from hvr_common.state_lock import StateLock
@@ -62,14 +63,7 @@ class Agent:
                       "nbd_socket": str(cfg.nbd_socket), "nbd_tcp_port": tcp_port}
             runner = web.AppRunner(make_app(registry, status, replication), access_log=None, handle_signals=False)
             await runner.setup()
-            claim_socket_path(cfg.admin_socket)
-            old_umask = os.umask(0o177)
-            try:
-                await web.UnixSite(runner, str(cfg.admin_socket)).start()
-            finally:
-                os.umask(old_umask)
-            os.chmod(cfg.admin_socket, 0o600)
-            owned[cfg.admin_socket] = socket_identity(cfg.admin_socket)
+            owned[cfg.admin_socket] = await serve_on_unix_socket(runner, cfg.admin_socket)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
@@ -78,7 +72,7 @@ class Agent:
             systemd.notify("READY=1")
             async with asyncio.TaskGroup() as tg:
                 interval = systemd.watchdog_interval_s()
-                watchdog = tg.create_task(self._watchdog(interval)) if interval else None
+                watchdog = tg.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
                 tg.create_task(replication.run(), name="replication")
                 await self._stop.wait()
                 systemd.notify("STOPPING=1")
@@ -95,8 +89,3 @@ class Agent:
             for path, identity in owned.items():
                 release_socket_path(path, identity)
             event(log, "agent_stopped")
-
-    async def _watchdog(self, interval_s: float) -> None:
-        while True:
-            systemd.notify("WATCHDOG=1")
-            await asyncio.sleep(interval_s)

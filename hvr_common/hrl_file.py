@@ -7,12 +7,12 @@ bounded by one chunk plus one record (at most 32 MiB of payload).
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 
 from hvr_common.errors import NotFoundError, UsageError
 from hvr_common.extents import coalesce
+from hvr_common import sparse
 from hvr_common.hrl import (
     NEED_DATA,
     RECORD_FLAG_NO_HOLE,
@@ -91,24 +91,15 @@ def scan_hrl_file(path: str | os.PathLike) -> tuple[HrlHeader, list[Record], Log
     return header, records, summary
 
 
-def _zero_ops():
-    """``(punch_hole, zero_range)`` from :mod:`hvr_common.sparse`, or writing zeroes without it."""
-    try:
-        sparse = importlib.import_module("hvr_common.sparse")
-    except ModuleNotFoundError as e:
-        if e.name != "hvr_common.sparse":
-            raise
-        return _write_zeroes, _write_zeroes
-    return sparse.punch_hole, sparse.zero_range
-
-
-def _write_zeroes(fd: int, offset: int, length: int, *, may_trim: bool = True) -> None:
-    zeroes = bytes(min(length, _COPY_SIZE))
-    while length:
-        n = min(length, len(zeroes))
-        _pwrite_all(fd, memoryview(zeroes)[:n], offset)
-        offset += n
-        length -= n
+def apply_record(fd: int, record: Record) -> None:
+    """One record onto an image: WRITE written, ZERO zero-ranged (a hole unless NO_HOLE), TRIM punched."""
+    kind = record.kind
+    if kind is RecordKind.WRITE:
+        _pwrite_all(fd, record.data, record.offset)
+    elif kind is RecordKind.ZERO:
+        sparse.zero_range(fd, record.offset, record.length, may_trim=not record.flags & RECORD_FLAG_NO_HOLE)
+    else:
+        sparse.punch_hole(fd, record.offset, record.length)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -169,20 +160,12 @@ def replay(log_path: str | os.PathLike, image: int | str | os.PathLike, *,
     """
     if require_clean:
         _check_log(log_path)
-    punch_hole, zero_range = _zero_ops()
     target = _Image(image)
     try:
         summary = None
         for event in iter_hrl_file(log_path):
             if isinstance(event, Record):
-                kind = event.kind
-                if kind is RecordKind.WRITE:
-                    _pwrite_all(target.fd, event.data, event.offset)
-                elif kind is RecordKind.ZERO:
-                    zero_range(target.fd, event.offset, event.length,
-                               may_trim=not event.flags & RECORD_FLAG_NO_HOLE)
-                else:
-                    punch_hole(target.fd, event.offset, event.length)
+                apply_record(target.fd, event)
             elif isinstance(event, HrlHeader):
                 target.check_size(event, log_path)
             else:
@@ -211,7 +194,6 @@ def apply_coalesced(log_path: str | os.PathLike, image: int | str | os.PathLike,
         summary.require_clean(f"HRL file {os.fspath(log_path)}")
     extents = coalesce(records)
     del records
-    punch_hole, zero_range = _zero_ops()
     target = _Image(image)
     try:
         target.check_size(header, log_path)
@@ -221,10 +203,10 @@ def apply_coalesced(log_path: str | os.PathLike, image: int | str | os.PathLike,
                 if extent.kind is RecordKind.WRITE:
                     _copy(fd, extent.source, target.fd, extent.offset, extent.length)
                 elif extent.kind is RecordKind.ZERO:
-                    zero_range(target.fd, extent.offset, extent.length,
-                               may_trim=not extent.flags & RECORD_FLAG_NO_HOLE)
+                    sparse.zero_range(target.fd, extent.offset, extent.length,
+                                      may_trim=not extent.flags & RECORD_FLAG_NO_HOLE)
                 else:
-                    punch_hole(target.fd, extent.offset, extent.length)
+                    sparse.punch_hole(target.fd, extent.offset, extent.length)
         if sync:
             os.fdatasync(target.fd)
         return summary

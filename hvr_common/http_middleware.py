@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from hvr_common.errors import HvrError, UsageError
 from hvr_common.http_errors import internal_error_body, status_for
 from hvr_common.logs import event
+from hvr_common.unix_socket import claim_socket_path, socket_identity
 
 
 def error_middleware(logger: logging.Logger, status_of: Callable[[HvrError], int] = status_for,
@@ -58,3 +61,18 @@ async def read_json_object(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise UsageError("request body must be a JSON object")
     return body
+
+
+async def serve_on_unix_socket(runner: web.AppRunner, path: Path) -> tuple[int, int] | None:
+    """Serve an admin API on ``path``, created 0600 (never readable by others, not even briefly).
+
+    Returns the socket's identity, so the daemon removes only its own socket at exit.
+    """
+    claim_socket_path(path)
+    old_umask = os.umask(0o177)
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return socket_identity(path)

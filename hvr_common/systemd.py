@@ -6,6 +6,7 @@ the variable is unset (not under systemd, or in tests) every call is a no-op.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
@@ -35,3 +36,10 @@ def watchdog_interval_s() -> float | None:
         return int(usec) / 2_000_000
     except ValueError:
         return None
+
+
+async def keep_watchdog_fed(interval_s: float) -> None:
+    """Tell systemd every ``interval_s`` that the daemon's event loop is alive (until cancelled)."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval_s)

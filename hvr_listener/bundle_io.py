@@ -13,9 +13,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from hvr_common import sparse
 from hvr_common.bundle import BundleDecoder, BundleDone, BundleHeader
-from hvr_common.hrl import NEED_DATA, RECORD_FLAG_NO_HOLE, Record, RecordKind
+from hvr_common.hrl import NEED_DATA, Record
+from hvr_common.hrl_file import apply_record
 
 READ_CHUNK = 1024 * 1024
 
@@ -182,14 +182,4 @@ def _finish_events(dec: BundleDecoder):
 def _apply_record(fd: int, disk_id: uuid.UUID, rec: Record, hook: BeforeOverwrite | None) -> None:
     if hook is not None:
         hook(disk_id, fd, rec.offset, rec.length)
-    if rec.kind == RecordKind.WRITE:
-        view = memoryview(rec.data)
-        off = rec.offset
-        while view:
-            n = os.pwrite(fd, view, off)
-            view = view[n:]
-            off += n
-    elif rec.kind == RecordKind.TRIM:
-        sparse.punch_hole(fd, rec.offset, rec.length)
-    elif rec.kind == RecordKind.ZERO:
-        sparse.zero_range(fd, rec.offset, rec.length, may_trim=not rec.flags & RECORD_FLAG_NO_HOLE)
+    apply_record(fd, rec)

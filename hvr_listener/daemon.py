@@ -11,11 +11,12 @@ from pathlib import Path
 from aiohttp import web
 
 from hvr_common import systemd
+from hvr_common.http_middleware import serve_on_unix_socket
 from hvr_common.config import ListenerConfig
 from hvr_common.errors import ConflictError
 from hvr_common.logs import event
 from hvr_common.state_lock import StateLock
-from hvr_common.unix_socket import claim_socket_path, release_socket_path, socket_identity
+from hvr_common.unix_socket import release_socket_path
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
 from hvr_listener.replicas import ReplicaService
@@ -96,14 +97,7 @@ class Listener:
             admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind, service), access_log=None,
                                          handle_signals=False)
             await admin_runner.setup()
-            claim_socket_path(cfg.admin_socket)
-            old_umask = os.umask(0o177)
-            try:
-                await web.UnixSite(admin_runner, str(cfg.admin_socket)).start()
-            finally:
-                os.umask(old_umask)
-            os.chmod(cfg.admin_socket, 0o600)
-            admin_identity = socket_identity(cfg.admin_socket)
+            admin_identity = await serve_on_unix_socket(admin_runner, cfg.admin_socket)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
@@ -113,7 +107,7 @@ class Listener:
             async with asyncio.TaskGroup() as tg:
                 apply_task = tg.create_task(applier.run())
                 interval = systemd.watchdog_interval_s()
-                watchdog = tg.create_task(self._watchdog(interval)) if interval else None
+                watchdog = tg.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
                 await self._stop.wait()
                 systemd.notify("STOPPING=1")
                 apply_task.cancel()
@@ -128,8 +122,3 @@ class Listener:
             lock.release()
             release_socket_path(Path(cfg.admin_socket), admin_identity)
             event(log, "listener_stopped")
-
-    async def _watchdog(self, interval_s: float) -> None:
-        while True:
-            systemd.notify("WATCHDOG=1")
-            await asyncio.sleep(interval_s)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -262,14 +261,6 @@ def test_trim_and_zero_read_as_zeroes(tmp_path, apply):
     image.write_bytes(b"\xaa" * disk)
     apply(log, image)
     assert image.read_bytes() == bytes(768 << 10) + b"\xaa" * (256 << 10)
-
-
-@pytest.mark.parametrize("apply", [replay, apply_coalesced])
-def test_without_the_sparse_module_zeroes_are_written(files, apply, monkeypatch):
-    monkeypatch.setitem(sys.modules, "hvr_common.sparse", None)  # import fails
-    log, image, ops, base = files
-    apply(log, image)
-    assert image.read_bytes() == model(ops, base)
 
 
 def test_apply_coalesced_writes_each_surviving_byte_once(tmp_path, monkeypatch):

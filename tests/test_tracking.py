@@ -18,7 +18,7 @@ from pathlib import Path
 
 from daemons import AgentProcess, python_executable, run, wait_for
 from hvr_common.hrl import RecordKind
-from hvr_common.hrl_file import iter_hrl_file
+from hvr_common.hrl_file import apply_record, iter_hrl_file
 from hvr_common.hrl import LogSummary, Record
 from hvr_common.intent_bitmap import decode_file
 from hvr_agent.tracker import MARK_AHEAD_REGIONS
@@ -159,17 +159,10 @@ def _replay_python(logs: list[Path], target: Path) -> None:
     """Replay with the valid prefix of a torn log too (what recovery will keep)."""
     fd = os.open(target, os.O_RDWR)
     try:
-        from hvr_common import sparse
         for log in logs:
             for item in iter_hrl_file(log, keep_data=True):
-                if not isinstance(item, Record):
-                    continue
-                if item.kind == RecordKind.WRITE:
-                    os.pwrite(fd, item.data, item.offset)
-                elif item.kind == RecordKind.TRIM:
-                    sparse.punch_hole(fd, item.offset, item.length)
-                elif item.kind == RecordKind.ZERO:
-                    sparse.zero_range(fd, item.offset, item.length)
+                if isinstance(item, Record):
+                    apply_record(fd, item)
     finally:
         os.close(fd)
 
