@@ -9,8 +9,10 @@ the region is made durable in the write-intent bitmap.
 Write order and commit points (see docs/hrl-format.md):
 
 1. region marked in the bitmap file and fdatasync'd (first write after a cut);
-2. image ``pwrite`` / punch / zero (page cache);
-3. record appended to the log buffer;
+2. record appended to the log (buffered; a large write goes straight to the file
+   and is cut off again if that fails);
+3. image ``pwrite`` / punch / zero (page cache); if that fails, the range's actual
+   contents are journaled after the record;
 4. FLUSH or FUA: log buffer drained, log and image fdatasync'd, then reply.
 """
 

@@ -206,7 +206,71 @@ def disk_stem(path: Path | str) -> str:
 # ---------------------------------------------------------------------------
 
 
-class AgentProcess:
+class SupervisedProcess:
+    """A child process owned by a test, its stdout/stderr in files of the test's folder.
+
+    Subclasses set ``name``, ``stdout_path``, ``stderr_path`` and ``process = None``
+    (and ``strict_stop = False`` if not stopping in time is not a failure).
+    """
+
+    name = "process"
+    strict_stop = True
+    process: subprocess.Popen | None = None
+    _log_files: list = []
+
+    def _spawn(self, cmd: Sequence[str | os.PathLike], **popen_kwargs) -> None:
+        self._close_log_files()
+        self._log_files = [open(self.stdout_path, "ab"), open(self.stderr_path, "ab")]
+        self.process = subprocess.Popen([os.fspath(c) for c in cmd], stdout=self._log_files[0],
+                                        stderr=self._log_files[1], stdin=subprocess.DEVNULL, **popen_kwargs)
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def assert_alive(self) -> None:
+        if self.process is None:
+            raise AssertionError(f"{self.name} was never started")
+        code = self.process.poll()
+        if code is not None:
+            raise AssertionError(f"{self.name} exited with code {code}\n{self.log_tail()}")
+
+    def terminate(self, timeout_s: float = 15) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not stop in time (a failure when ``strict_stop``)."""
+        return self._stop(signal.SIGTERM, timeout_s)
+
+    def kill(self, timeout_s: float = 15) -> int | None:
+        """SIGKILL and wait."""
+        return self._stop(signal.SIGKILL, timeout_s)
+
+    def _stop(self, signum: int, timeout_s: float) -> int | None:
+        if self.process is None:
+            return None
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signum)
+                try:
+                    self.process.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=timeout_s)
+                    if self.strict_stop:
+                        raise AssertionError(f"{self.name} did not exit within {timeout_s} s of signal "
+                                             f"{signum}; killed\n{self.log_tail()}") from None
+            return self.process.returncode
+        finally:
+            self._close_log_files()
+
+    def _close_log_files(self) -> None:
+        for handle in self._log_files:
+            handle.close()
+        self._log_files = []
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return (f"--- {self.name} stdout ({self.stdout_path}) ---\n{tail_of_file(self.stdout_path, lines)}\n"
+                f"--- {self.name} stderr ({self.stderr_path}) ---\n{tail_of_file(self.stderr_path, lines)}")
+
+
+class AgentProcess(SupervisedProcess):
     """One ``python -m hvr_agent`` in the foreground, owned by a test.
 
     ``workdir`` receives the config, the agent's stdout/stderr and its state
@@ -237,8 +301,7 @@ class AgentProcess:
         self.stdout_path = self.workdir / "agent.stdout.log"
         self.stderr_path = self.workdir / "agent.stderr.log"
         self.process: subprocess.Popen | None = None
-        self._stdout_file = None
-        self._stderr_file = None
+        self._log_files: list = []
 
     # -- configuration ------------------------------------------------------
 
@@ -271,17 +334,8 @@ class AgentProcess:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("agent already running")
         self.write_config()
-        self._close_log_files()
-        self._stdout_file = open(self.stdout_path, "ab")
-        self._stderr_file = open(self.stderr_path, "ab")
-        self.process = subprocess.Popen(
-            [python_executable(), "-m", "hvr_agent", "--config", str(self.config_path)],
-            stdout=self._stdout_file,
-            stderr=self._stderr_file,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT,
-            env=self._agent_env(),
-        )
+        self._spawn([python_executable(), "-m", "hvr_agent", "--config", self.config_path], cwd=REPO_ROOT,
+                    env=self._agent_env())
         return self
 
     def _agent_env(self) -> dict[str, str]:
@@ -303,43 +357,6 @@ class AgentProcess:
                  interval_s=0.1, context=self.log_tail)
         return self
 
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def assert_alive(self) -> None:
-        if self.process is None:
-            raise AssertionError("agent was never started")
-        code = self.process.poll()
-        if code is not None:
-            raise AssertionError(f"agent exited with code {code}\n{self.log_tail()}")
-
-    def terminate(self, timeout_s: float = 15) -> int | None:
-        """SIGTERM and wait; SIGKILL if it does not stop in time (and say so)."""
-        return self._stop(signal.SIGTERM, timeout_s)
-
-    def kill(self, timeout_s: float = 15) -> int | None:
-        """SIGKILL and wait."""
-        return self._stop(signal.SIGKILL, timeout_s)
-
-    def _stop(self, signum: int, timeout_s: float) -> int | None:
-        if self.process is None:
-            return None
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signum)
-                try:
-                    self.process.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=timeout_s)
-                    raise AssertionError(
-                        f"agent did not exit within {timeout_s} s of signal {signum}; "
-                        f"killed\n{self.log_tail()}"
-                    ) from None
-            return self.process.returncode
-        finally:
-            self._close_log_files()
-
     def close(self) -> None:
         """Stop the agent if it still runs and remove private socket dirs."""
         try:
@@ -349,12 +366,6 @@ class AgentProcess:
             self._close_log_files()
             if self._own_socket_dir:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
-
-    def _close_log_files(self) -> None:
-        for handle in (self._stdout_file, self._stderr_file):
-            if handle is not None:
-                handle.close()
-        self._stdout_file = self._stderr_file = None
 
     def __enter__(self) -> AgentProcess:
         if self.process is None:
@@ -366,12 +377,6 @@ class AgentProcess:
         self.close()
 
     # -- diagnostics --------------------------------------------------------
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return (
-            f"--- agent stdout ({self.stdout_path}) ---\n{tail_of_file(self.stdout_path, lines)}\n"
-            f"--- agent stderr ({self.stderr_path}) ---\n{tail_of_file(self.stderr_path, lines)}"
-        )
 
     def log_problems(self) -> list[str]:
         """Lines that show the agent hurt itself: tracebacks, error-level
@@ -467,8 +472,11 @@ class AgentProcess:
 # ---------------------------------------------------------------------------
 
 
-class QemuNbdProcess:
+class QemuNbdProcess(SupervisedProcess):
     """``qemu-nbd`` serving one raw image as one export on a unix socket."""
+
+    name = "qemu-nbd"
+    strict_stop = False
 
     def __init__(
         self,
@@ -509,12 +517,7 @@ class QemuNbdProcess:
         return cmd
 
     def start(self) -> QemuNbdProcess:
-        stdout = open(self.stdout_path, "ab")
-        stderr = open(self.stderr_path, "ab")
-        self._log_files = [stdout, stderr]
-        self.process = subprocess.Popen(
-            self.command(), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-        )
+        self._spawn(self.command())
         return self
 
     def wait_ready(self, timeout_s: float = 20) -> QemuNbdProcess:
@@ -535,45 +538,12 @@ class QemuNbdProcess:
                  context=self.log_tail)
         return self
 
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def assert_alive(self) -> None:
-        if self.process is None:
-            raise AssertionError("qemu-nbd was never started")
-        code = self.process.poll()
-        if code is not None:
-            raise AssertionError(f"qemu-nbd exited with code {code}\n{self.log_tail()}")
-
-    def terminate(self, timeout_s: float = 15) -> int | None:
-        """SIGTERM and wait (SIGKILL if it lingers)."""
-        return self._stop(signal.SIGTERM, timeout_s)
-
-    def kill(self, timeout_s: float = 15) -> int | None:
-        """SIGKILL and wait."""
-        return self._stop(signal.SIGKILL, timeout_s)
-
-    def _stop(self, signum: int, timeout_s: float) -> int | None:
-        if self.process is None:
-            return None
+    def close(self) -> None:
         try:
-            if self.process.poll() is None:
-                self.process.send_signal(signum)
-                try:
-                    self.process.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=timeout_s)
-            return self.process.returncode
+            self.terminate()
         finally:
-            for handle in self._log_files:
-                handle.close()
-            self._log_files = []
             if self._own_socket_dir:
                 shutil.rmtree(self.nbd_socket.parent, ignore_errors=True)
-
-    def close(self) -> None:
-        self.terminate()
 
     def __enter__(self) -> QemuNbdProcess:
         if self.process is None:
@@ -583,11 +553,6 @@ class QemuNbdProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return (
-            f"--- qemu-nbd {self.export_name} stderr ---\n{tail_of_file(self.stderr_path, lines)}"
-        )
 
     def nbd_uri(self, vm: str | None = None, disk: str | None = None) -> str:
         if vm is not None and f"{vm}/{disk}" != self.export_name:

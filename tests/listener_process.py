@@ -13,18 +13,20 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons import REPO_ROOT, free_tcp_port, python_executable, run, short_socket_dir, tail_of_file, wait_for
+from daemons import (REPO_ROOT, SupervisedProcess, free_tcp_port, python_executable, run, short_socket_dir,
+                     wait_for)
 from hvr_common.key_file import write_key
 from hvr_common.token_auth import Key, authorization
 
 
-class ListenerProcess:
+class ListenerProcess(SupervisedProcess):
+    name = "listener"
+
     def __init__(self, workdir: Path, *, extra_config: dict | None = None, enabled: bool = True):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,7 @@ class ListenerProcess:
         self.extra_config = extra_config or {}
         self.enabled = enabled
         self.process: subprocess.Popen | None = None
-        self._files: list = []
+        self._log_files: list = []
 
     def write_config(self) -> None:
         entries = {"state_dir": str(self.state_dir), "admin_socket": str(self.admin_socket),
@@ -50,11 +52,8 @@ class ListenerProcess:
 
     def start(self) -> "ListenerProcess":
         self.write_config()
-        out, err = open(self.stdout_path, "ab"), open(self.stderr_path, "ab")
-        self._files = [out, err]
-        self.process = subprocess.Popen([python_executable(), "-m", "hvr_listener", "--config", str(self.config_path)],
-                                        stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self._spawn([python_executable(), "-m", "hvr_listener", "--config", self.config_path], cwd=REPO_ROOT,
+                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
         return self
 
     def wait_ready(self, timeout_s: float = 20) -> "ListenerProcess":
@@ -81,37 +80,12 @@ class ListenerProcess:
         self.hvrctl("server", "key", "add", path)
         return key, path
 
-    def _stop(self, signum: int, timeout_s: float = 20) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signum)
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"listener did not stop on signal {signum}\n{self.log_tail()}") from None
-        finally:
-            for f in self._files:
-                f.close()
-            self._files = []
-
-    def terminate(self) -> int | None:
-        return self._stop(signal.SIGTERM)
-
-    def kill(self) -> int | None:
-        return self._stop(signal.SIGKILL)
-
     def close(self) -> None:
         try:
             self.terminate()
         finally:
             if self._own_socket_dir:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return (f"--- listener stdout ---\n{tail_of_file(self.stdout_path, lines)}\n"
-                f"--- listener stderr ---\n{tail_of_file(self.stderr_path, lines)}")
 
 
 @dataclass
