@@ -15,6 +15,7 @@ median IOPS and MiB/s per server and the agent / qemu-nbd ratio.
 
 Usage: .venv/bin/python bench/nbd_fio.py [--size 2G] [--runtime 10] [--rounds 3]
                                          [--workdir DIR] [--json-out FILE]
+                                         [--workloads seq-write-1M,rand-write-4k,...]
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def bench_agent(round_index: int, workdir: Path, image: Path, args) -> list[Samp
         agent.add_vm("bench", [image])
         uri = agent.nbd_uri("bench", image.stem)
         cut_and_delete_logs(agent, "bench")
-        for workload in WORKLOADS:
+        for workload in args.workloads:
             iops, bandwidth = run_fio(uri, workload, args.size, args.runtime, args.ramp_time,
                                       agent.log_tail, image)
             hrl_bytes = cut_and_delete_logs(agent, "bench")
@@ -175,7 +176,7 @@ def bench_qemu_nbd(round_index: int, workdir: Path, image: Path, args) -> list[S
     try:
         qemu.start()
         qemu.wait_ready()
-        for workload in WORKLOADS:
+        for workload in args.workloads:
             iops, bandwidth = run_fio(qemu.nbd_uri(), workload, args.size, args.runtime,
                                       args.ramp_time, qemu.log_tail, image)
             samples.append(Sample(round_index, "qemu-nbd", workload.name, iops, bandwidth, 0))
@@ -193,9 +194,9 @@ def report_progress(sample: Sample) -> None:
           flush=True)
 
 
-def summarise(samples: list[Sample]) -> list[dict]:
+def summarise(samples: list[Sample], workloads) -> list[dict]:
     rows = []
-    for workload in WORKLOADS:
+    for workload in workloads:
         row: dict = {"workload": workload.name}
         for server in SERVERS:
             picked = [s for s in samples if s.server == server and s.workload == workload.name]
@@ -235,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
                              "directory in /var/tmp, removed afterwards)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="also write every sample and the summary as JSON here")
+    parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
+                        help="comma-separated subset of: "
+                             + ", ".join(w.name for w in WORKLOADS) + " (default: all)")
     args = parser.parse_args(argv)
+    known = {w.name: w for w in WORKLOADS}
+    unknown = [n for n in args.workloads.split(",") if n not in known]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    args.workloads = tuple(known[n] for n in args.workloads.split(","))
     if args.rounds < 1 or args.runtime < 1 or args.size < MiB:
         parser.error("--rounds and --runtime must be >= 1 and --size >= 1M")
 
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     samples += bench_agent(round_index, workdir, image, args)
                 else:
                     samples += bench_qemu_nbd(round_index, workdir, image, args)
-        rows = summarise(samples)
+        rows = summarise(samples, args.workloads)
         print_table(rows, args.rounds)
         if args.json_out:
             args.json_out.write_text(json.dumps(

@@ -3,9 +3,10 @@
 Every request is signed (token mode): ``Authorization`` carries the HMAC
 over method, path with query, body digest, timestamp and a fresh nonce, and
 ``X-Hvr-Content-SHA256`` the body's digest.  A retried request is signed
-again (new timestamp and nonce), never replayed.  Bundle uploads stream from
+again (new timestamp and nonce), never replayed.  Cycle uploads stream from
 their spool file (``aiofiles``), with the digest computed when the spool was
-written and ``Content-Length`` set.
+written; initial windows are sent from the pieces they were built into in
+memory.  Both set ``Content-Length``.
 
 Answers are mapped at this boundary (rule 5):
 
@@ -23,6 +24,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,9 +145,10 @@ class ReplicaClient:
         return await self._json("GET", f"/v1/replicas/{vm_id}")
 
     async def send_initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, start: int, end: int,
-                                  generation: int, spool: Path, sha256: str, size_bytes: int) -> dict:
+                                  generation: int, pieces: Sequence[bytes], sha256: str, size_bytes: int) -> dict:
+        """PUT one initial window held in memory as ``pieces`` (header first)."""
         path = f"/v1/replicas/{vm_id}/initial/{disk_id}?offset={start}&end={end}"
-        _, body = await self._request("PUT", path, upload=(spool, sha256, size_bytes),
+        _, body = await self._request("PUT", path, upload=(pieces, sha256, size_bytes),
                                       headers={GENERATION_HEADER: str(generation)})
         return body
 
@@ -166,7 +169,7 @@ class ReplicaClient:
         return answer
 
     async def _request(self, method: str, path: str, *, json_body: dict | None = None,
-                       upload: tuple[Path, str, int] | None = None,
+                       upload: tuple[Path | Sequence[bytes], str, int] | None = None,
                        headers: dict | None = None) -> tuple[int, dict]:
         if self._session is None:
             raise RuntimeError("ReplicaClient used outside 'async with'")
@@ -176,7 +179,7 @@ class ReplicaClient:
             spool, digest, size = upload
             hdrs["Content-Type"] = BUNDLE_CONTENT_TYPE
             hdrs["Content-Length"] = str(size)
-            data = _stream_file(spool, size)
+            data = _stream_file(spool, size) if isinstance(spool, Path) else _stream_pieces(spool)
         elif json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
             digest = hashlib.sha256(data).hexdigest()
@@ -215,6 +218,11 @@ async def _stream_file(path: Path, size: int):
                 raise OSError(f"spool file {path} is shorter than {size} bytes")
             left -= len(chunk)
             yield chunk
+
+
+async def _stream_pieces(pieces: Sequence[bytes]):
+    for piece in pieces:
+        yield piece
 
 
 async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:

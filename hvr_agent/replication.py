@@ -60,6 +60,8 @@ S = ReplicationState
 FREQUENCIES_S = (30, 300, 900)
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 300.0
+# Initial windows uploading at once per disk; with the one being built, this many + 1 are in memory.
+INITIAL_WINDOWS_IN_FLIGHT = 3
 STATS_KEPT_S = 7 * 24 * 3600
 ROLE = "primary"
 
@@ -312,67 +314,103 @@ class VmReplication:
                                                                             self.name)))
 
     async def _initial_disk(self, vm: ProtectedVm, disk: shipper.DiskSource) -> None:
+        """Send the disk's windows from the replica's durable offset to the end.
+
+        Up to ``INITIAL_WINDOWS_IN_FLIGHT`` windows travel at once (the listener
+        stores the next while it makes the previous durable) and the one after
+        them is built meanwhile, in a thread, in memory.  Answers are taken in
+        window order; one that leaves the durable offset short of its window's
+        end (``409 initial_gap``, or a window refused because the one before it
+        failed) drops the windows after it and the copy goes on from there.
+        """
         progress = self.progress[disk.disk_id]
         window_bytes = self.manager.config.initial_window_bytes
-        paths = [self.outbox / f"initial-{disk.disk_id}-{i}.bundle" for i in (0, 1)]
         fd = await asyncio.to_thread(os.open, disk.image_path, os.O_RDONLY | os.O_CLOEXEC)
 
-        def build(path: Path, start: int):
-            # plan and spool the window at ``start`` (blocking; runs in a thread)
-            end = shipper.plan_window(fd, start, disk.size_bytes, window_bytes)
-            return end, shipper.build_initial_bundle(
-                path, vm_id=vm.record.vm_id, generation=self.rec.generation, disk=disk, image_fd=fd, start=start,
-                end=end, compress=self.rec.compression, created_ns=time.time_ns())
+        spare: list[bytearray] = []  # buffers of windows whose uploads have ended, for reuse
 
-        # The next window is built while the current one travels (two spool files in turn).
-        ahead: tuple[int, asyncio.Future] | None = None
-        turn = 0
+        def build(start: int, buffer: bytearray | None) -> shipper.InitialWindow:
+            # plan and build the window at ``start`` (blocking; runs in a thread)
+            end = shipper.plan_window(fd, start, disk.size_bytes, window_bytes)
+            return shipper.build_initial_bundle(
+                vm_id=vm.record.vm_id, generation=self.rec.generation, disk=disk, image_fd=fd, start=start,
+                end=end, compress=self.rec.compression, created_ns=time.time_ns(), buffer=buffer)
+
+        def build_next(start: int) -> asyncio.Future:
+            return asyncio.ensure_future(asyncio.to_thread(build, start, spare.pop() if spare else None))
+
+        async def send(window: shipper.InitialWindow) -> int:
+            sent_ns = time.time_ns()
+            try:
+                answer = await self._client.send_initial_window(
+                    vm.record.vm_id, disk.disk_id, window.start, window.end, self.rec.generation,
+                    window.bundle.pieces, window.bundle.sha256, window.bundle.wire_bytes)
+                durable = int(answer.get("offset", window.end))
+            except ReplicaConflictError as exc:
+                if exc.code != "initial_gap" or "offset" not in exc.detail:
+                    raise
+                durable = int(exc.detail["offset"])  # the replica holds less than we thought: go on from there
+                event(log, "initial_gap", logging.WARNING, vm=self.name, disk=disk.name, offset=durable,
+                      window_start=window.start)
+            event(log, "initial_window_sent", vm=self.name, disk=disk.name, offset=window.start, end=durable,
+                  bytes=window.bundle.wire_bytes, data_bytes=window.bundle.write_bytes,
+                  latency_s=round((time.time_ns() - sent_ns) / NS, 3))
+            return durable
+
+        in_flight: list[tuple[shipper.InitialWindow, asyncio.Task]] = []
+        next_start = progress.durable_offset
+        ahead: asyncio.Future | None = None  # the window after those in flight, being built
+        saving: asyncio.Future | None = None  # the progress of the latest answer, being saved
+
+        async def fill() -> None:
+            nonlocal ahead, next_start
+            while len(in_flight) < INITIAL_WINDOWS_IN_FLIGHT and next_start < disk.size_bytes:
+                if ahead is None:
+                    ahead = build_next(next_start)
+                window = await ahead
+                ahead = None
+                in_flight.append((window, asyncio.ensure_future(send(window))))
+                next_start = window.end
+            if ahead is None and next_start < disk.size_bytes:
+                ahead = build_next(next_start)
+
         try:
             while progress.durable_offset < disk.size_bytes:
                 self._check_state(S.INITIAL_REPLICATION_IN_PROGRESS)
-                start = progress.durable_offset
-                if ahead is not None and ahead[0] == start:
-                    end, window = await ahead[1]
-                else:
-                    if ahead is not None:
-                        await _discard_window(ahead[1])
-                    end, window = await asyncio.to_thread(build, paths[turn], start)
-                ahead = None
-                turn ^= 1
-                if end < disk.size_bytes:
-                    ahead = (end, asyncio.ensure_future(asyncio.to_thread(build, paths[turn], end)))
-                sent_ns = time.time_ns()
-                try:
-                    answer = await self._client.send_initial_window(
-                        vm.record.vm_id, disk.disk_id, start, end, self.rec.generation, window.bundle.path,
-                        window.bundle.sha256, window.bundle.wire_bytes)
-                    durable = int(answer.get("offset", end))
-                except ReplicaConflictError as exc:
-                    if exc.code != "initial_gap" or "offset" not in exc.detail:
-                        raise
-                    durable = int(exc.detail["offset"])  # the replica holds less than we thought: resume there
-                    event(log, "initial_gap", logging.WARNING, vm=self.name, disk=disk.name, offset=durable,
-                          window_start=start)
-                finally:
-                    await asyncio.to_thread(_unlink, window.bundle.path)
-                if durable == end:
+                await fill()
+                window, task = in_flight.pop(0)
+                durable = await task
+                spare.append(window.buffer)
+                if durable == window.end:
                     progress.done_bytes += window.allocated_bytes
                     self._run_bytes += window.allocated_bytes
                 else:
+                    spare += await _drop_windows(in_flight)
+                    if ahead is not None:
+                        await _drop_build(ahead)
+                        ahead = None
+                    next_start = durable
                     progress.done_bytes = await asyncio.to_thread(_allocated_below, disk.image_path, durable)
                 progress.durable_offset = durable
                 progress.allocated_bytes = max(progress.allocated_bytes, progress.done_bytes)
-                await asyncio.to_thread(self.store.set_initial_progress, self.name, InitialProgress(
-                    disk.disk_id, disk.size_bytes, durable, progress.allocated_bytes, progress.done_bytes))
                 self._backoff_s = FIRST_BACKOFF_S
-                event(log, "initial_window_sent", vm=self.name, disk=disk.name, offset=start, end=durable,
-                      bytes=window.bundle.wire_bytes, data_bytes=window.bundle.write_bytes,
-                      latency_s=round((time.time_ns() - sent_ns) / NS, 3))
-        except BaseException:
-            if ahead is not None:
-                await _discard_window(ahead[1])
-            raise
+                if progress.durable_offset < disk.size_bytes:
+                    self._check_state(S.INITIAL_REPLICATION_IN_PROGRESS)
+                    await fill()  # the next window is on its way before the progress is saved
+                if saving is not None:
+                    await saving
+                saving = asyncio.ensure_future(asyncio.to_thread(self.store.set_initial_progress, self.name,
+                                                                 InitialProgress(disk.disk_id, disk.size_bytes, durable,
+                                                                                 progress.allocated_bytes,
+                                                                                 progress.done_bytes)))
+            if saving is not None:
+                await saving
         finally:
+            await _drop_windows(in_flight)
+            if ahead is not None:
+                await _drop_build(ahead)
+            if saving is not None and not saving.done():
+                await asyncio.wait([saving])
             os.close(fd)
 
     def initial_status(self) -> dict | None:
@@ -783,13 +821,26 @@ class ReplicationManager:
 MEASURE_REPLICA_TIMEOUT_S = 3.0
 
 
-async def _discard_window(task: asyncio.Future) -> None:
-    """Drop a window built ahead that will not be sent (its spool file goes too)."""
-    try:
-        _end, window = await asyncio.shield(task)
-    except (HvrError, OSError):
-        return
-    await asyncio.to_thread(_unlink, window.bundle.path)
+async def _drop_windows(in_flight: list[tuple[shipper.InitialWindow, asyncio.Task]]) -> list[bytearray]:
+    """Cancel the uploads of windows that will not be used, wait until they have ended, return their buffers."""
+    tasks = [task for _, task in in_flight]
+    buffers = [window.buffer for window, _ in in_flight]
+    in_flight.clear()
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: a dropped window's failure is not news
+    return buffers
+
+
+async def _drop_build(task: asyncio.Future) -> None:
+    """Wait for a window being built that will not be sent (the image fd must outlive its thread)."""
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: a window nobody sends has no news to tell
 
 
 def _remove_dir(path: Path) -> None:

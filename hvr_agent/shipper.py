@@ -1,12 +1,14 @@
-"""Building bundles into spool files: what the agent uploads to the replica.
+"""Building bundles: what the agent uploads to the replica.
 
 Blocking functions, run in worker threads by :mod:`hvr_agent.replication`.
-Memory stays bounded: a log's records are collected without their payloads,
-surviving bytes are copied from the log (or the image) in pieces of at most
-``RECORD_BYTES``, and frames go to the spool file as they are made.
+Cycles are built into spool files and memory stays bounded: a log's records
+are collected without their payloads, surviving bytes are copied from the
+log in pieces of at most ``RECORD_BYTES``, and frames go to the spool file as
+they are made.  An initial-replication window is built in memory instead, in
+a buffer the caller reuses (see :func:`build_initial_bundle`): it is sent
+right away and never needs to outlive the process.
 
-Write order of a spool file (``<outbox>/<vm>/<sequence:010d>.bundle``, or a
-window file for initial replication):
+Write order of a cycle's spool file (``<outbox>/<vm>/<sequence:010d>.bundle``):
 
 1. a temporary file is created and the header's space is left as zeroes;
 2. each disk's frames are appended;
@@ -33,14 +35,16 @@ from hvr_common import sparse
 from hvr_common.bundle import BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
 from hvr_common.errors import CorruptError
 from hvr_common.extents import coalesce
-from hvr_common.hrl import HrlEncoder, HrlHeader, LogSummary, Record, RecordKind
+from hvr_common.hrl import (END_RECORD_SIZE, HEADER_SIZE, RECORD_SIZE, HrlEncoder, HrlHeader, LogSummary,
+                             Record, RecordKind)
 from hvr_common.hrl_file import scan_hrl_file
 from hvr_agent.journal import log_path
 
 RECORD_BYTES = 4 * 1024 * 1024  # largest WRITE record the shipper emits
 ZERO_RECORD_BYTES = 1 << 30  # largest TRIM/ZERO record the shipper emits
 _READ_BYTES = 1024 * 1024
-_ZEROES = bytes(RECORD_BYTES)
+_ZERO_VIEW = memoryview(bytes(RECORD_BYTES))
+_BUFFER_ROUND = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +78,10 @@ def spool_path(outbox: Path, sequence: int) -> Path:
     return outbox / f"{sequence:010d}.bundle"
 
 
-class _SpoolWriter:
-    """Appends frames after a reserved header, then writes the header and digests the file."""
+class _BundleWriter:
+    """Collects a bundle's frames after its header; keeps the totals the header needs."""
 
-    def __init__(self, final: Path, disk_count: int):
-        self.final = final
-        self.tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "wb")
-        self.file.write(bytes(header_size(disk_count)))
+    def __init__(self) -> None:
         self.entries: list[DiskEntry] = []
         self.raw_bytes = 0
         self.write_bytes = 0
@@ -90,8 +89,7 @@ class _SpoolWriter:
         self.compressed_frames = 0
 
     def write(self, pieces: list[bytes]) -> None:
-        for piece in pieces:
-            self.file.write(piece)
+        raise NotImplementedError
 
     def add_disk(self, disk_id: uuid.UUID, encoder: FrameEncoder, hrl: HrlEncoder,
                  range_start: int, range_end: int) -> None:
@@ -102,6 +100,22 @@ class _SpoolWriter:
         self.write_bytes += hrl.write_bytes
         self.frames += encoder.frames
         self.compressed_frames += encoder.compressed_frames
+
+
+class _SpoolWriter(_BundleWriter):
+    """Appends frames after a reserved header, then writes the header and digests the file."""
+
+    def __init__(self, final: Path, disk_count: int):
+        super().__init__()
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.file.write(bytes(header_size(disk_count)))
+
+    def write(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.file.write(piece)
 
     def commit(self, header: BundleHeader, cut_ns: int) -> SpooledBundle:
         try:
@@ -128,6 +142,38 @@ class _SpoolWriter:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBundle:
+    """A bundle held in memory as its pieces, header first: an initial window on its way."""
+
+    pieces: tuple[bytes | memoryview, ...]
+    sha256: str
+    wire_bytes: int
+    raw_bytes: int
+    write_bytes: int
+    frames: int
+    compressed_frames: int
+
+
+class _MemoryWriter(_BundleWriter):
+    """Keeps the frames in memory as they are made; the digest is taken once the header is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[bytes | memoryview] = []
+
+    def write(self, pieces: list[bytes]) -> None:
+        self.pieces += pieces
+
+    def commit(self, header: BundleHeader) -> MemoryBundle:
+        pieces = (header.encode(), *self.pieces)
+        digest = hashlib.sha256()
+        for piece in pieces:
+            digest.update(piece)
+        return MemoryBundle(pieces, digest.hexdigest(), sum(len(p) for p in pieces), self.raw_bytes,
+                            self.write_bytes, self.frames, self.compressed_frames)
 
 
 # --- cycles ------------------------------------------------------------------------------
@@ -251,46 +297,67 @@ def plan_window(fd: int, start: int, size: int, window_bytes: int, *, scan_bytes
 
 @dataclass(frozen=True, slots=True)
 class InitialWindow:
-    bundle: SpooledBundle
+    bundle: MemoryBundle
     start: int
     end: int
     allocated_bytes: int  # data bytes of the image in [start, end)
+    buffer: bytearray  # holds the window's HRL stream; reusable once the window's upload has ended
 
 
-def build_initial_bundle(path: Path, *, vm_id: uuid.UUID, generation: int, disk: DiskSource, image_fd: int,
-                         start: int, end: int, compress: bool, created_ns: int) -> InitialWindow:
+def window_buffer_bytes(extents, header_bytes: int = HEADER_SIZE) -> int:
+    """Bytes of HRL stream a window of these ``(offset, length, is_data)`` extents needs at most."""
+    need = header_bytes + END_RECORD_SIZE
+    for _offset, length, is_data in extents:
+        if is_data:
+            need += length + -(-length // RECORD_BYTES) * RECORD_SIZE
+    return need
+
+
+def build_initial_bundle(*, vm_id: uuid.UUID, generation: int, disk: DiskSource, image_fd: int,
+                         start: int, end: int, compress: bool, created_ns: int,
+                         buffer: bytearray | None = None) -> InitialWindow:
     """One initial-replication window ``[start, end)`` of a disk: its allocated data as WRITE records.
 
-    Pieces of data that read as zeroes are left out like holes: the replica
-    image starts sparse, and anything that changes after the initial cut is
-    in the logs shipped after the initial copy.
+    The window's HRL stream is laid out in ``buffer`` (a new one if it is too
+    small): the image is read straight into place behind each record header,
+    and frames that stay uncompressed are slices of the buffer, so the data is
+    copied only by the kernel, once in and once out.  Pieces of data that read
+    as zeroes are left out like holes: the replica image starts sparse, and
+    anything that changes after the initial cut is in the logs shipped after
+    the initial copy.
     """
     header = HrlHeader(vm_id, disk.disk_id, generation, 0, disk.size_bytes, created_ns)
-    writer = _SpoolWriter(path, 1)
+    hrl = HrlEncoder(header)
+    extents = list(sparse.data_extents(image_fd, start, end - start))
+    need = window_buffer_bytes(extents, len(hrl.header_bytes()))
+    if buffer is None or len(buffer) < need:
+        # headroom, so the next windows (whose record headers differ a little) fit it too:
+        # a buffer replaced every window leaves freed heap behind and the process grows
+        buffer = bytearray(-(-(need + need // 16) // _BUFFER_ROUND) * _BUFFER_ROUND)
+    view = memoryview(buffer)
+    pos = len(hrl.header_bytes())
+    view[:pos] = hrl.header_bytes()
     allocated = 0
-    try:
-        encoder = FrameEncoder(compress)
-        hrl = HrlEncoder(header)
-        writer.write(encoder.feed(hrl.header_bytes()))
-        for offset, length, is_data in sparse.data_extents(image_fd, start, end - start):
-            if not is_data:
+    for offset, length, is_data in extents:
+        if not is_data:
+            continue
+        allocated += length
+        for done in range(0, length, RECORD_BYTES):
+            n = min(RECORD_BYTES, length - done)
+            at = pos + RECORD_SIZE
+            n = os.preadv(image_fd, [view[at:at + n]], offset + done)
+            if not n:  # the image shrank under us: the rest reads as zeroes
+                break
+            if buffer.startswith(_ZERO_VIEW[:n], at, at + n):
                 continue
-            allocated += length
-            for done in range(0, length, RECORD_BYTES):
-                n = min(RECORD_BYTES, length - done)
-                data = os.pread(image_fd, n, offset + done)
-                if len(data) < n:  # the image shrank under us: the rest reads as zeroes
-                    n = len(data)
-                    if not n:
-                        break
-                if data == _ZEROES[:n]:
-                    continue
-                writer.write(encoder.feed(hrl.write(offset + done, data)))
-                writer.write(encoder.feed(data))
-        writer.write(encoder.feed(hrl.end(created_ns)))
-        writer.add_disk(disk.disk_id, encoder, hrl, start, end)
-        bundle_header = BundleHeader(BundleKind.INITIAL, vm_id, generation, 0, created_ns, tuple(writer.entries))
-        return InitialWindow(writer.commit(bundle_header, created_ns), start, end, allocated)
-    except BaseException:
-        writer.abort()
-        raise
+            view[pos:at] = hrl.write(offset + done, view[at:at + n])
+            pos = at + n
+    end_record = hrl.end(created_ns)
+    view[pos:pos + len(end_record)] = end_record
+    pos += len(end_record)
+    writer = _MemoryWriter()
+    encoder = FrameEncoder(compress)
+    writer.write(encoder.frame_stream(view[:pos]))
+    writer.add_disk(disk.disk_id, encoder, hrl, start, end)
+    bundle_header = BundleHeader(BundleKind.INITIAL, vm_id, generation, 0, created_ns, tuple(writer.entries))
+    return InitialWindow(writer.commit(bundle_header), start, end, allocated, buffer)

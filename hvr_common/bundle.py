@@ -132,13 +132,40 @@ class FrameEncoder:
         self.compressed_frames = 0
 
     def feed(self, data) -> list[bytes]:
-        """Accept HRL bytes; return complete frames (header + payload pieces) ready to write."""
-        self._pending += data
+        """Accept HRL bytes; return complete frames (header + payload pieces) ready to write.
+
+        Each frame's bytes are copied once, from ``data`` (and what was pending)
+        into the frame; nothing is moved around inside a buffer.
+        """
+        pending = self._pending
         out: list[bytes] = []
-        while len(self._pending) >= FRAME_RAW_BYTES:
-            chunk = bytes(self._pending[:FRAME_RAW_BYTES])
-            del self._pending[:FRAME_RAW_BYTES]
-            out += self._frame(chunk)
+        if len(pending) + len(data) < FRAME_RAW_BYTES:
+            pending += data
+            return out
+        view = memoryview(data)
+        if pending:
+            take = FRAME_RAW_BYTES - len(pending)
+            pending += view[:take]
+            view = view[take:]
+            out += self._frame(bytes(pending))
+            pending.clear()
+        while len(view) >= FRAME_RAW_BYTES:
+            out += self._frame(bytes(view[:FRAME_RAW_BYTES]))
+            view = view[FRAME_RAW_BYTES:]
+        pending += view
+        return out
+
+    def frame_stream(self, view: memoryview) -> list:
+        """Frame a disk's whole HRL stream held in one buffer (nothing fed before or after).
+
+        Frames that stay uncompressed are slices of ``view``, not copies: the
+        buffer must not change until the frames have been written out.
+        """
+        if self._pending or self.frames:
+            raise ValueError("frame_stream takes a whole stream, not a continuation")
+        out: list = []
+        for at in range(0, len(view), FRAME_RAW_BYTES):
+            out += self._frame(view[at:at + FRAME_RAW_BYTES])
         return out
 
     def finish(self) -> list[bytes]:
@@ -191,12 +218,17 @@ class BundleDecoder:
     ``sequence``, ``kind``, ``disks`` (dict disk_id -> disk size).
     """
 
-    def __init__(self, *, keep_data: bool = True, max_bytes: int | None = None, expect: dict | None = None):
+    def __init__(self, *, keep_data: bool = True, lend_data: bool = False, max_bytes: int | None = None,
+                 expect: dict | None = None):
         self.keep_data = keep_data
+        self.lend_data = lend_data  # see HrlDecoder: record data valid only until the next call
         self.max_bytes = max_bytes
         self.expect = expect or {}
+        # Received bytes live in _buf[_pos:_end]; the buffer keeps its size and is reused
+        # (compacted, grown only when a chunk does not fit), so no chunk costs fresh memory.
         self._buf = bytearray()
         self._pos = 0
+        self._end = 0
         self._phase = _Phase.HEADER
         self.header: BundleHeader | None = None
         self._disk = -1
@@ -213,18 +245,36 @@ class BundleDecoder:
             raise BundleCorruptError(f"bundle is larger than the {self.max_bytes} bytes it may have")
         if self._phase is _Phase.DONE and data:
             raise BundleCorruptError("data after the end of the bundle")
-        self._buf += data
+        n = len(data)
+        if self._end + n > len(self._buf):
+            self._make_room(n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+
+    def _make_room(self, n: int) -> None:
+        live = self._end - self._pos
+        if live + n > len(self._buf):
+            grown = bytearray(max(live + n, 2 * len(self._buf)))
+            grown[:live] = memoryview(self._buf)[self._pos:self._end]
+            self._buf = grown
+        elif live:
+            with memoryview(self._buf) as view:
+                view[:live] = view[self._pos:self._end]
+        self._pos, self._end = 0, live
 
     def _avail(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
-        if self._pos > (1 << 20) and self._pos * 2 > len(self._buf):
-            del self._buf[:self._pos]
-            self._pos = 0
+        with memoryview(self._buf) as view:
+            out = bytes(view[self._pos:self._pos + n])
+        self._skip(n)
         return out
+
+    def _skip(self, n: int) -> None:
+        self._pos += n
+        if self._pos == self._end:
+            self._pos = self._end = 0
 
     def next_event(self):
         while True:
@@ -253,25 +303,29 @@ class BundleDecoder:
             if self._avail() < FRAME.size + stored_len:
                 return NEED_DATA
             self._pos += FRAME.size
-            stored = self._take(stored_len)
             self._stored_left -= FRAME.size + stored_len
-            if codec == CODEC_ZSTD:
-                try:
-                    declared = zstandard.frame_content_size(stored)
-                except zstandard.ZstdError as exc:
-                    raise BundleCorruptError(f"disk {self._disk}: corrupt zstd frame: {exc}") from None
-                if declared != raw_len:  # never let a frame header decide how much memory to take
-                    raise BundleCorruptError(f"disk {self._disk}: zstd frame declares {declared} bytes, "
-                                             f"the frame header says {raw_len}")
-                try:
-                    raw = self._dctx.decompress(stored, max_output_size=raw_len)
-                except (zstandard.ZstdError, MemoryError) as exc:
-                    raise BundleCorruptError(f"disk {self._disk}: corrupt zstd frame: {exc}") from None
-                if len(raw) != raw_len:
-                    raise BundleCorruptError(f"disk {self._disk}: frame decompressed to {len(raw)} bytes, "
-                                             f"not {raw_len}")
-            else:
-                raw = stored
+            if codec == CODEC_RAW:  # straight from our buffer into the log decoder: one copy, not three
+                with memoryview(self._buf) as view:
+                    self._hrl.receive_data(view[self._pos:self._pos + stored_len])
+                self._skip(stored_len)
+                self._frames_seen += 1
+                self._raw_seen += raw_len
+                continue
+            stored = self._take(stored_len)  # a zstd frame
+            try:
+                declared = zstandard.frame_content_size(stored)
+            except zstandard.ZstdError as exc:
+                raise BundleCorruptError(f"disk {self._disk}: corrupt zstd frame: {exc}") from None
+            if declared != raw_len:  # never let a frame header decide how much memory to take
+                raise BundleCorruptError(f"disk {self._disk}: zstd frame declares {declared} bytes, "
+                                         f"the frame header says {raw_len}")
+            try:
+                raw = self._dctx.decompress(stored, max_output_size=raw_len)
+            except (zstandard.ZstdError, MemoryError) as exc:
+                raise BundleCorruptError(f"disk {self._disk}: corrupt zstd frame: {exc}") from None
+            if len(raw) != raw_len:
+                raise BundleCorruptError(f"disk {self._disk}: frame decompressed to {len(raw)} bytes, "
+                                         f"not {raw_len}")
             self._frames_seen += 1
             self._raw_seen += raw_len
             self._hrl.receive_data(raw)
@@ -324,7 +378,7 @@ class BundleDecoder:
             self._phase = _Phase.DONE
             return BundleDone(self.header, self.total)
         entry = self.header.disks[self._disk]
-        self._hrl = HrlDecoder(keep_data=self.keep_data)
+        self._hrl = HrlDecoder(keep_data=self.keep_data, lend_data=self.lend_data)
         self._stored_left = entry.stored_bytes
         self._frames_seen = 0
         self._raw_seen = 0

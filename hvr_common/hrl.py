@@ -43,6 +43,7 @@ _HEADER_RESERVED = bytes(44)
 
 RECORD = struct.Struct("<IBBHQIIII")
 RECORD_SIZE = 32
+ASSEMBLE_BYTES = 64 * 1024  # WRITE payloads this large are assembled in their own buffer when split
 assert RECORD.size == RECORD_SIZE
 RECORD_MAGIC = 0x52524C48  # b"HLRR" little-endian
 RECORD_CRC_OFFSET = 24  # a record's crc covers its header bytes [0, 24), then its payload
@@ -255,7 +256,7 @@ class Record:
     length: int
     position: int  # file offset of the record header
     data_position: int  # file offset of the payload
-    data: bytes | None  # WRITE payload when decoded with keep_data, else None
+    data: bytes | memoryview | None  # WRITE payload when decoded with keep_data (lent: a view), else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,8 +320,18 @@ class HrlDecoder:
     as they stream through and never held.
     """
 
-    def __init__(self, keep_data: bool = True):
+    def __init__(self, keep_data: bool = True, *, lend_data: bool = False):
         self.keep_data = keep_data
+        # lend_data: a WRITE record's data is a memoryview of the decoder's own buffer instead of a
+        # copy, valid only until the next call on the decoder (which releases it): for callers
+        # that write each record out before asking for the next.
+        self.lend_data = lend_data
+        self._lent: memoryview | None = None
+        # A large WRITE record arriving in pieces is assembled in a buffer of its full size
+        # (one copy per byte) instead of growing the main buffer piece by piece.
+        self._asm: bytearray | None = None
+        self._asm_fill = 0
+        self._asm_spare: bytearray | None = None  # the last assembly buffer, reused for a record of its size
         self.state = DecoderState.HEADER
         self.header: HrlHeader | None = None
         self._buf = bytearray()
@@ -341,7 +352,7 @@ class HrlDecoder:
     @property
     def buffered_bytes(self) -> int:
         """Bytes held and not yet turned into events."""
-        return len(self._buf) - self._start
+        return len(self._buf) - self._start + (self._asm_fill if self._asm is not None else 0)
 
     def _set_state(self, new: DecoderState) -> None:
         if new not in _TRANSITIONS[self.state]:
@@ -349,14 +360,25 @@ class HrlDecoder:
         self.state = new
 
     def receive_data(self, data) -> None:
+        if self._lent is not None:
+            self._lent.release()
+            self._lent = None
         if self._start:
             del self._buf[:self._start]  # O(1) amortised: bytearray moves its start
             self._start = 0
         if self.state in (DecoderState.TORN, DecoderState.FINISHED):
             self._received += len(data)  # counted as torn tail, never parsed
             return
-        self._buf += data
         self._received += len(data)
+        if self._asm is not None:
+            n = min(len(self._asm) - self._asm_fill, len(data))
+            if n:
+                self._asm[self._asm_fill:self._asm_fill + n] = data if n == len(data) else memoryview(data)[:n]
+                self._asm_fill += n
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        self._buf += data
 
     def _consume(self, n: int) -> None:
         self._start += n
@@ -365,6 +387,7 @@ class HrlDecoder:
     def _stop(self, reason: str) -> DecoderSignal:
         self._reason = reason
         self._pending = None
+        self._asm = None
         self._set_state(DecoderState.TORN)
         self._buf = bytearray()
         self._start = 0
@@ -378,6 +401,9 @@ class HrlDecoder:
         )
 
     def next_event(self) -> HrlHeader | Record | LogSummary | DecoderSignal:
+        if self._lent is not None:
+            self._lent.release()
+            self._lent = None
         state = self.state
         if state is DecoderState.RECORDS:
             return self._next_record()
@@ -436,8 +462,13 @@ class HrlDecoder:
         return None
 
     def _next_record(self) -> Record | LogSummary | DecoderSignal:
-        buf = self._buf
-        start = self._start
+        assembled = self._asm
+        if assembled is not None:
+            if self._asm_fill < len(assembled):
+                return NEED_DATA
+            buf, start = assembled, 0
+        else:
+            buf, start = self._buf, self._start
         if len(buf) - start < RECORD_SIZE:
             return NEED_DATA
         (magic, kind, flags, reserved16, offset, length, payload_length, crc,
@@ -448,6 +479,14 @@ class HrlDecoder:
             return self._stop(f"{why} at {position}")
         end = start + RECORD_SIZE + payload_length
         if len(buf) < end:
+            if self.keep_data and kind == RecordKind.WRITE and payload_length >= ASSEMBLE_BYTES:
+                spare, self._asm_spare = self._asm_spare, None
+                self._asm = spare if spare is not None and len(spare) == end - start else bytearray(end - start)
+                self._asm_fill = len(buf) - start
+                with memoryview(buf) as view:
+                    self._asm[:self._asm_fill] = view[start:]
+                self._start = len(buf)  # handed over to the assembly (consumed once the record is whole)
+                return NEED_DATA
             if self.keep_data or kind != RecordKind.WRITE:
                 return NEED_DATA
             # keep_data=False: check the payload as it streams through instead of holding it
@@ -463,14 +502,23 @@ class HrlDecoder:
         with memoryview(buf) as view:
             actual = zlib.crc32(view[start + RECORD_SIZE:end],
                                 zlib.crc32(view[start:start + RECORD_CRC_OFFSET], self._crc))
-            data = (bytes(view[start + RECORD_SIZE:end])
-                    if payload_length and actual == crc and self.keep_data and kind != RecordKind.END
-                    else None)
+            if payload_length and actual == crc and self.keep_data and kind != RecordKind.END:
+                if self.lend_data:
+                    data = self._lent = view[start + RECORD_SIZE:end]
+                else:
+                    data = bytes(view[start + RECORD_SIZE:end])
+            else:
+                data = None
         if actual != crc:
             return self._stop(f"record checksum mismatch at {position}")
         if kind == RecordKind.END:
             return self._end_record(buf, start, end, crc)
-        self._consume(end - start)
+        if assembled is not None:
+            self._asm = None
+            self._asm_spare = assembled  # written to again only after the next call released a lent view
+            self._consumed += end - start
+        else:
+            self._consume(end - start)
         return self._accept(Record(_KINDS[kind], flags, offset, length, position,
                                    position + RECORD_SIZE, data), crc)
 
@@ -542,6 +590,7 @@ class HrlDecoder:
             else:
                 self._reason = f"no end record after {self._record_count} records"
         self._pending = None
+        self._asm = None
         self._buf = bytearray()
         self._start = 0
         self._set_state(DecoderState.FINISHED)

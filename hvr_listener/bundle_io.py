@@ -18,6 +18,9 @@ from hvr_common.hrl import NEED_DATA, Record
 from hvr_common.hrl_file import apply_record
 
 READ_CHUNK = 1024 * 1024
+# An initial window's image writes are handed to the disk every this many bytes, so the
+# fdatasync that ends the window waits for the tail only, not for the whole window.
+WRITEBACK_BYTES = 8 * 1024 * 1024
 
 # Called before a replica block is overwritten: (disk_id, fd, offset, length).
 # Recovery history hooks in here to save pre-images (first overwrite only).
@@ -96,6 +99,7 @@ class DirectWindowWriter:
         self.bytes = 0
         self.done: BundleDone | None = None
         self.header: BundleHeader | None = None
+        self._unsubmitted: tuple[int, int] | None = None  # [lo, hi) written since the last writeback
 
     def feed(self, chunk: bytes) -> None:
         self.sha.update(chunk)
@@ -111,12 +115,35 @@ class DirectWindowWriter:
             if isinstance(ev, BundleHeader):
                 self.header = ev
             elif isinstance(ev, tuple):
-                _apply_record(self.fd, self.disk_id, ev[1], None)
+                rec = ev[1]
+                _apply_record(self.fd, self.disk_id, rec, None)
+                self._note_written(rec.offset, rec.offset + rec.length)
             elif isinstance(ev, BundleDone):
                 self.done = ev
 
+    def _note_written(self, lo: int, hi: int) -> None:
+        """Start writeback of what the window wrote once ``WRITEBACK_BYTES`` have gathered.
+
+        ``POSIX_FADV_DONTNEED`` starts writeback of the range's dirty pages without
+        waiting for it (and drops pages already clean: nobody reads them here).
+        """
+        if self._unsubmitted is not None:
+            lo, hi = min(lo, self._unsubmitted[0]), max(hi, self._unsubmitted[1])
+        if hi - lo < WRITEBACK_BYTES:
+            self._unsubmitted = (lo, hi)
+            return
+        self._unsubmitted = None
+        os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
+    def check_complete(self) -> BundleDone:
+        """The body held a whole, valid bundle (raises if it ended early)."""
+        if self.done is None:
+            self.done = self.decoder.finish()
+        return self.done
+
     def finish(self) -> BundleDone:
-        done = self.done or self.decoder.finish()
+        """Make what the window wrote durable (fdatasync), then close."""
+        done = self.check_complete()
         os.fdatasync(self.fd)
         self.close()
         return done
@@ -145,7 +172,7 @@ def apply_bundle(path: Path, images: dict[uuid.UUID, Path], expect: dict,
     try:
         for disk_id, image in images.items():
             fds[disk_id] = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-        dec = BundleDecoder(keep_data=True, expect=expect)
+        dec = BundleDecoder(keep_data=True, lend_data=True, expect=expect)
         header: BundleHeader | None = None
         with open(path, "rb", buffering=0) as fh:
             while True:

@@ -91,7 +91,8 @@ class Listener:
             # a stop waits at most SHUTDOWN_TIMEOUT_S for requests in flight.
             self._api_runner = web.AppRunner(replication_api.make_app(service, self.settings, cfg.max_bundle_bytes),
                                              access_log=None, handle_signals=False, handler_cancellation=True,
-                                             shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                                             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                                             read_bufsize=replication_api.BODY_CHUNK)
             await self._api_runner.setup()
             await self._bind()
             admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind, service), access_log=None,

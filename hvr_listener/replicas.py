@@ -26,6 +26,9 @@ from hvr_listener.store import ListenerStore, Replica
 
 log = logging.getLogger("hvr.listener.replicas")
 
+# A pipelined initial window that arrives before the one it follows waits this long for it.
+PREDECESSOR_WAIT_S = 3.0
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FREQUENCIES = (30, 300, 900)
 MAX_DISK_BYTES = 64 * 1024 ** 4
@@ -61,6 +64,9 @@ class ReplicaService:
         self.max_bundle_bytes = max_bundle_bytes
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
         self._image_locks: dict[uuid.UUID, asyncio.Lock] = {}
+        # disk id -> {end: future of "it became durable"} of the initial windows in progress
+        self._windows: dict[uuid.UUID, dict[int, asyncio.Future]] = {}
+        self._window_changed = asyncio.Event()  # replaced (after being set) whenever a window starts or ends
         self.applied = asyncio.Condition()  # notified after every applied cycle
         self.wake_applier = asyncio.Event()
 
@@ -125,29 +131,97 @@ class ReplicaService:
     async def initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, principal: str, generation: int,
                              start: int, end: int, length: int | None, digest: str,
                              body: AsyncIterator[bytes]) -> int:
-        async with await self.locked(vm_id, principal):
-            rep = await self.get(vm_id, principal)
-            self._check_generation(rep, generation)
-            if rep.state not in (ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+        """Store one initial window; return the disk's durable offset afterwards.
+
+        Windows are received straight into the image (bytes at or above the
+        durable offset are not replicated content yet) and made durable
+        without the VM's lock, so the next window, starting where this one
+        ends, is received meanwhile.  They commit in order, each in one store
+        transaction that checks the replica, its generation and state: a
+        window whose predecessor did not become durable is refused with
+        ``409 initial_gap`` and the durable offset stays put.
+        """
+        deadline = time.monotonic() + PREDECESSOR_WAIT_S
+        while True:
+            async with await self.locked(vm_id, principal):
+                rep = await self.get(vm_id, principal)
+                self._check_initial(rep, generation)
+                disk = rep.disk(disk_id)
+                if not 0 <= start < end <= disk.size_bytes:
+                    raise UsageError(f"window [{start}, {end}) is not inside disk {disk.name} "
+                                     f"of {disk.size_bytes} bytes")
+                pending = self._windows.setdefault(disk_id, {})
+                before = pending.get(start)  # the window in progress that ends where this one starts
+                if end <= disk.initial_offset:
+                    return disk.initial_offset  # already stored; the unread body is discarded
+                if start <= disk.initial_offset or before is not None:
+                    self.check_length(length)
+                    mine = asyncio.get_running_loop().create_future()
+                    pending[end] = mine
+                    self._window_news()
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _conflict("initial_gap", f"window starts at {start} but disk {disk.name} is durable "
+                                    f"only up to {disk.initial_offset}", offset=disk.initial_offset)
+                news = self._window_changed  # taken under the lock: no change between here and the wait is missed
+            # Pipelined windows travel on separate connections and may overtake each other:
+            # give the one this window follows a moment to arrive before calling it a gap.
+            try:
+                await asyncio.wait_for(news.wait(), left)
+            except TimeoutError:
+                pass
+        expect = {"vm_id": vm_id, "generation": rep.generation, "kind": BundleKind.INITIAL,
+                  "disks": {disk_id: disk.size_bytes}, "window": (disk_id, start, end)}
+        durable = False
+        writer = None
+        try:
+            received_ns = time.monotonic_ns()
+            writer = await self._receive_window(disk, length, digest, expect, body)
+            synced_ns = time.monotonic_ns()
+            received_ns = synced_ns - received_ns
+            await finish_in_thread(writer.finish)
+            synced_ns = time.monotonic_ns() - synced_ns
+            if before is not None:
+                await asyncio.shield(before)
+            now = await asyncio.to_thread(self.store.advance_initial_offset, vm_id, rep.created_ns, disk_id,
+                                          generation, start, end)
+            if now is None:
+                raise NotFoundError(f"replica of VM {rep.name} was removed while a window was stored")
+            now_generation, now_state, offset = now
+            if now_generation != generation:
+                self._check_generation(await self.get(vm_id), generation)
+            if now_state not in (ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
                                  ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
-                raise _conflict("wrong_state", f"VM {rep.name} is {rep.state}, not in initial replication")
-            disk = rep.disk(disk_id)
-            if not 0 <= start < end <= disk.size_bytes:
-                raise UsageError(f"window [{start}, {end}) is not inside disk {disk.name} of {disk.size_bytes} bytes")
-            if start > disk.initial_offset:
-                raise _conflict("initial_gap", f"window starts at {start} but disk {disk.name} is durable only "
-                                f"up to {disk.initial_offset}", offset=disk.initial_offset)
-            if end <= disk.initial_offset:
-                return disk.initial_offset  # already stored; the unread body is discarded
-            expect = {"vm_id": vm_id, "generation": rep.generation, "kind": BundleKind.INITIAL,
-                      "disks": {disk_id: disk.size_bytes}, "window": (disk_id, start, end)}
-            self.check_length(length)
-            async with self.image_lock(vm_id):
-                await self._receive_window(disk, length, digest, expect, body)
-            state = transition("replica", rep.state, Action.START_INITIAL)
-            await asyncio.to_thread(self.store.set_initial_offset, vm_id, disk_id, end, state)
-        event(log, "initial_window_stored", vm=rep.name, disk=disk.name, offset=start, bytes=end - start)
-        return end
+                raise _conflict("wrong_state", f"VM {rep.name} is {now_state}, not in initial replication")
+            if offset < start:
+                raise _conflict("initial_gap", f"window starts at {start} but the window before it did not "
+                                f"become durable: disk {disk.name} is durable up to {offset}", offset=offset)
+            durable = True
+        finally:
+            # Settled before anything that can be interrupted: the windows after this one wait on it.
+            mine.set_result(durable)
+            pending = self._windows.get(disk_id, {})
+            if pending.get(end) is mine:
+                del pending[end]
+            if not pending:
+                self._windows.pop(disk_id, None)
+            self._window_news()
+            if writer is not None:
+                await finish_in_thread(writer.close)
+        event(log, "initial_window_stored", vm=rep.name, disk=disk.name, offset=start, bytes=end - start,
+              receive_s=round(received_ns / 1e9, 3), sync_s=round(synced_ns / 1e9, 3))
+        return max(offset, end)
+
+    def _window_news(self) -> None:
+        self._window_changed.set()
+        self._window_changed = asyncio.Event()
+
+    def _check_initial(self, rep: Replica, generation: int) -> None:
+        self._check_generation(rep, generation)
+        if rep.state not in (ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+                             ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+            raise _conflict("wrong_state", f"VM {rep.name} is {rep.state}, not in initial replication")
 
     async def initial_complete(self, vm_id: uuid.UUID, principal: str, body: dict) -> Replica:
         generation = _int_field(body, "generation", 1)
@@ -221,8 +295,7 @@ class ReplicaService:
         decoder = BundleDecoder(keep_data=False, max_bytes=length, expect=expect)
         writer = await finish_in_thread(SpoolWriter, spool, decoder)
         try:
-            async for chunk in body:
-                await finish_in_thread(writer.feed, chunk)
+            await feed_pipelined(writer.feed, body)
             _check_body_end(writer.bytes, length, writer.sha.hexdigest(), digest)
             done = await finish_in_thread(writer.finish)
         except HvrError as exc:
@@ -234,19 +307,24 @@ class ReplicaService:
         return done.header
 
     async def _receive_window(self, disk, length: int, digest: str, expect: dict,
-                              body: AsyncIterator[bytes]) -> None:
-        """An initial window goes straight into the image (no spool): see DirectWindowWriter."""
-        decoder = BundleDecoder(keep_data=True, max_bytes=length, expect=expect)
+                              body: AsyncIterator[bytes]) -> DirectWindowWriter:
+        """An initial window goes straight into the image (no spool): see DirectWindowWriter.
+
+        Returns the writer with the whole body written and checked, not yet
+        durable: the caller calls ``finish`` (fdatasync) and ``close``.
+        """
+        decoder = BundleDecoder(keep_data=True, lend_data=True, max_bytes=length, expect=expect)
         writer = await finish_in_thread(DirectWindowWriter, disk.path, disk.disk_id, decoder)
         try:
-            async for chunk in body:
-                await finish_in_thread(writer.feed, chunk)
+            await feed_pipelined(writer.feed, body)
             _check_body_end(writer.bytes, length, writer.sha.hexdigest(), digest)
-            await finish_in_thread(writer.finish)
-        except HvrError as exc:
-            raise _as_body_error(exc) from None
-        finally:
+            writer.check_complete()
+        except BaseException as exc:
             await finish_in_thread(writer.close)
+            if isinstance(exc, HvrError):
+                raise _as_body_error(exc) from None
+            raise
+        return writer
 
     def check_length(self, length: int | None) -> None:
         if length is None:
@@ -283,6 +361,27 @@ async def finish_in_thread(fn, *args):
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait([task])
+        raise
+
+
+async def feed_pipelined(feed, body: AsyncIterator[bytes]) -> None:
+    """``feed(chunk)`` in a worker thread for every chunk, in order, while the next chunk is read.
+
+    One chunk is processed while the next one arrives: the sender is not held up
+    by hashing, decoding and writing.  ``feed`` runs for one chunk at a time; an
+    error from it stops the reading and is raised after the thread has ended.
+    """
+    pending: asyncio.Future | None = None
+    try:
+        async for chunk in body:
+            if pending is not None:
+                await pending
+            pending = asyncio.ensure_future(finish_in_thread(feed, chunk))
+        if pending is not None:
+            await pending
+    except BaseException:
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])  # never leave a thread writing behind the caller
         raise
 
 

@@ -33,7 +33,7 @@ REPLAY = web.AppKey("replay", ReplayCache)
 STARTED_S = web.AppKey("started_s", int)  # requests signed earlier are refused (the replay cache is new)
 PRINCIPAL = "hvr_principal"
 MAX_JSON_BODY = 1024 * 1024
-BODY_CHUNK = 1024 * 1024
+BODY_CHUNK = 4 * 1024 * 1024
 BODY_IDLE_TIMEOUT_S = 60.0  # a stalled upload must not hold the VM's lock forever
 VERSION = "0.1.0"
 

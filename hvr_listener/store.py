@@ -100,6 +100,7 @@ class Replica:
     last_applied_log_ns: int | None
     last_applied_ns: int | None
     disks: tuple[ReplicaDisk, ...] = field(default=())
+    created_ns: int = 0  # tells this replica from an earlier one of the same VM (removed, enabled again)
 
     def disk(self, disk_id: uuid.UUID) -> ReplicaDisk:
         for d in self.disks:
@@ -169,17 +170,17 @@ class ListenerStore(StateDatabase):
     # --- replicas ---------------------------------------------------------
     _REPLICA_COLS = ("vm_id, name, principal, generation, state, state_detail, frequency_s, compression, "
                      "storage_dir, next_sequence, last_received_sequence, last_applied_sequence, "
-                     "last_replication_ns, last_applied_log_ns, last_applied_ns")
+                     "last_replication_ns, last_applied_log_ns, last_applied_ns, created_ns")
 
     def _replica_from_row(self, row) -> Replica:
         (vm_id, name, principal, gen, state, detail, freq, comp, sdir, nseq, lrecv, lapp, lrep, lalog,
-         lapplied) = row
+         lapplied, created) = row
         disks = self._db.execute(
             "SELECT disk_id, name, size_bytes, path, initial_offset FROM replica_disks WHERE vm_id=? "
             "ORDER BY position", (vm_id,)).fetchall()
         return Replica(uuid.UUID(vm_id), name, principal, gen, ReplicationState(state), detail, freq, bool(comp),
                        Path(sdir), nseq, lrecv, lapp, lrep, lalog, lapplied,
-                       tuple(ReplicaDisk(uuid.UUID(i), n, s, Path(p), o) for i, n, s, p, o in disks))
+                       tuple(ReplicaDisk(uuid.UUID(i), n, s, Path(p), o) for i, n, s, p, o in disks), created)
 
     def replica(self, vm_id: uuid.UUID) -> Replica | None:
         with self._lock:
@@ -220,11 +221,33 @@ class ListenerStore(StateDatabase):
         with self._lock:
             self._db.execute(f"UPDATE replicas SET {cols} WHERE vm_id=?", (*fields.values(), str(vm_id)))
 
-    def set_initial_offset(self, vm_id: uuid.UUID, disk_id: uuid.UUID, offset: int, state: ReplicationState) -> None:
+    def advance_initial_offset(self, vm_id: uuid.UUID, created_ns: int, disk_id: uuid.UUID, generation: int,
+                               start: int, end: int) -> tuple[int, ReplicationState, int] | None:
+        """Move a disk's durable initial offset to ``end``, in one transaction with its conditions.
+
+        It moves only while the replica is the one created at ``created_ns``, at
+        ``generation``, in initial replication, and the offset lies in
+        ``[start, end)``; the replica is then ``InitialReplicationInProgress``.
+        Returns (generation, state, offset) as they are afterwards, or None if
+        that replica or disk is gone.
+        """
+        initial = (ReplicationState.WAITING_FOR_INITIAL_REPLICATION.value,
+                   ReplicationState.INITIAL_REPLICATION_IN_PROGRESS.value)
         with self._lock, self.transaction():
-            self._db.execute("UPDATE replica_disks SET initial_offset=? WHERE vm_id=? AND disk_id=?",
-                             (offset, str(vm_id), str(disk_id)))
-            self._db.execute("UPDATE replicas SET state=? WHERE vm_id=?", (state.value, str(vm_id)))
+            row = self._db.execute(
+                "SELECT r.generation, r.state, d.initial_offset FROM replicas r JOIN replica_disks d "
+                "ON d.vm_id = r.vm_id WHERE r.vm_id=? AND r.created_ns=? AND d.disk_id=?",
+                (str(vm_id), created_ns, str(disk_id))).fetchone()
+            if row is None:
+                return None
+            gen, state, offset = row
+            if gen == generation and state in initial and start <= offset < end:
+                self._db.execute("UPDATE replica_disks SET initial_offset=? WHERE vm_id=? AND disk_id=?",
+                                 (end, str(vm_id), str(disk_id)))
+                state = ReplicationState.INITIAL_REPLICATION_IN_PROGRESS.value
+                self._db.execute("UPDATE replicas SET state=? WHERE vm_id=?", (state, str(vm_id)))
+                offset = end
+            return gen, ReplicationState(state), offset
 
     def delete_replica(self, vm_id: uuid.UUID) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hvr_common import hrl
 from hvr_common.errors import CorruptError, HvrError
 from hvr_common.hrl import (
+    ASSEMBLE_BYTES,
     END_PAYLOAD,
     HEADER,
     HEADER_SIZE,
@@ -639,3 +640,88 @@ def test_pure_modules_import_only_what_they_may(module):
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
     assert imported <= ALLOWED_IMPORTS[module]
+
+
+# --- large records arriving in pieces (assembled in a buffer of their own) ----------------------
+
+BIG_DISK = 1 << 24
+
+
+def _big_log(seed: int, sizes: list[int], closed: bool) -> tuple[bytes, list[Record]]:
+    rng = random.Random(seed)
+    header = HrlHeader(**{**_fields(HEADER_1), "disk_size": BIG_DISK})
+    ops = [(RecordKind.WRITE, rng.randrange(0, BIG_DISK - n), rng.randbytes(n), 0) for n in sizes]
+    data, expected, _ = build_log(header, ops, closed_ns=9 if closed else None)
+    return data, expected
+
+
+def _feed_lending(data: bytes, splits) -> list:
+    """Like ``feed`` with ``lend_data``: each lent payload is copied before the next call (as a writer does)."""
+    decoder = HrlDecoder(keep_data=True, lend_data=True)
+    events = []
+    cuts = sorted(set(s for s in splits if 0 < s < len(data)))
+    for a, b in zip([0, *cuts], [*cuts, len(data)]):
+        decoder.receive_data(memoryview(bytearray(data[a:b])))  # a view of a buffer the caller reuses
+        while (event := decoder.next_event()) is not NEED_DATA:
+            if isinstance(event, Record) and event.data is not None:
+                assert isinstance(event.data, memoryview)
+                event = Record(event.kind, event.flags, event.offset, event.length, event.position,
+                               event.data_position, bytes(event.data))
+            events.append(event)
+            if isinstance(event, LogSummary):
+                return events
+    events.append(decoder.finish())
+    return events
+
+
+big_sizes = st.lists(st.one_of(st.integers(1, 300), st.integers(ASSEMBLE_BYTES - 1, 3 * ASSEMBLE_BYTES)),
+                     min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32), big_sizes, st.lists(st.integers(0, 1 << 20), max_size=40), st.booleans())
+def test_large_records_split_anywhere_decode_like_the_whole(seed, sizes, splits, closed):
+    data, expected = _big_log(seed, sizes, closed)
+    whole = feed(data, [], True)
+    assert [e for e in whole if isinstance(e, Record)] == expected
+    assert feed(data, splits, True) == whole
+    assert feed(data, splits, False) == feed(data, [], False)
+    assert _feed_lending(data, splits) == whole
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32), big_sizes, st.lists(st.integers(0, 1 << 20), max_size=10),
+       st.floats(0, 1), st.integers(0, 7))
+def test_large_records_cut_short_or_damaged_keep_only_what_is_whole(seed, sizes, splits, where, bit):
+    data, expected = _big_log(seed, sizes, True)
+    at = HEADER_SIZE + int(where * (len(data) - HEADER_SIZE - 1))
+    truncated = data[:at]
+    flipped = bytearray(data)
+    flipped[at] ^= 1 << bit
+    for damaged in (truncated, bytes(flipped)):
+        events = feed(damaged, splits, True)
+        records = [e for e in events if isinstance(e, Record)]
+        summary = events[-1]
+        assert not summary.clean  # a cut or a flipped bit anywhere after the header is always noticed
+        assert records == expected[:len(records)]
+        assert all(r.data_position + r.length <= at for r in records)
+        assert _feed_lending(damaged, splits) == events
+        if isinstance(summary, LogSummary):
+            assert summary.valid_length + summary.torn_bytes == len(damaged)
+
+
+def test_a_record_being_assembled_is_held_once():
+    payload = random.Random(3).randbytes(1 << 20)
+    data, _, _ = build_log(HrlHeader(**{**_fields(HEADER_1), "disk_size": 1 << 21}),
+                           [(RecordKind.WRITE, 0, payload, 0)], closed_ns=1)
+    decoder = HrlDecoder(keep_data=True)
+    most = 0
+    for i in range(0, len(data), 65536):
+        decoder.receive_data(data[i:i + 65536])
+        most = max(most, decoder.buffered_bytes)
+        while (event := decoder.next_event()) is not NEED_DATA:
+            if isinstance(event, Record):
+                assert event.data == payload
+            if isinstance(event, LogSummary):
+                break
+    assert RECORD_SIZE + len(payload) <= most <= RECORD_SIZE + len(payload) + 65536

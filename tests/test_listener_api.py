@@ -359,3 +359,110 @@ def test_damaged_initial_window_does_not_advance_the_durable_offset(listener):
     assert wrong_window.status == 400 and vm.state()["initial"][str(disk_id)] == 0
     good = call(listener.port, "PUT", path, body, key=listener.key, headers=headers)
     assert good.status == 200 and vm.state()["initial"][str(disk_id)] == 2 * MiB
+
+
+# --- pipelined initial windows ------------------------------------------------------------------
+
+class HeldUpload:
+    """A signed window upload sent up to ``held`` bytes before its end, finished or dropped later."""
+
+    def __init__(self, lp: ListenerProcess, vm: Vm, disk_id: uuid.UUID, start: int, end: int, body: bytes,
+                 held: int = 1000):
+        import http.client
+        import secrets
+
+        from hvr_common.token_auth import authorization
+        path = f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset={start}&end={end}"
+        digest = hashlib.sha256(body).hexdigest()
+        self.conn = http.client.HTTPConnection("127.0.0.1", lp.port, timeout=60)
+        self.conn.putrequest("PUT", path)
+        for k, v in {"X-Hvr-Content-SHA256": digest, "X-Hvr-Generation": "1",
+                     "Authorization": authorization(lp.key, "PUT", path, digest, int(time.time()),
+                                                    secrets.token_hex(16)),
+                     "Content-Length": str(len(body))}.items():
+            self.conn.putheader(k, v)
+        self.conn.endheaders()
+        self.conn.send(body[:-held])
+        self.rest = body[-held:]
+
+    def finish(self):
+        from listener_process import Reply
+        self.conn.send(self.rest)
+        resp = self.conn.getresponse()
+        reply = Reply(resp.status, resp.read())
+        self.conn.close()
+        return reply
+
+    def drop(self) -> None:
+        self.conn.close()
+
+
+def _window(vm: Vm, disk_id: uuid.UUID, start: int, end: int, data: bytes) -> bytes:
+    log = hrl_bytes(vm.vm_id, disk_id, 1, 0, SIZE, [("write", start, data)])
+    return bundle(BundleKind.INITIAL, vm.vm_id, 1, 0, [(disk_id, SIZE, start, end, log)], compress=False)
+
+
+def _put_window_in_thread(lp: ListenerProcess, vm: Vm, disk_id: uuid.UUID, start: int, end: int, body: bytes):
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(call, lp.port, "PUT", f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset={start}&end={end}",
+                         body, key=lp.key, headers={"X-Hvr-Generation": "1"})
+    pool.shutdown(wait=False)
+    return future
+
+
+def _image_holds(vm: Vm, offset: int, data: bytes) -> bool:
+    with open(vm.image_paths()[0], "rb") as f:
+        f.seek(offset)
+        return f.read(len(data)) == data
+
+
+def test_a_window_may_follow_one_still_in_progress_and_they_commit_in_order(listener):
+    vm = Vm(listener, "pipe1", initial=False)
+    disk_id = vm.disk_ids[0]
+    first_data, second_data = os.urandom(65536), os.urandom(65536)
+    first = HeldUpload(listener, vm, disk_id, 0, 2 * MiB, _window(vm, disk_id, 0, 2 * MiB, first_data))
+    # the second window starts where the first (not yet durable) ends: accepted, received, and held
+    second = _put_window_in_thread(listener, vm, disk_id, 2 * MiB, SIZE,
+                                   _window(vm, disk_id, 2 * MiB, SIZE, second_data))
+    wait_for(lambda: _image_holds(vm, 2 * MiB, second_data), 20, "the second window written into the image",
+             context=listener.log_tail)
+    assert not second.done() and vm.state()["initial"][str(disk_id)] == 0  # it waits for the first
+    assert first.finish().json() == {"offset": 2 * MiB}
+    assert second.result(30).json() == {"offset": SIZE}
+    assert vm.state()["initial"][str(disk_id)] == SIZE
+    assert _image_holds(vm, 0, first_data)
+
+
+def test_a_window_whose_predecessor_fails_is_refused_and_nothing_advances(listener):
+    vm = Vm(listener, "pipe2", initial=False)
+    disk_id = vm.disk_ids[0]
+    second_data = os.urandom(65536)
+    first = HeldUpload(listener, vm, disk_id, 0, 2 * MiB, _window(vm, disk_id, 0, 2 * MiB, os.urandom(65536)))
+    second = _put_window_in_thread(listener, vm, disk_id, 2 * MiB, SIZE,
+                                   _window(vm, disk_id, 2 * MiB, SIZE, second_data))
+    wait_for(lambda: _image_holds(vm, 2 * MiB, second_data), 20, "the second window written into the image",
+             context=listener.log_tail)
+    first.drop()  # the first window's body never completes
+    answer = second.result(30)
+    assert answer.status == 409 and answer.code == "initial_gap", answer.body
+    assert answer.json()["detail"]["offset"] == 0
+    assert vm.state()["initial"][str(disk_id)] == 0
+    # a window that follows nothing in progress is a gap (after a moment's wait for a predecessor)
+    late = call(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset={2 * MiB}&end={SIZE}",
+                _window(vm, disk_id, 2 * MiB, SIZE, second_data), key=listener.key,
+                headers={"X-Hvr-Generation": "1"})
+    assert late.status == 409 and late.code == "initial_gap"
+
+
+def test_a_window_for_a_replica_removed_and_enabled_again_meanwhile_does_not_count(listener):
+    vm = Vm(listener, "pipe3", initial=False)
+    disk_id = vm.disk_ids[0]
+    held = HeldUpload(listener, vm, disk_id, 0, 2 * MiB, _window(vm, disk_id, 0, 2 * MiB, os.urandom(65536)))
+    listener.hvrctl("replica", "remove", "pipe3", "--delete-storage")
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}", vm.enable_body(), key=listener.key)
+    assert r.status == 201, r.body
+    answer = held.finish()
+    assert answer.status == 404, answer.body
+    assert vm.state()["initial"][str(disk_id)] == 0
+    assert vm.image_paths()[0].read_bytes() == bytes(SIZE)  # the new replica's image got nothing

@@ -227,13 +227,20 @@ def test_initial_windows_carry_only_allocated_data_and_rebuild_the_image(tmp_pat
         offset = 0
         windows = 0
         sent_allocated = 0
+        buffer = None
         while offset < size:
             end = shipper.plan_window(fd, offset, size, 4 * 1024 * 1024)
             assert end > offset
-            w = shipper.build_initial_bundle(tmp_path / "out" / f"w{windows}.bundle", vm_id=VM_ID,
-                                             generation=GENERATION, disk=d, image_fd=fd, start=offset, end=end,
-                                             compress=True, created_ns=5)
-            header, records, _ = decode_file(w.bundle.path, kind=BundleKind.INITIAL, vm_id=VM_ID)
+            # every window after the first reuses the buffer of the one before (as the agent does)
+            w = shipper.build_initial_bundle(vm_id=VM_ID, generation=GENERATION, disk=d, image_fd=fd, start=offset,
+                                             end=end, compress=True, created_ns=5, buffer=buffer)
+            assert buffer is None or w.buffer is buffer or len(buffer) < len(w.buffer)
+            buffer = w.buffer
+            body = b"".join(w.bundle.pieces)
+            assert len(body) == w.bundle.wire_bytes and hashlib.sha256(body).hexdigest() == w.bundle.sha256
+            path = tmp_path / f"w{windows}.bundle"
+            path.write_bytes(body)
+            header, records, _ = decode_file(path, kind=BundleKind.INITIAL, vm_id=VM_ID)
             assert (header.disks[0].range_start, header.disks[0].range_end) == (offset, end)
             recs = records.get(d.disk_id, [])
             assert all(r.kind is RecordKind.WRITE and r.length <= 4 * 1024 * 1024 for r in recs)
@@ -247,3 +254,33 @@ def test_initial_windows_carry_only_allocated_data_and_rebuild_the_image(tmp_pat
     assert got == content
     assert sent_allocated == allocated
     assert windows == -(-allocated // (4 * 1024 * 1024))  # holes cost no window
+
+
+def test_initial_window_reads_straight_into_its_buffer_and_frames_slice_it(tmp_path):
+    """Incompressible data travels in frames that are views of the window buffer (no copies),
+    compressible data in zstd frames; a buffer too small for the window is replaced, never overrun."""
+    size = 16 * 1024 * 1024
+    d = _disk(tmp_path, "views", size)
+    noise = random.Random(5).randbytes(3 * 1024 * 1024)
+    with open(d.image_path, "r+b") as f:
+        f.write(noise)
+        f.seek(8 * 1024 * 1024)
+        f.write(b"compressible " * 100_000)
+    fd = os.open(d.image_path, os.O_RDONLY)
+    try:
+        small = bytearray(1024)
+        w = shipper.build_initial_bundle(vm_id=VM_ID, generation=GENERATION, disk=d, image_fd=fd, start=0,
+                                         end=size, compress=True, created_ns=7, buffer=small)
+    finally:
+        os.close(fd)
+    assert w.buffer is not small and small == bytearray(1024)
+    views = [p for p in w.bundle.pieces if isinstance(p, memoryview)]
+    assert views and all(v.obj is w.buffer for v in views)
+    assert w.bundle.compressed_frames >= 1  # the text shrank
+    path = tmp_path / "views.bundle"
+    path.write_bytes(b"".join(w.bundle.pieces))
+    _, records, _ = decode_file(path, kind=BundleKind.INITIAL, vm_id=VM_ID)
+    got = bytearray(size)
+    _apply(got, records[d.disk_id])
+    with open(d.image_path, "rb") as f:
+        assert got == f.read()
