@@ -18,8 +18,8 @@ from hvr_common.hrl import NEED_DATA, Record
 from hvr_common.hrl_file import apply_record
 
 READ_CHUNK = 1024 * 1024
-# An initial window's image writes are handed to the disk every this many bytes, so the
-# fdatasync that ends the window waits for the tail only, not for the whole window.
+# Spools and initial windows are handed to the disk every this many bytes written, so the
+# fsync that ends an upload waits for the tail only, not for the whole body.
 WRITEBACK_BYTES = 8 * 1024 * 1024
 
 # Called before a replica block is overwritten: (disk_id, fd, offset, length).
@@ -35,6 +35,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class EarlyWriteback:
+    """Hands what a writer wrote to the disk every ``WRITEBACK_BYTES``, so its final fsync waits for the tail only.
+
+    ``POSIX_FADV_DONTNEED`` on a range just written starts writeback of its
+    dirty pages without waiting for it; the pages stay cached (only pages
+    already clean are dropped).
+    """
+
+    __slots__ = ("fd", "_lo", "_hi", "_bytes")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._lo = self._hi = self._bytes = 0  # bytes written since the last writeback, and their span
+
+    def note(self, offset: int, length: int) -> None:
+        end = offset + length
+        if self._bytes:
+            offset, end = min(offset, self._lo), max(end, self._hi)
+        self._bytes += length
+        if self._bytes < WRITEBACK_BYTES:
+            self._lo, self._hi = offset, end
+            return
+        self._bytes = 0
+        os.posix_fadvise(self.fd, offset, end - offset, os.POSIX_FADV_DONTNEED)
+
+
 class SpoolWriter:
     """Receives one bundle body into ``path``: hashes, validates and stores each chunk."""
 
@@ -46,12 +72,14 @@ class SpoolWriter:
         self.decoder = decoder
         self.bytes = 0
         self.done: BundleDone | None = None
+        self._writeback = EarlyWriteback(self.fd)
 
     def feed(self, chunk: bytes) -> None:
         self.sha.update(chunk)
         view = memoryview(chunk)
         while view:
             view = view[os.write(self.fd, view):]
+        self._writeback.note(self.bytes, len(chunk))
         self.bytes += len(chunk)
         dec = self.decoder
         dec.receive_data(chunk)
@@ -99,7 +127,7 @@ class DirectWindowWriter:
         self.bytes = 0
         self.done: BundleDone | None = None
         self.header: BundleHeader | None = None
-        self._unsubmitted: tuple[int, int] | None = None  # [lo, hi) written since the last writeback
+        self._writeback = EarlyWriteback(self.fd)
 
     def feed(self, chunk: bytes) -> None:
         self.sha.update(chunk)
@@ -117,23 +145,9 @@ class DirectWindowWriter:
             elif isinstance(ev, tuple):
                 rec = ev[1]
                 _apply_record(self.fd, self.disk_id, rec, None)
-                self._note_written(rec.offset, rec.offset + rec.length)
+                self._writeback.note(rec.offset, rec.length)
             elif isinstance(ev, BundleDone):
                 self.done = ev
-
-    def _note_written(self, lo: int, hi: int) -> None:
-        """Start writeback of what the window wrote once ``WRITEBACK_BYTES`` have gathered.
-
-        ``POSIX_FADV_DONTNEED`` starts writeback of the range's dirty pages without
-        waiting for it (and drops pages already clean: nobody reads them here).
-        """
-        if self._unsubmitted is not None:
-            lo, hi = min(lo, self._unsubmitted[0]), max(hi, self._unsubmitted[1])
-        if hi - lo < WRITEBACK_BYTES:
-            self._unsubmitted = (lo, hi)
-            return
-        self._unsubmitted = None
-        os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def check_complete(self) -> BundleDone:
         """The body held a whole, valid bundle (raises if it ended early)."""
