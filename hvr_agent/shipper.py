@@ -2,9 +2,9 @@
 
 Blocking functions, run in worker threads by :mod:`hvr_agent.replication`.
 Cycles are built into spool files and memory stays bounded: a log's records
-are collected without their payloads, surviving bytes are copied from the
-log in pieces of at most ``RECORD_BYTES``, and frames go to the spool file as
-they are made.  An initial-replication window is built in memory instead, in
+are collected without their payloads, surviving bytes are read from the log
+in pieces of at most ``RECORD_BYTES`` into one reused buffer, and frames go
+to the spool file as they are made.  An initial-replication window is built in memory instead, in
 a buffer the caller reuses (see :func:`build_initial_bundle`): it is sent
 right away and never needs to outlive the process.
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common import sparse
-from hvr_common.bundle import BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
+from hvr_common.bundle import FRAME_RAW_BYTES, BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
 from hvr_common.errors import CorruptError
 from hvr_common.extents import coalesce
 from hvr_common.hrl import (END_RECORD_SIZE, HEADER_SIZE, RECORD_SIZE, HrlEncoder, HrlHeader, LogSummary,
@@ -210,11 +210,54 @@ def _check_identity(path: Path, h: HrlHeader, vm_id: uuid.UUID, disk: DiskSource
                            hint="move the file aside; if it held writes, the replica needs a resynchronization")
 
 
-def _pread_exact(fd: int, length: int, offset: int, what: Path) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise CorruptError(f"{what} is shorter than a record's payload at {offset} (changed while shipping?)")
-    return data
+class _StreamFramer:
+    """Lays out one disk's HRL stream in a buffer and writes it to the spool as frames.
+
+    A log's surviving bytes are read with ``preadv`` straight behind their
+    record header, and uncompressed frames are slices of the buffer, so the
+    data is copied only by the kernel.  Whenever a record does not fit, the
+    whole frames in the buffer are written out and the rest moves to the front.
+    """
+
+    CAPACITY = RECORD_BYTES + RECORD_SIZE + 2 * FRAME_RAW_BYTES  # a largest record fits after a partial frame
+
+    def __init__(self, writer: _SpoolWriter, encoder: FrameEncoder):
+        self.writer = writer
+        self.encoder = encoder
+        self.buf = bytearray(self.CAPACITY)
+        self.view = memoryview(self.buf)
+        self.fill = 0
+
+    def put(self, data: bytes) -> None:
+        """Append a small piece of the stream (the log header, a TRIM/ZERO or END record)."""
+        self._room(len(data))
+        self.view[self.fill:self.fill + len(data)] = data
+        self.fill += len(data)
+
+    def put_write(self, hrl: HrlEncoder, offset: int, fd: int, source: int, length: int, path: Path) -> None:
+        """Append a WRITE record of ``length`` bytes read from the log ``fd`` at ``source``."""
+        self._room(RECORD_SIZE + length)
+        at = self.fill + RECORD_SIZE
+        data = self.view[at:at + length]
+        if os.preadv(fd, [data], source) != length:
+            raise CorruptError(f"{path} is shorter than a record's payload at {source} (changed while shipping?)")
+        self.view[self.fill:at] = hrl.write(offset, data)
+        self.fill = at + length
+
+    def flush(self) -> None:
+        """Write out everything held (the last frame may be short)."""
+        self._emit(self.fill)
+
+    def _room(self, n: int) -> None:
+        if self.fill + n > len(self.buf):
+            self._emit(self.fill - self.fill % FRAME_RAW_BYTES)
+
+    def _emit(self, whole: int) -> None:
+        if whole:
+            self.writer.write(self.encoder.frame_stream(self.view[:whole]))  # written before the buffer changes
+            rest = self.fill - whole
+            self.view[:rest] = self.view[whole:self.fill]
+            self.fill = rest
 
 
 def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, sequence: int,
@@ -244,7 +287,8 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
                 extents = []
             encoder = FrameEncoder(compress)
             hrl = HrlEncoder(header)
-            writer.write(encoder.feed(hrl.header_bytes()))
+            stream = _StreamFramer(writer, encoder)
+            stream.put(hrl.header_bytes())
             if extents:
                 with open(path, "rb", buffering=0) as log_file:
                     fd = log_file.fileno()
@@ -252,15 +296,14 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
                         if ext.kind is RecordKind.WRITE:
                             for done in range(0, ext.length, RECORD_BYTES):
                                 n = min(RECORD_BYTES, ext.length - done)
-                                data = _pread_exact(fd, n, ext.source + done, path)
-                                writer.write(encoder.feed(hrl.write(ext.offset + done, data)))
-                                writer.write(encoder.feed(data))
+                                stream.put_write(hrl, ext.offset + done, fd, ext.source + done, n, path)
                         else:
                             emit = hrl.trim if ext.kind is RecordKind.TRIM else hrl.zero
                             for done in range(0, ext.length, ZERO_RECORD_BYTES):
                                 n = min(ZERO_RECORD_BYTES, ext.length - done)
-                                writer.write(encoder.feed(emit(ext.offset + done, n, ext.flags)))
-            writer.write(encoder.feed(hrl.end(closed_ns if closed_ns is not None else created_ns)))
+                                stream.put(emit(ext.offset + done, n, ext.flags))
+            stream.put(hrl.end(closed_ns if closed_ns is not None else created_ns))
+            stream.flush()
             writer.add_disk(disk.disk_id, encoder, hrl, 0, disk.size_bytes)
         header = BundleHeader(BundleKind.CYCLE, vm_id, generation, sequence, created_ns,
                               tuple(writer.entries))

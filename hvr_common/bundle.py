@@ -156,13 +156,14 @@ class FrameEncoder:
         return out
 
     def frame_stream(self, view: memoryview) -> list:
-        """Frame a disk's whole HRL stream held in one buffer (nothing fed before or after).
+        """Frame HRL bytes held in a buffer, in frames of ``FRAME_RAW_BYTES`` (the last may be shorter).
 
         Frames that stay uncompressed are slices of ``view``, not copies: the
-        buffer must not change until the frames have been written out.
+        buffer must not change until the frames have been written out.  Not
+        to be mixed with :meth:`feed` (nothing may be pending).
         """
-        if self._pending or self.frames:
-            raise ValueError("frame_stream takes a whole stream, not a continuation")
+        if self._pending:
+            raise ValueError("frame_stream cannot follow bytes fed with feed()")
         out: list = []
         for at in range(0, len(view), FRAME_RAW_BYTES):
             out += self._frame(view[at:at + FRAME_RAW_BYTES])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hvr_common.bundle import FRAME, BundleDecoder, BundleDone, BundleHeader, BundleKind, DiskDone, decode_header
+from hvr_common.bundle import FRAME, FRAME_RAW_BYTES, BundleDecoder, BundleDone, BundleHeader, BundleKind, DiskDone, decode_header
 from hvr_common.hrl import NEED_DATA, RECORD_FLAG_NO_HOLE, HrlEncoder, HrlHeader, Record, RecordKind
 from hvr_agent import shipper
 from hvr_agent.journal import log_path
@@ -145,6 +145,40 @@ def test_cycle_bundle_decodes_and_equals_replay_of_every_disk(tmp_path, seed):
         _replay(expected, ops[d.disk_id])
         got = bytearray(DISK_SIZE)
         _apply(got, recs)
+        assert got == expected
+
+
+def test_cycle_frames_cut_the_stream_every_frame_size_whatever_the_records(tmp_path):
+    """Records of every size (up to 4 MiB, past the builder's buffer) land in frames of exactly
+    FRAME_RAW_BYTES, the last of each disk shorter: the layout depends on the bytes alone."""
+    rng = random.Random(21)
+    disks = [_disk(tmp_path, "a"), _disk(tmp_path, "b")]
+    ops = [(RecordKind.WRITE, rng.randrange(0, DISK_SIZE // 2) // 512 * 512,
+            rng.randbytes(rng.choice([512, 70_000, FRAME_RAW_BYTES - 1, 3 * 1024 * 1024 + 7]))) for _ in range(12)]
+    ops += [(RecordKind.TRIM, 15 * 1024 * 1024, 4096), (RecordKind.ZERO, 14 * 1024 * 1024, 8192, 0)]
+    for d in disks:
+        _write_log(d.image_path, d.disk_id, 3, ops)
+    bundle = shipper.build_cycle_bundle(tmp_path / "out", vm_id=VM_ID, generation=GENERATION, sequence=3,
+                                        disks=disks, compress=False)
+    header = decode_header(bundle.path.read_bytes())
+    with open(bundle.path, "rb") as f:
+        f.seek(header.size)
+        for entry in header.disks:
+            raws = []
+            left = entry.stored_bytes
+            while left:
+                _codec, stored, raw = FRAME.unpack(f.read(FRAME.size))
+                f.seek(stored, os.SEEK_CUR)
+                left -= FRAME.size + stored
+                raws.append(raw)
+            assert sum(raws) == entry.raw_bytes > 4 * FRAME_RAW_BYTES
+            assert all(r == FRAME_RAW_BYTES for r in raws[:-1]) and 0 < raws[-1] <= FRAME_RAW_BYTES
+    _, records, _ = decode_file(bundle.path, kind=BundleKind.CYCLE, vm_id=VM_ID)
+    for d in disks:
+        expected = bytearray(DISK_SIZE)
+        _replay(expected, ops)
+        got = bytearray(DISK_SIZE)
+        _apply(got, records[d.disk_id])
         assert got == expected
 
 
