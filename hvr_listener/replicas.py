@@ -64,8 +64,8 @@ class ReplicaService:
         self.max_bundle_bytes = max_bundle_bytes
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
         self._image_locks: dict[uuid.UUID, asyncio.Lock] = {}
-        # disk id -> {end: future of "it became durable"} of the initial windows in progress
-        self._windows: dict[uuid.UUID, dict[int, asyncio.Future]] = {}
+        # disk id -> [(end, future of "it became durable")] of the initial windows in progress
+        self._windows: dict[uuid.UUID, list[tuple[int, asyncio.Future]]] = {}
         self._window_changed = asyncio.Event()  # replaced (after being set) whenever a window starts or ends
         self.applied = asyncio.Condition()  # notified after every applied cycle
         self.wake_applier = asyncio.Event()
@@ -150,14 +150,14 @@ class ReplicaService:
                 if not 0 <= start < end <= disk.size_bytes:
                     raise UsageError(f"window [{start}, {end}) is not inside disk {disk.name} "
                                      f"of {disk.size_bytes} bytes")
-                pending = self._windows.setdefault(disk_id, {})
-                before = pending.get(start)  # the window in progress that ends where this one starts
+                # the newest window in progress that ends where this one starts
+                before = next((f for e, f in reversed(self._windows.get(disk_id, [])) if e == start), None)
                 if end <= disk.initial_offset:
                     return disk.initial_offset  # already stored; the unread body is discarded
                 if start <= disk.initial_offset or before is not None:
                     self.check_length(length)
                     mine = asyncio.get_running_loop().create_future()
-                    pending[end] = mine
+                    self._windows.setdefault(disk_id, []).append((end, mine))
                     self._window_news()
                     break
                 left = deadline - time.monotonic()
@@ -201,9 +201,8 @@ class ReplicaService:
         finally:
             # Settled before anything that can be interrupted: the windows after this one wait on it.
             mine.set_result(durable)
-            pending = self._windows.get(disk_id, {})
-            if pending.get(end) is mine:
-                del pending[end]
+            pending = self._windows.get(disk_id, [])
+            pending.remove((end, mine))
             if not pending:
                 self._windows.pop(disk_id, None)
             self._window_news()
@@ -227,6 +226,13 @@ class ReplicaService:
         generation = _int_field(body, "generation", 1)
         next_sequence = _int_field(body, "next_sequence", 1)
         async with await self.locked(vm_id, principal):
+            rep = await self.get(vm_id, principal)
+            # A window still being received (a duplicate on a slow connection, say) writes into the
+            # image: it must be over before cycles may change the image.  None can start meanwhile
+            # (that needs this lock); they end without it.
+            for d in rep.disks:
+                while in_progress := [f for _, f in self._windows.get(d.disk_id, [])]:
+                    await asyncio.wait([asyncio.shield(f) for f in in_progress])
             rep = await self.get(vm_id, principal)
             self._check_generation(rep, generation)
             if rep.state == ReplicationState.REPLICATING:

@@ -466,3 +466,25 @@ def test_a_window_for_a_replica_removed_and_enabled_again_meanwhile_does_not_cou
     assert answer.status == 404, answer.body
     assert vm.state()["initial"][str(disk_id)] == 0
     assert vm.image_paths()[0].read_bytes() == bytes(SIZE)  # the new replica's image got nothing
+
+
+def test_initial_complete_waits_for_windows_still_being_received(listener):
+    """A duplicate window on a slow connection must not write into the image after cycles may apply."""
+    import concurrent.futures
+    vm = Vm(listener, "pipe4", initial=False)
+    disk_id = vm.disk_ids[0]
+    slow = HeldUpload(listener, vm, disk_id, 0, SIZE, _window(vm, disk_id, 0, SIZE, os.urandom(65536)))
+    fast = call(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset=0&end={SIZE}",
+                _window(vm, disk_id, 0, SIZE, os.urandom(65536)), key=listener.key,
+                headers={"X-Hvr-Generation": "1"})
+    assert fast.status == 200 and vm.state()["initial"][str(disk_id)] == SIZE
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    complete = pool.submit(call_json, listener.port, "POST", f"/v1/replicas/{vm.vm_id}/initial/complete",
+                           {"generation": 1, "next_sequence": 1}, key=listener.key)
+    pool.shutdown(wait=False)
+    with pytest.raises(TimeoutError):  # held back while the slow window is in progress
+        wait_for(complete.done, 1.5, "initial/complete to answer")
+    assert vm.state()["state"] != "Replicating"
+    slow.finish()
+    answer = complete.result(30)
+    assert answer.status == 200 and answer.json()["state"] == "Replicating", answer.body
