@@ -95,18 +95,25 @@ def _apply(model: bytearray, records: list[Record]) -> None:
             model[r.offset:r.offset + r.length] = bytes(r.length)
 
 
-def _frame_codecs(path: Path, header: BundleHeader) -> list[int]:
-    codecs = []
+def _frames(path: Path, header: BundleHeader) -> list[list[tuple[int, int]]]:
+    """(codec, raw length) of every frame, per disk."""
+    per_disk = []
     with open(path, "rb") as f:
         f.seek(header.size)
         for entry in header.disks:
+            frames = []
             left = entry.stored_bytes
             while left:
-                codec, stored, _raw = FRAME.unpack(f.read(FRAME.size))
+                codec, stored, raw = FRAME.unpack(f.read(FRAME.size))
                 f.seek(stored, os.SEEK_CUR)
                 left -= FRAME.size + stored
-                codecs.append(codec)
-    return codecs
+                frames.append((codec, raw))
+            per_disk.append(frames)
+    return per_disk
+
+
+def _frame_codecs(path: Path, header: BundleHeader) -> list[int]:
+    return [codec for frames in _frames(path, header) for codec, _raw in frames]
 
 
 def _disk(tmp_path: Path, name: str, size: int = DISK_SIZE) -> shipper.DiskSource:
@@ -161,18 +168,10 @@ def test_cycle_frames_cut_the_stream_every_frame_size_whatever_the_records(tmp_p
     bundle = shipper.build_cycle_bundle(tmp_path / "out", vm_id=VM_ID, generation=GENERATION, sequence=3,
                                         disks=disks, compress=False)
     header = decode_header(bundle.path.read_bytes())
-    with open(bundle.path, "rb") as f:
-        f.seek(header.size)
-        for entry in header.disks:
-            raws = []
-            left = entry.stored_bytes
-            while left:
-                _codec, stored, raw = FRAME.unpack(f.read(FRAME.size))
-                f.seek(stored, os.SEEK_CUR)
-                left -= FRAME.size + stored
-                raws.append(raw)
-            assert sum(raws) == entry.raw_bytes > 4 * FRAME_RAW_BYTES
-            assert all(r == FRAME_RAW_BYTES for r in raws[:-1]) and 0 < raws[-1] <= FRAME_RAW_BYTES
+    for entry, frames in zip(header.disks, _frames(bundle.path, header)):
+        raws = [raw for _codec, raw in frames]
+        assert sum(raws) == entry.raw_bytes > 4 * FRAME_RAW_BYTES
+        assert all(r == FRAME_RAW_BYTES for r in raws[:-1]) and 0 < raws[-1] <= FRAME_RAW_BYTES
     _, records, _ = decode_file(bundle.path, kind=BundleKind.CYCLE, vm_id=VM_ID)
     for d in disks:
         expected = bytearray(DISK_SIZE)
