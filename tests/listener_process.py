@@ -107,6 +107,22 @@ def call(port: int, method: str, path: str, body: bytes = b"", *, key: Key | Non
          digest: str | None = None, send_body: bytes | None = None, content_length: int | None = None,
          sign: bool = True, half_close: bool = True) -> Reply:
     """One request; ``send_body``/``content_length`` let a test lie about the body to the server."""
+    conn = open_request(port, method, path, body, key=key, headers=headers, ts=ts, nonce=nonce, digest=digest,
+                        send_body=send_body, content_length=content_length, sign=sign)
+    try:
+        payload = body if send_body is None else send_body
+        if half_close and content_length is not None and content_length > len(payload):
+            conn.sock.shutdown(1)  # the body ends early: the server sees a truncated body
+        return read_reply(conn)
+    finally:
+        conn.close()
+
+
+def open_request(port: int, method: str, path: str, body: bytes = b"", *, key: Key | None = None,
+                 headers: dict | None = None, ts: int | None = None, nonce: str | None = None,
+                 digest: str | None = None, send_body: bytes | None = None, content_length: int | None = None,
+                 sign: bool = True) -> http.client.HTTPConnection:
+    """Send a signed request's head and ``send_body`` (default: all of ``body``); the caller reads the reply."""
     digest = digest or hashlib.sha256(body).hexdigest()
     hdrs = {"X-Hvr-Content-SHA256": digest}
     if sign and key is not None:
@@ -123,12 +139,15 @@ def call(port: int, method: str, path: str, body: bytes = b"", *, key: Key | Non
         conn.endheaders()
         if payload:
             conn.send(payload)
-        if half_close and content_length is not None and content_length > len(payload):
-            conn.sock.shutdown(1)  # the body ends early: the server sees a truncated body
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.read())
-    finally:
+    except BaseException:
         conn.close()
+        raise
+    return conn
+
+
+def read_reply(conn: http.client.HTTPConnection) -> Reply:
+    resp = conn.getresponse()
+    return Reply(resp.status, resp.read())
 
 
 def call_json(port: int, method: str, path: str, doc: dict | None, **kw) -> Reply:

@@ -19,7 +19,7 @@ from bundles import bundle, hrl_bytes
 from daemons import wait_for
 from hvr_common.bundle import BundleKind
 from hvr_common.token_auth import Key
-from listener_process import ListenerProcess, call, call_json
+from listener_process import ListenerProcess, call, call_json, open_request, read_reply
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB
@@ -368,30 +368,17 @@ class HeldUpload:
 
     def __init__(self, lp: ListenerProcess, vm: Vm, disk_id: uuid.UUID, start: int, end: int, body: bytes,
                  held: int = 1000):
-        import http.client
-        import secrets
-
-        from hvr_common.token_auth import authorization
-        path = f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset={start}&end={end}"
-        digest = hashlib.sha256(body).hexdigest()
-        self.conn = http.client.HTTPConnection("127.0.0.1", lp.port, timeout=60)
-        self.conn.putrequest("PUT", path)
-        for k, v in {"X-Hvr-Content-SHA256": digest, "X-Hvr-Generation": "1",
-                     "Authorization": authorization(lp.key, "PUT", path, digest, int(time.time()),
-                                                    secrets.token_hex(16)),
-                     "Content-Length": str(len(body))}.items():
-            self.conn.putheader(k, v)
-        self.conn.endheaders()
-        self.conn.send(body[:-held])
+        self.conn = open_request(lp.port, "PUT", f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset={start}"
+                                 f"&end={end}", body, key=lp.key, headers={"X-Hvr-Generation": "1"},
+                                 send_body=body[:-held], content_length=len(body))
         self.rest = body[-held:]
 
     def finish(self):
-        from listener_process import Reply
-        self.conn.send(self.rest)
-        resp = self.conn.getresponse()
-        reply = Reply(resp.status, resp.read())
-        self.conn.close()
-        return reply
+        try:
+            self.conn.send(self.rest)
+            return read_reply(self.conn)
+        finally:
+            self.conn.close()
 
     def drop(self) -> None:
         self.conn.close()
@@ -402,13 +389,18 @@ def _window(vm: Vm, disk_id: uuid.UUID, start: int, end: int, data: bytes) -> by
     return bundle(BundleKind.INITIAL, vm.vm_id, 1, 0, [(disk_id, SIZE, start, end, log)], compress=False)
 
 
-def _put_window_in_thread(lp: ListenerProcess, vm: Vm, disk_id: uuid.UUID, start: int, end: int, body: bytes):
+def _in_thread(fn, *args, **kwargs):
+    """Start ``fn`` in a thread of its own; its future."""
     import concurrent.futures
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(call, lp.port, "PUT", f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset={start}&end={end}",
-                         body, key=lp.key, headers={"X-Hvr-Generation": "1"})
+    future = pool.submit(fn, *args, **kwargs)
     pool.shutdown(wait=False)
     return future
+
+
+def _put_window_in_thread(lp: ListenerProcess, vm: Vm, disk_id: uuid.UUID, start: int, end: int, body: bytes):
+    return _in_thread(call, lp.port, "PUT", f"/v1/replicas/{vm.vm_id}/initial/{disk_id}?offset={start}&end={end}",
+                      body, key=lp.key, headers={"X-Hvr-Generation": "1"})
 
 
 def _image_holds(vm: Vm, offset: int, data: bytes) -> bool:
@@ -470,7 +462,6 @@ def test_a_window_for_a_replica_removed_and_enabled_again_meanwhile_does_not_cou
 
 def test_initial_complete_waits_for_windows_still_being_received(listener):
     """A duplicate window on a slow connection must not write into the image after cycles may apply."""
-    import concurrent.futures
     vm = Vm(listener, "pipe4", initial=False)
     disk_id = vm.disk_ids[0]
     slow = HeldUpload(listener, vm, disk_id, 0, SIZE, _window(vm, disk_id, 0, SIZE, os.urandom(65536)))
@@ -478,10 +469,8 @@ def test_initial_complete_waits_for_windows_still_being_received(listener):
                 _window(vm, disk_id, 0, SIZE, os.urandom(65536)), key=listener.key,
                 headers={"X-Hvr-Generation": "1"})
     assert fast.status == 200 and vm.state()["initial"][str(disk_id)] == SIZE
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    complete = pool.submit(call_json, listener.port, "POST", f"/v1/replicas/{vm.vm_id}/initial/complete",
-                           {"generation": 1, "next_sequence": 1}, key=listener.key)
-    pool.shutdown(wait=False)
+    complete = _in_thread(call_json, listener.port, "POST", f"/v1/replicas/{vm.vm_id}/initial/complete",
+                          {"generation": 1, "next_sequence": 1}, key=listener.key)
     with pytest.raises(TimeoutError):  # held back while the slow window is in progress
         wait_for(complete.done, 1.5, "initial/complete to answer")
     assert vm.state()["state"] != "Replicating"
