@@ -314,6 +314,14 @@ class PySpy:
         return self.out
 
 
+def print_busiest_frames(py_spy_dir: str | Path, during: str) -> None:
+    """The busiest frames of the agent and the listener recorded by :class:`PySpy` into ``py_spy_dir``."""
+    for who in ("agent", "listener"):
+        print(f"\nbusiest frames of the {who} during {during} (py-spy samples, idle waits left out):")
+        for count, frame in top_frames(Path(py_spy_dir) / f"{who}.raw"):
+            print(f"  {count:6d}  {frame}")
+
+
 def top_frames(raw: Path, limit: int = 15, active_only: bool = True) -> list[tuple[int, str]]:
     """The most frequent leaf frames of a py-spy raw file: [(samples, frame)]."""
     counts: dict[str, int] = {}
@@ -515,5 +523,5 @@ def drop_dirty_pages() -> None:
 
 
 __all__ = ["AgentProcess", "ListenerProcess", "run", "wait_for", "KiB", "MiB", "GiB", "parse_size", "human",
-           "percentile", "PySpy", "top_frames", "print_table", "say", "WorkDir", "CountingProxy", "rss_bytes", "RssSampler", "AdminHttp",
+           "percentile", "PySpy", "top_frames", "print_busiest_frames", "print_table", "say", "WorkDir", "CountingProxy", "rss_bytes", "RssSampler", "AdminHttp",
            "AdminError", "ReplicationPair", "qemu_img_compare", "allocated_bytes", "drop_dirty_pages"]

@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    GiB, MiB, AdminError, ReplicationPair, RssSampler, WorkDir, human, parse_size, percentile, print_table, PySpy, top_frames,
+    GiB, MiB, AdminError, ReplicationPair, RssSampler, WorkDir, human, parse_size, percentile, print_table, PySpy, print_busiest_frames,
     qemu_img_compare, say, wait_for,
 )
 
@@ -413,10 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(RPO = now - LastAppliedLogTime sampled every {SAMPLE_S} s: {len(rpo)} samples; "
           f"bytes hvr put on the wire: {wire_up:,}; sampler errors: {states.errors})")
     if args.py_spy:
-        for who in ("agent", "listener"):
-            print(f"\nbusiest frames of the {who} during the rate ladder (py-spy samples, idle waits left out):")
-            for count, frame in top_frames(Path(args.py_spy) / f"{who}.raw"):
-                print(f"  {count:6d}  {frame}")
+        print_busiest_frames(args.py_spy, "the rate ladder")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({
             "disk_size_bytes": disk_size, "cycle_s": args.cycle_s, "mode": mode,

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
     KiB, MiB, CountingProxy, ReplicationPair, RssSampler, WorkDir, allocated_bytes, drop_dirty_pages, human,
-    parse_size, print_table, PySpy, top_frames, qemu_img_compare, say, wait_for,
+    parse_size, print_table, PySpy, print_busiest_frames, qemu_img_compare, say, wait_for,
 )
 
 VM = "bench"
@@ -309,10 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(agent RSS sampled every 0.2 s: {hvr['rss_samples']} samples, {human(hvr['rss_at_start_bytes'])} "
           f"before the copy)")
     if args.py_spy:
-        for who in ("agent", "listener"):
-            print(f"\nbusiest frames of the {who} during the copy (py-spy samples, idle waits left out):")
-            for count, frame in top_frames(Path(args.py_spy) / f"{who}.raw"):
-                print(f"  {count:6d}  {frame}")
+        print_busiest_frames(args.py_spy, "the copy")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"size_bytes": size, "allocated_bytes": allocated,
                                                    "extents": extents, "hvr": hvr, "rsync": rs}, indent=2))

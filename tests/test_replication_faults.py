@@ -76,19 +76,25 @@ def test_sigkill_of_either_daemon_at_random_points_converges(tmp_path):
         pair.close()
 
 
+def _noise_vm_behind(pair: Pair, proxy: FaultProxy, tmp_path: Path, name: str, size: int, *, seed: int) -> Path:
+    """A VM with one disk full of incompressible data, replicating (every 900 s) through ``proxy``."""
+    disk = make_disk(tmp_path / f"{name}.img", size)
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(random.Random(seed).randbytes(size))
+    pair.agent.add_vm(name, [disk])
+    qemu_io(pair.agent.nbd_uri(name, name), f"write -s {noise} 0 {size}")
+    pair.agent.hvrctl("vm", "enable", name, "--replica-server", "127.0.0.1", "--port", str(proxy.port),
+                      "--key", str(pair.key_path), "--frequency", "900", "--no-compression")
+    return disk
+
+
 def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_path):
     size = 64 * MiB
     window = 2 * MiB
     pair = Pair(tmp_path, agent_config={"initial_window_bytes": window}).start()
     proxy = FaultProxy(pair.listener.port, seed=9)
     try:
-        disk = make_disk(tmp_path / "net.img", size)
-        noise = tmp_path / "noise.bin"
-        noise.write_bytes(random.Random(1).randbytes(size))
-        pair.agent.add_vm("net", [disk])
-        qemu_io(pair.agent.nbd_uri("net", "net"), f"write -s {noise} 0 {size}")
-        pair.agent.hvrctl("vm", "enable", "net", "--replica-server", "127.0.0.1", "--port", str(proxy.port),
-                          "--key", str(pair.key_path), "--frequency", "900", "--no-compression")
+        disk = _noise_vm_behind(pair, proxy, tmp_path, "net", size, seed=1)
         proxy.drop_after = (256 * 1024, 1536 * 1024)  # every connection dies mid-window
         pair.agent.hvrctl("initial", "start", "net")
         wait_for(lambda: proxy.dropped >= 3, 60, "three connections to be cut mid-upload")
@@ -119,13 +125,7 @@ def test_initial_copy_resumes_after_a_restart_from_the_durable_offset(tmp_path, 
     pair = Pair(tmp_path, agent_config={"initial_window_bytes": window}).start()
     proxy = FaultProxy(pair.listener.port, seed=3)  # only counts bytes here
     try:
-        disk = make_disk(tmp_path / "rs.img", size)
-        noise = tmp_path / "noise.bin"
-        noise.write_bytes(random.Random(2).randbytes(size))
-        pair.agent.add_vm("rs", [disk])
-        qemu_io(pair.agent.nbd_uri("rs", "rs"), f"write -s {noise} 0 {size}")
-        pair.agent.hvrctl("vm", "enable", "rs", "--replica-server", "127.0.0.1", "--port", str(proxy.port),
-                          "--key", str(pair.key_path), "--frequency", "900", "--no-compression")
+        disk = _noise_vm_behind(pair, proxy, tmp_path, "rs", size, seed=2)
         pair.agent.hvrctl("initial", "start", "rs")
         wait_for(lambda: proxy.forwarded > size // 3, 60, "a third of the disk to be sent")
         process = pair.agent if victim == "agent" else pair.listener
