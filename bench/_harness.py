@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from daemons import AgentProcess, run, wait_for  # noqa: E402
+from fault_proxy import LoopbackProxy, close_sockets  # noqa: E402
 from listener_process import ListenerProcess  # noqa: E402
 
 KiB = 1024
@@ -114,28 +115,19 @@ class WorkDir:
 
 
 # --- the counting proxy ------------------------------------------------------------------------
-class CountingProxy:
+class CountingProxy(LoopbackProxy):
     """Forwards 127.0.0.1:``port`` to 127.0.0.1:``target_port`` and counts bytes per direction.
 
     ``up_bytes`` counts client to server (what the sender puts on the wire),
-    ``down_bytes`` server to client.  :meth:`reset` zeroes both.
+    ``down_bytes`` server to client.  :meth:`reset` zeroes both.  Bytes move
+    with ``splice(2)``, never through Python.
     """
 
     def __init__(self, target_port: int):
-        self.target = ("127.0.0.1", target_port)
         self.up_bytes = 0
         self.down_bytes = 0
         self.connections = 0
-        self._lock = threading.Lock()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
-        self._closed = False
-        self._open: set[socket.socket] = set()
-        self._thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
-        self._thread.start()
+        super().__init__(target_port)
 
     def reset(self) -> None:
         with self._lock:
@@ -146,52 +138,16 @@ class CountingProxy:
         with self._lock:
             return self.up_bytes, self.down_bytes
 
-    def close(self) -> None:
-        self._closed = True
-        for s in [self._listener, *list(self._open)]:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def __enter__(self) -> CountingProxy:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._open.add(s)
-            with self._lock:
-                self.connections += 1
-            done = threading.Barrier(2, action=lambda c=client, u=upstream: self._finish(c, u))
-            threading.Thread(target=self._pipe, args=(client, upstream, True, done), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False, done), daemon=True).start()
+    def _connection(self, client: socket.socket, upstream: socket.socket) -> threading.Barrier:
+        for s in (client, upstream):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self.connections += 1
+        return threading.Barrier(2, action=lambda: self._finish(client, upstream))
 
     def _finish(self, a: socket.socket, b: socket.socket) -> None:
-        for s in (a, b):
-            self._open.discard(s)
-            try:
-                s.close()
-            except OSError:
-                pass
+        self._open.difference_update((a, b))
+        close_sockets(a, b)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool, done: threading.Barrier) -> None:
         pipe_r, pipe_w = os.pipe()
@@ -220,7 +176,7 @@ class CountingProxy:
         except OSError:
             for s in (src, dst):
                 try:
-                    s.shutdown(socket.SHUT_RDWR)
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the other direction; _finish closes both
                 except OSError:
                     pass
         finally:

@@ -1,9 +1,13 @@
-"""A small fault-injecting TCP proxy for tests (loopback only).
+"""TCP proxies on loopback for tests and benchmarks.
 
-Forwards 127.0.0.1:<port> to a target; while ``drop_after`` is set, each
-connection (new or kept alive) is cut in both directions once a random number
-of bytes in that range has gone from client to server.  ``dropped`` counts the cuts; ``forwarded``
-counts the client->server bytes that passed.
+:class:`LoopbackProxy` listens on 127.0.0.1:<port>, connects each client to a
+target and moves bytes both ways with one thread per direction; subclasses
+say how (:meth:`LoopbackProxy._pipe`).
+
+:class:`FaultProxy` (tests): while ``drop_after`` is set, each connection (new
+or kept alive) is cut in both directions once a random number of bytes in that
+range has gone from client to server.  ``dropped`` counts the cuts;
+``forwarded`` counts the client->server bytes that passed.
 """
 
 from __future__ import annotations
@@ -13,13 +17,26 @@ import socket
 import threading
 
 
-class FaultProxy:
-    def __init__(self, target_port: int, *, seed: int = 1):
+def close_sockets(*socks: socket.socket, reset: bool = False) -> None:
+    """Shut down and close ``socks``, ignoring what is already gone; ``reset`` sends RST, not FIN."""
+    for s in socks:
+        try:  # shutdown also wakes the other direction's thread blocked in recv()
+            if reset:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
+class LoopbackProxy:
+    """Forwards 127.0.0.1:``port`` to 127.0.0.1:``target_port``, one thread per direction."""
+
+    def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
-        self.rng = random.Random(seed)
-        self.drop_after: tuple[int, int] | None = None  # (min, max) bytes before a cut
-        self.dropped = 0
-        self.forwarded = 0
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -27,15 +44,19 @@ class FaultProxy:
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
         self._closed = False
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._open: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         self._closed = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        close_sockets(self._sock, *list(self._open))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -49,62 +70,63 @@ class FaultProxy:
             except OSError:
                 client.close()
                 continue
-            state = {"budget": None, "closed": False}
-            threading.Thread(target=self._pipe, args=(client, upstream, state, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, state, False), daemon=True).start()
+            self._open.update((client, upstream))
+            conn = self._connection(client, upstream)
+            threading.Thread(target=self._pipe, args=(client, upstream, True, conn), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False, conn), daemon=True).start()
 
-    def _cut(self, a: socket.socket, b: socket.socket, state: dict) -> None:
-        if state["closed"]:
-            return
-        state["closed"] = True
-        for s in (a, b):
-            try:  # shutdown also wakes the other direction's thread blocked in recv()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
+    def _connection(self, client: socket.socket, upstream: socket.socket):
+        """What both directions of a new connection share (handed to :meth:`_pipe`)."""
+        return None
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, state: dict, upstream_dir: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool, conn) -> None:
+        raise NotImplementedError
+
+
+class FaultProxy(LoopbackProxy):
+    def __init__(self, target_port: int, *, seed: int = 1):
+        self.rng = random.Random(seed)
+        self.drop_after: tuple[int, int] | None = None  # (min, max) bytes before a cut
+        self.dropped = 0
+        self.forwarded = 0
+        super().__init__(target_port)
+
+    def _connection(self, client, upstream) -> dict:
+        return {"budget": None, "closed": False}
+
+    def _end(self, a: socket.socket, b: socket.socket, state: dict, *, reset: bool) -> None:
+        if not state["closed"]:
+            state["closed"] = True
+            close_sockets(a, b, reset=reset)
+            self._open.difference_update((a, b))
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool, state: dict) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                if upstream_dir:
+                if upstream:
                     cfg = self.drop_after  # read per chunk: applies to kept-alive connections too
                     if cfg is None:
                         state["budget"] = None
                     elif state["budget"] is None:
                         with self._lock:
                             state["budget"] = self.rng.randint(*cfg)
-                if upstream_dir and state["budget"] is not None:
+                if upstream and state["budget"] is not None:
                     if len(data) >= state["budget"]:
                         dst.sendall(data[:state["budget"]])
                         with self._lock:
                             self.forwarded += state["budget"]
                             self.dropped += 1
-                        self._cut(src, dst, state)
+                        self._end(src, dst, state, reset=True)
                         return
                     state["budget"] -= len(data)
                 dst.sendall(data)
-                if upstream_dir:
+                if upstream:
                     with self._lock:
                         self.forwarded += len(data)
         except OSError:
             pass
         finally:
-            if not state["closed"]:
-                state["closed"] = True
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
+            self._end(src, dst, state, reset=False)
