@@ -151,9 +151,7 @@ class MemoryBundle:
     pieces: tuple[bytes | memoryview, ...]
     sha256: str
     wire_bytes: int
-    raw_bytes: int
-    write_bytes: int
-    frames: int
+    write_bytes: int  # WRITE payload bytes inside
     compressed_frames: int
 
 
@@ -172,8 +170,8 @@ class _MemoryWriter(_BundleWriter):
         digest = hashlib.sha256()
         for piece in pieces:
             digest.update(piece)
-        return MemoryBundle(pieces, digest.hexdigest(), sum(len(p) for p in pieces), self.raw_bytes,
-                            self.write_bytes, self.frames, self.compressed_frames)
+        return MemoryBundle(pieces, digest.hexdigest(), sum(len(p) for p in pieces), self.write_bytes,
+                            self.compressed_frames)
 
 
 # --- cycles ------------------------------------------------------------------------------
