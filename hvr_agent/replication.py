@@ -61,7 +61,7 @@ FREQUENCIES_S = (30, 300, 900)
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 300.0
 # Initial windows uploading at once per disk; with the one being built, this many + 1 are in memory.
-INITIAL_WINDOWS_IN_FLIGHT = 3
+INITIAL_WINDOWS_IN_FLIGHT = 4
 STATS_KEPT_S = 7 * 24 * 3600
 ROLE = "primary"
 

@@ -225,11 +225,15 @@ class BundleDecoder:
         self.lend_data = lend_data  # see HrlDecoder: record data valid only until the next call
         self.max_bytes = max_bytes
         self.expect = expect or {}
-        # Received bytes live in _buf[_pos:_end]; the buffer keeps its size and is reused
-        # (compacted, grown only when a chunk does not fit), so no chunk costs fresh memory.
-        self._buf = bytearray()
+        # Received bytes live in _buf[_pos:_end].  _buf is the chunk last fed in while
+        # _borrowed (parsed in place: raw frames go to the log decoder as views of it), or
+        # the own buffer _own, which holds only what was left of a chunk when NEED_DATA was
+        # answered (a frame header, a zstd frame); it keeps its size and is reused.
+        self._buf = self._own = bytearray()
+        self._borrowed = False
         self._pos = 0
         self._end = 0
+        self._raw_left = 0  # bytes of the current raw frame not yet passed to the log decoder
         self._phase = _Phase.HEADER
         self.header: BundleHeader | None = None
         self._disk = -1
@@ -246,7 +250,16 @@ class BundleDecoder:
             raise BundleCorruptError(f"bundle is larger than the {self.max_bytes} bytes it may have")
         if self._phase is _Phase.DONE and data:
             raise BundleCorruptError("data after the end of the bundle")
+        if self._borrowed:
+            self._unborrow()
         n = len(data)
+        if self._pos == self._end and type(data) in (bytes, memoryview):
+            # Nothing left over: parse the chunk where it is (it must stay unchanged until
+            # next_event answers NEED_DATA).
+            self._buf = data
+            self._borrowed = True
+            self._pos, self._end = 0, n
+            return
         if self._end + n > len(self._buf):
             self._make_room(n)
         self._buf[self._end:self._end + n] = data
@@ -257,11 +270,22 @@ class BundleDecoder:
         if live + n > len(self._buf):
             grown = bytearray(max(live + n, 2 * len(self._buf)))
             grown[:live] = memoryview(self._buf)[self._pos:self._end]
-            self._buf = grown
+            self._buf = self._own = grown
         elif live:
             with memoryview(self._buf) as view:
                 view[:live] = view[self._pos:self._end]
         self._pos, self._end = 0, live
+
+    def _unborrow(self) -> None:
+        """Copy what is left of the borrowed chunk into the own buffer."""
+        chunk, pos, end = self._buf, self._pos, self._end
+        self._buf = self._own
+        self._borrowed = False
+        self._pos = self._end = 0
+        if end > pos:
+            self._make_room(end - pos)
+            self._buf[:end - pos] = memoryview(chunk)[pos:end]
+            self._end = end - pos
 
     def _avail(self) -> int:
         return self._end - self._pos
@@ -276,8 +300,17 @@ class BundleDecoder:
         self._pos += n
         if self._pos == self._end:
             self._pos = self._end = 0
+            if self._borrowed:
+                self._buf = self._own
+                self._borrowed = False
 
     def next_event(self):
+        ev = self._event()
+        if ev is NEED_DATA and self._borrowed:
+            self._unborrow()
+        return ev
+
+    def _event(self):
         while True:
             if self._phase is _Phase.HEADER:
                 return self._read_header()
@@ -287,6 +320,14 @@ class BundleDecoder:
                 ev = self._hrl_event()
                 if ev is not None:
                     return ev
+            if self._raw_left:  # the rest of a raw frame, as much of it as is here
+                n = min(self._raw_left, self._end - self._pos)
+                if not n:
+                    return NEED_DATA
+                self._hrl.receive_data(memoryview(self._buf)[self._pos:self._pos + n])
+                self._raw_left -= n
+                self._skip(n)
+                continue
             if self._hrl is None or self._stored_left == 0:
                 ev = self._next_disk()
                 if ev is not None:
@@ -301,17 +342,18 @@ class BundleDecoder:
                 raise BundleCorruptError(f"disk {self._disk}: raw frame lengths disagree")
             if stored_len > self._stored_left - FRAME.size or stored_len > MAX_FRAME_RAW + 65536:
                 raise BundleCorruptError(f"disk {self._disk}: frame overruns its disk's payload")
+            if codec == CODEC_RAW:
+                # Passed on to the log decoder piece by piece as it arrives, without a copy.
+                self._skip(FRAME.size)
+                self._stored_left -= FRAME.size + stored_len
+                self._raw_left = stored_len
+                self._frames_seen += 1
+                self._raw_seen += raw_len
+                continue
             if self._avail() < FRAME.size + stored_len:
                 return NEED_DATA
             self._pos += FRAME.size
             self._stored_left -= FRAME.size + stored_len
-            if codec == CODEC_RAW:  # straight from our buffer into the log decoder: one copy, not three
-                with memoryview(self._buf) as view:
-                    self._hrl.receive_data(view[self._pos:self._pos + stored_len])
-                self._skip(stored_len)
-                self._frames_seen += 1
-                self._raw_seen += raw_len
-                continue
             stored = self._take(stored_len)  # a zstd frame
             try:
                 declared = zstandard.frame_content_size(stored)

@@ -128,7 +128,7 @@ def _positive(v: int) -> None:
         raise ValueError(f"must be positive, not {v}")
 
 
-DEFAULT_INITIAL_WINDOW_BYTES = 24 * 1024 * 1024
+DEFAULT_INITIAL_WINDOW_BYTES = 20 * 1024 * 1024
 MIN_INITIAL_WINDOW_BYTES = 1024 * 1024
 MAX_INITIAL_WINDOW_BYTES = 256 * 1024 * 1024
 

@@ -334,7 +334,12 @@ class HrlDecoder:
         self._asm_spare: bytearray | None = None  # the last assembly buffer, reused for a record of its size
         self.state = DecoderState.HEADER
         self.header: HrlHeader | None = None
-        self._buf = bytearray()
+        # Unconsumed bytes are _buf[_start:].  _buf is the decoder's own bytearray, or, while
+        # _borrowed, the bytes or memoryview last fed in: records that lie wholly inside what
+        # was fed are parsed (and lent) straight from it; only a piece of a record left over
+        # when NEED_DATA is answered is copied into the own buffer (_own).
+        self._buf = self._own = bytearray()
+        self._borrowed = False
         self._start = 0  # index in _buf of the first unconsumed byte
         self._consumed = 0  # file offset of _buf[_start]
         self._received = 0  # bytes fed so far
@@ -360,9 +365,14 @@ class HrlDecoder:
         self.state = new
 
     def receive_data(self, data) -> None:
+        """Feed bytes.  ``bytes`` and ``memoryview`` are not copied up front: they must stay
+        unchanged until :meth:`next_event` answers NEED_DATA (what is left of them then is
+        copied); anything else (a bytearray) is copied now."""
         if self._lent is not None:
             self._lent.release()
             self._lent = None
+        if self._borrowed:
+            self._unborrow()
         if self._start:
             del self._buf[:self._start]  # O(1) amortised: bytearray moves its start
             self._start = 0
@@ -378,7 +388,20 @@ class HrlDecoder:
             if n == len(data):
                 return
             data = memoryview(data)[n:]
+        if not self._buf and type(data) in (bytes, memoryview):
+            self._buf = data
+            self._borrowed = True
+            return
         self._buf += data
+
+    def _unborrow(self) -> None:
+        """Keep what is left of the borrowed bytes (part of one record) in the own buffer."""
+        own = self._own
+        own.clear()
+        own += self._buf[self._start:]
+        self._buf = own
+        self._start = 0
+        self._borrowed = False
 
     def _consume(self, n: int) -> None:
         self._start += n
@@ -389,7 +412,8 @@ class HrlDecoder:
         self._pending = None
         self._asm = None
         self._set_state(DecoderState.TORN)
-        self._buf = bytearray()
+        self._buf = self._own = bytearray()
+        self._borrowed = False
         self._start = 0
         return NEED_DATA
 
@@ -404,6 +428,12 @@ class HrlDecoder:
         if self._lent is not None:
             self._lent.release()
             self._lent = None
+        ev = self._event()
+        if ev is NEED_DATA and self._borrowed:
+            self._unborrow()
+        return ev
+
+    def _event(self) -> HrlHeader | Record | LogSummary | DecoderSignal:
         state = self.state
         if state is DecoderState.RECORDS:
             return self._next_record()
@@ -591,7 +621,8 @@ class HrlDecoder:
                 self._reason = f"no end record after {self._record_count} records"
         self._pending = None
         self._asm = None
-        self._buf = bytearray()
+        self._buf = self._own = bytearray()
+        self._borrowed = False
         self._start = 0
         self._set_state(DecoderState.FINISHED)
         self._summary = self._summary_now(clean=False, closed_ns=None)

@@ -61,6 +61,16 @@ class EarlyWriteback:
         os.posix_fadvise(self.fd, offset, end - offset, os.POSIX_FADV_DONTNEED)
 
 
+def _writev_all(fd: int, chunks: list[bytes], size: int) -> None:
+    """Append every chunk (one writev; a short write is finished piece by piece)."""
+    done = os.writev(fd, chunks) if chunks else 0
+    if done == size:
+        return
+    rest = memoryview(b"".join(chunks))[done:]
+    while rest:
+        rest = rest[os.write(fd, rest):]
+
+
 class SpoolWriter:
     """Receives one bundle body into ``path``: hashes, validates and stores each chunk."""
 
@@ -74,21 +84,23 @@ class SpoolWriter:
         self.done: BundleDone | None = None
         self._writeback = EarlyWriteback(self.fd)
 
-    def feed(self, chunk: bytes) -> None:
-        self.sha.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(self.fd, view):]
-        self._writeback.note(self.bytes, len(chunk))
-        self.bytes += len(chunk)
+    def feed(self, chunks: list[bytes]) -> None:
+        size = 0
+        for chunk in chunks:
+            self.sha.update(chunk)
+            size += len(chunk)
+        _writev_all(self.fd, chunks, size)
+        self._writeback.note(self.bytes, size)
+        self.bytes += size
         dec = self.decoder
-        dec.receive_data(chunk)
-        while True:
-            ev = dec.next_event()
-            if ev is NEED_DATA:
-                break
-            if isinstance(ev, BundleDone):
-                self.done = ev
+        for chunk in chunks:
+            dec.receive_data(chunk)
+            while True:
+                ev = dec.next_event()
+                if ev is NEED_DATA:
+                    break
+                if isinstance(ev, BundleDone):
+                    self.done = ev
 
     def finish(self) -> BundleDone:
         """The body is complete: validate the end and make the file durable."""
@@ -129,11 +141,12 @@ class DirectWindowWriter:
         self.header: BundleHeader | None = None
         self._writeback = EarlyWriteback(self.fd)
 
-    def feed(self, chunk: bytes) -> None:
-        self.sha.update(chunk)
-        self.bytes += len(chunk)
-        self.decoder.receive_data(chunk)
-        self._drain_events()
+    def feed(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.sha.update(chunk)
+            self.bytes += len(chunk)
+            self.decoder.receive_data(chunk)
+            self._drain_events()
 
     def _drain_events(self) -> None:
         while True:

@@ -370,21 +370,37 @@ async def finish_in_thread(fn, *args):
         raise
 
 
-async def feed_pipelined(feed, body: AsyncIterator[bytes]) -> None:
-    """``feed(chunk)`` in a worker thread for every chunk, in order, while the next chunk is read.
+FEED_BATCH_BYTES = 4 * 1024 * 1024
 
-    One chunk is processed while the next one arrives: the sender is not held up
-    by hashing, decoding and writing.  ``feed`` runs for one chunk at a time; an
-    error from it stops the reading and is raised after the thread has ended.
+
+async def feed_pipelined(feed, body: AsyncIterator[bytes], batch_bytes: int = FEED_BATCH_BYTES) -> None:
+    """``feed(chunks)`` in a worker thread for each batch of received chunks, in order,
+    while the next batch arrives.
+
+    The chunks are the pieces the connection received, gathered into a list of
+    about ``batch_bytes`` (never joined: that would copy every byte once more);
+    a batch goes to the thread as soon as the one before it is done, so the
+    sender is not held up by hashing, decoding and writing.  ``feed`` runs for
+    one batch at a time; an error from it stops the reading and is raised after
+    the thread has ended.
     """
     pending: asyncio.Future | None = None
+    batch: list = []
+    size = 0
     try:
         async for chunk in body:
+            batch.append(chunk)
+            size += len(chunk)
+            if size < batch_bytes and (size < batch_bytes // 4 or (pending is not None and not pending.done())):
+                continue  # gather more while the thread is busy (and never hand it a sliver)
             if pending is not None:
                 await pending
-            pending = asyncio.ensure_future(finish_in_thread(feed, chunk))
+            pending = asyncio.ensure_future(finish_in_thread(feed, batch))
+            batch, size = [], 0
         if pending is not None:
             await pending
+        if batch:
+            await finish_in_thread(feed, batch)
     except BaseException:
         if pending is not None and not pending.done():
             await asyncio.wait([pending])  # never leave a thread writing behind the caller

@@ -33,7 +33,7 @@ REPLAY = web.AppKey("replay", ReplayCache)
 STARTED_S = web.AppKey("started_s", int)  # requests signed earlier are refused (the replay cache is new)
 PRINCIPAL = "hvr_principal"
 MAX_JSON_BODY = 1024 * 1024
-BODY_CHUNK = 4 * 1024 * 1024
+BODY_CHUNK = 4 * 1024 * 1024  # aiohttp buffers this much of a body before it stops reading the socket
 BODY_IDLE_TIMEOUT_S = 60.0  # a stalled upload must not hold the VM's lock forever
 VERSION = "0.1.0"
 
@@ -126,7 +126,7 @@ async def _body_chunks(request: web.Request):
     try:
         while True:
             async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
-                chunk = await reader.read(BODY_CHUNK)
+                chunk = await reader.readany()  # a received piece as it is: no join, no copy
             if not chunk:
                 return
             yield chunk

@@ -16,15 +16,30 @@ from hvr_common.hrl import NEED_DATA
 SIZE = 1 << 20
 
 
-def _decode(raw: bytes, expect: dict | None = None, chunk: int | None = None):
-    dec = BundleDecoder(keep_data=True, expect=expect)
+def _decode(raw: bytes, expect: dict | None = None, chunk: int | None = None, *, reuse: bool = False,
+            lend: bool = False):
+    """Records of ``raw`` fed whole or in ``chunk``-sized pieces.
+
+    With ``reuse`` every piece is a view of one buffer that is scribbled over and
+    resized once the decoder answered NEED_DATA (as a receiver reusing its
+    buffer does): that fails or corrupts records if the decoder kept any of it.
+    """
+    dec = BundleDecoder(keep_data=True, lend_data=lend, expect=expect)
     records = []
     pieces = [raw] if chunk is None else [raw[i:i + chunk] for i in range(0, len(raw), chunk)]
+    reused = bytearray()
     for piece in pieces:
+        if reuse:
+            reused[:] = piece
+            piece = memoryview(reused)
         dec.receive_data(piece)
         while (ev := dec.next_event()) is not NEED_DATA:
             if isinstance(ev, tuple):
-                records.append((ev[0], ev[1].offset, ev[1].data))
+                data = ev[1].data
+                records.append((ev[0], ev[1].offset, None if data is None else bytes(data)))
+        if reuse:
+            piece.release()
+            reused[:] = b"\xa5" * (len(reused) + 3)
     dec.finish()
     return records
 
@@ -42,6 +57,43 @@ def test_round_trip_whole_and_in_pieces(chunk):
     vm, d1, d2, data, raw = _sample()
     records = _decode(raw, {"vm_id": vm, "generation": 3, "sequence": 9, "disks": {d1: SIZE, d2: SIZE}}, chunk)
     assert records == [(0, 100, data), (0, 0, None), (1, 4096, b"x" * 4096)]
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 4096, 65536])
+def test_pieces_of_a_reused_buffer_decode_like_the_whole(compress, chunk):
+    vm, d1, d2, data, raw = _sample(compress)
+    expect = {"vm_id": vm, "generation": 3, "sequence": 9, "disks": {d1: SIZE, d2: SIZE}}
+    whole = _decode(raw, expect)
+    assert whole == [(0, 100, data), (0, 0, None), (1, 4096, b"x" * 4096)]
+    assert _decode(raw, expect, chunk, reuse=True) == whole
+    assert _decode(raw, expect, chunk, reuse=True, lend=True) == whole
+
+
+def test_records_of_a_raw_frame_come_out_before_the_frame_is_whole():
+    """An uncompressed frame is passed on as it arrives: a receiver writes records while the rest
+    of a 1 MiB frame is still on its way, and never holds a whole frame."""
+    vm, d1 = uuid.uuid4(), uuid.uuid4()
+    writes = [("write", i * 4096, os.urandom(4096)) for i in range(240)]
+    raw = bundle(BundleKind.CYCLE, vm, 1, 1, [(d1, SIZE, 0, SIZE, hrl_bytes(vm, d1, 1, 1, SIZE, writes))],
+                 compress=False)
+    codec, stored_len, _ = FRAME.unpack_from(raw, header_size(1))
+    assert codec == 0 and stored_len > 900_000  # one raw frame holds all the records
+    dec = BundleDecoder(keep_data=True, lend_data=True)
+    dec.receive_data(raw[:200_000])
+    early = []
+    while (ev := dec.next_event()) is not NEED_DATA:
+        if isinstance(ev, tuple):
+            early.append(ev[1].offset)
+    assert early == [i * 4096 for i in range(len(early))] and len(early) >= 40
+    rest = []
+    for i in range(200_000, len(raw), 100_000):
+        dec.receive_data(raw[i:i + 100_000])
+        while (ev := dec.next_event()) is not NEED_DATA:
+            if isinstance(ev, tuple):
+                rest.append(ev[1].offset)
+    assert early + rest == [w[1] for w in writes]
+    assert isinstance(dec.finish(), BundleDone)
 
 
 def test_every_truncation_is_refused():

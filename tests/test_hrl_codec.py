@@ -656,12 +656,20 @@ def _big_log(seed: int, sizes: list[int], closed: bool) -> tuple[bytes, list[Rec
 
 
 def _feed_lending(data: bytes, splits) -> list:
-    """Like ``feed`` with ``lend_data``: each lent payload is copied before the next call (as a writer does)."""
+    """Like ``feed`` with ``lend_data``: each lent payload is copied before the next call (as a writer does).
+
+    Every piece is a view of one buffer the caller reuses: once the decoder has
+    answered NEED_DATA the buffer is scribbled over and resized, which fails
+    (BufferError) or corrupts the records if the decoder still held any of it.
+    """
     decoder = HrlDecoder(keep_data=True, lend_data=True)
     events = []
     cuts = sorted(set(s for s in splits if 0 < s < len(data)))
+    reused = bytearray()
     for a, b in zip([0, *cuts], [*cuts, len(data)]):
-        decoder.receive_data(memoryview(bytearray(data[a:b])))  # a view of a buffer the caller reuses
+        reused[:] = data[a:b]
+        view = memoryview(reused)
+        decoder.receive_data(view)
         while (event := decoder.next_event()) is not NEED_DATA:
             if isinstance(event, Record) and event.data is not None:
                 assert isinstance(event.data, memoryview)
@@ -670,6 +678,8 @@ def _feed_lending(data: bytes, splits) -> list:
             events.append(event)
             if isinstance(event, LogSummary):
                 return events
+        view.release()
+        reused[:] = b"\xa5" * (len(reused) + 1)
     events.append(decoder.finish())
     return events
 
