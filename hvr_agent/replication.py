@@ -36,6 +36,7 @@ import datetime
 import logging
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -107,6 +108,9 @@ class VmReplication:
         self._sync_requested = False
         self._waiters: list[tuple[int | None, asyncio.Future]] = []
         self._spools: dict[int, shipper.SpooledBundle] = {}
+        # Deleting an acknowledged cycle's files and recording its statistics: off the path to
+        # the next cut (both wait for a busy disk); each runs after the one before it.
+        self._after_ack: asyncio.Task | None = None
         self.progress: dict[uuid.UUID, DiskProgress] = {}
         self._run_started_ns: int | None = None
         self._run_bytes = 0
@@ -179,7 +183,21 @@ class VmReplication:
                                       hint="see the agent's log; hvrctl vm resume NAME retries"))
         finally:
             self._client = None
+            await self._settle_after_ack()
             self._fail_waiters(HvrError("replication task stopped"))
+
+    async def _settle_after_ack(self) -> None:
+        """Let the last acknowledged cycle's clean-up finish (files left behind are deleted at the next start)."""
+        task = self._after_ack
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            raise
+        except Exception:  # logged by the task itself
+            pass
 
     async def _loop(self) -> None:
         while True:
@@ -235,6 +253,7 @@ class VmReplication:
 
     # --- errors ------------------------------------------------------------------------------
     async def _transient(self, exc: TransientError) -> None:
+        await self._settle_after_ack()  # the cycle acknowledged before this failure is answered as a success
         self.last_error = exc.message
         seq = self.rec.next_sequence if self.rec.state is S.REPLICATING else None
         event(log, "cycle_failed" if seq is not None else "initial_failed", logging.WARNING, vm=self.name,
@@ -244,6 +263,7 @@ class VmReplication:
         self._fail_waiters(exc)
 
     async def _fail(self, exc: HvrError) -> None:
+        await self._settle_after_ack()
         self.last_error = exc.message
         detail = exc.message + (f" ({exc.hint})" if exc.hint else "")
         seq = self.rec.next_sequence if self.rec.state is S.REPLICATING else None
@@ -470,36 +490,59 @@ class VmReplication:
     async def _ship(self, seq: int) -> None:
         vm = self.vm()
         bundle = self._spools.get(seq)
+        built_s = 0.0
         if bundle is None or not bundle.path.exists():
+            build_ns = time.time_ns()
             bundle = await asyncio.to_thread(
                 shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=self.rec.generation,
                 sequence=seq, disks=self.disks(), compress=self.rec.compression)
             self._spools[seq] = bundle
+            built_s = (time.time_ns() - build_ns) / NS
         sent_ns = time.time_ns()
         status, _ = await self._client.send_cycle(vm.record.vm_id, seq, self.rec.generation, bundle.path,
                                                   bundle.sha256, bundle.wire_bytes)
         finished = time.time_ns()
         # Commit point: the replica holds cycle seq durably (P2); record that before deleting anything (R1).
         await self.update(next_sequence=seq + 1, last_replication_ns=finished)
+        committed = time.time_ns()
         self._spools.pop(seq, None)
-        await asyncio.to_thread(_delete_cycle_files, self.disks(), seq, bundle.path)
         started = bundle.cut_ns or sent_ns
         result = result_for(started, finished, self.rec.frequency_s)
-        await self._record(CycleStat(seq, started, finished, bundle.wire_bytes, bundle.raw_bytes, result))
-        if seq % 100 == 0:
-            await asyncio.to_thread(self.store.prune_cycle_stats, self.name, finished - STATS_KEPT_S * NS)
+        stat = CycleStat(seq, started, finished, bundle.wire_bytes, bundle.raw_bytes, result)
+        answer = {"vm": self.name, "sequence": seq, "bytes": bundle.wire_bytes, "raw_bytes": bundle.raw_bytes,
+                  "result": result.value}
+        self._after_ack = asyncio.ensure_future(
+            self._clean_up_cycle(self._after_ack, self.disks(), seq, bundle.path, stat, answer))
         self._backoff_s = FIRST_BACKOFF_S
         self.last_error = None
         event(log, "cycle_shipped", vm=self.name, seq=seq, bytes=bundle.wire_bytes, raw_bytes=bundle.raw_bytes,
               write_bytes=bundle.write_bytes, frames=bundle.frames, compressed_frames=bundle.compressed_frames,
               already_stored=status == 200, result=result.value,
-              latency_s=round((finished - started) / NS, 3), upload_s=round((finished - sent_ns) / NS, 3))
+              latency_s=round((finished - started) / NS, 3), build_s=round(built_s, 3),
+              upload_s=round((finished - sent_ns) / NS, 3), commit_s=round((committed - finished) / NS, 3))
+
+    async def _clean_up_cycle(self, before: asyncio.Task | None, disks: list[shipper.DiskSource], seq: int,
+                              spool: Path, stat: CycleStat, answer: dict) -> None:
+        """After cycle ``seq`` was acknowledged and committed: delete its logs and spool, record its
+        statistics, then answer ``sync-now --wait`` callers waiting for it."""
+        if before is not None:
+            await asyncio.wait([before])
+        began = time.time_ns()
+        try:
+            await asyncio.to_thread(_delete_cycle_files, disks, seq, spool)
+            await self._record(stat)
+            if seq % 100 == 0:
+                await asyncio.to_thread(self.store.prune_cycle_stats, self.name, stat.finished_ns - STATS_KEPT_S * NS)
+        except (OSError, sqlite3.Error) as exc:  # the cycle is committed; the next start deletes what is left
+            event(log, "cycle_cleanup_failed", logging.WARNING, vm=self.name, seq=seq, error=str(exc))
+        else:
+            event(log, "cycle_files_deleted", logging.DEBUG, vm=self.name, seq=seq,
+                  latency_s=round((time.time_ns() - began) / NS, 3))
         waiters, self._waiters = self._waiters, []
         for target, fut in waiters:
             if target is not None and target <= seq:
                 if not fut.done():
-                    fut.set_result({"vm": self.name, "sequence": seq, "bytes": bundle.wire_bytes,
-                                    "raw_bytes": bundle.raw_bytes, "result": result.value})
+                    fut.set_result(answer)
             else:
                 self._waiters.append((target, fut))
 

@@ -6,6 +6,7 @@ replica images are compared with the primary's using ``qemu-img compare``.
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import time
@@ -135,3 +136,30 @@ def test_enabling_again_never_mixes_an_old_replica_with_a_new_copy(pair, tmp_pat
     pair.initial("re")
     pair.wait_replica_applied("re")
     pair.assert_identical("re", [disk])
+
+
+def test_sync_now_answers_once_the_acknowledged_cycle_is_cleaned_up_and_counted(pair, tmp_path):
+    """The next cut does not wait for an acknowledged cycle's files to be deleted, but
+    ``sync-now --wait`` does: when it returns the logs and the bundle are gone and the
+    cycle is counted, and ``cycle_shipped`` says where the cycle's time went."""
+    size = 8 * MiB
+    disk = make_disk(tmp_path / "sys.img", size)
+    pair.protect("db", [disk])
+    pair.initial("db")
+    outbox = pair.agent.state_dir / "outbox" / "db"
+    rng = random.Random(11)
+    for round_no in range(1, 4):
+        random_writes(pair.agent.nbd_uri("db", disk.stem), rng, size, 20)
+        pair.sync("db")
+        next_seq = pair.status("db")["next_sequence"]
+        logs = sorted(int(p.name.split(".")[-2]) for p in tmp_path.glob("sys.img.*.hrl"))
+        assert logs and min(logs) >= next_seq, f"acknowledged logs left behind: {logs}, next {next_seq}"
+        assert outbox.is_dir() and not list(outbox.iterdir()), f"bundles left behind: {list(outbox.iterdir())}"
+        assert pair.agent.hvrctl_json("vm", "measure", "db", "-o", "json")["SuccessfulReplicationCount"] >= round_no
+    shipped = [json.loads(line) for line in pair.agent.stdout_path.read_text().splitlines()
+               if '"cycle_shipped"' in line]
+    assert shipped
+    for ev in shipped:
+        for field in ("latency_s", "build_s", "upload_s", "commit_s"):
+            assert isinstance(ev[field], (int, float)) and ev[field] >= 0, (field, ev)
+        assert ev["build_s"] + ev["upload_s"] <= ev["latency_s"] + 0.01
