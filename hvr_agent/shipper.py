@@ -258,6 +258,19 @@ class _StreamFramer:
             self.fill = rest
 
 
+def in_log_order(extents: list) -> list:
+    """The disjoint extents of a coalesced log, TRIMs and ZEROs first, then WRITEs in the order
+    their bytes lie in the log.
+
+    Any order of disjoint extents leaves the replica the same; this one reads
+    the log front to back.  In disk-offset order every WRITE extent was a
+    read at a random place of a log of gigabytes, which once the log had left
+    the page cache (a busy host, a long cycle) made the build several times
+    slower.
+    """
+    return sorted(extents, key=lambda ext: ext.source if ext.kind is RecordKind.WRITE else -1)
+
+
 def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, sequence: int,
                        disks: list[DiskSource], compress: bool) -> SpooledBundle:
     """Coalesce every disk's closed log of ``sequence`` into one cycle bundle.
@@ -277,7 +290,7 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
                 _check_identity(path, scan.header, vm_id, disk, generation, sequence)
                 header = scan.header
                 closed_ns = scan.summary.closed_ns
-                extents = coalesce(scan.records)
+                extents = in_log_order(coalesce(scan.records))
                 scan.records.clear()
             else:
                 header = HrlHeader(vm_id, disk.disk_id, generation, sequence, disk.size_bytes, created_ns)

@@ -12,6 +12,8 @@ import pytest
 
 from hvr_common.bundle import FRAME, FRAME_RAW_BYTES, BundleDecoder, BundleDone, BundleHeader, BundleKind, DiskDone, decode_header
 from hvr_common.hrl import NEED_DATA, RECORD_FLAG_NO_HOLE, HrlEncoder, HrlHeader, Record, RecordKind
+from hvr_common.extents import coalesce
+from hvr_common.hrl_file import scan_hrl_file
 from hvr_agent import shipper
 from hvr_agent.journal import log_path
 
@@ -123,6 +125,18 @@ def _disk(tmp_path: Path, name: str, size: int = DISK_SIZE) -> shipper.DiskSourc
     return shipper.DiskSource(name, uuid.uuid4(), image, size)
 
 
+def _write_sources(log: Path, recs: list[Record]) -> list[int]:
+    """Where in ``log`` each WRITE record's bytes come from (through the log's coalesced extents)."""
+    _, logged, _ = scan_hrl_file(log)
+    sources = []
+    for r in recs:
+        if r.kind is not RecordKind.WRITE:
+            continue
+        ext = next(e for e in coalesce(logged) if e.offset <= r.offset < e.end)
+        sources.append(ext.source + r.offset - ext.offset)
+    return sources
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_cycle_bundle_decodes_and_equals_replay_of_every_disk(tmp_path, seed):
     rng = random.Random(seed)
@@ -144,10 +158,16 @@ def test_cycle_bundle_decodes_and_equals_replay_of_every_disk(tmp_path, seed):
     assert len(done) == 2
     for d in disks:
         recs = records.get(d.disk_id, [])
-        # coalesced: sorted, no overlaps, WRITEs of at most 4 MiB
-        for a, b in zip(recs, recs[1:]):
+        # coalesced: no overlaps, WRITEs of at most 4 MiB
+        by_offset = sorted(recs, key=lambda r: r.offset)
+        for a, b in zip(by_offset, by_offset[1:]):
             assert a.offset + a.length <= b.offset
         assert all(r.length <= shipper.RECORD_BYTES for r in recs if r.kind is RecordKind.WRITE)
+        # TRIM and ZERO first, then WRITEs in the order their bytes lie in the log (read front to back)
+        kinds = [r.kind is RecordKind.WRITE for r in recs]
+        assert kinds == sorted(kinds)
+        sources = _write_sources(log_path(d.image_path, 7), recs)
+        assert sources == sorted(sources) and len(set(sources)) == len(sources)
         expected = bytearray(DISK_SIZE)
         _replay(expected, ops[d.disk_id])
         got = bytearray(DISK_SIZE)
