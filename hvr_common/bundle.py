@@ -305,7 +305,12 @@ class BundleDecoder:
                 self._borrowed = False
 
     def next_event(self):
-        ev = self._event()
+        try:
+            ev = self._event()
+        except BaseException:
+            if self._borrowed:  # a dead decoder keeps nothing of the caller's
+                self._unborrow()
+            raise
         if ev is NEED_DATA and self._borrowed:
             self._unborrow()
         return ev

@@ -380,6 +380,7 @@ class HrlDecoder:
             self._received += len(data)  # counted as torn tail, never parsed
             return
         self._received += len(data)
+        borrowable = type(data) in (bytes, memoryview)
         if self._asm is not None:
             n = min(len(self._asm) - self._asm_fill, len(data))
             if n:
@@ -388,7 +389,7 @@ class HrlDecoder:
             if n == len(data):
                 return
             data = memoryview(data)[n:]
-        if not self._buf and type(data) in (bytes, memoryview):
+        if not self._buf and borrowable:
             self._buf = data
             self._borrowed = True
             return
@@ -428,9 +429,14 @@ class HrlDecoder:
         if self._lent is not None:
             self._lent.release()
             self._lent = None
-        ev = self._event()
-        if ev is NEED_DATA and self._borrowed:
-            self._unborrow()
+        try:
+            ev = self._event()
+        except BaseException:
+            if self._borrowed:  # a dead decoder keeps nothing of the caller's
+                self._unborrow()
+            raise
+        if self._borrowed and (ev is NEED_DATA or type(ev) is LogSummary):
+            self._unborrow()  # after the END record the caller may feed no more, so let go now
         return ev
 
     def _event(self) -> HrlHeader | Record | LogSummary | DecoderSignal:

@@ -61,14 +61,20 @@ class EarlyWriteback:
         os.posix_fadvise(self.fd, offset, end - offset, os.POSIX_FADV_DONTNEED)
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
 def _writev_all(fd: int, chunks: list[bytes], size: int) -> None:
-    """Append every chunk (one writev; a short write is finished piece by piece)."""
-    done = os.writev(fd, chunks) if chunks else 0
-    if done == size:
-        return
-    rest = memoryview(b"".join(chunks))[done:]
-    while rest:
-        rest = rest[os.write(fd, rest):]
+    """Append every chunk: writev of at most IOV_MAX pieces at a time (a batch of small
+    network pieces can hold more); a short write is finished piece by piece."""
+    for at in range(0, len(chunks), IOV_MAX):
+        group = chunks[at:at + IOV_MAX]
+        want = size if len(group) == len(chunks) else sum(len(c) for c in group)
+        done = os.writev(fd, group)
+        if done < want:
+            rest = memoryview(b"".join(group))[done:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
 
 
 class SpoolWriter:

@@ -126,8 +126,11 @@ async def _body_chunks(request: web.Request):
     try:
         while True:
             async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
-                chunk = await reader.readany()  # a received piece as it is: no join, no copy
+                # one received piece as it is (readany would join all that is buffered)
+                chunk, end_of_http_chunk = await reader.readchunk()
             if not chunk:
+                if end_of_http_chunk:  # a chunked body's chunk boundary, not its end
+                    continue
                 return
             yield chunk
     except TimeoutError:

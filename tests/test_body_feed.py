@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
+import uuid
 
 import pytest
 
+from bundles import bundle, hrl_bytes
+from hvr_common.bundle import BundleDecoder, BundleKind
+from hvr_listener.bundle_io import IOV_MAX, SpoolWriter
 from hvr_listener.replicas import feed_pipelined
 
 PIECE = 1000
@@ -57,3 +63,20 @@ async def test_an_error_in_the_thread_stops_reading_and_is_raised():
     with pytest.raises(ValueError, match="checksum"):
         await feed_pipelined(feed, _body(chunks, read), batch_bytes=8 * PIECE)
     assert len(read) <= 2 + 8 + 1  # the first batch, at most one more gathered, and the piece that found the error
+
+
+async def test_a_batch_of_more_pieces_than_one_writev_takes_is_stored_whole(tmp_path):
+    """Small network pieces: a batch can hold more of them than writev(2) accepts at once (IOV_MAX)."""
+    vm, disk = uuid.uuid4(), uuid.uuid4()
+    writes = [("write", i * 65536, os.urandom(65536)) for i in range(24)]
+    body = bundle(BundleKind.CYCLE, vm, 1, 1, [(disk, 1 << 22, 0, 1 << 22, hrl_bytes(vm, disk, 1, 1, 1 << 22, writes))],
+                  compress=False)
+    pieces = [body[i:i + 536] for i in range(0, len(body), 536)]
+    assert len(pieces) > 2 * IOV_MAX
+    spool = tmp_path / "cycle.part"
+    writer = SpoolWriter(spool, BundleDecoder(keep_data=False, max_bytes=len(body)))
+    await feed_pipelined(writer.feed, _body(pieces), batch_bytes=len(body))
+    done = writer.finish()
+    assert done.total_bytes == len(body) == writer.bytes
+    assert spool.read_bytes() == body
+    assert writer.sha.hexdigest() == hashlib.sha256(body).hexdigest()

@@ -96,6 +96,35 @@ def test_records_of_a_raw_frame_come_out_before_the_frame_is_whole():
     assert isinstance(dec.finish(), BundleDone)
 
 
+def test_a_fed_buffer_is_free_again_after_need_data_and_after_an_error():
+    """The caller's buffer is released when the decoder answers NEED_DATA, also when the log in
+    a raw frame ended before the frame did, and when the decoder gave up on bad input."""
+    vm, d1 = uuid.uuid4(), uuid.uuid4()
+    log = hrl_bytes(vm, d1, 1, 1, SIZE, [("write", 0, b"a" * 100)])
+    raw = bundle(BundleKind.CYCLE, vm, 1, 1, [(d1, SIZE, 0, SIZE, log + b"JUNK")], compress=False)
+    reused = bytearray(raw[:-4])  # up to just after the END record, inside the raw frame
+    view = memoryview(reused)
+    dec = BundleDecoder(keep_data=False)
+    dec.receive_data(view)
+    while dec.next_event() is not NEED_DATA:
+        pass
+    view.release()
+    reused[:] = b"\xa5" * (len(reused) + 3)  # a resize: BufferError if any view of it were still held
+    dec.receive_data(raw[-4:])
+    with pytest.raises(BundleCorruptError, match="after end"):
+        while dec.next_event() is not NEED_DATA:
+            pass
+
+    bad = bytearray(raw)
+    bad[header_size(1)] = 9  # an unknown frame codec
+    dec = BundleDecoder(keep_data=False)
+    dec.receive_data(memoryview(bad))  # the only view of it is the decoder's
+    with pytest.raises(BundleCorruptError, match="bad frame"):
+        while dec.next_event() is not NEED_DATA:
+            pass
+    bad[:] = b"x" * 5
+
+
 def test_every_truncation_is_refused():
     *_, raw = _sample()
     for cut in range(len(raw)):

@@ -735,3 +735,26 @@ def test_a_record_being_assembled_is_held_once():
             if isinstance(event, LogSummary):
                 break
     assert RECORD_SIZE + len(payload) <= most <= RECORD_SIZE + len(payload) + 65536
+
+
+def test_a_bytearray_fed_while_a_large_record_assembles_is_copied_at_once():
+    """Only bytes and memoryviews are kept until NEED_DATA; a bytearray the caller may change
+    right away is copied, also its part past the record being assembled."""
+    header = HrlHeader(**{**_fields(HEADER_1), "disk_size": BIG_DISK})
+    first, second = random.Random(3).randbytes(3 * ASSEMBLE_BYTES), b"second record"
+    data, expected, _ = build_log(header, [(RecordKind.WRITE, 0, first, 0),
+                                           (RecordKind.WRITE, 1 << 20, second, 0)], closed_ns=5)
+    cut = HEADER_SIZE + RECORD_SIZE + ASSEMBLE_BYTES  # inside the first record's payload
+    decoder = HrlDecoder(keep_data=True)
+    decoder.receive_data(data[:cut])
+    while decoder.next_event() is not NEED_DATA:
+        pass
+    rest = bytearray(data[cut:])
+    decoder.receive_data(rest)
+    rest[:] = bytes(len(rest))  # the caller reuses its buffer before asking for events
+    events = []
+    while not isinstance(event := decoder.next_event(), LogSummary):
+        assert event is not NEED_DATA, "the log ended early: the fed bytes were not copied"
+        events.append(event)
+    assert [(r.offset, r.data) for r in events] == [(0, first), (1 << 20, second)]
+    assert event.clean
