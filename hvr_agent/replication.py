@@ -12,8 +12,10 @@ relationship in its own ``TaskGroup``.  Each task does, one step at a time:
   meanwhile are in logs S + 1, S + 2, ... and are shipped right after.
 * **cycles** (``Replicating``): every ``frequency_s`` (or on sync-now) cut the
   VM, then upload every closed log not yet acknowledged, strictly in sequence
-  order.  After a cycle's acknowledgement: ``next_sequence`` is recorded
-  (the commit point), then its logs and spool file are deleted.
+  order.  A cut that falls due while a cycle uploads happens then (if no
+  other cycle waits), and the next spool is built meanwhile.  After a cycle's
+  acknowledgement: ``next_sequence`` is recorded (the commit point); its logs
+  and spool file are deleted in the background.
 
 Invariants:
 
@@ -111,6 +113,9 @@ class VmReplication:
         # Deleting an acknowledged cycle's files and recording its statistics: off the path to
         # the next cut (both wait for a busy disk); each runs after the one before it.
         self._after_ack: asyncio.Task | None = None
+        # The cut that fell due while a cycle was uploading, and the build of its bundle: it
+        # answers the error that stopped it, if any (see _prepare_next).
+        self._prepare: asyncio.Task | None = None
         self.progress: dict[uuid.UUID, DiskProgress] = {}
         self._run_started_ns: int | None = None
         self._run_bytes = 0
@@ -183,8 +188,15 @@ class VmReplication:
                                       hint="see the agent's log; hvrctl vm resume NAME retries"))
         finally:
             self._client = None
+            await self._stop_prepare()
             await self._settle_after_ack()
             self._fail_waiters(HvrError("replication task stopped"))
+
+    async def _stop_prepare(self) -> None:
+        task, self._prepare = self._prepare, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # a build thread it started may still run: it only writes a spool file
 
     async def _settle_after_ack(self) -> None:
         """Let the last acknowledged cycle's clean-up finish (files left behind are deleted at the next start)."""
@@ -461,6 +473,11 @@ class VmReplication:
 
     # --- cycles ------------------------------------------------------------------------------
     async def _replicating_step(self) -> bool:
+        if self._prepare is not None:  # a cut begun while the last cycle uploaded: let it finish first
+            task, self._prepare = self._prepare, None
+            exc = await task
+            if exc is not None:
+                raise exc
         now = time.time_ns()
         pending = self.pending_sequences()
         freq_ns = self.rec.frequency_s * NS
@@ -473,31 +490,86 @@ class VmReplication:
                 event(log, "cycle_missed", logging.WARNING, vm=self.name, seq=pending[0], pending=len(pending))
                 self._next_cut_ns += freq_ns
         if self._sync_requested or (now >= self._next_cut_ns and not pending):
-            self._sync_requested = False
-            closed = await self.manager.registry.cut(self.name)
-            self._next_cut_ns = time.time_ns() + freq_ns
-            if closed:
-                target = closed[0].sequence
-                self._waiters = [(target if t is None else t, f) for t, f in self._waiters]
+            await self._cut()
             pending = self.pending_sequences()
         if not pending:
             return False
         for seq in pending:
             self._check_state(S.REPLICATING)
-            await self._ship(seq)
+            await self._ship_while_preparing(seq)
         return True
+
+    async def _cut(self) -> int | None:
+        """Cut now; return the sequence of the cycle it closed (None if the VM has no disk to cut)."""
+        self._sync_requested = False
+        closed = await self.manager.registry.cut(self.name)
+        self._next_cut_ns = time.time_ns() + self.rec.frequency_s * NS
+        if not closed:
+            return None
+        target = closed[0].sequence
+        self._waiters = [(target if t is None else t, f) for t, f in self._waiters]
+        return target
+
+    async def _ship_while_preparing(self, seq: int) -> None:
+        """Ship cycle ``seq``; if the next cut falls due (or sync-now asks) meanwhile and no other
+        cycle waits behind this one, cut on time and build that cycle's bundle while this one
+        uploads, so the next upload starts as soon as this one is acknowledged.
+
+        The stages of one cycle (the cut's fdatasync, the build, the upload) still run one
+        after another, but a cycle's cut and build no longer wait for the previous upload.
+        """
+        ship = asyncio.ensure_future(self._ship(seq))
+        try:
+            while not ship.done():
+                can_prepare = self._prepare is None and self.vm().sequence == seq + 1
+                due_s = (self._next_cut_ns - time.time_ns()) / NS
+                if can_prepare and (self._sync_requested or due_s <= 0):
+                    self._prepare = asyncio.ensure_future(self._prepare_next())
+                    continue
+                waker = asyncio.ensure_future(self.wake.wait())
+                try:
+                    await asyncio.wait([ship, waker], timeout=due_s if can_prepare else None,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waker.cancel()
+                self.wake.clear()
+            await ship
+        except BaseException:
+            if not ship.done():
+                ship.cancel()
+                await asyncio.wait([ship])
+            raise
+
+    async def _prepare_next(self) -> HvrError | None:
+        """The cut that fell due during an upload, then its bundle (a failed build is left to _ship)."""
+        try:
+            seq = await self._cut()
+        except HvrError as exc:
+            return exc
+        if seq is not None:
+            try:
+                await self._bundle(seq)
+            except (OSError, HvrError) as exc:
+                event(log, "cycle_build_failed", logging.WARNING, vm=self.name, seq=seq, error=str(exc),
+                      hint="built again when the cycle is shipped")
+        return None
+
+    async def _bundle(self, seq: int) -> tuple[shipper.SpooledBundle, float]:
+        """The spool of cycle ``seq`` (built now unless it already is) and the seconds building took."""
+        bundle = self._spools.get(seq)
+        if bundle is not None and bundle.path.exists():
+            return bundle, 0.0
+        vm = self.vm()
+        build_ns = time.time_ns()
+        bundle = await asyncio.to_thread(
+            shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=self.rec.generation,
+            sequence=seq, disks=self.disks(), compress=self.rec.compression)
+        self._spools[seq] = bundle
+        return bundle, (time.time_ns() - build_ns) / NS
 
     async def _ship(self, seq: int) -> None:
         vm = self.vm()
-        bundle = self._spools.get(seq)
-        built_s = 0.0
-        if bundle is None or not bundle.path.exists():
-            build_ns = time.time_ns()
-            bundle = await asyncio.to_thread(
-                shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=self.rec.generation,
-                sequence=seq, disks=self.disks(), compress=self.rec.compression)
-            self._spools[seq] = bundle
-            built_s = (time.time_ns() - build_ns) / NS
+        bundle, built_s = await self._bundle(seq)
         sent_ns = time.time_ns()
         status, _ = await self._client.send_cycle(vm.record.vm_id, seq, self.rec.generation, bundle.path,
                                                   bundle.sha256, bundle.wire_bytes)

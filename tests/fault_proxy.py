@@ -7,7 +7,8 @@ say how (:meth:`LoopbackProxy._pipe`).
 :class:`FaultProxy` (tests): while ``drop_after`` is set, each connection (new
 or kept alive) is cut in both directions once a random number of bytes in that
 range has gone from client to server.  ``dropped`` counts the cuts;
-``forwarded`` counts the client->server bytes that passed.
+``forwarded`` counts the client->server bytes that passed.  Between ``hold()``
+and ``release()`` nothing goes from client to server (a stalled link).
 """
 
 from __future__ import annotations
@@ -89,7 +90,16 @@ class FaultProxy(LoopbackProxy):
         self.drop_after: tuple[int, int] | None = None  # (min, max) bytes before a cut
         self.dropped = 0
         self.forwarded = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
         super().__init__(target_port)
+
+    def hold(self) -> None:
+        """Stop forwarding client->server bytes (connections stay open) until :meth:`release`."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     def _connection(self, client, upstream) -> dict:
         return {"budget": None, "closed": False}
@@ -107,6 +117,9 @@ class FaultProxy(LoopbackProxy):
                 if not data:
                     break
                 if upstream:
+                    while not self._flowing.wait(0.5):
+                        if self._closed or state["closed"]:
+                            return
                     cfg = self.drop_after  # read per chunk: applies to kept-alive connections too
                     if cfg is None:
                         state["budget"] = None

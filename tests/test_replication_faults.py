@@ -118,6 +118,40 @@ def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_pat
         pair.close()
 
 
+def test_a_cut_due_during_a_stalled_upload_happens_and_its_bundle_is_built_meanwhile(tmp_path):
+    """A cycle's cut and build do not wait for the upload before it: while cycle N cannot reach
+    the replica, sync-now cuts N+1 and builds its bundle; once the link moves again both are
+    acknowledged in order and the replica converges."""
+    size = 16 * MiB
+    pair = Pair(tmp_path).start()
+    proxy = FaultProxy(pair.listener.port)
+    try:
+        disk = make_disk(tmp_path / "app.img", size)
+        pair.protect("app", [disk], port=proxy.port)
+        pair.initial("app")
+        rng = random.Random(5)
+        outbox = pair.agent.state_dir / "outbox" / "app"
+        first = pair.status("app")["next_sequence"]
+        _write_round(pair, "app", [disk], rng, size)
+        proxy.hold()
+        pair.agent.hvrctl("vm", "sync-now", "app", "--no-wait")
+        wait_for(lambda: (outbox / f"{first:010d}.bundle").exists(), 30, f"cycle {first} to be built")
+        _write_round(pair, "app", [disk], rng, size)
+        pair.agent.hvrctl("vm", "sync-now", "app", "--no-wait")
+        wait_for(lambda: (outbox / f"{first + 1:010d}.bundle").exists(), 30,
+                 f"cycle {first + 1} to be cut and built while cycle {first} is stuck", context=pair.agent.log_tail)
+        assert pair.status("app")["next_sequence"] == first  # cycle N is still not acknowledged
+        proxy.release()
+        pair.sync("app")
+        pair.wait_replica_applied("app")
+        pair.assert_identical("app", [disk])
+        seqs = _history_ok(pair, "app")
+        assert {first, first + 1} <= set(seqs)
+    finally:
+        proxy.close()
+        pair.close()
+
+
 @pytest.mark.parametrize("victim", ["agent", "listener"])
 def test_initial_copy_resumes_after_a_restart_from_the_durable_offset(tmp_path, victim):
     size = 64 * MiB
