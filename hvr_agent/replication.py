@@ -193,10 +193,17 @@ class VmReplication:
             self._fail_waiters(HvrError("replication task stopped"))
 
     async def _stop_prepare(self) -> None:
+        """Cancel the cut-and-build begun during an upload; return once it (and its build thread) ended."""
         task, self._prepare = self._prepare, None
-        if task is not None and not task.done():
+        if task is None:
+            return
+        if not task.done():
             task.cancel()
-            await asyncio.wait([task])  # a build thread it started may still run: it only writes a spool file
+            await asyncio.wait([task])
+        if not task.cancelled():
+            exc = task.exception() or task.result()
+            if exc is not None:
+                event(log, "cycle_prepare_failed", logging.WARNING, vm=self.name, error=str(exc))
 
     async def _settle_after_ack(self) -> None:
         """Let the last acknowledged cycle's clean-up finish (files left behind are deleted at the next start)."""
@@ -275,6 +282,7 @@ class VmReplication:
         self._fail_waiters(exc)
 
     async def _fail(self, exc: HvrError) -> None:
+        await self._stop_prepare()
         await self._settle_after_ack()
         self.last_error = exc.message
         detail = exc.message + (f" ({exc.hint})" if exc.hint else "")
@@ -474,8 +482,8 @@ class VmReplication:
     # --- cycles ------------------------------------------------------------------------------
     async def _replicating_step(self) -> bool:
         if self._prepare is not None:  # a cut begun while the last cycle uploaded: let it finish first
-            task, self._prepare = self._prepare, None
-            exc = await task
+            exc = await self._prepare  # (if this is cancelled, run() stops the task and waits for it)
+            self._prepare = None
             if exc is not None:
                 raise exc
         now = time.time_ns()
@@ -500,14 +508,19 @@ class VmReplication:
         return True
 
     async def _cut(self) -> int | None:
-        """Cut now; return the sequence of the cycle it closed (None if the VM has no disk to cut)."""
+        """Cut now; return the sequence of the cycle it closed (None if the VM has no disk to cut).
+
+        sync-now callers waiting before the cut wait for that cycle; those that ask while
+        the cut settles (its fdatasync) wait for the next one, which holds their writes.
+        """
         self._sync_requested = False
+        asked = {id(f) for t, f in self._waiters if t is None}
         closed = await self.manager.registry.cut(self.name)
         self._next_cut_ns = time.time_ns() + self.rec.frequency_s * NS
         if not closed:
             return None
         target = closed[0].sequence
-        self._waiters = [(target if t is None else t, f) for t, f in self._waiters]
+        self._waiters = [(target if t is None and id(f) in asked else t, f) for t, f in self._waiters]
         return target
 
     async def _ship_while_preparing(self, seq: int) -> None:
@@ -519,9 +532,11 @@ class VmReplication:
         after another, but a cycle's cut and build no longer wait for the previous upload.
         """
         ship = asyncio.ensure_future(self._ship(seq))
+        woken = False
         try:
             while not ship.done():
-                can_prepare = self._prepare is None and self.vm().sequence == seq + 1
+                can_prepare = (self._prepare is None and self.rec.state is S.REPLICATING
+                               and self.vm().sequence == seq + 1)
                 due_s = (self._next_cut_ns - time.time_ns()) / NS
                 if can_prepare and (self._sync_requested or due_s <= 0):
                     self._prepare = asyncio.ensure_future(self._prepare_next())
@@ -532,19 +547,29 @@ class VmReplication:
                                        return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waker.cancel()
-                self.wake.clear()
+                if self.wake.is_set():
+                    self.wake.clear()  # seen here (sync-now, a state change) and passed on below
+                    woken = True
             await ship
         except BaseException:
             if not ship.done():
                 ship.cancel()
                 await asyncio.wait([ship])
+            elif not ship.cancelled():
+                ship.exception()  # raised below or superseded: retrieved either way
             raise
+        finally:
+            if woken:  # the loop acts on it next (e.g. a retry after a failed upload starts at once)
+                self.wake.set()
 
-    async def _prepare_next(self) -> HvrError | None:
-        """The cut that fell due during an upload, then its bundle (a failed build is left to _ship)."""
+    async def _prepare_next(self) -> Exception | None:
+        """The cut that fell due during an upload, then its bundle (a failed build is left to _ship).
+        Answers the error that stopped the cut, for the replication step to raise."""
+        if self.rec.state is not S.REPLICATING:
+            return None
         try:
             seq = await self._cut()
-        except HvrError as exc:
+        except Exception as exc:  # noqa: BLE001 - raised by _replicating_step like any error of a cut
             return exc
         if seq is not None:
             try:
@@ -561,9 +586,14 @@ class VmReplication:
             return bundle, 0.0
         vm = self.vm()
         build_ns = time.time_ns()
-        bundle = await asyncio.to_thread(
+        build = asyncio.ensure_future(asyncio.to_thread(
             shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=self.rec.generation,
-            sequence=seq, disks=self.disks(), compress=self.rec.compression)
+            sequence=seq, disks=self.disks(), compress=self.rec.compression))
+        try:
+            bundle = await asyncio.shield(build)
+        except asyncio.CancelledError:
+            await asyncio.wait([build])  # a thread cannot be stopped: never leave one writing the outbox
+            raise
         self._spools[seq] = bundle
         return bundle, (time.time_ns() - build_ns) / NS
 
@@ -617,6 +647,11 @@ class VmReplication:
                     fut.set_result(answer)
             else:
                 self._waiters.append((target, fut))
+
+    def restart_schedule(self) -> None:
+        """After a suspension: the next cut is one interval from now.  Intervals spent suspended are
+        not missed cycles (replication was paused), and logs closed before the suspension ship at once."""
+        self._next_cut_ns = time.time_ns() + self.rec.frequency_s * NS
 
     def request_sync(self, wait: bool) -> asyncio.Future | None:
         self._sync_requested = True
@@ -850,6 +885,7 @@ class ReplicationManager:
             self._start(fresh)
             rep = fresh
         else:
+            rep.restart_schedule()
             await rep.set_state(Action.RESUME)
         event(log, "replication_resumed", vm=name, state=rep.rec.state.value)
         return await self.status_of(rep)
