@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import zstandard
 
 from hvr_common.errors import CorruptError
-from hvr_common.hrl import NEED_DATA, HrlCorruptError, HrlDecoder, HrlHeader, LogSummary, Record
+from hvr_common.hrl import NEED_DATA, BorrowingDecoder, HrlCorruptError, HrlDecoder, HrlHeader, LogSummary, Record
 
 MAGIC = b"HVR-BDL\n"
 VERSION = 1
@@ -212,7 +212,7 @@ class _Phase(enum.Enum):
     DONE = 3
 
 
-class BundleDecoder:
+class BundleDecoder(BorrowingDecoder):
     """Streams a bundle: feed bytes, take events (BundleHeader, (disk index, Record), DiskDone, BundleDone).
 
     ``expect`` checks identity: a mapping with any of ``vm_id``, ``generation``,
@@ -305,15 +305,7 @@ class BundleDecoder:
                 self._borrowed = False
 
     def next_event(self):
-        try:
-            ev = self._event()
-        except BaseException:
-            if self._borrowed:  # a dead decoder keeps nothing of the caller's
-                self._unborrow()
-            raise
-        if ev is NEED_DATA and self._borrowed:
-            self._unborrow()
-        return ev
+        return self._next_event()
 
     def _event(self):
         while True:

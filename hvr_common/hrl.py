@@ -308,7 +308,40 @@ _TRANSITIONS: dict[DecoderState, frozenset[DecoderState]] = {
 }
 
 
-class HrlDecoder:
+class BorrowingDecoder:
+    """What the log and bundle decoders share: parsing fed bytes where they are.
+
+    A subclass keeps the last fed ``bytes``/``memoryview`` while ``_borrowed``
+    and implements ``_event`` (the next event) and ``_unborrow`` (copy what is
+    left of the fed piece into its own buffer).  :meth:`_next_event` lets go of
+    the piece whenever the caller may reuse it: NEED_DATA, an event for which
+    ``_lets_go`` is true, or an error.
+    """
+
+    _borrowed: bool
+
+    def _event(self):
+        raise NotImplementedError
+
+    def _unborrow(self) -> None:
+        raise NotImplementedError
+
+    def _lets_go(self, ev) -> bool:
+        return ev is NEED_DATA
+
+    def _next_event(self):
+        try:
+            ev = self._event()
+        except BaseException:
+            if self._borrowed:  # a dead decoder keeps nothing of the caller's
+                self._unborrow()
+            raise
+        if self._borrowed and self._lets_go(ev):
+            self._unborrow()
+        return ev
+
+
+class HrlDecoder(BorrowingDecoder):
     """Sans-I/O reader of one log: bytes in, events out.
 
     Events, in order: one :class:`HrlHeader`, zero or more :class:`Record`,
@@ -429,15 +462,10 @@ class HrlDecoder:
         if self._lent is not None:
             self._lent.release()
             self._lent = None
-        try:
-            ev = self._event()
-        except BaseException:
-            if self._borrowed:  # a dead decoder keeps nothing of the caller's
-                self._unborrow()
-            raise
-        if self._borrowed and (ev is NEED_DATA or type(ev) is LogSummary):
-            self._unborrow()  # after the END record the caller may feed no more, so let go now
-        return ev
+        return self._next_event()
+
+    def _lets_go(self, ev) -> bool:
+        return ev is NEED_DATA or type(ev) is LogSummary  # after the END record the caller may feed no more
 
     def _event(self) -> HrlHeader | Record | LogSummary | DecoderSignal:
         state = self.state
