@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import os
 import socket
@@ -51,6 +52,7 @@ from hvr_common.key_file import read_key
 from hvr_common.logs import event
 from hvr_common.measure import DEFAULT_WINDOW_S, NS, CycleResult, CycleStat, measure, result_for
 from hvr_common.replication_state import TRANSITIONS, Action, ReplicationState, transition
+from hvr_common.threads import finish_in_thread
 from hvr_agent import shipper
 from hvr_agent.journal import list_logs, log_path
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError, ReplicaEndpoint
@@ -586,14 +588,9 @@ class VmReplication:
             return bundle, 0.0
         vm = self.vm()
         build_ns = time.time_ns()
-        build = asyncio.ensure_future(asyncio.to_thread(
+        bundle = await finish_in_thread(functools.partial(  # never leaves a thread writing the outbox
             shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=self.rec.generation,
             sequence=seq, disks=self.disks(), compress=self.rec.compression))
-        try:
-            bundle = await asyncio.shield(build)
-        except asyncio.CancelledError:
-            await asyncio.wait([build])  # a thread cannot be stopped: never leave one writing the outbox
-            raise
         self._spools[seq] = bundle
         return bundle, (time.time_ns() - build_ns) / NS
 

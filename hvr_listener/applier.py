@@ -20,7 +20,8 @@ from hvr_common.errors import HvrError
 from hvr_common.logs import event
 from hvr_common.replication_state import ReplicationState
 from hvr_listener.bundle_io import BeforeOverwrite, apply_bundle
-from hvr_listener.replicas import ReplicaService, finish_in_thread
+from hvr_common.threads import finish_in_thread
+from hvr_listener.replicas import ReplicaService
 from hvr_listener.store import Replica
 
 log = logging.getLogger("hvr.listener.apply")

@@ -21,6 +21,7 @@ from hvr_common.bundle import BundleDecoder, BundleKind
 from hvr_common.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.logs import event
 from hvr_common.replication_state import Action, ReplicationState, transition
+from hvr_common.threads import finish_in_thread
 from hvr_listener.bundle_io import DirectWindowWriter, SpoolWriter, commit_file, fsync_dir
 from hvr_listener.store import ListenerStore, Replica
 
@@ -356,18 +357,6 @@ def _as_body_error(exc: HvrError) -> HvrError:
     if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
         return BodyError(exc.message, detail={"code": exc.code})
     return exc
-
-
-async def finish_in_thread(fn, *args):
-    """Run blocking work in a thread and never abandon it: if the caller is cancelled (its
-    client vanished), wait for the thread before passing the cancellation on, so locks are
-    released only when no thread still writes."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
 
 
 FEED_BATCH_BYTES = 4 * 1024 * 1024
