@@ -509,18 +509,19 @@ class VmReplication:
             await self._ship_while_preparing(seq)
         return True
 
-    async def _cut(self) -> int | None:
-        """Cut now; return the sequence of the cycle it closed (None if the VM has no disk to cut).
+    async def _cut(self) -> int:
+        """Cut now; return the sequence of the cycle it closed.
 
-        sync-now callers waiting before the cut wait for that cycle; those that ask while
-        the cut settles (its fdatasync) wait for the next one, which holds their writes.
+        sync-now callers waiting before the cut wait for that cycle; those that ask once it
+        began (it may wait for the previous cut to settle) wait for the next one, which holds
+        their writes.
         """
         self._sync_requested = False
         asked = {id(f) for t, f in self._waiters if t is None}
-        closed = await self.manager.registry.cut(self.name)
+        # The closed logs are made durable (with the images) while the bundle is built from
+        # the page cache; the upload waits for that (_ship).
+        closed, _settled = await self.manager.registry.begin_cut(self.name)
         self._next_cut_ns = time.time_ns() + self.rec.frequency_s * NS
-        if not closed:
-            return None
         target = closed[0].sequence
         self._waiters = [(target if t is None and id(f) in asked else t, f) for t, f in self._waiters]
         return target
@@ -530,8 +531,8 @@ class VmReplication:
         cycle waits behind this one, cut on time and build that cycle's bundle while this one
         uploads, so the next upload starts as soon as this one is acknowledged.
 
-        The stages of one cycle (the cut's fdatasync, the build, the upload) still run one
-        after another, but a cycle's cut and build no longer wait for the previous upload.
+        Within one cycle the build runs while the cut's fdatasync settles, and the upload
+        waits for both; a cycle's cut and build do not wait for the previous upload.
         """
         ship = asyncio.ensure_future(self._ship(seq))
         woken = False
@@ -573,12 +574,11 @@ class VmReplication:
             seq = await self._cut()
         except Exception as exc:  # noqa: BLE001 - raised by _replicating_step like any error of a cut
             return exc
-        if seq is not None:
-            try:
-                await self._bundle(seq)
-            except (OSError, HvrError) as exc:
-                event(log, "cycle_build_failed", logging.WARNING, vm=self.name, seq=seq, error=str(exc),
-                      hint="built again when the cycle is shipped")
+        try:
+            await self._bundle(seq)
+        except (OSError, HvrError) as exc:
+            event(log, "cycle_build_failed", logging.WARNING, vm=self.name, seq=seq, error=str(exc),
+                  hint="built again when the cycle is shipped")
         return None
 
     async def _bundle(self, seq: int) -> tuple[shipper.SpooledBundle, float]:
@@ -597,6 +597,9 @@ class VmReplication:
     async def _ship(self, seq: int) -> None:
         vm = self.vm()
         bundle, built_s = await self._bundle(seq)
+        # A log a crash could still tear must not reach the replica: the agent could not rebuild
+        # the same cycle after a restart.  (Also waits for a cut made by hvrctl vm cut.)
+        await self.manager.registry.durable(self.name, seq)
         sent_ns = time.time_ns()
         status, _ = await self._client.send_cycle(vm.record.vm_id, seq, self.rec.generation, bundle.path,
                                                   bundle.sha256, bundle.wire_bytes)

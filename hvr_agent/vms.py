@@ -43,6 +43,8 @@ class ProtectedVm:
     disks: dict[str, TrackedDisk] = field(default_factory=dict)
     sequence: int = 0  # sequence of the active logs
     cut_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # closed sequence -> the task making that cut durable (VmRegistry.begin_cut); a failed one stays
+    settling: dict[int, asyncio.Future] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -243,22 +245,74 @@ class VmRegistry:
 
     async def cut(self, name: str) -> list[ClosedLog]:
         """Switch all the VM's disks to new logs at one instant; return the closed logs once durable."""
+        closed, _settled = await self.begin_cut(name)
+        await self.durable(name, closed[0].sequence)
+        return closed
+
+    async def begin_cut(self, name: str) -> tuple[list[ClosedLog], asyncio.Future]:
+        """Switch all the VM's disks to new logs at one instant; return the closed logs at once,
+        with a task that ends when they (and the images) are durable and the bitmap is shrunk.
+
+        The closed logs are complete in the page cache as soon as they are switched (their END
+        records are written), so they can be read meanwhile, e.g. to build a cycle's bundle;
+        nothing of them may leave the host before :meth:`durable` returned for their sequence.
+        The next cut of the VM waits for the task; no one cancels it.  If it fails, the VM
+        takes no more cuts and that cycle is never declared durable until the agent restarts:
+        after a failed fdatasync a second one can report success for data that was lost.
+        """
         vm = self.vms.get(name)
         if vm is None:
             raise NotFoundError(f"no VM named {name!r} is registered")
         if vm.record.read_only:
             raise UsageError(f"VM {name!r} is exported read-only: it has no logs to cut")
-        async with vm.cut_lock:
+        await vm.cut_lock.acquire()
+        try:
+            for seq, earlier in vm.settling.items():
+                if earlier.done():  # only failed ones stay
+                    raise _not_durable(name, seq)
             started = time.monotonic()
             new_seq = vm.sequence + 1
             # One synchronous step of the event loop: no guest write can land between disks.
             olds = self._switch_all(vm, new_seq)
-            vm.sequence = new_seq
+        except BaseException:
+            vm.cut_lock.release()
+            raise
+        vm.sequence = new_seq
+        closed = [old.describe_closed(disk.identity.disk) for disk, old in olds]
+        settled = asyncio.ensure_future(self._settle_cut(vm, olds, new_seq, started))
+        vm.settling[new_seq - 1] = settled
+
+        def settled_done(task: asyncio.Future) -> None:
+            vm.cut_lock.release()  # here, not in the task: it runs even if the task never started
+            if not task.cancelled() and task.exception() is None:
+                del vm.settling[new_seq - 1]
+
+        settled.add_done_callback(settled_done)
+        return closed, settled
+
+    async def durable(self, name: str, sequence: int) -> None:
+        """Return once the cut that closed ``sequence`` settled (at once if it did long ago, or
+        before the agent started); raise if its logs could not be made durable."""
+        vm = self.vms.get(name)
+        settled = vm.settling.get(sequence) if vm is not None else None
+        if settled is None:
+            return
+        await asyncio.wait([settled])  # (being cancelled here leaves the task alone)
+        if settled.cancelled() or settled.exception() is not None:
+            raise _not_durable(name, sequence)
+
+    async def _settle_cut(self, vm: ProtectedVm, olds: list, new_seq: int, started: float) -> None:
+        """The second half of a cut, under the VM's cut lock taken by :meth:`begin_cut`."""
+        try:
             closed = [await disk.finish_cut(old) for disk, old in olds]
-            await asyncio.to_thread(self.store.set_next_sequence, name, new_seq + 1)
-        event(log, "vm_cut", vm=name, seq=new_seq - 1, bytes=sum(c.write_bytes for c in closed),
+            await asyncio.to_thread(self.store.set_next_sequence, vm.name, new_seq + 1)
+        except BaseException as exc:
+            event(log, "vm_cut_failed", logging.ERROR, vm=vm.name, seq=new_seq - 1,
+                  error=str(exc) or type(exc).__name__,
+                  hint="check the storage of the VM's images (the kernel log says more), then restart the agent")
+            raise
+        event(log, "vm_cut", vm=vm.name, seq=new_seq - 1, bytes=sum(c.write_bytes for c in closed),
               latency_s=round(time.monotonic() - started, 6))
-        return closed
 
     @staticmethod
     def _switch_all(vm: ProtectedVm, new_seq: int):
@@ -292,3 +346,11 @@ class VmRegistry:
         for vm in list(self.vms.values()):
             self._unexport(vm)
             await self._close_vm(vm, end_logs=True)
+
+
+
+def _not_durable(vm: str, sequence: int) -> HvrError:
+    return HvrError(f"the logs of cycle {sequence} of VM {vm!r} could not be made durable (see the vm_cut_failed "
+                    "event): the VM takes no more cuts and ships nothing from that cycle on",
+                    hint="check the storage of the VM's images (the kernel log says more), then restart the "
+                         "agent: its recovery re-journals every region the write-intent bitmap still marks")
