@@ -18,8 +18,9 @@ One run:
    missed, every cycle shipped in the phase was acknowledged less than one
    interval after its cut (``latency_s`` of the agent's ``cycle_shipped``
    events), the replica applied at least ``cycles - 2`` (and at least one)
-   cycles in the phase and still kept pace at its end (at most one cycle behind what the agent
-   had cut), and the backlog did not grow (the smallest
+   cycles in the phase and still kept pace at its end (at most one cycle it had acknowledged
+   not yet applied: a cycle is applied after its acknowledgement, so one may be applying; a cycle
+   cut seconds before the end is not counted, it cannot have arrived yet), and the backlog did not grow (the smallest
    ``PendingReplicationSize`` of the last cycle is at most 1.5 x that of the
    second one plus 64 MiB; the first cycle of a rate is its ramp).  The ladder stops at the first rate that is not
    sustained;
@@ -169,7 +170,8 @@ class Phase:
     cycles_applied: int = 0
     missed: int = 0
     troughs: list[int] = field(default_factory=list)
-    behind_at_end: int | None = None
+    behind_at_end: int | None = None  # cycles cut (closed) but not yet applied at the end
+    unapplied_at_end: int | None = None  # of those, cycles the replica acknowledged but not yet applied
     peak_rss: int | None = None
     max_cycle_bytes: int = 0
     max_cycle_raw_bytes: int = 0
@@ -249,6 +251,7 @@ def run_phase(pair: ReplicationPair, states: StateSampler, rss: RssSampler, phas
         # cycles cut (next_sequence + pending_cycles - 1 is the newest closed one) minus applied
         newest_cut = after.next_sequence + (after.pending_cycles or 0) - 1
         phase.behind_at_end = newest_cut - after.applied_sequence
+        phase.unapplied_at_end = (after.next_sequence - 1) - after.applied_sequence
     phase.peak_rss = rss.peak(label)
     shipped = shipped_in(pair, phase.t0, phase.t1)
     phase.cycles_shipped = len(shipped)
@@ -269,8 +272,8 @@ def run_phase(pair: ReplicationPair, states: StateSampler, rss: RssSampler, phas
     if phase.max_latency_s is not None and phase.max_latency_s >= cycle_s:
         phase.why_not.append(f"a cycle took {phase.max_latency_s:.1f} s from cut to acknowledgement, "
                              f"longer than the {cycle_s:g} s interval")
-    if phase.behind_at_end is not None and phase.behind_at_end > 1:
-        phase.why_not.append(f"replica {phase.behind_at_end} cycles behind at the end")
+    if phase.unapplied_at_end is not None and phase.unapplied_at_end > 1:
+        phase.why_not.append(f"replica {phase.unapplied_at_end} acknowledged cycles behind in applying at the end")
     steady = phase.troughs[1:] if len(phase.troughs) >= 3 else phase.troughs  # the first cycle is the ramp
     if len(steady) >= 2 and steady[-1] > TROUGH_GROWTH * steady[0] + TROUGH_SLACK_BYTES:
         phase.why_not.append(f"backlog grew: {human(steady[0])} -> {human(steady[-1])}")
@@ -379,11 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in phases + ([rpo_phase] if rpo_phase else []):
         rows.append([f"{p.rate_mib_s:g}" + (" (RPO run)" if p is rpo_phase else ""), f"{p.fio_mib_s:.1f}",
                      p.cycles_shipped, p.cycles_applied, p.missed, " ".join(human(t) for t in p.troughs) or "-",
-                     p.behind_at_end, human(p.max_cycle_bytes),
+                     f"{p.behind_at_end}/{p.unapplied_at_end}", human(p.max_cycle_bytes),
                      "-" if p.max_latency_s is None else f"{p.max_latency_s:.1f}", human(p.peak_rss),
                      "-" if p is rpo_phase else ("yes" if p.sustained else "no")])
     print_table(["rate MiB/s", "fio MiB/s", "shipped", "applied", "missed", "backlog troughs per cycle",
-                 "behind", "largest cycle", "max latency s", "agent peak RSS", "sustained"], rows)
+                 "behind cut/acked", "largest cycle", "max latency s", "agent peak RSS", "sustained"], rows)
     for p in phases:
         if p.why_not:
             print(f"  {p.rate_mib_s:g} MiB/s not sustained: " + "; ".join(p.why_not))
