@@ -520,7 +520,7 @@ class VmReplication:
         asked = {id(f) for t, f in self._waiters if t is None}
         # The closed logs are made durable (with the images) while the bundle is built from
         # the page cache; the upload waits for that (_ship).
-        closed, _settled = await self.manager.registry.begin_cut(self.name)
+        closed = await self.manager.registry.begin_cut(self.name)
         self._next_cut_ns = time.time_ns() + self.rec.frequency_s * NS
         target = closed[0].sequence
         self._waiters = [(target if t is None and id(f) in asked else t, f) for t, f in self._waiters]

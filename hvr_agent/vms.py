@@ -245,13 +245,14 @@ class VmRegistry:
 
     async def cut(self, name: str) -> list[ClosedLog]:
         """Switch all the VM's disks to new logs at one instant; return the closed logs once durable."""
-        closed, _settled = await self.begin_cut(name)
+        closed = await self.begin_cut(name)
         await self.durable(name, closed[0].sequence)
         return closed
 
-    async def begin_cut(self, name: str) -> tuple[list[ClosedLog], asyncio.Future]:
-        """Switch all the VM's disks to new logs at one instant; return the closed logs at once,
-        with a task that ends when they (and the images) are durable and the bitmap is shrunk.
+    async def begin_cut(self, name: str) -> list[ClosedLog]:
+        """Switch all the VM's disks to new logs at one instant; return the closed logs at once.
+        A task (``vm.settling[sequence]`` until it succeeded) makes them and the images durable
+        and shrinks the bitmap.
 
         The closed logs are complete in the page cache as soon as they are switched (their END
         records are written), so they can be read meanwhile, e.g. to build a cycle's bundle;
@@ -288,7 +289,7 @@ class VmRegistry:
                 del vm.settling[new_seq - 1]
 
         settled.add_done_callback(settled_done)
-        return closed, settled
+        return closed
 
     async def durable(self, name: str, sequence: int) -> None:
         """Return once the cut that closed ``sequence`` settled (at once if it did long ago, or

@@ -304,9 +304,6 @@ class BundleDecoder(BorrowingDecoder):
                 self._buf = self._own
                 self._borrowed = False
 
-    def next_event(self):
-        return self._next_event()
-
     def _event(self):
         while True:
             if self._phase is _Phase.HEADER:

@@ -313,7 +313,7 @@ class BorrowingDecoder:
 
     A subclass keeps the last fed ``bytes``/``memoryview`` while ``_borrowed``
     and implements ``_event`` (the next event) and ``_unborrow`` (copy what is
-    left of the fed piece into its own buffer).  :meth:`_next_event` lets go of
+    left of the fed piece into its own buffer).  :meth:`next_event` lets go of
     the piece whenever the caller may reuse it: NEED_DATA, an event for which
     ``_lets_go`` is true, or an error.
     """
@@ -329,7 +329,7 @@ class BorrowingDecoder:
     def _lets_go(self, ev) -> bool:
         return ev is NEED_DATA
 
-    def _next_event(self):
+    def next_event(self):
         try:
             ev = self._event()
         except BaseException:
@@ -462,7 +462,7 @@ class HrlDecoder(BorrowingDecoder):
         if self._lent is not None:
             self._lent.release()
             self._lent = None
-        return self._next_event()
+        return super().next_event()
 
     def _lets_go(self, ev) -> bool:
         return ev is NEED_DATA or type(ev) is LogSummary  # after the END record the caller may feed no more

@@ -59,7 +59,8 @@ async def test_closed_logs_are_complete_before_the_cut_settles(tmp_path: Path):
         marks = _marks_on_disk(disk)  # the written regions, and some ahead of them
         assert {o // region for o in offsets} <= set(marks)
 
-        closed, settled = await registry.begin_cut("vm")
+        closed = await registry.begin_cut("vm")
+        settled = registry.vms["vm"].settling[first]
         assert not settled.done()  # nothing of the durable half ran yet
         # the closed log is whole in the page cache: END record and every write, readable now
         _header, records, summary = scan_hrl_file(closed[0].path)
@@ -80,7 +81,7 @@ async def test_closed_logs_are_complete_before_the_cut_settles(tmp_path: Path):
         assert settled.done() and settled.exception() is None
         assert _marks_on_disk(disk) == []  # nothing written since: the bitmap shrank to nothing
         assert _stored_sequence(store) == stored + 1
-        closed2, _settled2 = await asyncio.wait_for(second, timeout=30)
+        closed2 = await asyncio.wait_for(second, timeout=30)
         assert finished == ["first settled", "second switched"]
         assert closed2[0].sequence == first + 1
         assert read_hrl_summary(closed2[0].path)[1].closed_ns is not None
@@ -97,7 +98,8 @@ async def test_a_cut_that_cannot_settle_stops_the_vm_cutting_and_shipping(tmp_pa
     try:
         disk = registry.disk_for_export("vm/disk0")
         await disk.write(0, os.urandom(4096))
-        closed, settled = await registry.begin_cut("vm")
+        closed = await registry.begin_cut("vm")
+        settled = registry.vms["vm"].settling[closed[0].sequence]
         store.close()  # recording the new sequence fails: the cut does not settle
         seq = closed[0].sequence
         with pytest.raises(HvrError, match=f"cycle {seq} of VM 'vm' could not be made durable"):
