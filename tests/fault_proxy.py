@@ -6,7 +6,7 @@ say how (:meth:`LoopbackProxy._pipe`).
 
 :class:`FaultProxy` (tests): while ``drop_after`` is set, each connection (new
 or kept alive) is cut in both directions once a random number of bytes in that
-range has gone from client to server.  ``dropped`` counts the cuts;
+range has gone from client to server, until ``max_drops`` (if set) were cut.  ``dropped`` counts the cuts;
 ``forwarded`` counts the client->server bytes that passed.  Between ``hold()``
 and ``release()`` nothing goes from client to server (a stalled link).
 """
@@ -89,6 +89,7 @@ class FaultProxy(LoopbackProxy):
         self.rng = random.Random(seed)
         self.drop_after: tuple[int, int] | None = None  # (min, max) bytes before a cut
         self.dropped = 0
+        self.max_drops: int | None = None  # once this many connections were cut, cut no more
         self.forwarded = 0
         self._flowing = threading.Event()
         self._flowing.set()
@@ -128,13 +129,19 @@ class FaultProxy(LoopbackProxy):
                             state["budget"] = self.rng.randint(*cfg)
                 if upstream and state["budget"] is not None:
                     if len(data) >= state["budget"]:
-                        dst.sendall(data[:state["budget"]])
                         with self._lock:
-                            self.forwarded += state["budget"]
-                            self.dropped += 1
-                        self._end(src, dst, state, reset=True)
-                        return
-                    state["budget"] -= len(data)
+                            cut = self.max_drops is None or self.dropped < self.max_drops
+                            if cut:
+                                self.dropped += 1
+                        if cut:
+                            dst.sendall(data[:state["budget"]])
+                            with self._lock:
+                                self.forwarded += state["budget"]
+                            self._end(src, dst, state, reset=True)
+                            return
+                        state["budget"] = None
+                    else:
+                        state["budget"] -= len(data)
                 dst.sendall(data)
                 if upstream:
                     with self._lock:

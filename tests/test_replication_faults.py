@@ -95,10 +95,13 @@ def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_pat
     proxy = FaultProxy(pair.listener.port, seed=9)
     try:
         disk = _noise_vm_behind(pair, proxy, tmp_path, "net", size, seed=1)
-        proxy.drop_after = (256 * 1024, 1536 * 1024)  # every connection dies mid-window
+        # three connections die mid-window; with windows in flight on several connections,
+        # turning the cuts off after the third was seen let more die, each re-sending a window
+        proxy.drop_after = (256 * 1024, 1536 * 1024)
+        proxy.max_drops = 3
         pair.agent.hvrctl("initial", "start", "net")
         wait_for(lambda: proxy.dropped >= 3, 60, "three connections to be cut mid-upload")
-        proxy.drop_after = None
+        proxy.drop_after = proxy.max_drops = None
         wait_for(lambda: pair.status("net")["state"] == "Replicating", 180, "the initial copy to finish",
                  context=pair.agent.log_tail)
         resent = proxy.forwarded - size
