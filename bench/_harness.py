@@ -10,7 +10,7 @@
   agent's and listener's admin APIs.  Polling through it costs far less CPU
   than starting ``hvrctl`` (a Python interpreter) every half second, which on
   a 2-core machine would disturb what is measured.
-* :class:`ReplicationPair`: a listener and an agent from ``tests/`` wired
+* :class:`ReplicationPair`: a listener and an agent from ``tests/support/`` wired
   together through a :class:`CountingProxy`.
 * small things: size parsing and printing, a table printer, the work
   directory with ``--keep``, percentiles.
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 
 from daemons import AgentProcess, run, wait_for  # noqa: E402
 from fault_proxy import LoopbackProxy, close_sockets  # noqa: E402

@@ -18,8 +18,8 @@ import logging
 
 from aiohttp import web
 
-from hvr_common.errors import NotFoundError, UsageError
-from hvr_common.http_middleware import error_middleware, read_json_object
+from hvr_common.pure.errors import NotFoundError, UsageError
+from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
 

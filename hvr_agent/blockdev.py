@@ -15,8 +15,8 @@ import stat
 from pathlib import Path
 from typing import Protocol
 
-from hvr_common import sparse
-from hvr_common.errors import UsageError
+from hvr_common.shell import sparse
+from hvr_common.pure.errors import UsageError
 
 
 class BlockDevice(Protocol):

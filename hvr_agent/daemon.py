@@ -10,12 +10,12 @@ import signal
 
 from aiohttp import web
 
-from hvr_common import systemd
-from hvr_common.http_middleware import serve_on_unix_socket
-from hvr_common.config import AgentConfig
-from hvr_common.logs import event
-from hvr_common.state_lock import StateLock
-from hvr_common.unix_socket import claim_socket_path, release_socket_path, socket_identity
+from hvr_common.shell import systemd
+from hvr_common.shell.http_middleware import serve_on_unix_socket
+from hvr_common.pure.config import AgentConfig
+from hvr_common.shell.logs import event
+from hvr_common.shell.state_lock import StateLock
+from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_agent.admin import make_app
 from hvr_agent.nbd_server import NbdServer
 from hvr_agent.replication import ReplicationManager

@@ -13,7 +13,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from hvr_common.intent_bitmap import BitmapCorruptError, IntentBitmap, decode_file, slot_size
+from hvr_common.pure.intent_bitmap import BitmapCorruptError, IntentBitmap, decode_file, slot_size
 
 
 def bitmap_path(image_path: Path) -> Path:

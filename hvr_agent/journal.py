@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvr_common.hrl import HrlEncoder, HrlHeader
+from hvr_common.pure.hrl import HrlEncoder, HrlHeader
 
 DIRECT_WRITE_BYTES = 64 * 1024  # writes this large skip the buffer (one writev, no copy)
 

@@ -1,4 +1,4 @@
-"""The NBD server: an asyncio shell around :mod:`hvr_common.nbd_protocol`.
+"""The NBD server: an asyncio shell around :mod:`hvr_common.pure.nbd_protocol`.
 
 It feeds received bytes to the protocol core, executes the requests it emits
 against the export's :class:`~hvr_agent.tracker.TrackedDisk`, and writes the
@@ -19,9 +19,9 @@ import errno
 import itertools
 import logging
 
-from hvr_common.errors import HvrError
-from hvr_common.logs import event
-from hvr_common.nbd_protocol import (
+from hvr_common.pure.errors import HvrError
+from hvr_common.shell.logs import event
+from hvr_common.pure.nbd_protocol import (
     BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH,
     CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, NEED_DATA,
     STATE_HOLE, STATE_ZERO, Disconnect, NbdProtocolError, NbdServerConnection, Negotiated, Rejected,

@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvr_common.hrl import HEADER_SIZE, HrlCorruptError, HrlEncoder, HrlHeader, encode_header
-from hvr_common.hrl_file import read_hrl_summary
-from hvr_common.intent_bitmap import IntentBitmap
-from hvr_common import sparse
+from hvr_common.pure.hrl import HEADER_SIZE, HrlCorruptError, HrlEncoder, HrlHeader, encode_header
+from hvr_common.shell.hrl_file import read_hrl_summary
+from hvr_common.pure.intent_bitmap import IntentBitmap
+from hvr_common.shell import sparse
 from hvr_agent.journal import list_logs
 
 log = logging.getLogger("hvr.agent.recovery")

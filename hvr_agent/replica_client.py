@@ -32,8 +32,8 @@ import aiofiles
 import aiohttp
 from yarl import URL
 
-from hvr_common.errors import ConflictError, HvrError, NotFoundError, TransientError
-from hvr_common.token_auth import CONTENT_DIGEST_HEADER, Key, authorization
+from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, TransientError
+from hvr_common.pure.token_auth import CONTENT_DIGEST_HEADER, Key, authorization
 
 BUNDLE_CONTENT_TYPE = "application/x-hvr-bundle"
 GENERATION_HEADER = "X-Hvr-Generation"

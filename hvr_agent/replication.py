@@ -45,14 +45,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvr_common.config import AgentConfig
-from hvr_common.errors import ConflictError, HvrError, NotFoundError, TransientError, UsageError
-from hvr_common.health import replication_health
-from hvr_common.key_file import read_key
-from hvr_common.logs import event
-from hvr_common.measure import DEFAULT_WINDOW_S, NS, CycleResult, CycleStat, measure, result_for
-from hvr_common.replication_state import TRANSITIONS, Action, ReplicationState, transition
-from hvr_common.threads import finish_in_thread
+from hvr_common.pure.config import AgentConfig
+from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, TransientError, UsageError
+from hvr_common.pure.health import replication_health
+from hvr_common.shell.key_file import read_key
+from hvr_common.shell.logs import event
+from hvr_common.pure.measure import DEFAULT_WINDOW_S, NS, CycleResult, CycleStat, measure, result_for
+from hvr_common.pure.replication_state import TRANSITIONS, Action, ReplicationState, transition
+from hvr_common.shell.threads import finish_in_thread
 from hvr_agent import shipper
 from hvr_agent.journal import list_logs, log_path
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError, ReplicaEndpoint

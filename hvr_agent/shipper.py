@@ -31,13 +31,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvr_common import sparse
-from hvr_common.bundle import FRAME_RAW_BYTES, BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
-from hvr_common.errors import CorruptError
-from hvr_common.extents import coalesce
-from hvr_common.hrl import (END_RECORD_SIZE, HEADER_SIZE, RECORD_SIZE, HrlEncoder, HrlHeader, LogSummary,
+from hvr_common.shell import sparse
+from hvr_common.pure.bundle import FRAME_RAW_BYTES, BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
+from hvr_common.pure.errors import CorruptError
+from hvr_common.pure.extents import coalesce
+from hvr_common.pure.hrl import (END_RECORD_SIZE, HEADER_SIZE, RECORD_SIZE, HrlEncoder, HrlHeader, LogSummary,
                              Record, RecordKind)
-from hvr_common.hrl_file import scan_hrl_file
+from hvr_common.shell.hrl_file import scan_hrl_file
 from hvr_agent.journal import log_path
 
 RECORD_BYTES = 4 * 1024 * 1024  # largest WRITE record the shipper emits

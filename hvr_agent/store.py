@@ -17,10 +17,10 @@ import uuid
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hvr_common.state_db import StateDatabase
-from hvr_common.errors import ConflictError, NotFoundError
-from hvr_common.measure import CycleResult, CycleStat
-from hvr_common.replication_state import ReplicationState
+from hvr_common.shell.state_db import StateDatabase
+from hvr_common.pure.errors import ConflictError, NotFoundError
+from hvr_common.pure.measure import CycleResult, CycleStat
+from hvr_common.pure.replication_state import ReplicationState
 
 SCHEMA_VERSION = 1
 SCHEMA = """

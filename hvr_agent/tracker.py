@@ -24,8 +24,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvr_common.hrl import RECORD_FLAG_FUA, RECORD_FLAG_NO_HOLE, HrlHeader
-from hvr_common.logs import event
+from hvr_common.pure.hrl import RECORD_FLAG_FUA, RECORD_FLAG_NO_HOLE, HrlHeader
+from hvr_common.shell.logs import event
 from hvr_agent.blockdev import BlockDevice
 from hvr_agent.intent import IntentBitmapFile
 from hvr_agent.journal import ActiveLog, ClosedLog, log_path

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvr_common.config import AgentConfig
-from hvr_common.errors import ConflictError, HvrError, NotFoundError, UsageError
-from hvr_common.hrl import HrlHeader
-from hvr_common.logs import event
-from hvr_common.nbd_protocol import MAX_PAYLOAD, ExportInfo
+from hvr_common.pure.config import AgentConfig
+from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
+from hvr_common.pure.hrl import HrlHeader
+from hvr_common.shell.logs import event
+from hvr_common.pure.nbd_protocol import MAX_PAYLOAD, ExportInfo
 from hvr_agent.blockdev import RawImage
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog

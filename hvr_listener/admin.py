@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from hvr_common.errors import NotFoundError, UsageError
-from hvr_common.http_middleware import error_middleware, read_json_object
-from hvr_common.logs import event
-from hvr_common.token_auth import SECRET_BYTES, Key, check_principal
-from hvr_common.replication_state import Action, transition
+from hvr_common.pure.errors import NotFoundError, UsageError
+from hvr_common.shell.http_middleware import error_middleware, read_json_object
+from hvr_common.shell.logs import event
+from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
+from hvr_common.pure.replication_state import Action, transition
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 from hvr_listener.store import ListenerStore, Replica

@@ -15,12 +15,12 @@ import logging
 import sqlite3
 import time
 
-from hvr_common.bundle import BundleKind
-from hvr_common.errors import HvrError
-from hvr_common.logs import event
-from hvr_common.replication_state import ReplicationState
+from hvr_common.pure.bundle import BundleKind
+from hvr_common.pure.errors import HvrError
+from hvr_common.shell.logs import event
+from hvr_common.pure.replication_state import ReplicationState
 from hvr_listener.bundle_io import BeforeOverwrite, apply_bundle
-from hvr_common.threads import finish_in_thread
+from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.store import Replica
 

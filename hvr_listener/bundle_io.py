@@ -13,9 +13,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from hvr_common.bundle import BundleDecoder, BundleDone, BundleHeader
-from hvr_common.hrl import NEED_DATA, Record
-from hvr_common.hrl_file import apply_record
+from hvr_common.pure.bundle import BundleDecoder, BundleDone, BundleHeader
+from hvr_common.pure.hrl import NEED_DATA, Record
+from hvr_common.shell.hrl_file import apply_record
 
 READ_CHUNK = 1024 * 1024
 # Spools and initial windows are handed to the disk every this many bytes written, so the

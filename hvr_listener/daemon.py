@@ -10,13 +10,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hvr_common import systemd
-from hvr_common.http_middleware import serve_on_unix_socket
-from hvr_common.config import ListenerConfig
-from hvr_common.errors import ConflictError
-from hvr_common.logs import event
-from hvr_common.state_lock import StateLock
-from hvr_common.unix_socket import release_socket_path
+from hvr_common.shell import systemd
+from hvr_common.shell.http_middleware import serve_on_unix_socket
+from hvr_common.pure.config import ListenerConfig
+from hvr_common.pure.errors import ConflictError
+from hvr_common.shell.logs import event
+from hvr_common.shell.state_lock import StateLock
+from hvr_common.shell.unix_socket import release_socket_path
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
 from hvr_listener.replicas import ReplicaService

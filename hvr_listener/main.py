@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hvr_common.config import parse_listener_config
-from hvr_common.daemon_main import run_daemon
+from hvr_common.pure.config import parse_listener_config
+from hvr_common.shell.daemon_main import run_daemon
 
 DEFAULT_CONFIG = Path("/etc/hvr/listener.toml")
 

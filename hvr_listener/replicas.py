@@ -17,11 +17,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from hvr_common.bundle import BundleDecoder, BundleKind
-from hvr_common.errors import ConflictError, HvrError, NotFoundError, UsageError
-from hvr_common.logs import event
-from hvr_common.replication_state import Action, ReplicationState, transition
-from hvr_common.threads import finish_in_thread
+from hvr_common.pure.bundle import BundleDecoder, BundleKind
+from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
+from hvr_common.shell.logs import event
+from hvr_common.pure.replication_state import Action, ReplicationState, transition
+from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.bundle_io import DirectWindowWriter, SpoolWriter, commit_file, fsync_dir
 from hvr_listener.store import ListenerStore, Replica
 

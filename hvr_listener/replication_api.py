@@ -16,10 +16,10 @@ import uuid
 
 from aiohttp import web
 
-from hvr_common.errors import HvrError, UsageError
-from hvr_common.http_errors import status_for
-from hvr_common.http_middleware import error_middleware
-from hvr_common.token_auth import CONTENT_DIGEST_HEADER, AuthError, ReplayCache, verify
+from hvr_common.pure.errors import HvrError, UsageError
+from hvr_common.pure.http_errors import status_for
+from hvr_common.shell.http_middleware import error_middleware
+from hvr_common.pure.token_auth import CONTENT_DIGEST_HEADER, AuthError, ReplayCache, verify
 from hvr_listener.replicas import (
     BodyError, ForbiddenError, LengthRequiredError, ReplicaService, TooLargeError,
 )

@@ -6,9 +6,9 @@ installed keys in memory for the request path and validates changes.
 
 from __future__ import annotations
 
-from hvr_common.config import parse_endpoint
-from hvr_common.errors import UsageError
-from hvr_common.token_auth import Key
+from hvr_common.pure.config import parse_endpoint
+from hvr_common.pure.errors import UsageError
+from hvr_common.pure.token_auth import Key
 from hvr_listener.store import ListenerStore
 
 AUTH_MODES = ("token", "certificate")

@@ -14,10 +14,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvr_common.state_db import StateDatabase
-from hvr_common.errors import ConflictError, NotFoundError
-from hvr_common.replication_state import ReplicationState
-from hvr_common.token_auth import Key
+from hvr_common.shell.state_db import StateDatabase
+from hvr_common.pure.errors import ConflictError, NotFoundError
+from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.pure.token_auth import Key
 
 SCHEMA_VERSION = 1
 SCHEMA = """

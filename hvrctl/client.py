@@ -7,8 +7,8 @@ import json
 import socket
 from pathlib import Path
 
-from hvr_common.errors import HvrError, UnavailableError
-from hvr_common.http_errors import error_from_body
+from hvr_common.pure.errors import HvrError, UnavailableError
+from hvr_common.pure.http_errors import error_from_body
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from hvr_common.extents import coalesce, total_bytes
-from hvr_common.hrl import HrlHeader, LogSummary, RecordKind
+from hvr_common.pure.extents import coalesce, total_bytes
+from hvr_common.pure.hrl import HrlHeader, LogSummary, RecordKind
 from hvrctl.output import emit_json, human_bytes, kv, table
 
 
@@ -53,7 +53,7 @@ def _time(ns: int | None) -> str | None:
 
 
 def cmd_inspect(args) -> int:
-    from hvr_common.hrl_file import scan_hrl_file
+    from hvr_common.shell.hrl_file import scan_hrl_file
 
     header, recs, summary = scan_hrl_file(args.file)
     counts = {k.name: sum(1 for r in recs if r.kind == k) for k in (RecordKind.WRITE, RecordKind.TRIM, RecordKind.ZERO)}
@@ -88,7 +88,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    from hvr_common.hrl_file import replay
+    from hvr_common.shell.hrl_file import replay
 
     summary = replay(args.file, args.image, require_clean=not args.allow_torn)
     if args.output == "json":

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from hvr_common.errors import HvrError
+from hvr_common.pure.errors import HvrError
 from hvrctl import hrl_commands, replication_commands, server_commands, vm_commands
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"

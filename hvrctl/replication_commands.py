@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from hvr_common.errors import HvrError, UsageError
+from hvr_common.pure.errors import HvrError, UsageError
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 

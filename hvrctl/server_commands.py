@@ -6,9 +6,9 @@ import base64
 import datetime as dt
 from pathlib import Path
 
-from hvr_common.errors import UsageError
-from hvr_common.key_file import read_key, write_key
-from hvr_common.token_auth import Key
+from hvr_common.pure.errors import UsageError
+from hvr_common.shell.key_file import read_key, write_key
+from hvr_common.pure.token_auth import Key
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-_TESTS_DIR = str(Path(__file__).resolve().parent)
+_TESTS_DIR = str(Path(__file__).resolve().parent / "support")
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 

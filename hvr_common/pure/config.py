@@ -1,0 +1,222 @@
+"""Configuration schemas: TOML tables in, frozen validated objects out.
+
+Pure: the daemons read the file and hand the parsed table to ``parse_*``.
+Unknown keys are errors; every problem is reported at once, each naming its
+key; nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvr_common.pure.errors import ConfigError
+from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "text")
+
+
+class _Checker:
+    """Collects problems while reading keys of one table."""
+
+    def __init__(self, table: dict, source: str):
+        self.table = table
+        self.source = source
+        self.problems: list[str] = []
+        self.seen: set[str] = set()
+
+    def _get(self, key: str, required: bool, default):
+        self.seen.add(key)
+        if key not in self.table:
+            if required:
+                self.problems.append(f"{key}: required key is missing")
+            return default, False
+        return self.table[key], True
+
+    def path(self, key: str, *, required: bool = False, default: str | None = None) -> Path | None:
+        value, present = self._get(key, required, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problems.append(f"{key}: must be a non-empty string path, not {value!r}")
+            return None
+        p = Path(value)
+        if not p.is_absolute():
+            self.problems.append(f"{key}: must be an absolute path, not {value!r}")
+            return None
+        return p
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value, _ = self._get(key, False, default)
+        if value not in choices:
+            self.problems.append(f"{key}: must be one of {', '.join(choices)}, not {value!r}")
+            return default
+        return value
+
+    def integer(self, key: str, default: int, *, check=None) -> int:
+        value, _ = self._get(key, False, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.problems.append(f"{key}: must be an integer, not {value!r}")
+            return default
+        if check is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                self.problems.append(f"{key}: {exc}")
+                return default
+        return value
+
+    def endpoint(self, key: str, default: str = "") -> tuple[str, int] | None:
+        value, _ = self._get(key, False, default)
+        if value in ("", None):
+            return None
+        if not isinstance(value, str):
+            self.problems.append(f"{key}: must be a string HOST:PORT, not {value!r}")
+            return None
+        try:
+            return parse_endpoint(value)
+        except ValueError as exc:
+            self.problems.append(f"{key}: {exc}")
+            return None
+
+    def group(self, key: str) -> str | None:
+        value, present = self._get(key, False, None)
+        if not present:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problems.append(f"{key}: must be a group name, not {value!r}")
+            return None
+        try:
+            import grp
+            grp.getgrnam(value)
+        except KeyError:
+            self.problems.append(f"{key}: no group named {value!r} on this host")
+            return None
+        return value
+
+    def finish(self) -> None:
+        for key in sorted(set(self.table) - self.seen):
+            self.problems.append(f"{key}: unknown key")
+        if self.problems:
+            raise ConfigError(f"{self.source}: {len(self.problems)} problem(s) in configuration",
+                              problems=self.problems)
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{host!r} is not an IP address or localhost") from None
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"port {port_s!r} is not a number from 0 to 65535")
+    return host, int(port_s)
+
+
+def _region_check(v: int) -> None:
+    validate_region_bytes(v)
+
+
+def _positive(v: int) -> None:
+    if v <= 0:
+        raise ValueError(f"must be positive, not {v}")
+
+
+DEFAULT_INITIAL_WINDOW_BYTES = 20 * 1024 * 1024
+MIN_INITIAL_WINDOW_BYTES = 1024 * 1024
+MAX_INITIAL_WINDOW_BYTES = 256 * 1024 * 1024
+
+
+def _initial_window_check(v: int) -> None:
+    if not MIN_INITIAL_WINDOW_BYTES <= v <= MAX_INITIAL_WINDOW_BYTES:
+        raise ValueError(f"must be from {MIN_INITIAL_WINDOW_BYTES} to {MAX_INITIAL_WINDOW_BYTES} bytes, not {v}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    admin_socket: Path
+    nbd_socket: Path
+    nbd_tcp: tuple[str, int] | None = None
+    log_level: str = "info"
+    log_format: str = "auto"
+    bitmap_region_bytes: int = DEFAULT_REGION_BYTES
+    journal_buffer_bytes: int = 1024 * 1024
+    initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
+    nbd_socket_group: str | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "agent.db"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Spool files of bundles waiting to be uploaded, one folder per VM."""
+        return self.state_dir / "outbox"
+
+
+def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig:
+    c = _Checker(table, source)
+    cfg = dict(
+        state_dir=c.path("state_dir", required=True),
+        admin_socket=c.path("admin_socket", required=True),
+        nbd_socket=c.path("nbd_socket", required=True),
+        nbd_tcp=c.endpoint("nbd_tcp"),
+        log_level=c.choice("log_level", LOG_LEVELS, "info"),
+        log_format=c.choice("log_format", LOG_FORMATS, "auto"),
+        bitmap_region_bytes=c.integer("bitmap_region_bytes", DEFAULT_REGION_BYTES, check=_region_check),
+        journal_buffer_bytes=c.integer("journal_buffer_bytes", 1024 * 1024, check=_positive),
+        nbd_socket_group=c.group("nbd_socket_group"),
+        initial_window_bytes=c.integer("initial_window_bytes", DEFAULT_INITIAL_WINDOW_BYTES,
+                                       check=_initial_window_check),
+    )
+    c.finish()
+    return AgentConfig(**cfg)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    state_dir: Path
+    admin_socket: Path
+    listen: tuple[str, int]
+    storage: Path
+    server_name: str = ""
+    log_level: str = "info"
+    log_format: str = "auto"
+    max_bundle_bytes: int = 64 * 1024 * 1024 * 1024
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "listener.db"
+
+
+def parse_listener_config(table: dict, source: str = "listener config") -> ListenerConfig:
+    c = _Checker(table, source)
+    listen = c.endpoint("listen", "")
+    if listen is None and "listen" in table and not any(p.startswith("listen:") for p in c.problems):
+        c.problems.append("listen: required, as HOST:PORT")
+    elif "listen" not in table:
+        c.problems.append("listen: required key is missing")
+    name = table.get("server_name", "")
+    c.seen.add("server_name")
+    if not isinstance(name, str):
+        c.problems.append(f"server_name: must be a string, not {name!r}")
+        name = ""
+    cfg = dict(
+        state_dir=c.path("state_dir", required=True),
+        admin_socket=c.path("admin_socket", required=True),
+        listen=listen,
+        storage=c.path("storage", required=True),
+        server_name=name,
+        log_level=c.choice("log_level", LOG_LEVELS, "info"),
+        log_format=c.choice("log_format", LOG_FORMATS, "auto"),
+        max_bundle_bytes=c.integer("max_bundle_bytes", 64 * 1024 * 1024 * 1024, check=_positive),
+    )
+    c.finish()
+    return ListenerConfig(**cfg)

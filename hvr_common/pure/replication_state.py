@@ -1,0 +1,89 @@
+"""Replication states and their transitions, as one table (Hyper-V's names).
+
+An invalid transition raises :class:`InvalidTransition`; states appear as-is
+in status JSON and in the CLI.
+
+Primary side: suspending is possible once the VM replicates (not during the
+initial copy: there is no cycle to hold back yet); resuming a VM in Error
+goes back to where it failed (``RESUME`` after the initial copy,
+``START_INITIAL`` before it).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from hvr_common.pure.errors import ConflictError
+
+
+class ReplicationState(enum.StrEnum):
+    # primary side
+    READY_FOR_INITIAL_REPLICATION = "ReadyForInitialReplication"
+    INITIAL_REPLICATION_IN_PROGRESS = "InitialReplicationInProgress"
+    REPLICATING = "Replicating"
+    SUSPENDED = "Suspended"
+    RESYNCHRONIZING = "Resynchronizing"
+    RESYNCHRONIZATION_REQUIRED = "ResynchronizationRequired"
+    PREPARED_FOR_FAILOVER = "PreparedForFailover"
+    FAILED_OVER_WAITING_COMPLETION = "FailedOverWaitingCompletion"
+    FAILED_OVER = "FailedOver"
+    ERROR = "Error"
+    # replica side
+    WAITING_FOR_INITIAL_REPLICATION = "WaitingForInitialReplication"
+
+
+S = ReplicationState
+
+
+class Action(enum.StrEnum):
+    ENABLE = "enable"
+    START_INITIAL = "start_initial"
+    COMPLETE_INITIAL = "complete_initial"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    FAIL = "fail"  # a permanent error
+    RECOVER = "recover"  # the operator resumes a VM in Error
+
+
+class InvalidTransition(ConflictError):
+    code = "wrong_state"
+
+
+# (role, state, action) -> next state.  role: "primary" | "replica".
+TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
+    ("primary", None, Action.ENABLE): S.READY_FOR_INITIAL_REPLICATION,
+    ("primary", S.READY_FOR_INITIAL_REPLICATION, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL): S.REPLICATING,
+    ("primary", S.REPLICATING, Action.SUSPEND): S.SUSPENDED,
+    ("primary", S.SUSPENDED, Action.RESUME): S.REPLICATING,
+    ("primary", S.READY_FOR_INITIAL_REPLICATION, Action.FAIL): S.ERROR,
+    ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.FAIL): S.ERROR,
+    ("primary", S.REPLICATING, Action.FAIL): S.ERROR,
+    ("primary", S.ERROR, Action.FAIL): S.ERROR,
+    ("primary", S.ERROR, Action.RECOVER): S.REPLICATING,
+    ("primary", S.ERROR, Action.RESUME): S.REPLICATING,
+    # A permanent error before the initial copy finished: resuming re-enters it (from the durable offsets).
+    ("primary", S.ERROR, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    ("replica", None, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
+    ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
+    ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    ("replica", S.INITIAL_REPLICATION_IN_PROGRESS, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    ("replica", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL): S.REPLICATING,
+    ("replica", S.REPLICATING, Action.COMPLETE_INITIAL): S.REPLICATING,
+    ("replica", S.REPLICATING, Action.FAIL): S.ERROR,
+    ("replica", S.ERROR, Action.RECOVER): S.REPLICATING,
+}
+
+
+def transition(role: str, state: S | None, action: Action) -> S:
+    try:
+        return TRANSITIONS[(role, state, action)]
+    except KeyError:
+        shown = state.value if state is not None else "not enabled"
+        raise InvalidTransition(f"cannot {action.value.replace('_', ' ')} a VM whose {role} replication state "
+                                f"is {shown}") from None
+
+
+def allowed_actions(role: str, state: S | None) -> list[Action]:
+    return [a for (r, s, a) in TRANSITIONS if r == role and s == state]

@@ -1,0 +1,55 @@
+"""Key files of token authentication: JSON, created 0600."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from pathlib import Path
+
+from hvr_common.pure.errors import ConflictError, UsageError
+from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
+
+
+def write_key(key: Key, path: Path, *, overwrite: bool = False) -> None:
+    body = json.dumps({"kind": "hvr-key", "version": 1, "principal": key.principal,
+                       "secret": base64.b64encode(key.secret).decode()}, indent=2) + "\n"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConflictError(f"{path} already exists", hint="choose another path or remove the old key first") from None
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, body.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_key(path: Path) -> Key:
+    try:
+        st = os.stat(path)
+        raw = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"key file {path} does not exist", hint="create one with: hvrctl key new PRINCIPAL --out FILE") from None
+    except PermissionError:
+        raise UsageError(f"key file {path} is not readable by this user") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
+                         hint=f"chmod 600 {path}")
+    try:
+        doc = json.loads(raw)
+        if doc.get("kind") != "hvr-key" or doc.get("version") != 1:
+            raise ValueError("not an hvr key file (kind/version)")
+        secret = base64.b64decode(doc["secret"], validate=True)
+        principal = doc["principal"]
+        if not isinstance(principal, str):
+            raise ValueError("principal must be a string")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"key file {path} is not valid: {exc}") from None
+    check_principal(principal)
+    if len(secret) != SECRET_BYTES:
+        raise UsageError(f"key file {path}: secret must be {SECRET_BYTES} bytes, not {len(secret)}")
+    return Key(principal, secret)

@@ -1,0 +1,107 @@
+"""Configuration: validated at start, every problem reported with its key."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from daemons import python_executable
+from hvr_common.pure.config import parse_agent_config
+from hvr_common.shell.config_file import read_toml
+from hvr_common.pure.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = {"state_dir": "/var/lib/hvr/agent", "admin_socket": "/run/hvr/agent.sock", "nbd_socket": "/run/hvr/nbd.sock"}
+
+
+def test_sample_config_in_deploy_is_valid():
+    cfg = parse_agent_config(read_toml(REPO / "deploy" / "agent.toml"))
+    assert cfg.nbd_socket == Path("/run/hvr/nbd.sock")
+    assert cfg.bitmap_region_bytes == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"colour": "blue"}, "colour: unknown key"),
+    ({"state_dir": "relative/dir"}, "state_dir: must be an absolute path"),
+    ({"nbd_tcp": "127.0.0.1:99999"}, "nbd_tcp: port"),
+    ({"nbd_tcp": "nohost"}, "nbd_tcp:"),
+    ({"log_level": "loud"}, "log_level: must be one of"),
+    ({"bitmap_region_bytes": 3000}, "bitmap_region_bytes: region size must be a power of two"),
+    ({"journal_buffer_bytes": 0}, "journal_buffer_bytes: must be positive"),
+    ({"journal_buffer_bytes": "1M"}, "journal_buffer_bytes: must be an integer"),
+])
+def test_bad_value_is_refused_naming_the_key(bad, key):
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config({**GOOD, **bad})
+    assert any(p.startswith(key) for p in info.value.problems), info.value.problems
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config({"state_dir": 5, "extra": 1, "log_level": "x"})
+    keys = sorted(p.split(":")[0] for p in info.value.problems)
+    assert keys == ["admin_socket", "extra", "log_level", "nbd_socket", "state_dir"]
+
+
+def _agent(*args, cwd=REPO):
+    return subprocess.run([python_executable(), "-m", "hvr_agent", *map(str, args)], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_agent_refuses_to_start_with_unknown_key(tmp_path):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('state_dir = "/tmp/x"\nadmin_socket = "/tmp/a.sock"\nnbd_socket = "/tmp/n.sock"\nbogus = 1\n')
+    result = _agent("--config", cfg)
+    assert result.returncode == 78
+    assert "bogus: unknown key" in result.stderr
+
+
+def test_agent_reports_unparsable_toml(tmp_path):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('state_dir = "/tmp/x\n')
+    result = _agent("--config", cfg)
+    assert result.returncode == 78 and "not valid TOML" in result.stderr
+
+
+def test_check_config_accepts_the_sample():
+    result = _agent("--config", REPO / "deploy" / "agent.toml", "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout
+
+
+def test_check_config_creates_nothing(tmp_path):
+    state = tmp_path / "state"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{state}"\nadmin_socket = "{tmp_path}/a.sock"\nnbd_socket = "{tmp_path}/n.sock"\n')
+    result = _agent("--config", cfg, "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert not state.exists() and not (tmp_path / "a.sock").exists()
+
+
+def test_sample_listener_config_in_deploy_is_valid():
+    from hvr_common.pure.config import parse_listener_config
+    cfg = parse_listener_config(read_toml(REPO / "deploy" / "listener.toml"))
+    assert cfg.listen == ("0.0.0.0", 8443) and cfg.storage == Path("/var/lib/hvr/replicas")
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"listen": "127.0.0.1"}, "listen:"),
+    ({"storage": "rel"}, "storage: must be an absolute path"),
+    ({"max_bundle_bytes": -1}, "max_bundle_bytes: must be positive"),
+    ({"surprise": True}, "surprise: unknown key"),
+])
+def test_bad_listener_value_is_refused_naming_the_key(bad, key):
+    from hvr_common.pure.config import parse_listener_config
+    good = {"state_dir": "/s", "admin_socket": "/a.sock", "listen": "127.0.0.1:1", "storage": "/r"}
+    with pytest.raises(ConfigError) as info:
+        parse_listener_config({**good, **bad})
+    assert any(p.startswith(key) for p in info.value.problems), info.value.problems
+
+
+def test_nbd_socket_group_must_exist():
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config({**GOOD, "nbd_socket_group": "no-such-group-hvr"})
+    assert info.value.problems == ["nbd_socket_group: no group named 'no-such-group-hvr' on this host"]
+    assert parse_agent_config({**GOOD, "nbd_socket_group": "root"}).nbd_socket_group == "root"

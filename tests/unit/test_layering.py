@@ -1,0 +1,157 @@
+"""Rules 1 and 2 of the style card, checked on the source code.
+
+Rule 1, pure core: the pure modules of ``hvr_common`` import nothing that does
+I/O or concurrency (asyncio, aiohttp, aiofiles, socket, sqlite3, subprocess,
+threading) and nothing from the daemons or the CLI; no module of
+``hvr_common`` at all imports the daemons or the CLI.  Rule 2: no package has
+a ``utils``, ``helpers`` or ``misc`` module.
+
+Imports are read with :mod:`ast`, so nothing is imported or executed and an
+import hidden in a function, an ``if`` or an ``importlib.import_module("...")``
+call is still seen.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+IO_MODULES = frozenset({"asyncio", "aiohttp", "aiofiles", "socket", "sqlite3", "subprocess", "threading"})
+SHELL_PACKAGES = frozenset({"hvr_agent", "hvr_listener", "hvrctl"})
+GOD_MODULE_NAMES = frozenset({"utils", "helpers", "misc"})
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = REPO / "hvr_common"
+PURE = COMMON / "pure"
+# The pure modules of hvr_common (rule 1): the folder says it; a module put there promises no I/O.
+PURE_MODULES = tuple(sorted(p.stem for p in PURE.glob("*.py") if p.stem != "__init__"))
+PACKAGES = ("hvr_common", *sorted(SHELL_PACKAGES))
+
+
+def imported_modules(source: str, module: str) -> set[str]:
+    """Every absolute dotted name ``source`` (the module named ``module``) may import.
+
+    ``from a.b import c`` yields both ``a.b`` and ``a.b.c`` (``c`` may be a
+    submodule); relative imports are resolved against ``module``'s package;
+    ``__import__("x")`` and ``importlib.import_module("x")`` with a literal
+    name count as imports of ``x``.
+    """
+    package = module.split(".")[:-1]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                origin = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                origin = node.module or ""
+            names.add(origin)
+            names.update(f"{origin}.{alias.name}" for alias in node.names if alias.name != "*")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if (called in ("__import__", "import_module") and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names.add(node.args[0].value)
+    names.discard("")
+    return names
+
+
+def _top(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def forbidden_in_pure(names: set[str]) -> set[str]:
+    return {n for n in names if _top(n) in IO_MODULES or _top(n) in SHELL_PACKAGES}
+
+
+def shell_imports(names: set[str]) -> set[str]:
+    return {n for n in names if _top(n) in SHELL_PACKAGES}
+
+
+def _imports_of(path: Path) -> set[str]:
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    return imported_modules(path.read_text(encoding="utf-8"), module)
+
+
+# --- the checker itself must be able to fail ----------------------------------------
+_PLANTED = '''
+import struct
+import asyncio.subprocess
+from socket import socket as sock
+from . import hrl
+from .errors import HvrError
+from hvr_common.pure import nbd_protocol
+from hvrctl.main import main
+import importlib
+
+def f():
+    import sqlite3
+    return importlib.import_module("threading"), __import__("aiofiles")
+
+if False:
+    from aiohttp import web
+    from hvr_listener import anything
+'''
+
+
+def test_the_import_reader_sees_every_kind_of_import():
+    names = imported_modules(_PLANTED, "hvr_common.pure.planted")
+    assert {"struct", "asyncio.subprocess", "socket", "hvr_common.pure.hrl", "hvr_common.pure.errors",
+            "hvr_common.pure.nbd_protocol", "hvrctl.main", "sqlite3", "threading", "aiofiles", "aiohttp",
+            "hvr_listener"} <= names
+    assert {_top(n) for n in forbidden_in_pure(names)} == {
+        "asyncio", "socket", "hvrctl", "sqlite3", "threading", "aiofiles", "aiohttp", "hvr_listener"}
+    assert {_top(n) for n in shell_imports(names)} == {"hvrctl", "hvr_listener"}
+
+
+def test_the_import_reader_passes_a_clean_module():
+    names = imported_modules("import struct\nfrom dataclasses import dataclass\nfrom .errors import HvrError\n",
+                             "hvr_common.pure.clean")
+    assert forbidden_in_pure(names) == set()
+    assert "hvr_common.pure.errors" in names
+
+
+# --- rule 1 -------------------------------------------------------------------------
+def test_the_pure_folder_holds_the_core():
+    assert {"hrl", "bundle", "nbd_protocol", "replication_state", "errors"} <= set(PURE_MODULES)
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_module_imports_no_io_and_no_shell(module):
+    bad = forbidden_in_pure(_imports_of(PURE / f"{module}.py"))
+    assert not bad, f"hvr_common/pure/{module}.py is pure but imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_module_imports_only_pure_hvr_common_modules(module):
+    """I/O must not come in through an hvr_common sibling outside pure/ (logs, systemd, sockets...)."""
+    names = _imports_of(PURE / f"{module}.py")
+    outside = {n for n in names if _top(n) == "hvr_common" and n != "hvr_common.pure"
+               and not n.startswith("hvr_common.pure.")}
+    assert not outside, f"hvr_common/pure/{module}.py is pure but imports {sorted(outside)}"
+
+
+@pytest.mark.parametrize("path", sorted(COMMON.rglob("*.py")), ids=lambda p: str(p.relative_to(COMMON)))
+def test_hvr_common_never_imports_the_daemons_or_the_cli(path):
+    bad = shell_imports(_imports_of(path))
+    assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+# --- rule 2 -------------------------------------------------------------------------
+def test_packages_are_where_this_test_looks():
+    for package in PACKAGES:
+        assert (REPO / package / "__init__.py").is_file(), f"{package} is not a package under {REPO}"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_utils_helpers_or_misc_module(package):
+    found = [p.relative_to(REPO) for p in (REPO / package).rglob("*")
+             if "__pycache__" not in p.parts
+             and ((p.is_file() and p.suffix == ".py") or p.is_dir())
+             and (p.stem if p.is_file() else p.name) in GOD_MODULE_NAMES]
+    assert not found, f"god modules (style rule 2): {[str(p) for p in found]}"

@@ -1,0 +1,56 @@
+"""The replication state table: every listed transition works, every other one raises."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from hvr_common.pure.replication_state import (
+    TRANSITIONS, Action, InvalidTransition, ReplicationState, allowed_actions, transition,
+)
+
+ROLES = ("primary", "replica")
+STATES = [None, *ReplicationState]
+ALL = list(itertools.product(ROLES, STATES, Action))
+
+
+@pytest.mark.parametrize("role,state,action", [k for k in ALL if k in TRANSITIONS],
+                         ids=lambda v: getattr(v, "value", str(v)))
+def test_every_listed_transition_works(role, state, action):
+    assert transition(role, state, action) is TRANSITIONS[(role, state, action)]
+    assert action in allowed_actions(role, state)
+
+
+@pytest.mark.parametrize("role,state,action", [k for k in ALL if k not in TRANSITIONS],
+                         ids=lambda v: getattr(v, "value", str(v)))
+def test_every_other_transition_raises(role, state, action):
+    with pytest.raises(InvalidTransition) as info:
+        transition(role, state, action)
+    assert info.value.code == "wrong_state"
+    assert (state.value if state else "not enabled") in info.value.message
+    assert action not in allowed_actions(role, state)
+
+
+def test_the_table_only_names_known_roles_states_and_actions():
+    for (role, state, action), new in TRANSITIONS.items():
+        assert role in ROLES and (state is None or state in ReplicationState)
+        assert action in Action and new in ReplicationState
+
+
+def test_primary_lifecycle_end_to_end():
+    s = transition("primary", None, Action.ENABLE)
+    assert s == "ReadyForInitialReplication"
+    for action, expected in [(Action.START_INITIAL, "InitialReplicationInProgress"),
+                             (Action.FAIL, "Error"),
+                             (Action.START_INITIAL, "InitialReplicationInProgress"),
+                             (Action.COMPLETE_INITIAL, "Replicating"),
+                             (Action.SUSPEND, "Suspended"), (Action.RESUME, "Replicating"),
+                             (Action.FAIL, "Error"), (Action.RESUME, "Replicating")]:
+        s = transition("primary", s, action)
+        assert s == expected
+
+
+def test_states_serialise_as_hyper_v_names():
+    assert str(ReplicationState.READY_FOR_INITIAL_REPLICATION) == "ReadyForInitialReplication"
+    assert ReplicationState("WaitingForInitialReplication") is ReplicationState.WAITING_FOR_INITIAL_REPLICATION
