@@ -138,6 +138,86 @@ def _initial_window_check(v: int) -> None:
         raise ValueError(f"must be from {MIN_INITIAL_WINDOW_BYTES} to {MAX_INITIAL_WINDOW_BYTES} bytes, not {v}")
 
 
+DEFAULT_HOOK_TIMEOUT_S = 60
+MAX_HOOK_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class FreezeHooks:
+    """The commands that freeze and thaw a VM's guest file systems around an application-consistent cut.
+
+    Each is an argv list; ``{vm}`` in an argument is replaced by the VM's name.
+    """
+
+    freeze: tuple[str, ...]
+    thaw: tuple[str, ...]
+    timeout_s: int = DEFAULT_HOOK_TIMEOUT_S
+
+    def argv(self, which: str, vm: str) -> list[str]:
+        return [arg.replace("{vm}", vm) for arg in getattr(self, which)]
+
+
+@dataclass(frozen=True)
+class AppConsistencyConfig:
+    """``[app_consistency]``: default hooks, and ``[app_consistency.vm.NAME]`` for one VM."""
+
+    default: FreezeHooks | None = None
+    per_vm: tuple[tuple[str, FreezeHooks], ...] = ()
+
+    def hooks_for(self, vm: str) -> FreezeHooks | None:
+        for name, hooks in self.per_vm:
+            if name == vm:
+                return hooks
+        return self.default
+
+
+def _parse_hooks(table, where: str, problems: list[str]) -> FreezeHooks | None:
+    if not isinstance(table, dict):
+        problems.append(f"{where}: must be a table")
+        return None
+    argvs = {}
+    for key in ("freeze", "thaw"):
+        value = table.get(key)
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(a, str) and a for a in value)):
+            problems.append(f"{where}.{key}: must be a non-empty list of strings (the command and its "
+                            f"arguments; {{vm}} is replaced by the VM name), not {value!r}")
+        else:
+            argvs[key] = tuple(value)
+    timeout = table.get("timeout_s", DEFAULT_HOOK_TIMEOUT_S)
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= MAX_HOOK_TIMEOUT_S:
+        problems.append(f"{where}.timeout_s: must be whole seconds from 1 to {MAX_HOOK_TIMEOUT_S}, not {timeout!r}")
+        timeout = DEFAULT_HOOK_TIMEOUT_S
+    for key in sorted(set(table) - {"freeze", "thaw", "timeout_s", "vm"}):
+        problems.append(f"{where}.{key}: unknown key")
+    if len(argvs) < 2:
+        return None
+    return FreezeHooks(argvs["freeze"], argvs["thaw"], timeout)
+
+
+def parse_app_consistency(table, problems: list[str]) -> AppConsistencyConfig:
+    if table is None:
+        return AppConsistencyConfig()
+    if not isinstance(table, dict):
+        problems.append("app_consistency: must be a table")
+        return AppConsistencyConfig()
+    default = None
+    if set(table) - {"vm"}:
+        default = _parse_hooks(table, "app_consistency", problems)
+    per_vm = []
+    vms = table.get("vm", {})
+    if not isinstance(vms, dict):
+        problems.append("app_consistency.vm: must be a table of VM names")
+        vms = {}
+    for name, sub in vms.items():
+        if isinstance(sub, dict) and "vm" in sub:
+            problems.append(f"app_consistency.vm.{name}.vm: unknown key")
+        hooks = _parse_hooks(sub, f"app_consistency.vm.{name}", problems)
+        if hooks is not None:
+            per_vm.append((name, hooks))
+    return AppConsistencyConfig(default, tuple(per_vm))
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
@@ -150,6 +230,7 @@ class AgentConfig:
     journal_buffer_bytes: int = 1024 * 1024
     initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
     nbd_socket_group: str | None = None
+    app_consistency: AppConsistencyConfig = AppConsistencyConfig()
 
     @property
     def db_path(self) -> Path:
@@ -176,6 +257,8 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         initial_window_bytes=c.integer("initial_window_bytes", DEFAULT_INITIAL_WINDOW_BYTES,
                                        check=_initial_window_check),
     )
+    c.seen.add("app_consistency")
+    cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
     c.finish()
     return AgentConfig(**cfg)
 
@@ -190,6 +273,7 @@ class ListenerConfig:
     log_level: str = "info"
     log_format: str = "auto"
     max_bundle_bytes: int = 64 * 1024 * 1024 * 1024
+    nbd_socket: Path | None = None  # test failover views are served here (nbd+unix://)
 
     @property
     def db_path(self) -> Path:
@@ -217,6 +301,7 @@ def parse_listener_config(table: dict, source: str = "listener config") -> Liste
         log_level=c.choice("log_level", LOG_LEVELS, "info"),
         log_format=c.choice("log_format", LOG_FORMATS, "auto"),
         max_bundle_bytes=c.integer("max_bundle_bytes", 64 * 1024 * 1024 * 1024, check=_positive),
+        nbd_socket=c.path("nbd_socket"),
     )
     c.finish()
     return ListenerConfig(**cfg)

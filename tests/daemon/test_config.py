@@ -38,6 +38,37 @@ def test_bad_value_is_refused_naming_the_key(bad, key):
     assert any(p.startswith(key) for p in info.value.problems), info.value.problems
 
 
+def test_sample_config_has_freeze_hooks_for_libvirt():
+    cfg = parse_agent_config(read_toml(REPO / "deploy" / "agent.toml"))
+    hooks = cfg.app_consistency.hooks_for("web01")
+    assert hooks.argv("freeze", "web01") == ["virsh", "domfsfreeze", "web01"]
+    assert hooks.argv("thaw", "web01") == ["virsh", "domfsthaw", "web01"]
+
+
+def test_per_vm_hooks_override_the_default():
+    cfg = parse_agent_config({**GOOD, "app_consistency": {
+        "freeze": ["f", "{vm}"], "thaw": ["t", "{vm}"],
+        "vm": {"db01": {"freeze": ["q", "begin"], "thaw": ["q", "end"], "timeout_s": 5}}}})
+    assert cfg.app_consistency.hooks_for("db01").argv("freeze", "db01") == ["q", "begin"]
+    assert cfg.app_consistency.hooks_for("db01").timeout_s == 5
+    assert cfg.app_consistency.hooks_for("web").argv("thaw", "web") == ["t", "web"]
+    assert parse_agent_config(GOOD).app_consistency.hooks_for("web") is None
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"freeze": ["f"]}, "app_consistency.thaw: must be a non-empty list"),
+    ({"freeze": "virsh domfsfreeze", "thaw": ["t"]}, "app_consistency.freeze: must be a non-empty list"),
+    ({"freeze": ["f"], "thaw": ["t"], "timeout_s": 0}, "app_consistency.timeout_s: must be whole seconds"),
+    ({"freeze": ["f"], "thaw": ["t"], "colour": 1}, "app_consistency.colour: unknown key"),
+    ({"vm": {"db": {"freeze": [], "thaw": ["t"]}}}, "app_consistency.vm.db.freeze: must be a non-empty list"),
+    ({"vm": ["db"]}, "app_consistency.vm: must be a table"),
+])
+def test_bad_freeze_hooks_are_refused_naming_the_key(section, key):
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config({**GOOD, "app_consistency": section})
+    assert any(p.startswith(key) for p in info.value.problems), info.value.problems
+
+
 def test_all_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as info:
         parse_agent_config({"state_dir": 5, "extra": 1, "log_level": "x"})
@@ -84,6 +115,7 @@ def test_sample_listener_config_in_deploy_is_valid():
     from hvr_common.pure.config import parse_listener_config
     cfg = parse_listener_config(read_toml(REPO / "deploy" / "listener.toml"))
     assert cfg.listen == ("0.0.0.0", 8443) and cfg.storage == Path("/var/lib/hvr/replicas")
+    assert cfg.nbd_socket == Path("/run/hvr/listener-nbd.sock")
 
 
 @pytest.mark.parametrize("bad, key", [
@@ -91,6 +123,7 @@ def test_sample_listener_config_in_deploy_is_valid():
     ({"storage": "rel"}, "storage: must be an absolute path"),
     ({"max_bundle_bytes": -1}, "max_bundle_bytes: must be positive"),
     ({"surprise": True}, "surprise: unknown key"),
+    ({"nbd_socket": "listener-nbd.sock"}, "nbd_socket: must be an absolute path"),
 ])
 def test_bad_listener_value_is_refused_naming_the_key(bad, key):
     from hvr_common.pure.config import parse_listener_config
