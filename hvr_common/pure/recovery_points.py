@@ -209,3 +209,16 @@ def reach_order(points: Sequence[Point], target_id: int) -> list[Point]:
         raise KeyError(target_id)
     at = ids.index(target_id)
     return [p for p in reversed(points[at:]) if p.capturing]
+
+
+def app_consistent_due(settings: HistorySettings, last_app_consistent_ns: int | None, now_ns: int) -> bool:
+    """Whether the cut made now should be application-consistent (frozen).
+
+    The first cut after the setting is turned on is; then one every
+    ``app_consistent_hours`` (counted from the last one that succeeded, so a
+    failed freeze is tried again at the next cut).
+    """
+    hours = settings.app_consistent_hours
+    if hours is None:
+        return False
+    return last_app_consistent_ns is None or now_ns - last_app_consistent_ns >= hours * HOUR_NS

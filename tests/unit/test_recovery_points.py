@@ -204,3 +204,16 @@ def test_a_day_of_cycles_keeps_what_the_settings_promise(history, fine, expected
     assert [p.sequence for p in model.points] == expected_sequences
     for p in model.points:
         assert model.read(p.id) == model.truth[p.id]
+
+
+@pytest.mark.parametrize("hours, last_h, now_h, due", [
+    (None, None, 5, False),   # off
+    (4, None, 5, True),       # first cut after turning it on
+    (4, 2, 5, False),         # 3 h since the last one
+    (4, 1, 5, True),          # 4 h since
+    (1, 4.5, 5, False),
+])
+def test_app_consistent_due(hours, last_h, now_h, due):
+    from hvr_common.pure.recovery_points import app_consistent_due
+    last = None if last_h is None else int(last_h * HOUR_NS)
+    assert app_consistent_due(HistorySettings(0, 0, hours), last, int(now_h * HOUR_NS)) is due
