@@ -10,6 +10,7 @@ import signal
 
 from aiohttp import web
 
+from hvr_common.block.nbd_server import NbdServer
 from hvr_common.shell import systemd
 from hvr_common.shell.http_middleware import serve_on_unix_socket
 from hvr_common.pure.config import AgentConfig
@@ -17,7 +18,7 @@ from hvr_common.shell.logs import event
 from hvr_common.shell.state_lock import StateLock
 from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_agent.admin import make_app
-from hvr_agent.nbd_server import NbdServer
+from hvr_agent.exports import VmExports
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.store import AgentStore
 from hvr_agent.vms import VmRegistry
@@ -44,7 +45,8 @@ class Agent:
         lock = StateLock(cfg.state_dir, "hvr-agent").acquire()
         store = AgentStore(cfg.db_path)
         registry = VmRegistry(cfg, store)
-        nbd = NbdServer(registry)
+        # The NBD server first: a removed VM's connections are dropped before its replication goes.
+        nbd = NbdServer(VmExports(registry), logging.getLogger("hvr.agent.nbd"))
         replication = ReplicationManager(cfg, store, registry)
         runner: web.AppRunner | None = None
         owned: dict = {}  # socket path -> identity of the socket this process bound

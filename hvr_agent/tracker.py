@@ -1,10 +1,13 @@
 """The change-tracking filter: a block device whose writes are journaled.
 
-``TrackedDisk`` wraps any :class:`~hvr_agent.blockdev.BlockDevice`.  Each
-write, trim or zero is applied to the device and appended to the active HRL
-log in one synchronous step, so the log's record order is exactly the order
-in which the image changed.  Before the first write to a region after a cut,
-the region is made durable in the write-intent bitmap.
+``TrackedDisk`` wraps a :class:`~hvr_common.block.blockdev.RawImage` and is
+itself a :class:`~hvr_common.block.blockdev.BlockDevice`, so the NBD server
+serves it like any other device.  Each write, trim or zero is applied to the
+image and appended to the active HRL log in one synchronous step, so the log's
+record order is exactly the order in which the image changed.  Before the
+first write to a region after a cut, the region is made durable in the
+write-intent bitmap; ``can_write_now`` tells the server when that is already
+done, so the write may complete inline.
 
 Write order and commit points (see docs/hrl-format.md):
 
@@ -24,9 +27,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvr_common.block.blockdev import RawImage
 from hvr_common.pure.hrl import RECORD_FLAG_FUA, RECORD_FLAG_NO_HOLE, HrlHeader
 from hvr_common.shell.logs import event
-from hvr_agent.blockdev import BlockDevice
 from hvr_agent.intent import IntentBitmapFile
 from hvr_agent.journal import ActiveLog, ClosedLog, log_path
 
@@ -47,9 +50,9 @@ class DiskIdentity:
 
 
 class TrackedDisk:
-    """A device with change tracking; the NBD server talks to this."""
+    """A raw image with change tracking: the block device the agent exports."""
 
-    def __init__(self, device: BlockDevice, image_path: Path, identity: DiskIdentity,
+    def __init__(self, device: RawImage, image_path: Path, identity: DiskIdentity,
                  intent: IntentBitmapFile, *, buffer_limit: int, log_base: Path | None = None):
         self.device = device
         self.image_path = image_path
@@ -146,7 +149,7 @@ class TrackedDisk:
         for off in range(offset, offset + length, TRIM_CHUNK):
             log.append_trim(off, min(TRIM_CHUNK, offset + length - off), flags)
         try:
-            self.device.trim(offset, length)
+            self.device.trim_now(offset, length)
         except OSError:
             self._journal_actual(offset, length)
             raise
@@ -161,7 +164,7 @@ class TrackedDisk:
         for off in range(offset, offset + length, TRIM_CHUNK):
             log.append_zero(off, min(TRIM_CHUNK, offset + length - off), flags)
         try:
-            self.device.write_zeroes(offset, length, may_trim)
+            self.device.zero_now(offset, length, may_trim)
         except OSError:
             self._journal_actual(offset, length)
             raise
@@ -304,7 +307,7 @@ class TrackedDisk:
                 self.intent.start_period()
                 await self.intent.reset_to_period(old.sequence)
         self.intent.close()
-        self.device.close()
+        self.device.close_fd()
 
     @property
     def stats(self) -> dict:

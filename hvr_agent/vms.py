@@ -10,12 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hvr_common.block.blockdev import RawImage
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.pure.hrl import HrlHeader
 from hvr_common.shell.logs import event
-from hvr_common.pure.nbd_protocol import MAX_PAYLOAD, ExportInfo
-from hvr_agent.blockdev import RawImage
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
 from hvr_agent.recovery import close_open_logs, read_region_runs, uncertain_ranges
@@ -71,18 +70,13 @@ class VmRegistry:
         self.unavailable: dict[str, tuple[VmRecord, str]] = {}  # registered but could not be opened
         self._admin_lock = asyncio.Lock()
 
-    # --- exports ----------------------------------------------------------
-    def lookup_export(self, name: str) -> ExportInfo | None:
-        found = self._exports.get(name)
-        if found is None:
-            return None
-        vm, disk = found
-        return ExportInfo(name=name, size=disk.size, read_only=disk.read_only,
-                          description=f"hvr disk {disk.identity.disk} of VM {vm.name}",
-                          multi_conn=True, max_block=MAX_PAYLOAD)
+    # --- exports (served through hvr_agent.exports) -------------------------
+    def export(self, name: str) -> tuple[ProtectedVm, TrackedDisk] | None:
+        """The VM and disk exported as ``name`` (``VM/DISK``), or None."""
+        return self._exports.get(name)
 
-    def list_exports(self) -> list[ExportInfo]:
-        return [self.lookup_export(n) for n in sorted(self._exports)]
+    def export_names(self) -> list[str]:
+        return sorted(self._exports)
 
     def disk_for_export(self, name: str) -> TrackedDisk | None:
         found = self._exports.get(name)
@@ -129,7 +123,7 @@ class VmRegistry:
                 raise ConflictError(f"a VM named {name!r} is already registered")
             # Open every image before recording anything, so a bad path changes nothing.
             for _, path in disks:
-                RawImage(path, read_only=True).close()
+                RawImage(path, read_only=True).close_fd()
             rec = await asyncio.to_thread(self.store.add_vm, name, disks, read_only)
             try:
                 vm = await self._open_vm(rec)
@@ -165,7 +159,7 @@ class VmRegistry:
                 await self._recover(vm)
         except BaseException:
             for disk in opened:
-                disk.device.close()
+                disk.device.close_fd()
                 disk.intent.close()
             raise
         self.vms[rec.name] = vm

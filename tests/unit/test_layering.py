@@ -155,3 +155,24 @@ def test_no_utils_helpers_or_misc_module(package):
              and ((p.is_file() and p.suffix == ".py") or p.is_dir())
              and (p.stem if p.is_file() else p.name) in GOD_MODULE_NAMES]
     assert not found, f"god modules (style rule 2): {[str(p) for p in found]}"
+
+
+# --- the shared block layer ---------------------------------------------------------
+BLOCK = COMMON / "block"
+BLOCK_MODULES = tuple(sorted(BLOCK.glob("*.py")))
+
+
+def test_the_block_layer_is_where_this_test_looks():
+    assert {"blockdev", "catalogue", "nbd_server"} <= {p.stem for p in BLOCK_MODULES}
+
+
+def test_the_hvr_common_wide_check_covers_the_block_layer():
+    """The rglob of ``test_hvr_common_never_imports_the_daemons_or_the_cli`` reaches hvr_common/block."""
+    assert set(BLOCK_MODULES) <= set(COMMON.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", BLOCK_MODULES, ids=lambda p: p.name)
+def test_block_layer_does_not_import_the_agent(path):
+    """Both daemons serve block devices through it: it must not need the agent to do so."""
+    bad = {n for n in _imports_of(path) if _top(n) in ("hvr_agent", "hvr_listener")}
+    assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"

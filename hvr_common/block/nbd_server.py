@@ -1,13 +1,13 @@
 """The NBD server: an asyncio shell around :mod:`hvr_common.pure.nbd_protocol`.
 
-It feeds received bytes to the protocol core, executes the requests it emits
-against the export's :class:`~hvr_agent.tracker.TrackedDisk`, and writes the
-replies.  Requests that can complete synchronously (reads, writes to regions
-already marked in the write-intent bitmap) are answered within the same
-``data_received`` call, and all their replies leave in one ``writelines``;
-the rest (FLUSH, FUA, first writes to a region, which wait for an fdatasync)
-run as tasks and reply when done.  Replies may be out of order, as the
-protocol allows.
+It serves the exports of an :class:`~hvr_common.block.catalogue.ExportCatalogue`:
+it feeds received bytes to the protocol core, executes the requests it emits
+against the export's :class:`~hvr_common.block.blockdev.BlockDevice`, and
+writes the replies.  Requests that can complete synchronously (reads, writes
+the device can take at once) are answered within the same ``data_received``
+call, and all their replies leave in one write; the rest (FLUSH, FUA, TRIM,
+WRITE_ZEROES, writes the device must wait for) run as tasks and reply when
+done.  Replies may be out of order, as the protocol allows.
 
 A protocol violation closes only the offending connection, after logging it.
 """
@@ -19,21 +19,18 @@ import errno
 import itertools
 import logging
 
+from hvr_common.block.blockdev import BlockDevice
+from hvr_common.block.catalogue import ExportCatalogue
 from hvr_common.pure.errors import HvrError
-from hvr_common.shell.logs import event
 from hvr_common.pure.nbd_protocol import (
     BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH,
     CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, NEED_DATA,
-    STATE_HOLE, STATE_ZERO, Disconnect, NbdProtocolError, NbdServerConnection, Negotiated, Rejected,
-    Request,
+    STATE_HOLE, STATE_ZERO, Disconnect, ExportInfo, NbdProtocolError, NbdServerConnection, Negotiated,
+    Rejected, Request,
 )
-from hvr_agent.tracker import TrackedDisk
-from hvr_agent.vms import VmRegistry
-
-log = logging.getLogger("hvr.agent.nbd")
+from hvr_common.shell.logs import event
 
 MAX_INFLIGHT_TASKS = 256
-_conn_ids = itertools.count(1)
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -48,14 +45,23 @@ def _errno_of(exc: BaseException) -> int:
 
 
 class NbdServer:
-    """Owns the listening sockets and the live connections."""
+    """Owns the listening sockets and the live connections; serves ``catalogue``'s exports.
 
-    def __init__(self, registry: VmRegistry):
-        self.registry = registry
+    Events are logged to ``logger`` (the daemon names it).
+    """
+
+    def __init__(self, catalogue: ExportCatalogue, logger: logging.Logger):
+        self.catalogue = catalogue
+        self.log = logger
         self.connections: set[NbdConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.shutting_down = False
-        registry.on_remove.append(self.drop_vm)
+        self.connection_ids = itertools.count(1)
+        catalogue.on_withdrawn(self.drop_group)
+
+    def export_info(self, name: str) -> ExportInfo | None:
+        found = self.catalogue.lookup(name)
+        return found.info if found is not None else None
 
     def _factory(self):
         return NbdConnection(self)
@@ -71,11 +77,11 @@ class NbdServer:
         self.servers.append(srv)
         return srv.sockets[0].getsockname()[1]
 
-    def drop_vm(self, vm_name: str) -> None:
-        prefix = vm_name + "/"
+    def drop_group(self, group: str, reason: str) -> None:
+        """Close every connection to an export of ``group`` (its exports were withdrawn)."""
         for conn in list(self.connections):
-            if conn.export_name and conn.export_name.startswith(prefix):
-                conn.close("vm_removed")
+            if conn.group == group:
+                conn.close(reason)
 
     async def close(self) -> None:
         self.shutting_down = True
@@ -92,13 +98,14 @@ class NbdServer:
 class NbdConnection(asyncio.Protocol):
     def __init__(self, server: NbdServer):
         self.server = server
-        self.id = next(_conn_ids)
-        reg = server.registry
-        self.proto = NbdServerConnection(reg.lookup_export, reg.list_exports,
+        self.log = server.log
+        self.id = next(server.connection_ids)
+        self.proto = NbdServerConnection(server.export_info, server.catalogue.exports,
                                          shutting_down=lambda: server.shutting_down)
         self.transport: asyncio.Transport | None = None
-        self.disk: TrackedDisk | None = None
+        self.device: BlockDevice | None = None
         self.export_name: str | None = None
+        self.group: str | None = None
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
         self._disconnect_requested = False
@@ -121,7 +128,7 @@ class NbdConnection(asyncio.Protocol):
         for t in self.tasks:
             t.cancel()
         if self.export_name:
-            event(log, "nbd_disconnected", logging.DEBUG, conn=self.id, export=self.export_name)
+            event(self.log, "nbd_disconnected", logging.DEBUG, conn=self.id, export=self.export_name)
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -138,7 +145,7 @@ class NbdConnection(asyncio.Protocol):
     def close(self, why: str) -> None:
         if self.transport is not None and not self.closing:
             self.closing = True
-            event(log, "nbd_connection_closed", conn=self.id, export=self.export_name, reason=why)
+            event(self.log, "nbd_connection_closed", conn=self.id, export=self.export_name, reason=why)
             self.transport.close()
 
     async def wait_tasks(self) -> None:
@@ -159,10 +166,10 @@ class NbdConnection(asyncio.Protocol):
                         break
                     self._control_event(ev)
                 elif (ev.cmd == CMD_WRITE and not ev.flags and ev.length
-                      and self.disk.can_write_now(ev.offset, ev.length)):
-                    # The common case inline: a plain write to marked regions completes now.
+                      and self.device.can_write_now(ev.offset, ev.length)):
+                    # The common case inline: a plain write the device takes at once completes now.
                     try:
-                        self.disk.write_now(ev.offset, ev.data)
+                        self.device.write_now(ev.offset, ev.data)
                     except OSError as exc:
                         out.append(self._io_error_reply(ev, exc))
                     else:
@@ -175,7 +182,7 @@ class NbdConnection(asyncio.Protocol):
                 out.append(pending)
             if out:
                 self.transport.writelines(out)
-            event(log, "nbd_protocol_error", logging.WARNING, conn=self.id, peer=str(self.peer),
+            event(self.log, "nbd_protocol_error", logging.WARNING, conn=self.id, peer=str(self.peer),
                   export=self.export_name, error=str(exc))
             self.close("protocol_error")
             return
@@ -190,15 +197,16 @@ class NbdConnection(asyncio.Protocol):
 
     def _control_event(self, ev) -> None:
         if type(ev) is Negotiated:
-            disk = self.server.registry.disk_for_export(ev.export.name)
-            if disk is None:  # removed between lookup and now
+            found = self.server.catalogue.lookup(ev.export.name)
+            if found is None:  # withdrawn between lookup and now
                 raise NbdProtocolError(f"export {ev.export.name!r} disappeared")
-            self.disk = disk
-            self.export_name = ev.export.name
-            event(log, "nbd_connected", logging.DEBUG, conn=self.id, export=self.export_name,
+            self.device = found.device
+            self.export_name = found.name
+            self.group = found.group
+            event(self.log, "nbd_connected", logging.DEBUG, conn=self.id, export=self.export_name,
                   structured=ev.structured_replies)
         elif type(ev) is Rejected:
-            event(log, "nbd_request_rejected", logging.INFO, conn=self.id, export=self.export_name,
+            event(self.log, "nbd_request_rejected", logging.INFO, conn=self.id, export=self.export_name,
                   cmd=ev.cmd, offset=ev.offset, length=ev.length, errno=ev.error, reason=ev.message)
         elif type(ev) is Disconnect:
             # Replies still owed are sent by their tasks before the transport closes.
@@ -211,34 +219,34 @@ class NbdConnection(asyncio.Protocol):
         self.close("client_disconnect")
 
     def _dispatch(self, req: Request, out: list) -> None:
-        disk = self.disk
+        device = self.device
         cmd = req.cmd
         proto = self.proto
         try:
             if cmd == CMD_WRITE:
-                if not req.flags & CMD_FLAG_FUA and req.length and disk.can_write_now(req.offset, req.length):
-                    disk.write_now(req.offset, req.data)
+                if not req.flags & CMD_FLAG_FUA and req.length and device.can_write_now(req.offset, req.length):
+                    device.write_now(req.offset, req.data)
                     out.append(proto.reply_ok(req.handle))
                     return
-                self._spawn(req, disk.write(req.offset, req.data, bool(req.flags & CMD_FLAG_FUA)))
+                self._spawn(req, device.write(req.offset, req.data, bool(req.flags & CMD_FLAG_FUA)))
             elif cmd == CMD_READ:
                 if req.length:
-                    data = disk.pread(req.offset, req.length)
+                    data = device.pread(req.offset, req.length)
                     out.append(proto.read_reply_header(req.handle, req.offset, req.length))
                     out.append(data)
                 else:
                     out.append(proto.read_reply_header(req.handle, req.offset, 0))
             elif cmd == CMD_FLUSH:
-                if disk.read_only:
+                if device.read_only:
                     out.append(proto.reply_ok(req.handle))
                 else:
-                    self._spawn(req, disk.flush())
+                    self._spawn(req, device.flush())
             elif cmd == CMD_TRIM:
-                self._spawn(req, disk.trim(req.offset, req.length, bool(req.flags & CMD_FLAG_FUA)))
+                self._spawn(req, device.trim(req.offset, req.length, bool(req.flags & CMD_FLAG_FUA)))
             elif cmd == CMD_WRITE_ZEROES:
                 may_trim = not req.flags & CMD_FLAG_NO_HOLE
-                self._spawn(req, disk.write_zeroes(req.offset, req.length, may_trim,
-                                                   bool(req.flags & CMD_FLAG_FUA)))
+                self._spawn(req, device.write_zeroes(req.offset, req.length, may_trim,
+                                                     bool(req.flags & CMD_FLAG_FUA)))
             elif cmd == CMD_BLOCK_STATUS:
                 out.append(self._block_status(req))
             else:  # the protocol core only emits the commands above
@@ -247,7 +255,7 @@ class NbdConnection(asyncio.Protocol):
             out.append(self._io_error_reply(req, exc))
 
     def _io_error_reply(self, req: Request, exc: OSError) -> bytes:
-        event(log, "nbd_io_error", logging.ERROR, conn=self.id, export=self.export_name, cmd=req.cmd,
+        event(self.log, "nbd_io_error", logging.ERROR, conn=self.id, export=self.export_name, cmd=req.cmd,
               offset=req.offset, length=req.length, error=str(exc))
         return self.proto.reply_error(req.handle, _errno_of(exc), f"I/O error: {exc.strerror}")
 
@@ -256,7 +264,7 @@ class NbdConnection(asyncio.Protocol):
         ctx_id = next((i for i, name in proto.meta_contexts.items() if name == BASE_ALLOCATION), None)
         if ctx_id is None:
             return proto.reply_error(req.handle, EINVAL, "base:allocation was not negotiated")
-        runs = self.disk.extents(req.offset, req.length)
+        runs = self.device.extents(req.offset, req.length)
         extents = []
         for _off, length, is_data in runs:
             flags = 0 if is_data else (STATE_HOLE | STATE_ZERO)
@@ -300,11 +308,11 @@ class NbdConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except OSError as exc:
-            event(log, "nbd_io_error", logging.ERROR, conn=self.id, export=self.export_name, cmd=req.cmd,
+            event(self.log, "nbd_io_error", logging.ERROR, conn=self.id, export=self.export_name, cmd=req.cmd,
                   offset=req.offset, length=req.length, error=str(exc))
             reply = proto.reply_error(req.handle, _errno_of(exc), f"I/O error: {exc.strerror}")
         except HvrError as exc:
-            event(log, "nbd_request_failed", logging.ERROR, conn=self.id, export=self.export_name,
+            event(self.log, "nbd_request_failed", logging.ERROR, conn=self.id, export=self.export_name,
                   cmd=req.cmd, error=str(exc))
             reply = proto.reply_error(req.handle, EIO, exc.message)
         if self.transport is not None and not self.transport.is_closing():
