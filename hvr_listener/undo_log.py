@@ -1,0 +1,243 @@
+"""One recovery point's undo log file: capturing pre-images, and reading them back for views.
+
+The format is ``docs/undo-format.md`` (codec in :mod:`hvr_common.pure.undo`).
+An :class:`UndoLog` is either *open* (the capture target: it takes records)
+or *closed* (it has its END record).  Its index, one sorted list of disjoint
+records per disk, answers both "which bytes have no pre-image yet" (capture)
+and "where is the pre-image of these bytes" (views).
+
+Ordering (the undo log's commit rule): :meth:`capture` appends the
+pre-images and adds them to the index; the caller then calls :meth:`sync`
+and only after it overwrites the image.  A reader of a view that resolved a
+range to the image re-checks :attr:`UndoLog.epoch` of the history after
+reading (see :mod:`hvr_listener.point_view`), so a capture racing a read is
+never missed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from bisect import bisect_right
+from pathlib import Path
+
+from hvr_common.pure.errors import CorruptError
+from hvr_common.pure.undo import MAX_DATA_LENGTH, UndoEncoder, UndoHeader, UndoKind, UndoRecord
+from hvr_common.pure.undo_decoder import UndoDecoder
+from hvr_common.pure.hrl import NEED_DATA
+from hvr_common.shell import sparse
+from hvr_common.shell.files import fsync_dir
+
+CAPTURE_PIECE_BYTES = 4 * 1024 * 1024  # a pre-image is read and recorded in pieces of at most this
+READ_CHUNK = 8 * 1024 * 1024
+assert CAPTURE_PIECE_BYTES <= MAX_DATA_LENGTH
+
+
+class DiskIndex:
+    """The records of one disk in one log: sorted by offset, disjoint."""
+
+    __slots__ = ("starts", "records")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.records: list[UndoRecord] = []
+
+    def add(self, rec: UndoRecord) -> None:
+        i = bisect_right(self.starts, rec.offset)
+        if (i and self.records[i - 1].end > rec.offset) or (i < len(self.starts) and self.starts[i] < rec.end):
+            raise CorruptError(f"undo records overlap at offset {rec.offset} of disk {rec.disk_id}")
+        self.starts.insert(i, rec.offset)
+        self.records.insert(i, rec)
+
+    def split(self, offset: int, length: int) -> list[tuple[int, int, UndoRecord | None]]:
+        """``[offset, offset+length)`` as runs ``(offset, length, record or None)`` in offset order."""
+        end = offset + length
+        starts, records = self.starts, self.records
+        i = max(bisect_right(starts, offset) - 1, 0)
+        out: list[tuple[int, int, UndoRecord | None]] = []
+        cursor = offset
+        while cursor < end and i < len(records) and starts[i] < end:
+            rec = records[i]
+            if rec.end > cursor:
+                if rec.offset > cursor:
+                    out.append((cursor, rec.offset - cursor, None))
+                    cursor = rec.offset
+                stop = min(rec.end, end)
+                out.append((cursor, stop - cursor, rec))
+                cursor = stop
+            i += 1
+        if cursor < end:
+            out.append((cursor, end - cursor, None))
+        return out
+
+
+class UndoLog:
+    def __init__(self, path: Path, fd: int, header: UndoHeader, encoder: UndoEncoder | None, size_bytes: int):
+        self.path = path
+        self.fd = fd
+        self.header = header
+        self.encoder = encoder  # None once closed
+        self.size_bytes = size_bytes
+        self.disks: dict[uuid.UUID, DiskIndex] = {}
+
+    @property
+    def point_id(self) -> int:
+        return self.header.point_id
+
+    @property
+    def is_open(self) -> bool:
+        return self.encoder is not None
+
+    # --- opening ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, header: UndoHeader) -> UndoLog:
+        """A new, empty, open log (header durable, and its name in the directory)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        encoder = UndoEncoder(header)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, encoder.header_bytes(), 0)
+            os.fdatasync(fd)
+            fsync_dir(path.parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, header, encoder, encoder.position)
+
+    @classmethod
+    def open(cls, path: Path, *, may_be_open: bool) -> UndoLog:
+        """Read a log and index it.  An open log is cut at its valid length and resumed;
+        ``may_be_open`` False makes a missing END record an error (only the newest log may lack it)."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            decoder = UndoDecoder(keep_data=False)
+            records: list[UndoRecord] = []
+            pos = 0
+            summary = None
+            while summary is None:
+                chunk = os.pread(fd, READ_CHUNK, pos)
+                pos += len(chunk)
+                if chunk:
+                    decoder.receive_data(chunk)
+                while True:
+                    ev = decoder.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if isinstance(ev, UndoRecord):
+                        records.append(ev)
+                    elif not isinstance(ev, UndoHeader):
+                        summary = ev
+                        break
+                if summary is None and not chunk:
+                    summary = decoder.finish()
+            header = decoder.header
+            encoder = None
+            if not summary.clean:
+                if not may_be_open:
+                    summary.require_clean(f"undo log {path}")
+                if summary.torn_bytes:
+                    os.ftruncate(fd, summary.valid_length)
+                    os.fdatasync(fd)
+                encoder = UndoEncoder(header, resume=summary)
+            log = cls(path, fd, header, encoder, summary.valid_length)
+            for rec in records:
+                log._index(rec)
+            return log
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _index(self, rec: UndoRecord) -> None:
+        disk = self.disks.get(rec.disk_id)
+        if disk is None:
+            disk = self.disks[rec.disk_id] = DiskIndex()
+        disk.add(rec)
+
+    # --- capture -------------------------------------------------------------------------
+    def uncaptured(self, disk_id: uuid.UUID, offset: int, length: int) -> list[tuple[int, int]]:
+        disk = self.disks.get(disk_id)
+        if disk is None:
+            return [(offset, length)]
+        return [(o, n) for o, n, rec in disk.split(offset, length) if rec is None]
+
+    def capture(self, disk_id: uuid.UUID, image_fd: int, offset: int, length: int) -> int:
+        """Record the image's current contents of every uncaptured byte of the range (holes as
+        holes); return the bytes added to the log.  Not durable until :meth:`sync`."""
+        enc = self.encoder
+        if enc is None:
+            raise ValueError(f"undo log of point {self.point_id} is closed")
+        added = 0
+        out: list[bytes] = []
+        pending: list[UndoRecord] = []
+        start = enc.position
+        for off, n in self.uncaptured(disk_id, offset, length):
+            for run_off, run_len, is_data in sparse.data_extents(image_fd, off, n):
+                if not is_data:
+                    pos = enc.position
+                    out.append(enc.hole(disk_id, run_off, run_len))
+                    pending.append(UndoRecord(UndoKind.HOLE, disk_id, run_off, run_len, pos, 0))
+                    continue
+                for p in range(run_off, run_off + run_len, CAPTURE_PIECE_BYTES):
+                    piece = min(CAPTURE_PIECE_BYTES, run_off + run_len - p)
+                    data = os.pread(image_fd, piece, p)
+                    if len(data) < piece:
+                        data += bytes(piece - len(data))
+                    pos = enc.position
+                    out.append(enc.data(disk_id, p, data))
+                    out.append(data)
+                    pending.append(UndoRecord(UndoKind.DATA, disk_id, p, piece, pos, pos + len(out[-2])))
+        if out:
+            blob = b"".join(out)
+            _pwrite_all(self.fd, blob, start)
+            added = len(blob)
+            self.size_bytes += added
+            for rec in pending:  # only once the bytes are in the file: a view may read them at once
+                self._index(rec)
+        return added
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close_log(self, closed_ns: int) -> None:
+        """Append the END record and make the log durable: it takes no more records."""
+        enc = self.encoder
+        if enc is None:
+            return
+        end = enc.end(closed_ns)
+        _pwrite_all(self.fd, end, enc.position - len(end))
+        self.size_bytes += len(end)
+        os.fdatasync(self.fd)
+        self.encoder = None
+
+    # --- reading back ----------------------------------------------------------------------
+    def split(self, disk_id: uuid.UUID, offset: int, length: int) -> list[tuple[int, int, UndoRecord | None]]:
+        disk = self.disks.get(disk_id)
+        if disk is None:
+            return [(offset, length, None)]
+        return disk.split(offset, length)
+
+    def read(self, rec: UndoRecord, offset: int, length: int) -> bytes:
+        """The pre-image bytes ``[offset, offset+length)`` held by ``rec``."""
+        if rec.kind is UndoKind.HOLE:
+            return bytes(length)
+        data = os.pread(self.fd, length, rec.data_position + (offset - rec.offset))
+        if len(data) != length:
+            raise CorruptError(f"undo log {self.path} is shorter than its index says",
+                               hint="the file was changed behind the listener's back")
+        return data
+
+    def records(self) -> list[UndoRecord]:
+        return [rec for disk in self.disks.values() for rec in disk.records]
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
