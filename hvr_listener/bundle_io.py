@@ -28,11 +28,20 @@ BeforeOverwrite = Callable[[uuid.UUID, int, int, int], None]
 
 
 def fsync_dir(path: Path) -> None:
+    """Make the entries of a directory (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def unlink_if_exists(path: Path) -> None:
+    """Remove a file; one already gone is fine."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 class EarlyWriteback:
@@ -120,10 +129,7 @@ class SpoolWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        unlink_if_exists(self.path)
 
 
 class DirectWindowWriter:
