@@ -1,4 +1,4 @@
-"""Rules 1 and 2 of the style card, checked on the source code.
+"""Rules 1, 2 and 3 of the style card, checked on the source code.
 
 Rule 1, pure core: the pure modules of ``hvr_common`` import nothing that does
 I/O or concurrency (asyncio, aiohttp, aiofiles, socket, sqlite3, subprocess,
