@@ -1,15 +1,16 @@
-"""The listener's admin API: JSON over HTTP on a unix socket (mode 0600).
+"""The listener's admin API: JSON over HTTP on a unix socket (mode 0600); the HTTP shell only.
 
 * ``GET /v1/server``, ``PATCH /v1/server``      replica server settings
 * ``GET /v1/keys``, ``POST /v1/keys``, ``DELETE /v1/keys/{principal}``
 * ``GET /v1/replicas``, ``GET /v1/replicas/{name}``
+* ``DELETE /v1/replicas/{name}``, ``POST /v1/replicas/{name}/resume``
+  (the operator verbs: :mod:`hvr_listener.operator_verbs`)
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import shutil
 import binascii
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
-from hvr_common.pure.replication_state import Action, transition
+from hvr_listener import operator_verbs
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 from hvr_listener.store import ListenerStore, Replica
@@ -113,31 +114,16 @@ async def get_replica(request: web.Request) -> web.Response:
 async def remove_replica(request: web.Request) -> web.Response:
     """Remove-VMReplication on the replica: forget the VM (and with delete_storage, its files)."""
     name = request.match_info["name"]
-    service = request.app[SERVICE]
-    rep = await asyncio.to_thread(request.app[STORE].replica_by_name, name)
-    if rep is None:
-        raise NotFoundError(f"no replica VM named {name!r} on this server")
     delete_storage = request.query.get("delete_storage") in ("1", "true", "yes")
-    async with service.lock(rep.vm_id), service.image_lock(rep.vm_id):
-        await asyncio.to_thread(request.app[STORE].delete_replica, rep.vm_id)
-        if delete_storage:
-            await asyncio.to_thread(shutil.rmtree, rep.storage_dir, True)
-    event(log, "replica_removed", vm=name, vm_id=str(rep.vm_id), storage_deleted=delete_storage)
+    rep = await operator_verbs.remove_replica(request.app[SERVICE], name, delete_storage)
     return web.json_response({"removed": name, "storage_deleted": delete_storage,
                               "storage": str(rep.storage_dir)})
 
 
 async def resume_replica(request: web.Request) -> web.Response:
     """Leave Error once the cause is fixed: stored cycles are applied again."""
-    name = request.match_info["name"]
-    rep = await asyncio.to_thread(request.app[STORE].replica_by_name, name)
-    if rep is None:
-        raise NotFoundError(f"no replica VM named {name!r} on this server")
-    state = transition("replica", rep.state, Action.RECOVER)
-    await asyncio.to_thread(request.app[STORE].update_replica, rep.vm_id, state=state, state_detail=None)
-    request.app[SERVICE].wake_applier.set()
-    event(log, "replica_resumed", vm=name)
-    return web.json_response(replica_status(await asyncio.to_thread(request.app[STORE].replica_by_name, name)))
+    rep = await operator_verbs.resume_replica(request.app[SERVICE], request.match_info["name"])
+    return web.json_response(replica_status(rep))
 
 
 def make_app(settings: ServerSettings, store: ListenerStore,

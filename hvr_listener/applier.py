@@ -6,6 +6,11 @@ marked applied in SQLite: that is the commit point.  A crash before it
 leaves the cycle unapplied, and it is applied again from its durable file
 after the restart; records are absolute writes, so this is idempotent.
 A half-applied cycle is therefore never reported as applied.
+
+A stored cycle that cannot be applied (its bundle is damaged) is a permanent
+error: the replica fails (``fail``, through :mod:`hvr_listener.replica_state`)
+into Error with the reason; file-system and SQLite errors are transient and
+retried with backoff.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from hvr_common.pure.bundle import BundleKind
 from hvr_common.pure.errors import HvrError
 from hvr_common.shell.logs import event
 from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.shell.files import unlink_if_exists
 from hvr_listener.bundle_io import BeforeOverwrite, apply_bundle
 from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.replicas import ReplicaService
@@ -89,11 +95,11 @@ class Applier:
                 detail = f"applying cycle {row.sequence} failed: {exc}"
                 event(log, "apply_failed", logging.ERROR, vm=rep.name, seq=row.sequence, error=str(exc),
                       hint=f"hvrctl replica get {rep.name}; after fixing, hvrctl replica resume {rep.name}")
-                await asyncio.to_thread(self.store.update_replica, rep.vm_id, state=ReplicationState.ERROR,
-                                        state_detail=detail)
+                if not await asyncio.to_thread(self.service.states.fail, rep, detail):
+                    event(log, "apply_failed_replica_changed", logging.WARNING, vm=rep.name, seq=row.sequence)
                 return applied
             self._backoff_s = 0.0
-            await asyncio.to_thread(_unlink, row.path)
+            await asyncio.to_thread(unlink_if_exists, row.path)
             applied += 1
             event(log, "cycle_applied", vm=rep.name, seq=row.sequence, bytes=row.bytes,
                   latency_s=round(time.monotonic() - started, 6))
@@ -101,9 +107,3 @@ class Applier:
                 self.service.applied.notify_all()
         return applied
 
-
-def _unlink(path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

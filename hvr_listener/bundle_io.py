@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hvr_common.pure.bundle import BundleDecoder, BundleDone, BundleHeader
 from hvr_common.pure.hrl import NEED_DATA, Record
+from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.hrl_file import apply_record
 
 READ_CHUNK = 1024 * 1024
@@ -25,14 +26,6 @@ WRITEBACK_BYTES = 8 * 1024 * 1024
 # Called before a replica block is overwritten: (disk_id, fd, offset, length).
 # Recovery history hooks in here to save pre-images (first overwrite only).
 BeforeOverwrite = Callable[[uuid.UUID, int, int, int], None]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EarlyWriteback:
@@ -120,10 +113,7 @@ class SpoolWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        unlink_if_exists(self.path)
 
 
 class DirectWindowWriter:

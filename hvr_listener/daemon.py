@@ -19,6 +19,7 @@ from hvr_common.shell.state_lock import StateLock
 from hvr_common.shell.unix_socket import release_socket_path
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
+from hvr_common.shell.files import unlink_if_exists
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 from hvr_listener.store import ListenerStore
@@ -33,7 +34,7 @@ def cleanup_leftovers(store: ListenerStore) -> int:
     removed = 0
     for rep in store.replicas():
         for part in (rep.storage_dir / "incoming").glob("*.part"):
-            part.unlink(missing_ok=True)
+            unlink_if_exists(part)
             removed += 1
         for row in store.cycle_history(rep.vm_id):
             if row.applied_ns is not None and row.path.exists():

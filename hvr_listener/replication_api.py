@@ -20,9 +20,9 @@ from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.http_errors import status_for
 from hvr_common.shell.http_middleware import error_middleware
 from hvr_common.pure.token_auth import CONTENT_DIGEST_HEADER, AuthError, ReplayCache, verify
-from hvr_listener.replicas import (
-    BodyError, ForbiddenError, LengthRequiredError, ReplicaService, TooLargeError,
-)
+from hvr_listener.body_feed import BodyError, LengthRequiredError, TooLargeError
+from hvr_listener.replica_access import ForbiddenError
+from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 
 log = logging.getLogger("hvr.listener.api")

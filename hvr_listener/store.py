@@ -3,6 +3,12 @@
 Synchronous short transactions; the daemon calls them via ``asyncio.to_thread``.
 The commit point of a received cycle is :meth:`ListenerStore.record_cycle`;
 of an applied cycle :meth:`ListenerStore.mark_applied`.
+
+The store persists a replica's replication state but never decides it: the
+methods that write it (:meth:`ListenerStore.create_replica`,
+:meth:`ListenerStore.change_replica_state`,
+:meth:`ListenerStore.advance_initial_offset`) write the state they are given
+and are called only by :mod:`hvr_listener.replica_state`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,13 +206,15 @@ class ListenerStore(StateDatabase):
             return [self._replica_from_row(r) for r in rows]
 
     def create_replica(self, vm_id: uuid.UUID, name: str, principal: str, generation: int, frequency_s: int,
-                       compression: bool, storage_dir: Path, disks: list[tuple[uuid.UUID, str, int, Path]]) -> None:
+                       compression: bool, storage_dir: Path, disks: list[tuple[uuid.UUID, str, int, Path]], *,
+                       state: ReplicationState) -> None:
+        """Insert a replica in ``state`` (decided by :mod:`hvr_listener.replica_state`) with its disks."""
         with self._lock, self.transaction():
             try:
                 self._db.execute(
                     "INSERT INTO replicas (vm_id, name, principal, generation, state, frequency_s, compression, "
                     "storage_dir, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (str(vm_id), name, principal, generation, ReplicationState.WAITING_FOR_INITIAL_REPLICATION.value,
+                    (str(vm_id), name, principal, generation, ReplicationState(state).value,
                      frequency_s, int(compression), str(storage_dir), time.time_ns()))
             except sqlite3.IntegrityError:
                 raise ConflictError(f"a replica named {name!r} already exists for another VM",
@@ -214,25 +223,38 @@ class ListenerStore(StateDatabase):
                 self._db.execute("INSERT INTO replica_disks (vm_id, disk_id, name, size_bytes, path, position) "
                                  "VALUES (?, ?, ?, ?, ?, ?)", (str(vm_id), str(disk_id), dname, size, str(path), pos))
 
-    def update_replica(self, vm_id: uuid.UUID, **fields) -> None:
-        if "state" in fields:
-            fields["state"] = ReplicationState(fields["state"]).value
-        cols = ", ".join(f"{k}=?" for k in fields)
+    # Columns a state change may set together with ``state``.
+    _STATE_CHANGE_FIELDS = frozenset({"state_detail", "next_sequence", "last_received_sequence",
+                                      "last_applied_sequence", "last_replication_ns", "last_applied_ns"})
+
+    def change_replica_state(self, vm_id: uuid.UUID, created_ns: int, old: ReplicationState,
+                             new: ReplicationState, **fields) -> bool:
+        """Write ``new`` (and ``fields``) only while the replica is the one created at ``created_ns`` and in ``old``.
+
+        True if it was written; False if that replica is gone or its state moved meanwhile.
+        """
+        unknown = set(fields) - self._STATE_CHANGE_FIELDS
+        if unknown:
+            raise ValueError(f"not state columns: {sorted(unknown)}")
+        cols = ", ".join(f"{k}=?" for k in ("state", *fields))
         with self._lock:
-            self._db.execute(f"UPDATE replicas SET {cols} WHERE vm_id=?", (*fields.values(), str(vm_id)))
+            cur = self._db.execute(f"UPDATE replicas SET {cols} WHERE vm_id=? AND created_ns=? AND state=?",
+                                   (ReplicationState(new).value, *fields.values(), str(vm_id), created_ns,
+                                    ReplicationState(old).value))
+            return cur.rowcount == 1
 
     def advance_initial_offset(self, vm_id: uuid.UUID, created_ns: int, disk_id: uuid.UUID, generation: int,
-                               start: int, end: int) -> tuple[int, ReplicationState, int] | None:
+                               start: int, end: int,
+                               decide: Callable[[ReplicationState], ReplicationState | None],
+                               ) -> tuple[int, ReplicationState, int] | None:
         """Move a disk's durable initial offset to ``end``, in one transaction with its conditions.
 
         It moves only while the replica is the one created at ``created_ns``, at
-        ``generation``, in initial replication, and the offset lies in
-        ``[start, end)``; the replica is then ``InitialReplicationInProgress``.
+        ``generation``, the offset lies in ``[start, end)`` and ``decide`` (given
+        the replica's state) names the state to write with it (None: no move).
         Returns (generation, state, offset) as they are afterwards, or None if
         that replica or disk is gone.
         """
-        initial = (ReplicationState.WAITING_FOR_INITIAL_REPLICATION.value,
-                   ReplicationState.INITIAL_REPLICATION_IN_PROGRESS.value)
         with self._lock, self.transaction():
             row = self._db.execute(
                 "SELECT r.generation, r.state, d.initial_offset FROM replicas r JOIN replica_disks d "
@@ -241,13 +263,14 @@ class ListenerStore(StateDatabase):
             if row is None:
                 return None
             gen, state, offset = row
-            if gen == generation and state in initial and start <= offset < end:
+            state = ReplicationState(state)
+            new = decide(state) if gen == generation and start <= offset < end else None
+            if new is not None:
                 self._db.execute("UPDATE replica_disks SET initial_offset=? WHERE vm_id=? AND disk_id=?",
                                  (end, str(vm_id), str(disk_id)))
-                state = ReplicationState.INITIAL_REPLICATION_IN_PROGRESS.value
-                self._db.execute("UPDATE replicas SET state=? WHERE vm_id=?", (state, str(vm_id)))
-                offset = end
-            return gen, ReplicationState(state), offset
+                self._db.execute("UPDATE replicas SET state=? WHERE vm_id=?", (ReplicationState(new).value, str(vm_id)))
+                state, offset = ReplicationState(new), end
+            return gen, state, offset
 
     def delete_replica(self, vm_id: uuid.UUID) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ import pytest
 from bundles import bundle, hrl_bytes
 from hvr_common.pure.bundle import BundleDecoder, BundleKind
 from hvr_listener.bundle_io import IOV_MAX, SpoolWriter
-from hvr_listener.replicas import feed_pipelined
+from hvr_listener.body_feed import feed_pipelined
 
 PIECE = 1000
 

@@ -1,10 +1,11 @@
-"""Rules 1 and 2 of the style card, checked on the source code.
+"""Rules 1, 2 and 3 of the style card, checked on the source code.
 
 Rule 1, pure core: the pure modules of ``hvr_common`` import nothing that does
 I/O or concurrency (asyncio, aiohttp, aiofiles, socket, sqlite3, subprocess,
 threading) and nothing from the daemons or the CLI; no module of
 ``hvr_common`` at all imports the daemons or the CLI.  Rule 2: no package has
-a ``utils``, ``helpers`` or ``misc`` module.
+a ``utils``, ``helpers`` or ``misc`` module.  Rule 3 on the listener: only
+``hvr_listener/replica_state.py`` writes a replica's replication state.
 
 Imports are read with :mod:`ast`, so nothing is imported or executed and an
 import hidden in a function, an ``if`` or an ``importlib.import_module("...")``
@@ -14,6 +15,7 @@ call is still seen.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,96 @@ def test_block_layer_does_not_import_the_agent(path):
     """Both daemons serve block devices through it: it must not need the agent to do so."""
     bad = {n for n in _imports_of(path) if _top(n) in ("hvr_agent", "hvr_listener")}
     assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+# --- the listener's replica state has one writer ------------------------------------
+# Only hvr_listener/replica_state.py changes a replica's state (and state_detail): it decides
+# through the transition table, the store persists.  The store methods that write the state are
+# found in the store's SQL, not listed by hand; no other listener module may name them, pass
+# state= or state_detail= to update_replica, or carry SQL that writes the state.
+LISTENER = REPO / "hvr_listener"
+STATE_MODULE = LISTENER / "replica_state.py"
+STORE_MODULE = LISTENER / "store.py"
+_STATE_SQL = re.compile(r"\bINSERT\s+INTO\s+replicas\b|\bUPDATE\s+replicas\s+SET\s+((?!\bWHERE\b).)*"
+                        r"(\bstate(_detail)?\b|\{\})", re.IGNORECASE | re.DOTALL)
+_STATE_KEYWORDS = frozenset({"state", "state_detail"})
+
+
+def _sql_text(node: ast.AST) -> str | None:
+    """The text of a string literal; an f-string's replacement fields become ``{}`` (any column)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    return None
+
+
+def writes_state_sql(node: ast.AST) -> bool:
+    text = _sql_text(node)
+    return text is not None and _STATE_SQL.search(text) is not None
+
+
+def store_state_writers(store_source: str) -> set[str]:
+    """The methods of the store whose SQL writes a replica's state."""
+    tree = ast.parse(store_source)
+    return {fn.name for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and any(writes_state_sql(n) for n in ast.walk(fn))}
+
+
+def state_writes(source: str, writers: set[str], *, sql: bool = True) -> list[str]:
+    """Every place in ``source`` that writes a replica's state (``line: what``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in writers:
+            found.append(f"{node.lineno}: .{node.attr}")  # a call, or handed to a thread
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in writers:
+            found.append(f"{node.lineno}: {node.value!r}")  # getattr(store, "...")
+        elif isinstance(node, ast.Call):
+            named = {a.attr for a in (node.func, *node.args) if isinstance(a, ast.Attribute)}
+            keywords = {k.arg for k in node.keywords} & _STATE_KEYWORDS
+            if "update_replica" in named and keywords:
+                found.append(f"{node.lineno}: update_replica({', '.join(sorted(keywords))}=...)")
+        if sql and writes_state_sql(node):
+            found.append(f"{node.lineno}: SQL writing the state")
+    return sorted(found, key=lambda f: int(f.split(":")[0]))
+
+
+_PLANTED_STATE_WRITES = '''
+async def fail(store, rep, detail):
+    await asyncio.to_thread(store.update_replica, rep.vm_id, state=ReplicationState.ERROR, state_detail=detail)
+    store.update_replica(rep.vm_id, state_detail=None)
+    store.change_replica_state(rep.vm_id, rep.created_ns, rep.state, ReplicationState.REPLICATING)
+    getattr(store, "advance_initial_offset")(rep.vm_id, 0, None, 1, 0, 1, None)
+    store._db.execute("UPDATE replicas SET next_sequence=?, state=? WHERE vm_id=?", (1, "Error", rep.vm_id))
+    store._db.execute(f"UPDATE replicas SET {cols} WHERE vm_id=?", values)
+'''
+
+
+def test_the_state_writers_are_found_in_the_store_sql():
+    assert store_state_writers(STORE_MODULE.read_text(encoding="utf-8")) == {
+        "create_replica", "change_replica_state", "advance_initial_offset"}
+    assert store_state_writers('def f(db):\n    db.execute("UPDATE replicas SET last_applied_sequence=? '
+                               'WHERE vm_id=? AND state=?")\n') == set()
+
+
+def test_the_state_write_checker_finds_every_planted_write():
+    writers = {"create_replica", "change_replica_state", "advance_initial_offset"}
+    found = state_writes(_PLANTED_STATE_WRITES, writers)
+    assert [f.split(":")[0] for f in found] == ["3", "4", "5", "6", "7", "8"], found
+
+
+def test_the_state_write_checker_passes_progress_writes():
+    clean = ('store.record_cycle(vm_id, 1, 1, digest, 10, path, 0)\n'
+             'store.update_replica(vm_id, next_sequence=2)\n'
+             'db.execute("UPDATE replicas SET last_applied_sequence=? WHERE vm_id=? AND state=?")\n'
+             'status = {"state": rep.state.value, "state_detail": rep.state_detail}\n')
+    assert state_writes(clean, {"create_replica", "change_replica_state", "advance_initial_offset"}) == []
+
+
+@pytest.mark.parametrize("path", sorted(p for p in LISTENER.glob("*.py") if p != STATE_MODULE),
+                         ids=lambda p: p.name)
+def test_only_the_replica_state_module_writes_replica_state(path):
+    writers = store_state_writers(STORE_MODULE.read_text(encoding="utf-8"))
+    # the store holds the writers' SQL (their bodies); it must not call them itself
+    found = state_writes(path.read_text(encoding="utf-8"), writers, sql=path != STORE_MODULE)
+    assert not found, f"{path.relative_to(REPO)} writes replica state outside replica_state.py: {found}"

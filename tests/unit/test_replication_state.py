@@ -54,3 +54,41 @@ def test_primary_lifecycle_end_to_end():
 def test_states_serialise_as_hyper_v_names():
     assert str(ReplicationState.READY_FOR_INITIAL_REPLICATION) == "ReadyForInitialReplication"
     assert ReplicationState("WaitingForInitialReplication") is ReplicationState.WAITING_FOR_INITIAL_REPLICATION
+
+
+def test_replica_lifecycle_end_to_end():
+    """The listener's path: enabled, windows stored, initial copy completed, a cycle that cannot be
+    applied, the operator's resume."""
+    s = transition("replica", None, Action.ENABLE)
+    assert s == "WaitingForInitialReplication"
+    for action, expected in [(Action.ENABLE, "WaitingForInitialReplication"),
+                             (Action.START_INITIAL, "InitialReplicationInProgress"),
+                             (Action.START_INITIAL, "InitialReplicationInProgress"),
+                             (Action.COMPLETE_INITIAL, "Replicating"),
+                             (Action.COMPLETE_INITIAL, "Replicating"),
+                             (Action.FAIL, "Error"), (Action.RECOVER, "Replicating")]:
+        s = transition("replica", s, action)
+        assert s == expected
+
+
+@pytest.mark.parametrize("state", [ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+                                   ReplicationState.INITIAL_REPLICATION_IN_PROGRESS, ReplicationState.ERROR])
+def test_a_replica_fails_only_while_replicating(state):
+    """Only the applier fails a replica, and it applies only Replicating ones: an initial window
+    that cannot be stored is refused to its sender, the state stays."""
+    with pytest.raises(InvalidTransition):
+        transition("replica", state, Action.FAIL)
+
+
+@pytest.mark.parametrize("state", [None, *(s for s in ReplicationState if s is not ReplicationState.ERROR)])
+def test_the_operator_resumes_a_replica_only_from_error(state):
+    assert Action.RECOVER not in allowed_actions("replica", state)
+    with pytest.raises(InvalidTransition) as info:
+        transition("replica", state, Action.RECOVER)
+    assert "cannot recover" in info.value.message
+
+
+def test_a_replica_completes_its_initial_copy_only_once_a_window_was_stored():
+    """A replica still waiting has no durable window, so its initial copy cannot be complete."""
+    with pytest.raises(InvalidTransition):
+        transition("replica", ReplicationState.WAITING_FOR_INITIAL_REPLICATION, Action.COMPLETE_INITIAL)

@@ -1,0 +1,92 @@
+"""Receiving a cycle (``PUT /v1/replicas/{vm_id}/cycles/{sequence}``): durable before it is acknowledged.
+
+The body is received into a spool file under the VM's lock (cycles arrive
+strictly in order), made durable, renamed into ``cycles/`` and recorded: the
+record is the commit point of a received cycle.  The applier is woken after
+every attempt, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from hvr_common.pure.bundle import BundleDecoder, BundleHeader, BundleKind
+from hvr_common.pure.errors import HvrError
+from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.shell.logs import event
+from hvr_common.shell.threads import finish_in_thread
+from hvr_listener.body_feed import as_body_error, check_length, feed_checked
+from hvr_listener.bundle_io import SpoolWriter, commit_file
+from hvr_listener.replica_access import ReplicaAccess, check_generation, conflict
+from hvr_listener.store import ListenerStore, Replica
+
+log = logging.getLogger("hvr.listener.replicas")
+
+
+class CycleReceipt:
+    def __init__(self, access: ReplicaAccess, max_bundle_bytes: int, wake_applier: asyncio.Event):
+        self.access = access
+        self.store = access.store
+        self.max_bundle_bytes = max_bundle_bytes
+        self.wake_applier = wake_applier
+
+    async def receive(self, vm_id: uuid.UUID, sequence: int, principal: str, generation: int,
+                      length: int | None, digest: str, body: AsyncIterator[bytes]) -> tuple[bool, Replica]:
+        """Store a cycle durably.  Returns (created, replica)."""
+        try:
+            return await self._receive(vm_id, sequence, principal, generation, length, digest, body)
+        finally:
+            self.wake_applier.set()  # whatever happened, a stored cycle must not wait for the next one
+
+    async def _receive(self, vm_id, sequence, principal, generation, length, digest, body):
+        async with await self.access.locked(vm_id, principal):
+            rep = await self.access.get(vm_id, principal)
+            check_generation(rep, generation)
+            if rep.state != ReplicationState.REPLICATING:
+                raise conflict("wrong_state", f"VM {rep.name} is {rep.state}, not Replicating")
+            if sequence <= rep.last_received_sequence:
+                row = await asyncio.to_thread(self.store.cycle, vm_id, sequence)
+                if row is not None and row.digest == digest and row.generation == generation:
+                    return False, rep
+                raise conflict("out_of_order", f"cycle {sequence} of VM {rep.name} was already received "
+                               f"with other contents", expected=rep.next_sequence)
+            if sequence != rep.next_sequence:
+                raise conflict("out_of_order", f"cycle {sequence} of VM {rep.name} is out of order; "
+                               f"expected {rep.next_sequence}", expected=rep.next_sequence)
+            expect = {"vm_id": vm_id, "generation": rep.generation, "sequence": sequence, "kind": BundleKind.CYCLE,
+                      "disks": {d.disk_id: d.size_bytes for d in rep.disks}}
+            spool = rep.storage_dir / "incoming" / f"cycle-{sequence}.{secrets.token_hex(4)}.part"
+            header = await self._receive_spool(spool, length, digest, expect, body)
+            final = rep.storage_dir / "cycles" / f"{sequence:010d}.bundle"
+            await finish_in_thread(_commit_cycle, self.store, spool, final, vm_id, sequence, generation, digest,
+                                   length or 0, header.created_ns)
+        event(log, "cycle_received", vm=rep.name, seq=sequence, bytes=length)
+        return True, await self.access.get(vm_id)
+
+    async def _receive_spool(self, spool: Path, length: int | None, digest: str, expect: dict,
+                             body: AsyncIterator[bytes]) -> BundleHeader:
+        check_length(length, self.max_bundle_bytes)
+        decoder = BundleDecoder(keep_data=False, max_bytes=length, expect=expect)
+        writer = await finish_in_thread(SpoolWriter, spool, decoder)
+        try:
+            await feed_checked(writer, body, length, digest)
+            done = await finish_in_thread(writer.finish)
+        except HvrError as exc:
+            await finish_in_thread(writer.abort)
+            raise as_body_error(exc) from None
+        except BaseException:
+            await finish_in_thread(writer.abort)
+            raise
+        return done.header
+
+
+def _commit_cycle(store: ListenerStore, spool: Path, final: Path, vm_id, sequence, generation, digest,
+                  nbytes, created_ns) -> None:
+    """Rename the durable spool into place, then record it: the commit point of a received cycle."""
+    commit_file(spool, final)
+    store.record_cycle(vm_id, sequence, generation, digest, nbytes, final, created_ns)
