@@ -22,8 +22,11 @@ from bisect import bisect_right
 from pathlib import Path
 
 from hvr_common.pure.errors import CorruptError
-from hvr_common.pure.undo import MAX_DATA_LENGTH, UndoEncoder, UndoHeader, UndoKind, UndoRecord
+from hvr_common.pure.undo import (
+    MAX_DATA_LENGTH, MERGING_SUFFIX, UndoEncoder, UndoHeader, UndoKind, UndoRecord, file_name,
+)
 from hvr_common.pure.undo_decoder import UndoDecoder
+from hvr_common.pure.undo_merge import merge_plan, merged_header
 from hvr_common.pure.hrl import NEED_DATA
 from hvr_common.shell import sparse
 from hvr_common.shell.files import fsync_dir
@@ -241,3 +244,45 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
+    """Merge two closed logs into a new log for the older point (``docs/undo-format.md``, "Merging").
+
+    The merged log is written beside them as ``.undo.merging``, made durable,
+    renamed over the older log's name and the directory fsynced; the caller
+    then forgets ``newer`` in the database and deletes its file.  Returns the
+    merged log, opened afresh: ``older`` and ``newer`` keep their descriptors
+    (a view may still be reading them) until the caller closes them.
+    """
+    if older.is_open or newer.is_open:
+        raise ValueError("only closed undo logs are merged")
+    encoder = UndoEncoder(merged_header(older.header, newer.header))
+    final = older.path
+    tmp = final.with_name(file_name(older.point_id, MERGING_SUFFIX))
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        pos = 0
+        buf = bytearray(encoder.header_bytes())
+        for piece in merge_plan(older.records(), newer.records()):
+            if piece.kind is UndoKind.HOLE:
+                buf += encoder.hole(piece.disk_id, piece.offset, piece.length)
+            else:
+                source = older if piece.from_older else newer
+                data = os.pread(source.fd, piece.length, piece.source)
+                if len(data) != piece.length:
+                    raise CorruptError(f"undo log {source.path} is shorter than its index says")
+                buf += encoder.data(piece.disk_id, piece.offset, data)
+                buf += data
+            if len(buf) >= READ_CHUNK:
+                _pwrite_all(fd, buf, pos)
+                pos += len(buf)
+                buf.clear()
+        buf += encoder.end(closed_ns)
+        _pwrite_all(fd, buf, pos)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return UndoLog.open(final, may_be_open=False)

@@ -198,3 +198,31 @@ def test_overlay_of_a_huge_device_costs_nothing_to_create(tmp_path):
     asyncio.run(ov.write(10 << 30, b"x" * 4096))
     assert ov.pread(10 << 30, 4096) == b"x" * 4096 and ov.delta_bytes <= 64 * 1024
     ov.discard()
+
+
+def test_merging_two_closed_logs_keeps_the_older_point_reachable(tmp_path, image):
+    from hvr_listener.undo_log import merge_files
+    fd, model = image
+    rng = random.Random(5)
+    hist = History()
+    truths = {}
+    for point in (1, 2, 3):
+        if hist.logs:
+            hist.logs[-1].close_log(7)
+        truths[point] = bytes(model)
+        hist.logs.append(UndoLog.create(tmp_path / f"{point:020d}.undo", header(point, point)))
+        for _ in range(10):
+            off = rng.randrange(0, SIZE - 50000)
+            overwrite(hist, hist.logs[-1], fd, model, off, rng.randbytes(rng.randrange(1, 50000)))
+    a, b, c = hist.logs
+    merged = merge_files(a, b, 9)
+    assert merged.header.merged_through == 2 and not merged.is_open
+    assert not (tmp_path / f"{1:020d}.undo.merging").exists()
+    hist.logs = [merged, c]
+    assert PointView(hist, 1, DISK, fd, SIZE).pread(0, SIZE) == truths[1]
+    assert PointView(hist, 3, DISK, fd, SIZE).pread(0, SIZE) == truths[3]
+    # the old descriptors still read the old files' contents (a view may be mid-read)
+    for rec in a.records():
+        assert a.read(rec, rec.offset, rec.length) == truths[1][rec.offset:rec.end]
+    for log in (a, b):
+        log.close_fd()
