@@ -7,11 +7,12 @@ memory stays bounded by one chunk plus one record.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from hvr_common.pure.bundle import BundleDecoder, BundleDone, BundleHeader
 from hvr_common.pure.hrl import NEED_DATA, Record
@@ -23,9 +24,17 @@ READ_CHUNK = 1024 * 1024
 # fsync that ends an upload waits for the tail only, not for the whole body.
 WRITEBACK_BYTES = 8 * 1024 * 1024
 
-# Called before a replica block is overwritten: (disk_id, fd, offset, length).
-# Recovery history hooks in here to save pre-images (first overwrite only).
-BeforeOverwrite = Callable[[uuid.UUID, int, int, int], None]
+CAPTURE_BATCH_BYTES = 32 * 1024 * 1024  # records held back while their pre-images are made durable
+
+
+class CaptureSink(Protocol):
+    """Recovery history's capture of pre-images (:class:`hvr_listener.recovery_history.Capture`)."""
+
+    def capture(self, disk_id: uuid.UUID, image_fd: int, offset: int, length: int) -> None:
+        """Save the image's current bytes of the range (those not saved yet); durable only after commit."""
+
+    def commit(self) -> None:
+        """Make everything captured durable: the captured ranges may be overwritten after this returns."""
 
 
 class EarlyWriteback:
@@ -185,13 +194,16 @@ def commit_file(spool: Path, final: Path) -> None:
 
 
 def apply_bundle(path: Path, images: dict[uuid.UUID, Path], expect: dict,
-                 before_overwrite: BeforeOverwrite | None = None) -> BundleHeader:
+                 capture: CaptureSink | None = None) -> BundleHeader:
     """Apply every record of a stored bundle to the replica images, then fdatasync them.
 
     Records are absolute writes, so applying the same bundle again is
-    harmless: an interrupted apply is simply run again.
+    harmless: an interrupted apply is simply run again.  With ``capture``,
+    records are applied in batches: the pre-images of a batch are captured and
+    made durable before any record of it is written (``docs/recovery-history.md``).
     """
     fds: dict[uuid.UUID, int] = {}
+    batch = _Batch(capture) if capture is not None else None
     try:
         for disk_id, image in images.items():
             fds[disk_id] = os.open(image, os.O_RDWR | os.O_CLOEXEC)
@@ -210,9 +222,14 @@ def apply_bundle(path: Path, images: dict[uuid.UUID, Path], expect: dict,
                         header = ev
                     elif isinstance(ev, tuple):
                         idx, rec = ev
-                        disk_id = header.disks[idx].disk_id
-                        _apply_record(fds[disk_id], disk_id, rec, before_overwrite)
+                        if batch is None:
+                            apply_record(fds[header.disks[idx].disk_id], rec)
+                        else:
+                            disk_id = header.disks[idx].disk_id
+                            batch.add(disk_id, fds[disk_id], rec)
                     elif isinstance(ev, BundleDone):
+                        if batch is not None:
+                            batch.apply()
                         for fd in fds.values():
                             os.fdatasync(fd)
                         return header
@@ -224,12 +241,34 @@ def apply_bundle(path: Path, images: dict[uuid.UUID, Path], expect: dict,
             os.close(fd)
 
 
+class _Batch:
+    """Records held back until their pre-images are durable (their lent data copied)."""
+
+    def __init__(self, capture: CaptureSink):
+        self.capture = capture
+        self.records: list[tuple[uuid.UUID, int, Record]] = []
+        self.bytes = 0
+
+    def add(self, disk_id: uuid.UUID, fd: int, rec: Record) -> None:
+        if rec.data is not None:
+            rec = dataclasses.replace(rec, data=bytes(rec.data))
+            self.bytes += rec.length
+        self.records.append((disk_id, fd, rec))
+        if self.bytes >= CAPTURE_BATCH_BYTES:
+            self.apply()
+
+    def apply(self) -> None:
+        if not self.records:
+            return
+        for disk_id, fd, rec in self.records:
+            self.capture.capture(disk_id, fd, rec.offset, rec.length)
+        self.capture.commit()
+        for _, fd, rec in self.records:
+            apply_record(fd, rec)
+        self.records.clear()
+        self.bytes = 0
+
+
 def _finish_events(dec: BundleDecoder):
     ev = dec.next_event()
     return None if ev is NEED_DATA else ev
-
-
-def _apply_record(fd: int, disk_id: uuid.UUID, rec: Record, hook: BeforeOverwrite | None) -> None:
-    if hook is not None:
-        hook(disk_id, fd, rec.offset, rec.length)
-    apply_record(fd, rec)

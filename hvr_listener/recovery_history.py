@@ -1,0 +1,213 @@
+"""The recovery history of one replica VM: its points, their undo logs, capture during apply, thinning.
+
+The rules (which point captures, which are dropped, in which steps) are pure
+(:mod:`hvr_common.pure.recovery_points`); this module does the I/O they call
+for, in this order:
+
+* **Before a cycle applies** (:meth:`VmHistory.prepare_capture`, worker
+  thread, image lock held): if the newest point's capturing is undecided,
+  decide it and store the decision; when it captures, its undo log is
+  created (header durable) and then the previous capture target's log is
+  closed.  A re-applied cycle finds the decision stored and captures into
+  the same log, whose index was rebuilt from the file at start (``load``
+  creates a decided target's missing log and closes a log left open that is
+  no longer the target).
+* **During apply** (:class:`Capture`): for each batch of records, the
+  uncaptured bytes' pre-images are appended, the log is fdatasync'd and the
+  epoch bumped, and only then are the records written to the image.
+* **After apply**: the store's ``mark_applied`` creates the point of the
+  cycle in the same transaction and deletes a superseded point (one that
+  did not capture and is no longer the latest).
+* **Thinning** (:meth:`VmHistory.drop`): merges run file work in a thread and
+  swap logs on the event loop, so a view reading on the loop never sees a
+  closed descriptor.
+
+``epoch`` is what :class:`~hvr_listener.point_view.PointView` re-checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from hvr_common.pure.errors import CorruptError
+from hvr_common.pure.recovery_points import (
+    DropStep, HistorySettings, Point, StepKind, capture_target, decide_capturing, drop_steps, points_to_drop,
+    reach_order,
+)
+from hvr_common.pure.undo import FILE_SUFFIX, MERGING_SUFFIX, UndoHeader, file_name
+from hvr_common.pure.undo_merge import superseded
+from hvr_common.shell.files import fsync_dir, unlink_if_exists
+from hvr_common.shell.logs import event
+from hvr_listener.undo_log import UndoLog, merge_files
+
+log = logging.getLogger("hvr.listener.history")
+
+POINTS_DIR = "points"
+
+
+class Capture:
+    """The capture of one cycle's apply into the target point's undo log (worker thread)."""
+
+    def __init__(self, history: VmHistory, target: UndoLog):
+        self.history = history
+        self.target = target
+        self.bytes = 0
+
+    def capture(self, disk_id: uuid.UUID, image_fd: int, offset: int, length: int) -> None:
+        self.bytes += self.target.capture(disk_id, image_fd, offset, length)
+
+    def commit(self) -> None:
+        """Make every pre-image captured so far durable; the image may be overwritten after this."""
+        self.target.sync()
+        self.history.epoch += 1
+
+
+class VmHistory:
+    """Points and open undo logs of one replica VM."""
+
+    def __init__(self, vm_id: uuid.UUID, name: str, points_dir: Path, store):
+        self.vm_id = vm_id
+        self.name = name
+        self.dir = points_dir
+        self.store = store
+        self.points: tuple[Point, ...] = ()
+        self.logs: dict[int, UndoLog] = {}
+        self.epoch = 0
+        self.retired: list[UndoLog] = []  # replaced logs whose descriptors views may still hold
+
+    # --- start ---------------------------------------------------------------------------
+    def load(self) -> None:
+        """Read the points from the store and the logs from disk, finishing what a crash interrupted
+        (worker thread, at start, before any apply or view)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        points = self.store.points(self.vm_id)
+        for p in self.dir.glob("*" + MERGING_SUFFIX):
+            unlink_if_exists(p)
+        files = {int(p.name[:-len(FILE_SUFFIX)]): p for p in self.dir.glob("*" + FILE_SUFFIX)
+                 if p.name[:-len(FILE_SUFFIX)].isdigit()}
+        known = {p.id: p for p in points}
+        logs: dict[int, UndoLog] = {}
+        for pid in sorted(files):
+            if pid not in known or not known[pid].capturing:
+                unlink_if_exists(files[pid])  # its row was dropped (or never captured): a leftover
+                continue
+            logs[pid] = UndoLog.open(files[pid], may_be_open=True)
+        gone = superseded(lg.header for lg in logs.values())
+        for pid in gone:  # a merge renamed its result into place but did not finish dropping the newer point
+            logs.pop(pid).close_fd()
+            self.store.drop_point(self.vm_id, pid, None, None)
+            unlink_if_exists(files[pid])
+        points = [p for p in points if p.id not in gone]
+        target = capture_target(points)
+        for p in points:
+            if not p.capturing or p.id in logs:
+                continue
+            if p is not target:
+                raise CorruptError(f"recovery point {p.id} of VM {self.name} has lost its undo log "
+                                   f"{self.dir / file_name(p.id)}",
+                                   hint="restore the file, or remove and enable the replica again")
+            logs[p.id] = self._new_log(p)  # decided, but the crash came before its log was created
+        for pid, lg in logs.items():
+            if lg.is_open and (target is None or pid != target.id):
+                lg.close_log(time.time_ns())  # the crash came before it was closed: it takes no more
+        for p in points:  # sizes as the files say
+            if p.id in logs and logs[p.id].size_bytes != p.undo_bytes:
+                self.store.set_point_size(self.vm_id, p.id, logs[p.id].size_bytes)
+        if gone:
+            fsync_dir(self.dir)
+        self.logs = logs
+        self.points = tuple(self.store.points(self.vm_id))
+
+    # --- views ---------------------------------------------------------------------------
+    def chain(self, point_id: int) -> list[UndoLog]:
+        """The logs that reach ``point_id``, oldest first (``KeyError``: no such point)."""
+        return [self.logs[p.id] for p in reversed(reach_order(self.points, point_id))]
+
+    def point(self, point_id: int) -> Point:
+        for p in self.points:
+            if p.id == point_id:
+                return p
+        raise KeyError(point_id)
+
+    # --- apply ---------------------------------------------------------------------------
+    def prepare_capture(self, settings: HistorySettings, pinned: set[int]) -> Capture | None:
+        """Decide the newest point's capturing if not yet; the capture for the next cycle, or None."""
+        points = list(self.points)
+        if points and points[-1].capturing is None:
+            newest = points[-1]
+            captures = decide_capturing(points, settings, pinned)
+            previous = capture_target(points)
+            # Stored first: a crash before the log exists leaves a decided target whose log
+            # load() creates; one before the previous log is closed leaves it for load() to close.
+            self.store.set_capturing(self.vm_id, newest.id, captures)
+            if captures:
+                self.logs[newest.id] = self._new_log(newest)
+                if previous is not None:
+                    self.logs[previous.id].close_log(time.time_ns())
+            points[-1] = dataclasses.replace(newest, capturing=captures)
+            self.points = tuple(points)
+        target = capture_target(self.points)
+        return Capture(self, self.logs[target.id]) if target is not None else None
+
+    def _new_log(self, point: Point) -> UndoLog:
+        header = UndoHeader(self.vm_id, point.id, point.sequence, point.id, time.time_ns())
+        return UndoLog.create(self.dir / file_name(point.id), header)
+
+    def applied(self) -> None:
+        """After the store recorded the applied cycle and its point (worker thread)."""
+        self.points = tuple(self.store.points(self.vm_id))
+        self.epoch += 1
+
+    # --- thinning ----------------------------------------------------------------------------
+    def plan_drops(self, settings: HistorySettings, pinned: set[int], now_ns: int) -> list[DropStep]:
+        target = capture_target(self.points)
+        drop = [p for p in points_to_drop(self.points, settings, now_ns, pinned)
+                if target is None or p.id != target.id]  # the open log is never merged
+        return drop_steps(self.points, drop)
+
+    def merge_files(self, step: DropStep) -> UndoLog:
+        """The file half of a MERGE step (worker thread): the merged log, renamed into place."""
+        return merge_files(self.logs[step.into.id], self.logs[step.point.id], time.time_ns())
+
+    def swap(self, step: DropStep, merged: UndoLog | None) -> None:
+        """The in-memory half of a drop (event loop): views see the merged log from now on."""
+        logs = dict(self.logs)
+        if merged is not None:
+            self.retired.append(logs[step.into.id])
+            logs[step.into.id] = merged
+        self.retired.append(logs.pop(step.point.id))
+        self.logs = logs
+        self.points = tuple(p for p in self.points if p.id != step.point.id)
+        self.epoch += 1
+
+    def forget(self, step: DropStep, merged: UndoLog | None) -> None:
+        """The store and file half of a drop (worker thread), after :meth:`swap`."""
+        self.store.drop_point(self.vm_id, step.point.id, step.into.id if merged else None,
+                              merged.size_bytes if merged else None)
+        unlink_if_exists(self.dir / file_name(step.point.id))
+        fsync_dir(self.dir)
+        event(log, "recovery_point_dropped", vm=self.name, point=step.point.id, seq=step.point.sequence,
+              step=step.kind.value, into=step.into.id if step.into else None)
+
+    def close_retired(self) -> None:
+        """Close replaced logs (event loop: no view is mid-read between two loop steps)."""
+        for lg in self.retired:
+            lg.close_fd()
+        self.retired.clear()
+
+    def close(self) -> None:
+        self.close_retired()
+        for lg in self.logs.values():
+            lg.close_fd()
+        self.logs = {}
+
+    def size_bytes(self) -> int:
+        return sum(lg.size_bytes for lg in self.logs.values())
+
+
+def is_merge(step: DropStep) -> bool:
+    return step.kind is StepKind.MERGE
