@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import secrets
 import time
 import uuid
@@ -21,6 +20,8 @@ from hvr_common.pure.bundle import BundleDecoder, BundleKind
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.shell.logs import event
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
+from hvr_common.pure.wire.error_catalogue import error
+from hvr_common.pure.wire.messages import EnableRequest, InitialCompleteRequest
 from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.bundle_io import DirectWindowWriter, SpoolWriter, commit_file, fsync_dir
 from hvr_listener.store import ListenerStore, Replica
@@ -30,18 +31,10 @@ log = logging.getLogger("hvr.listener.replicas")
 # A pipelined initial window that arrives before the one it follows waits this long for it.
 PREDECESSOR_WAIT_S = 3.0
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-FREQUENCIES = (30, 300, 900)
-MAX_DISK_BYTES = 64 * 1024 ** 4
-
 
 class ForbiddenError(HvrError):
     code = "not_authorized"
     exit_code = 77
-
-
-class BodyError(UsageError):
-    """The request body is damaged or malformed (400)."""
 
 
 class TooLargeError(UsageError):
@@ -53,9 +46,7 @@ class LengthRequiredError(UsageError):
 
 
 def _conflict(code: str, message: str, **detail) -> ConflictError:
-    exc = ConflictError(message, detail=detail or None)
-    exc.code = code
-    return exc
+    return error(code, message, detail=detail or None)
 
 
 class ReplicaService:
@@ -86,17 +77,17 @@ class ReplicaService:
     async def get(self, vm_id: uuid.UUID, principal: str | None = None) -> Replica:
         rep = await asyncio.to_thread(self.store.replica, vm_id)
         if rep is None:
-            exc = NotFoundError(f"this replica server has no VM {vm_id}",
-                                hint="enable replication first (hvrctl vm enable)")
-            exc.code = "unknown_vm"
-            raise exc
+            raise error("unknown_vm", f"this replica server has no VM {vm_id}",
+                        hint="enable replication first (hvrctl vm enable)")
         if principal is not None and rep.principal != principal:
             raise ForbiddenError(f"VM {rep.name} is replicated from {rep.principal!r}, not from {principal!r}")
         return rep
 
     # --- enable -----------------------------------------------------------
     async def enable(self, vm_id: uuid.UUID, principal: str, body: dict) -> tuple[Replica, bool]:
-        name, generation, frequency_s, compression, disks = _parse_enable(body)
+        req = EnableRequest.from_json(body)
+        name, generation, frequency_s, compression = req.name, req.generation, req.frequency_s, req.compression
+        disks = [(d.disk_id, d.name, d.size_bytes) for d in req.disks]
         async with self.lock(vm_id):
             existing = await asyncio.to_thread(self.store.replica, vm_id)
             if existing is not None:
@@ -224,8 +215,8 @@ class ReplicaService:
             raise _conflict("wrong_state", f"VM {rep.name} is {rep.state}, not in initial replication")
 
     async def initial_complete(self, vm_id: uuid.UUID, principal: str, body: dict) -> Replica:
-        generation = _int_field(body, "generation", 1)
-        next_sequence = _int_field(body, "next_sequence", 1)
+        req = InitialCompleteRequest.from_json(body)
+        generation, next_sequence = req.generation, req.next_sequence
         async with await self.locked(vm_id, principal):
             rep = await self.get(vm_id, principal)
             # A window still being received (a duplicate on a slow connection, say) writes into the
@@ -343,19 +334,15 @@ class ReplicaService:
 def _check_body_end(received: int, length: int, actual_digest: str, digest: str) -> None:
     """The body is all there and is what was signed; else 400 with the reason."""
     if received != length:
-        err = BodyError(f"body ended after {received} of {length} bytes")
-        err.code = "body_truncated"
-        raise err
+        raise error("body_truncated", f"body ended after {received} of {length} bytes")
     if actual_digest != digest:
-        err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
-        err.code = "digest_mismatch"
-        raise err
+        raise error("digest_mismatch", "body does not match its X-Hvr-Content-SHA256 digest")
 
 
 def _as_body_error(exc: HvrError) -> HvrError:
-    """Damaged bundle data is the sender's problem (400), whatever layer noticed it."""
-    if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
-        return BodyError(exc.message, detail={"code": exc.code})
+    """Damaged bundle data is the sender's problem (400 ``bundle_corrupt``), whatever layer noticed it."""
+    if exc.code in ("corrupt", "hrl_corrupt"):
+        return error("bundle_corrupt", exc.message)
     return exc
 
 
@@ -416,46 +403,3 @@ def _create_images(vm_dir: Path, paths) -> None:
     (vm_dir / "incoming").mkdir(exist_ok=True)
     fsync_dir(vm_dir)
     fsync_dir(vm_dir.parent)
-
-
-def _int_field(body: dict, key: str, minimum: int) -> int:
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UsageError(f"field {key!r} must be an integer >= {minimum}")
-    return value
-
-
-def _parse_enable(body: dict):
-    unknown = set(body) - {"name", "generation", "frequency_s", "compression", "disks"}
-    if unknown:
-        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    name = body.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise UsageError("field 'name' must be a VM name (letters, digits, '.', '_', '-')")
-    generation = _int_field(body, "generation", 1)
-    frequency_s = body.get("frequency_s")
-    if frequency_s not in FREQUENCIES:
-        raise UsageError(f"field 'frequency_s' must be one of {FREQUENCIES}")
-    compression = body.get("compression", True)
-    if not isinstance(compression, bool):
-        raise UsageError("field 'compression' must be true or false")
-    disks_raw = body.get("disks")
-    if not isinstance(disks_raw, list) or not 1 <= len(disks_raw) <= 64:
-        raise UsageError("field 'disks' must list 1 to 64 disks")
-    disks = []
-    for d in disks_raw:
-        if not isinstance(d, dict) or set(d) != {"disk_id", "name", "size_bytes"}:
-            raise UsageError("each disk needs exactly disk_id, name and size_bytes")
-        try:
-            disk_id = uuid.UUID(d["disk_id"])
-        except (ValueError, TypeError, AttributeError):
-            raise UsageError(f"disk_id {d.get('disk_id')!r} is not a UUID") from None
-        if not isinstance(d["name"], str) or not NAME_RE.match(d["name"]):
-            raise UsageError(f"disk name {d['name']!r} is not valid")
-        size = d["size_bytes"]
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_DISK_BYTES:
-            raise UsageError(f"disk size {size!r} is not valid")
-        disks.append((disk_id, d["name"], size))
-    if len({d[0] for d in disks}) != len(disks) or len({d[1] for d in disks}) != len(disks):
-        raise UsageError("disk ids and names must be unique")
-    return name, generation, frequency_s, compression, disks
