@@ -379,3 +379,11 @@ def test_replica_status_from_a_replica_record():
     assert out["storage"] == "/r/web1" and out["last_applied_time_ns"] == 3
     assert out["disks"] == [{"disk_id": str(D0), "name": "d0", "size_bytes": 4096, "path": "/r/web1/d0.img",
                              "initial_offset": 4096}]
+
+
+def test_the_protocol_document_lists_every_code_as_the_catalogue_does():
+    text = (REPO / "docs" / "replication-protocol.md").read_text(encoding="utf-8")
+    for entry in CATALOGUE.values():
+        row = (f"| `{entry.code}` | {entry.status} | {'yes' if entry.transient else 'no'} | {entry.exit_code} | "
+               f"{entry.meaning} |")
+        assert row in text, f"docs/replication-protocol.md lacks or misstates: {row}"
