@@ -81,6 +81,9 @@ _ENTRIES = (
     _E("out_of_order", 409, ConflictError, 4, "a cycle out of sequence, or stored before with other contents"),
     _E("initial_gap", 409, ConflictError, 4, "an initial window beyond the durable offset (detail.offset)"),
     _E("initial_incomplete", 409, ConflictError, 4, "initial replication has not reached the end of every disk"),
+    # the daemons' state databases
+    _E("state_too_new", 500, HvrError, 65, "the state database was written by a newer hvr (schema version)"),
+    _E("state_migration_failed", 500, HvrError, 1, "upgrading the state database's schema failed; it is unchanged"),
     # the agent's client of the replica server
     _E("replica_refused", 502, HvrError, 1, "the replica server refused (passed on by the agent)"),
     _E("replica_unavailable", 503, TransientError, 75, "the replica server could not be reached or failed"),
