@@ -8,13 +8,16 @@ their spool file (``aiofiles``), with the digest computed when the spool was
 written; initial windows are sent from the pieces they were built into in
 memory.  Both set ``Content-Length``.
 
+Paths, headers and bodies are those of :mod:`hvr_common.pure.wire`.
 Answers are mapped at this boundary (rule 5):
 
 * 2xx: the decoded JSON body;
 * 401, 403, 404, 409 and the other 4xx: a permanent :class:`ReplicaError`
   subclass carrying the server's ``code``, ``message``, ``hint``, ``detail``;
-* 5xx, refused or dropped connections, timeouts: :class:`ReplicaUnavailableError`
-  (transient: the caller retries with backoff).
+* 5xx, 429, a 4xx whose code the error catalogue calls transient (the body
+  was damaged on the way: ``digest_mismatch``, ``body_truncated``), refused or
+  dropped connections, timeouts: :class:`ReplicaUnavailableError` (transient:
+  the caller retries with backoff), with the server's code when it gave one.
 """
 
 from __future__ import annotations
