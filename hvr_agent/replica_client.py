@@ -8,13 +8,16 @@ their spool file (``aiofiles``), with the digest computed when the spool was
 written; initial windows are sent from the pieces they were built into in
 memory.  Both set ``Content-Length``.
 
+Paths, headers and bodies are those of :mod:`hvr_common.pure.wire`.
 Answers are mapped at this boundary (rule 5):
 
 * 2xx: the decoded JSON body;
 * 401, 403, 404, 409 and the other 4xx: a permanent :class:`ReplicaError`
   subclass carrying the server's ``code``, ``message``, ``hint``, ``detail``;
-* 5xx, refused or dropped connections, timeouts: :class:`ReplicaUnavailableError`
-  (transient: the caller retries with backoff).
+* 5xx, 429, a 4xx whose code the error catalogue calls transient (the body
+  was damaged on the way: ``digest_mismatch``, ``body_truncated``), refused or
+  dropped connections, timeouts: :class:`ReplicaUnavailableError` (transient:
+  the caller retries with backoff), with the server's code when it gave one.
 """
 
 from __future__ import annotations
@@ -32,65 +35,64 @@ import aiofiles
 import aiohttp
 from yarl import URL
 
-from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, TransientError
-from hvr_common.pure.token_auth import CONTENT_DIGEST_HEADER, Key, authorization
+from hvr_common.pure.errors import ConflictError, NotFoundError
+from hvr_common.pure.token_auth import Key, authorization
+from hvr_common.pure.wire import routes
+from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
+from hvr_common.pure.wire.messages import EnableRequest, InitialCompleteRequest
 
-BUNDLE_CONTENT_TYPE = "application/x-hvr-bundle"
-GENERATION_HEADER = "X-Hvr-Generation"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_ANSWER_BYTES = 1024 * 1024
 
 
-class ReplicaError(HvrError):
-    """A refusal by the replica server (permanent: retrying the same request cannot help)."""
+class ReplicaError(RemoteError):
+    """A refusal by the replica server (permanent: retrying the same request cannot help).
 
-    code = "replica_refused"
-    http_status = 502  # the agent's admin API passes the replica's refusal on as a bad gateway
-    status = 0
+    ``code`` is the replica's code; the agent's admin API passes it on as 502.
+    """
 
-    def __init__(self, message: str, *, status: int, server_code: str | None = None, **kw):
-        super().__init__(message, **kw)
-        self.status = status
-        if server_code:
-            self.code = server_code
+    fallback_code = "replica_refused"
 
 
 class ReplicaAuthError(ReplicaError):
     """401: the replica did not accept our signature."""
 
-    code = "unauthenticated"
+    fallback_code = "unauthenticated"
     exit_code = 77
 
 
 class ReplicaForbiddenError(ReplicaError):
     """403: authenticated, but not allowed (server disabled, VM of another principal)."""
 
-    code = "forbidden"
+    fallback_code = "forbidden"
     exit_code = 77
 
 
 class ReplicaNotFoundError(ReplicaError, NotFoundError):
     """404: the replica has no such VM."""
 
-    code = "unknown_vm"
+    fallback_code = "unknown_vm"
 
 
 class ReplicaConflictError(ReplicaError, ConflictError):
     """409: fencing, sequence or state conflict (``code`` tells which; ``detail`` may carry offsets)."""
 
-    code = "conflict"
+    fallback_code = "conflict"
 
 
 class ReplicaRejectedError(ReplicaError):
     """400, 411, 413 and other 4xx: the replica refused our request as malformed or too large."""
 
-    code = "bad_request"
+    fallback_code = "bad_request"
 
 
-class ReplicaUnavailableError(TransientError):
-    """5xx, connection refused or dropped, timeout: try again later."""
+class ReplicaUnavailableError(RemoteTransientError):
+    """5xx, a transient 4xx (damaged on the way), connection refused or dropped, timeout: try again later."""
 
-    code = "replica_unavailable"
+    fallback_code = "replica_unavailable"
+
+    def __init__(self, message: str, *, status: int = 0, **kw):
+        super().__init__(message, status=status, **kw)
 
 
 _PERMANENT = {401: ReplicaAuthError, 403: ReplicaForbiddenError, 404: ReplicaNotFoundError,
@@ -137,31 +139,32 @@ class ReplicaClient:
             self._session = None
 
     # --- routes ----------------------------------------------------------------------------
-    async def enable(self, vm_id: uuid.UUID, body: dict) -> tuple[int, dict]:
+    async def enable(self, vm_id: uuid.UUID, request: EnableRequest) -> tuple[int, dict]:
         """PUT /v1/replicas/{vm_id}: (status, body); 201 created, 200 identical record present."""
-        return await self._request("PUT", f"/v1/replicas/{vm_id}", json_body=body)
+        return await self._request("PUT", routes.replica_path(vm_id), json_body=request.to_json())
 
     async def replica_state(self, vm_id: uuid.UUID) -> dict:
-        return await self._json("GET", f"/v1/replicas/{vm_id}")
+        """GET /v1/replicas/{vm_id}: the replica's view (``ReplicaView.to_json()``)."""
+        return await self._json("GET", routes.replica_path(vm_id))
 
     async def send_initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, start: int, end: int,
                                   generation: int, pieces: Sequence[bytes], sha256: str, size_bytes: int) -> dict:
         """PUT one initial window held in memory as ``pieces`` (header first)."""
-        path = f"/v1/replicas/{vm_id}/initial/{disk_id}?offset={start}&end={end}"
+        path = routes.initial_window_path(vm_id, disk_id, start, end)
         _, body = await self._request("PUT", path, upload=(pieces, sha256, size_bytes),
-                                      headers={GENERATION_HEADER: str(generation)})
+                                      headers={routes.GENERATION_HEADER: str(generation)})
         return body
 
     async def complete_initial(self, vm_id: uuid.UUID, generation: int, next_sequence: int) -> dict:
-        return await self._json("POST", f"/v1/replicas/{vm_id}/initial/complete",
-                                {"generation": generation, "next_sequence": next_sequence})
+        return await self._json("POST", routes.initial_complete_path(vm_id),
+                                InitialCompleteRequest(generation, next_sequence).to_json())
 
     async def send_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, spool: Path, sha256: str,
                          size_bytes: int) -> tuple[int, dict]:
         """PUT /v1/replicas/{vm_id}/cycles/{sequence}: (status, body); 201 stored, 200 already stored."""
-        return await self._request("PUT", f"/v1/replicas/{vm_id}/cycles/{sequence}",
+        return await self._request("PUT", routes.cycle_path(vm_id, sequence),
                                    upload=(spool, sha256, size_bytes),
-                                   headers={GENERATION_HEADER: str(generation)})
+                                   headers={routes.GENERATION_HEADER: str(generation)})
 
     # --- the request shell -----------------------------------------------------------------
     async def _json(self, method: str, path: str, body: dict | None = None) -> dict:
@@ -177,17 +180,17 @@ class ReplicaClient:
         data = None
         if upload is not None:
             spool, digest, size = upload
-            hdrs["Content-Type"] = BUNDLE_CONTENT_TYPE
+            hdrs["Content-Type"] = routes.BUNDLE_CONTENT_TYPE
             hdrs["Content-Length"] = str(size)
             data = _stream_file(spool, size) if isinstance(spool, Path) else _stream_pieces(spool)
         elif json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
             digest = hashlib.sha256(data).hexdigest()
-            hdrs["Content-Type"] = "application/json"
+            hdrs["Content-Type"] = routes.JSON_CONTENT_TYPE
         else:
             digest = hashlib.sha256(b"").hexdigest()
-        hdrs[CONTENT_DIGEST_HEADER] = digest
-        hdrs["Authorization"] = authorization(self.key, method, path, digest, int(self._clock()))
+        hdrs[routes.CONTENT_DIGEST_HEADER] = digest
+        hdrs[routes.AUTHORIZATION_HEADER] = authorization(self.key, method, path, digest, int(self._clock()))
         url = URL(self.endpoint.base + path, encoded=True)
         where = f"{method} {path} on replica server {self.endpoint}"
         try:
@@ -241,11 +244,6 @@ def _describe(exc: Exception) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-# 400 answers that mean the bytes were damaged or cut on the way, not that the agent
-# built a bad request: the upload is rebuilt from the spool file and retried.
-DAMAGED_IN_TRANSIT = frozenset({"digest_mismatch", "body_truncated"})
-
-
 def _answer(status: int, raw: bytes, where: str) -> dict:
     try:
         body = json.loads(raw) if raw else {}
@@ -253,19 +251,20 @@ def _answer(status: int, raw: bytes, where: str) -> dict:
         body = None
     if 200 <= status < 300:
         if not isinstance(body, dict):
-            raise ReplicaUnavailableError(f"{where}: HTTP {status} with a body that is not a JSON object")
+            raise ReplicaUnavailableError(f"{where}: HTTP {status} with a body that is not a JSON object",
+                                          status=status)
         return body
     err = body if isinstance(body, dict) else {}
     message = str(err.get("message") or f"HTTP {status}")
     detail = err.get("detail") if isinstance(err.get("detail"), dict) else None
     hint = err.get("hint") if isinstance(err.get("hint"), str) else None
     server_code = err.get("code") if isinstance(err.get("code"), str) else None
-    if status >= 500 or status == 429 or (status == 400 and server_code in DAMAGED_IN_TRANSIT):
-        exc = ReplicaUnavailableError(f"replica server: {message} ({where}, HTTP {status})", hint=hint,
-                                      detail=detail)
-        if server_code:
-            exc.code = server_code
-        raise exc
+    entry = CATALOGUE.get(server_code)
+    # Transient: the server failed or is busy, or the bytes were damaged or cut on the way (the
+    # upload is rebuilt from its spool file and sent again); the catalogue says which codes those are.
+    if status >= 500 or status == 429 or (entry is not None and entry.status == status and entry.transient):
+        raise ReplicaUnavailableError(f"replica server: {message} ({where}, HTTP {status})", status=status,
+                                      remote_code=server_code, hint=hint, detail=detail)
     cls = _PERMANENT.get(status, ReplicaRejectedError)
-    raise cls(f"replica server: {message}", status=status, server_code=server_code, hint=hint,
+    raise cls(f"replica server: {message}", status=status, remote_code=server_code, hint=hint,
               detail=dict(detail or {}, status=status))

@@ -53,6 +53,8 @@ from hvr_common.shell.logs import event
 from hvr_common.pure.measure import DEFAULT_WINDOW_S, NS, CycleResult, CycleStat, measure, result_for
 from hvr_common.pure.replication_state import TRANSITIONS, Action, ReplicationState, transition
 from hvr_common.shell.threads import finish_in_thread
+from hvr_common.pure.wire.messages import DiskSpec, EnableRequest
+from hvr_common.pure.wire.status_views import PrimaryStatus
 from hvr_agent import shipper
 from hvr_agent.journal import list_logs, log_path
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError, ReplicaEndpoint
@@ -823,12 +825,10 @@ class ReplicationManager:
             state = transition(ROLE, None, Action.ENABLE)
             key = await asyncio.to_thread(read_key, Path(key_file))
             endpoint = ReplicaEndpoint(replica_host, port)
-            body = {"name": name, "generation": vm.record.generation, "frequency_s": frequency_s,
-                    "compression": compression,
-                    "disks": [{"disk_id": str(d.identity.disk_id), "name": n, "size_bytes": d.size}
-                              for n, d in vm.disks.items()]}
+            request = EnableRequest(name, vm.record.generation, frequency_s, compression,
+                                    tuple(DiskSpec(d.identity.disk_id, n, d.size) for n, d in vm.disks.items()))
             async with ReplicaClient(endpoint, key) as client:
-                status, _ = await client.enable(vm.record.vm_id, body)
+                status, _ = await client.enable(vm.record.vm_id, request)
             rec = ReplicationRecord(
                 vm=name, replica_host=replica_host, replica_port=port, key_file=Path(key_file),
                 principal=key.principal, frequency_s=frequency_s, compression=compression, state=state,
@@ -917,28 +917,14 @@ class ReplicationManager:
             pending = len(rep.pending_sequences())
         except NotFoundError:
             pending = 0
-        return {
-            "vm": rep.name,
-            "vm_id": str(vm.record.vm_id) if vm else None,
-            "state": rec.state.value,
-            "state_detail": rec.state_detail,
-            "health": health.health.value,
-            "health_details": list(health.details),
-            "mode": "Primary",
-            "frequency_s": rec.frequency_s,
-            "compression": rec.compression,
-            "primary_server": self.primary_server,
-            "principal": rec.principal,
-            "replica_server": rec.replica_host,
-            "replica_port": rec.replica_port,
-            "generation": rec.generation,
-            "next_sequence": rec.next_sequence,
-            "pending_cycles": pending,
-            "last_replication_time": iso_time(rec.last_replication_ns),
-            "last_error": rep.last_error,
-            "enabled_at": iso_time(rec.enabled_ns),
-            "initial": rep.initial_status(),
-        }
+        return PrimaryStatus(
+            vm=rep.name, vm_id=vm.record.vm_id if vm else None, state=rec.state, state_detail=rec.state_detail,
+            health=health.health.value, health_details=tuple(health.details), frequency_s=rec.frequency_s,
+            compression=rec.compression, primary_server=self.primary_server, principal=rec.principal,
+            replica_server=rec.replica_host, replica_port=rec.replica_port, generation=rec.generation,
+            next_sequence=rec.next_sequence, pending_cycles=pending,
+            last_replication_time=iso_time(rec.last_replication_ns), last_error=rep.last_error,
+            enabled_at=iso_time(rec.enabled_ns), initial=rep.initial_status()).to_json()
 
     async def measure(self, name: str) -> dict:
         rep = self._get(name)

@@ -3,8 +3,9 @@
 Holds the registered VMs and their disks, so exports survive a restart, and
 each VM's replication relationship: its settings and state, the initial
 copy's progress per disk, and one row per recorded cycle (statistics).
-Tables are created with ``IF NOT EXISTS``: opening an older database adds
-the missing ones.
+The schema is versioned: opening a database of an older version upgrades it
+through ``MIGRATIONS`` in one transaction; a newer one is refused
+(:mod:`hvr_common.shell.state_db`).
 Methods are synchronous and short; the daemon calls them through
 ``asyncio.to_thread``.  One connection, serialised by a lock.
 """
@@ -17,11 +18,13 @@ import uuid
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hvr_common.shell.state_db import StateDatabase
+from hvr_common.shell.state_db import Migration, StateDatabase
 from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.replication_state import ReplicationState
 
+# Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
+# numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +85,7 @@ CREATE TABLE IF NOT EXISTS replication_cycles (
 );
 CREATE INDEX IF NOT EXISTS replication_cycles_by_time ON replication_cycles (vm, started_ns);
 """
+MIGRATIONS: tuple[Migration, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ _REPLICATION_COLUMNS = tuple(f.name for f in fields(ReplicationRecord))
 
 class AgentStore(StateDatabase):
     def __init__(self, path: Path):
-        super().__init__(path, SCHEMA, SCHEMA_VERSION, "agent")
+        super().__init__(path, SCHEMA, SCHEMA_VERSION, "agent", MIGRATIONS)
 
     def list_vms(self) -> list[VmRecord]:
         with self._lock:

@@ -22,6 +22,7 @@ from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
 from hvr_listener import operator_verbs
+from hvr_common.pure.wire.status_views import ReplicaStatus
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 from hvr_listener.store import ListenerStore, Replica
@@ -35,17 +36,7 @@ ON_LISTEN_CHANGE = web.AppKey("on_listen_change", Callable[[], Awaitable[None]])
 
 
 def replica_status(rep: Replica) -> dict:
-    return {
-        "name": rep.name, "vm_id": str(rep.vm_id), "role": "replica", "state": rep.state.value,
-        "state_detail": rep.state_detail, "primary_server": rep.principal, "generation": rep.generation,
-        "frequency_s": rep.frequency_s, "compression": rep.compression, "storage": str(rep.storage_dir),
-        "next_sequence": rep.next_sequence, "last_received_sequence": rep.last_received_sequence,
-        "last_applied_sequence": rep.last_applied_sequence,
-        "last_replication_time_ns": rep.last_replication_ns, "last_applied_log_time_ns": rep.last_applied_log_ns,
-        "last_applied_time_ns": rep.last_applied_ns,
-        "disks": [{"disk_id": str(d.disk_id), "name": d.name, "size_bytes": d.size_bytes, "path": str(d.path),
-                   "initial_offset": d.initial_offset} for d in rep.disks],
-    }
+    return ReplicaStatus.from_replica(rep).to_json()
 
 
 async def get_server(request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ from hvr_common.pure.errors import HvrError
 from hvr_common.shell.logs import event
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.files import unlink_if_exists
-from hvr_listener.bundle_io import BeforeOverwrite, apply_bundle
+from hvr_listener.bundle_io import apply_bundle
 from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.store import Replica
@@ -38,12 +38,11 @@ MAX_RETRY_S = 60.0
 
 
 class Applier:
-    def __init__(self, service: ReplicaService, before_overwrite: BeforeOverwrite | None = None):
+    def __init__(self, service: ReplicaService):
         self.service = service
         self.store = service.store
         self._backoff_s = 0.0
         self._retry_in_s: float | None = None
-        self.before_overwrite = before_overwrite  # recovery history plugs its undo capture in here
 
     async def run(self) -> None:
         """Apply forever; woken by every received cycle, at start, and every ``SAFETY_WAKE_S``."""
@@ -86,7 +85,7 @@ class Applier:
             try:
                 # No initial-window thread of the same VM writes its images meanwhile.
                 async with self.service.image_lock(rep.vm_id):
-                    await finish_in_thread(apply_bundle, row.path, images, expect, self.before_overwrite)
+                    await finish_in_thread(apply_bundle, row.path, images, expect)
                     await finish_in_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns)
             except (OSError, sqlite3.Error) as exc:
                 self._transient_failure(rep.name, row.sequence, exc)

@@ -13,13 +13,10 @@ from collections.abc import AsyncIterator, Callable
 
 from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.shell.threads import finish_in_thread
+from hvr_common.pure.wire.error_catalogue import error
 from hvr_listener.bundle_io import DirectWindowWriter, SpoolWriter
 
 FEED_BATCH_BYTES = 4 * 1024 * 1024
-
-
-class BodyError(UsageError):
-    """The request body is damaged or malformed (400)."""
 
 
 class TooLargeError(UsageError):
@@ -48,19 +45,15 @@ async def feed_checked(writer: SpoolWriter | DirectWindowWriter, body: AsyncIter
 def check_body_end(received: int, length: int, actual_digest: str, digest: str) -> None:
     """The body is all there and is what was signed; else 400 with the reason."""
     if received != length:
-        err = BodyError(f"body ended after {received} of {length} bytes")
-        err.code = "body_truncated"
-        raise err
+        raise error("body_truncated", f"body ended after {received} of {length} bytes")
     if actual_digest != digest:
-        err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
-        err.code = "digest_mismatch"
-        raise err
+        raise error("digest_mismatch", "body does not match its X-Hvr-Content-SHA256 digest")
 
 
 def as_body_error(exc: HvrError) -> HvrError:
-    """Damaged bundle data is the sender's problem (400), whatever layer noticed it."""
-    if exc.code in ("bundle_corrupt", "body_truncated", "corrupt", "hrl_corrupt"):
-        return BodyError(exc.message, detail={"code": exc.code})
+    """Damaged bundle data is the sender's problem (400 ``bundle_corrupt``), whatever layer noticed it."""
+    if exc.code in ("corrupt", "hrl_corrupt"):
+        return error("bundle_corrupt", exc.message)
     return exc
 
 

@@ -18,7 +18,7 @@ from hvr_common.shell.logs import event
 from hvr_common.shell.files import fsync_dir
 from hvr_listener.replica_access import ForbiddenError, ReplicaAccess, conflict
 from hvr_listener.replica_state import ReplicaStates, enabled_again_unchanged
-from hvr_listener.request_bodies import parse_enable
+from hvr_common.pure.wire.messages import EnableRequest
 from hvr_listener.store import Replica
 
 log = logging.getLogger("hvr.listener.replicas")
@@ -32,7 +32,9 @@ class Enablement:
 
     async def enable(self, vm_id: uuid.UUID, principal: str, body: dict) -> tuple[Replica, bool]:
         """Returns (replica, created)."""
-        name, generation, frequency_s, compression, disks = parse_enable(body)
+        req = EnableRequest.from_json(body)
+        name, generation, frequency_s, compression = req.name, req.generation, req.frequency_s, req.compression
+        disks = [(d.disk_id, d.name, d.size_bytes) for d in req.disks]
         store = self.access.store
         async with self.access.lock(vm_id):
             existing = await asyncio.to_thread(store.replica, vm_id)

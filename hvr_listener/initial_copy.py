@@ -26,7 +26,7 @@ from hvr_listener.body_feed import as_body_error, check_length, feed_checked
 from hvr_listener.bundle_io import DirectWindowWriter
 from hvr_listener.replica_access import ReplicaAccess, check_generation, conflict
 from hvr_listener.replica_state import ReplicaStates
-from hvr_listener.request_bodies import parse_initial_complete
+from hvr_common.pure.wire.messages import InitialCompleteRequest
 from hvr_listener.store import Replica, ReplicaDisk
 
 log = logging.getLogger("hvr.listener.replicas")
@@ -128,7 +128,8 @@ class InitialCopy:
         self._window_changed = asyncio.Event()
 
     async def complete(self, vm_id: uuid.UUID, principal: str, body: dict) -> Replica:
-        generation, next_sequence = parse_initial_complete(body)
+        req = InitialCompleteRequest.from_json(body)
+        generation, next_sequence = req.generation, req.next_sequence
         async with await self.access.locked(vm_id, principal):
             rep = await self.access.get(vm_id, principal)
             # A window still being received (a duplicate on a slow connection, say) writes into the

@@ -33,6 +33,7 @@ import asyncio
 import uuid
 
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError
+from hvr_common.pure.wire.error_catalogue import error
 from hvr_listener.store import ListenerStore, Replica
 
 
@@ -43,9 +44,7 @@ class ForbiddenError(HvrError):
 
 def conflict(code: str, message: str, **detail) -> ConflictError:
     """A 409 with its own ``code`` (``hint`` and other keywords go to the detail)."""
-    exc = ConflictError(message, detail=detail or None)
-    exc.code = code
-    return exc
+    return error(code, message, detail=detail or None)
 
 
 def check_generation(rep: Replica, generation: int) -> None:
@@ -66,10 +65,8 @@ class ReplicaAccess:
         """The replica, or 404 ``unknown_vm``; with ``principal``, 403 unless that primary owns it."""
         rep = await asyncio.to_thread(self.store.replica, vm_id)
         if rep is None:
-            exc = NotFoundError(f"this replica server has no VM {vm_id}",
-                                hint="enable replication first (hvrctl vm enable)")
-            exc.code = "unknown_vm"
-            raise exc
+            raise error("unknown_vm", f"this replica server has no VM {vm_id}",
+                        hint="enable replication first (hvrctl vm enable)")
         if principal is not None and rep.principal != principal:
             raise ForbiddenError(f"VM {rep.name} is replicated from {rep.principal!r}, not from {principal!r}")
         return rep

@@ -1,8 +1,9 @@
 """The replication API (``/v1``) that primaries call: the HTTP shell.
 
 Authenticates every request (token mode), checks the server settings,
-parses paths and headers, streams bodies to :class:`ReplicaService`, and maps
-errors to the statuses of ``docs/replication-protocol.md``.
+parses paths and headers, streams bodies to :class:`ReplicaService`.  Routes,
+headers, bodies and the status of every error code are those of
+:mod:`hvr_common.pure.wire` (``docs/replication-protocol.md``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import uuid
 
 from aiohttp import web
 
-from hvr_common.pure.errors import HvrError, UsageError
-from hvr_common.pure.http_errors import status_for
+from hvr_common.pure.errors import UsageError
 from hvr_common.shell.http_middleware import error_middleware
-from hvr_common.pure.token_auth import CONTENT_DIGEST_HEADER, AuthError, ReplayCache, verify
-from hvr_listener.body_feed import BodyError, LengthRequiredError, TooLargeError
+from hvr_common.pure.token_auth import AuthError, ReplayCache, verify
+from hvr_common.pure.wire import routes
+from hvr_common.pure.wire.error_catalogue import error
+from hvr_common.pure.wire.messages import ReplicaView
+from hvr_listener.body_feed import TooLargeError
 from hvr_listener.replica_access import ForbiddenError
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
@@ -38,41 +41,18 @@ BODY_IDLE_TIMEOUT_S = 60.0  # a stalled upload must not hold the VM's lock forev
 VERSION = "0.1.0"
 
 
-class DisabledError(HvrError):
-    code = "replication_disabled"
-
-
-def status_of(exc: HvrError) -> int:
-    if isinstance(exc, AuthError):
-        return 401
-    if isinstance(exc, (ForbiddenError, DisabledError)):
-        return 403
-    if isinstance(exc, TooLargeError):
-        return 413
-    if isinstance(exc, LengthRequiredError):
-        return 411
-    return status_for(exc)
-
-
-def _body_of(exc: HvrError) -> dict:
-    body = exc.to_dict()
-    if isinstance(exc, BodyError) and exc.code == "bad_request" and exc.detail.get("code"):
-        body["code"] = exc.detail["code"]
-    return body
-
-
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     settings = request.app[SETTINGS]
     current = settings.current()
     if not current["enabled"]:
-        raise DisabledError("this replica server does not accept replication (it is disabled)",
-                            hint="on the replica host: hvrctl server set --enabled true")
+        raise error("replication_disabled", "this replica server does not accept replication (it is disabled)",
+                    hint="on the replica host: hvrctl server set --enabled true")
     if "token" not in current["auth_modes"]:
         raise AuthError("token authentication is not accepted by this server",
                         hint="use an authentication mode the server accepts (hvrctl server get)")
-    principal = verify(request.headers.get("Authorization"), request.method, request.path_qs,
-                       request.headers.get(CONTENT_DIGEST_HEADER), int(time.time()), settings.key,
+    principal = verify(request.headers.get(routes.AUTHORIZATION_HEADER), request.method, request.path_qs,
+                       request.headers.get(routes.CONTENT_DIGEST_HEADER), int(time.time()), settings.key,
                        request.app[REPLAY], not_before=request.app[STARTED_S])
     if not current["allow_any_authenticated"]:
         raise ForbiddenError(f"{principal!r} is authenticated but not authorised on this server",
@@ -87,10 +67,8 @@ async def _json(request: web.Request) -> dict:
     raw = await request.content.read(MAX_JSON_BODY + 1)
     if len(raw) > MAX_JSON_BODY:
         raise TooLargeError(f"JSON body larger than {MAX_JSON_BODY} bytes")
-    if hashlib.sha256(raw).hexdigest() != request.headers.get(CONTENT_DIGEST_HEADER):
-        err = BodyError("body does not match its X-Hvr-Content-SHA256 digest")
-        err.code = "digest_mismatch"
-        raise err
+    if hashlib.sha256(raw).hexdigest() != request.headers.get(routes.CONTENT_DIGEST_HEADER):
+        raise error("digest_mismatch", f"body does not match its {routes.CONTENT_DIGEST_HEADER} digest")
     try:
         body = json.loads(raw) if raw else {}
     except (ValueError, UnicodeDecodeError):
@@ -108,9 +86,9 @@ def _vm_id(request: web.Request) -> uuid.UUID:
 
 
 def _generation(request: web.Request) -> int:
-    raw = request.headers.get("X-Hvr-Generation", "")
+    raw = request.headers.get(routes.GENERATION_HEADER, "")
     if not raw.isdigit():
-        raise UsageError("X-Hvr-Generation header is missing or not a number")
+        raise UsageError(f"{routes.GENERATION_HEADER} header is missing or not a number")
     return int(raw)
 
 
@@ -134,26 +112,11 @@ async def _body_chunks(request: web.Request):
                 return
             yield chunk
     except TimeoutError:
-        err = BodyError(f"no body data for {BODY_IDLE_TIMEOUT_S:.0f} s; upload abandoned")
-        err.code = "body_truncated"
-        raise err from None
+        raise error("body_truncated", f"no body data for {BODY_IDLE_TIMEOUT_S:.0f} s; upload abandoned") from None
     except (ConnectionResetError, web.HTTPException):
         raise
     except Exception as exc:  # aiohttp reports a body cut short in several ways
-        err = BodyError(f"body could not be read completely: {exc}")
-        err.code = "body_truncated"
-        raise err from None
-
-
-def replica_view(rep) -> dict:
-    return {
-        "vm_id": str(rep.vm_id), "name": rep.name, "state": rep.state.value, "generation": rep.generation,
-        "next_sequence": rep.next_sequence, "last_received_sequence": rep.last_received_sequence,
-        "last_applied_sequence": rep.last_applied_sequence,
-        "initial": {str(d.disk_id): d.initial_offset for d in rep.disks},
-        "last_replication_time_ns": rep.last_replication_ns,
-        "last_applied_log_time_ns": rep.last_applied_log_ns,
-    }
+        raise error("body_truncated", f"body could not be read completely: {exc}") from None
 
 
 async def get_server(request: web.Request) -> web.Response:
@@ -165,12 +128,12 @@ async def get_server(request: web.Request) -> web.Response:
 async def put_replica(request: web.Request) -> web.Response:
     body = await _json(request)
     rep, created = await request.app[SERVICE].enable(_vm_id(request), request[PRINCIPAL], body)
-    return web.json_response(replica_view(rep), status=201 if created else 200)
+    return web.json_response(ReplicaView.from_replica(rep).to_json(), status=201 if created else 200)
 
 
 async def get_replica(request: web.Request) -> web.Response:
     rep = await request.app[SERVICE].get(_vm_id(request), request[PRINCIPAL])
-    return web.json_response(replica_view(rep))
+    return web.json_response(ReplicaView.from_replica(rep).to_json())
 
 
 async def put_initial(request: web.Request) -> web.Response:
@@ -180,7 +143,7 @@ async def put_initial(request: web.Request) -> web.Response:
         raise UsageError("disk id is not a UUID") from None
     offset = await request.app[SERVICE].initial_window(
         _vm_id(request), disk_id, request[PRINCIPAL], _generation(request), _int_query(request, "offset"),
-        _int_query(request, "end"), request.content_length, request.headers[CONTENT_DIGEST_HEADER],
+        _int_query(request, "end"), request.content_length, request.headers[routes.CONTENT_DIGEST_HEADER],
         _body_chunks(request))
     return web.json_response({"offset": offset})
 
@@ -188,7 +151,7 @@ async def put_initial(request: web.Request) -> web.Response:
 async def post_initial_complete(request: web.Request) -> web.Response:
     body = await _json(request)
     rep = await request.app[SERVICE].initial_complete(_vm_id(request), request[PRINCIPAL], body)
-    return web.json_response(replica_view(rep))
+    return web.json_response(ReplicaView.from_replica(rep).to_json())
 
 
 async def put_cycle(request: web.Request) -> web.Response:
@@ -197,22 +160,22 @@ async def put_cycle(request: web.Request) -> web.Response:
         raise UsageError(f"{raw!r} is not a cycle sequence number")
     created, rep = await request.app[SERVICE].receive_cycle(
         _vm_id(request), int(raw), request[PRINCIPAL], _generation(request), request.content_length,
-        request.headers[CONTENT_DIGEST_HEADER], _body_chunks(request))
+        request.headers[routes.CONTENT_DIGEST_HEADER], _body_chunks(request))
     return web.json_response({"sequence": int(raw), "next_sequence": rep.next_sequence},
                              status=201 if created else 200)
 
 
 def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int) -> web.Application:
     # aiohttp's own body limit applies to request.read()/post(); bundles are streamed and bounded by the service.
-    app = web.Application(middlewares=[error_middleware(log, status_of, _body_of), auth_middleware], client_max_size=MAX_JSON_BODY)
+    app = web.Application(middlewares=[error_middleware(log), auth_middleware], client_max_size=MAX_JSON_BODY)
     app[SERVICE] = service
     app[SETTINGS] = settings
     app[REPLAY] = ReplayCache()
     app[STARTED_S] = int(time.time())
-    app.router.add_get("/v1/server", get_server)
-    app.router.add_put("/v1/replicas/{vm_id}", put_replica)
-    app.router.add_get("/v1/replicas/{vm_id}", get_replica)
-    app.router.add_put("/v1/replicas/{vm_id}/initial/{disk_id}", put_initial)
-    app.router.add_post("/v1/replicas/{vm_id}/initial/complete", post_initial_complete)
-    app.router.add_put("/v1/replicas/{vm_id}/cycles/{sequence}", put_cycle)
+    app.router.add_get(routes.SERVER, get_server)
+    app.router.add_put(routes.REPLICA, put_replica)
+    app.router.add_get(routes.REPLICA, get_replica)
+    app.router.add_put(routes.INITIAL_WINDOW, put_initial)
+    app.router.add_post(routes.INITIAL_COMPLETE, post_initial_complete)
+    app.router.add_put(routes.CYCLE, put_cycle)
     return app

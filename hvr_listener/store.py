@@ -3,6 +3,9 @@
 Synchronous short transactions; the daemon calls them via ``asyncio.to_thread``.
 The commit point of a received cycle is :meth:`ListenerStore.record_cycle`;
 of an applied cycle :meth:`ListenerStore.mark_applied`.
+The schema is versioned: opening a database of an older version upgrades it
+through ``MIGRATIONS`` in one transaction; a newer one is refused
+(:mod:`hvr_common.shell.state_db`).
 
 The store persists a replica's replication state but never decides it: the
 methods that write it (:meth:`ListenerStore.create_replica`,
@@ -21,11 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvr_common.shell.state_db import StateDatabase
+from hvr_common.shell.state_db import Migration, StateDatabase
 from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.token_auth import Key
 
+# Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
+# numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,6 +77,7 @@ CREATE TABLE IF NOT EXISTS cycles (
     PRIMARY KEY (vm_id, sequence)
 );
 """
+MIGRATIONS: tuple[Migration, ...] = ()
 
 DEFAULT_SETTINGS = {
     "enabled": False,
@@ -131,7 +137,7 @@ class CycleRow:
 
 class ListenerStore(StateDatabase):
     def __init__(self, path: Path):
-        super().__init__(path, SCHEMA, SCHEMA_VERSION, "listener")
+        super().__init__(path, SCHEMA, SCHEMA_VERSION, "listener", MIGRATIONS)
 
     # --- settings and keys ------------------------------------------------
     def settings(self) -> dict:

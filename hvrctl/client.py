@@ -8,7 +8,8 @@ import socket
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError, UnavailableError
-from hvr_common.pure.http_errors import error_from_body
+from hvr_common.pure.wire.error_catalogue import error_from_body
+from hvr_common.pure.wire.routes import JSON_CONTENT_TYPE
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -36,7 +37,7 @@ class AdminClient:
     def request(self, method: str, route: str, body: dict | None = None):
         conn = _UnixConnection(self.path, self.timeout_s)
         payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers = {"Content-Type": JSON_CONTENT_TYPE} if payload is not None else {}
         try:
             conn.request(method, route, body=payload, headers=headers)
             resp = conn.getresponse()

@@ -50,7 +50,11 @@ class BundleCorruptError(CorruptError):
 
 
 class BundleTruncatedError(BundleCorruptError):
+    """The data ended before the bundle did: received, the body was cut on the way (sent again)."""
+
     code = "body_truncated"
+    transient = True
+    exit_code = 75  # EX_TEMPFAIL
 
 
 def header_size(disk_count: int) -> int:

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hvr_common.pure.errors import HvrError, TransientError
+from hvr_common.pure.wire.routes import AUTHORIZATION_HEADER, CONTENT_DIGEST_HEADER
 
 SCHEME = "HVR1-HMAC-SHA256"
-CONTENT_DIGEST_HEADER = "X-Hvr-Content-SHA256"
 MAX_SKEW_S = 300
 SECRET_BYTES = 32
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -116,11 +116,11 @@ def verify(header: str | None, method: str, path: str, body_sha256: str | None, 
            lookup: Callable[[str], Key | None], cache: ReplayCache, not_before: int = 0) -> str:
     """Return the authenticated principal or raise :class:`AuthError` saying why not."""
     if not header:
-        raise AuthError("request is not signed (no Authorization header)",
+        raise AuthError(f"request is not signed (no {AUTHORIZATION_HEADER} header)",
                         hint="the primary needs a key: hvrctl key new, then hvrctl server key add on the replica")
     m = _HEADER_RE.match(header.strip())
     if m is None:
-        raise AuthError(f"Authorization header is malformed (expected {SCHEME} principal=,ts=,nonce=,sig=)")
+        raise AuthError(f"{AUTHORIZATION_HEADER} header is malformed (expected {SCHEME} principal=,ts=,nonce=,sig=)")
     if not body_sha256 or not re.fullmatch(r"[0-9a-f]{64}", body_sha256):
         raise AuthError(f"request lacks a valid {CONTENT_DIGEST_HEADER} header")
     principal, ts, nonce, sig = m["principal"], int(m["ts"]), m["nonce"], m["sig"]

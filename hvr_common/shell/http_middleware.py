@@ -1,7 +1,8 @@
 """The error boundary of the daemons' HTTP APIs (aiohttp middleware).
 
 Every failure leaves as a JSON error body: an :class:`HvrError` with its
-status and code, an aiohttp HTTP error (404 route, 405 method, keeping its
+code and the status the error catalogue gives it
+(:mod:`hvr_common.pure.wire.error_catalogue`), an aiohttp HTTP error (404 route, 405 method, keeping its
 ``Allow`` header), and anything unexpected as a 500 whose traceback goes to
 the log and never to the client.
 """
@@ -12,26 +13,24 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from hvr_common.pure.errors import HvrError, UsageError
-from hvr_common.pure.http_errors import internal_error_body, status_for
+from hvr_common.pure.wire.error_catalogue import error, internal_error_body, status_for
 from hvr_common.shell.logs import event
 from hvr_common.shell.unix_socket import claim_socket_path, socket_identity
 
 
-def error_middleware(logger: logging.Logger, status_of: Callable[[HvrError], int] = status_for,
-                     body_of: Callable[[HvrError], dict] | None = None):
+def error_middleware(logger: logging.Logger):
     @web.middleware
     async def middleware(request: web.Request, handler):
         try:
             return await handler(request)
         except HvrError as exc:
-            status = status_of(exc)
-            body = body_of(exc) if body_of else exc.to_dict()
+            status = status_for(exc)
+            body = exc.to_dict()
             event(logger, "request_refused", logging.WARNING if status >= 500 or status == 401 else logging.INFO,
                   method=request.method, path=request.path_qs, status=status, code=body.get("code"),
                   error=exc.message)
@@ -40,7 +39,7 @@ def error_middleware(logger: logging.Logger, status_of: Callable[[HvrError], int
             if exc.status < 400:
                 raise
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            return web.json_response({"code": "http_error", "message": exc.reason}, status=exc.status,
+            return web.json_response(error("http_error", exc.reason).to_dict(), status=exc.status,
                                      headers=headers)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise

@@ -1,0 +1,50 @@
+"""Paths, headers and content types of the replication API (``/v1``).
+
+Each route has a template (the form the listener's router takes, with
+``{placeholders}``) and a builder that fills it in (what the agent requests
+and signs: the signature covers the path with its query, exactly as built
+here).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+PREFIX = "/v1"
+
+# --- route templates (the listener's router) ------------------------------------------
+SERVER = f"{PREFIX}/server"
+REPLICA = f"{PREFIX}/replicas/{{vm_id}}"
+INITIAL_WINDOW = f"{PREFIX}/replicas/{{vm_id}}/initial/{{disk_id}}"  # query: offset=A&end=B
+INITIAL_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/initial/complete"
+CYCLE = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}"
+
+# --- headers --------------------------------------------------------------------------
+AUTHORIZATION_HEADER = "Authorization"
+CONTENT_DIGEST_HEADER = "X-Hvr-Content-SHA256"  # lowercase hex SHA-256 of the body
+GENERATION_HEADER = "X-Hvr-Generation"  # decimal generation of initial windows and cycles
+
+# --- content types --------------------------------------------------------------------
+JSON_CONTENT_TYPE = "application/json"
+BUNDLE_CONTENT_TYPE = "application/x-hvr-bundle"
+
+
+# --- builders (the agent's side) ------------------------------------------------------
+def server_path() -> str:
+    return SERVER
+
+
+def replica_path(vm_id: uuid.UUID) -> str:
+    return REPLICA.format(vm_id=vm_id)
+
+
+def initial_window_path(vm_id: uuid.UUID, disk_id: uuid.UUID, offset: int, end: int) -> str:
+    return INITIAL_WINDOW.format(vm_id=vm_id, disk_id=disk_id) + f"?offset={offset}&end={end}"
+
+
+def initial_complete_path(vm_id: uuid.UUID) -> str:
+    return INITIAL_COMPLETE.format(vm_id=vm_id)
+
+
+def cycle_path(vm_id: uuid.UUID, sequence: int) -> str:
+    return CYCLE.format(vm_id=vm_id, sequence=sequence)

@@ -1,0 +1,113 @@
+"""The status snapshots the admin APIs answer (``hvrctl vm get``, ``hvrctl replica get``).
+
+Frozen values built from a daemon's records at one instant and turned into
+JSON in one place, so a field is named once.  The replication API's own view
+of a replica (what the primary asks for) is :class:`messages.ReplicaView`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hvr_common.pure.replication_state import ReplicationState
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryStatus:
+    """One VM's replication on the primary (Get-VMReplication): the agent's ``/v1/replication`` views."""
+
+    vm: str
+    vm_id: uuid.UUID | None
+    state: ReplicationState
+    state_detail: str | None
+    health: str
+    health_details: tuple[str, ...]
+    frequency_s: int
+    compression: bool
+    primary_server: str
+    principal: str
+    replica_server: str
+    replica_port: int
+    generation: int
+    next_sequence: int | None
+    pending_cycles: int
+    last_replication_time: str | None
+    last_error: str | None
+    enabled_at: str | None
+    initial: Mapping[str, Any] | None  # initial replication: times, bytes, rate, per-disk progress
+    mode: str = "Primary"
+
+    def to_json(self) -> dict:
+        return {
+            "vm": self.vm, "vm_id": str(self.vm_id) if self.vm_id else None, "state": self.state.value,
+            "state_detail": self.state_detail, "health": self.health, "health_details": list(self.health_details),
+            "mode": self.mode, "frequency_s": self.frequency_s, "compression": self.compression,
+            "primary_server": self.primary_server, "principal": self.principal,
+            "replica_server": self.replica_server, "replica_port": self.replica_port,
+            "generation": self.generation, "next_sequence": self.next_sequence,
+            "pending_cycles": self.pending_cycles, "last_replication_time": self.last_replication_time,
+            "last_error": self.last_error, "enabled_at": self.enabled_at,
+            "initial": dict(self.initial) if self.initial is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaDiskStatus:
+    disk_id: uuid.UUID
+    name: str
+    size_bytes: int
+    path: str
+    initial_offset: int
+
+    def to_json(self) -> dict:
+        return {"disk_id": str(self.disk_id), "name": self.name, "size_bytes": self.size_bytes, "path": self.path,
+                "initial_offset": self.initial_offset}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """One replica VM on the replica server: the listener's ``/v1/replicas`` views."""
+
+    name: str
+    vm_id: uuid.UUID
+    state: ReplicationState
+    state_detail: str | None
+    primary_server: str
+    generation: int
+    frequency_s: int
+    compression: bool
+    storage: str
+    next_sequence: int
+    last_received_sequence: int
+    last_applied_sequence: int
+    last_replication_time_ns: int | None
+    last_applied_log_time_ns: int | None
+    last_applied_time_ns: int | None
+    disks: tuple[ReplicaDiskStatus, ...]
+    role: str = "replica"
+
+    @classmethod
+    def from_replica(cls, rep: Any) -> ReplicaStatus:
+        """From the listener's replica record (``hvr_listener.store.Replica``)."""
+        return cls(rep.name, rep.vm_id, rep.state, rep.state_detail, rep.principal, rep.generation,
+                   rep.frequency_s, rep.compression, str(rep.storage_dir), rep.next_sequence,
+                   rep.last_received_sequence, rep.last_applied_sequence, rep.last_replication_ns,
+                   rep.last_applied_log_ns, rep.last_applied_ns,
+                   tuple(ReplicaDiskStatus(d.disk_id, d.name, d.size_bytes, str(d.path), d.initial_offset)
+                         for d in rep.disks))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "vm_id": str(self.vm_id), "role": self.role, "state": self.state.value,
+            "state_detail": self.state_detail, "primary_server": self.primary_server, "generation": self.generation,
+            "frequency_s": self.frequency_s, "compression": self.compression, "storage": self.storage,
+            "next_sequence": self.next_sequence, "last_received_sequence": self.last_received_sequence,
+            "last_applied_sequence": self.last_applied_sequence,
+            "last_replication_time_ns": self.last_replication_time_ns,
+            "last_applied_log_time_ns": self.last_applied_log_time_ns,
+            "last_applied_time_ns": self.last_applied_time_ns,
+            "disks": [d.to_json() for d in self.disks],
+        }
