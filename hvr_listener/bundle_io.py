@@ -162,7 +162,7 @@ class DirectWindowWriter:
                 self.header = ev
             elif isinstance(ev, tuple):
                 rec = ev[1]
-                _apply_record(self.fd, self.disk_id, rec, None)
+                apply_record(self.fd, rec)
                 self._writeback.note(rec.offset, rec.length)
             elif isinstance(ev, BundleDone):
                 self.done = ev
