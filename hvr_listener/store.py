@@ -27,11 +27,13 @@ from pathlib import Path
 from hvr_common.shell.state_db import Migration, StateDatabase
 from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.token_auth import Key
+from hvr_listener.point_store import SCHEMA_V2, PointRows
 
 # Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
 # numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,7 +79,7 @@ CREATE TABLE IF NOT EXISTS cycles (
     PRIMARY KEY (vm_id, sequence)
 );
 """
-MIGRATIONS: tuple[Migration, ...] = ()
+MIGRATIONS: tuple[Migration, ...] = ((2, SCHEMA_V2),)  # recovery points, test failovers
 
 DEFAULT_SETTINGS = {
     "enabled": False,
@@ -114,6 +116,8 @@ class Replica:
     last_applied_ns: int | None
     disks: tuple[ReplicaDisk, ...] = field(default=())
     created_ns: int = 0  # tells this replica from an earlier one of the same VM (removed, enabled again)
+    history: HistorySettings = HistorySettings()  # recovery history settings, as the primary sent them
+    last_test_failover_ns: int | None = None
 
     def disk(self, disk_id: uuid.UUID) -> ReplicaDisk:
         for d in self.disks:
@@ -133,9 +137,10 @@ class CycleRow:
     log_created_ns: int
     received_ns: int
     applied_ns: int | None
+    consistency: str = "crash"  # application: frozen by the primary's hooks around the cut
 
 
-class ListenerStore(StateDatabase):
+class ListenerStore(PointRows, StateDatabase):
     def __init__(self, path: Path):
         super().__init__(path, SCHEMA, SCHEMA_VERSION, "listener", MIGRATIONS)
 
@@ -183,17 +188,19 @@ class ListenerStore(StateDatabase):
     # --- replicas ---------------------------------------------------------
     _REPLICA_COLS = ("vm_id, name, principal, generation, state, state_detail, frequency_s, compression, "
                      "storage_dir, next_sequence, last_received_sequence, last_applied_sequence, "
-                     "last_replication_ns, last_applied_log_ns, last_applied_ns, created_ns")
+                     "last_replication_ns, last_applied_log_ns, last_applied_ns, created_ns, "
+                     "recovery_history, fine_window_min, app_consistent_hours, last_test_failover_ns")
 
     def _replica_from_row(self, row) -> Replica:
         (vm_id, name, principal, gen, state, detail, freq, comp, sdir, nseq, lrecv, lapp, lrep, lalog,
-         lapplied, created) = row
+         lapplied, created, history, fine, app, last_test) = row
         disks = self._db.execute(
             "SELECT disk_id, name, size_bytes, path, initial_offset FROM replica_disks WHERE vm_id=? "
             "ORDER BY position", (vm_id,)).fetchall()
         return Replica(uuid.UUID(vm_id), name, principal, gen, ReplicationState(state), detail, freq, bool(comp),
                        Path(sdir), nseq, lrecv, lapp, lrep, lalog, lapplied,
-                       tuple(ReplicaDisk(uuid.UUID(i), n, s, Path(p), o) for i, n, s, p, o in disks), created)
+                       tuple(ReplicaDisk(uuid.UUID(i), n, s, Path(p), o) for i, n, s, p, o in disks), created,
+                       HistorySettings(history, fine, app), last_test)
 
     def replica(self, vm_id: uuid.UUID) -> Replica | None:
         with self._lock:
@@ -286,43 +293,51 @@ class ListenerStore(StateDatabase):
     def cycle(self, vm_id: uuid.UUID, sequence: int) -> CycleRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns "
+                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns, "
+                "consistency "
                 "FROM cycles WHERE vm_id=? AND sequence=?", (str(vm_id), sequence)).fetchone()
         return _cycle(row) if row else None
 
     def record_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, digest: str, nbytes: int,
-                     path: Path, log_created_ns: int) -> None:
+                     path: Path, log_created_ns: int, consistency: str = "crash") -> None:
         """The commit point of a received cycle (after its file is durable)."""
         now = time.time_ns()
         with self._lock, self.transaction():
-            self._db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                             (str(vm_id), sequence, generation, digest, nbytes, str(path), log_created_ns, now))
+            self._db.execute("INSERT INTO cycles (vm_id, sequence, generation, digest, bytes, path, log_created_ns, "
+                             "received_ns, consistency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (str(vm_id), sequence, generation, digest, nbytes, str(path), log_created_ns, now,
+                              consistency))
             self._db.execute("UPDATE replicas SET next_sequence=?, last_received_sequence=?, last_replication_ns=? "
                              "WHERE vm_id=?", (sequence + 1, sequence, now, str(vm_id)))
 
     def unapplied_cycles(self, vm_id: uuid.UUID) -> list[CycleRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns "
+                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns, "
+                "consistency "
                 "FROM cycles WHERE vm_id=? AND applied_ns IS NULL ORDER BY sequence", (str(vm_id),)).fetchall()
         return [_cycle(r) for r in rows]
 
-    def mark_applied(self, vm_id: uuid.UUID, sequence: int, log_created_ns: int) -> None:
-        """The commit point of an applied cycle (after the images are durable)."""
+    def mark_applied(self, vm_id: uuid.UUID, sequence: int, log_created_ns: int, consistency: str = "crash") -> int:
+        """The commit point of an applied cycle (after the images are durable); it creates the cycle's
+        recovery point (the latest) in the same transaction and returns its id."""
         now = time.time_ns()
         with self._lock, self.transaction():
+            point = self.add_point_in_transaction(vm_id, sequence, log_created_ns, consistency)
             self._db.execute("UPDATE cycles SET applied_ns=? WHERE vm_id=? AND sequence=?", (now, str(vm_id), sequence))
             self._db.execute("UPDATE replicas SET last_applied_sequence=?, last_applied_log_ns=?, last_applied_ns=? "
                              "WHERE vm_id=?", (sequence, log_created_ns, now, str(vm_id)))
+        return point
 
     def cycle_history(self, vm_id: uuid.UUID) -> list[CycleRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns "
+                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns, "
+                "consistency "
                 "FROM cycles WHERE vm_id=? ORDER BY sequence", (str(vm_id),)).fetchall()
         return [_cycle(r) for r in rows]
 
 
 def _cycle(row) -> CycleRow:
-    vm_id, seq, gen, digest, nbytes, path, log_ns, recv, applied = row
-    return CycleRow(uuid.UUID(vm_id), seq, gen, digest, nbytes, Path(path), log_ns, recv, applied)
+    vm_id, seq, gen, digest, nbytes, path, log_ns, recv, applied, consistency = row
+    return CycleRow(uuid.UUID(vm_id), seq, gen, digest, nbytes, Path(path), log_ns, recv, applied, consistency)

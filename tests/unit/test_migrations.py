@@ -92,8 +92,13 @@ def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycle
     assert [(c.sequence, c.digest, c.applied_ns is not None) for c in history] == [
         (39, f"{39:064x}", True), (40, f"{40:064x}", False)]
     assert [c.sequence for c in store.unapplied_cycles(VM_ID)] == [40]
+    # version 2: recovery history with the product defaults, no points yet, cycles crash-consistent
+    assert (rep.history.recovery_history, rep.history.fine_window_min, rep.last_test_failover_ns) == (0, 60, None)
+    assert store.points(VM_ID) == [] and {c.consistency for c in history} == {"crash"}
+    store.mark_applied(VM_ID, 40, 123, "application")
+    assert [(p.sequence, p.time_ns, p.consistency.value) for p in store.points(VM_ID)] == [(40, 123, "application")]
     store.close()
-    assert recorded_version(path) == listener_store.SCHEMA_VERSION
+    assert recorded_version(path) == listener_store.SCHEMA_VERSION == 2
 
 
 def test_a_version_1_database_lacking_a_table_gets_it(tmp_path):
