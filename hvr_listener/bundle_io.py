@@ -13,8 +13,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from hvr_common.pure.bundle import BundleDecoder, BundleDone, BundleHeader
-from hvr_common.pure.hrl import NEED_DATA, Record
+from hvr_common.pure.bundle import BundleHeader
+from hvr_common.pure.bundle_decoder import BundleDecoder, BundleDone
+from hvr_common.pure.hrl import Record
+from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.shell.hrl_file import apply_record
 
 READ_CHUNK = 1024 * 1024

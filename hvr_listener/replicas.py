@@ -17,7 +17,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from hvr_common.pure.bundle import BundleDecoder, BundleKind
+from hvr_common.pure.bundle import BundleKind
+from hvr_common.pure.bundle_decoder import BundleDecoder
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.shell.logs import event
 from hvr_common.pure.replication_state import Action, ReplicationState, transition

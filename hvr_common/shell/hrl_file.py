@@ -14,15 +14,15 @@ from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.pure.extents import coalesce
 from hvr_common.shell import sparse
 from hvr_common.pure.hrl import (
-    NEED_DATA,
     RECORD_FLAG_NO_HOLE,
     HrlCorruptError,
-    HrlDecoder,
     HrlHeader,
     LogSummary,
     Record,
     RecordKind,
 )
+from hvr_common.pure.hrl_decoder import HrlDecoder
+from hvr_common.pure.stream_decoder import NEED_DATA
 
 CHUNK_SIZE = 1024 * 1024
 _COPY_SIZE = 8 * 1024 * 1024  # largest piece apply_coalesced reads from the log at once
