@@ -1,7 +1,7 @@
 """HRL files on disk: streaming reader and replay onto a disk image.
 
-The I/O shell around the pure codec in :mod:`hvr_common.pure.hrl`: it reads a file
-in chunks, feeds the decoder and applies what comes out.  Memory stays
+The I/O shell around the pure codec (:mod:`hvr_common.pure.hrl`,
+:mod:`hvr_common.pure.hrl_decoder`): it reads a file in chunks, feeds the decoder and applies what comes out.  Memory stays
 bounded by one chunk plus one record (at most 32 MiB of payload).
 """
 
