@@ -4,10 +4,17 @@ Blocking functions, run in worker threads by :mod:`hvr_agent.replication`.
 Cycles are built into spool files and memory stays bounded: a log's records
 are collected without their payloads, surviving bytes are read from the log
 in pieces of at most ``RECORD_BYTES`` into one reused buffer, and frames go
-to the spool file as they are made (write order: :mod:`hvr_agent.bundle_writer`).
-An initial-replication window is built in memory instead, in a buffer the
-caller reuses (see :func:`build_initial_bundle`): it is sent right away and
-never needs to outlive the process.
+to the spool file as they are made.  An initial-replication window is built in memory instead, in
+a buffer the caller reuses (see :func:`build_initial_bundle`): it is sent
+right away and never needs to outlive the process.
+
+Write order of a cycle's spool file (``<outbox>/<vm>/<sequence:010d>.bundle``):
+
+1. a temporary file is created and the header's space is left as zeroes;
+2. each disk's frames are appended;
+3. the header (which needs every disk's frame totals) is written at offset 0;
+4. the SHA-256 of the whole file is computed by reading it back;
+5. the file is renamed to its final name.
 
 Spools are throw-away: a cycle's bundle is rebuilt from its logs after a
 restart, and rebuilding is deterministic (the bundle's ``created_ns`` and each
@@ -17,23 +24,25 @@ replica before a crash is recognised there by its digest (protocol P4).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common.shell import sparse
-from hvr_common.pure.bundle import FRAME_RAW_BYTES, BundleHeader, BundleKind, FrameEncoder
+from hvr_common.pure.bundle import FRAME_RAW_BYTES, BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
 from hvr_common.pure.errors import CorruptError
 from hvr_common.pure.extents import coalesce
 from hvr_common.pure.hrl import (END_RECORD_SIZE, HEADER_SIZE, RECORD_SIZE, HrlEncoder, HrlHeader, LogSummary,
                              Record, RecordKind)
 from hvr_common.shell.hrl_file import scan_hrl_file
-from hvr_agent.bundle_writer import MemoryBundle, MemoryWriter, SpooledBundle, SpoolWriter, spool_path
 from hvr_agent.journal import log_path
 
 RECORD_BYTES = 4 * 1024 * 1024  # largest WRITE record the shipper emits
 ZERO_RECORD_BYTES = 1 << 30  # largest TRIM/ZERO record the shipper emits
+_READ_BYTES = 1024 * 1024
 _ZERO_VIEW = memoryview(bytes(RECORD_BYTES))
 _BUFFER_ROUND = 1024 * 1024
 
@@ -51,6 +60,118 @@ class DiskSource:
     @property
     def logs_at(self) -> Path:
         return self.log_base or self.image_path
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledBundle:
+    path: Path
+    sha256: str
+    wire_bytes: int  # the file's size: what travels
+    raw_bytes: int  # the HRL bytes inside, uncompressed
+    write_bytes: int  # WRITE payload bytes inside
+    frames: int
+    compressed_frames: int
+    cut_ns: int  # cycle: when its logs were closed (newest END time); initial: when it was built
+
+
+def spool_path(outbox: Path, sequence: int) -> Path:
+    return outbox / f"{sequence:010d}.bundle"
+
+
+class _BundleWriter:
+    """Collects a bundle's frames after its header; keeps the totals the header needs."""
+
+    def __init__(self) -> None:
+        self.entries: list[DiskEntry] = []
+        self.raw_bytes = 0
+        self.write_bytes = 0
+        self.frames = 0
+        self.compressed_frames = 0
+
+    def write(self, pieces: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def add_disk(self, disk_id: uuid.UUID, encoder: FrameEncoder, hrl: HrlEncoder,
+                 range_start: int, range_end: int) -> None:
+        self.write(encoder.finish())
+        self.entries.append(DiskEntry(disk_id, encoder.stored_bytes, encoder.raw_bytes, range_start, range_end,
+                                      encoder.frames))
+        self.raw_bytes += encoder.raw_bytes
+        self.write_bytes += hrl.write_bytes
+        self.frames += encoder.frames
+        self.compressed_frames += encoder.compressed_frames
+
+
+class _SpoolWriter(_BundleWriter):
+    """Appends frames after a reserved header, then writes the header and digests the file."""
+
+    def __init__(self, final: Path, disk_count: int):
+        super().__init__()
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.file.write(bytes(header_size(disk_count)))
+
+    def write(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.file.write(piece)
+
+    def commit(self, header: BundleHeader, cut_ns: int) -> SpooledBundle:
+        try:
+            self.file.seek(0)
+            self.file.write(header.encode())
+            self.file.close()
+            digest = hashlib.sha256()
+            size = 0
+            with open(self.tmp, "rb", buffering=0) as f:
+                while chunk := f.read(_READ_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        return SpooledBundle(self.final, digest.hexdigest(), size, self.raw_bytes, self.write_bytes,
+                             self.frames, self.compressed_frames, cut_ns)
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBundle:
+    """A bundle held in memory as its pieces, header first: an initial window on its way."""
+
+    pieces: tuple[bytes | memoryview, ...]
+    sha256: str
+    wire_bytes: int
+    write_bytes: int  # WRITE payload bytes inside
+    compressed_frames: int
+
+
+class _MemoryWriter(_BundleWriter):
+    """Keeps the frames in memory as they are made; the digest is taken once the header is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[bytes | memoryview] = []
+
+    def write(self, pieces: list[bytes]) -> None:
+        self.pieces += pieces
+
+    def commit(self, header: BundleHeader) -> MemoryBundle:
+        pieces = (header.encode(), *self.pieces)
+        digest = hashlib.sha256()
+        for piece in pieces:
+            digest.update(piece)
+        return MemoryBundle(pieces, digest.hexdigest(), sum(len(p) for p in pieces), self.write_bytes,
+                            self.compressed_frames)
 
 
 # --- cycles ------------------------------------------------------------------------------
@@ -98,7 +219,7 @@ class _StreamFramer:
 
     CAPACITY = RECORD_BYTES + RECORD_SIZE + 2 * FRAME_RAW_BYTES  # a largest record fits after a partial frame
 
-    def __init__(self, writer: SpoolWriter, encoder: FrameEncoder):
+    def __init__(self, writer: _SpoolWriter, encoder: FrameEncoder):
         self.writer = writer
         self.encoder = encoder
         self.buf = bytearray(self.CAPACITY)
@@ -161,7 +282,7 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
     scans = [_scan_log(log_path(d.logs_at, sequence)) for d in disks]
     closed = [s.summary.closed_ns for s in scans if s is not None and s.summary.closed_ns is not None]
     created_ns = max(closed, default=0)
-    writer = SpoolWriter(spool_path(outbox, sequence), len(disks))
+    writer = _SpoolWriter(spool_path(outbox, sequence), len(disks))
     try:
         for disk, scan in zip(disks, scans):
             path = log_path(disk.logs_at, sequence)
@@ -288,7 +409,7 @@ def build_initial_bundle(*, vm_id: uuid.UUID, generation: int, disk: DiskSource,
     end_record = hrl.end(created_ns)
     view[pos:pos + len(end_record)] = end_record
     pos += len(end_record)
-    writer = MemoryWriter()
+    writer = _MemoryWriter()
     encoder = FrameEncoder(compress)
     writer.write(encoder.frame_stream(view[:pos]))
     writer.add_disk(disk.disk_id, encoder, hrl, start, end)
