@@ -9,7 +9,8 @@ when the VM is removed, every connection to one of its disks is dropped
 from __future__ import annotations
 
 from hvr_common.block.catalogue import Export, Withdrawn
-from hvr_common.pure.nbd_protocol import MAX_PAYLOAD, ExportInfo
+from hvr_common.pure.nbd_events import ExportInfo
+from hvr_common.pure.nbd_wire import MAX_PAYLOAD
 from hvr_agent.vms import VmRegistry
 
 

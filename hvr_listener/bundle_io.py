@@ -14,8 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from hvr_common.pure.bundle import BundleDecoder, BundleDone, BundleHeader
-from hvr_common.pure.hrl import NEED_DATA, Record
+from hvr_common.pure.bundle import BundleHeader
+from hvr_common.pure.bundle_decoder import BundleDecoder, BundleDone
+from hvr_common.pure.hrl import Record
+from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.hrl_file import apply_record
 

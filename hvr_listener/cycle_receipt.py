@@ -15,7 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from hvr_common.pure.bundle import BundleDecoder, BundleHeader, BundleKind
+from hvr_common.pure.bundle import BundleHeader, BundleKind
+from hvr_common.pure.bundle_decoder import BundleDecoder
 from hvr_common.pure.errors import HvrError
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.logs import event

@@ -17,7 +17,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from hvr_common.pure.bundle import BundleDecoder, BundleKind
+from hvr_common.pure.bundle import BundleKind
+from hvr_common.pure.bundle_decoder import BundleDecoder
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.logs import event

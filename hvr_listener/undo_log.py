@@ -27,7 +27,7 @@ from hvr_common.pure.undo import (
 )
 from hvr_common.pure.undo_decoder import UndoDecoder
 from hvr_common.pure.undo_merge import merge_plan, merged_header
-from hvr_common.pure.hrl import NEED_DATA
+from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.shell import sparse
 from hvr_common.shell.files import fsync_dir
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hvr_common.block.blockdev import BlockDevice
-from hvr_common.pure.nbd_protocol import ExportInfo
+from hvr_common.pure.nbd_events import ExportInfo
 
 # Called by a catalogue with (group, reason) once the group's exports are withdrawn.
 Withdrawn = Callable[[str, str], None]

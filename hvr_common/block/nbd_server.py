@@ -22,11 +22,13 @@ import logging
 from hvr_common.block.blockdev import BlockDevice
 from hvr_common.block.catalogue import ExportCatalogue
 from hvr_common.pure.errors import HvrError
-from hvr_common.pure.nbd_protocol import (
-    BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH,
-    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, NEED_DATA,
-    STATE_HOLE, STATE_ZERO, Disconnect, ExportInfo, NbdProtocolError, NbdServerConnection, Negotiated,
-    Rejected, Request,
+from hvr_common.pure.nbd_events import (
+    NEED_DATA, Disconnect, ExportInfo, NbdProtocolError, Negotiated, Rejected, Request,
+)
+from hvr_common.pure.nbd_protocol import NbdServerConnection
+from hvr_common.pure.nbd_wire import (
+    BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
+    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, STATE_HOLE, STATE_ZERO,
 )
 from hvr_common.shell.logs import event
 

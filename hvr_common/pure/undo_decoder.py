@@ -16,7 +16,7 @@ import enum
 import uuid
 import zlib
 
-from hvr_common.pure.hrl import NEED_DATA, DecoderSignal  # the one "need more data" sentinel of the codecs
+from hvr_common.pure.stream_decoder import NEED_DATA, DecoderSignal  # the one "need more data" sentinel of the codecs
 from hvr_common.pure.undo import (
     END_PAYLOAD,
     HEADER_CRC_OFFSET,

@@ -1,7 +1,7 @@
 """HRL files on disk: streaming reader and replay onto a disk image.
 
-The I/O shell around the pure codec in :mod:`hvr_common.pure.hrl`: it reads a file
-in chunks, feeds the decoder and applies what comes out.  Memory stays
+The I/O shell around the pure codec (:mod:`hvr_common.pure.hrl`,
+:mod:`hvr_common.pure.hrl_decoder`): it reads a file in chunks, feeds the decoder and applies what comes out.  Memory stays
 bounded by one chunk plus one record (at most 32 MiB of payload).
 """
 
@@ -14,15 +14,15 @@ from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.pure.extents import coalesce
 from hvr_common.shell import sparse
 from hvr_common.pure.hrl import (
-    NEED_DATA,
     RECORD_FLAG_NO_HOLE,
     HrlCorruptError,
-    HrlDecoder,
     HrlHeader,
     LogSummary,
     Record,
     RecordKind,
 )
+from hvr_common.pure.hrl_decoder import HrlDecoder
+from hvr_common.pure.stream_decoder import NEED_DATA
 
 CHUNK_SIZE = 1024 * 1024
 _COPY_SIZE = 8 * 1024 * 1024  # largest piece apply_coalesced reads from the log at once

@@ -28,7 +28,7 @@ from daemons import REPO_ROOT, SupervisedProcess, python_executable, run, short_
 from hvr_common.block.blockdev import RawImage
 from hvr_common.block.catalogue import Export, Withdrawn
 from hvr_common.block.nbd_server import NbdServer
-from hvr_common.pure.nbd_protocol import ExportInfo
+from hvr_common.pure.nbd_events import ExportInfo
 from hvr_common.shell import logs
 
 WITHDRAWN_REASON = "export_withdrawn"

@@ -10,8 +10,9 @@ import pytest
 import zstandard
 
 from bundles import bundle, hrl_bytes
-from hvr_common.pure.bundle import FRAME, BundleCorruptError, BundleDecoder, BundleDone, BundleKind, header_size
-from hvr_common.pure.hrl import NEED_DATA
+from hvr_common.pure.bundle import FRAME, BundleCorruptError, BundleKind, header_size
+from hvr_common.pure.bundle_decoder import BundleDecoder, BundleDone
+from hvr_common.pure.stream_decoder import NEED_DATA
 
 SIZE = 1 << 20
 

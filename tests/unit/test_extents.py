@@ -18,8 +18,8 @@ from hvr_common.pure.hrl import (
     HrlHeader,
     Record,
     RecordKind,
-    decode_bytes,
 )
+from hvr_common.pure.hrl_decoder import decode_bytes
 
 W, T, Z = RecordKind.WRITE, RecordKind.TRIM, RecordKind.ZERO
 

@@ -1,4 +1,4 @@
-"""The HRL codec (hvr_common.pure.hrl): round trips, streaming, and every way a log can be damaged.
+"""The HRL codec (hvr_common.pure.hrl, hrl_decoder): round trips, streaming, and every way a log can be damaged.
 
 Each damage test states what must never happen: a truncated, flipped,
 reordered or spliced log is never taken for the clean log it came from.
@@ -20,13 +20,11 @@ from hypothesis import strategies as st
 from hvr_common.pure import hrl
 from hvr_common.pure.errors import CorruptError, HvrError
 from hvr_common.pure.hrl import (
-    ASSEMBLE_BYTES,
     END_PAYLOAD,
     HEADER,
     HEADER_SIZE,
     MAGIC,
     MAX_RECORD_LENGTH,
-    NEED_DATA,
     RECORD,
     RECORD_FLAG_FUA,
     RECORD_FLAG_NO_HOLE,
@@ -34,16 +32,16 @@ from hvr_common.pure.hrl import (
     RECORD_SIZE,
     VERSION,
     HrlCorruptError,
-    HrlDecoder,
     HrlEncoder,
     HrlHeader,
     LogSummary,
     Record,
     RecordKind,
-    decode_bytes,
     decode_header,
     encode_header,
 )
+from hvr_common.pure.hrl_decoder import ASSEMBLE_BYTES, HrlDecoder, decode_bytes
+from hvr_common.pure.stream_decoder import NEED_DATA
 
 U64 = 2**64 - 1
 DISK = 1 << 16
@@ -626,6 +624,9 @@ def test_arbitrary_bytes_after_a_header_never_crash(tail, keep_data):
 
 ALLOWED_IMPORTS = {
     "hrl.py": {"__future__", "enum", "struct", "uuid", "zlib", "zlib_ng", "dataclasses", "hvr_common.pure.errors"},
+    "hrl_decoder.py": {"__future__", "enum", "zlib", "zlib_ng", "hvr_common.pure.hrl",
+                       "hvr_common.pure.stream_decoder"},
+    "stream_decoder.py": {"__future__", "enum"},
     "extents.py": {"__future__", "heapq", "collections.abc", "dataclasses", "hvr_common.pure.hrl"},
 }
 

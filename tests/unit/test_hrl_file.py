@@ -21,8 +21,8 @@ from hvr_common.pure.hrl import (
     HrlHeader,
     LogSummary,
     RecordKind,
-    decode_bytes,
 )
+from hvr_common.pure.hrl_decoder import decode_bytes
 from hvr_common.shell.hrl_file import apply_coalesced, iter_hrl_file, read_hrl_summary, replay
 
 W, T, Z = RecordKind.WRITE, RecordKind.TRIM, RecordKind.ZERO

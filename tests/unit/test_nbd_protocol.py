@@ -1,4 +1,4 @@
-"""The sans-I/O NBD server core (``hvr_common.pure.nbd_protocol``), tested without sockets.
+"""The sans-I/O NBD server core (``hvr_common.pure.nbd_protocol`` and its ``nbd_*`` modules), tested without sockets.
 
 Client bytes are built, and server bytes parsed, by a small client-side codec
 written in this file from NetworkBlockDevice/nbd ``doc/proto.md``.  It shares
@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvr_common.pure.nbd_protocol import (
-    NEED_DATA, Disconnect, ExportInfo, NbdProtocolError, NbdServerConnection, Negotiated,
-    OptionHandled, Rejected, Request,
+from hvr_common.pure.nbd_events import (
+    NEED_DATA, Disconnect, ExportInfo, NbdProtocolError, Negotiated, OptionHandled, Rejected, Request,
 )
+from hvr_common.pure.nbd_protocol import NbdServerConnection
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hvr_common.pure.bundle import FRAME, FRAME_RAW_BYTES, BundleDecoder, BundleDone, BundleHeader, BundleKind, DiskDone, decode_header
-from hvr_common.pure.hrl import NEED_DATA, RECORD_FLAG_NO_HOLE, HrlEncoder, HrlHeader, Record, RecordKind
+from hvr_common.pure.bundle import FRAME, FRAME_RAW_BYTES, BundleHeader, BundleKind, decode_header
+from hvr_common.pure.bundle_decoder import BundleDecoder, BundleDone, DiskDone
+from hvr_common.pure.hrl import RECORD_FLAG_NO_HOLE, HrlEncoder, HrlHeader, Record, RecordKind
+from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.pure.extents import coalesce
 from hvr_common.shell.hrl_file import scan_hrl_file
 from hvr_agent import shipper
