@@ -26,6 +26,7 @@ from hvr_common.shell.logs import event
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.files import unlink_if_exists
 from hvr_listener.bundle_io import apply_bundle
+from hvr_listener.recovery_history import Histories
 from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.store import Replica
@@ -38,8 +39,9 @@ MAX_RETRY_S = 60.0
 
 
 class Applier:
-    def __init__(self, service: ReplicaService):
+    def __init__(self, service: ReplicaService, histories: Histories):
         self.service = service
+        self.histories = histories
         self.store = service.store
         self._backoff_s = 0.0
         self._retry_in_s: float | None = None
@@ -85,8 +87,14 @@ class Applier:
             try:
                 # No initial-window thread of the same VM writes its images meanwhile.
                 async with self.service.image_lock(rep.vm_id):
-                    await finish_in_thread(apply_bundle, row.path, images, expect)
-                    await finish_in_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns)
+                    history = await finish_in_thread(self.histories.load, rep)
+                    pins = await finish_in_thread(self.histories.pins, rep.vm_id)
+                    capture = await finish_in_thread(history.prepare_capture, rep.history, pins)
+                    await finish_in_thread(apply_bundle, row.path, images, expect, capture)
+                    await finish_in_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns,
+                                           row.consistency)
+                    await finish_in_thread(history.applied)
+                    await self.histories.thin(rep, history)
             except (OSError, sqlite3.Error) as exc:
                 self._transient_failure(rep.name, row.sequence, exc)
                 return applied

@@ -42,6 +42,7 @@ from hvr_common.pure.undo import FILE_SUFFIX, MERGING_SUFFIX, UndoHeader, file_n
 from hvr_common.pure.undo_merge import superseded
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.logs import event
+from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.undo_log import UndoLog, merge_files
 
 log = logging.getLogger("hvr.listener.history")
@@ -78,6 +79,7 @@ class VmHistory:
         self.logs: dict[int, UndoLog] = {}
         self.epoch = 0
         self.retired: list[UndoLog] = []  # replaced logs whose descriptors views may still hold
+        self.created_ns = 0  # the replica record this history belongs to (a re-enabled VM starts afresh)
 
     # --- start ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -211,3 +213,56 @@ class VmHistory:
 
 def is_merge(step: DropStep) -> bool:
     return step.kind is StepKind.MERGE
+
+
+class Histories:
+    """Every replica's :class:`VmHistory`, loaded at start; thinning after apply."""
+
+    def __init__(self, store):
+        self.store = store
+        self._by_vm: dict[uuid.UUID, VmHistory] = {}
+
+    def load(self, rep) -> VmHistory:
+        """The replica's history, loaded from its store rows and files on first use (worker thread)."""
+        history = self._by_vm.get(rep.vm_id)
+        if history is None or history.created_ns != rep.created_ns:
+            if history is not None:
+                history.close()
+            history = VmHistory(rep.vm_id, rep.name, points_dir(rep), self.store)
+            history.created_ns = rep.created_ns
+            history.load()
+            self._by_vm[rep.vm_id] = history
+        return history
+
+    def get(self, vm_id: uuid.UUID) -> VmHistory | None:
+        return self._by_vm.get(vm_id)
+
+    def forget(self, vm_id: uuid.UUID) -> None:
+        history = self._by_vm.pop(vm_id, None)
+        if history is not None:
+            history.close()
+
+    def pins(self, vm_id: uuid.UUID) -> set[int]:
+        row = self.store.test_failover(vm_id)
+        return {row.point_id} if row is not None else set()
+
+    async def thin(self, rep, history: VmHistory) -> int:
+        """Drop what retention no longer keeps (call with the replica's image lock held)."""
+        pins = await finish_in_thread(self.pins, rep.vm_id)
+        steps = history.plan_drops(rep.history, pins, time.time_ns())
+        for step in steps:
+            merged = await finish_in_thread(history.merge_files, step) if is_merge(step) else None
+            history.swap(step, merged)
+            history.close_retired()
+            await finish_in_thread(history.forget, step, merged)
+        return len(steps)
+
+    def close(self) -> None:
+        for history in self._by_vm.values():
+            history.close()
+        self._by_vm.clear()
+
+
+def points_dir(rep) -> Path:
+    """Where a replica's undo logs live: beside its images (one file system, renames stay atomic)."""
+    return rep.storage_dir / POINTS_DIR

@@ -15,6 +15,7 @@ import pytest
 from bundles import bundle, hrl_bytes
 from hvr_common.pure.bundle import BundleKind
 from hvr_common.pure.replication_state import InvalidTransition, ReplicationState as S
+from hvr_listener.recovery_history import Histories
 from hvr_listener import operator_verbs
 from hvr_listener.applier import Applier
 from hvr_listener.replicas import ReplicaService
@@ -107,7 +108,7 @@ async def test_a_window_of_a_replica_removed_and_enabled_again_does_not_count(se
 async def test_a_damaged_stored_cycle_fails_the_replica_into_error_with_the_reason(service):
     rep, disk_id = await _replicating(service)
     _store_cycle(service, rep, disk_id, b"\x5a" * 4096, damaged=True)
-    assert await Applier(service).apply_pending(rep) == 0
+    assert await Applier(service, Histories(service.store)).apply_pending(rep) == 0
     failed = await service.get(rep.vm_id)
     assert failed.state == S.ERROR and failed.last_applied_sequence == 0
     assert failed.state_detail.startswith("applying cycle 1 failed")
@@ -116,12 +117,12 @@ async def test_a_damaged_stored_cycle_fails_the_replica_into_error_with_the_reas
 async def test_the_operator_resumes_a_replica_in_error_and_its_cycles_are_applied_again(service):
     rep, disk_id = await _replicating(service)
     _store_cycle(service, rep, disk_id, b"\x5a" * 4096, damaged=True)
-    await Applier(service).apply_pending(rep)
+    await Applier(service, Histories(service.store)).apply_pending(rep)
     _store_cycle(service, rep, disk_id, b"\x5a" * 4096)  # the operator restored the file
     resumed = await operator_verbs.resume_replica(service, rep.name)
     assert resumed.state == S.REPLICATING and resumed.state_detail is None
     assert service.wake_applier.is_set()
-    assert await Applier(service).apply_pending(resumed) == 1
+    assert await Applier(service, Histories(service.store)).apply_pending(resumed) == 1
     assert (await service.get(rep.vm_id)).last_applied_sequence == 1
     assert rep.disks[0].path.read_bytes()[:4097] == b"\x5a" * 4096 + b"\0"
 
