@@ -1,6 +1,6 @@
 """Building bundles: what the agent uploads to the replica.
 
-Blocking functions, run in worker threads by :mod:`hvr_agent.replication`.
+Blocking functions, run in worker threads by :mod:`hvr_agent.cycles` and :mod:`hvr_agent.initial_copy`.
 Cycles are built into spool files and memory stays bounded: a log's records
 are collected without their payloads, surviving bytes are read from the log
 in pieces of at most ``RECORD_BYTES`` into one reused buffer, and frames go
