@@ -15,7 +15,7 @@ from pathlib import Path
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.files import unlink_if_exists
 from hvr_common.shell.logs import event
-from hvr_agent import shipper
+from hvr_agent import initial_window, shipper
 from hvr_agent.journal import list_logs, log_path
 from hvr_agent.relationship import Relationship
 
@@ -73,7 +73,7 @@ def allocated_below(image: Path, end: int) -> int:
         return 0
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return shipper.allocated_bytes(fd, 0, end)
+        return initial_window.allocated_bytes(fd, 0, end)
     finally:
         os.close(fd)
 

@@ -21,7 +21,7 @@ from hvr_common.pure.measure import NS
 from hvr_common.pure.replication_state import Action, ReplicationState
 from hvr_common.pure.schedule import Backoff
 from hvr_common.shell.logs import event
-from hvr_agent import shipper
+from hvr_agent import initial_window, shipper
 from hvr_agent.housekeeping import allocated_below, delete_logs_upto
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
@@ -129,7 +129,7 @@ class _DiskCopy:
         self.progress = copy.progress[disk.disk_id]
         self.fd = -1
         self.spare: list[bytearray] = []  # buffers of windows whose uploads have ended, for reuse
-        self.in_flight: list[tuple[shipper.InitialWindow, asyncio.Task]] = []
+        self.in_flight: list[tuple[initial_window.InitialWindow, asyncio.Task]] = []
         self.next_start = self.progress.durable_offset  # where the next window to build begins
         self.ahead: asyncio.Future | None = None  # the window after those in flight, being built
         self.saving: asyncio.Future | None = None  # the progress of the latest answer, being saved
@@ -198,11 +198,11 @@ class _DiskCopy:
             InitialProgress(self.disk.disk_id, self.disk.size_bytes, p.durable_offset, p.allocated_bytes,
                             p.done_bytes)))
 
-    def _build(self, start: int, buffer: bytearray | None) -> shipper.InitialWindow:
+    def _build(self, start: int, buffer: bytearray | None) -> initial_window.InitialWindow:
         """Plan and build the window at ``start`` (blocking; runs in a thread)."""
         rec = self.rel.rec
-        end = shipper.plan_window(self.fd, start, self.disk.size_bytes, self.copy.window_bytes)
-        return shipper.build_initial_bundle(
+        end = initial_window.plan_window(self.fd, start, self.disk.size_bytes, self.copy.window_bytes)
+        return initial_window.build_initial_bundle(
             vm_id=self.vm_id, generation=rec.generation, disk=self.disk, image_fd=self.fd, start=start,
             end=end, compress=rec.compression, created_ns=time.time_ns(), buffer=buffer)
 
@@ -210,7 +210,7 @@ class _DiskCopy:
         buffer = self.spare.pop() if self.spare else None
         return asyncio.ensure_future(asyncio.to_thread(self._build, start, buffer))
 
-    async def _send(self, window: shipper.InitialWindow) -> int:
+    async def _send(self, window: initial_window.InitialWindow) -> int:
         """Upload one window; answer the replica's durable offset after it."""
         name, disk = self.rel.name, self.disk
         sent_ns = time.time_ns()
@@ -231,7 +231,7 @@ class _DiskCopy:
         return durable
 
 
-async def _drop_windows(in_flight: list[tuple[shipper.InitialWindow, asyncio.Task]]) -> list[bytearray]:
+async def _drop_windows(in_flight: list[tuple[initial_window.InitialWindow, asyncio.Task]]) -> list[bytearray]:
     """Cancel the uploads of windows that will not be used, wait until they have ended, return their buffers."""
     tasks = [task for _, task in in_flight]
     buffers = [window.buffer for window, _ in in_flight]
