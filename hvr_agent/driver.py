@@ -27,6 +27,7 @@ from hvr_agent.housekeeping import clean_leftovers
 from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
+from hvr_agent.store import ReplicationRecord
 
 log = logging.getLogger("hvr.agent.replication")
 
@@ -56,7 +57,7 @@ class VmReplication:
         return self.rel.name
 
     @property
-    def rec(self):
+    def rec(self) -> ReplicationRecord:
         return self.rel.rec
 
     # --- the task ----------------------------------------------------------------------------
