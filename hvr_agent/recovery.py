@@ -26,6 +26,7 @@ from hvr_common.pure.hrl import HEADER_SIZE, HrlCorruptError, HrlEncoder, HrlHea
 from hvr_common.shell.hrl_file import read_hrl_summary
 from hvr_common.pure.intent_bitmap import IntentBitmap
 from hvr_common.shell import sparse
+from hvr_common.shell.files import fsync_dir
 from hvr_agent.journal import list_logs
 
 log = logging.getLogger("hvr.agent.recovery")
@@ -101,11 +102,7 @@ def _rewrite(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def uncertain_ranges(found: IntentBitmap | None, disk_size: int, region_bytes: int,

@@ -87,3 +87,33 @@ def transition(role: str, state: S | None, action: Action) -> S:
 
 def allowed_actions(role: str, state: S | None) -> list[Action]:
     return [a for (r, s, a) in TRANSITIONS if r == role and s == state]
+
+
+class Step(enum.StrEnum):
+    """What a relationship's task runs while the relationship is in a state."""
+
+    WAIT_FOR_SCHEDULE = "wait_for_schedule"  # start the initial copy when its scheduled time comes
+    INITIAL_COPY = "initial_copy"  # the initial cut and the copy of the images
+    CYCLES = "cycles"  # cut, build and ship cycles
+    IDLE = "idle"  # nothing: wait until a verb changes the state
+
+
+# (role, state) -> the step the relationship's task runs in that state.  Every primary state has a row;
+# the states reserved for failover and resynchronization have no transitions yet, so they idle.
+STEPS: dict[tuple[str, S], Step] = {
+    ("primary", S.READY_FOR_INITIAL_REPLICATION): Step.WAIT_FOR_SCHEDULE,
+    ("primary", S.INITIAL_REPLICATION_IN_PROGRESS): Step.INITIAL_COPY,
+    ("primary", S.REPLICATING): Step.CYCLES,
+    ("primary", S.SUSPENDED): Step.IDLE,
+    ("primary", S.ERROR): Step.IDLE,
+    ("primary", S.RESYNCHRONIZING): Step.IDLE,
+    ("primary", S.RESYNCHRONIZATION_REQUIRED): Step.IDLE,
+    ("primary", S.PREPARED_FOR_FAILOVER): Step.IDLE,
+    ("primary", S.FAILED_OVER_WAITING_COMPLETION): Step.IDLE,
+    ("primary", S.FAILED_OVER): Step.IDLE,
+}
+
+
+def step_for(role: str, state: S) -> Step:
+    """The step to run; a (role, state) without a row has nothing to run (``IDLE``), so a task never spins."""
+    return STEPS.get((role, state), Step.IDLE)

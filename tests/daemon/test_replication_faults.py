@@ -17,7 +17,7 @@ import pytest
 from daemons import wait_for
 from fault_proxy import FaultProxy
 from replication_pair import MiB, Pair, make_disk, qemu_io
-from hvr_agent.replication import INITIAL_WINDOWS_IN_FLIGHT
+from hvr_agent.initial_copy import INITIAL_WINDOWS_IN_FLIGHT
 
 
 def _history_ok(pair: Pair, vm: str) -> list[int]:

@@ -4,8 +4,10 @@ Rule 1, pure core: the pure modules of ``hvr_common`` import nothing that does
 I/O or concurrency (asyncio, aiohttp, aiofiles, socket, sqlite3, subprocess,
 threading) and nothing from the daemons or the CLI; no module of
 ``hvr_common`` at all imports the daemons or the CLI.  Rule 2: no package has
-a ``utils``, ``helpers`` or ``misc`` module.  Rule 3 on the listener: only
-``hvr_listener/replica_state.py`` writes a replica's replication state.
+a ``utils``, ``helpers`` or ``misc`` module.  One writer per side: only
+``hvr_agent/relationship.py`` calls the store methods that change the
+primary's replication record, and only ``hvr_listener/replica_state.py``
+writes a replica's replication state.
 
 Imports are read with :mod:`ast`, so nothing is imported or executed and an
 import hidden in a function, an ``if`` or an ``importlib.import_module("...")``
@@ -274,3 +276,104 @@ def test_only_the_replica_state_module_writes_replica_state(path):
     # the store holds the writers' SQL (their bodies); it must not call them itself
     found = state_writes(path.read_text(encoding="utf-8"), writers, sql=path != STORE_MODULE)
     assert not found, f"{path.relative_to(REPO)} writes replica state outside replica_state.py: {found}"
+
+
+# --- one writer of the primary's replication state -----------------------------------------
+# Only hvr_agent/relationship.py may call the AgentStore methods that change the ``replication``
+# table (the relationship record): that is where R4 (the newest record saved last) is kept and
+# every state change goes through the transition table.  The methods are found in store.py by
+# their SQL, so a new writer is covered without touching this test.
+STATE_OWNER = REPO / "hvr_agent" / "relationship.py"
+STORE = REPO / "hvr_agent" / "store.py"
+_WRITES_REPLICATION = re.compile(r"\b(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+replication\b", re.IGNORECASE)
+
+
+def replication_writers(store_source: str) -> set[str]:
+    """Names of the store's methods whose SQL inserts, updates or deletes rows of ``replication``."""
+    writers = set()
+    for node in ast.walk(ast.parse(store_source)):
+        if isinstance(node, ast.ClassDef):
+            for method in node.body:
+                if isinstance(method, ast.FunctionDef) and any(
+                        isinstance(c, ast.Constant) and isinstance(c.value, str) and _WRITES_REPLICATION.search(c.value)
+                        for c in ast.walk(method)):
+                    writers.add(method.name)
+    return writers
+
+
+def uses_of(source: str, names: set[str]) -> set[str]:
+    """Which of ``names`` the source reaches for as a method: an attribute, or a string (``getattr``).
+
+    Bare names are not uses: a function of another module may share a method's name (the admin
+    API's ``remove_replication`` handler)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in names:
+            found.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            found.add(node.value)
+    return found
+
+
+_PLANTED_STORE = '''
+class Store:
+    def save_thing(self, rec):
+        sets = ", ".join(cols)
+        self._db.execute(f"UPDATE replication SET {sets} WHERE vm=?", rec)
+
+    def add_thing(self, rec):
+        self._db.execute("insert into replication VALUES (?)", rec)
+
+    def drop_thing(self, vm):
+        with self.transaction() as db:
+            db.execute("DELETE FROM replication_cycles WHERE vm=?", (vm,))
+            db.execute("DELETE FROM replication WHERE vm=?", (vm,))
+
+    def add_stat(self, vm, stat):
+        self._db.execute("INSERT INTO replication_cycles VALUES (?)", (vm, stat))
+
+    def list_things(self):
+        return self._db.execute("SELECT * FROM replication").fetchall()
+'''
+
+_PLANTED_WRITER = '''
+async def resume(self, rep):
+    rep.rec = rep.rec.replace(state="Replicating")
+    await asyncio.to_thread(self.store.save_replication, rep.rec)
+
+def remove(store, name):
+    store.remove_replication(name)
+
+def sneaky(store, rec):
+    getattr(store, "add_replication")(rec)
+'''
+
+
+def test_the_writer_finder_reads_the_sql():
+    assert replication_writers(_PLANTED_STORE) == {"save_thing", "add_thing", "drop_thing"}
+
+
+def test_the_use_finder_sees_calls_references_and_getattr():
+    writers = {"save_replication", "add_replication", "remove_replication"}
+    assert uses_of(_PLANTED_WRITER, writers) == writers
+    clean = ("async def f(self):\n    await asyncio.to_thread(self.store.add_cycle_stat, 'vm', stat)\n"
+             "    self.store.list_replications()\n"
+             "async def remove_replication(request):\n    return request\n"
+             "app.router.add_delete('/v1/vms/{name}/replication', remove_replication)\n")
+    assert uses_of(clean, writers) == set()
+
+
+def test_the_store_has_the_replication_writers_this_test_guards():
+    assert {"save_replication", "add_replication", "remove_replication"} <= replication_writers(
+        STORE.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", sorted([*(REPO / "hvr_agent").rglob("*.py"), *(REPO / "hvrctl").rglob("*.py")]),
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_only_the_relationship_writes_replication_state(path):
+    if path in (STATE_OWNER, STORE):
+        return
+    writers = replication_writers(STORE.read_text(encoding="utf-8"))
+    used = uses_of(path.read_text(encoding="utf-8"), writers)
+    assert not used, (f"{path.relative_to(REPO)} calls {sorted(used)}: the replication record is written "
+                      f"only by hvr_agent/relationship.py (Relationship)")

@@ -1,4 +1,5 @@
-"""The replication state table: every listed transition works, every other one raises."""
+"""The replication state table: every listed transition works, every other one raises; every primary
+state names the step its task runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 import pytest
 
 from hvr_common.pure.replication_state import (
-    TRANSITIONS, Action, InvalidTransition, ReplicationState, allowed_actions, transition,
+    STEPS, TRANSITIONS, Action, InvalidTransition, ReplicationState, Step, allowed_actions, step_for, transition,
 )
 
 ROLES = ("primary", "replica")
@@ -92,3 +93,38 @@ def test_a_replica_completes_its_initial_copy_only_once_a_window_was_stored():
     """A replica still waiting has no durable window, so its initial copy cannot be complete."""
     with pytest.raises(InvalidTransition):
         transition("replica", ReplicationState.WAITING_FOR_INITIAL_REPLICATION, Action.COMPLETE_INITIAL)
+
+
+# --- the step each state runs ---------------------------------------------------------------
+PRIMARY_STATES = [s for s in ReplicationState if s is not ReplicationState.WAITING_FOR_INITIAL_REPLICATION]
+EXPECTED_STEPS = {
+    ReplicationState.READY_FOR_INITIAL_REPLICATION: Step.WAIT_FOR_SCHEDULE,
+    ReplicationState.INITIAL_REPLICATION_IN_PROGRESS: Step.INITIAL_COPY,
+    ReplicationState.REPLICATING: Step.CYCLES,
+}
+
+
+@pytest.mark.parametrize("state", PRIMARY_STATES, ids=str)
+def test_every_primary_state_has_a_step(state):
+    assert ("primary", state) in STEPS
+    assert step_for("primary", state) is STEPS[("primary", state)]
+    assert step_for("primary", state) is EXPECTED_STEPS.get(state, Step.IDLE)
+
+
+def test_only_states_with_work_run_something():
+    busy = {state for (role, state), step in STEPS.items() if step is not Step.IDLE}
+    assert busy == set(EXPECTED_STEPS)
+    assert set(STEPS.values()) == set(Step)  # no step is unreachable
+
+
+def test_every_state_a_primary_transition_reaches_has_a_step():
+    reached = {new for (role, _state, _action), new in TRANSITIONS.items() if role == "primary"}
+    assert reached <= {state for (role, state) in STEPS if role == "primary"}
+
+
+@pytest.mark.parametrize("role,state", [("primary", ReplicationState.WAITING_FOR_INITIAL_REPLICATION),
+                                        ("replica", ReplicationState.REPLICATING),
+                                        ("elsewhere", ReplicationState.REPLICATING)], ids=str)
+def test_a_state_without_a_row_idles(role, state):
+    assert (role, state) not in STEPS
+    assert step_for(role, state) is Step.IDLE

@@ -16,7 +16,7 @@ from hvr_common.pure.hrl import RECORD_FLAG_NO_HOLE, HrlEncoder, HrlHeader, Reco
 from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.pure.extents import coalesce
 from hvr_common.shell.hrl_file import scan_hrl_file
-from hvr_agent import shipper
+from hvr_agent import initial_window, shipper
 from hvr_agent.journal import log_path
 
 DISK_SIZE = 16 * 1024 * 1024
@@ -276,7 +276,7 @@ def test_initial_windows_carry_only_allocated_data_and_rebuild_the_image(tmp_pat
         f.write(bytes(1024 * 1024))
     fd = os.open(d.image_path, os.O_RDONLY)
     try:
-        allocated = shipper.allocated_bytes(fd, 0, size)
+        allocated = initial_window.allocated_bytes(fd, 0, size)
         assert allocated < size // 2
         got = bytearray(size)
         offset = 0
@@ -284,11 +284,11 @@ def test_initial_windows_carry_only_allocated_data_and_rebuild_the_image(tmp_pat
         sent_allocated = 0
         buffer = None
         while offset < size:
-            end = shipper.plan_window(fd, offset, size, 4 * 1024 * 1024)
+            end = initial_window.plan_window(fd, offset, size, 4 * 1024 * 1024)
             assert end > offset
             # every window after the first reuses the buffer of the one before (as the agent does)
-            w = shipper.build_initial_bundle(vm_id=VM_ID, generation=GENERATION, disk=d, image_fd=fd, start=offset,
-                                             end=end, compress=True, created_ns=5, buffer=buffer)
+            w = initial_window.build_initial_bundle(vm_id=VM_ID, generation=GENERATION, disk=d, image_fd=fd,
+                                                    start=offset, end=end, compress=True, created_ns=5, buffer=buffer)
             assert buffer is None or w.buffer is buffer or len(buffer) < len(w.buffer)
             buffer = w.buffer
             body = b"".join(w.bundle.pieces)
@@ -324,8 +324,8 @@ def test_initial_window_reads_straight_into_its_buffer_and_frames_slice_it(tmp_p
     fd = os.open(d.image_path, os.O_RDONLY)
     try:
         small = bytearray(1024)
-        w = shipper.build_initial_bundle(vm_id=VM_ID, generation=GENERATION, disk=d, image_fd=fd, start=0,
-                                         end=size, compress=True, created_ns=7, buffer=small)
+        w = initial_window.build_initial_bundle(vm_id=VM_ID, generation=GENERATION, disk=d, image_fd=fd, start=0,
+                                                end=size, compress=True, created_ns=7, buffer=small)
     finally:
         os.close(fd)
     assert w.buffer is not small and small == bytearray(1024)

@@ -1,0 +1,165 @@
+"""One task per replicated VM: the step its state names, run again and again; retries and failures.
+
+The task asks the state table (:func:`hvr_common.pure.replication_state.step_for`)
+what to run in the relationship's state, runs it, and waits until it is
+woken (a verb, a state change) or a scheduled time comes.  A transient error
+is recorded as a failed cycle and retried after the backoff (1 s doubling to
+300 s, reset by any success); a permanent one puts the VM in ``Error`` with
+the reason (R3).  Either way ``sync-now --wait`` callers get the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from hvr_common.pure.config import AgentConfig
+from hvr_common.pure.errors import HvrError, NotFoundError, TransientError
+from hvr_common.pure.measure import CycleResult, CycleStat
+from hvr_common.pure.replication_state import Action, ReplicationState, Step
+from hvr_common.pure.schedule import Backoff, initial_due, initial_wait_s
+from hvr_common.shell.key_file import read_key
+from hvr_common.shell.logs import event
+from hvr_agent.cycles import Cycles
+from hvr_agent.housekeeping import clean_leftovers
+from hvr_agent.initial_copy import InitialCopy
+from hvr_agent.relationship import Relationship, Stopped
+from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
+from hvr_agent.store import ReplicationRecord
+
+log = logging.getLogger("hvr.agent.replication")
+
+S = ReplicationState
+
+
+class VmReplication:
+    """One VM's relationship, its task, and the work the task does (initial copy, cycles)."""
+
+    def __init__(self, rel: Relationship, config: AgentConfig):
+        self.rel = rel
+        self.outbox = config.outbox_dir / rel.name
+        self.task: asyncio.Task | None = None
+        self.client: ReplicaClient | None = None  # while the task runs
+        self.backoff = Backoff()
+        self.initial = InitialCopy(rel, config.initial_window_bytes, self.backoff)
+        self.cycles = Cycles(rel, self.outbox, self.backoff)
+        self._steps: dict[Step, Callable[[ReplicaClient], Awaitable[bool]]] = {
+            Step.WAIT_FOR_SCHEDULE: self._wait_for_schedule,
+            Step.INITIAL_COPY: self._initial_copy,
+            Step.CYCLES: self.cycles.step,
+            Step.IDLE: self._idle,
+        }
+
+    @property
+    def name(self) -> str:
+        return self.rel.name
+
+    @property
+    def rec(self) -> ReplicationRecord:
+        return self.rel.rec
+
+    # --- the task ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        rec = self.rel.rec
+        try:
+            key = await asyncio.to_thread(read_key, rec.key_file)
+            endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port)
+            async with ReplicaClient(endpoint, key) as client:
+                self.client = client
+                await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
+                await self._loop(client)
+        except HvrError as exc:
+            await self._fail(exc)
+        except Exception as exc:  # a bug: stop this VM's replication, keep serving disks
+            log.exception("replication task of VM %s failed", self.name)
+            await self._fail(HvrError(f"internal error in the replication task: {type(exc).__name__}: {exc}",
+                                      hint="see the agent's log; hvrctl vm resume NAME retries"))
+        finally:
+            self.client = None
+            await self.cycles.stop_prepare()
+            await self.cycles.settle_after_ack()
+            self.cycles.fail_waiters(HvrError("replication task stopped"))
+
+    async def _loop(self, client: ReplicaClient) -> None:
+        wake = self.rel.wake
+        while True:
+            wake.clear()
+            try:
+                worked = await self._steps[self.rel.step()](client)
+                if not worked:
+                    await self._wait(self._idle_timeout_s())
+            except Stopped:
+                continue
+            except TransientError as exc:
+                await self._transient(exc)
+                await self._wait(self.backoff.delay_s)
+                self.backoff.grow()
+            except HvrError as exc:
+                await self._fail(exc)
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        if timeout_s is not None and timeout_s <= 0:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.rel.wake.wait()
+        except TimeoutError:
+            pass
+
+    def _idle_timeout_s(self) -> float | None:
+        now = time.time_ns()
+        step = self.rel.step()
+        if step is Step.WAIT_FOR_SCHEDULE:
+            return initial_wait_s(self.rel.rec.initial_at_ns, now)
+        if step is Step.CYCLES:
+            return self.cycles.clock.wait_s(now)
+        return None
+
+    # --- the steps (True: work was done, look again at once) ---------------------------------
+    async def _wait_for_schedule(self, _client: ReplicaClient) -> bool:
+        if initial_due(self.rel.rec.initial_at_ns, time.time_ns()):
+            await self.rel.set_state(Action.START_INITIAL, initial_at_ns=None)
+            return True
+        return False
+
+    async def _initial_copy(self, client: ReplicaClient) -> bool:
+        await self.initial.run(client)
+        self.cycles.cut_soon()  # writes made during the copy go out right away
+        return True
+
+    async def _idle(self, _client: ReplicaClient) -> bool:
+        return False
+
+    # --- errors ------------------------------------------------------------------------------
+    def _failed_cycle(self, exc: HvrError) -> tuple[int | None, CycleStat]:
+        seq = self.rel.rec.next_sequence if self.rel.rec.state is S.REPLICATING else None
+        now = time.time_ns()
+        return seq, CycleStat(seq, now, now, 0, 0, CycleResult.ERROR, f"{exc.code}: {exc.message}")
+
+    async def _transient(self, exc: TransientError) -> None:
+        await self.cycles.settle_after_ack()  # the cycle acknowledged before this failure is answered as a success
+        rel = self.rel
+        rel.last_error = exc.message
+        seq, stat = self._failed_cycle(exc)
+        event(log, "cycle_failed" if seq is not None else "initial_failed", logging.WARNING, vm=rel.name,
+              seq=seq, transient=True, code=exc.code, error=exc.message, retry_in_s=self.backoff.delay_s)
+        await asyncio.to_thread(rel.store.add_cycle_stat, rel.name, stat)
+        self.cycles.fail_waiters(exc)
+
+    async def _fail(self, exc: HvrError) -> None:
+        await self.cycles.stop_prepare()
+        await self.cycles.settle_after_ack()
+        rel = self.rel
+        rel.last_error = exc.message
+        detail = exc.message + (f" ({exc.hint})" if exc.hint else "")
+        seq, stat = self._failed_cycle(exc)
+        event(log, "cycle_failed" if seq is not None else "replication_failed", logging.ERROR, vm=rel.name,
+              seq=seq, transient=False, code=exc.code, error=exc.message)
+        try:
+            await asyncio.to_thread(rel.store.add_cycle_stat, rel.name, stat)
+            await rel.fail(detail)
+        except NotFoundError:
+            pass  # the relationship was removed meanwhile
+        self.cycles.fail_waiters(exc)
