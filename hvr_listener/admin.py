@@ -5,11 +5,15 @@
 * ``GET /v1/replicas``, ``GET /v1/replicas/{name}``
 * ``DELETE /v1/replicas/{name}``, ``POST /v1/replicas/{name}/resume``
   (the operator verbs: :mod:`hvr_listener.operator_verbs`)
+* ``GET /v1/replicas/{name}/recovery-points``
+* ``POST /v1/replicas/{name}/test-failover``, ``DELETE /v1/replicas/{name}/test-failover``
+  (:mod:`hvr_listener.test_failover`)
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import binascii
 import logging
@@ -22,7 +26,10 @@ from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
 from hvr_listener import operator_verbs
-from hvr_common.pure.wire.status_views import ReplicaStatus
+from hvr_common.pure.wire.error_catalogue import error
+from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
+from hvr_listener.recovery_history import Histories
+from hvr_listener.test_failover import TestFailovers
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 from hvr_listener.store import ListenerStore, Replica
@@ -33,10 +40,29 @@ SETTINGS = web.AppKey("settings", ServerSettings)
 STORE = web.AppKey("store", ListenerStore)
 SERVICE = web.AppKey("service", ReplicaService)
 ON_LISTEN_CHANGE = web.AppKey("on_listen_change", Callable[[], Awaitable[None]])
+HISTORIES = web.AppKey("histories", Histories)
+TESTS = web.AppKey("tests", TestFailovers)
 
 
 def replica_status(rep: Replica) -> dict:
     return ReplicaStatus.from_replica(rep).to_json()
+
+
+def _points(app: web.Application, rep: Replica) -> list:
+    """The replica's recovery points, oldest first (worker thread)."""
+    history = app[HISTORIES].get(rep.vm_id)
+    if history is not None and history.created_ns == rep.created_ns:
+        return [dataclasses.replace(p, undo_bytes=history.logs[p.id].size_bytes) if p.id in history.logs else p
+                for p in history.points]
+    return app[STORE].points(rep.vm_id)
+
+
+async def _full_status(app: web.Application, rep: Replica) -> dict:
+    """A replica's status with its recovery history (Get-VMReplication on the replica server)."""
+    status = replica_status(rep)
+    points = await asyncio.to_thread(_points, app, rep)
+    status.update(recovery_history_settings(rep, points, app[TESTS].status(rep.name)))
+    return status
 
 
 async def get_server(request: web.Request) -> web.Response:
@@ -87,7 +113,7 @@ async def remove_key(request: web.Request) -> web.Response:
 
 async def list_replicas(request: web.Request) -> web.Response:
     reps = await asyncio.to_thread(request.app[STORE].replicas)
-    return web.json_response([replica_status(r) for r in reps])
+    return web.json_response([await _full_status(request.app, r) for r in reps])
 
 
 async def get_replica(request: web.Request) -> web.Response:
@@ -95,7 +121,7 @@ async def get_replica(request: web.Request) -> web.Response:
     rep = await asyncio.to_thread(request.app[STORE].replica_by_name, name)
     if rep is None:
         raise NotFoundError(f"no replica VM named {name!r} on this server")
-    status = replica_status(rep)
+    status = await _full_status(request.app, rep)
     history = await asyncio.to_thread(request.app[STORE].cycle_history, rep.vm_id)
     status["cycles"] = [{"sequence": c.sequence, "bytes": c.bytes, "received_ns": c.received_ns,
                          "applied_ns": c.applied_ns} for c in history[-100:]]
@@ -106,7 +132,11 @@ async def remove_replica(request: web.Request) -> web.Response:
     """Remove-VMReplication on the replica: forget the VM (and with delete_storage, its files)."""
     name = request.match_info["name"]
     delete_storage = request.query.get("delete_storage") in ("1", "true", "yes")
+    if request.app[TESTS].status(name) is not None:
+        raise error("test_failover_running", f"a test failover of VM {name} is running",
+                    hint=f"stop it first: hvrctl failover stop {name} --as-test")
     rep = await operator_verbs.remove_replica(request.app[SERVICE], name, delete_storage)
+    await asyncio.to_thread(request.app[HISTORIES].forget, rep.vm_id)
     return web.json_response({"removed": name, "storage_deleted": delete_storage,
                               "storage": str(rep.storage_dir)})
 
@@ -117,13 +147,43 @@ async def resume_replica(request: web.Request) -> web.Response:
     return web.json_response(replica_status(rep))
 
 
-def make_app(settings: ServerSettings, store: ListenerStore,
-             on_listen_change: Callable[[], Awaitable[None]], service: ReplicaService) -> web.Application:
+async def list_recovery_points(request: web.Request) -> web.Response:
+    """Get-VMSnapshot on a replica: the recovery points, oldest first; the last one is the latest."""
+    name = request.match_info["name"]
+    rep = await asyncio.to_thread(request.app[STORE].replica_by_name, name)
+    if rep is None:
+        raise NotFoundError(f"no replica VM named {name!r} on this server", hint="hvrctl replica get lists them")
+    points = await asyncio.to_thread(_points, request.app, rep)
+    test = request.app[TESTS].status(name)
+    pinned = test["recovery_point"]["id"] if test else None
+    return web.json_response([RecoveryPointView.of(p, latest=p is points[-1], test_failover=p.id == pinned).to_json()
+                              for p in points])
+
+
+async def start_test_failover(request: web.Request) -> web.Response:
+    """Start-VMFailover -AsTest: the test VM's disks served over NBD at a recovery point."""
+    body = await read_json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"recovery_point"})
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(unknown)}")
+    view = await request.app[TESTS].start(request.match_info["name"], body.get("recovery_point"))
+    return web.json_response(view, status=201)
+
+
+async def stop_test_failover(request: web.Request) -> web.Response:
+    """Stop-VMFailover: delete the test VM and everything it wrote."""
+    return web.json_response(await request.app[TESTS].stop(request.match_info["name"]))
+
+
+def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: Callable[[], Awaitable[None]],
+             service: ReplicaService, histories: Histories, tests: TestFailovers) -> web.Application:
     app = web.Application(middlewares=[error_middleware(log)], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[STORE] = store
     app[ON_LISTEN_CHANGE] = on_listen_change
     app[SERVICE] = service
+    app[HISTORIES] = histories
+    app[TESTS] = tests
     app.router.add_get("/v1/server", get_server)
     app.router.add_patch("/v1/server", patch_server)
     app.router.add_get("/v1/keys", list_keys)
@@ -133,4 +193,7 @@ def make_app(settings: ServerSettings, store: ListenerStore,
     app.router.add_get("/v1/replicas/{name}", get_replica)
     app.router.add_delete("/v1/replicas/{name}", remove_replica)
     app.router.add_post("/v1/replicas/{name}/resume", resume_replica)
+    app.router.add_get("/v1/replicas/{name}/recovery-points", list_recovery_points)
+    app.router.add_post("/v1/replicas/{name}/test-failover", start_test_failover)
+    app.router.add_delete("/v1/replicas/{name}/test-failover", stop_test_failover)
     return app

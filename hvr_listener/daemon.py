@@ -1,4 +1,5 @@
-"""The listener's composition root: owns the store, the APIs and the applier."""
+"""The listener's composition root: owns the store, the APIs, the applier, recovery history and the
+NBD server of test failovers."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from hvr_common.pure.config import ListenerConfig
 from hvr_common.pure.errors import ConflictError
 from hvr_common.shell.logs import event
 from hvr_common.shell.state_lock import StateLock
-from hvr_common.shell.unix_socket import release_socket_path
+from hvr_common.block.nbd_server import NbdServer
+from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
 from hvr_common.shell.files import unlink_if_exists
+from hvr_listener.recovery_history import Histories
 from hvr_listener.replicas import ReplicaService
+from hvr_listener.test_failover import TestFailovers
 from hvr_listener.settings import ServerSettings
 from hvr_listener.store import ListenerStore
 
@@ -81,13 +85,26 @@ class Listener:
         store = ListenerStore(cfg.db_path)
         admin_runner = None
         admin_identity = None
+        histories = Histories(store)
+        nbd: NbdServer | None = None
+        tests: TestFailovers | None = None
+        nbd_identity = None
         try:
             removed = await asyncio.to_thread(cleanup_leftovers, store)
             if removed:
                 event(log, "leftovers_removed", files=removed)
             self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage))
             service = ReplicaService(store, self.settings.storage_dir, cfg.max_bundle_bytes)
-            applier = Applier(service)
+            applier = Applier(service, histories)
+            tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
+            ended = await tests.end_leftovers()
+            await asyncio.to_thread(histories.load_all, store.replicas())
+            if cfg.nbd_socket is not None:
+                nbd = NbdServer(tests, logging.getLogger("hvr.listener.nbd"))
+                claim_socket_path(cfg.nbd_socket)
+                await nbd.listen_unix(cfg.nbd_socket)
+                os.chmod(cfg.nbd_socket, 0o660)
+                nbd_identity = socket_identity(cfg.nbd_socket)
             # A primary that vanishes mid-upload cancels its handler (and frees the VM's lock);
             # a stop waits at most SHUTDOWN_TIMEOUT_S for requests in flight.
             self._api_runner = web.AppRunner(replication_api.make_app(service, self.settings, cfg.max_bundle_bytes),
@@ -96,7 +113,8 @@ class Listener:
                                              read_bufsize=replication_api.BODY_CHUNK)
             await self._api_runner.setup()
             await self._bind()
-            admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind, service), access_log=None,
+            admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind, service, histories, tests),
+                                         access_log=None,
                                          handle_signals=False)
             await admin_runner.setup()
             admin_identity = await serve_on_unix_socket(admin_runner, cfg.admin_socket)
@@ -104,7 +122,8 @@ class Listener:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
             event(log, "listener_ready", admin_socket=str(cfg.admin_socket), host=self.bound[0], port=self.bound[1],
-                  enabled=self.settings.current()["enabled"])
+                  enabled=self.settings.current()["enabled"],
+                  nbd_socket=str(cfg.nbd_socket) if cfg.nbd_socket else None, test_failovers_ended=ended)
             systemd.notify("READY=1")
             async with asyncio.TaskGroup() as tg:
                 apply_task = tg.create_task(applier.run())
@@ -116,10 +135,16 @@ class Listener:
                 if watchdog is not None:
                     watchdog.cancel()
         finally:
+            if tests is not None:
+                await tests.close()
+            if nbd is not None:
+                await nbd.close()
+                release_socket_path(Path(cfg.nbd_socket), nbd_identity)
             if self._api_runner is not None:
                 await self._api_runner.cleanup()
             if admin_runner is not None:
                 await admin_runner.cleanup()
+            histories.close()
             store.close()
             lock.release()
             release_socket_path(Path(cfg.admin_socket), admin_identity)

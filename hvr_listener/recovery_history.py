@@ -38,6 +38,7 @@ from hvr_common.pure.recovery_points import (
     DropStep, HistorySettings, Point, StepKind, capture_target, decide_capturing, drop_steps, points_to_drop,
     reach_order,
 )
+from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.undo import FILE_SUFFIX, MERGING_SUFFIX, UndoHeader, file_name
 from hvr_common.pure.undo_merge import superseded
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
@@ -233,6 +234,12 @@ class Histories:
             history.load()
             self._by_vm[rep.vm_id] = history
         return history
+
+    def load_all(self, replicas) -> None:
+        """At start, before apply and views: every replica that may have points."""
+        for rep in replicas:
+            if rep.state is ReplicationState.REPLICATING or self.store.points(rep.vm_id):
+                self.load(rep)
 
     def get(self, vm_id: uuid.UUID) -> VmHistory | None:
         return self._by_vm.get(vm_id)

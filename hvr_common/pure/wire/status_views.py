@@ -7,6 +7,7 @@ of a replica (what the primary asks for) is :class:`messages.ReplicaView`.
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -111,3 +112,47 @@ class ReplicaStatus:
             "last_applied_time_ns": self.last_applied_time_ns,
             "disks": [d.to_json() for d in self.disks],
         }
+
+
+def iso_time(ns: int | None) -> str | None:
+    """UTC ISO 8601 to the second (``2026-12-05T17:04:09Z``), or None."""
+    if ns is None:
+        return None
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPointView:
+    """One recovery point as ``hvrctl recovery-points list`` shows it."""
+
+    id: int
+    time_ns: int  # when its cycle was cut on the primary
+    sequence: int
+    consistency: str  # crash | application
+    size_bytes: int  # its undo data on the replica server
+    latest: bool
+    test_failover: bool  # a test failover stands on it
+
+    @classmethod
+    def of(cls, point: Any, *, latest: bool, test_failover: bool) -> RecoveryPointView:
+        return cls(point.id, point.time_ns, point.sequence, str(point.consistency), point.undo_bytes, latest,
+                   test_failover)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "time": iso_time(self.time_ns), "time_ns": self.time_ns, "sequence": self.sequence,
+                "consistency": self.consistency, "size_bytes": self.size_bytes, "latest": self.latest,
+                "test_failover": self.test_failover}
+
+
+def recovery_history_settings(rep: Any, points: list, test: dict | None) -> dict:
+    """The recovery-history part of a replica's status: its settings, its points, its test failover."""
+    return {
+        "recovery_history": rep.history.recovery_history,
+        "fine_window_min": rep.history.fine_window_min,
+        "app_consistent_hours": rep.history.app_consistent_hours,
+        "recovery_points": len(points),
+        "recovery_points_bytes": sum(p.undo_bytes for p in points),
+        "last_test_failover_time": iso_time(rep.last_test_failover_ns),
+        "test_failover": test,
+    }
