@@ -187,8 +187,15 @@ def cmd_replica_get(args) -> int:
     if args.name and reps[0].get("state_detail"):
         print(f"\ndetail: {reps[0]['state_detail']}")
     if args.name:
-        size = sum(d["size_bytes"] for d in reps[0]["disks"])
-        print(f"\ndisks: {len(reps[0]['disks'])}, {human_bytes(size)} in {reps[0]['storage']}")
+        rep = reps[0]
+        size = sum(d["size_bytes"] for d in rep["disks"])
+        print(f"\ndisks: {len(rep['disks'])}, {human_bytes(size)} in {rep['storage']}")
+        print(f"recovery points: {rep['recovery_points']} ({human_bytes(rep['recovery_points_bytes'])} of undo data); "
+              f"history {rep['recovery_history']} hourly, fine window {rep['fine_window_min']} min, "
+              f"application-consistent every {rep['app_consistent_hours'] or '-'} h")
+        test = rep.get("test_failover")
+        print(f"test failover: {test['test_vm'] + ' at point ' + str(test['recovery_point']['id']) if test else '-'}"
+              f" (last started {rep['last_test_failover_time'] or 'never'})")
     return 0
 
 

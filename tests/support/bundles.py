@@ -27,13 +27,14 @@ def hrl_bytes(vm_id: uuid.UUID, disk_id: uuid.UUID, generation: int, sequence: i
 
 
 def bundle(kind: BundleKind, vm_id: uuid.UUID, generation: int, sequence: int,
-           disks: list[tuple[uuid.UUID, int, int, int, bytes]], *, compress: bool = True) -> bytes:
-    """disks: (disk_id, disk_size, range_start, range_end, hrl bytes)."""
+           disks: list[tuple[uuid.UUID, int, int, int, bytes]], *, compress: bool = True,
+           created_ns: int | None = None) -> bytes:
+    """disks: (disk_id, disk_size, range_start, range_end, hrl bytes); ``created_ns``: the cut time (now)."""
     entries, payloads = [], []
     for disk_id, _size, start, end, log in disks:
         fe = FrameEncoder(compress)
         parts = fe.feed(log) + fe.finish()
         payloads.append(b"".join(parts))
         entries.append(DiskEntry(disk_id, fe.stored_bytes, fe.raw_bytes, start, end, fe.frames))
-    header = BundleHeader(kind, vm_id, generation, sequence, time.time_ns(), tuple(entries))
+    header = BundleHeader(kind, vm_id, generation, sequence, created_ns or time.time_ns(), tuple(entries))
     return header.encode() + b"".join(payloads)

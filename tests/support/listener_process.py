@@ -34,6 +34,7 @@ class ListenerProcess(SupervisedProcess):
         self.storage = self.workdir / "replicas"
         self._socket_dir, self._own_socket_dir = short_socket_dir(self.workdir)
         self.admin_socket = self._socket_dir / "listener.sock"
+        self.nbd_socket = self._socket_dir / "listener-nbd.sock"  # test failover views
         self.port = free_tcp_port()
         self.config_path = self.workdir / "listener.toml"
         self.stdout_path = self.workdir / "listener.stdout.log"
@@ -45,7 +46,8 @@ class ListenerProcess(SupervisedProcess):
 
     def write_config(self) -> None:
         entries = {"state_dir": str(self.state_dir), "admin_socket": str(self.admin_socket),
-                   "listen": f"127.0.0.1:{self.port}", "storage": str(self.storage), "log_format": "json"}
+                   "listen": f"127.0.0.1:{self.port}", "storage": str(self.storage), "log_format": "json",
+                   "nbd_socket": str(self.nbd_socket)}
         entries.update(self.extra_config)
         self.config_path.write_text("".join(
             f"{k} = {json.dumps(v) if isinstance(v, str) else v}\n" for k, v in entries.items()))

@@ -56,11 +56,12 @@ class Vm:
         assert r.status == 200, r.body
         assert r.json()["state"] == "Replicating"
 
-    def cycle_body(self, seq: int, ops_per_disk: list[list[tuple]], generation: int = 1, compress=True) -> bytes:
+    def cycle_body(self, seq: int, ops_per_disk: list[list[tuple]], generation: int = 1, compress=True,
+                   created_ns: int | None = None) -> bytes:
         disks = []
         for disk_id, ops in zip(self.disk_ids, ops_per_disk):
             disks.append((disk_id, SIZE, 0, SIZE, hrl_bytes(self.vm_id, disk_id, generation, seq, SIZE, ops)))
-        return bundle(BundleKind.CYCLE, self.vm_id, generation, seq, disks, compress=compress)
+        return bundle(BundleKind.CYCLE, self.vm_id, generation, seq, disks, compress=compress, created_ns=created_ns)
 
     def put_cycle(self, seq: int, body: bytes, *, generation: int = 1, **kw):
         return call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/cycles/{seq}", body, key=kw.pop("key", self.lp.key),
