@@ -39,7 +39,7 @@ from hvr_common.pure.recovery_points import (
     reach_order,
 )
 from hvr_common.pure.replication_state import ReplicationState
-from hvr_common.pure.undo import FILE_SUFFIX, MERGING_SUFFIX, UndoHeader, file_name
+from hvr_common.pure.undo import HEADER_SIZE, FILE_SUFFIX, MERGING_SUFFIX, UndoCorruptError, UndoHeader, file_name
 from hvr_common.pure.undo_merge import superseded
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.logs import event
@@ -98,7 +98,12 @@ class VmHistory:
             if pid not in known or not known[pid].capturing:
                 unlink_if_exists(files[pid])  # its row was dropped (or never captured): a leftover
                 continue
-            logs[pid] = UndoLog.open(files[pid], may_be_open=True)
+            try:
+                logs[pid] = UndoLog.open(files[pid], may_be_open=True)
+            except UndoCorruptError:
+                if files[pid].stat().st_size > HEADER_SIZE:
+                    raise
+                unlink_if_exists(files[pid])  # its header never became durable: nothing was captured in it
         gone = superseded(lg.header for lg in logs.values())
         for pid in gone:  # a merge renamed its result into place but did not finish dropping the newer point
             logs.pop(pid).close_fd()
