@@ -58,7 +58,7 @@ def cmd_points_list(args) -> int:
         return 0
     rows = [{"id": p["id"], "time": p["time"], "sequence": p["sequence"], "consistency": p["consistency"],
              "size": human_bytes(p["size_bytes"]),
-             "note": "latest" if p["latest"] else ("test failover" if p["test_failover"] else None)}
+             "note": "latest" if p["latest"] else ("test failover" if p["test_failover"] else "")}
             for p in points]
     print(table(rows, [("ID", "id"), ("TIME", "time"), ("SEQUENCE", "sequence"), ("CONSISTENCY", "consistency"),
                        ("SIZE", "size"), ("", "note")]))
