@@ -377,3 +377,23 @@ def test_only_the_relationship_writes_replication_state(path):
     used = uses_of(path.read_text(encoding="utf-8"), writers)
     assert not used, (f"{path.relative_to(REPO)} calls {sorted(used)}: the replication record is written "
                       f"only by hvr_agent/relationship.py (Relationship)")
+
+
+# --- tests import support code, never another test module ----------------------------
+TEST_FILES = sorted((REPO / "tests").rglob("test_*.py"))
+
+
+def test_the_test_files_are_where_this_test_looks():
+    assert len(TEST_FILES) > 20 and (REPO / "tests" / "support" / "daemons.py").is_file()
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_test_module_imports_another(path):
+    names = imported_modules(path.read_text(encoding="utf-8"), path.stem)
+    bad = {n for n in names if any(part.startswith("test_") for part in n.split("."))}
+    assert not bad, f"{path.relative_to(REPO)} imports test modules {sorted(bad)}: move shared code to tests/support"
+
+
+def test_the_test_import_check_can_fail():
+    names = imported_modules("from test_listener_api import SIZE\nimport tests.unit.test_bundle\n", "test_x")
+    assert {n for n in names if any(part.startswith("test_") for part in n.split("."))}
