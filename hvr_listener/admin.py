@@ -26,7 +26,6 @@ from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
 from hvr_listener import operator_verbs
-from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
 from hvr_listener.recovery_history import Histories
 from hvr_listener.test_failover import TestFailovers
@@ -52,8 +51,8 @@ def _points(app: web.Application, rep: Replica) -> list:
     """The replica's recovery points, oldest first (worker thread)."""
     history = app[HISTORIES].get(rep.vm_id)
     if history is not None and history.created_ns == rep.created_ns:
-        return [dataclasses.replace(p, undo_bytes=history.logs[p.id].size_bytes) if p.id in history.logs else p
-                for p in history.points]
+        points, logs = history.points, history.logs  # each read once: a thinning step may swap both
+        return [dataclasses.replace(p, undo_bytes=logs[p.id].size_bytes) if p.id in logs else p for p in points]
     return app[STORE].points(rep.vm_id)
 
 
@@ -132,9 +131,6 @@ async def remove_replica(request: web.Request) -> web.Response:
     """Remove-VMReplication on the replica: forget the VM (and with delete_storage, its files)."""
     name = request.match_info["name"]
     delete_storage = request.query.get("delete_storage") in ("1", "true", "yes")
-    if request.app[TESTS].status(name) is not None:
-        raise error("test_failover_running", f"a test failover of VM {name} is running",
-                    hint=f"stop it first: hvrctl failover stop {name} --as-test")
     rep = await operator_verbs.remove_replica(request.app[SERVICE], name, delete_storage)
     await asyncio.to_thread(request.app[HISTORIES].forget, rep.vm_id)
     return web.json_response({"removed": name, "storage_deleted": delete_storage,

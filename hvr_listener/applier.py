@@ -67,6 +67,15 @@ class Applier:
                 if rep.state == ReplicationState.REPLICATING:
                     await self.apply_pending(rep)
 
+    async def _thin(self, rep: Replica, history) -> None:
+        """Drop the points retention no longer keeps; a failure is left for the next cycle to retry
+        (the cycle itself is applied and committed)."""
+        try:
+            await self.histories.thin(rep, history)
+        except (OSError, HvrError) as exc:
+            event(log, "recovery_points_thinning_failed", logging.WARNING, vm=rep.name, error=str(exc),
+                  hint="retried after the next cycle; check the replica server's free space")
+
     def _transient_failure(self, name: str, seq: int | None, exc: BaseException) -> None:
         """A full disk, an I/O error, a busy database: stay Replicating and try again later."""
         self._backoff_s = min(self._backoff_s * 2, MAX_RETRY_S) if self._backoff_s else FIRST_RETRY_S
@@ -94,7 +103,7 @@ class Applier:
                     await finish_in_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns,
                                            row.consistency)
                     await finish_in_thread(history.applied)
-                    await self.histories.thin(rep, history)
+                    await self._thin(rep, history)
             except (OSError, sqlite3.Error) as exc:
                 self._transient_failure(rep.name, row.sequence, exc)
                 return applied

@@ -101,6 +101,7 @@ class Listener:
             await asyncio.to_thread(histories.load_all, store.replicas())
             if cfg.nbd_socket is not None:
                 nbd = NbdServer(tests, logging.getLogger("hvr.listener.nbd"))
+                tests.quiesce = nbd.wait_group_idle
                 claim_socket_path(cfg.nbd_socket)
                 await nbd.listen_unix(cfg.nbd_socket)
                 os.chmod(cfg.nbd_socket, 0o660)
@@ -135,11 +136,11 @@ class Listener:
                 if watchdog is not None:
                     watchdog.cancel()
         finally:
-            if tests is not None:
-                await tests.close()
-            if nbd is not None:
+            if nbd is not None:  # first: no request in flight writes an overlay once it is closed
                 await nbd.close()
                 release_socket_path(Path(cfg.nbd_socket), nbd_identity)
+            if tests is not None:
+                await tests.close()
             if self._api_runner is not None:
                 await self._api_runner.cleanup()
             if admin_runner is not None:

@@ -14,6 +14,7 @@ import shutil
 
 from hvr_common.pure.errors import NotFoundError
 from hvr_common.pure.replication_state import InvalidTransition
+from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.shell.logs import event
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.store import Replica
@@ -37,6 +38,9 @@ async def remove_replica(service: ReplicaService, name: str, delete_storage: boo
     """
     rep = await _by_name(service, name)
     async with service.lock(rep.vm_id), service.image_lock(rep.vm_id):
+        if await asyncio.to_thread(service.store.test_failover, rep.vm_id) is not None:
+            raise error("test_failover_running", f"a test failover of VM {name} is running",
+                        hint=f"stop it first: hvrctl failover stop {name} --as-test")
         await asyncio.to_thread(service.store.delete_replica, rep.vm_id)
         if delete_storage:
             await asyncio.to_thread(shutil.rmtree, rep.storage_dir, True)

@@ -65,7 +65,10 @@ class PointRows:
         The previous latest point is deleted if it did not capture (nothing can reach it now)."""
         db = self._db
         vm = str(vm_id)
-        db.execute("DELETE FROM points WHERE vm_id=? AND capturing=0", (vm,))
+        # every earlier point that does not capture (decided so, or never decided) can no longer be
+        # reached, except one a test failover stands on (start refuses those, this keeps it regardless)
+        db.execute("DELETE FROM points WHERE vm_id=? AND (capturing IS NULL OR capturing=0) AND id NOT IN "
+                   "(SELECT point_id FROM test_failovers WHERE vm_id=?)", (vm, vm))
         cur = db.execute("INSERT INTO points (vm_id, sequence, time_ns, consistency, capturing, created_ns) "
                          "VALUES (?, ?, ?, ?, NULL, ?)", (vm, sequence, time_ns, consistency, time.time_ns()))
         return cur.lastrowid
@@ -76,10 +79,14 @@ class PointRows:
                                     "WHERE vm_id=? ORDER BY id", (str(vm_id),)).fetchall()
         return [_point(r) for r in rows]
 
-    def set_capturing(self, vm_id: uuid.UUID, point_id: int, capturing: bool) -> None:
-        with self._lock:
+    def set_capturing(self, vm_id: uuid.UUID, point_id: int, capturing: bool) -> bool:
+        """Store the decision unless one is stored already; return the stored one (a decision never changes)."""
+        with self._lock, self.transaction():
             self._db.execute("UPDATE points SET capturing=? WHERE vm_id=? AND id=? AND capturing IS NULL",
                              (int(capturing), str(vm_id), point_id))
+            row = self._db.execute("SELECT capturing FROM points WHERE vm_id=? AND id=?",
+                                   (str(vm_id), point_id)).fetchone()
+        return bool(row[0]) if row else capturing
 
     def set_point_size(self, vm_id: uuid.UUID, point_id: int, undo_bytes: int) -> None:
         with self._lock:

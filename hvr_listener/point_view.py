@@ -14,11 +14,13 @@ The view is read-only; a test failover writes through a
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from typing import Protocol
 
 from hvr_common.shell import sparse
+from hvr_common.pure.undo import UndoKind
 from hvr_listener.undo_log import UndoLog
 
 MAX_RETRIES = 1000
@@ -46,7 +48,11 @@ class PointView:
     def _resolve(self, offset: int, length: int) -> list[tuple[int, int, UndoLog | None, object]]:
         unresolved = [(offset, length)]
         parts: list[tuple[int, int, UndoLog | None, object]] = []
-        for log in self.history.chain(self.point_id):
+        try:
+            chain = self.history.chain(self.point_id)
+        except KeyError:
+            raise OSError(errno.EIO, f"recovery point {self.point_id} is no longer kept") from None
+        for log in chain:
             left = []
             for off, n in unresolved:
                 for o, m, rec in log.split(self.disk_id, off, n):
@@ -73,16 +79,23 @@ class PointView:
                                 for o, n, log, rec in parts)
             if history.epoch == epoch:
                 return data
-        raise OSError(11, "recovery point view kept changing under the read")
+        raise OSError(errno.EAGAIN, "recovery point view kept changing under the read")
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        runs: list[tuple[int, int, bool]] = []
-        for o, n, log, rec in self._resolve(offset, length):
-            if log is None:
-                runs.extend(sparse.data_extents(self.image_fd, o, n))
-            else:
-                runs.append((o, n, rec.kind.name == "DATA"))
-        return runs
+        """Which runs of the point hold data; like :meth:`pread`, done again if apply moved meanwhile
+        (a trim applied to the image must not show as a hole the point does not have)."""
+        history = self.history
+        for _ in range(MAX_RETRIES):
+            epoch = history.epoch
+            runs: list[tuple[int, int, bool]] = []
+            for o, n, log, rec in self._resolve(offset, length):
+                if log is None:
+                    runs.extend(sparse.data_extents(self.image_fd, o, n))
+                else:
+                    runs.append((o, n, rec.kind is UndoKind.DATA))
+            if history.epoch == epoch:
+                return runs
+        raise OSError(errno.EAGAIN, "recovery point view kept changing under the read")
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:

@@ -33,7 +33,7 @@ import time
 import uuid
 from pathlib import Path
 
-from hvr_common.pure.errors import CorruptError
+from hvr_common.pure.errors import CorruptError, HvrError
 from hvr_common.pure.recovery_points import (
     DropStep, HistorySettings, Point, StepKind, capture_target, decide_capturing, drop_steps, points_to_drop,
     reach_order,
@@ -93,17 +93,27 @@ class VmHistory:
         files = {int(p.name[:-len(FILE_SUFFIX)]): p for p in self.dir.glob("*" + FILE_SUFFIX)
                  if p.name[:-len(FILE_SUFFIX)].isdigit()}
         known = {p.id: p for p in points}
+        capturing = [p.id for p in points if p.capturing]
+        may_be_open = set(capturing[-2:])  # the target, and the one before it if a crash left it open
         logs: dict[int, UndoLog] = {}
-        for pid in sorted(files):
-            if pid not in known or not known[pid].capturing:
-                unlink_if_exists(files[pid])  # its row was dropped (or never captured): a leftover
-                continue
-            try:
-                logs[pid] = UndoLog.open(files[pid], may_be_open=True)
-            except UndoCorruptError:
-                if files[pid].stat().st_size > HEADER_SIZE:
-                    raise
-                unlink_if_exists(files[pid])  # its header never became durable: nothing was captured in it
+        try:
+            for pid in sorted(files):
+                if pid not in known or not known[pid].capturing:
+                    unlink_if_exists(files[pid])  # its row was dropped (or never captured): a leftover
+                    continue
+                try:
+                    logs[pid] = UndoLog.open(files[pid], may_be_open=pid in may_be_open)
+                except UndoCorruptError:
+                    if pid != capturing[-1] or files[pid].stat().st_size > HEADER_SIZE:
+                        raise
+                    unlink_if_exists(files[pid])  # its header never became durable: nothing was captured in it
+            self._finish_load(points, logs, files)
+        except BaseException:
+            for lg in logs.values():
+                lg.close_fd()
+            raise
+
+    def _finish_load(self, points: list[Point], logs: dict[int, UndoLog], files: dict[int, Path]) -> None:
         gone = superseded(lg.header for lg in logs.values())
         for pid in gone:  # a merge renamed its result into place but did not finish dropping the newer point
             logs.pop(pid).close_fd()
@@ -147,15 +157,15 @@ class VmHistory:
         points = list(self.points)
         if points and points[-1].capturing is None:
             newest = points[-1]
-            captures = decide_capturing(points, settings, pinned)
             previous = capture_target(points)
             # Stored first: a crash before the log exists leaves a decided target whose log
             # load() creates; one before the previous log is closed leaves it for load() to close.
-            self.store.set_capturing(self.vm_id, newest.id, captures)
-            if captures:
+            captures = self.store.set_capturing(self.vm_id, newest.id,
+                                                decide_capturing(points, settings, pinned))
+            if captures and newest.id not in self.logs:
                 self.logs[newest.id] = self._new_log(newest)
-                if previous is not None:
-                    self.logs[previous.id].close_log(time.time_ns())
+            if captures and previous is not None and self.logs[previous.id].is_open:
+                self.logs[previous.id].close_log(time.time_ns())
             points[-1] = dataclasses.replace(newest, capturing=captures)
             self.points = tuple(points)
         target = capture_target(self.points)
@@ -173,8 +183,11 @@ class VmHistory:
     # --- thinning ----------------------------------------------------------------------------
     def plan_drops(self, settings: HistorySettings, pinned: set[int], now_ns: int) -> list[DropStep]:
         target = capture_target(self.points)
+        only = target is not None and sum(1 for p in self.points if p.capturing) == 1
+        # The open log is never merged; the target is dropped only when it is the one capturing
+        # point (it is then deleted, and nothing captures until a point is kept again).
         drop = [p for p in points_to_drop(self.points, settings, now_ns, pinned)
-                if target is None or p.id != target.id]  # the open log is never merged
+                if target is None or p.id != target.id or only]
         return drop_steps(self.points, drop)
 
     def merge_files(self, step: DropStep) -> UndoLog:
@@ -241,10 +254,14 @@ class Histories:
         return history
 
     def load_all(self, replicas) -> None:
-        """At start, before apply and views: every replica that may have points."""
+        """At start, before apply and views: every replica that may have points.  One that cannot be
+        loaded is left for the applier, which fails that replica alone (or retries an I/O error)."""
         for rep in replicas:
-            if rep.state is ReplicationState.REPLICATING or self.store.points(rep.vm_id):
-                self.load(rep)
+            try:
+                if rep.state is ReplicationState.REPLICATING or self.store.points(rep.vm_id):
+                    self.load(rep)
+            except (HvrError, OSError) as exc:
+                event(log, "recovery_history_load_failed", logging.ERROR, vm=rep.name, error=str(exc))
 
     def get(self, vm_id: uuid.UUID) -> VmHistory | None:
         return self._by_vm.get(vm_id)

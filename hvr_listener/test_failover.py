@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ class TestFailovers:
         self.nbd_socket = nbd_socket
         self._tests: dict[str, _Test] = {}  # by VM name
         self._callbacks: list[Withdrawn] = []
+        # Waits until the requests in flight on a withdrawn group's connections have finished (the NBD
+        # server's wait_group_idle); an overlay is closed only after that.
+        self.quiesce: Callable[[str], Awaitable[None]] | None = None
 
     # --- ExportCatalogue --------------------------------------------------------------------
     def lookup(self, name: str) -> Export | None:
@@ -111,6 +115,9 @@ class TestFailovers:
             if point is None or (point is not points[-1] and not point.capturing):
                 raise error("unknown_recovery_point", f"VM {name} has no recovery point {point_id}",
                             hint=f"hvrctl recovery-points list {name} shows them")
+            if point.capturing is False:  # the latest, but a cycle began replacing it without capturing
+                raise error("recovery_point_changing", f"the latest recovery point of VM {name} is being "
+                            "replaced by the cycle now applying", hint="try again once that cycle is applied")
             test = await finish_in_thread(self._open, rep, history, point)
             try:
                 await finish_in_thread(self.store.start_test_failover, rep.vm_id, point.id, test.started_ns)
@@ -131,7 +138,7 @@ class TestFailovers:
                                     hint=f"start one with hvrctl failover start {name} --as-test")
             written = 0
             if test is not None:
-                self._withdraw(name, "test_failover_stopped")
+                await self._withdraw(name, "test_failover_stopped")
                 written = sum(o.delta_bytes for o in test.overlays)
                 await finish_in_thread(self._close, test)
             await finish_in_thread(self.store.stop_test_failover, rep.vm_id)
@@ -170,7 +177,7 @@ class TestFailovers:
     async def close(self) -> None:
         for name in list(self._tests):
             test = self._tests.pop(name)
-            self._withdraw(name, "listener_stopping")
+            await self._withdraw(name, "listener_stopping")
             await finish_in_thread(self._close, test)
 
     # --- internals ----------------------------------------------------------------------------
@@ -212,7 +219,10 @@ class TestFailovers:
         if test.overlays:
             shutil.rmtree(test.overlays[0].delta_path.parent, ignore_errors=True)
 
-    def _withdraw(self, name: str, reason: str) -> None:
+    async def _withdraw(self, name: str, reason: str) -> None:
+        """Withdraw the test VM's exports (their connections are closed) and wait for their requests in flight."""
         for callback in self._callbacks:
             callback(name, reason)
+        if self.quiesce is not None:
+            await self.quiesce(name)
 

@@ -16,6 +16,7 @@ never missed.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from bisect import bisect_right
@@ -23,13 +24,13 @@ from pathlib import Path
 
 from hvr_common.pure.errors import CorruptError
 from hvr_common.pure.undo import (
-    MAX_DATA_LENGTH, MERGING_SUFFIX, UndoEncoder, UndoHeader, UndoKind, UndoRecord, file_name,
+    MAX_DATA_LENGTH, MERGING_SUFFIX, UndoCorruptError, UndoEncoder, UndoHeader, UndoKind, UndoRecord, file_name,
 )
 from hvr_common.pure.undo_decoder import UndoDecoder
 from hvr_common.pure.undo_merge import merge_plan, merged_header
 from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.shell import sparse
-from hvr_common.shell.files import fsync_dir
+from hvr_common.shell.files import fsync_dir, unlink_if_exists
 
 CAPTURE_PIECE_BYTES = 4 * 1024 * 1024  # a pre-image is read and recorded in pieces of at most this
 READ_CHUNK = 8 * 1024 * 1024
@@ -164,52 +165,75 @@ class UndoLog:
         return [(o, n) for o, n, rec in disk.split(offset, length) if rec is None]
 
     def capture(self, disk_id: uuid.UUID, image_fd: int, offset: int, length: int) -> int:
-        """Record the image's current contents of every uncaptured byte of the range (holes as
-        holes); return the bytes added to the log.  Not durable until :meth:`sync`."""
+        """Record the image's current contents of every uncaptured byte of the range (holes as holes);
+        return the bytes added to the log.  Not durable until :meth:`sync`.
+
+        All or nothing: if reading the image or writing the log fails, the log is cut back to where
+        it was and the encoder rolled back, so a retry continues a whole log (a full disk, EIO)."""
         enc = self.encoder
         if enc is None:
             raise ValueError(f"undo log of point {self.point_id} is closed")
-        added = 0
-        out: list[bytes] = []
-        pending: list[UndoRecord] = []
+        checkpoint = enc.checkpoint()
         start = enc.position
-        for off, n in self.uncaptured(disk_id, offset, length):
-            for run_off, run_len, is_data in sparse.data_extents(image_fd, off, n):
-                if not is_data:
-                    pos = enc.position
-                    out.append(enc.hole(disk_id, run_off, run_len))
-                    pending.append(UndoRecord(UndoKind.HOLE, disk_id, run_off, run_len, pos, 0))
-                    continue
-                for p in range(run_off, run_off + run_len, CAPTURE_PIECE_BYTES):
-                    piece = min(CAPTURE_PIECE_BYTES, run_off + run_len - p)
-                    data = os.pread(image_fd, piece, p)
-                    if len(data) < piece:
-                        data += bytes(piece - len(data))
-                    pos = enc.position
-                    out.append(enc.data(disk_id, p, data))
-                    out.append(data)
-                    pending.append(UndoRecord(UndoKind.DATA, disk_id, p, piece, pos, pos + len(out[-2])))
-        if out:
-            blob = b"".join(out)
-            _pwrite_all(self.fd, blob, start)
-            added = len(blob)
-            self.size_bytes += added
-            for rec in pending:  # only once the bytes are in the file: a view may read them at once
-                self._index(rec)
-        return added
+        added: list[UndoRecord] = []
+        try:
+            for off, n in self.uncaptured(disk_id, offset, length):
+                for run_off, run_len, is_data in sparse.data_extents(image_fd, off, n):
+                    if not is_data:
+                        pos = enc.position
+                        _pwrite_all(self.fd, enc.hole(disk_id, run_off, run_len), pos)
+                        added.append(UndoRecord(UndoKind.HOLE, disk_id, run_off, run_len, pos, 0))
+                        continue
+                    for p in range(run_off, run_off + run_len, CAPTURE_PIECE_BYTES):
+                        piece = min(CAPTURE_PIECE_BYTES, run_off + run_len - p)
+                        data = os.pread(image_fd, piece, p)
+                        if len(data) < piece:
+                            data += bytes(piece - len(data))
+                        pos = enc.position
+                        head = enc.data(disk_id, p, data)
+                        _pwritev_all(self.fd, [head, data], pos)
+                        added.append(UndoRecord(UndoKind.DATA, disk_id, p, piece, pos, pos + len(head)))
+        except BaseException:
+            enc.rollback(checkpoint)
+            try:
+                os.ftruncate(self.fd, start)
+            except OSError:
+                pass  # the torn tail is cut at the next start
+            raise
+        for rec in added:  # only once the bytes are in the file: a view may read them at once
+            self._index(rec)
+        grown = enc.position - start
+        self.size_bytes += grown
+        return grown
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        """fdatasync; an EIO is permanent (a second fdatasync may report success for lost pages)."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                raise UndoCorruptError(f"undo log {self.path} could not be made durable: {exc.strerror}",
+                                       hint="check the replica server's disk; pre-images may be lost") from None
+            raise
 
     def close_log(self, closed_ns: int) -> None:
         """Append the END record and make the log durable: it takes no more records."""
         enc = self.encoder
         if enc is None:
             return
-        end = enc.end(closed_ns)
-        _pwrite_all(self.fd, end, enc.position - len(end))
-        self.size_bytes += len(end)
-        os.fdatasync(self.fd)
+        checkpoint = enc.checkpoint()
+        start = enc.position
+        try:
+            _pwrite_all(self.fd, enc.end(closed_ns), start)
+            self.sync()
+        except BaseException:
+            enc.rollback(checkpoint)
+            try:
+                os.ftruncate(self.fd, start)
+            except OSError:
+                pass
+            raise
+        self.size_bytes += enc.position - start
         self.encoder = None
 
     # --- reading back ----------------------------------------------------------------------
@@ -238,12 +262,19 @@ class UndoLog:
             self.fd = -1
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _pwritev_all(fd: int, parts: list, offset: int) -> None:
+    total = sum(len(p) for p in parts)
+    n = os.pwritev(fd, parts, offset)
+    if n < total:
+        _pwrite_all(fd, b"".join(parts)[n:], offset + n)
 
 
 def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
@@ -261,6 +292,7 @@ def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
     final = older.path
     tmp = final.with_name(file_name(older.point_id, MERGING_SUFFIX))
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    done = False
     try:
         pos = 0
         buf = bytearray(encoder.header_bytes())
@@ -281,8 +313,11 @@ def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
         buf += encoder.end(closed_ns)
         _pwrite_all(fd, buf, pos)
         os.fdatasync(fd)
+        done = True
     finally:
         os.close(fd)
+        if not done:
+            unlink_if_exists(tmp)  # a failed merge leaves the old pair as it was, and no space taken
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return UndoLog.open(final, may_be_open=False)

@@ -85,6 +85,12 @@ class NbdServer:
             if conn.group == group:
                 conn.close(reason)
 
+    async def wait_group_idle(self, group: str) -> None:
+        """Wait until the requests in flight on ``group``'s connections have finished (after a withdrawal:
+        then nothing writes to the group's devices any more)."""
+        for conn in [c for c in self.connections if c.group == group]:
+            await conn.wait_tasks()
+
     async def close(self) -> None:
         self.shutting_down = True
         for srv in self.servers:

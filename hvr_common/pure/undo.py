@@ -169,6 +169,14 @@ class UndoEncoder:
     def header_bytes(self) -> bytes:
         return self._header_bytes
 
+    def checkpoint(self) -> tuple:
+        """The encoder's state, to :meth:`rollback` to when the bytes produced since were not written."""
+        return (self.crc, self.position, self.record_count, self.data_bytes, self.hole_bytes, self._closed)
+
+    def rollback(self, checkpoint: tuple) -> None:
+        (self.crc, self.position, self.record_count, self.data_bytes, self.hole_bytes,
+         self._closed) = checkpoint
+
     def _record(self, kind: UndoKind, disk: bytes, offset: int, length: int, payload) -> bytes:
         if self._closed:
             raise ValueError("undo log already has its END record")

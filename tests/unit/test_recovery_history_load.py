@@ -137,3 +137,36 @@ def test_a_lost_log_of_an_older_point_is_reported(setup):
     os.unlink(vm_dir / "points" / file_name(oldest.id))
     with pytest.raises(Exception, match="lost its undo log"):
         fresh(store, vm_id, vm_dir)
+
+
+async def test_with_history_off_capture_stops_once_the_test_that_needed_it_ends(setup):
+    from hvr_listener.recovery_history import Histories
+    store, vm_id, disk_id, vm_dir, fd = setup
+    off = HistorySettings(0, 0)
+    history = fresh(store, vm_id, vm_dir)
+    histories = Histories(store)
+    histories._by_vm[vm_id] = history
+    store.set_history_settings(vm_id, off)
+    rep = store.replica(vm_id)
+
+    def cycle(seq: int) -> object:
+        capture = history.prepare_capture(off, histories.pins(vm_id))
+        if capture is not None:
+            capture.capture(disk_id, fd, seq * 4096, 4096)
+            capture.commit()
+        os.pwrite(fd, bytes([seq]) * 4096, seq * 4096)
+        store.mark_applied(vm_id, seq, time.time_ns())
+        history.applied()
+        return capture
+
+    assert cycle(1) is None and cycle(2) is None
+    pinned = history.points[-1]
+    store.start_test_failover(vm_id, pinned.id, time.time_ns())
+    assert cycle(3) is not None  # the pinned point captures what cycle 3 overwrites
+    store.stop_test_failover(vm_id)
+    assert cycle(4) is not None  # still the target: its log holds what the test needed
+    await histories.thin(rep, history)
+    assert pinned.id not in {p.id for p in history.points} and not history.logs
+    assert not (vm_dir / "points" / file_name(pinned.id)).exists()
+    assert cycle(5) is None, "with history off, nothing is captured once no test needs it"
+    assert [p.sequence for p in store.points(vm_id)] == [5]

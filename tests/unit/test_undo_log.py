@@ -226,3 +226,37 @@ def test_merging_two_closed_logs_keeps_the_older_point_reachable(tmp_path, image
         assert a.read(rec, rec.offset, rec.length) == truths[1][rec.offset:rec.end]
     for log in (a, b):
         log.close_fd()
+
+
+def test_a_capture_that_fails_half_way_leaves_the_log_whole(tmp_path, image):
+    """A write that fails for real (the file size limit: EFBIG) is cut back and rolled back, so a retry
+    continues a whole log and a restart reads every record it holds."""
+    import resource
+    import signal
+    fd, model = image
+    data = random.Random(9).randbytes(400_000)
+    os.pwrite(fd, data, 100_000)  # data, not holes: its pre-image takes room
+    model[100_000:500_000] = data
+    path = tmp_path / "1.undo"
+    log = UndoLog.create(path, header(1))
+    log.capture(DISK, fd, 0, 8192)
+    log.sync()
+    size_before, index_before = os.path.getsize(path), log.uncaptured(DISK, 0, SIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size_before + 100_000, hard))
+    try:
+        with pytest.raises(OSError):
+            log.capture(DISK, fd, 100_000, 400_000)  # needs more room than the limit leaves
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert os.path.getsize(path) == size_before and log.uncaptured(DISK, 0, SIZE) == index_before
+    log.capture(DISK, fd, 100_000, 400_000)  # the retry
+    log.sync()
+    log.close_fd()
+    again = UndoLog.open(path, may_be_open=True)
+    assert again.uncaptured(DISK, 0, 500_000) == [(8192, 100_000 - 8192)]
+    for rec in again.records():
+        assert again.read(rec, rec.offset, rec.length) == bytes(model[rec.offset:rec.end])
+    again.close_fd()

@@ -65,6 +65,7 @@ _ENTRIES = (
     _E("wrong_state", 409, ConflictError, 4, "not allowed in the VM's replication state"),
     _E("test_failover_running", 409, ConflictError, 4, "a test failover of the VM is already running"),
     _E("unknown_recovery_point", 404, NotFoundError, 3, "the VM has no recovery point of that id"),
+    _E("recovery_point_changing", 503, TransientError, 75, "the latest recovery point is being replaced by the cycle applying now"),
     # the replication API: authentication and authorisation
     _E("unauthenticated", 401, HvrError, EX_NOPERM, "the request's signature is missing or not accepted"),
     _E("signed_before_restart", 503, TransientError, 75, "signed before the replica server started; sign again"),
