@@ -260,8 +260,8 @@ class _Batch:
             self.apply()
 
     def apply(self) -> None:
-        if not self.records:
-            return
+        """Capture the held records' pre-images, make them durable, then write the records (with no
+        records, the commit still makes what the cycle's start changed in the logs durable)."""
         for disk_id, fd, rec in self.records:
             self.capture.capture(disk_id, fd, rec.offset, rec.length)
         self.capture.commit()

@@ -63,7 +63,12 @@ class Capture:
         self.bytes += self.target.capture(disk_id, image_fd, offset, length)
 
     def commit(self) -> None:
-        """Make every pre-image captured so far durable; the image may be overwritten after this."""
+        """Make every pre-image captured so far durable (with the new target's header and name, and the
+        END of the log it replaced); the image may be overwritten after this."""
+        unsynced = self.history.unsynced  # logs closed for this cycle, their END not yet durable
+        while unsynced:
+            unsynced[-1].sync()
+            unsynced.pop()
         self.target.sync()
         self.history.epoch += 1
 
@@ -81,6 +86,7 @@ class VmHistory:
         self.epoch = 0
         self.retired: list[UndoLog] = []  # replaced logs whose descriptors views may still hold
         self.created_ns = 0  # the replica record this history belongs to (a re-enabled VM starts afresh)
+        self.unsynced: list[UndoLog] = []  # closed by prepare_capture, their END synced by the next commit
 
     # --- start ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -162,18 +168,21 @@ class VmHistory:
             # load() creates; one before the previous log is closed leaves it for load() to close.
             captures = self.store.set_capturing(self.vm_id, newest.id,
                                                 decide_capturing(points, settings, pinned))
+            # Neither the new log nor the previous one's END is synced here: the first commit() of
+            # the cycle does both, before any image write (a crash before it is finished by load()).
             if captures and newest.id not in self.logs:
-                self.logs[newest.id] = self._new_log(newest)
+                self.logs[newest.id] = self._new_log(newest, durable=False)
             if captures and previous is not None and self.logs[previous.id].is_open:
-                self.logs[previous.id].close_log(time.time_ns())
+                self.logs[previous.id].close_log(time.time_ns(), durable=False)
+                self.unsynced.append(self.logs[previous.id])
             points[-1] = dataclasses.replace(newest, capturing=captures)
             self.points = tuple(points)
         target = capture_target(self.points)
         return Capture(self, self.logs[target.id]) if target is not None else None
 
-    def _new_log(self, point: Point) -> UndoLog:
+    def _new_log(self, point: Point, *, durable: bool = True) -> UndoLog:
         header = UndoHeader(self.vm_id, point.id, point.sequence, point.id, time.time_ns())
-        return UndoLog.create(self.dir / file_name(point.id), header)
+        return UndoLog.create(self.dir / file_name(point.id), header, durable=durable)
 
     def applied(self) -> None:
         """After the store recorded the applied cycle and its point (worker thread)."""

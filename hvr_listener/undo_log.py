@@ -83,6 +83,7 @@ class UndoLog:
         self.encoder = encoder  # None once closed
         self.size_bytes = size_bytes
         self.disks: dict[uuid.UUID, DiskIndex] = {}
+        self.name_synced = True  # False until the directory entry of a new log is made durable
 
     @property
     def point_id(self) -> int:
@@ -94,19 +95,22 @@ class UndoLog:
 
     # --- opening ------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, header: UndoHeader) -> UndoLog:
-        """A new, empty, open log (header durable, and its name in the directory)."""
+    def create(cls, path: Path, header: UndoHeader, *, durable: bool = True) -> UndoLog:
+        """A new, empty, open log.  ``durable``: its header and name made durable now; otherwise by the
+        first :meth:`sync` (nothing depends on a log before its first capture is synced)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         encoder = UndoEncoder(header)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        log = cls(path, fd, header, encoder, encoder.position)
         try:
             os.pwrite(fd, encoder.header_bytes(), 0)
-            os.fdatasync(fd)
-            fsync_dir(path.parent)
+            log.name_synced = False
+            if durable:
+                log.sync()
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, header, encoder, encoder.position)
+        return log
 
     @classmethod
     def open(cls, path: Path, *, may_be_open: bool) -> UndoLog:
@@ -207,17 +211,22 @@ class UndoLog:
         return grown
 
     def sync(self) -> None:
-        """fdatasync; an EIO is permanent (a second fdatasync may report success for lost pages)."""
+        """fdatasync (and, the first time, the directory entry); an EIO is permanent (a second fdatasync
+        may report success for lost pages)."""
         try:
             os.fdatasync(self.fd)
+            if not self.name_synced:
+                fsync_dir(self.path.parent)
+                self.name_synced = True
         except OSError as exc:
             if exc.errno == errno.EIO:
                 raise UndoCorruptError(f"undo log {self.path} could not be made durable: {exc.strerror}",
                                        hint="check the replica server's disk; pre-images may be lost") from None
             raise
 
-    def close_log(self, closed_ns: int) -> None:
-        """Append the END record and make the log durable: it takes no more records."""
+    def close_log(self, closed_ns: int, *, durable: bool = True) -> None:
+        """Append the END record (made durable now, or by the caller's next :meth:`sync`): it takes no more
+        records."""
         enc = self.encoder
         if enc is None:
             return
@@ -225,7 +234,8 @@ class UndoLog:
         start = enc.position
         try:
             _pwrite_all(self.fd, enc.end(closed_ns), start)
-            self.sync()
+            if durable:
+                self.sync()
         except BaseException:
             enc.rollback(checkpoint)
             try:
