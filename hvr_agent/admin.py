@@ -114,7 +114,7 @@ async def enable_replication(request: web.Request) -> web.Response:
 async def set_replication(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     _fields(body, HISTORY_FIELDS)
-    return web.json_response(await request.app[REPLICATION].set(request.match_info["name"], body))
+    return web.json_response(await request.app[REPLICATION].change_settings(request.match_info["name"], body))
 
 
 async def remove_replication(request: web.Request) -> web.Response:

@@ -176,7 +176,7 @@ class ReplicationManager:
               frequency_s=frequency_s, compression=compression, replica_existed=status == 200, **history.to_json())
         return await self.status_of(rep)
 
-    async def set(self, name: str, changes: dict) -> dict:
+    async def change_settings(self, name: str, changes: dict) -> dict:
         """Set-VMReplication: change the recovery history settings given in ``changes`` (the others stay).
 
         Validated whole before anything changes; the replica is told before the next step.
