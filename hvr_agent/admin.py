@@ -6,7 +6,8 @@ Routes (documented in docs/agent-admin-api.md):
 * ``GET /v1/vms``, ``POST /v1/vms``
 * ``GET /v1/vms/{name}``, ``DELETE /v1/vms/{name}``
 * ``POST /v1/vms/{name}/cut``
-* ``POST /v1/vms/{name}/replication`` (enable), ``DELETE /v1/vms/{name}/replication`` (remove)
+* ``POST /v1/vms/{name}/replication`` (enable), ``PATCH /v1/vms/{name}/replication`` (settings),
+  ``DELETE /v1/vms/{name}/replication`` (remove)
 * ``GET /v1/replication``, ``GET /v1/replication/{name}`` (Get-VMReplication)
 * ``GET /v1/vms/{name}/replication/measure`` (Measure-VMReplication)
 * ``POST /v1/vms/{name}/replication/{initial,sync-now,suspend,resume}``
@@ -19,6 +20,7 @@ import logging
 from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
+from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
@@ -30,6 +32,7 @@ STATUS = web.AppKey("status", dict)
 REPLICATION = web.AppKey("replication", ReplicationManager)
 
 MAX_BODY = 1024 * 1024
+HISTORY_FIELDS = {"recovery_history", "fine_window_min", "app_consistent_hours"}
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -96,14 +99,22 @@ def _fields(body: dict, allowed: set[str]) -> None:
 
 async def enable_replication(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    _fields(body, {"replica_server", "port", "key_file", "frequency_s", "compression"})
+    _fields(body, {"replica_server", "port", "key_file", "frequency_s", "compression"} | HISTORY_FIELDS)
     for key in ("replica_server", "port", "key_file", "frequency_s"):
         if key not in body:
             raise UsageError(f"field {key!r} is required")
+    history = HistorySettings.from_json({k: v for k, v in body.items() if k in HISTORY_FIELDS})
     result = await request.app[REPLICATION].enable(
         request.match_info["name"], replica_host=body["replica_server"], port=body["port"],
-        key_file=body["key_file"], frequency_s=body["frequency_s"], compression=body.get("compression", True))
+        key_file=body["key_file"], frequency_s=body["frequency_s"], compression=body.get("compression", True),
+        history=history)
     return web.json_response(result, status=201)
+
+
+async def set_replication(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    _fields(body, HISTORY_FIELDS)
+    return web.json_response(await request.app[REPLICATION].change_settings(request.match_info["name"], body))
 
 
 async def remove_replication(request: web.Request) -> web.Response:
@@ -160,6 +171,7 @@ def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager
     app.router.add_delete("/v1/vms/{name}", remove_vm)
     app.router.add_post("/v1/vms/{name}/cut", cut_vm)
     app.router.add_post("/v1/vms/{name}/replication", enable_replication)
+    app.router.add_patch("/v1/vms/{name}/replication", set_replication)
     app.router.add_delete("/v1/vms/{name}/replication", remove_replication)
     app.router.add_get("/v1/vms/{name}/replication/measure", measure_replication)
     app.router.add_post("/v1/vms/{name}/replication/initial", start_initial)

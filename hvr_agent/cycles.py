@@ -8,6 +8,16 @@ falls due while a cycle uploads happens then (if no other cycle waits), and
 the next spool is built meanwhile.  After a cycle's acknowledgement,
 ``next_sequence`` is recorded (the commit point); its logs and spool file are
 deleted in the background (R1), and ``sync-now --wait`` callers answered.
+
+Application-consistent cuts: when one is due (the VM's ``app_consistent_hours``,
+:func:`hvr_common.pure.recovery_points.app_consistent_due`), the configured
+freeze command runs before the cut and the thaw command after it
+(:mod:`hvr_agent.app_consistency`).  Without a freeze command, or when it
+fails, the cut is crash-consistent and counted as a failure; the next cut
+tries again.  A frozen cut's sequence is recorded before its cycle is shipped,
+so its upload (``?consistency=application``) says so, also when the cycle is
+rebuilt after a restart; a crash between the cut and that record leaves the
+cycle marked crash-consistent, which is never wrong, only less than it could be.
 """
 
 from __future__ import annotations
@@ -19,13 +29,16 @@ import sqlite3
 import time
 from pathlib import Path
 
+from hvr_common.pure.config import FreezeHooks
 from hvr_common.pure.errors import HvrError
 from hvr_common.pure.measure import NS, CycleResult, CycleStat, result_for
+from hvr_common.pure.recovery_points import Consistency, app_consistent_due
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.schedule import Backoff, CutClock
 from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
 from hvr_agent import shipper
+from hvr_agent.app_consistency import frozen_cut
 from hvr_agent.housekeeping import delete_cycle_files
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient
@@ -39,10 +52,11 @@ STATS_KEPT_S = 7 * 24 * 3600
 class Cycles:
     """One VM's cycles: the cut clock, the spools built, the clean-up running, the sync-now waiters."""
 
-    def __init__(self, rel: Relationship, outbox: Path, backoff: Backoff):
+    def __init__(self, rel: Relationship, outbox: Path, backoff: Backoff, hooks: FreezeHooks | None = None):
         self.rel = rel
         self.outbox = outbox
         self.backoff = backoff
+        self.hooks = hooks  # agent.toml [app_consistency] for this VM (None: none configured)
         self.clock = CutClock.started(rel.rec.frequency_s, time.time_ns())
         self._waiters: list[tuple[int | None, asyncio.Future]] = []
         self._spools: dict[int, shipper.SpooledBundle] = {}
@@ -109,13 +123,31 @@ class Cycles:
         """
         self.clock = self.clock.cut_begun()
         asked = {id(f) for t, f in self._waiters if t is None}
+        rel = self.rel
+        began = time.time_ns()
         # The closed logs are made durable (with the images) while the bundle is built from
         # the page cache; the upload waits for that (_ship).
-        closed = await self.rel.registry.begin_cut(self.rel.name)
+        if app_consistent_due(rel.rec.history, rel.rec.last_app_consistent_ns, began):
+            closed, consistency = await self._frozen_cut()
+            await rel.app_consistent_cut(closed[0].sequence, consistency, began)
+        else:
+            closed = await rel.registry.begin_cut(rel.name)
         self.clock = self.clock.cut_made(time.time_ns())
         target = closed[0].sequence
         self._waiters = [(target if t is None and id(f) in asked else t, f) for t, f in self._waiters]
         return target
+
+    async def _frozen_cut(self) -> tuple[list, Consistency]:
+        """The cut between the freeze and thaw commands; crash-consistent if there are none or freeze fails."""
+        rel = self.rel
+        if self.hooks is None:
+            event(log, "app_consistent_failed", logging.WARNING, vm=rel.name,
+                  error=f"no freeze command is configured for VM {rel.name}",
+                  hint="configure the freeze and thaw commands in agent.toml [app_consistency] (or "
+                       f"[app_consistency.vm.{rel.name}]) and restart the agent; this cycle is crash-consistent")
+            return await rel.registry.begin_cut(rel.name), Consistency.CRASH
+        closed, frozen = await frozen_cut(self.hooks, rel.name, lambda: rel.registry.begin_cut(rel.name))
+        return closed, frozen.consistency
 
     async def _ship_while_preparing(self, seq: int, client: ReplicaClient) -> None:
         """Ship cycle ``seq``; if the next cut falls due (or sync-now asks) meanwhile and no other
@@ -196,11 +228,12 @@ class Cycles:
         # the same cycle after a restart.  (Also waits for a cut made by hvrctl vm cut.)
         await rel.registry.durable(rel.name, seq)
         sent_ns = time.time_ns()
+        consistency = rel.rec.consistency_of(seq)
         status, _ = await client.send_cycle(vm.record.vm_id, seq, rel.rec.generation, bundle.path,
-                                            bundle.sha256, bundle.wire_bytes)
+                                            bundle.sha256, bundle.wire_bytes, consistency)
         finished = time.time_ns()
         # Commit point: the replica holds cycle seq durably (P2); record that before deleting anything (R1).
-        await rel.update(next_sequence=seq + 1, last_replication_ns=finished)
+        await rel.acknowledged(seq, finished)
         committed = time.time_ns()
         self._spools.pop(seq, None)
         started = bundle.cut_ns or sent_ns
@@ -214,7 +247,7 @@ class Cycles:
         rel.last_error = None
         event(log, "cycle_shipped", vm=rel.name, seq=seq, bytes=bundle.wire_bytes, raw_bytes=bundle.raw_bytes,
               write_bytes=bundle.write_bytes, frames=bundle.frames, compressed_frames=bundle.compressed_frames,
-              already_stored=status == 200, result=result.value,
+              already_stored=status == 200, result=result.value, consistency=consistency.value,
               latency_s=round((finished - started) / NS, 3), build_s=round(built_s, 3),
               upload_s=round((finished - sent_ns) / NS, 3), commit_s=round((committed - finished) / NS, 3))
 

@@ -6,6 +6,11 @@ woken (a verb, a state change) or a scheduled time comes.  A transient error
 is recorded as a failed cycle and retried after the backoff (1 s doubling to
 300 s, reset by any success); a permanent one puts the VM in ``Error`` with
 the reason (R3).  Either way ``sync-now --wait`` callers get the error.
+
+Before a step that talks to the replica (not while the VM is suspended or in
+``Error``), recovery history settings the replica has not acknowledged yet
+(``settings_pending``: after ``vm enable`` and every ``vm set`` that changed
+them) are sent (``PUT /v1/replicas/{vm_id}/settings``), with the same retries.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class VmReplication:
         self.client: ReplicaClient | None = None  # while the task runs
         self.backoff = Backoff()
         self.initial = InitialCopy(rel, config.initial_window_bytes, self.backoff)
-        self.cycles = Cycles(rel, self.outbox, self.backoff)
+        self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name))
         self._steps: dict[Step, Callable[[ReplicaClient], Awaitable[bool]]] = {
             Step.WAIT_FOR_SCHEDULE: self._wait_for_schedule,
             Step.INITIAL_COPY: self._initial_copy,
@@ -87,7 +92,10 @@ class VmReplication:
         while True:
             wake.clear()
             try:
-                worked = await self._steps[self.rel.step()](client)
+                step = self.rel.step()
+                if step is not Step.IDLE and self.rel.rec.settings_pending:
+                    await self._send_settings(client)
+                worked = await self._steps[step](client)
                 if not worked:
                     await self._wait(self._idle_timeout_s())
             except Stopped:
@@ -131,6 +139,13 @@ class VmReplication:
 
     async def _idle(self, _client: ReplicaClient) -> bool:
         return False
+
+    async def _send_settings(self, client: ReplicaClient) -> None:
+        rel = self.rel
+        sent = rel.rec.history
+        await client.set_settings(rel.vm().record.vm_id, sent)
+        await rel.settings_acknowledged(sent)
+        event(log, "replica_settings_sent", vm=rel.name, **sent.to_json())
 
     # --- errors ------------------------------------------------------------------------------
     def _failed_cycle(self, exc: HvrError) -> tuple[int | None, CycleStat]:

@@ -5,7 +5,10 @@ Every change of the ``replication`` table goes through :class:`Relationship`
 (:meth:`Relationship.add`), saving it whole (R4: the newest version last,
 under one lock, so the database never goes back to an older state), state
 changes through the transition table (:meth:`Relationship.set_state`, with the
-``replication_state_changed`` event), and removing it.
+``replication_state_changed`` event), the recovery history settings and their
+delivery to the replica (:meth:`Relationship.set_history`,
+:meth:`Relationship.settings_acknowledged`), the application-consistent cuts
+(:meth:`Relationship.app_consistent_cut`), and removing it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import logging
 
 from hvr_common.pure.errors import NotFoundError
+from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.pure.replication_state import TRANSITIONS, Action, ReplicationState, Step, step_for, transition
 from hvr_common.shell.logs import event
 from hvr_agent import shipper
@@ -82,6 +86,33 @@ class Relationship:
             await self.set_state(Action.FAIL, detail)
         else:
             await self.update(state_detail=detail)
+
+    async def acknowledged(self, sequence: int, at_ns: int) -> None:
+        """The replica holds cycle ``sequence`` durably: the commit point of a cycle (R1, P2)."""
+        await self.update(next_sequence=sequence + 1, last_replication_ns=at_ns,
+                          app_consistent_sequences=tuple(s for s in self.rec.app_consistent_sequences
+                                                         if s > sequence))
+
+    # --- recovery history settings -----------------------------------------------------------
+    async def set_history(self, settings: HistorySettings) -> None:
+        """New settings (``vm set``): kept, and marked for the replica (sent before the next step)."""
+        self.rec = self.rec.with_history(settings).replace(settings_pending=True)
+        await self._save()
+        self.wake.set()
+
+    async def settings_acknowledged(self, sent: HistorySettings) -> None:
+        """The replica acknowledged ``sent``; still pending if the settings changed meanwhile."""
+        if self.rec.settings_pending and self.rec.history == sent:
+            await self.update(settings_pending=False)
+
+    async def app_consistent_cut(self, sequence: int, consistency: Consistency, cut_ns: int) -> None:
+        """Record how a cut that was due frozen came out: its sequence and time, or one more failure."""
+        rec = self.rec
+        if consistency is Consistency.APPLICATION:
+            await self.update(last_app_consistent_ns=cut_ns,
+                              app_consistent_sequences=rec.app_consistent_sequences + (sequence,))
+        else:
+            await self.update(app_consistent_failures=rec.app_consistent_failures + 1)
 
     # --- what the state asks for -------------------------------------------------------------
     def step(self) -> Step:

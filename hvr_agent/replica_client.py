@@ -36,6 +36,7 @@ import aiohttp
 from yarl import URL
 
 from hvr_common.pure.errors import ConflictError, NotFoundError
+from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.pure.token_auth import Key, authorization
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
@@ -160,11 +161,15 @@ class ReplicaClient:
                                 InitialCompleteRequest(generation, next_sequence).to_json())
 
     async def send_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, spool: Path, sha256: str,
-                         size_bytes: int) -> tuple[int, dict]:
+                         size_bytes: int, consistency: Consistency = Consistency.CRASH) -> tuple[int, dict]:
         """PUT /v1/replicas/{vm_id}/cycles/{sequence}: (status, body); 201 stored, 200 already stored."""
-        return await self._request("PUT", routes.cycle_path(vm_id, sequence),
+        return await self._request("PUT", routes.cycle_path(vm_id, sequence, consistency.value),
                                    upload=(spool, sha256, size_bytes),
                                    headers={routes.GENERATION_HEADER: str(generation)})
+
+    async def set_settings(self, vm_id: uuid.UUID, settings: HistorySettings) -> dict:
+        """PUT /v1/replicas/{vm_id}/settings: the recovery history settings; the replica answers them."""
+        return await self._json("PUT", routes.replica_settings_path(vm_id), settings.to_json())
 
     # --- the request shell -----------------------------------------------------------------
     async def _json(self, method: str, path: str, body: dict | None = None) -> dict:

@@ -3,7 +3,8 @@
 The :class:`ReplicationManager` belongs to the agent's composition root
 (:mod:`hvr_agent.daemon`); it runs one task per relationship in its own
 ``TaskGroup`` and answers the verbs (enable, initial start, sync-now, suspend,
-resume, remove, status, measure).  The work is done in rooms of its own:
+resume, remove, change the recovery history settings, status, measure).  The
+work is done in rooms of its own:
 
 * :mod:`hvr_agent.relationship`: the record in memory and its only writer;
 * :mod:`hvr_agent.driver`: the per-VM task: the step the state table names,
@@ -48,6 +49,7 @@ from pathlib import Path
 
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, NotFoundError, TransientError, UsageError
+from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.pure.schedule import FREQUENCIES_S, initial_is_later
 from hvr_common.shell.key_file import read_key
@@ -133,7 +135,7 @@ class ReplicationManager:
 
     # --- verbs -------------------------------------------------------------------------------
     async def enable(self, name: str, *, replica_host: str, port: int, key_file: str, frequency_s: int,
-                     compression: bool) -> dict:
+                     compression: bool, history: HistorySettings = HistorySettings()) -> dict:
         if not isinstance(replica_host, str) or not replica_host or len(replica_host) > 253:
             raise UsageError("replica_server must be a host name or address")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
@@ -167,11 +169,27 @@ class ReplicationManager:
                 principal=key.principal, frequency_s=frequency_s, compression=compression, state=state,
                 state_detail=None, generation=vm.record.generation, base_sequence=None, next_sequence=None,
                 initial_at_ns=None, initial_started_ns=None, initial_completed_ns=None, last_replication_ns=None,
-                enabled_ns=time.time_ns())
+                enabled_ns=time.time_ns()).with_history(history).replace(settings_pending=True)
             rep = self._replication(await Relationship.add(rec, self.store, self.registry))
             self._start(rep)
         event(log, "replication_enabled", vm=name, replica=str(endpoint), principal=key.principal,
-              frequency_s=frequency_s, compression=compression, replica_existed=status == 200)
+              frequency_s=frequency_s, compression=compression, replica_existed=status == 200, **history.to_json())
+        return await self.status_of(rep)
+
+    async def change_settings(self, name: str, changes: dict) -> dict:
+        """Set-VMReplication: change the recovery history settings given in ``changes`` (the others stay).
+
+        Validated whole before anything changes; the replica is told before the next step.
+        """
+        rep = self._get(name)
+        current = rep.rec.history
+        if not isinstance(changes, dict) or not changes:
+            raise UsageError("give at least one setting to change: recovery_history, fine_window_min, "
+                             "app_consistent_hours")
+        settings = HistorySettings.from_json({**current.to_json(), **changes})
+        if settings != current:
+            await rep.rel.set_history(settings)
+            event(log, "replication_settings_changed", vm=name, **settings.to_json())
         return await self.status_of(rep)
 
     async def start_initial(self, name: str, at_ns: int | None) -> dict:

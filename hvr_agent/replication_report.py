@@ -53,7 +53,9 @@ async def status_of(rep: VmReplication, primary_server: str) -> dict:
         replica_server=rec.replica_host, replica_port=rec.replica_port, generation=rec.generation,
         next_sequence=rec.next_sequence, pending_cycles=pending,
         last_replication_time=iso_time(rec.last_replication_ns), last_error=rel.last_error,
-        enabled_at=iso_time(rec.enabled_ns), initial=initial_status(rep)).to_json()
+        enabled_at=iso_time(rec.enabled_ns), initial=initial_status(rep), recovery_history=rec.recovery_history,
+        fine_window_min=rec.fine_window_min, app_consistent_hours=rec.app_consistent_hours,
+        settings_pending=rec.settings_pending, last_app_consistent_time=iso_time(rec.last_app_consistent_ns)).to_json()
 
 
 def initial_status(rep: VmReplication) -> dict | None:
@@ -97,7 +99,9 @@ async def measure_of(rep: VmReplication, primary_server: str) -> dict:
     out["WindowStartTime"] = iso_time(m.WindowStartTime)
     out.update({"VMName": rel.name, "State": rel.rec.state.value,
                 "Health": (await status_of(rep, primary_server))["health"], "ReplicationMode": "Primary",
-                "FrequencySec": rel.rec.frequency_s})
+                "FrequencySec": rel.rec.frequency_s,
+                # since enabling: cuts due application-consistent that were crash-consistent
+                "AppConsistentFailedCount": rel.rec.app_consistent_failures})
     out["LastAppliedLogTime"] = await _last_applied_log_time(rep)
     return out
 

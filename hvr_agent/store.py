@@ -3,6 +3,10 @@
 Holds the registered VMs and their disks, so exports survive a restart, and
 each VM's replication relationship: its settings and state, the initial
 copy's progress per disk, and one row per recorded cycle (statistics).
+Schema version 2 adds the recovery history settings of each relationship
+(what ``vm enable`` / ``vm set`` gave, whether the replica still has to be
+told), and the application-consistent cuts: the last one that succeeded,
+the failures, and which unacknowledged cycles were cut frozen.
 The schema is versioned: opening a database of an older version upgrades it
 through ``MIGRATIONS`` in one transaction; a newer one is refused
 (:mod:`hvr_common.shell.state_db`).
@@ -21,11 +25,12 @@ from pathlib import Path
 from hvr_common.shell.state_db import Migration, StateDatabase
 from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.measure import CycleResult, CycleStat
+from hvr_common.pure.recovery_points import DEFAULT_FINE_WINDOW_MIN, Consistency, HistorySettings
 from hvr_common.pure.replication_state import ReplicationState
 
 # Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
 # numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (
@@ -85,7 +90,16 @@ CREATE TABLE IF NOT EXISTS replication_cycles (
 );
 CREATE INDEX IF NOT EXISTS replication_cycles_by_time ON replication_cycles (vm, started_ns);
 """
-MIGRATIONS: tuple[Migration, ...] = ()
+SCHEMA_V2 = """
+ALTER TABLE replication ADD COLUMN recovery_history INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replication ADD COLUMN fine_window_min INTEGER NOT NULL DEFAULT 60;
+ALTER TABLE replication ADD COLUMN app_consistent_hours INTEGER;        -- NULL: off
+ALTER TABLE replication ADD COLUMN settings_pending INTEGER NOT NULL DEFAULT 0;  -- the replica has not got them yet
+ALTER TABLE replication ADD COLUMN last_app_consistent_ns INTEGER;      -- the last cut frozen successfully
+ALTER TABLE replication ADD COLUMN app_consistent_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replication ADD COLUMN app_consistent_sequences TEXT NOT NULL DEFAULT '';  -- unacknowledged, comma-separated
+"""
+MIGRATIONS: tuple[Migration, ...] = ((2, SCHEMA_V2),)  # recovery history settings, application-consistent cuts
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,27 @@ class ReplicationRecord:
     initial_completed_ns: int | None
     last_replication_ns: int | None
     enabled_ns: int
+    # schema version 2: recovery history settings (HistorySettings, see ``history``)
+    recovery_history: int = 0
+    fine_window_min: int = DEFAULT_FINE_WINDOW_MIN
+    app_consistent_hours: int | None = None
+    settings_pending: bool = False  # changed here, not yet acknowledged by the replica
+    # application-consistent cuts
+    last_app_consistent_ns: int | None = None  # the last cut taken frozen (None: never)
+    app_consistent_failures: int = 0  # cuts that were due frozen but are crash-consistent
+    app_consistent_sequences: tuple[int, ...] = ()  # unacknowledged cycles cut frozen, oldest first
+
+    @property
+    def history(self) -> HistorySettings:
+        return HistorySettings(self.recovery_history, self.fine_window_min, self.app_consistent_hours)
+
+    def with_history(self, settings: HistorySettings) -> "ReplicationRecord":
+        return replace(self, recovery_history=settings.recovery_history, fine_window_min=settings.fine_window_min,
+                       app_consistent_hours=settings.app_consistent_hours)
+
+    def consistency_of(self, sequence: int) -> Consistency:
+        """How cycle ``sequence`` was cut: an upload, or a rebuilt one after a restart, says so."""
+        return Consistency.APPLICATION if sequence in self.app_consistent_sequences else Consistency.CRASH
 
     def replace(self, **changes) -> "ReplicationRecord":
         return replace(self, **changes)
@@ -132,15 +167,19 @@ class ReplicationRecord:
         out = []
         for f in fields(self):
             v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = ",".join(map(str, v))
             out.append(str(v) if isinstance(v, (Path, ReplicationState)) else int(v) if isinstance(v, bool) else v)
         return tuple(out)
 
     @staticmethod
     def _from_row(row) -> "ReplicationRecord":
         (vm, host, port, key_file, principal, freq, comp, state, detail, gen, base, nxt, at, started, completed,
-         last, enabled) = row
+         last, enabled, history, fine, app, pending, last_app, app_failures, app_seqs) = row
         return ReplicationRecord(vm, host, port, Path(key_file), principal, freq, bool(comp), ReplicationState(state),
-                                 detail, gen, base, nxt, at, started, completed, last, enabled)
+                                 detail, gen, base, nxt, at, started, completed, last, enabled, history, fine, app,
+                                 bool(pending), last_app, app_failures,
+                                 tuple(int(s) for s in app_seqs.split(",") if s))
 
 
 @dataclass(frozen=True)

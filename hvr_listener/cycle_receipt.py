@@ -3,7 +3,9 @@
 The body is received into a spool file under the VM's lock (cycles arrive
 strictly in order), made durable, renamed into ``cycles/`` and recorded: the
 record is the commit point of a received cycle.  The applier is woken after
-every attempt, whatever happened.
+every attempt, whatever happened.  The cycle's consistency (``crash``, or
+``application`` when the primary froze the guest around its cut) is recorded
+with it; the recovery point made when it is applied takes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from hvr_common.pure.bundle import BundleHeader, BundleKind
 from hvr_common.pure.bundle_decoder import BundleDecoder
 from hvr_common.pure.errors import HvrError
+from hvr_common.pure.recovery_points import Consistency
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
@@ -37,14 +40,15 @@ class CycleReceipt:
         self.wake_applier = wake_applier
 
     async def receive(self, vm_id: uuid.UUID, sequence: int, principal: str, generation: int,
-                      length: int | None, digest: str, body: AsyncIterator[bytes]) -> tuple[bool, Replica]:
-        """Store a cycle durably.  Returns (created, replica)."""
+                      length: int | None, digest: str, body: AsyncIterator[bytes],
+                      consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
+        """Store a cycle durably.  Returns (created, replica).  A cycle already stored keeps its consistency."""
         try:
-            return await self._receive(vm_id, sequence, principal, generation, length, digest, body)
+            return await self._receive(vm_id, sequence, principal, generation, length, digest, body, consistency)
         finally:
             self.wake_applier.set()  # whatever happened, a stored cycle must not wait for the next one
 
-    async def _receive(self, vm_id, sequence, principal, generation, length, digest, body):
+    async def _receive(self, vm_id, sequence, principal, generation, length, digest, body, consistency):
         async with await self.access.locked(vm_id, principal):
             rep = await self.access.get(vm_id, principal)
             check_generation(rep, generation)
@@ -65,8 +69,8 @@ class CycleReceipt:
             header = await self._receive_spool(spool, length, digest, expect, body)
             final = rep.storage_dir / "cycles" / f"{sequence:010d}.bundle"
             await finish_in_thread(_commit_cycle, self.store, spool, final, vm_id, sequence, generation, digest,
-                                   length or 0, header.created_ns)
-        event(log, "cycle_received", vm=rep.name, seq=sequence, bytes=length)
+                                   length or 0, header.created_ns, consistency)
+        event(log, "cycle_received", vm=rep.name, seq=sequence, bytes=length, consistency=consistency.value)
         return True, await self.access.get(vm_id)
 
     async def _receive_spool(self, spool: Path, length: int | None, digest: str, expect: dict,
@@ -87,7 +91,7 @@ class CycleReceipt:
 
 
 def _commit_cycle(store: ListenerStore, spool: Path, final: Path, vm_id, sequence, generation, digest,
-                  nbytes, created_ns) -> None:
+                  nbytes, created_ns, consistency: Consistency) -> None:
     """Rename the durable spool into place, then record it: the commit point of a received cycle."""
     commit_file(spool, final)
-    store.record_cycle(vm_id, sequence, generation, digest, nbytes, final, created_ns)
+    store.record_cycle(vm_id, sequence, generation, digest, nbytes, final, created_ns, consistency.value)

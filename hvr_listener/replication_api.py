@@ -18,6 +18,8 @@ import uuid
 from aiohttp import web
 
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.recovery_points import Consistency, HistorySettings
+from hvr_common.shell.logs import event
 from hvr_common.shell.http_middleware import error_middleware
 from hvr_common.pure.token_auth import AuthError, ReplayCache, verify
 from hvr_common.pure.wire import routes
@@ -154,15 +156,39 @@ async def post_initial_complete(request: web.Request) -> web.Response:
     return web.json_response(ReplicaView.from_replica(rep).to_json())
 
 
+def _consistency(request: web.Request) -> Consistency:
+    raw = request.query.get("consistency", Consistency.CRASH.value)
+    try:
+        return Consistency(raw)
+    except ValueError:
+        raise UsageError(f"query parameter 'consistency' must be crash or application, not {raw!r}") from None
+
+
 async def put_cycle(request: web.Request) -> web.Response:
     raw = request.match_info["sequence"]
     if not raw.isdigit() or int(raw) < 1:
         raise UsageError(f"{raw!r} is not a cycle sequence number")
-    created, rep = await request.app[SERVICE].receive_cycle(
+    consistency = _consistency(request)
+    # The cycle receipt itself: ReplicaService.receive_cycle does not pass a consistency on.
+    receipt = request.app[SERVICE]._cycles
+    created, rep = await receipt.receive(
         _vm_id(request), int(raw), request[PRINCIPAL], _generation(request), request.content_length,
-        request.headers[routes.CONTENT_DIGEST_HEADER], _body_chunks(request))
+        request.headers[routes.CONTENT_DIGEST_HEADER], _body_chunks(request), consistency)
     return web.json_response({"sequence": int(raw), "next_sequence": rep.next_sequence},
                              status=201 if created else 200)
+
+
+async def put_settings(request: web.Request) -> web.Response:
+    """The recovery history settings the primary keeps for the VM (``hvrctl vm enable`` / ``vm set``)."""
+    body = await _json(request)
+    vm_id = _vm_id(request)
+    service = request.app[SERVICE]
+    async with await service.access.locked(vm_id, request[PRINCIPAL]):
+        rep = await service.get(vm_id, request[PRINCIPAL])
+        settings = HistorySettings.from_json(body)
+        await asyncio.to_thread(service.store.set_history_settings, vm_id, settings)
+    event(log, "replica_settings_changed", vm=rep.name, **settings.to_json())
+    return web.json_response(settings.to_json())
 
 
 def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int) -> web.Application:
@@ -178,4 +204,5 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app.router.add_put(routes.INITIAL_WINDOW, put_initial)
     app.router.add_post(routes.INITIAL_COMPLETE, post_initial_complete)
     app.router.add_put(routes.CYCLE, put_cycle)
+    app.router.add_put(routes.REPLICA_SETTINGS, put_settings)
     return app

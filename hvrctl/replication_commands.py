@@ -2,6 +2,7 @@
 
 The verbs mirror Enable-, Get-, Measure-, Suspend-, Resume-, Remove-VMReplication
 and Start-VMInitialReplication; they talk to the agent's admin socket.
+``vm set`` (Set-VMReplication) is in :mod:`hvrctl.replication_settings`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError, UsageError
+from hvrctl import replication_settings
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 
@@ -37,7 +39,9 @@ def register(sub, vm_verbs, common) -> None:
                    help="replication interval in seconds (default 300)")
     p.add_argument("--no-compression", dest="compression", action="store_false",
                    help="send logs uncompressed (default: zstd, frames that do not shrink stay raw)")
+    replication_settings.add_flags(p, can_turn_off=False)
     p.set_defaults(func=cmd_enable)
+    replication_settings.register(vm_verbs, common, _client, _print_detail)
 
     p = vm_verbs.add_parser(
         "get", parents=[common], help="show replication state and health",
@@ -150,7 +154,8 @@ def cmd_enable(args) -> int:
         raise UsageError(f"key file {key} does not exist", hint="create it with hvrctl key new PRINCIPAL --out FILE")
     result = _client(args).request("POST", f"/v1/vms/{args.name}/replication", {
         "replica_server": args.replica_server, "port": args.port, "key_file": str(key),
-        "frequency_s": args.frequency, "compression": args.compression})
+        "frequency_s": args.frequency, "compression": args.compression,
+        **replication_settings.settings_of(args)})
     if args.output == "json":
         emit_json(result)
     else:
@@ -208,6 +213,7 @@ def _print_detail(s: dict) -> None:
               ("Generation", s["generation"]), ("NextSequence", s["next_sequence"]),
               ("PendingCycles", s["pending_cycles"]),
               ("LastReplicationTime", _local(s["last_replication_time"]))]
+    pairs += [(k, _local(v) if k.endswith("Time") else v) for k, v in replication_settings.detail_rows(s)]
     if s.get("last_error"):
         pairs.append(("LastError", s["last_error"]))
     ini = s.get("initial") or {}
@@ -229,7 +235,8 @@ def _print_detail(s: dict) -> None:
 _MEASURE_FIELDS = ("VMName", "State", "Health", "ReplicationMode", "FrequencySec", "AverageReplicationSize",
                    "MaximumReplicationSize", "AverageReplicationLatency", "MaximumReplicationLatency",
                    "SuccessfulReplicationCount", "MissedReplicationCount", "PendingReplicationSize",
-                   "LastReplicationTime", "LastAppliedLogTime", "ReplicationErrors", "WindowStartTime")
+                   "LastReplicationTime", "LastAppliedLogTime", "ReplicationErrors", "AppConsistentFailedCount",
+                   "WindowStartTime")
 
 
 def cmd_measure(args) -> int:

@@ -19,6 +19,7 @@ from bundles import bundle, hrl_bytes
 from daemons import wait_for
 from hvr_common.pure.bundle import BundleKind
 from hvr_common.pure.token_auth import Key
+from hvrctl.client import AdminClient
 from replica_vm import SIZE, Vm
 from listener_process import ListenerProcess, call, call_json, open_request, read_reply
 
@@ -199,6 +200,72 @@ def test_oversized_body_is_413(listener, victim):
     before = victim.snapshot()
     r = victim.put_cycle(2, b"", content_length=9 * MiB, send_body=b"", half_close=False)
     _refused(victim, r, 413, "body_too_large", before)
+
+
+def test_an_unknown_cycle_consistency_is_400_naming_the_parameter(listener, victim):
+    before = victim.snapshot()
+    body = good_body(victim)
+    r = call(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/cycles/2?consistency=vss", body, key=listener.key,
+             headers={"X-Hvr-Generation": "1"})
+    _refused(victim, r, 400, "bad_request", before)
+    assert "'consistency'" in r.json()["message"] and "'vss'" in r.json()["message"]
+
+
+# --- recovery history settings and application-consistent cycles -------------
+
+def _settings_of(listener, name: str) -> tuple:
+    rep = listener.hvrctl_json("replica", "get", name)
+    return rep["recovery_history"], rep["fine_window_min"], rep["app_consistent_hours"]
+
+
+def test_the_primary_sets_the_recovery_history_settings(listener):
+    vm = Vm(listener, "settings1", initial=False)
+    assert _settings_of(listener, "settings1") == (0, 60, None)
+    wanted = {"recovery_history": 4, "fine_window_min": 15, "app_consistent_hours": 2}
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}/settings", wanted, key=listener.key)
+    assert r.status == 200 and r.json() == wanted
+    assert _settings_of(listener, "settings1") == (4, 15, 2)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}/settings", {"recovery_history": 1},
+                  key=listener.key)  # a field left out takes its default: the body is the whole settings
+    assert r.status == 200 and r.json() == {"recovery_history": 1, "fine_window_min": 60, "app_consistent_hours": None}
+    assert _settings_of(listener, "settings1") == (1, 60, None)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"recovery_history": 25}, "recovery_history"),
+    ({"fine_window_min": -1}, "fine_window_min"),
+    ({"app_consistent_hours": 13}, "app_consistent_hours"),
+    ({"app_consistent_hours": "2"}, "app_consistent_hours"),
+    ({"colour": 1}, "colour"),
+])
+def test_bad_settings_are_400_naming_the_field_and_change_nothing(listener, victim, body, field):
+    before = victim.snapshot()
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", body, key=listener.key)
+    _refused(victim, r, 400, "bad_request", before)
+    assert field in r.json()["message"]
+    assert _settings_of(listener, "victim") == (0, 60, None)
+
+
+def test_settings_of_another_primarys_vm_are_403_and_of_an_unknown_vm_404(listener, victim):
+    before = victim.snapshot()
+    good = {"recovery_history": 3}
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", good, key=listener.other_key)
+    _refused(victim, r, 403, "not_authorized", before)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{uuid.uuid4()}/settings", good, key=listener.key)
+    _refused(victim, r, 404, "unknown_vm", before)
+    assert _settings_of(listener, "victim") == (0, 60, None)
+
+
+def test_an_application_consistent_cycle_makes_an_application_consistent_point(listener):
+    vm = Vm(listener, "appcons1")
+    path = f"/v1/replicas/{vm.vm_id}/cycles/1?consistency=application"
+    r = call(listener.port, "PUT", path, vm.cycle_body(1, [[("write", 0, b"a" * 4096)]]), key=listener.key,
+             headers={"X-Hvr-Generation": "1"})
+    assert r.status == 201, r.body
+    assert vm.put_cycle(2, vm.cycle_body(2, [[("write", 0, b"c" * 4096)]])).status == 201
+    vm.wait_applied(2)
+    points = AdminClient(listener.admin_socket, "hvr-listener").request("GET", "/v1/replicas/appcons1/recovery-points")
+    assert [(p["sequence"], p["consistency"]) for p in points] == [(1, "application"), (2, "crash")]
 
 
 def test_victim_still_accepts_a_good_cycle_after_all_that(listener, victim):

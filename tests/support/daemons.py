@@ -287,6 +287,7 @@ class AgentProcess(SupervisedProcess):
         tcp: bool = True,
         log_level: str = "info",
         extra_config: dict[str, object] | None = None,
+        extra_tables: str = "",
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -297,6 +298,7 @@ class AgentProcess(SupervisedProcess):
         self.tcp_port: int | None = free_tcp_port() if tcp else None
         self.log_level = log_level
         self.extra_config = dict(extra_config or {})
+        self.extra_tables = extra_tables  # TOML tables appended after the keys (e.g. [app_consistency])
         self.config_path = self.workdir / "agent.toml"
         self.stdout_path = self.workdir / "agent.stdout.log"
         self.stderr_path = self.workdir / "agent.stderr.log"
@@ -321,7 +323,8 @@ class AgentProcess(SupervisedProcess):
             "log_level": self.log_level,
         }
         entries.update(self.extra_config)
-        return "".join(f"{key} = {toml_value(value)}\n" for key, value in entries.items())
+        keys = "".join(f"{key} = {toml_value(value)}\n" for key, value in entries.items())
+        return keys + (f"\n{self.extra_tables}\n" if self.extra_tables else "")
 
     def write_config(self) -> Path:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from hvr_agent import store as agent_store
 from hvr_agent.store import AgentStore
 from hvr_common.pure.errors import CorruptError, HvrError
 from hvr_common.pure.measure import CycleResult
+from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.state_db import StateDatabase, sql_statements
 from hvr_listener import store as listener_store
@@ -70,9 +71,19 @@ def test_a_released_agent_database_keeps_its_vms_replication_and_cycles(tmp_path
     assert [(s.sequence, s.result) for s in stats] == [
         (39, CycleResult.OK), (40, CycleResult.OK), (None, CycleResult.ERROR)]
     assert stats[0].wire_bytes == 4096 * 39 and stats[2].error.startswith("replica_unavailable")
+    # version 2: the recovery history defaults, nothing for the replica to hear, no frozen cut yet
+    assert rec.history == HistorySettings() and (rec.recovery_history, rec.fine_window_min,
+                                                 rec.app_consistent_hours) == (0, 60, None)
+    assert not rec.settings_pending and rec.last_app_consistent_ns is None
+    assert (rec.app_consistent_failures, rec.app_consistent_sequences) == (0, ())
+    changed = rec.with_history(HistorySettings(3, 30, 2)).replace(settings_pending=True, app_consistent_failures=1,
+                                                                   app_consistent_sequences=(41, 43))
+    store.save_replication(changed)
+    assert store.list_replications() == [changed] and changed.consistency_of(43) == "application"
+    assert changed.consistency_of(42) == "crash"
     store.add_vm("new1", [("root", tmp_path / "new1.img")], False)  # and it goes on working
     store.close()
-    assert recorded_version(path) == agent_store.SCHEMA_VERSION
+    assert recorded_version(path) == agent_store.SCHEMA_VERSION == 2
 
 
 def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycles(tmp_path):
@@ -130,13 +141,14 @@ def test_a_database_of_a_newer_version_is_refused_and_left_alone(tmp_path, dump,
 def test_a_newer_database_in_wal_mode_is_refused_and_left_alone(tmp_path):
     path = tmp_path / "agent.db"
     AgentStore(path).close()
+    newer = agent_store.SCHEMA_VERSION + 1
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(newer),))
     db.close()
     before = file_state(path)
-    with pytest.raises(HvrError, match="schema version 2"):
+    with pytest.raises(HvrError, match=f"schema version {newer}"):
         AgentStore(path)
-    assert file_state(path) == before and recorded_version(path) == 2
+    assert file_state(path) == before and recorded_version(path) == newer
 
 
 def test_a_database_with_a_nonsense_version_is_corrupt(tmp_path):

@@ -183,7 +183,11 @@ def test_route_builders_fill_their_templates():
     assert routes.initial_window_path(VM, D0, 0, 4096) == f"/v1/replicas/{VM}/initial/{D0}?offset=0&end=4096"
     assert routes.initial_complete_path(VM) == f"/v1/replicas/{VM}/initial/complete"
     assert routes.cycle_path(VM, 12) == f"/v1/replicas/{VM}/cycles/12"
-    for template in (routes.REPLICA, routes.INITIAL_WINDOW, routes.INITIAL_COMPLETE, routes.CYCLE):
+    assert routes.cycle_path(VM, 12, "crash") == f"/v1/replicas/{VM}/cycles/12"
+    assert routes.cycle_path(VM, 12, "application") == f"/v1/replicas/{VM}/cycles/12?consistency=application"
+    assert routes.replica_settings_path(VM) == f"/v1/replicas/{VM}/settings"
+    for template in (routes.REPLICA, routes.INITIAL_WINDOW, routes.INITIAL_COMPLETE, routes.CYCLE,
+                     routes.REPLICA_SETTINGS):
         assert template.startswith(routes.PREFIX + "/")
 
 
@@ -358,8 +362,10 @@ def test_primary_status_json_keeps_the_admin_api_keys():
     assert list(out) == ["vm", "vm_id", "state", "state_detail", "health", "health_details", "mode", "frequency_s",
                          "compression", "primary_server", "principal", "replica_server", "replica_port",
                          "generation", "next_sequence", "pending_cycles", "last_replication_time", "last_error",
-                         "enabled_at", "initial"]
+                         "enabled_at", "initial", "recovery_history", "fine_window_min", "app_consistent_hours",
+                         "settings_pending", "last_app_consistent_time"]
     assert out["vm_id"] == str(VM) and out["state"] == "Replicating" and out["mode"] == "Primary"
+    assert (out["recovery_history"], out["fine_window_min"], out["app_consistent_hours"]) == (0, 60, None)
     assert json.loads(json.dumps(out)) == out
 
 

@@ -17,7 +17,8 @@ SERVER = f"{PREFIX}/server"
 REPLICA = f"{PREFIX}/replicas/{{vm_id}}"
 INITIAL_WINDOW = f"{PREFIX}/replicas/{{vm_id}}/initial/{{disk_id}}"  # query: offset=A&end=B
 INITIAL_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/initial/complete"
-CYCLE = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}"
+CYCLE = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}"  # query: consistency=application (else crash)
+REPLICA_SETTINGS = f"{PREFIX}/replicas/{{vm_id}}/settings"
 
 # --- headers --------------------------------------------------------------------------
 AUTHORIZATION_HEADER = "Authorization"
@@ -46,5 +47,11 @@ def initial_complete_path(vm_id: uuid.UUID) -> str:
     return INITIAL_COMPLETE.format(vm_id=vm_id)
 
 
-def cycle_path(vm_id: uuid.UUID, sequence: int) -> str:
-    return CYCLE.format(vm_id=vm_id, sequence=sequence)
+def cycle_path(vm_id: uuid.UUID, sequence: int, consistency: str = "crash") -> str:
+    """A cycle's upload; an application-consistent one says so in the query (crash is the default)."""
+    path = CYCLE.format(vm_id=vm_id, sequence=sequence)
+    return path if consistency == "crash" else f"{path}?consistency={consistency}"
+
+
+def replica_settings_path(vm_id: uuid.UUID) -> str:
+    return REPLICA_SETTINGS.format(vm_id=vm_id)

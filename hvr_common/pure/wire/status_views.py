@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hvr_common.pure.recovery_points import DEFAULT_FINE_WINDOW_MIN
 from hvr_common.pure.replication_state import ReplicationState
 
 
@@ -40,6 +41,11 @@ class PrimaryStatus:
     enabled_at: str | None
     initial: Mapping[str, Any] | None  # initial replication: times, bytes, rate, per-disk progress
     mode: str = "Primary"
+    recovery_history: int = 0  # the recovery history settings (HistorySettings), as vm enable / vm set gave them
+    fine_window_min: int = DEFAULT_FINE_WINDOW_MIN
+    app_consistent_hours: int | None = None
+    settings_pending: bool = False  # not yet acknowledged by the replica server
+    last_app_consistent_time: str | None = None  # the last cut taken between freeze and thaw
 
     def to_json(self) -> dict:
         return {
@@ -52,6 +58,9 @@ class PrimaryStatus:
             "pending_cycles": self.pending_cycles, "last_replication_time": self.last_replication_time,
             "last_error": self.last_error, "enabled_at": self.enabled_at,
             "initial": dict(self.initial) if self.initial is not None else None,
+            "recovery_history": self.recovery_history, "fine_window_min": self.fine_window_min,
+            "app_consistent_hours": self.app_consistent_hours, "settings_pending": self.settings_pending,
+            "last_app_consistent_time": self.last_app_consistent_time,
         }
 
 
