@@ -18,6 +18,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+from hvr_common.pure.recovery_points import Consistency
 from hvr_listener.cycle_receipt import CycleReceipt
 from hvr_listener.enablement import Enablement
 from hvr_listener.initial_copy import InitialCopy
@@ -60,5 +61,6 @@ class ReplicaService:
         return await self._initial.complete(vm_id, principal, body)
 
     async def receive_cycle(self, vm_id: uuid.UUID, sequence: int, principal: str, generation: int,
-                            length: int | None, digest: str, body: AsyncIterator[bytes]) -> tuple[bool, Replica]:
-        return await self._cycles.receive(vm_id, sequence, principal, generation, length, digest, body)
+                            length: int | None, digest: str, body: AsyncIterator[bytes],
+                            consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
+        return await self._cycles.receive(vm_id, sequence, principal, generation, length, digest, body, consistency)

@@ -169,9 +169,7 @@ async def put_cycle(request: web.Request) -> web.Response:
     if not raw.isdigit() or int(raw) < 1:
         raise UsageError(f"{raw!r} is not a cycle sequence number")
     consistency = _consistency(request)
-    # The cycle receipt itself: ReplicaService.receive_cycle does not pass a consistency on.
-    receipt = request.app[SERVICE]._cycles
-    created, rep = await receipt.receive(
+    created, rep = await request.app[SERVICE].receive_cycle(
         _vm_id(request), int(raw), request[PRINCIPAL], _generation(request), request.content_length,
         request.headers[routes.CONTENT_DIGEST_HEADER], _body_chunks(request), consistency)
     return web.json_response({"sequence": int(raw), "next_sequence": rep.next_sequence},
