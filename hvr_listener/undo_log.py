@@ -29,7 +29,7 @@ from hvr_common.pure.undo_decoder import UndoDecoder
 from hvr_common.pure.undo_merge import merge_plan, merged_header
 from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.shell import sparse
-from hvr_common.shell.files import fsync_dir
+from hvr_common.shell.files import fsync_dir, pwrite_all, replace_durably
 
 CAPTURE_PIECE_BYTES = 4 * 1024 * 1024  # a pre-image is read and recorded in pieces of at most this
 READ_CHUNK = 8 * 1024 * 1024
@@ -191,7 +191,7 @@ class UndoLog:
                     pending.append(UndoRecord(UndoKind.DATA, disk_id, p, piece, pos, pos + len(out[-2])))
         if out:
             blob = b"".join(out)
-            _pwrite_all(self.fd, blob, start)
+            pwrite_all(self.fd, blob, start)
             added = len(blob)
             self.size_bytes += added
             for rec in pending:  # only once the bytes are in the file: a view may read them at once
@@ -207,7 +207,7 @@ class UndoLog:
         if enc is None:
             return
         end = enc.end(closed_ns)
-        _pwrite_all(self.fd, end, enc.position - len(end))
+        pwrite_all(self.fd, end, enc.position - len(end))
         self.size_bytes += len(end)
         os.fdatasync(self.fd)
         self.encoder = None
@@ -236,14 +236,6 @@ class UndoLog:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
@@ -275,14 +267,13 @@ def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
                 buf += encoder.data(piece.disk_id, piece.offset, data)
                 buf += data
             if len(buf) >= READ_CHUNK:
-                _pwrite_all(fd, buf, pos)
+                pwrite_all(fd, buf, pos)
                 pos += len(buf)
                 buf.clear()
         buf += encoder.end(closed_ns)
-        _pwrite_all(fd, buf, pos)
+        pwrite_all(fd, buf, pos)
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    replace_durably(tmp, final)
     return UndoLog.open(final, may_be_open=False)
