@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import shutil
-import signal
 
 from aiohttp import web
 
@@ -15,7 +14,7 @@ from hvr_common.shell import systemd
 from hvr_common.shell.http_middleware import serve_on_unix_socket
 from hvr_common.pure.config import AgentConfig
 from hvr_common.shell.logs import event
-from hvr_common.shell.state_lock import StateLock
+from hvr_common.shell.state_lock import claim_state_dir
 from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_agent.admin import make_app
 from hvr_agent.exports import VmExports
@@ -39,10 +38,7 @@ class Agent:
 
     async def run(self) -> None:
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(cfg.state_dir, 0o700)
-        os.umask(0o077)  # logs, bitmaps, spool files: owner only
-        lock = StateLock(cfg.state_dir, "hvr-agent").acquire()
+        lock = claim_state_dir(cfg.state_dir, "hvr-agent")
         store = AgentStore(cfg.db_path)
         registry = VmRegistry(cfg, store)
         # The NBD server first: a removed VM's connections are dropped before its replication goes.
@@ -66,21 +62,11 @@ class Agent:
             runner = web.AppRunner(make_app(registry, status, replication), access_log=None, handle_signals=False)
             await runner.setup()
             owned[cfg.admin_socket] = await serve_on_unix_socket(runner, cfg.admin_socket)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop, sig.name)
+            systemd.stop_on_signals(self.request_stop)
             event(log, "agent_ready", nbd_socket=str(cfg.nbd_socket), nbd_tcp_port=tcp_port,
                   admin_socket=str(cfg.admin_socket), vms=len(registry.vms))
-            systemd.notify("READY=1")
-            async with asyncio.TaskGroup() as tg:
-                interval = systemd.watchdog_interval_s()
-                watchdog = tg.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
-                tg.create_task(replication.run(), name="replication")
-                await self._stop.wait()
-                systemd.notify("STOPPING=1")
-                replication.request_stop()
-                if watchdog is not None:
-                    watchdog.cancel()
+            await systemd.serve_until(self._stop, replication.run(), lambda _task: replication.request_stop(),
+                                      name="replication")
         finally:
             await nbd.close()
             await registry.close_all()

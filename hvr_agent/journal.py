@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common.pure.hrl import HrlEncoder, HrlHeader
+from hvr_common.shell.files import pwritev_all, unlink_if_exists
 
 DIRECT_WRITE_BYTES = 64 * 1024  # writes this large skip the buffer (one writev, no copy)
 
@@ -127,13 +128,7 @@ class ActiveLog:
         start = self.written
         total = sum(len(p) for p in parts)
         try:
-            done = os.pwritev(self.fd, parts, start)
-            if done < total:  # short write: finish it piecewise
-                rest = memoryview(b"".join(bytes(p) for p in parts))[done:]
-                while rest:
-                    n = os.pwrite(self.fd, rest, start + done)
-                    done += n
-                    rest = rest[n:]
+            pwritev_all(self.fd, parts, start, total)
         except OSError:
             self.encoder.restore(undo)
             try:
@@ -178,10 +173,7 @@ class ActiveLog:
     def discard(self) -> None:
         """Remove a log that never took a record (a cut that did not happen)."""
         self.close_fd()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        unlink_if_exists(self.path)
 
     def sync_fd(self) -> None:
         os.fdatasync(self.fd)

@@ -26,7 +26,7 @@ from hvr_common.pure.hrl import HEADER_SIZE, HrlCorruptError, HrlEncoder, HrlHea
 from hvr_common.shell.hrl_file import read_hrl_summary
 from hvr_common.pure.intent_bitmap import IntentBitmap
 from hvr_common.shell import sparse
-from hvr_common.shell.files import fsync_dir
+from hvr_common.shell.files import write_file_durably
 from hvr_agent.journal import list_logs
 
 log = logging.getLogger("hvr.agent.recovery")
@@ -69,7 +69,7 @@ def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
             header = HrlHeader(fallback_header.vm_id, fallback_header.disk_id, fallback_header.generation,
                                seq, fallback_header.disk_size, time.time_ns())
             enc = HrlEncoder(header)
-            _rewrite(path, encode_header(header) + enc.end(time.time_ns()))
+            write_file_durably(path, encode_header(header) + enc.end(time.time_ns()))
             scan.repaired.append(LogRepair(path, seq, HEADER_SIZE, 0, 0, str(exc)))
             scan.left_open = True
             continue
@@ -91,18 +91,6 @@ def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
         scan.repaired.append(LogRepair(path, seq, summary.valid_length, summary.torn_bytes,
                                        summary.record_count, summary.reason))
     return scan
-
-
-def _rewrite(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def uncertain_ranges(found: IntentBitmap | None, disk_size: int, region_bytes: int,

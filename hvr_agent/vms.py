@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from hvr_common.block.blockdev import RawImage
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.pure.hrl import HrlHeader
+from hvr_common.pure.names import check_name
 from hvr_common.shell.logs import event
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
@@ -22,15 +22,6 @@ from hvr_agent.store import AgentStore, VmRecord
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
 
 log = logging.getLogger("hvr.agent.vms")
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def check_name(kind: str, name: str) -> None:
-    if not NAME_RE.match(name):
-        raise UsageError(f"{kind} name {name!r} is not valid",
-                         hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-
 
 def disk_name_for(path: Path) -> str:
     return path.stem if path.suffix else path.name

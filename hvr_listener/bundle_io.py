@@ -18,7 +18,7 @@ from hvr_common.pure.bundle import BundleHeader
 from hvr_common.pure.bundle_decoder import BundleDecoder, BundleDone
 from hvr_common.pure.hrl import Record
 from hvr_common.pure.stream_decoder import NEED_DATA
-from hvr_common.shell.files import fsync_dir, unlink_if_exists
+from hvr_common.shell.files import pwritev_all, replace_durably, unlink_if_exists
 from hvr_common.shell.hrl_file import apply_record
 
 READ_CHUNK = 1024 * 1024
@@ -65,22 +65,6 @@ class EarlyWriteback:
         os.posix_fadvise(self.fd, offset, end - offset, os.POSIX_FADV_DONTNEED)
 
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
-
-
-def _writev_all(fd: int, chunks: list[bytes], size: int) -> None:
-    """Append every chunk: writev of at most IOV_MAX pieces at a time (a batch of small
-    network pieces can hold more); a short write is finished piece by piece."""
-    for at in range(0, len(chunks), IOV_MAX):
-        group = chunks[at:at + IOV_MAX]
-        want = size if len(group) == len(chunks) else sum(len(c) for c in group)
-        done = os.writev(fd, group)
-        if done < want:
-            rest = memoryview(b"".join(group))[done:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
-
-
 class SpoolWriter:
     """Receives one bundle body into ``path``: hashes, validates and stores each chunk."""
 
@@ -99,7 +83,7 @@ class SpoolWriter:
         for chunk in chunks:
             self.sha.update(chunk)
             size += len(chunk)
-        _writev_all(self.fd, chunks, size)
+        pwritev_all(self.fd, chunks, self.bytes, size)
         self._writeback.note(self.bytes, size)
         self.bytes += size
         dec = self.decoder
@@ -191,8 +175,7 @@ class DirectWindowWriter:
 def commit_file(spool: Path, final: Path) -> None:
     """Move a durable spool file into place and make the rename durable."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(spool, final)
-    fsync_dir(final.parent)
+    replace_durably(spool, final)
 
 
 def apply_bundle(path: Path, images: dict[uuid.UUID, Path], expect: dict,

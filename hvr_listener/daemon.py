@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from pathlib import Path
 
 from aiohttp import web
@@ -16,7 +15,7 @@ from hvr_common.shell.http_middleware import serve_on_unix_socket
 from hvr_common.pure.config import ListenerConfig
 from hvr_common.pure.errors import ConflictError
 from hvr_common.shell.logs import event
-from hvr_common.shell.state_lock import StateLock
+from hvr_common.shell.state_lock import claim_state_dir
 from hvr_common.block.nbd_server import NbdServer
 from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_listener import admin, replication_api
@@ -77,10 +76,7 @@ class Listener:
 
     async def run(self) -> None:
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(cfg.state_dir, 0o700)
-        os.umask(0o077)
-        lock = StateLock(cfg.state_dir, "hvr-listener").acquire()
+        lock = claim_state_dir(cfg.state_dir, "hvr-listener")
         cfg.storage.mkdir(parents=True, exist_ok=True)
         store = ListenerStore(cfg.db_path)
         admin_runner = None
@@ -119,22 +115,11 @@ class Listener:
                                          handle_signals=False)
             await admin_runner.setup()
             admin_identity = await serve_on_unix_socket(admin_runner, cfg.admin_socket)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop, sig.name)
+            systemd.stop_on_signals(self.request_stop)
             event(log, "listener_ready", admin_socket=str(cfg.admin_socket), host=self.bound[0], port=self.bound[1],
                   enabled=self.settings.current()["enabled"],
                   nbd_socket=str(cfg.nbd_socket) if cfg.nbd_socket else None, test_failovers_ended=ended)
-            systemd.notify("READY=1")
-            async with asyncio.TaskGroup() as tg:
-                apply_task = tg.create_task(applier.run())
-                interval = systemd.watchdog_interval_s()
-                watchdog = tg.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
-                await self._stop.wait()
-                systemd.notify("STOPPING=1")
-                apply_task.cancel()
-                if watchdog is not None:
-                    watchdog.cancel()
+            await systemd.serve_until(self._stop, applier.run(), lambda task: task.cancel(), name="applier")
         finally:
             if nbd is not None:  # first: no request in flight writes an overlay once it is closed
                 await nbd.close()

@@ -15,12 +15,12 @@ The view is read-only; a test failover writes through a
 from __future__ import annotations
 
 import errno
-import os
 import uuid
 from typing import Protocol
 
 from hvr_common.shell import sparse
 from hvr_common.pure.undo import UndoKind
+from hvr_common.shell.files import pread_padded
 from hvr_listener.undo_log import UndoLog
 
 MAX_RETRIES = 1000
@@ -73,9 +73,9 @@ class PointView:
             epoch = history.epoch
             parts = self._resolve(offset, length)
             if len(parts) == 1 and parts[0][2] is None:
-                data = _pread_full(self.image_fd, length, offset)
+                data = pread_padded(self.image_fd, length, offset)
             else:
-                data = b"".join(log.read(rec, o, n) if log is not None else _pread_full(self.image_fd, n, o)
+                data = b"".join(log.read(rec, o, n) if log is not None else pread_padded(self.image_fd, n, o)
                                 for o, n, log, rec in parts)
             if history.epoch == epoch:
                 return data
@@ -97,9 +97,3 @@ class PointView:
                 return runs
         raise OSError(errno.EAGAIN, "recovery point view kept changing under the read")
 
-
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) < length:
-        data += bytes(length - len(data))
-    return data

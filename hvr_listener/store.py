@@ -290,12 +290,14 @@ class ListenerStore(PointRows, StateDatabase):
             self._db.execute("DELETE FROM replicas WHERE vm_id=?", (str(vm_id),))
 
     # --- cycles -----------------------------------------------------------
+    _CYCLE_COLS = ("vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns, "
+                   "consistency")
+
     def cycle(self, vm_id: uuid.UUID, sequence: int) -> CycleRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns, "
-                "consistency "
-                "FROM cycles WHERE vm_id=? AND sequence=?", (str(vm_id), sequence)).fetchone()
+                f"SELECT {self._CYCLE_COLS} FROM cycles WHERE vm_id=? AND sequence=?",
+                (str(vm_id), sequence)).fetchone()
         return _cycle(row) if row else None
 
     def record_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, digest: str, nbytes: int,
@@ -313,9 +315,8 @@ class ListenerStore(PointRows, StateDatabase):
     def unapplied_cycles(self, vm_id: uuid.UUID) -> list[CycleRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns, "
-                "consistency "
-                "FROM cycles WHERE vm_id=? AND applied_ns IS NULL ORDER BY sequence", (str(vm_id),)).fetchall()
+                f"SELECT {self._CYCLE_COLS} FROM cycles WHERE vm_id=? AND applied_ns IS NULL ORDER BY sequence",
+                (str(vm_id),)).fetchall()
         return [_cycle(r) for r in rows]
 
     def mark_applied(self, vm_id: uuid.UUID, sequence: int, log_created_ns: int, consistency: str = "crash") -> int:
@@ -332,9 +333,7 @@ class ListenerStore(PointRows, StateDatabase):
     def cycle_history(self, vm_id: uuid.UUID) -> list[CycleRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT vm_id, sequence, generation, digest, bytes, path, log_created_ns, received_ns, applied_ns, "
-                "consistency "
-                "FROM cycles WHERE vm_id=? ORDER BY sequence", (str(vm_id),)).fetchall()
+                f"SELECT {self._CYCLE_COLS} FROM cycles WHERE vm_id=? ORDER BY sequence", (str(vm_id),)).fetchall()
         return [_cycle(r) for r in rows]
 
 

@@ -30,7 +30,7 @@ from hvr_common.pure.undo_decoder import UndoDecoder
 from hvr_common.pure.undo_merge import merge_plan, merged_header
 from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_common.shell import sparse
-from hvr_common.shell.files import fsync_dir, unlink_if_exists
+from hvr_common.shell.files import fsync_dir, pwrite_all, pwritev_all, replace_durably, unlink_if_exists
 
 CAPTURE_PIECE_BYTES = 4 * 1024 * 1024  # a pre-image is read and recorded in pieces of at most this
 READ_CHUNK = 8 * 1024 * 1024
@@ -185,7 +185,7 @@ class UndoLog:
                 for run_off, run_len, is_data in sparse.data_extents(image_fd, off, n):
                     if not is_data:
                         pos = enc.position
-                        _pwrite_all(self.fd, enc.hole(disk_id, run_off, run_len), pos)
+                        pwrite_all(self.fd, enc.hole(disk_id, run_off, run_len), pos)
                         added.append(UndoRecord(UndoKind.HOLE, disk_id, run_off, run_len, pos, 0))
                         continue
                     for p in range(run_off, run_off + run_len, CAPTURE_PIECE_BYTES):
@@ -195,7 +195,7 @@ class UndoLog:
                             data += bytes(piece - len(data))
                         pos = enc.position
                         head = enc.data(disk_id, p, data)
-                        _pwritev_all(self.fd, [head, data], pos)
+                        pwritev_all(self.fd, [head, data], pos)
                         added.append(UndoRecord(UndoKind.DATA, disk_id, p, piece, pos, pos + len(head)))
         except BaseException:
             enc.rollback(checkpoint)
@@ -233,7 +233,7 @@ class UndoLog:
         checkpoint = enc.checkpoint()
         start = enc.position
         try:
-            _pwrite_all(self.fd, enc.end(closed_ns), start)
+            pwrite_all(self.fd, enc.end(closed_ns), start)
             if durable:
                 self.sync()
         except BaseException:
@@ -272,21 +272,6 @@ class UndoLog:
             self.fd = -1
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _pwritev_all(fd: int, parts: list, offset: int) -> None:
-    total = sum(len(p) for p in parts)
-    n = os.pwritev(fd, parts, offset)
-    if n < total:
-        _pwrite_all(fd, b"".join(parts)[n:], offset + n)
-
-
 def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
     """Merge two closed logs into a new log for the older point (``docs/undo-format.md``, "Merging").
 
@@ -317,17 +302,16 @@ def merge_files(older: UndoLog, newer: UndoLog, closed_ns: int) -> UndoLog:
                 buf += encoder.data(piece.disk_id, piece.offset, data)
                 buf += data
             if len(buf) >= READ_CHUNK:
-                _pwrite_all(fd, buf, pos)
+                pwrite_all(fd, buf, pos)
                 pos += len(buf)
                 buf.clear()
         buf += encoder.end(closed_ns)
-        _pwrite_all(fd, buf, pos)
+        pwrite_all(fd, buf, pos)
         os.fdatasync(fd)
         done = True
     finally:
         os.close(fd)
         if not done:
             unlink_if_exists(tmp)  # a failed merge leaves the old pair as it was, and no space taken
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    replace_durably(tmp, final)
     return UndoLog.open(final, may_be_open=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hvr_common.pure.errors import HvrError, UsageError
 from hvrctl import replication_settings
+from hvr_common.pure.schedule import FREQUENCIES_S
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 
@@ -35,7 +36,8 @@ def register(sub, vm_verbs, common) -> None:
     p.add_argument("--key", required=True, type=Path, metavar="FILE",
                    help="this primary's key file (hvrctl key new PRINCIPAL --out FILE; the replica server "
                         "knows it through hvrctl server key add)")
-    p.add_argument("--frequency", type=int, choices=(30, 300, 900), default=300, metavar="30|300|900",
+    p.add_argument("--frequency", type=int, choices=FREQUENCIES_S, default=300,
+                   metavar="|".join(map(str, FREQUENCIES_S)),
                    help="replication interval in seconds (default 300)")
     p.add_argument("--no-compression", dest="compression", action="store_false",
                    help="send logs uncompressed (default: zstd, frames that do not shrink stay raw)")

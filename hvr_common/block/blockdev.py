@@ -25,6 +25,7 @@ from typing import Protocol
 
 from hvr_common.pure.errors import UsageError
 from hvr_common.shell import sparse
+from hvr_common.shell.files import pread_padded, pwrite_all
 
 
 class BlockDevice(Protocol):
@@ -99,17 +100,10 @@ class RawImage:
 
     # --- synchronous steps ------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:  # short read at EOF cannot happen in range, but never return short data
-            data += bytes(length - len(data))
-        return data
+        return pread_padded(self.fd, length, offset)  # never short data (a short read cannot happen in range)
 
     def pwrite(self, offset: int, data) -> None:
-        n = os.pwrite(self.fd, data, offset)
-        if n != len(data):
-            mv = memoryview(data)
-            while n < len(mv):
-                n += os.pwrite(self.fd, mv[n:], offset + n)
+        pwrite_all(self.fd, data, offset)
 
     write_now = pwrite  # the page cache never makes a write wait
 

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from hvr_common.pure.undo_capture import CapturedRanges
 from hvr_common.shell import sparse
+from hvr_common.shell.files import pwrite_all, unlink_if_exists
 
 
 class ReadableDevice(Protocol):
@@ -85,12 +86,7 @@ class Overlay:
         return True
 
     def write_now(self, offset: int, data) -> None:
-        view = memoryview(data)
-        pos = offset
-        while view:
-            n = os.pwrite(self.fd, view, pos)
-            view = view[n:]
-            pos += n
+        pwrite_all(self.fd, data, offset)
         self._mark(offset, len(data))
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
@@ -122,7 +118,4 @@ class Overlay:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            os.unlink(self.delta_path)
-        except FileNotFoundError:
-            pass
+        unlink_if_exists(self.delta_path)

@@ -1,9 +1,57 @@
-"""File-system steps both daemons take the same way: a durable rename's directory fsync, a tolerant unlink."""
+"""File-system steps both daemons take the same way.
+
+Reading a range whole, writing all of a buffer (a short ``pwrite``/``pwritev`` finished piece by
+piece), a durable rename (rename, then fsync of the directory), a whole file
+replaced durably (temp file, fsync, rename, directory fsync), a tolerant
+unlink.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def pread_padded(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``; what lies past the end of the file reads as zeroes (never short data)."""
+    data = os.pread(fd, length, offset)
+    if len(data) < length:
+        data += bytes(length - len(data))
+    return data
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (bytes-like) at ``offset``; a short write is finished from where it stopped."""
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
+    offset += n
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def pwritev_all(fd: int, parts: Sequence, offset: int, size: int | None = None) -> int:
+    """Write every part, one after the other, from ``offset`` on; returns the bytes written.
+
+    ``pwritev`` of at most IOV_MAX parts at a time (a batch of small network
+    pieces can hold more); a short write is finished piece by piece.
+    ``size``, if given, is the parts' total length (saves summing them).
+    """
+    total = 0
+    for at in range(0, len(parts), IOV_MAX):
+        group = parts[at:at + IOV_MAX]
+        want = size if size is not None and len(group) == len(parts) else sum(len(p) for p in group)
+        done = os.pwritev(fd, group, offset + total)
+        if done < want:
+            pwrite_all(fd, memoryview(b"".join(group))[done:], offset + total + done)
+        total += want
+    return total
 
 
 def fsync_dir(path: Path) -> None:
@@ -13,6 +61,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(source: Path, target: Path) -> None:
+    """Rename a durable file over ``target`` and make the rename durable (the commit point of a new file)."""
+    os.replace(source, target)
+    fsync_dir(target.parent)
+
+
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data`` (0600): written to ``<path>.tmp``, fsynced, renamed over it,
+    the directory fsynced.  A crash leaves either the old file or the new one (and maybe the temp file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    replace_durably(tmp, path)
 
 
 def unlink_if_exists(path: Path) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.pure.extents import coalesce
 from hvr_common.shell import sparse
+from hvr_common.shell.files import pwrite_all
 from hvr_common.pure.hrl import (
     RECORD_FLAG_NO_HOLE,
     HrlCorruptError,
@@ -95,19 +96,11 @@ def apply_record(fd: int, record: Record) -> None:
     """One record onto an image: WRITE written, ZERO zero-ranged (a hole unless NO_HOLE), TRIM punched."""
     kind = record.kind
     if kind is RecordKind.WRITE:
-        _pwrite_all(fd, record.data, record.offset)
+        pwrite_all(fd, record.data, record.offset)
     elif kind is RecordKind.ZERO:
         sparse.zero_range(fd, record.offset, record.length, may_trim=not record.flags & RECORD_FLAG_NO_HOLE)
     else:
         sparse.punch_hole(fd, record.offset, record.length)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 class _Image:
@@ -219,7 +212,7 @@ def _copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: in
         data = os.pread(src_fd, min(length, _COPY_SIZE), src_offset)
         if not data:
             raise HrlCorruptError(f"HRL file shorter than record payload at {src_offset} (changed while applying?)")
-        _pwrite_all(dst_fd, data, dst_offset)
+        pwrite_all(dst_fd, data, dst_offset)
         src_offset += len(data)
         dst_offset += len(data)
         length -= len(data)

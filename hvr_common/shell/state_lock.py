@@ -38,3 +38,16 @@ class StateLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
+
+
+def claim_state_dir(state_dir: Path, daemon: str) -> StateLock:
+    """Make a daemon's state folder private and take its lock (before anything in it is touched).
+
+    The folder is set to 0700 at every start and the process umask to 077, so
+    every file the daemon creates (logs, bitmaps, spool files, databases) is
+    the owner's only.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    os.umask(0o077)
+    return StateLock(state_dir, daemon).acquire()

@@ -12,7 +12,8 @@ import pytest
 from bundles import bundle, hrl_bytes
 from hvr_common.pure.bundle import BundleKind
 from hvr_common.pure.bundle_decoder import BundleDecoder
-from hvr_listener.bundle_io import IOV_MAX, SpoolWriter
+from hvr_common.shell.files import IOV_MAX
+from hvr_listener.bundle_io import SpoolWriter
 from hvr_listener.body_feed import feed_pipelined
 
 PIECE = 1000

@@ -10,16 +10,15 @@ message does not validate; reading one always does.
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.names import is_name
 from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.pure.schedule import FREQUENCIES_S
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-FREQUENCIES_S = (30, 300, 900)
 MAX_DISKS = 64
 MAX_DISK_BYTES = 64 * 1024 ** 4
 
@@ -49,7 +48,7 @@ def _int(obj: dict, key: str, minimum: int, field: str | None = None, *, optiona
 
 def _name(obj: dict, key: str, field: str) -> str:
     value = obj.get(key)
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not is_name(value):
         raise UsageError(f"field {field!r} must be a name (letters, digits, '.', '_', '-'; at most 64), "
                          f"not {value!r}")
     return value
