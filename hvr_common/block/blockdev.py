@@ -25,7 +25,7 @@ from typing import Protocol
 
 from hvr_common.pure.errors import UsageError
 from hvr_common.shell import sparse
-from hvr_common.shell.files import pread_padded, pwrite_all
+from hvr_common.shell.files import pwrite_all
 
 
 class BlockDevice(Protocol):
@@ -100,7 +100,11 @@ class RawImage:
 
     # --- synchronous steps ------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        return pread_padded(self.fd, length, offset)  # never short data (a short read cannot happen in range)
+        # The NBD read path: os.pread inline (one call fewer than files.pread_padded, measurable at 4 KiB).
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # cannot happen in range, but never return short data
+            data += bytes(length - len(data))
+        return data
 
     def pwrite(self, offset: int, data) -> None:
         pwrite_all(self.fd, data, offset)
