@@ -147,6 +147,7 @@ class ReplicationManager:
             raise UsageError("compression must be true or false")
         if not isinstance(key_file, str) or not Path(key_file).is_absolute():
             raise UsageError(f"key file must be an absolute path, not {key_file!r}")
+        self._check_hooks(name, history)
         async with self._admin_lock:
             vm = self.registry.vms.get(name)
             if vm is None:
@@ -187,10 +188,19 @@ class ReplicationManager:
             raise UsageError("give at least one setting to change: recovery_history, fine_window_min, "
                              "app_consistent_hours")
         settings = HistorySettings.from_json({**current.to_json(), **changes})
+        self._check_hooks(name, settings)
         if settings != current:
             await rep.rel.set_history(settings)
             event(log, "replication_settings_changed", vm=name, **settings.to_json())
         return await self.status_of(rep)
+
+    def _check_hooks(self, name: str, settings: HistorySettings) -> None:
+        """Application-consistent points need freeze/thaw commands for the VM: refused without them."""
+        if settings.app_consistent_hours is not None and self.config.app_consistency.hooks_for(name) is None:
+            raise UsageError(f"application-consistent points of VM {name!r} need freeze and thaw commands, and "
+                             "agent.toml configures none for it",
+                             hint="add [app_consistency] (or [app_consistency.vm.NAME]) to agent.toml and "
+                                  "restart the agent (deploy/agent.toml has a virsh example)")
 
     async def start_initial(self, name: str, at_ns: int | None) -> dict:
         rep = self._get(name)

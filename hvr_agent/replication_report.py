@@ -9,27 +9,19 @@ initial copy's progress in memory) and shapes the answers.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import time
 
 from hvr_common.pure.errors import HvrError, NotFoundError
 from hvr_common.pure.health import replication_health
 from hvr_common.pure.measure import DEFAULT_WINDOW_S, NS, measure
 from hvr_common.pure.replication_state import ReplicationState
-from hvr_common.pure.wire.status_views import PrimaryStatus
+from hvr_common.pure.wire.status_views import PrimaryStatus, iso_time
 from hvr_agent.driver import VmReplication
 from hvr_agent.housekeeping import closed_log_bytes
 from hvr_agent.relationship import Relationship
 
 S = ReplicationState
 MEASURE_REPLICA_TIMEOUT_S = 3.0
-
-
-def iso_time(ns: int | None) -> str | None:
-    if ns is None:
-        return None
-    return datetime.datetime.fromtimestamp(ns / NS, datetime.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
 
 
 async def status_of(rep: VmReplication, primary_server: str) -> dict:

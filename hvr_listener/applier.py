@@ -67,12 +67,13 @@ class Applier:
                 if rep.state == ReplicationState.REPLICATING:
                     await self.apply_pending(rep)
 
-    async def _thin(self, rep: Replica, history) -> None:
-        """Drop the points retention no longer keeps; a failure is left for the next cycle to retry
-        (the cycle itself is applied and committed)."""
+    async def _after_commit(self, rep: Replica, history) -> None:
+        """The history's view of the points, then thinning; a failure is logged and left for the next
+        cycle (the cycle itself is applied and committed)."""
         try:
+            await finish_in_thread(history.applied)
             await self.histories.thin(rep, history)
-        except (OSError, HvrError) as exc:
+        except (OSError, sqlite3.Error, HvrError) as exc:
             event(log, "recovery_points_thinning_failed", logging.WARNING, vm=rep.name, error=str(exc),
                   hint="retried after the next cycle; check the replica server's free space")
 
@@ -96,14 +97,18 @@ class Applier:
             try:
                 # No initial-window thread of the same VM writes its images meanwhile.
                 async with self.service.image_lock(rep.vm_id):
-                    history = await finish_in_thread(self.histories.load, rep)
+                    current = await asyncio.to_thread(self.store.replica, rep.vm_id)
+                    if (current is None or current.created_ns != rep.created_ns
+                            or current.state != ReplicationState.REPLICATING):
+                        return applied  # removed (or failed, or enabled anew) while waiting for the lock
+                    history = await finish_in_thread(self.histories.load, current)
                     pins = await finish_in_thread(self.histories.pins, rep.vm_id)
-                    capture = await finish_in_thread(history.prepare_capture, rep.history, pins)
+                    capture = await finish_in_thread(history.prepare_capture, current.history, pins)
                     await finish_in_thread(apply_bundle, row.path, images, expect, capture)
                     await finish_in_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns,
                                            row.consistency)
-                    await finish_in_thread(history.applied)
-                    await self._thin(rep, history)
+                    # Committed: what follows is bookkeeping, whose failure does not undo the cycle.
+                    await self._after_commit(current, history)
             except (OSError, sqlite3.Error) as exc:
                 self._transient_failure(rep.name, row.sequence, exc)
                 return applied

@@ -102,12 +102,6 @@ class PointRows:
                                  (into_bytes, str(vm_id), into_id))
 
     # --- settings the primary sends -----------------------------------------------------------
-    def history_settings(self, vm_id: uuid.UUID) -> HistorySettings:
-        with self._lock:
-            row = self._db.execute("SELECT recovery_history, fine_window_min, app_consistent_hours FROM replicas "
-                                   "WHERE vm_id=?", (str(vm_id),)).fetchone()
-        return HistorySettings(*row) if row else HistorySettings()
-
     def set_history_settings(self, vm_id: uuid.UUID, settings: HistorySettings) -> None:
         with self._lock:
             self._db.execute("UPDATE replicas SET recovery_history=?, fine_window_min=?, app_consistent_hours=? "

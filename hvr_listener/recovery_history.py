@@ -92,7 +92,7 @@ class VmHistory:
     def load(self) -> None:
         """Read the points from the store and the logs from disk, finishing what a crash interrupted
         (worker thread, at start, before any apply or view)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(exist_ok=True)  # in the replica's folder, never creating that folder anew
         points = self.store.points(self.vm_id)
         for p in self.dir.glob("*" + MERGING_SUFFIX):
             unlink_if_exists(p)
@@ -168,10 +168,10 @@ class VmHistory:
             # load() creates; one before the previous log is closed leaves it for load() to close.
             captures = self.store.set_capturing(self.vm_id, newest.id,
                                                 decide_capturing(points, settings, pinned))
-            # Neither the new log nor the previous one's END is synced here: the first commit() of
-            # the cycle does both, before any image write (a crash before it is finished by load()).
+            # The previous log's END is not synced here: the cycle's first commit() does it, before
+            # any image write (a crash before it leaves that log open, which load() closes).
             if captures and newest.id not in self.logs:
-                self.logs[newest.id] = self._new_log(newest, durable=False)
+                self.logs[newest.id] = self._new_log(newest)  # header durable before any record (W1)
             if captures and previous is not None and self.logs[previous.id].is_open:
                 self.logs[previous.id].close_log(time.time_ns(), durable=False)
                 self.unsynced.append(self.logs[previous.id])

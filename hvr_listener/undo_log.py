@@ -98,7 +98,6 @@ class UndoLog:
     def create(cls, path: Path, header: UndoHeader, *, durable: bool = True) -> UndoLog:
         """A new, empty, open log.  ``durable``: its header and name made durable now; otherwise by the
         first :meth:`sync` (nothing depends on a log before its first capture is synced)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         encoder = UndoEncoder(header)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         log = cls(path, fd, header, encoder, encoder.position)

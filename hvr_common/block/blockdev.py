@@ -107,7 +107,9 @@ class RawImage:
         return data
 
     def pwrite(self, offset: int, data) -> None:
-        pwrite_all(self.fd, data, offset)
+        # The NBD write path: one os.pwrite inline; the helper only finishes a short write.
+        if os.pwrite(self.fd, data, offset) != len(data):
+            pwrite_all(self.fd, data, offset)
 
     write_now = pwrite  # the page cache never makes a write wait
 

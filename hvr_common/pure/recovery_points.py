@@ -93,10 +93,6 @@ class HistorySettings:
             raise UsageError("; ".join(problems))
         return cls(history, fine, app)
 
-    @property
-    def keeps_history(self) -> bool:
-        return self.recovery_history > 0 or self.fine_window_min > 0
-
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -84,23 +84,23 @@ def wait_first_point(pair: Pair, vm: str) -> dict:
 
 
 def test_settings_given_at_enable_reach_the_replica_and_vm_set_changes_them(pair, tmp_path):
-    disk = make_disk(tmp_path / "web.img", 4 * MiB)
-    enable(pair, "web", [disk], "--recovery-history", "6", "--fine-window", "30")
-    assert primary_settings(pair, "web") == (6, 30, None)
-    wait_replica_settings(pair, "web", (6, 30, None))  # before the initial copy: it was not started
+    disk = make_disk(tmp_path / "app.img", 4 * MiB)
+    enable(pair, "app", [disk], "--recovery-history", "6", "--fine-window", "30")
+    assert primary_settings(pair, "app") == (6, 30, None)
+    wait_replica_settings(pair, "app", (6, 30, None))  # before the initial copy: it was not started
 
-    pair.agent.hvrctl("vm", "set", "web", "--app-consistent-hours", "4", "--fine-window", "0")
-    assert primary_settings(pair, "web") == (6, 0, 4)  # the one not given stays
-    wait_replica_settings(pair, "web", (6, 0, 4))
-    pair.agent.hvrctl("vm", "set", "web", "--app-consistent-hours", "off")
-    wait_replica_settings(pair, "web", (6, 0, None))
-    shown = pair.agent.hvrctl("vm", "get", "web").stdout
+    pair.agent.hvrctl("vm", "set", "app", "--app-consistent-hours", "4", "--fine-window", "0")
+    assert primary_settings(pair, "app") == (6, 0, 4)  # the one not given stays
+    wait_replica_settings(pair, "app", (6, 0, 4))
+    pair.agent.hvrctl("vm", "set", "app", "--app-consistent-hours", "off")
+    wait_replica_settings(pair, "app", (6, 0, None))
+    shown = pair.agent.hvrctl("vm", "get", "app").stdout
     assert "RecoveryHistory" in shown and "AppConsistentHours" in shown and "off" in shown
 
     # And while replicating: the next step sends them.
-    pair.initial("web")
-    pair.agent.hvrctl("vm", "set", "web", "--recovery-history", "2")
-    wait_replica_settings(pair, "web", (2, 0, None))
+    pair.initial("app")
+    pair.agent.hvrctl("vm", "set", "app", "--recovery-history", "2")
+    wait_replica_settings(pair, "app", (2, 0, None))
 
 
 @pytest.mark.parametrize("flags, field", [
@@ -152,9 +152,25 @@ def test_the_first_cycle_is_application_consistent_with_freeze_then_thaw(pair, t
     pair.assert_identical("app", [disk])
 
 
+def test_application_consistent_points_without_hooks_are_refused_and_change_nothing(pair, tmp_path):
+    disk = make_disk(tmp_path / "plain.img", 4 * MiB)
+    pair.agent.add_vm("plain", [disk])
+    refused = pair.agent.hvrctl("vm", "enable", "plain", "--replica-server", "127.0.0.1", "--port",
+                                str(pair.replica_port), "--key", str(pair.key_path), "--app-consistent-hours", "2",
+                                check=False)
+    assert refused.returncode == 2 and "freeze and thaw commands" in refused.stderr
+    assert "[app_consistency]" in refused.stderr
+    assert pair.agent.hvrctl("vm", "get", "plain", check=False).returncode == 3  # not enabled
+    pair.agent.hvrctl("vm", "enable", "plain", "--replica-server", "127.0.0.1", "--port", str(pair.replica_port),
+                      "--key", str(pair.key_path))
+    before = pair.status("plain")
+    refused = pair.agent.hvrctl("vm", "set", "plain", "--app-consistent-hours", "1", check=False)
+    assert refused.returncode == 2 and "freeze and thaw commands" in refused.stderr
+    assert primary_settings(pair, "plain") == (before["recovery_history"], before["fine_window_min"], None)
+
+
 @pytest.mark.parametrize("vm, expected_log, reason", [
     ("broken", ["freeze-failed broken freeze", "thaw broken thaw"], "freeze command 'broken'"),
-    ("plain", [], "no freeze command is configured for VM plain"),
 ])
 def test_a_failed_freeze_gives_a_crash_consistent_point_and_counts(pair, tmp_path, hooks, vm, expected_log, reason):
     disk = make_disk(tmp_path / f"{vm}.img", 8 * MiB)
