@@ -143,7 +143,7 @@ class VmReplication:
     async def _send_settings(self, client: ReplicaClient) -> None:
         rel = self.rel
         sent = rel.rec.history
-        await client.set_settings(rel.vm().record.vm_id, sent)
+        await client.set_settings(rel.vm().record.vm_id, rel.rec.generation, sent)
         await rel.settings_acknowledged(sent)
         event(log, "replica_settings_sent", vm=rel.name, **sent.to_json())
 

@@ -167,9 +167,11 @@ class ReplicaClient:
                                    upload=(spool, sha256, size_bytes),
                                    headers={routes.GENERATION_HEADER: str(generation)})
 
-    async def set_settings(self, vm_id: uuid.UUID, settings: HistorySettings) -> dict:
+    async def set_settings(self, vm_id: uuid.UUID, generation: int, settings: HistorySettings) -> dict:
         """PUT /v1/replicas/{vm_id}/settings: the recovery history settings; the replica answers them."""
-        return await self._json("PUT", routes.replica_settings_path(vm_id), settings.to_json())
+        _, answer = await self._request("PUT", routes.replica_settings_path(vm_id), json_body=settings.to_json(),
+                                        headers={routes.GENERATION_HEADER: str(generation)})
+        return answer
 
     # --- the request shell -----------------------------------------------------------------
     async def _json(self, method: str, path: str, body: dict | None = None) -> dict:

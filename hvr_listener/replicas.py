@@ -18,11 +18,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from hvr_common.pure.recovery_points import Consistency
+from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_listener.cycle_receipt import CycleReceipt
 from hvr_listener.enablement import Enablement
 from hvr_listener.initial_copy import InitialCopy
-from hvr_listener.replica_access import ReplicaAccess
+from hvr_listener.replica_access import ReplicaAccess, check_generation
 from hvr_listener.replica_state import ReplicaStates
 from hvr_listener.store import ListenerStore, Replica
 
@@ -64,3 +64,13 @@ class ReplicaService:
                             length: int | None, digest: str, body: AsyncIterator[bytes],
                             consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
         return await self._cycles.receive(vm_id, sequence, principal, generation, length, digest, body, consistency)
+
+    async def set_history(self, vm_id: uuid.UUID, principal: str, generation: int,
+                          body: dict) -> tuple[Replica, HistorySettings]:
+        """The primary's recovery history settings, fenced by generation like every change it sends."""
+        settings = HistorySettings.from_json(body)
+        async with await self.access.locked(vm_id, principal):
+            rep = await self.access.get(vm_id, principal)
+            check_generation(rep, generation)
+            await asyncio.to_thread(self.store.set_history_settings, vm_id, settings)
+        return rep, settings

@@ -178,13 +178,9 @@ async def put_cycle(request: web.Request) -> web.Response:
 
 async def put_settings(request: web.Request) -> web.Response:
     """The recovery history settings the primary keeps for the VM (``hvrctl vm enable`` / ``vm set``)."""
+    generation = _generation(request)
     body = await _json(request)
-    vm_id = _vm_id(request)
-    service = request.app[SERVICE]
-    async with await service.access.locked(vm_id, request[PRINCIPAL]):
-        rep = await service.get(vm_id, request[PRINCIPAL])
-        settings = HistorySettings.from_json(body)
-        await asyncio.to_thread(service.store.set_history_settings, vm_id, settings)
+    rep, settings = await request.app[SERVICE].set_history(_vm_id(request), request[PRINCIPAL], generation, body)
     event(log, "replica_settings_changed", vm=rep.name, **settings.to_json())
     return web.json_response(settings.to_json())
 

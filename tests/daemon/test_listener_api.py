@@ -213,6 +213,9 @@ def test_an_unknown_cycle_consistency_is_400_naming_the_parameter(listener, vict
 
 # --- recovery history settings and application-consistent cycles -------------
 
+GEN1 = {"X-Hvr-Generation": "1"}
+
+
 def _settings_of(listener, name: str) -> tuple:
     rep = listener.hvrctl_json("replica", "get", name)
     return rep["recovery_history"], rep["fine_window_min"], rep["app_consistent_hours"]
@@ -222,11 +225,11 @@ def test_the_primary_sets_the_recovery_history_settings(listener):
     vm = Vm(listener, "settings1", initial=False)
     assert _settings_of(listener, "settings1") == (0, 60, None)
     wanted = {"recovery_history": 4, "fine_window_min": 15, "app_consistent_hours": 2}
-    r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}/settings", wanted, key=listener.key)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}/settings", wanted, key=listener.key, headers=GEN1)
     assert r.status == 200 and r.json() == wanted
     assert _settings_of(listener, "settings1") == (4, 15, 2)
     r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}/settings", {"recovery_history": 1},
-                  key=listener.key)  # a field left out takes its default: the body is the whole settings
+                  key=listener.key, headers=GEN1)  # a field left out takes its default: the body is the whole settings
     assert r.status == 200 and r.json() == {"recovery_history": 1, "fine_window_min": 60, "app_consistent_hours": None}
     assert _settings_of(listener, "settings1") == (1, 60, None)
 
@@ -240,7 +243,8 @@ def test_the_primary_sets_the_recovery_history_settings(listener):
 ])
 def test_bad_settings_are_400_naming_the_field_and_change_nothing(listener, victim, body, field):
     before = victim.snapshot()
-    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", body, key=listener.key)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", body, key=listener.key,
+                  headers=GEN1)
     _refused(victim, r, 400, "bad_request", before)
     assert field in r.json()["message"]
     assert _settings_of(listener, "victim") == (0, 60, None)
@@ -249,10 +253,17 @@ def test_bad_settings_are_400_naming_the_field_and_change_nothing(listener, vict
 def test_settings_of_another_primarys_vm_are_403_and_of_an_unknown_vm_404(listener, victim):
     before = victim.snapshot()
     good = {"recovery_history": 3}
-    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", good, key=listener.other_key)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", good, key=listener.other_key,
+                  headers=GEN1)
     _refused(victim, r, 403, "not_authorized", before)
-    r = call_json(listener.port, "PUT", f"/v1/replicas/{uuid.uuid4()}/settings", good, key=listener.key)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{uuid.uuid4()}/settings", good, key=listener.key,
+                  headers=GEN1)
     _refused(victim, r, 404, "unknown_vm", before)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", good, key=listener.key,
+                  headers={"X-Hvr-Generation": "7"})  # a stale or foreign generation is fenced off
+    _refused(victim, r, 409, "stale_generation", before)
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", good, key=listener.key)
+    _refused(victim, r, 400, "bad_request", before)
     assert _settings_of(listener, "victim") == (0, 60, None)
 
 
