@@ -67,12 +67,12 @@ class Applier:
                 if rep.state == ReplicationState.REPLICATING:
                     await self.apply_pending(rep)
 
-    async def _after_commit(self, rep: Replica, history) -> None:
+    async def _after_commit(self, rep: Replica, history, pins: set[int]) -> None:
         """The history's view of the points, then thinning; a failure is logged and left for the next
         cycle (the cycle itself is applied and committed)."""
         try:
             await finish_in_thread(history.applied)
-            await self.histories.thin(rep, history)
+            await self.histories.thin(rep, history, pins)  # a pin changes only under the image lock
         except (OSError, sqlite3.Error, HvrError) as exc:
             event(log, "recovery_points_thinning_failed", logging.WARNING, vm=rep.name, error=str(exc),
                   hint="retried after the next cycle; check the replica server's free space")
@@ -108,7 +108,7 @@ class Applier:
                     await finish_in_thread(self.store.mark_applied, rep.vm_id, row.sequence, row.log_created_ns,
                                            row.consistency)
                     # Committed: what follows is bookkeeping, whose failure does not undo the cycle.
-                    await self._after_commit(current, history)
+                    await self._after_commit(current, history, pins)
             except (OSError, sqlite3.Error) as exc:
                 self._transient_failure(rep.name, row.sequence, exc)
                 return applied

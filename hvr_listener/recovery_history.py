@@ -284,9 +284,11 @@ class Histories:
         row = self.store.test_failover(vm_id)
         return {row.point_id} if row is not None else set()
 
-    async def thin(self, rep, history: VmHistory) -> int:
-        """Drop what retention no longer keeps (call with the replica's image lock held)."""
-        pins = await finish_in_thread(self.pins, rep.vm_id)
+    async def thin(self, rep, history: VmHistory, pins: set[int] | None = None) -> int:
+        """Drop what retention no longer keeps (call with the replica's image lock held); ``pins``: the
+        points tests stand on, when the caller has just read them."""
+        if pins is None:
+            pins = await finish_in_thread(self.pins, rep.vm_id)
         steps = history.plan_drops(rep.history, pins, time.time_ns())
         for step in steps:
             merged = await finish_in_thread(history.merge_files, step) if is_merge(step) else None

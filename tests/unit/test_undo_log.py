@@ -61,19 +61,25 @@ def overwrite(hist, log, fd, model, off, data):
     model[off:off + len(data)] = data
 
 
-def test_points_read_back_while_the_image_moves_on(tmp_path, image):
-    fd, model = image
-    rng = random.Random(2)
+def build_history(tmp_path, fd, model, rng, points, writes: int, max_len: int):
+    """Points 1..points, each with ``writes`` random overwrites captured first; the image at each point."""
     hist = History()
     truths = {}
-    for point in range(1, 6):
+    for point in range(1, points + 1):
         if hist.logs:
             hist.logs[-1].close_log(99)
         truths[point] = bytes(model)
-        hist.logs.append(UndoLog.create(tmp_path / f"{point}.undo", header(point, point)))
-        for _ in range(15):
-            off = rng.randrange(0, SIZE - 70000)
-            overwrite(hist, hist.logs[-1], fd, model, off, rng.randbytes(rng.randrange(1, 70000)))
+        hist.logs.append(UndoLog.create(tmp_path / f"{point:020d}.undo", header(point, point)))
+        for _ in range(writes):
+            off = rng.randrange(0, SIZE - max_len)
+            overwrite(hist, hist.logs[-1], fd, model, off, rng.randbytes(rng.randrange(1, max_len)))
+    return hist, truths
+
+
+def test_points_read_back_while_the_image_moves_on(tmp_path, image):
+    fd, model = image
+    rng = random.Random(2)
+    hist, truths = build_history(tmp_path, fd, model, rng, 5, 15, 70000)
     for point, truth in truths.items():
         view = PointView(hist, point, DISK, fd, SIZE)
         assert view.pread(0, SIZE) == truth, f"point {point}"
@@ -203,17 +209,8 @@ def test_overlay_of_a_huge_device_costs_nothing_to_create(tmp_path):
 def test_merging_two_closed_logs_keeps_the_older_point_reachable(tmp_path, image):
     from hvr_listener.undo_log import merge_files
     fd, model = image
-    rng = random.Random(5)
-    hist = History()
-    truths = {}
-    for point in (1, 2, 3):
-        if hist.logs:
-            hist.logs[-1].close_log(7)
-        truths[point] = bytes(model)
-        hist.logs.append(UndoLog.create(tmp_path / f"{point:020d}.undo", header(point, point)))
-        for _ in range(10):
-            off = rng.randrange(0, SIZE - 50000)
-            overwrite(hist, hist.logs[-1], fd, model, off, rng.randbytes(rng.randrange(1, 50000)))
+    hist, truths = build_history(tmp_path, fd, model, random.Random(5), 3, 10, 50000)
+    hist.logs[-1].close_log(7)  # merged logs are closed ones
     a, b, c = hist.logs
     merged = merge_files(a, b, 9)
     assert merged.header.merged_through == 2 and not merged.is_open
