@@ -12,6 +12,7 @@ from aiohttp import web
 from hvr_common.block.nbd_server import NbdServer
 from hvr_common.shell import systemd
 from hvr_common.shell.http_middleware import serve_on_unix_socket
+from hvr_common.shell.http_server import JsonErrorRunner
 from hvr_common.pure.config import AgentConfig
 from hvr_common.shell.logs import event
 from hvr_common.shell.state_lock import claim_state_dir
@@ -59,7 +60,7 @@ class Agent:
                 tcp_port = await nbd.listen_tcp(*cfg.nbd_tcp)
             status = {"daemon": "hvr-agent", "version": VERSION, "pid": os.getpid(),
                       "nbd_socket": str(cfg.nbd_socket), "nbd_tcp_port": tcp_port}
-            runner = web.AppRunner(make_app(registry, status, replication), access_log=None, handle_signals=False)
+            runner = JsonErrorRunner(make_app(registry, status, replication), access_log=None, handle_signals=False)
             await runner.setup()
             owned[cfg.admin_socket] = await serve_on_unix_socket(runner, cfg.admin_socket)
             systemd.stop_on_signals(self.request_stop)

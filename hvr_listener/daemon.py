@@ -12,6 +12,7 @@ from aiohttp import web
 
 from hvr_common.shell import systemd
 from hvr_common.shell.http_middleware import serve_on_unix_socket
+from hvr_common.shell.http_server import JsonErrorRunner
 from hvr_common.pure.config import ListenerConfig
 from hvr_common.pure.errors import ConflictError
 from hvr_common.shell.logs import event
@@ -104,13 +105,13 @@ class Listener:
                 nbd_identity = socket_identity(cfg.nbd_socket)
             # A primary that vanishes mid-upload cancels its handler (and frees the VM's lock);
             # a stop waits at most SHUTDOWN_TIMEOUT_S for requests in flight.
-            self._api_runner = web.AppRunner(replication_api.make_app(service, self.settings, cfg.max_bundle_bytes),
+            self._api_runner = JsonErrorRunner(replication_api.make_app(service, self.settings, cfg.max_bundle_bytes),
                                              access_log=None, handle_signals=False, handler_cancellation=True,
                                              shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                                              read_bufsize=replication_api.BODY_CHUNK)
             await self._api_runner.setup()
             await self._bind()
-            admin_runner = web.AppRunner(admin.make_app(self.settings, store, self._bind, service, histories, tests),
+            admin_runner = JsonErrorRunner(admin.make_app(self.settings, store, self._bind, service, histories, tests),
                                          access_log=None,
                                          handle_signals=False)
             await admin_runner.setup()

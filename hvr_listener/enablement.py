@@ -8,6 +8,7 @@ refused before anything changes, so an old copy is never mixed with a new one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hvr_common.shell.logs import event
-from hvr_common.shell.files import fsync_dir
+from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_listener.replica_access import ForbiddenError, ReplicaAccess, conflict
 from hvr_listener.replica_state import ReplicaStates, enabled_again_unchanged
 from hvr_common.pure.wire.messages import EnableRequest
@@ -59,9 +60,15 @@ class Enablement:
                 raise conflict("replica_conflict", f"replica storage {vm_dir} is already in use",
                                hint="move the old files away or use another VM name")
             paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
-            await asyncio.to_thread(_create_images, vm_dir, paths)
-            await asyncio.to_thread(self.states.enable, vm_id, name, principal, generation, frequency_s,
-                                    compression, vm_dir, paths)
+            created_dir = not vm_dir.exists()
+            try:
+                await asyncio.to_thread(_create_images, vm_dir, paths)
+                await asyncio.to_thread(self.states.enable, vm_id, name, principal, generation, frequency_s,
+                                        compression, vm_dir, paths)
+            except BaseException:
+                # no record, no files: a failed enable must not leave images that block the name
+                await asyncio.to_thread(_remove_images, vm_dir, paths, created_dir)
+                raise
         event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=principal, disks=len(disks))
         return await self.access.get(vm_id), True
 
@@ -79,3 +86,15 @@ def _create_images(vm_dir: Path, paths) -> None:
     (vm_dir / "incoming").mkdir(exist_ok=True)
     fsync_dir(vm_dir)
     fsync_dir(vm_dir.parent)
+
+
+def _remove_images(vm_dir: Path, paths, created_dir: bool) -> None:
+    """Undo :func:`_create_images` (as far as it got): only what it creates, and the folder if it made it."""
+    for _, _, _, path in paths:
+        unlink_if_exists(path)
+    for sub in ("cycles", "incoming"):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            (vm_dir / sub).rmdir()
+    if created_dir:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            vm_dir.rmdir()

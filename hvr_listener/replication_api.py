@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -18,6 +17,7 @@ import uuid
 from aiohttp import web
 
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.input_limits import MAX_JSON_BODY_BYTES, decimal, json_object, quoted
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.shell.logs import event
 from hvr_common.shell.http_middleware import error_middleware
@@ -37,7 +37,7 @@ SETTINGS = web.AppKey("settings", ServerSettings)
 REPLAY = web.AppKey("replay", ReplayCache)
 STARTED_S = web.AppKey("started_s", int)  # requests signed earlier are refused (the replay cache is new)
 PRINCIPAL = "hvr_principal"
-MAX_JSON_BODY = 1024 * 1024
+MAX_JSON_BODY = MAX_JSON_BODY_BYTES
 BODY_CHUNK = 4 * 1024 * 1024  # aiohttp buffers this much of a body before it stops reading the socket
 BODY_IDLE_TIMEOUT_S = 60.0  # a stalled upload must not hold the VM's lock forever
 VERSION = "0.1.0"
@@ -66,39 +66,33 @@ async def auth_middleware(request: web.Request, handler):
 async def _json(request: web.Request) -> dict:
     if request.content_length is not None and request.content_length > MAX_JSON_BODY:
         raise TooLargeError(f"JSON body larger than {MAX_JSON_BODY} bytes")
-    raw = await request.content.read(MAX_JSON_BODY + 1)
+    raw = bytearray()
+    while len(raw) <= MAX_JSON_BODY:  # read(n) gives what has arrived, up to n bytes
+        piece = await request.content.read(MAX_JSON_BODY + 1 - len(raw))
+        if not piece:
+            break
+        raw += piece
+    raw = bytes(raw)
     if len(raw) > MAX_JSON_BODY:
         raise TooLargeError(f"JSON body larger than {MAX_JSON_BODY} bytes")
     if hashlib.sha256(raw).hexdigest() != request.headers.get(routes.CONTENT_DIGEST_HEADER):
         raise error("digest_mismatch", f"body does not match its {routes.CONTENT_DIGEST_HEADER} digest")
-    try:
-        body = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
-        raise UsageError("body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("body must be a JSON object")
-    return body
+    return json_object(raw)
 
 
 def _vm_id(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["vm_id"])
     except ValueError:
-        raise UsageError(f"{request.match_info['vm_id']!r} is not a VM id (UUID)") from None
+        raise UsageError(f"{quoted(request.match_info['vm_id'])} is not a VM id (UUID)") from None
 
 
 def _generation(request: web.Request) -> int:
-    raw = request.headers.get(routes.GENERATION_HEADER, "")
-    if not raw.isdigit():
-        raise UsageError(f"{routes.GENERATION_HEADER} header is missing or not a number")
-    return int(raw)
+    return decimal(request.headers.get(routes.GENERATION_HEADER), f"{routes.GENERATION_HEADER} header", minimum=1)
 
 
 def _int_query(request: web.Request, key: str) -> int:
-    raw = request.query.get(key, "")
-    if not raw.isdigit():
-        raise UsageError(f"query parameter {key!r} is missing or not a number")
-    return int(raw)
+    return decimal(request.query.get(key), f"query parameter {key!r}")
 
 
 async def _body_chunks(request: web.Request):
@@ -161,18 +155,16 @@ def _consistency(request: web.Request) -> Consistency:
     try:
         return Consistency(raw)
     except ValueError:
-        raise UsageError(f"query parameter 'consistency' must be crash or application, not {raw!r}") from None
+        raise UsageError(f"query parameter 'consistency' must be crash or application, not {quoted(raw)}") from None
 
 
 async def put_cycle(request: web.Request) -> web.Response:
-    raw = request.match_info["sequence"]
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"{raw!r} is not a cycle sequence number")
+    sequence = decimal(request.match_info["sequence"], "cycle sequence number", minimum=1)
     consistency = _consistency(request)
     created, rep = await request.app[SERVICE].receive_cycle(
-        _vm_id(request), int(raw), request[PRINCIPAL], _generation(request), request.content_length,
+        _vm_id(request), sequence, request[PRINCIPAL], _generation(request), request.content_length,
         request.headers[routes.CONTENT_DIGEST_HEADER], _body_chunks(request), consistency)
-    return web.json_response({"sequence": int(raw), "next_sequence": rep.next_sequence},
+    return web.json_response({"sequence": sequence, "next_sequence": rep.next_sequence},
                              status=201 if created else 200)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from hvr_common.pure.config import parse_endpoint
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.names import check_storage_location
 from hvr_common.pure.token_auth import Key
 from hvr_listener.store import ListenerStore
 
@@ -72,9 +73,7 @@ class ServerSettings:
                 raise UsageError("certificate authentication is not available in this version",
                                  hint="use token authentication")
         if "default_storage" in changes:
-            value = changes["default_storage"]
-            if not isinstance(value, str) or not value.startswith("/"):
-                raise UsageError("default_storage must be an absolute path")
+            check_storage_location("default_storage", changes["default_storage"])
         if "listen" in changes:
             try:
                 host, port = parse_endpoint(changes["listen"]) if isinstance(changes["listen"], str) else (None, None)

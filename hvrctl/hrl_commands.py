@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from hvr_common.pure.errors import UsageError
 from hvr_common.pure.extents import coalesce, total_bytes
 from hvr_common.pure.hrl import HrlHeader, LogSummary, RecordKind
 from hvrctl.output import emit_json, human_bytes, kv, table
@@ -52,9 +53,17 @@ def _time(ns: int | None) -> str | None:
     return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _check_log_file(path: Path) -> None:
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not an HRL log", hint=f"name a log file, e.g. {path}/DISK.img.0000000001.hrl")
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
+
+
 def cmd_inspect(args) -> int:
     from hvr_common.shell.hrl_file import scan_hrl_file
 
+    _check_log_file(args.file)
     header, recs, summary = scan_hrl_file(args.file)
     counts = {k.name: sum(1 for r in recs if r.kind == k) for k in (RecordKind.WRITE, RecordKind.TRIM, RecordKind.ZERO)}
     records = [{"kind": r.kind.name, "offset": r.offset, "length": r.length, "flags": r.flags,
@@ -90,6 +99,7 @@ def cmd_inspect(args) -> int:
 def cmd_apply(args) -> int:
     from hvr_common.shell.hrl_file import replay
 
+    _check_log_file(args.file)
     summary = replay(args.file, args.image, require_clean=not args.allow_torn)
     if args.output == "json":
         emit_json({"path": str(args.file), "image": str(args.image), "summary": _summary_dict(summary)})

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# sysexits for local files: EX_NOINPUT, EX_NOPERM
+_OS_EXIT_CODES = {FileNotFoundError: 66, IsADirectoryError: 66, NotADirectoryError: 66, PermissionError: 77}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             if exc.hint:
                 print(f"hvrctl: hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a local file the command was given (a folder, a missing one, unreadable)
+        if isinstance(exc, BrokenPipeError):
+            return 0
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"hvrctl: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return _OS_EXIT_CODES.get(type(exc), 74)  # EX_IOERR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -185,7 +185,8 @@ class BundleDecoder(BorrowingDecoder):
                 raise BundleCorruptError(f"disk {self._disk}: zstd frame declares {declared} bytes, "
                                          f"the frame header says {raw_len}")
             try:
-                raw = self._dctx.decompress(stored, max_output_size=raw_len)
+                # one frame, the whole stored length: bytes after it would be stored unchecked
+                raw = self._dctx.decompress(stored, max_output_size=raw_len, allow_extra_data=False)
             except (zstandard.ZstdError, MemoryError) as exc:
                 raise BundleCorruptError(f"disk {self._disk}: corrupt zstd frame: {exc}") from None
             if len(raw) != raw_len:

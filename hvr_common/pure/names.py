@@ -1,9 +1,13 @@
-"""The rule for the names an operator gives: VMs and disks.
+"""The rule for every name or location that can reach a path: VMs, disks, exports, storage locations.
 
-One to 64 letters, digits, ``.``, ``_`` or ``-``, starting with a letter or
-digit.  The agent checks it when a VM is added; the listener checks it again
-on every enable request, since a name becomes a folder and a file name on the
-replica host.
+A VM or disk name is one to 64 letters, digits, ``.``, ``_`` or ``-``,
+starting with a letter or digit: never ``..``, a ``/``, a NUL, a space or a
+line break (the whole string is matched, so a trailing newline is refused).
+The agent checks it when a VM is added; the listener checks it again on
+every enable request, since a name becomes a folder and a file name on the
+replica host.  An export name is ``VM/DISK``, both names of that rule.  A
+storage location is an absolute path without ``..`` components, NUL or
+control characters, of at most :data:`MAX_PATH_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -12,15 +16,46 @@ import re
 
 from hvr_common.pure.errors import UsageError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z, not $: "vm\n" is not a name
 NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+MAX_PATH_CHARS = 4096
 
 
 def is_name(value: object) -> bool:
-    return isinstance(value, str) and NAME_RE.match(value) is not None
+    return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
 
 
 def check_name(kind: str, name: str) -> None:
     """Refuse a VM or disk name (``kind``) that breaks the rule."""
     if not is_name(name):
         raise UsageError(f"{kind} name {name!r} is not valid", hint=f"use {NAME_RULE}")
+
+
+def is_export_name(value: object) -> bool:
+    """``VM/DISK``, both of the name rule."""
+    if not isinstance(value, str):
+        return False
+    vm, sep, disk = value.partition("/")
+    return bool(sep) and is_name(vm) and is_name(disk)
+
+
+def storage_location_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a storage location (a folder replicas are created in), or None."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if not value.startswith("/"):
+        return "must be an absolute path"
+    if len(value) > MAX_PATH_CHARS:
+        return f"must be at most {MAX_PATH_CHARS} characters"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        return "must not contain NUL, line breaks or other control characters"
+    if ".." in value.split("/"):
+        return "must not contain '..' components"
+    return None
+
+
+def check_storage_location(what: str, value: object) -> str:
+    problem = storage_location_problem(value)
+    if problem is not None:
+        raise UsageError(f"{what} {problem}, not {value!r}"[:300])
+    return value

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.input_limits import quoted
 
 NS = 1_000_000_000
 HOUR_NS = 3600 * NS
@@ -76,19 +77,19 @@ class HistorySettings:
             raise UsageError("recovery history settings must be a JSON object")
         unknown = sorted(set(body) - {"recovery_history", "fine_window_min", "app_consistent_hours"})
         if unknown:
-            raise UsageError(f"unknown recovery history setting(s): {', '.join(unknown)}")
+            raise UsageError(f"unknown recovery history setting(s): {quoted(', '.join(map(str, unknown)))}")
         history = body.get("recovery_history", 0)
         fine = body.get("fine_window_min", DEFAULT_FINE_WINDOW_MIN)
         app = body.get("app_consistent_hours")
         problems = []
         if not _is_int(history) or not 0 <= history <= MAX_RECOVERY_HISTORY:
             problems.append(f"recovery_history must be a whole number from 0 to {MAX_RECOVERY_HISTORY}, "
-                            f"not {history!r}")
+                            f"not {quoted(history)}")
         if not _is_int(fine) or not 0 <= fine <= MAX_FINE_WINDOW_MIN:
             problems.append(f"fine_window_min must be a whole number of minutes from 0 to {MAX_FINE_WINDOW_MIN}, "
-                            f"not {fine!r}")
+                            f"not {quoted(fine)}")
         if app is not None and (not _is_int(app) or app not in APP_CONSISTENT_HOURS):
-            problems.append(f"app_consistent_hours must be from 1 to 12 (or null for off), not {app!r}")
+            problems.append(f"app_consistent_hours must be from 1 to 12 (or null for off), not {quoted(app)}")
         if problems:
             raise UsageError("; ".join(problems))
         return cls(history, fine, app)

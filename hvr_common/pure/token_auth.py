@@ -38,9 +38,9 @@ SECRET_BYTES = 32
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _HEADER_RE = re.compile(
     r"^" + re.escape(SCHEME) +
-    r" principal=(?P<principal>[A-Za-z0-9._@-]{1,255}),ts=(?P<ts>\d{1,12}),"
-    r"nonce=(?P<nonce>[0-9a-f]{32}),sig=(?P<sig>[0-9a-f]{64})$")
-PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,254}$")
+    r" principal=(?P<principal>[A-Za-z0-9._@-]{1,255}),ts=(?P<ts>[0-9]{1,12}),"
+    r"nonce=(?P<nonce>[0-9a-f]{32}),sig=(?P<sig>[0-9a-f]{64})\Z")
+PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,254}\Z")  # \Z: a trailing newline is refused
 
 
 class AuthError(HvrError):
@@ -72,8 +72,8 @@ class Key:
 
 
 def check_principal(principal: str) -> None:
-    if not PRINCIPAL_RE.match(principal):
-        raise AuthError(f"principal {principal!r} is not valid",
+    if not isinstance(principal, str) or not PRINCIPAL_RE.fullmatch(principal):
+        raise AuthError(f"principal {principal!r:.80} is not valid",
                         hint="use letters, digits, '.', '_', '@' or '-', e.g. the host's FQDN")
 
 

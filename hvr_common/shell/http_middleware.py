@@ -3,24 +3,28 @@
 Every failure leaves as a JSON error body: an :class:`HvrError` with its
 code and the status the error catalogue gives it
 (:mod:`hvr_common.pure.wire.error_catalogue`), an aiohttp HTTP error (404 route, 405 method, keeping its
-``Allow`` header), and anything unexpected as a 500 whose traceback goes to
-the log and never to the client.
+``Allow`` header), a full file system as the transient 507 ``storage_full``,
+and anything unexpected as a 500 whose traceback goes to the log and never
+to the client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import errno
 import logging
 import os
 from pathlib import Path
 
 from aiohttp import web
 
-from hvr_common.pure.errors import HvrError, UsageError
+from hvr_common.pure.errors import HvrError
+from hvr_common.pure.input_limits import json_object
 from hvr_common.pure.wire.error_catalogue import error, internal_error_body, status_for
 from hvr_common.shell.logs import event
 from hvr_common.shell.unix_socket import claim_socket_path, socket_identity
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def error_middleware(logger: logging.Logger):
@@ -43,23 +47,30 @@ def error_middleware(logger: logging.Logger):
                                      headers=headers)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
+        except OSError as exc:
+            if exc.errno not in _FULL_ERRNOS:
+                return _internal(logger, request, exc)
+            # a full file system is not the request's fault, and space may come back: transient
+            refused = error("storage_full", f"no space left to store this ({exc.strerror})",
+                            hint="free space on the replica host's storage; the primary retries by itself")
+            event(logger, "request_refused", logging.WARNING, method=request.method, path=request.path_qs,
+                  status=status_for(refused), code=refused.code, error=refused.message)
+            return web.json_response(refused.to_dict(), status=status_for(refused))
         except Exception as exc:  # the boundary: log it whole, answer in JSON
-            logger.exception("unhandled error in %s %s", request.method, request.path)
-            event(logger, "request_failed", logging.ERROR, method=request.method, path=request.path_qs,
-                  error=f"{type(exc).__name__}: {exc}")
-            return web.json_response(internal_error_body(exc), status=500)
+            return _internal(logger, request, exc)
     return middleware
+
+
+def _internal(logger: logging.Logger, request: web.Request, exc: Exception) -> web.Response:
+    logger.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    event(logger, "request_failed", logging.ERROR, method=request.method, path=request.path_qs,
+          error=f"{type(exc).__name__}: {exc}")
+    return web.json_response(internal_error_body(exc), status=500)
 
 
 async def read_json_object(request: web.Request) -> dict:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    return body
+    return json_object(await request.read(), "request body")
 
 
 async def serve_on_unix_socket(runner: web.AppRunner, path: Path) -> tuple[int, int] | None:

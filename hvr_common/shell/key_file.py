@@ -9,7 +9,10 @@ import stat
 from pathlib import Path
 
 from hvr_common.pure.errors import ConflictError, UsageError
+from hvr_common.pure.input_limits import quoted
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
+
+MAX_KEY_FILE_BYTES = 64 * 1024
 
 
 def write_key(key: Key, path: Path, *, overwrite: bool = False) -> None:
@@ -20,6 +23,13 @@ def write_key(key: Key, path: Path, *, overwrite: bool = False) -> None:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
         raise ConflictError(f"{path} already exists", hint="choose another path or remove the old key first") from None
+    except FileNotFoundError:
+        raise UsageError(f"cannot create {path}: the folder {Path(path).parent} does not exist",
+                         hint="create the folder first (mkdir -m 700), or choose another path") from None
+    except IsADirectoryError:
+        raise UsageError(f"cannot create {path}: it is a folder", hint="give a file name") from None
+    except PermissionError:
+        raise UsageError(f"cannot create {path}: permission denied") from None
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, body.encode())
@@ -31,16 +41,27 @@ def write_key(key: Key, path: Path, *, overwrite: bool = False) -> None:
 def read_key(path: Path) -> Key:
     try:
         st = os.stat(path)
-        raw = Path(path).read_text()
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"key file {path} is not a regular file")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_KEY_FILE_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"key file {path} does not exist", hint="create one with: hvrctl key new PRINCIPAL --out FILE") from None
     except PermissionError:
         raise UsageError(f"key file {path} is not readable by this user") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise UsageError(f"key file {path} is not valid: larger than {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"key file {path} is not valid: not text (not a key made by hvrctl key new)") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UsageError(f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
                          hint=f"chmod 600 {path}")
     try:
         doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         if doc.get("kind") != "hvr-key" or doc.get("version") != 1:
             raise ValueError("not an hvr key file (kind/version)")
         secret = base64.b64decode(doc["secret"], validate=True)
@@ -48,7 +69,7 @@ def read_key(path: Path) -> Key:
         if not isinstance(principal, str):
             raise ValueError("principal must be a string")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UsageError(f"key file {path} is not valid: {exc}") from None
+        raise UsageError(f"key file {path} is not valid: {quoted(str(exc))}") from None
     check_principal(principal)
     if len(secret) != SECRET_BYTES:
         raise UsageError(f"key file {path}: secret must be {SECRET_BYTES} bytes, not {len(secret)}")

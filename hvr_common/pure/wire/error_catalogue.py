@@ -91,6 +91,9 @@ _ENTRIES = (
     # the agent's client of the replica server
     _E("replica_refused", 502, HvrError, 1, "the replica server refused (passed on by the agent)"),
     _E("replica_unavailable", 503, TransientError, 75, "the replica server could not be reached or failed"),
+    # hostile input and exhausted resources
+    _E("http_malformed", 400, UsageError, 2, "the request's HTTP framing is broken or over a size limit"),
+    _E("storage_full", 507, TransientError, 75, "the replica host's storage is full; retried when space is back"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.input_limits import MAX_INT64, is_int_in, quoted
 from hvr_common.pure.names import is_name
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.schedule import FREQUENCIES_S
@@ -33,15 +34,15 @@ def _only(obj: dict, allowed: tuple[str, ...], what: str = "") -> None:
     unknown = set(obj) - set(allowed)
     if unknown:
         where = f" in {what}" if what else ""
-        raise UsageError(f"unknown field(s){where}: {', '.join(sorted(map(str, unknown)))}")
+        raise UsageError(f"unknown field(s){where}: {quoted(', '.join(sorted(map(str, unknown))))}")
 
 
 def _int(obj: dict, key: str, minimum: int, field: str | None = None, *, optional: bool = False) -> int | None:
     value = obj.get(key)
     if value is None and optional:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UsageError(f"field {field or key!r} must be an integer >= {minimum}"
+    if not is_int_in(value, minimum):
+        raise UsageError(f"field {field or key!r} must be an integer from {minimum} to {MAX_INT64}"
                          + (" or null" if optional else ""))
     return value
 
@@ -50,7 +51,7 @@ def _name(obj: dict, key: str, field: str) -> str:
     value = obj.get(key)
     if not is_name(value):
         raise UsageError(f"field {field!r} must be a name (letters, digits, '.', '_', '-'; at most 64), "
-                         f"not {value!r}")
+                         f"not {quoted(value)}")
     return value
 
 
@@ -58,7 +59,7 @@ def _uuid(value: Any, field: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except (ValueError, TypeError, AttributeError):
-        raise UsageError(f"field {field!r} must be a UUID, not {value!r}") from None
+        raise UsageError(f"field {field!r} must be a UUID, not {quoted(value)}") from None
 
 
 # --- PUT /v1/replicas/{vm_id} ----------------------------------------------------------
@@ -84,7 +85,7 @@ class DiskSpec:
         name = _name(d, "name", f"{field}.name")
         size = d["size_bytes"]
         if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_DISK_BYTES:
-            raise UsageError(f"field '{field}.size_bytes' must be from 1 to {MAX_DISK_BYTES} bytes, not {size!r}")
+            raise UsageError(f"field '{field}.size_bytes' must be from 1 to {MAX_DISK_BYTES} bytes, not {quoted(size)}")
         return cls(disk_id, name, size)
 
 
@@ -112,7 +113,7 @@ class EnableRequest:
         generation = _int(body, "generation", 1)
         frequency_s = body.get("frequency_s")
         if frequency_s not in FREQUENCIES_S or isinstance(frequency_s, bool):
-            raise UsageError(f"field 'frequency_s' must be one of {FREQUENCIES_S}, not {frequency_s!r}")
+            raise UsageError(f"field 'frequency_s' must be one of {FREQUENCIES_S}, not {quoted(frequency_s)}")
         compression = body.get("compression", True)
         if not isinstance(compression, bool):
             raise UsageError("field 'compression' must be true or false")
@@ -139,6 +140,7 @@ class InitialCompleteRequest:
     @classmethod
     def from_json(cls, obj: Any) -> InitialCompleteRequest:
         body = _object(obj, "body")
+        _only(body, ("generation", "next_sequence"))
         return cls(_int(body, "generation", 1), _int(body, "next_sequence", 1))
 
 
@@ -185,7 +187,7 @@ class ReplicaView:
         try:
             state = ReplicationState(body.get("state"))
         except ValueError:
-            raise UsageError(f"field 'state' must be a replication state, not {body.get('state')!r}") from None
+            raise UsageError(f"field 'state' must be a replication state, not {quoted(body.get('state'))}") from None
         initial = body.get("initial")
         if not isinstance(initial, dict):
             raise UsageError("field 'initial' must be an object of disk id: offset")

@@ -1,0 +1,222 @@
+"""The listener probed as an attacker would: each hostile request is a 4xx with a JSON error body and changes nothing.
+
+Every refusal checks the status, the error code in the JSON body, and that the
+victim replica's images (SHA-256) and state are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from urllib.parse import quote
+
+import pytest
+
+from bundles import hrl_bytes
+from hvr_common.pure.bundle import CODEC_ZSTD, FRAME, BundleHeader, BundleKind, DiskEntry
+from listener_process import ListenerProcess, call, call_json
+from raw_http import exchange, signed
+from replica_vm import SIZE, Vm
+
+MiB = 1024 * 1024
+TOO_BIG = 2 ** 63  # one more than SQLite's INTEGER holds
+GEN1 = {"X-Hvr-Generation": "1"}
+
+
+@pytest.fixture(scope="module")
+def listener(tmp_path_factory):
+    lp = ListenerProcess(tmp_path_factory.mktemp("hostile"), extra_config={"max_bundle_bytes": 8 * MiB})
+    lp.start().wait_ready()
+    lp.key, _ = lp.new_key("primary1.example")
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def victim(listener):
+    vm = Vm(listener, "victim")
+    assert vm.put_cycle(1, vm.cycle_body(1, [[("write", 0, b"v" * 4096)]])).status == 201
+    vm.expected[0][0:4096] = b"v" * 4096
+    vm.wait_applied(1)
+    return vm
+
+
+def refused(vm: Vm, reply, status: int, code: str, before) -> dict:
+    assert reply.status == status, (reply.status, reply.body[:500])
+    doc = json.loads(reply.body)
+    assert doc["code"] == code, doc
+    assert vm.snapshot() == before, "a refused request changed the replica"
+    return doc
+
+
+def storage_names(lp: ListenerProcess) -> set[str]:
+    return {p.name for p in lp.storage.iterdir()} if lp.storage.exists() else set()
+
+
+def enable_body(name: str, **changes) -> dict:
+    body = {"name": name, "generation": 1, "frequency_s": 30, "compression": True,
+            "disks": [{"disk_id": str(uuid.uuid4()), "name": "d0", "size_bytes": SIZE}]}
+    body.update(changes)
+    return body
+
+
+# --- integers beyond SQLite's range ---------------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["generation", "frequency_s"])
+def test_an_enable_with_an_integer_beyond_sqlite_is_400_and_leaves_no_files(listener, victim, field):
+    before, names = victim.snapshot(), storage_names(listener)
+    vm_id = uuid.uuid4()
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{vm_id}", enable_body("bigint", **{field: TOO_BIG}),
+                  key=listener.key)
+    refused(victim, r, 400, "bad_request", before)
+    assert field in r.json()["message"]
+    assert storage_names(listener) == names, "a refused enable left files behind"
+    ok = call_json(listener.port, "PUT", f"/v1/replicas/{vm_id}", enable_body("bigint"), key=listener.key)
+    assert ok.status == 201, ok.body  # the name is not blocked
+    listener.hvrctl("replica", "remove", "bigint", "--delete-storage")
+
+
+def test_initial_complete_with_next_sequence_beyond_sqlite_is_400(listener, victim):
+    before = victim.snapshot()
+    r = call_json(listener.port, "POST", f"/v1/replicas/{victim.vm_id}/initial/complete",
+                  {"generation": 1, "next_sequence": TOO_BIG}, key=listener.key)
+    refused(victim, r, 400, "bad_request", before)
+    assert "next_sequence" in r.json()["message"]
+
+
+@pytest.mark.parametrize("where", ["generation header", "sequence", "offset", "end"])
+@pytest.mark.parametrize("number", [str(TOO_BIG), "9" * 5000, "²", "١٢", "+1", "1 2", "0x10", "1_0", "-1", ""])
+def test_numbers_in_paths_queries_and_headers_are_ascii_digits_in_range(listener, victim, where, number):
+    before = victim.snapshot()
+    disk_id = victim.disk_ids[0]
+    gen, seq, offset, end = "1", "2", "0", str(2 * MiB)
+    if where == "generation header":
+        gen = number
+    elif where == "sequence":
+        seq = number
+    elif where == "offset":
+        offset = number
+    else:
+        end = number
+    if where in ("offset", "end"):
+        path = f"/v1/replicas/{victim.vm_id}/initial/{disk_id}?offset={offset}&end={end}"
+    else:
+        path = f"/v1/replicas/{victim.vm_id}/cycles/{seq}"
+    # the path and query percent-encoded as sent (and signed); a header's bytes as UTF-8
+    r = signed(listener.port, "PUT", quote(path, safe="/?=&"), b"x" * 100, key=listener.key,
+               headers={"X-Hvr-Generation": gen.encode("utf-8").decode("latin-1")})
+    if where == "sequence" and number == "":  # no such route
+        refused(victim, r, 404, "http_error", before)
+        return
+    doc = refused(victim, r, 400, "bad_request", before)
+    assert len(doc["message"]) < 400, "the message repeats the whole hostile input"
+
+
+# --- JSON nested 100,000 deep, and other oversized JSON ------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000,
+                                 b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                 b'{"a":' * 50 + b"1" + b"}" * 50,
+                                 b'{"generation": ' + b"9" * 10_000 + b"}"])
+def test_deep_or_huge_json_is_400(listener, victim, raw):
+    before = victim.snapshot()
+    r = call(listener.port, "PUT", f"/v1/replicas/{uuid.uuid4()}", raw, key=listener.key)
+    refused(victim, r, 400, "bad_request", before)
+    r = call(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", raw, key=listener.key, headers=GEN1)
+    refused(victim, r, 400, "bad_request", before)
+
+
+# --- names that could reach a path ----------------------------------------------------------------
+
+@pytest.mark.parametrize("vm_name, disk_name", [
+    ("vm\n", "d0"), ("vm", "d0\n"), ("..", "d0"), ("vm", ".."), ("a/b", "d0"), ("vm", "../d0"), ("vm\x00", "d0"),
+    ("vm", "d\x000"), (".hidden", "d0"), ("vm", "-d"), ("v" * 65, "d0"), ("vm ", "d0"), ("vm", "d0\r"),
+    ("vé", "d0"), ("", "d0"), ("vm", ""),
+])
+def test_vm_and_disk_names_that_could_reach_a_path_are_400(listener, victim, vm_name, disk_name):
+    before, names = victim.snapshot(), storage_names(listener)
+    body = enable_body(vm_name)
+    body["disks"][0]["name"] = disk_name
+    r = call_json(listener.port, "PUT", f"/v1/replicas/{uuid.uuid4()}", body, key=listener.key)
+    refused(victim, r, 400, "bad_request", before)
+    assert storage_names(listener) == names
+
+
+@pytest.mark.parametrize("location", ["relative/path", "/srv/../etc", "/srv/x\n", "/srv/\x00x", "/" + "a" * 5000])
+def test_a_storage_location_that_is_not_a_plain_absolute_path_is_refused(listener, location):
+    from hvrctl.client import AdminClient
+    from hvr_common.pure.errors import HvrError
+    before = listener.hvrctl_json("server", "get")["default_storage"]
+    with pytest.raises(HvrError) as info:
+        AdminClient(listener.admin_socket, "hvr-listener").request("PATCH", "/v1/server",
+                                                                   {"default_storage": location})
+    assert info.value.code == "bad_request"
+    assert listener.hvrctl_json("server", "get")["default_storage"] == before
+
+
+# --- a zstd frame followed by extra data ----------------------------------------------------------
+
+def _bundle_with_junk_after_a_zstd_frame(vm: Vm, seq: int, junk: bytes) -> bytes:
+    import zstandard
+    disk_id = vm.disk_ids[0]
+    log = hrl_bytes(vm.vm_id, disk_id, 1, seq, SIZE, [("write", 0, b"j" * 65536)])
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(log) + junk
+    payload = FRAME.pack(CODEC_ZSTD, len(frame), len(log)) + frame
+    entry = DiskEntry(disk_id, len(payload), len(log), 0, SIZE, 1)
+    header = BundleHeader(BundleKind.CYCLE, vm.vm_id, 1, seq, 1, (entry,))
+    return header.encode() + payload
+
+
+@pytest.mark.parametrize("junk", [b"junk", b"\x28\xb5\x2f\xfd" + bytes(20)])
+def test_a_zstd_frame_followed_by_extra_data_is_refused_and_not_stored(listener, victim, junk):
+    before = victim.snapshot()
+    body = _bundle_with_junk_after_a_zstd_frame(victim, 2, junk)
+    r = victim.put_cycle(2, body)
+    refused(victim, r, 400, "bundle_corrupt", before)
+    assert not any((listener.storage / victim.name / "cycles").glob("0000000002.bundle"))
+    assert not any((listener.storage / victim.name / "incoming").iterdir())
+
+
+# --- HTTP framing errors are answered in JSON -----------------------------------------------------
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GARBAGE\r\n\r\n",
+    b"GET /v1/server HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/server HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10_000 + b"\r\n\r\n",
+    b"GET /v1/server HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+    b"PUT /v1/server HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"PUT /v1/server HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+    b"PUT /v1/server HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
+    b"GET /v1/server HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+    b"GET /v1/server HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
+], ids=["garbage", "version", "long-line", "long-header", "many-headers", "bad-length", "two-lengths",
+        "bad-chunk", "bad-header-name", "nul-in-header"])
+def test_http_framing_errors_are_answered_with_the_json_error_body(listener, victim, request_bytes):
+    before = victim.snapshot()
+    r = exchange(listener.port, request_bytes)
+    assert 400 <= r.status < 500, (r.status, r.body[:300])
+    assert r.content_type.startswith("application/json"), (r.content_type, r.body[:300])
+    doc = json.loads(r.body)
+    assert doc["code"] == "http_malformed" and doc["message"], doc
+    assert len(r.body) < 1000
+    assert victim.snapshot() == before
+    assert listener.is_alive()
+
+
+def test_an_unknown_route_and_a_wrong_method_are_json_too(listener):
+    for method, path, status in (("GET", "/nowhere", 404), ("DELETE", "/v1/server", 405)):
+        r = signed(listener.port, method, path, key=listener.key)
+        assert r.status == status and r.content_type.startswith("application/json"), (r.status, r.body)
+        assert json.loads(r.body)["code"] == "http_error"
+
+
+def test_the_victim_still_takes_a_good_cycle_after_all_that(listener, victim):
+    data = os.urandom(4096)
+    assert victim.put_cycle(2, victim.cycle_body(2, [[("write", 8192, data)]])).status == 201
+    victim.expected[0][8192:8192 + 4096] = data
+    victim.wait_applied(2)
+    victim.assert_images()
+    assert hashlib.sha256(victim.image_paths()[0].read_bytes()).hexdigest()
