@@ -55,6 +55,10 @@ class Enablement:
                                    f"a replica of VM {vm_id} exists with other settings (name, disks or generation)",
                                    hint="remove the old replica first")
                 return existing, False
+            namesake = await asyncio.to_thread(store.replica_by_name, name)
+            if namesake is not None:  # perhaps in another storage location: its name is still taken
+                raise conflict("replica_conflict", f"a replica named {name} exists already (VM {namesake.vm_id})",
+                               hint="give the VM another name, or remove the old replica first")
             vm_dir = Path(self.storage()) / name
             if vm_dir.exists() and any(vm_dir.iterdir()):
                 raise conflict("replica_conflict", f"replica storage {vm_dir} is already in use",

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 from aiohttp import web
@@ -47,11 +48,12 @@ def error_middleware(logger: logging.Logger):
                                      headers=headers)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
-        except OSError as exc:
-            if exc.errno not in _FULL_ERRNOS:
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not _is_storage_full(exc):
                 return _internal(logger, request, exc)
             # a full file system is not the request's fault, and space may come back: transient
-            refused = error("storage_full", f"no space left to store this ({exc.strerror})",
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            refused = error("storage_full", f"no space left to store this ({why})",
                             hint="free space on the replica host's storage; the primary retries by itself")
             event(logger, "request_refused", logging.WARNING, method=request.method, path=request.path_qs,
                   status=status_for(refused), code=refused.code, error=refused.message)
@@ -59,6 +61,12 @@ def error_middleware(logger: logging.Logger):
         except Exception as exc:  # the boundary: log it whole, answer in JSON
             return _internal(logger, request, exc)
     return middleware
+
+
+def _is_storage_full(exc: OSError | sqlite3.OperationalError) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    return "disk is full" in str(exc)  # SQLITE_FULL
 
 
 def _internal(logger: logging.Logger, request: web.Request, exc: Exception) -> web.Response:

@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from hvr_common.pure.errors import ConflictError, UsageError
+from hvr_common.pure.errors import ConflictError, HvrError, UsageError
 from hvr_common.pure.input_limits import quoted
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
 
@@ -70,7 +70,10 @@ def read_key(path: Path) -> Key:
             raise ValueError("principal must be a string")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"key file {path} is not valid: {quoted(str(exc))}") from None
-    check_principal(principal)
+    try:
+        check_principal(principal)
+    except HvrError as exc:
+        raise UsageError(f"key file {path} is not valid: {exc.message}", hint=exc.hint) from None
     if len(secret) != SECRET_BYTES:
         raise UsageError(f"key file {path}: secret must be {SECRET_BYTES} bytes, not {len(secret)}")
     return Key(principal, secret)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import uuid
 from urllib.parse import quote
 
@@ -220,3 +221,53 @@ def test_the_victim_still_takes_a_good_cycle_after_all_that(listener, victim):
     victim.wait_applied(2)
     victim.assert_images()
     assert hashlib.sha256(victim.image_paths()[0].read_bytes()).hexdigest()
+
+
+# --- a full replica disk: a transient 507 the agent retries on ------------------------------------
+
+@pytest.fixture
+def small_storage(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_replica_disk_is_a_transient_507_and_stores_nothing(tmp_path, small_storage):
+    from hvr_common.pure.wire.error_catalogue import CATALOGUE
+    lp = ListenerProcess(tmp_path / "full", extra_config={"storage": str(small_storage / "replicas"),
+                                                          "max_bundle_bytes": 8 * MiB})
+    lp.storage = small_storage / "replicas"
+    lp.start().wait_ready()
+    try:
+        lp.key, _ = lp.new_key("primary1.example")
+        vm = Vm(lp, "fullvm")
+        filler = small_storage / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:  # fill the file system up, to the last byte
+            for size in (MiB, 4096, 1):
+                try:
+                    while os.write(fd, bytes(size)):
+                        pass
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+        before = vm.snapshot()
+        body = vm.cycle_body(1, [[("write", 0, os.urandom(2 * MiB))]], compress=False)
+        r = vm.put_cycle(1, body)
+        doc = refused(vm, r, 507, "storage_full", before)
+        assert CATALOGUE["storage_full"].transient and "free space" in doc["hint"]
+        assert not any((lp.storage / "fullvm" / "incoming").iterdir()), "a partial spool file was left"
+        assert not any((lp.storage / "fullvm" / "cycles").iterdir())
+        filler.unlink()
+        again = vm.put_cycle(1, body)  # with space back, the same cycle is taken
+        assert again.status == 201, again.body
+        vm.wait_applied(1)
+    finally:
+        lp.close()

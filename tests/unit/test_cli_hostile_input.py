@@ -1,0 +1,63 @@
+"""hvrctl given files it cannot use: a clear error and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hvrctl.main import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_key_new_into_a_missing_folder(capsys, tmp_path):
+    rc, err = run(capsys, "key", "new", "p.example", "--out", str(tmp_path / "missing" / "p.key"))
+    assert rc == 2 and "does not exist" in err and "hint" in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_key_new_onto_a_folder(capsys, tmp_path):
+    rc, err = run(capsys, "key", "new", "p.example", "--out", str(tmp_path))
+    assert rc in (2, 4) and "error" in err
+
+
+@pytest.mark.parametrize("content", [os.urandom(200), b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b"{}",
+                                     b'{"kind": "hvr-key", "version": 1, "principal": "p\\n", "secret": "AA=="}',
+                                     b"{" * 100_000, b"x" * 200_000])
+def test_server_key_add_of_a_file_that_is_not_a_key(capsys, tmp_path, content):
+    path = tmp_path / "bad.key"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    rc, err = run(capsys, "--listener-socket", str(tmp_path / "no.sock"), "server", "key", "add", str(path))
+    assert rc == 2 and "not valid" in err, err
+    assert len(err) < 600
+
+
+def test_server_key_add_of_a_folder(capsys, tmp_path):
+    rc, err = run(capsys, "--listener-socket", str(tmp_path / "no.sock"), "server", "key", "add", str(tmp_path))
+    assert rc == 2 and "not a regular file" in err
+
+
+@pytest.mark.parametrize("verb", [["inspect"], ["apply"]])
+def test_hrl_commands_on_a_folder(capsys, tmp_path, verb):
+    extra = [str(tmp_path / "image")] if verb == ["apply"] else []
+    rc, err = run(capsys, "hrl", *verb, str(tmp_path), *extra)
+    assert rc == 2 and "is a folder" in err
+
+
+def test_hrl_inspect_of_a_missing_file(capsys, tmp_path):
+    rc, err = run(capsys, "hrl", "inspect", str(tmp_path / "none.hrl"))
+    assert rc == 2 and "does not exist" in err
+
+
+def test_an_unreadable_local_file_is_an_error_line_not_a_traceback(capsys, tmp_path):
+    log = tmp_path / "x.hrl"
+    log.write_bytes(b"not a log")
+    rc, err = run(capsys, "hrl", "apply", str(log), str(tmp_path / "missing-dir" / "image"))
+    assert rc != 0 and err.startswith("hvrctl: error:")
