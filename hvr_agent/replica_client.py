@@ -254,7 +254,7 @@ def _describe(exc: Exception) -> str:
 def _answer(status: int, raw: bytes, where: str) -> dict:
     try:
         body = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # a hostile answer nested too deep, too
         body = None
     if 200 <= status < 300:
         if not isinstance(body, dict):
