@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common.pure.errors import ConfigError
+from hvr_common.pure.names import storage_location_problem
 from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -45,6 +46,10 @@ class _Checker:
         p = Path(value)
         if not p.is_absolute():
             self.problems.append(f"{key}: must be an absolute path, not {value!r}")
+            return None
+        problem = storage_location_problem(value)  # NUL, control characters, '..', length
+        if problem is not None:
+            self.problems.append(f"{key}: {problem}, not {value!r:.100}")
             return None
         return p
 

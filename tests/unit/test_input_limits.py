@@ -110,3 +110,12 @@ def test_the_agent_survives_a_hostile_answer():
     with pytest.raises(Exception) as info:
         _answer(400, b"[" * 100_000 + b"]" * 100_000, "PUT replica")
     assert not isinstance(info.value, RecursionError)
+
+
+@pytest.mark.parametrize("storage", ["/srv/x\x00y", "/srv/../etc", "/srv/x\n"])
+def test_a_config_path_with_nul_a_line_break_or_dotdot_is_a_config_error(storage):
+    from hvr_common.pure.config import parse_listener_config
+    from hvr_common.pure.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        parse_listener_config({"state_dir": "/var/lib/hvr", "storage": storage})
+    assert any(p.startswith("storage:") for p in info.value.problems), info.value.problems
