@@ -100,3 +100,18 @@ def test_hostile_bytes_end_in_an_hvr_error_or_nothing(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_hostile_bytes_deep(name):
     _fuzz_test(name, DEEP)()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_coverage_guided_fuzzing_with_atheris(name, tmp_path):
+    pytest.importorskip("atheris", reason="atheris is not installed here (pip install atheris; it has no wheel "
+                                          "for every platform)")
+    import subprocess
+    import sys
+    from pathlib import Path
+    runner = Path(fuzz_targets.__file__).with_name("atheris_fuzz.py")
+    done = subprocess.run([sys.executable, str(runner), name, str(tmp_path / "corpus"), "-max_total_time=30",
+                           f"-artifact_prefix={tmp_path}/"], capture_output=True, text=True, timeout=300)
+    crashes = sorted(p.name for p in tmp_path.glob("crash-*"))
+    assert done.returncode == 0 and not crashes, (crashes, done.stderr[-3000:])
