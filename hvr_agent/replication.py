@@ -49,6 +49,8 @@ from pathlib import Path
 
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, NotFoundError, TransientError, UsageError
+from hvr_common.pure.input_limits import quoted
+from hvr_common.pure.names import is_host, storage_location_problem
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.pure.schedule import FREQUENCIES_S, initial_is_later
@@ -136,17 +138,18 @@ class ReplicationManager:
     # --- verbs -------------------------------------------------------------------------------
     async def enable(self, name: str, *, replica_host: str, port: int, key_file: str, frequency_s: int,
                      compression: bool, history: HistorySettings = HistorySettings()) -> dict:
-        if not isinstance(replica_host, str) or not replica_host or len(replica_host) > 253:
-            raise UsageError("replica_server must be a host name or address")
+        if not is_host(replica_host):
+            raise UsageError(f"replica_server must be a host name or address, not {quoted(replica_host)}")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise UsageError(f"port must be from 1 to 65535, not {port!r}")
-        if frequency_s not in FREQUENCIES_S:
+            raise UsageError(f"port must be from 1 to 65535, not {quoted(port)}")
+        if frequency_s not in FREQUENCIES_S or isinstance(frequency_s, bool):
             raise UsageError(f"frequency must be one of {', '.join(map(str, FREQUENCIES_S))} seconds, "
-                             f"not {frequency_s!r}")
+                             f"not {quoted(frequency_s)}")
         if not isinstance(compression, bool):
             raise UsageError("compression must be true or false")
-        if not isinstance(key_file, str) or not Path(key_file).is_absolute():
-            raise UsageError(f"key file must be an absolute path, not {key_file!r}")
+        problem = storage_location_problem(key_file)
+        if problem is not None:
+            raise UsageError(f"key file {problem}, not {quoted(key_file)}")
         self._check_hooks(name, history)
         async with self._admin_lock:
             vm = self.registry.vms.get(name)

@@ -13,7 +13,8 @@ from hvr_common.block.blockdev import RawImage
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.pure.hrl import HrlHeader
-from hvr_common.pure.names import check_name
+from hvr_common.pure.input_limits import quoted
+from hvr_common.pure.names import check_name, storage_location_problem
 from hvr_common.shell.logs import event
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
@@ -100,9 +101,10 @@ class VmRegistry:
             raise UsageError("a VM needs at least one disk", hint="pass --disk PATH")
         disks: list[tuple[str, Path]] = []
         for raw in paths:
+            problem = storage_location_problem(raw)  # absolute; no NUL, control characters or '..'
+            if problem is not None:
+                raise UsageError(f"disk path {problem}, not {quoted(raw)}")
             path = Path(raw)
-            if not path.is_absolute():
-                raise UsageError(f"disk path {raw!r} must be absolute")
             dname = disk_name_for(path)
             check_name("disk", dname)
             if any(d == dname for d, _ in disks):

@@ -1,4 +1,4 @@
-"""The rule for every name or location that can reach a path: VMs, disks, exports, storage locations.
+"""The rule for every name or location that can reach a path or a URL: VMs, disks, exports, storage, hosts.
 
 A VM or disk name is one to 64 letters, digits, ``.``, ``_`` or ``-``,
 starting with a letter or digit: never ``..``, a ``/``, a NUL, a space or a
@@ -7,11 +7,14 @@ The agent checks it when a VM is added; the listener checks it again on
 every enable request, since a name becomes a folder and a file name on the
 replica host.  An export name is ``VM/DISK``, both names of that rule.  A
 storage location is an absolute path without ``..`` components, NUL or
-control characters, of at most :data:`MAX_PATH_CHARS` characters.
+control characters, of at most :data:`MAX_PATH_CHARS` characters (config
+paths, key files and image paths follow the same rule).  A replica server is
+an IP address or a DNS name.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from hvr_common.pure.errors import UsageError
@@ -28,7 +31,7 @@ def is_name(value: object) -> bool:
 def check_name(kind: str, name: str) -> None:
     """Refuse a VM or disk name (``kind``) that breaks the rule."""
     if not is_name(name):
-        raise UsageError(f"{kind} name {name!r} is not valid", hint=f"use {NAME_RULE}")
+        raise UsageError(f"{kind} name {name!r:.80} is not valid", hint=f"use {NAME_RULE}")
 
 
 def is_export_name(value: object) -> bool:
@@ -37,6 +40,21 @@ def is_export_name(value: object) -> bool:
         return False
     vm, sep, disk = value.partition("/")
     return bool(sep) and is_name(vm) and is_name(disk)
+
+
+_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+def is_host(value: object) -> bool:
+    """A replica server's address: an IP address, or a DNS name (labels of letters, digits and '-')."""
+    if not isinstance(value, str) or not value or len(value) > 253:
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    return all(_HOST_LABEL_RE.match(label) for label in value.removesuffix(".").split("."))
 
 
 def storage_location_problem(value: object) -> str | None:

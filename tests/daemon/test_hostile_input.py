@@ -271,3 +271,55 @@ def test_a_full_replica_disk_is_a_transient_507_and_stores_nothing(tmp_path, sma
         vm.wait_applied(1)
     finally:
         lp.close()
+
+
+# --- the agent checks the same rules ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    from daemons import AgentProcess, make_image
+    work = tmp_path_factory.mktemp("hostile-agent")
+    ag = AgentProcess(work / "agent")
+    ag.start().wait_ready()
+    ag.image = make_image(work / "disk0.img", 4 * MiB)
+    ag.add_vm("vm1", [ag.image])
+    yield ag
+    ag.close()
+
+
+def _agent_state(ag) -> str:
+    from hvrctl.client import AdminClient
+    admin = AdminClient(ag.admin_socket, "hvr-agent")
+    return json.dumps([admin.request("GET", "/v1/vms"), admin.request("GET", "/v1/replication")], sort_keys=True)
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "vm\n", "disks": ["{image}"]},
+    {"name": "..", "disks": ["{image}"]},
+    {"name": "vm2", "disks": ["{image}\n"]},
+    {"name": "vm2", "disks": ["{dir}/a\x00b.img"]},
+    {"name": "vm2", "disks": ["{dir}/../{dir_name}/disk0.img"]},
+    {"name": "vm2", "disks": ["relative.img"]},
+    {"name": "vm2", "disks": ["/" + "a" * 5000]},
+    {"name": "vm2", "disks": ["{dir}"]},
+])
+def test_the_agent_refuses_names_and_paths_that_could_reach_elsewhere(agent, body):
+    from raw_http import exchange_unix, request_bytes
+    image = str(agent.image)
+    fill = {"image": image, "dir": str(agent.image.parent), "dir_name": agent.image.parent.name}
+    body = dict(body, disks=[d.format(**fill) for d in body["disks"]])
+    before = _agent_state(agent)
+    r = exchange_unix(agent.admin_socket, request_bytes("POST", "/v1/vms", json.dumps(body).encode()))
+    assert r.status == 400 and json.loads(r.body)["code"] == "bad_request", (r.status, r.body[:300])
+    assert len(r.body) < 600
+    assert _agent_state(agent) == before
+
+
+@pytest.mark.parametrize("server", ["127.0.0.1\n", "replica example", "a/b", "x" * 300, "replica.example\x00"])
+def test_the_agent_refuses_a_replica_server_that_is_not_a_host(agent, server, tmp_path):
+    from raw_http import exchange_unix, request_bytes
+    before = _agent_state(agent)
+    body = {"replica_server": server, "port": 8443, "key_file": str(tmp_path / "k.key"), "frequency_s": 30}
+    r = exchange_unix(agent.admin_socket, request_bytes("POST", "/v1/vms/vm1/replication", json.dumps(body).encode()))
+    assert r.status == 400 and "replica_server" in json.loads(r.body)["message"], r.body[:300]
+    assert _agent_state(agent) == before

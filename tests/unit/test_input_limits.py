@@ -119,3 +119,12 @@ def test_a_config_path_with_nul_a_line_break_or_dotdot_is_a_config_error(storage
     with pytest.raises(ConfigError) as info:
         parse_listener_config({"state_dir": "/var/lib/hvr", "storage": storage})
     assert any(p.startswith("storage:") for p in info.value.problems), info.value.problems
+
+
+def test_replica_server_hosts():
+    from hvr_common.pure.names import is_host
+    for good in ("127.0.0.1", "::1", "replica.example", "replica-1.example.", "localhost", "a" * 63 + ".example"):
+        assert is_host(good), good
+    for bad in ("", "127.0.0.1\n", "replica.example\n", "a b", "a/b", "-a.example", "a..b", "x" * 254, "a\x00",
+                "a" * 64 + ".example", "http://x", None, 5):
+        assert not is_host(bad), bad
