@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from hvr_common.pure.errors import NotFoundError, UsageError
+from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
@@ -85,10 +85,18 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def add_key(request: web.Request) -> web.Response:
     body = await read_json_object(request)
+    unknown = set(body) - {"principal", "secret", "replace"}
+    if unknown:  # never echoed: a misplaced secret must not come back in the answer
+        raise UsageError(f"unknown field(s): {len(unknown)} (the fields are principal, secret, replace)")
+    if not isinstance(body.get("replace", False), bool):
+        raise UsageError("field 'replace' must be true or false")
     principal = body.get("principal")
     if not isinstance(principal, str):
         raise UsageError("field 'principal' must be a string")
-    check_principal(principal)
+    try:
+        check_principal(principal)
+    except HvrError as exc:  # a bad field of the request (400), not a failed authentication
+        raise UsageError(exc.message, hint=exc.hint) from None
     try:
         secret = base64.b64decode(body.get("secret", ""), validate=True)
     except (binascii.Error, TypeError):

@@ -65,8 +65,10 @@ def test_no_secret_in_any_log_line_or_error_body(pair):
     for doc in ({"principal": "p\n", "secret": key_doc["secret"]},
                 {"principal": "p.example", "secret": key_doc["secret"] + "A"},
                 {"principal": "p.example", "secret": key_doc["secret"], "replace": {"x": key_doc["secret"]}},
-                {"principal": "p.example", "secret": key_doc["secret"][:-4]}):
+                {"principal": "p.example", "secret": key_doc["secret"][:-4]},
+                {"principal": "p.example", key_doc["secret"]: key_doc["secret"]}):
         reply = exchange_unix(lp.admin_socket, request_bytes("POST", "/v1/keys", json.dumps(doc).encode()))
+        assert reply.status == 400, reply.body
         bodies.append(reply.body)
     for reply_body in bodies:
         text = reply_body.decode("utf-8", "replace")
