@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hvr_common.shell.logs import event
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
+from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.replica_access import ForbiddenError, ReplicaAccess, conflict
 from hvr_listener.replica_state import ReplicaStates, enabled_again_unchanged
 from hvr_common.pure.wire.messages import EnableRequest
@@ -65,13 +66,13 @@ class Enablement:
                                hint="move the old files away or use another VM name")
             paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
             created_dir = not vm_dir.exists()
-            try:
-                await asyncio.to_thread(_create_images, vm_dir, paths)
-                await asyncio.to_thread(self.states.enable, vm_id, name, principal, generation, frequency_s,
-                                        compression, vm_dir, paths)
+            try:  # finish_in_thread: a cancelled request still waits for its thread before cleaning up
+                await finish_in_thread(_create_images, vm_dir, paths)
+                await finish_in_thread(self.states.enable, vm_id, name, principal, generation, frequency_s,
+                                       compression, vm_dir, paths)
             except BaseException:
                 # no record, no files: a failed enable must not leave images that block the name
-                await asyncio.to_thread(_remove_images, vm_dir, paths, created_dir)
+                await finish_in_thread(_remove_images, vm_dir, paths, created_dir)
                 raise
         event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=principal, disks=len(disks))
         return await self.access.get(vm_id), True
