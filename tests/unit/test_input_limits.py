@@ -128,3 +128,8 @@ def test_replica_server_hosts():
     for bad in ("", "127.0.0.1\n", "replica.example\n", "a b", "a/b", "-a.example", "a..b", "x" * 254, "a\x00",
                 "a" * 64 + ".example", "http://x", None, 5):
         assert not is_host(bad), bad
+
+
+def test_an_error_code_with_a_trailing_newline_is_not_taken_from_an_answer():
+    err = error_from_body(409, {"code": "out_of_order\n", "message": "x"})
+    assert err.code != "out_of_order\n"

@@ -164,7 +164,7 @@ def status_for(exc: HvrError) -> int:
 
 # An answer whose status is not its code's catalogue status: the exit code by status.
 _EXIT_BY_STATUS = MappingProxyType({400: 2, 404: 3, 409: 4, 422: 65, 503: 75})
-_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")  # \Z: "code\n" is not a code
 
 
 def error_from_body(status: int, body: dict) -> HvrError:
