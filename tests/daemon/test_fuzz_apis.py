@@ -146,8 +146,9 @@ def listener_admin_requests():
         hostile = segment(draw(HOSTILE_TEXT.filter(lambda t: t not in ("victim", "primary1.example"))))
         name = segment(draw(names))
         method, path, fields = draw(st.sampled_from([
-            ("GET", "/v1/server", []), ("PATCH", "/v1/server", ["enabled", "auth_modes", "allow_any_authenticated",
-                                                               "default_storage", "listen"]),
+            # default_storage and listen are left out: a valid "/" or a new port would send the other
+            # tests elsewhere (their hostile values are tested in test_hostile_input.py)
+            ("GET", "/v1/server", []), ("PATCH", "/v1/server", ["enabled", "auth_modes", "allow_any_authenticated"]),
             ("GET", "/v1/keys", []), ("POST", "/v1/keys", ["principal", "secret", "replace"]),
             ("DELETE", "/v1/keys/{hostile}", []), ("GET", "/v1/replicas", []), ("GET", "/v1/replicas/{name}", []),
             ("DELETE", "/v1/replicas/{hostile}", ["delete_storage"]),
