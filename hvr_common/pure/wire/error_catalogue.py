@@ -91,6 +91,16 @@ _ENTRIES = (
     # the agent's client of the replica server
     _E("replica_refused", 502, HvrError, 1, "the replica server refused (passed on by the agent)"),
     _E("replica_unavailable", 503, TransientError, 75, "the replica server could not be reached or failed"),
+    # backup of replicas: the gate's refusals (hvr_common.pure.backup_gate), all transient
+    _E("backup_apply_failed", 503, TransientError, 75, "backup refused: the replica is in Error (an apply failed)"),
+    _E("backup_resync_required", 503, TransientError, 75, "backup refused: the replica needs resynchronization"),
+    _E("backup_resync_running", 503, TransientError, 75, "backup refused: a resynchronization is running"),
+    _E("backup_initial_replication", 503, TransientError, 75, "backup refused: initial replication has not completed"),
+    _E("backup_failover_running", 503, TransientError, 75, "backup refused: a failover of the VM is running"),
+    _E("backup_health_critical", 503, TransientError, 75, "backup refused: the replica's health is Critical"),
+    _E("backup_apply_interrupted", 503, TransientError, 75, "backup refused: an interrupted apply is being retried"),
+    _E("backup_point_not_applied", 503, TransientError, 75, "backup refused: the chosen recovery point is not applied yet"),
+    _E("backup_running", 409, ConflictError, 4, "a backup of the VM is already held"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
