@@ -85,7 +85,8 @@ class Backups:
         self.nbd_socket = nbd_socket
         self.apply_interrupted = apply_interrupted
         self.health = health
-        self._backups: dict[str, _Backup] = {}  # by VM name
+        # By VM name; replaced, never changed in place: the applier's threads read it (pins) meanwhile.
+        self._backups: dict[str, _Backup] = {}
         self._callbacks: list[Withdrawn] = []
         self.quiesce: Callable[[str], Awaitable[None]] | None = None  # the NBD server's wait_group_idle
         histories.pin_sources.append(self.pins)
@@ -126,7 +127,7 @@ class Backups:
                 event(log, "backup_refused", logging.WARNING, vm=name, code=verdict.code, point=point_id)
                 raise error(verdict.code, verdict.message, hint=verdict.hint)
             backup = await finish_in_thread(self._open, rep, history, verdict.point)
-            self._backups[name] = backup  # pinned from now on: the next apply captures the point
+            self._backups = {**self._backups, name: backup}  # pinned from now on: the next apply captures it
         event(log, "backup_began", vm=name, point=backup.point.id, seq=backup.point.sequence,
               consistency=backup.point.consistency.value, disks=len(backup.views))
         return self.view(backup)
@@ -138,7 +139,7 @@ class Backups:
             if backup is None:
                 raise NotFoundError(f"no backup of VM {name} is held", hint=f"hvrctl backup begin {name}")
             await self._withdraw(name, "backup_ended")
-            del self._backups[name]
+            self._backups = {k: v for k, v in self._backups.items() if k != name}
             self._close(backup)
             try:  # the point may go now (else after the next cycle)
                 history = await finish_in_thread(self.histories.load, rep)
@@ -209,7 +210,8 @@ class Backups:
     async def close(self) -> None:
         for name in list(self._backups):
             await self._withdraw(name, "listener_stopping")
-            backup = self._backups.pop(name)
+            backup = self._backups[name]
+            self._backups = {k: v for k, v in self._backups.items() if k != name}
             self._close(backup)
             event(log, "backup_ended", logging.WARNING, vm=name, reason="listener_stopping", point=backup.point.id)
 

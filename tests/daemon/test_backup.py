@@ -172,3 +172,21 @@ def refused_or_none(pair: Pair, vm: str) -> str | None:
         hvrctl(pair, "end", vm)
         return None
     return json.loads(result.stderr)["error"]["code"]
+
+
+def test_a_backup_ends_with_the_listener_process(pair, tmp_path):
+    disks = protect(pair, tmp_path, "app", ndisks=1)
+    write_cycle(pair, "app", disks, random.Random(4), 2)
+    view = json.loads(hvrctl(pair, "begin", "app").stdout)
+    uri = view["disks"][0]["uri"]
+    pair.listener.terminate()
+    pair.listener.start().wait_ready()
+    assert hvrctl(pair, "get", "app").returncode == 3, "a backup must not outlive the listener process"
+    assert json.loads(hvrctl(pair, "get").stdout) == []
+    gone = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read 0 512", uri], capture_output=True, text=True,
+                          timeout=60)
+    assert gone.returncode != 0, "the export must be gone after a restart"
+    again = hvrctl(pair, "begin", "app")  # a backup product begins again
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["recovery_point"]["id"] == view["recovery_point"]["id"]
+    hvrctl(pair, "end", "app")
