@@ -190,3 +190,43 @@ def test_a_backup_ends_with_the_listener_process(pair, tmp_path):
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["recovery_point"]["id"] == view["recovery_point"]["id"]
     hvrctl(pair, "end", "app")
+
+
+@pytest.fixture
+def hooked_pair(tmp_path):
+    """A pair whose agent freezes VM "app" with hooks that succeed (application-consistent cuts)."""
+    log = tmp_path / "hooks.log"
+    scripts = {}
+    for phase in ("freeze", "thaw"):
+        script = tmp_path / f"{phase}.sh"
+        script.write_text(f'#!/bin/sh\necho "{phase} $1" >> "{log}"\n')
+        script.chmod(0o755)
+        scripts[phase] = script
+    tables = (f'[app_consistency.vm.app]\nfreeze = ["{scripts["freeze"]}", "{{vm}}"]\n'
+              f'thaw = ["{scripts["thaw"]}", "{{vm}}"]\ntimeout_s = 20\n\n')
+    p = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}, agent_tables=tables).start()
+    yield p
+    p.close()
+
+
+def test_an_application_consistent_point_gives_an_application_consistent_backup(hooked_pair, tmp_path):
+    pair = hooked_pair
+    disk = make_disk(tmp_path / "app.img", SIZE)
+    pair.agent.add_vm("app", [disk])
+    pair.agent.hvrctl("vm", "enable", "app", "--replica-server", "127.0.0.1", "--port", str(pair.replica_port),
+                      "--key", str(pair.key_path), "--frequency", "900", "--app-consistent-hours", "1")
+    qemu_io(pair.agent.nbd_uri("app", "app"), "write -P 7 0 1M")
+    pair.initial("app")  # the first cycle, cut right after the copy, is frozen
+    wait_for(lambda: pair.listener.hvrctl_json("recovery-points", "list", "app"), 60, "the first point")
+    pair.wait_replica_applied("app")
+    at_cut = tmp_path / "at-cut.raw"
+    subprocess.run(["cp", "--sparse=always", str(disk), str(at_cut)], check=True)
+    [app_point] = pair.listener.hvrctl_json("recovery-points", "list", "app")
+    assert app_point["consistency"] == "application"
+    write_cycle(pair, "app", [disk], random.Random(8), 9)  # a crash-consistent point after it
+    result = hvrctl(pair, "begin", "app", "--recovery-point", str(app_point["id"]))
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert view["recovery_point"]["consistency"] == "application"
+    compare(view["disks"][0]["uri"], at_cut)
+    hvrctl(pair, "end", "app")
