@@ -8,6 +8,7 @@ and Start-VMInitialReplication; they talk to the agent's admin socket.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import re
 import time
@@ -270,8 +271,9 @@ def _simple(args, verb: str, done: str) -> int:
 
 
 def cmd_sync_now(args) -> int:
-    with progress_bar(f"cycle of VM {args.name}: cutting, shipping, waiting for the replica", None,
-                      output=args.output if args.wait else "json"):
+    waiting = progress_bar(f"cycle of VM {args.name}: cutting, shipping, waiting for the replica", None,
+                           output=args.output) if args.wait else contextlib.nullcontext()
+    with waiting:
         result = _client(args).request("POST", f"/v1/vms/{args.name}/replication/sync-now", {"wait": args.wait})
     if args.output == "json":
         emit_json(result)
