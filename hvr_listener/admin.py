@@ -8,6 +8,7 @@
 * ``GET /v1/replicas/{name}/recovery-points``
 * ``POST /v1/replicas/{name}/test-failover``, ``DELETE /v1/replicas/{name}/test-failover``
   (:mod:`hvr_listener.test_failover`)
+* ``/v1/backups``, ``/v1/replicas/{name}/backup...``: backups (:mod:`hvr_listener.backup_api`)
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from aiohttp import web
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
+from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
-from hvr_listener import operator_verbs
+from hvr_listener import backup_api, operator_verbs
+from hvr_listener.backups import Backups
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
 from hvr_listener.recovery_history import Histories
 from hvr_listener.test_failover import TestFailovers
@@ -139,6 +142,8 @@ async def remove_replica(request: web.Request) -> web.Response:
     """Remove-VMReplication on the replica: forget the VM (and with delete_storage, its files)."""
     name = request.match_info["name"]
     delete_storage = request.query.get("delete_storage") in ("1", "true", "yes")
+    if request.app[backup_api.BACKUPS].status(name) is not None:
+        raise error("backup_running", f"a backup of VM {name} is held", hint=f"end it first: hvrctl backup end {name}")
     rep = await operator_verbs.remove_replica(request.app[SERVICE], name, delete_storage)
     await asyncio.to_thread(request.app[HISTORIES].forget, rep.vm_id)
     return web.json_response({"removed": name, "storage_deleted": delete_storage,
@@ -180,7 +185,8 @@ async def stop_test_failover(request: web.Request) -> web.Response:
 
 
 def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: Callable[[], Awaitable[None]],
-             service: ReplicaService, histories: Histories, tests: TestFailovers) -> web.Application:
+             service: ReplicaService, histories: Histories, tests: TestFailovers,
+             backups: Backups) -> web.Application:
     app = web.Application(middlewares=[error_middleware(log)], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[STORE] = store
@@ -200,4 +206,5 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app.router.add_get("/v1/replicas/{name}/recovery-points", list_recovery_points)
     app.router.add_post("/v1/replicas/{name}/test-failover", start_test_failover)
     app.router.add_delete("/v1/replicas/{name}/test-failover", stop_test_failover)
+    backup_api.add_routes(app, backups)
     return app

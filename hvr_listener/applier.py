@@ -45,6 +45,11 @@ class Applier:
         self.store = service.store
         self._backoff_s = 0.0
         self._retry_in_s: float | None = None
+        self._interrupted: dict = {}  # vm_id -> why its apply is being retried (the backup gate asks)
+
+    def interrupted(self, vm_id) -> str | None:
+        """Why the apply of that VM's cycles is being retried, or None when it is not."""
+        return self._interrupted.get(vm_id)
 
     async def run(self) -> None:
         """Apply forever; woken by every received cycle, at start, and every ``SAFETY_WAKE_S``."""
@@ -110,6 +115,7 @@ class Applier:
                     # Committed: what follows is bookkeeping, whose failure does not undo the cycle.
                     await self._after_commit(current, history, pins)
             except (OSError, sqlite3.Error) as exc:
+                self._interrupted[rep.vm_id] = f"cycle {row.sequence}: {exc}"
                 self._transient_failure(rep.name, row.sequence, exc)
                 return applied
             except HvrError as exc:  # the stored bundle itself is bad: the operator must look
@@ -120,6 +126,7 @@ class Applier:
                     event(log, "apply_failed_replica_changed", logging.WARNING, vm=rep.name, seq=row.sequence)
                 return applied
             self._backoff_s = 0.0
+            self._interrupted.pop(rep.vm_id, None)
             await asyncio.to_thread(unlink_if_exists, row.path)
             applied += 1
             event(log, "cycle_applied", vm=rep.name, seq=row.sequence, bytes=row.bytes,

@@ -17,10 +17,12 @@ from hvr_common.pure.config import ListenerConfig
 from hvr_common.pure.errors import ConflictError
 from hvr_common.shell.logs import event
 from hvr_common.shell.state_lock import claim_state_dir
+from hvr_common.block.catalogue import Catalogues
 from hvr_common.block.nbd_server import NbdServer
 from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
+from hvr_listener.backups import Backups
 from hvr_common.shell.files import unlink_if_exists
 from hvr_listener.recovery_history import Histories
 from hvr_listener.replicas import ReplicaService
@@ -85,6 +87,7 @@ class Listener:
         histories = Histories(store)
         nbd: NbdServer | None = None
         tests: TestFailovers | None = None
+        backups: Backups | None = None
         nbd_identity = None
         try:
             removed = await asyncio.to_thread(cleanup_leftovers, store)
@@ -94,11 +97,12 @@ class Listener:
             service = ReplicaService(store, self.settings.storage_dir, cfg.max_bundle_bytes)
             applier = Applier(service, histories)
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
+            backups = Backups(store, service.access, histories, cfg.nbd_socket, applier.interrupted)
             ended = await tests.end_leftovers()
             await asyncio.to_thread(histories.load_all, store.replicas())
             if cfg.nbd_socket is not None:
-                nbd = NbdServer(tests, logging.getLogger("hvr.listener.nbd"))
-                tests.quiesce = nbd.wait_group_idle
+                nbd = NbdServer(Catalogues(tests, backups), logging.getLogger("hvr.listener.nbd"))
+                tests.quiesce = backups.quiesce = nbd.wait_group_idle
                 claim_socket_path(cfg.nbd_socket)
                 await nbd.listen_unix(cfg.nbd_socket)
                 os.chmod(cfg.nbd_socket, 0o660)
@@ -111,7 +115,8 @@ class Listener:
                                              read_bufsize=replication_api.BODY_CHUNK)
             await self._api_runner.setup()
             await self._bind()
-            admin_runner = JsonErrorRunner(admin.make_app(self.settings, store, self._bind, service, histories, tests),
+            admin_runner = JsonErrorRunner(admin.make_app(self.settings, store, self._bind, service, histories, tests,
+                                                        backups),
                                          access_log=None,
                                          handle_signals=False)
             await admin_runner.setup()
@@ -127,6 +132,8 @@ class Listener:
                 release_socket_path(Path(cfg.nbd_socket), nbd_identity)
             if tests is not None:
                 await tests.close()
+            if backups is not None:
+                await backups.close()
             if self._api_runner is not None:
                 await self._api_runner.cleanup()
             if admin_runner is not None:

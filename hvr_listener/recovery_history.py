@@ -249,6 +249,9 @@ class Histories:
     def __init__(self, store):
         self.store = store
         self._by_vm: dict[uuid.UUID, VmHistory] = {}
+        # Other holders of points (backups): each gives the points it stands on, by VM; read under
+        # the image lock like the test failover's row.
+        self.pin_sources: list = []
 
     def load(self, rep) -> VmHistory:
         """The replica's history, loaded from its store rows and files on first use (worker thread)."""
@@ -282,7 +285,10 @@ class Histories:
 
     def pins(self, vm_id: uuid.UUID) -> set[int]:
         row = self.store.test_failover(vm_id)
-        return {row.point_id} if row is not None else set()
+        pins = {row.point_id} if row is not None else set()
+        for source in self.pin_sources:
+            pins |= source(vm_id)
+        return pins
 
     async def thin(self, rep, history: VmHistory, pins: set[int] | None = None) -> int:
         """Drop what retention no longer keeps (call with the replica's image lock held); ``pins``: the

@@ -8,7 +8,8 @@ point.  The test pins its point (thinning keeps it) and records
 LastTestFailoverTime; stopping withdraws the exports (their connections are
 dropped), deletes the overlays and unpins the point.
 
-This class is also the listener's :class:`~hvr_common.block.catalogue.ExportCatalogue`.
+This class is an :class:`~hvr_common.block.catalogue.ExportCatalogue` (the listener serves it with its
+backups through :class:`~hvr_common.block.catalogue.Catalogues`).
 
 A test failover lives as long as the listener process: at start, tests left
 by an earlier process are ended (``test_failover_ended``, reason

@@ -35,6 +35,17 @@ class AdminClient:
         self.timeout_s = timeout_s
 
     def request(self, method: str, route: str, body: dict | None = None):
+        status, raw = self._exchange(method, route, body)
+        return self._json(status, raw)
+
+    def request_bytes(self, route: str) -> bytes:
+        """GET a route that answers raw bytes (an error answer is JSON, raised as its error)."""
+        status, raw = self._exchange("GET", route, None)
+        if status >= 400:
+            self._json(status, raw)
+        return raw
+
+    def _exchange(self, method: str, route: str, body: dict | None) -> tuple[int, bytes]:
         conn = _UnixConnection(self.path, self.timeout_s)
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": JSON_CONTENT_TYPE} if payload is not None else {}
@@ -54,12 +65,15 @@ class AdminClient:
             raise UnavailableError(f"{self.daemon} did not answer within {self.timeout_s:.0f} s") from None
         finally:
             conn.close()
+        return resp.status, raw
+
+    def _json(self, status: int, raw: bytes):
         try:
             data = json.loads(raw) if raw else None
         except ValueError:
-            raise HvrError(f"{self.daemon} sent a reply that is not JSON (HTTP {resp.status})") from None
-        if resp.status >= 400:
-            raise error_from_body(resp.status, data if isinstance(data, dict) else {})
+            raise HvrError(f"{self.daemon} sent a reply that is not JSON (HTTP {status})") from None
+        if status >= 400:
+            raise error_from_body(status, data if isinstance(data, dict) else {})
         return data
 
     def _flag(self) -> str:

@@ -3,7 +3,8 @@
 Verbs mirror the Hyper-V Replica PowerShell cmdlets where one exists.
 Tables by default; ``-o json`` for programs.  Exit codes: 0 success,
 2 bad usage, 3 not found, 4 conflict, 65 corrupt data, 69 daemon unreachable,
-75 temporary failure, 78 bad configuration, 1 anything else.
+75 temporary failure, 77 not permitted, 78 bad configuration, 130 interrupted, 1 anything else
+(docs/hvrctl.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError
-from hvrctl import hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands
+from hvrctl import backup_commands, examples, hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
 DEFAULT_LISTENER_SOCKET = "/run/hvr/listener.sock"
@@ -34,13 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hvrctl", parents=[common],
         description="Operate hvr: protected VMs on the agent, HRL logs, replication.",
-        epilog="Run 'hvrctl COMMAND --help' for the options of each command.")
+        epilog="Run 'hvrctl COMMAND --help' for the options of each command. Exit codes: 0 success, 1 other "
+               "failure, 2 bad usage, 3 not found, 4 conflict, 65 corrupt data, 69 daemon unreachable, 75 "
+               "temporary failure (retry), 77 not permitted, 78 bad configuration, 130 interrupted "
+               "(docs/hvrctl.md). example: hvrctl vm get web01 -o json")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     vm_verbs = vm_commands.register(sub, common)
     replication_commands.register(sub, vm_verbs, common)
     server_commands.register(sub, common)
     recovery_commands.register(sub, common)
     hrl_commands.register(sub, common)
+    backup_commands.register(sub, common)
+    examples.attach(parser)
     return parser
 
 

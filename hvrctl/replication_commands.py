@@ -8,9 +8,9 @@ and Start-VMInitialReplication; they talk to the agent's admin socket.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from hvrctl import replication_settings
 from hvr_common.pure.schedule import FREQUENCIES_S
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
+from hvrctl.progress import progress_bar
 
 NS = 1_000_000_000
 PROGRESS_POLL_S = 0.5
@@ -270,7 +271,10 @@ def _simple(args, verb: str, done: str) -> int:
 
 
 def cmd_sync_now(args) -> int:
-    result = _client(args).request("POST", f"/v1/vms/{args.name}/replication/sync-now", {"wait": args.wait})
+    waiting = progress_bar(f"cycle of VM {args.name}: cutting, shipping, waiting for the replica", None,
+                           output=args.output) if args.wait else contextlib.nullcontext()
+    with waiting:
+        result = _client(args).request("POST", f"/v1/vms/{args.name}/replication/sync-now", {"wait": args.wait})
     if args.output == "json":
         emit_json(result)
     elif args.wait:
@@ -302,64 +306,27 @@ def cmd_initial_start(args) -> int:
             when = f" (scheduled for {_local(ini['scheduled_at'])})" if ini.get("scheduled_at") else ""
             print(f"initial replication of VM {args.name}: {result['state']}{when}")
         return 0
-    bar = ProgressBar(sys.stderr)
-    while True:
-        status = client.request("GET", f"/v1/replication/{args.name}")
-        state = status["state"]
-        if state == "Error":
-            bar.close()
-            raise HvrError(f"initial replication of VM {args.name} failed: {status.get('state_detail')}",
-                           hint=f"fix the cause, then: hvrctl vm resume {args.name}")
-        if state not in ("ReadyForInitialReplication", "InitialReplicationInProgress"):
-            bar.update(status, final=True)
-            bar.close()
-            break
-        bar.update(status)
-        time.sleep(PROGRESS_POLL_S)
+    with progress_bar(f"initial replication of {args.name}", None, output=args.output) as bar:
+        while True:
+            status = client.request("GET", f"/v1/replication/{args.name}")
+            state = status["state"]
+            if state == "Error":
+                raise HvrError(f"initial replication of VM {args.name} failed: {status.get('state_detail')}",
+                               hint=f"fix the cause, then: hvrctl vm resume {args.name}")
+            ini = status.get("initial") or {}
+            if state not in ("ReadyForInitialReplication", "InitialReplicationInProgress"):
+                bar.update(bar.total or 1, total=bar.total or 1,
+                           description=f"initial replication of {args.name}: done")
+                break
+            if state == "ReadyForInitialReplication":
+                bar.update(0, description=f"waiting: initial replication of {args.name} scheduled for "
+                                          f"{_local(ini.get('scheduled_at')) or 'now'}")
+            else:
+                bar.update(ini.get("bytes_done") or 0, total=ini.get("bytes_total") or None,
+                           description=f"initial replication of {args.name}")
+            time.sleep(PROGRESS_POLL_S)
     if args.output == "json":
         emit_json(status)
     else:
         print(f"initial replication of VM {args.name} complete: {status['state']}")
     return 0
-
-
-class ProgressBar:
-    """One redrawn line on a terminal; a line every few seconds otherwise."""
-
-    WIDTH = 30
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self._last_line = 0.0
-        self._drawn = False
-
-    def update(self, status: dict, final: bool = False) -> None:
-        ini = status.get("initial") or {}
-        if status["state"] == "ReadyForInitialReplication":
-            text = f"waiting: initial replication scheduled for {_local(ini.get('scheduled_at')) or 'now'}"
-        elif not final and not ini.get("disks"):
-            text = "starting: cutting the logs and reading the disks' allocation"
-        else:
-            percent = 100.0 if final else float(ini.get("percent") or 0.0)
-            filled = int(self.WIDTH * percent / 100)
-            rate = ini.get("rate_bytes_per_s")
-            text = (f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {percent:5.1f}%  "
-                    f"{human_bytes(ini.get('bytes_done'))} / {human_bytes(ini.get('bytes_total'))}  "
-                    f"{human_bytes(rate) + '/s' if rate else '-'}  ETA {_duration(ini.get('eta_s'))}")
-            if final:
-                text = f"[{'#' * self.WIDTH}] 100.0%  done"
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
-            self.stream.flush()
-            self._drawn = True
-        elif final or now - self._last_line >= 5:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self._last_line = now
-
-    def close(self) -> None:
-        if self.tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()

@@ -51,3 +51,29 @@ class ExportCatalogue(Protocol):
 
         By then :meth:`lookup` no longer finds them; the callback must not block.
         """
+
+
+class Catalogues:
+    """Several catalogues served by one NBD server, as one (the replica host: test failovers and backups).
+
+    Export names must not collide between them (each kind has its own name
+    form); a lookup asks each in turn.  Withdrawals of every part reach the
+    server.
+    """
+
+    def __init__(self, *parts: ExportCatalogue):
+        self.parts = parts
+
+    def lookup(self, name: str) -> Export | None:
+        for part in self.parts:
+            found = part.lookup(name)
+            if found is not None:
+                return found
+        return None
+
+    def exports(self) -> list[ExportInfo]:
+        return sorted((info for part in self.parts for info in part.exports()), key=lambda i: i.name)
+
+    def on_withdrawn(self, callback: Withdrawn) -> None:
+        for part in self.parts:
+            part.on_withdrawn(callback)

@@ -94,6 +94,16 @@ _ENTRIES = (
     # hostile input and exhausted resources
     _E("http_malformed", 400, UsageError, 2, "the request's HTTP framing is broken or over a size limit"),
     _E("storage_full", 507, TransientError, 75, "the replica host's storage is full; retried when space is back"),
+    # backup of replicas: the gate's refusals (hvr_common.pure.backup_gate), all transient
+    _E("backup_apply_failed", 503, TransientError, 75, "backup refused: the replica is in Error (an apply failed)"),
+    _E("backup_resync_required", 503, TransientError, 75, "backup refused: the replica needs resynchronization"),
+    _E("backup_resync_running", 503, TransientError, 75, "backup refused: a resynchronization is running"),
+    _E("backup_initial_replication", 503, TransientError, 75, "backup refused: initial replication has not completed"),
+    _E("backup_failover_running", 503, TransientError, 75, "backup refused: a failover of the VM is running"),
+    _E("backup_health_critical", 503, TransientError, 75, "backup refused: the replica's health is Critical"),
+    _E("backup_apply_interrupted", 503, TransientError, 75, "backup refused: an interrupted apply is being retried"),
+    _E("backup_point_not_applied", 503, TransientError, 75, "backup refused: the chosen recovery point is not applied yet"),
+    _E("backup_running", 409, ConflictError, 4, "a backup of the VM is already held"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})

@@ -1,0 +1,44 @@
+"""Every hvrctl command has an example in its help, takes -o json, and its example parses."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+import pytest
+
+from hvrctl.examples import commands
+from hvrctl.main import build_parser
+
+PARSER = build_parser()
+COMMANDS = list(commands(PARSER))
+
+
+def _is_leaf(sub: argparse.ArgumentParser) -> bool:
+    return not any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+
+
+def test_the_walk_finds_the_commands():
+    words = {" ".join(w) for w, _ in COMMANDS}
+    assert {"vm add", "vm enable", "server key add", "backup begin", "backup export"} <= words
+    assert len(COMMANDS) > 30
+
+
+@pytest.mark.parametrize("words, sub", COMMANDS, ids=[" ".join(w) for w, _ in COMMANDS])
+def test_every_command_has_an_example_that_parses(words, sub):
+    assert sub.epilog and sub.epilog.startswith("example: hvrctl "), \
+        f"'hvrctl {' '.join(words)}' has no example in its help (set epilog='example: hvrctl ...')"
+    assert "example: hvrctl" in sub.format_help()
+    for example in sub.epilog.removeprefix("example: ").split("&&"):
+        argv = shlex.split(example)
+        assert argv[0] == "hvrctl"
+        args = PARSER.parse_args(argv[1:])  # an example that no longer parses fails here (SystemExit)
+        assert callable(args.func)
+
+
+@pytest.mark.parametrize("words, sub", [(w, s) for w, s in COMMANDS if _is_leaf(s)],
+                         ids=[" ".join(w) for w, s in COMMANDS if _is_leaf(s)])
+def test_every_command_takes_output_json(words, sub):
+    [output] = [a for a in sub._actions if "-o" in a.option_strings]
+    assert "--output" in output.option_strings and "json" in output.choices, " ".join(words)
+    assert sub.get_default("func") is not None, f"'hvrctl {' '.join(words)}' does nothing"
