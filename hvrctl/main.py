@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError
-from hvrctl import hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands
+from hvrctl import cert_commands, hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
 DEFAULT_LISTENER_SOCKET = "/run/hvr/listener.sock"
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_commands.register(sub, common)
     recovery_commands.register(sub, common)
     hrl_commands.register(sub, common)
+    cert_commands.register(sub, common)
     return parser
 
 

@@ -91,6 +91,9 @@ _ENTRIES = (
     # the agent's client of the replica server
     _E("replica_refused", 502, HvrError, 1, "the replica server refused (passed on by the agent)"),
     _E("replica_unavailable", 503, TransientError, 75, "the replica server could not be reached or failed"),
+    # certificate authentication and TLS
+    _E("certificate_invalid", 400, ConfigError, 78, "a certificate, key or CA file is unusable (unreadable, expired, not yet valid, wrong usage, key readable by others)"),
+    _E("tls_refused", 401, HvrError, EX_NOPERM, "the TLS handshake failed: a certificate was not accepted by one side"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
