@@ -78,6 +78,9 @@ def new_ca(folder: Path, name: str = "hvr lab CA", *, overwrite: bool = False) -
 
 
 def _load_ca(folder: Path):
+    if not (folder / CA_KEY).is_file() or not (folder / CA_CERT).is_file():
+        raise UsageError(f"{folder} is not a CA folder (no {CA_KEY} and {CA_CERT})",
+                         hint="create one: hvrctl cert ca new DIR")
     try:
         check_private_key(folder / CA_KEY)
         key = serialization.load_pem_private_key((folder / CA_KEY).read_bytes(), password=None)

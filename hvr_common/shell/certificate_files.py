@@ -36,7 +36,7 @@ def _invalid(message: str, hint: str) -> HvrError:
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        if not Path(path).is_file():
+        if not stat.S_ISREG(os.stat(path).st_mode):
             raise _invalid(f"{what} {path} is not a file", f"give the path of the PEM {what}")
         return Path(path).read_bytes()
     except FileNotFoundError:
