@@ -151,8 +151,22 @@ def token_tls_listener(tmp_path_factory, pki):
     lp.close()
 
 
-def test_token_over_tls_refuses_a_replayed_request(token_tls_listener):
-    lp = token_tls_listener
+@pytest.fixture(scope="module")
+def token_http_listener(tmp_path_factory):
+    lp = ListenerProcess(tmp_path_factory.mktemp("token-http-listener"))
+    lp.start().wait_ready()
+    lp.key, _ = lp.new_key("primary1.example")
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(params=["tls", "http"])
+def token_listener(request):
+    return request.getfixturevalue(f"token_{request.param}_listener")
+
+
+def test_token_mode_refuses_a_replayed_request(token_listener):
+    lp = token_listener
     ts, nonce = int(time.time()), "cd" * 16
     first = call(lp.port, "GET", "/v1/server", key=lp.key, ts=ts, nonce=nonce, tls=lp.client_tls)
     assert first.status == 200, first.body
@@ -161,8 +175,8 @@ def test_token_over_tls_refuses_a_replayed_request(token_tls_listener):
 
 
 @pytest.mark.parametrize("skew_s", [-360, 360])
-def test_token_over_tls_refuses_timestamps_six_minutes_off(token_tls_listener, skew_s):
-    lp = token_tls_listener
+def test_token_mode_refuses_timestamps_six_minutes_off(token_listener, skew_s):
+    lp = token_listener
     vm = Vm(lp, f"skew{skew_s + 1000}")
     before = vm.snapshot()
     r = vm.put_cycle(1, vm.cycle_body(1, [[("write", 0, b"s" * 4096)]]), ts=int(time.time()) + skew_s)
