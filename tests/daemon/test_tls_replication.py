@@ -80,6 +80,16 @@ def test_switching_the_listener_to_tls_rebinds_on_the_same_port(tmp_path, pki):
         lp.start().wait_ready()
         before = lp.hvrctl_json("server", "get")
         assert before["tls"] is None
+        refused = lp.hvrctl("server", "set", "--auth", "certificate", check=False)
+        assert refused.returncode == 2 and "needs the server's certificate" in refused.stderr, refused.stderr
+        refused = lp.hvrctl("server", "set", "--cert", pki.server_cert, check=False)  # without its key and CA
+        assert refused.returncode == 2 and "all three or none" in refused.stderr, refused.stderr
+        expired, _ = pki.issue(SERVER_NAME, "server", folder="old", not_before=dt.datetime(2020, 1, 1,
+                               tzinfo=dt.timezone.utc), not_after=dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc))
+        refused = lp.hvrctl("server", "set", "--cert", expired, "--cert-key", pki.server_key, "--ca", pki.ca,
+                            check=False)
+        assert refused.returncode == 78 and "expired" in refused.stderr, refused.stderr
+        assert lp.hvrctl_json("server", "get") == before  # nothing changed
         after = lp.hvrctl_json("server", "set", "--auth", "token,certificate", "--cert", pki.server_cert,
                                "--cert-key", pki.server_key, "--ca", pki.ca)
         assert after["listening_on"] == before["listening_on"] and after["tls"]["client_certificate"] == "optional"
@@ -148,3 +158,24 @@ def test_listener_refuses_to_start_and_check_config_with_an_unusable_certificate
     words = {"expired": "expired", "not yet valid": "not valid before", "wrong usage": "serverAuth",
              "key readable by others": "readable by others"}[case]
     assert words in check.stderr and words in start.stderr, (check.stderr, start.stderr)
+
+
+@pytest.mark.parametrize("case", ["server from an untrusted CA", "server for another name"])
+def test_agent_refuses_a_replica_server_it_cannot_verify(tmp_path, pki, case):
+    pair = Pair(tmp_path, listener_config=pki.listener_config())
+    try:
+        pair.start()
+        disk = make_disk(tmp_path / "d.img", MiB)
+        pair.agent.add_vm("web", [disk])
+        ca, name = pki.ca, SERVER_NAME
+        if case == "server from an untrusted CA":
+            ca = pki.other_ca_dir / "ca.pem"
+        else:
+            name = "127.0.0.1"  # the listener's certificate names localhost only
+        r = pair.agent.hvrctl("-o", "json", "vm", "enable", "web", "--replica-server", name, "--port",
+                              str(pair.replica_port), "--key", str(pair.key_path), "--tls", "--ca", str(ca),
+                              check=False)
+        assert r.returncode == 77 and '"code": "tls_refused"' in r.stderr, r.stderr
+        assert pair.listener.hvrctl_json("replica", "get") in ([], {"replicas": []}), "the replica was created"
+    finally:
+        pair.close()
