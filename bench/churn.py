@@ -65,7 +65,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    AUTH_MODES, GiB, MiB, AdminError, ReplicationPair, RssSampler, WorkDir, human, parse_size, percentile, print_table, PySpy, print_busiest_frames,
+    AUTH_MODES,
+    GiB, MiB, AdminError, ReplicationPair, RssSampler, WorkDir, human, parse_size, percentile, print_table, PySpy, print_busiest_frames,
     qemu_img_compare, say, wait_for,
 )
 

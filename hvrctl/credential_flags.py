@@ -27,7 +27,8 @@ def add_flags(p) -> None:
     p.add_argument("--tls", action="store_true",
                    help="token mode inside TLS 1.3, verifying the replica server's certificate against --ca")
     p.add_argument("--ca", type=Path, metavar="FILE", help="PEM CA bundle the replica server's certificate chains to")
-    p.add_argument("--cert", type=Path, metavar="FILE", help="certificate mode: this primary's certificate (clientAuth)")
+    p.add_argument("--cert", type=Path, metavar="FILE",
+                   help="certificate mode: this primary's certificate (clientAuth)")
     p.add_argument("--cert-key", type=Path, metavar="FILE", help="certificate mode: the certificate's key (0600)")
 
 
