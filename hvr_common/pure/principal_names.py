@@ -44,13 +44,19 @@ def check_pattern(pattern: str) -> str:
 
 
 def name_matches(pattern: str, name: str) -> bool:
-    """True when ``name`` is ``pattern``, or ``pattern`` is ``*.REST`` and ``name`` is ``LABEL.REST``."""
-    if not isinstance(pattern, str) or not isinstance(name, str) or not is_dns_name(name):
+    """True when ``name`` is ``pattern``, or ``pattern`` is ``*.REST`` and ``name`` is ``LABEL.REST``.
+
+    Any principal (a token's may hold ``@`` or ``_``) matches its exact
+    pattern; only a host name (a DNS label, then ``REST``) matches a wildcard.
+    """
+    if not isinstance(pattern, str) or not isinstance(name, str) or not pattern or not name:
         return False
     p, n = normalize(pattern), normalize(name)
-    if p.startswith("*."):
+    if not n.isprintable() or any(c.isspace() for c in n):
+        return False
+    if p.startswith("*.") and p != n:
         first, sep, rest = n.partition(".")
-        return bool(sep) and bool(first) and rest == p[2:] and is_dns_name(p[2:])
+        return bool(sep) and is_dns_name(first) and rest == p[2:] and is_dns_name(rest)
     return p == n
 
 

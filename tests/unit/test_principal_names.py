@@ -28,6 +28,12 @@ from hvr_common.pure.principal_names import check_pattern, is_dns_name, name_mat
     ("host1.example.com", "host1.example.com\n", False),
     ("*.example.com", "host/1.example.com", False),
     ("", "", False),
+    ("host1@corp.example", "HOST1@corp.example", True),  # a token principal: exact names only
+    ("*.example", "host1@corp.example", False),
+    ("*.example.com", "a@b.example.com", False),
+    ("*.example.com", "*.example.com", True),  # a wildcard certificate's principal, named as it is
+    ("host 1", "host 1", False),
+    ("host1\x00", "host1\x00", False),
 ])
 def test_name_matches(pattern, name, expected):
     assert name_matches(pattern, name) is expected
