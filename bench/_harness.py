@@ -39,6 +39,9 @@ sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 from daemons import AgentProcess, run, wait_for  # noqa: E402
 from fault_proxy import LoopbackProxy, close_sockets  # noqa: E402
 from listener_process import ListenerProcess  # noqa: E402
+from lab_pki import SERVER_NAME, LabPki  # noqa: E402
+
+AUTH_MODES = ("token", "certificate")  # token over plain HTTP; certificate over mutual TLS 1.3
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -348,14 +351,21 @@ class ReplicationPair:
     """Listener, agent and a counting proxy between them, all on 127.0.0.1.
 
     The agent's replica endpoint is the proxy, so ``proxy.counts()`` is what
-    hvr put on the wire.  Use as a context manager: everything is stopped on
-    exit.
+    hvr put on the wire.  ``auth``: ``token`` (signed requests over plain
+    HTTP) or ``certificate`` (mutual TLS 1.3 with lab CA certificates; the
+    proxy relays the TLS bytes).  Use as a context manager: everything is
+    stopped on exit.
     """
 
     def __init__(self, workdir: Path, *, agent_config: dict | None = None,
-                 listener_config: dict | None = None):
+                 listener_config: dict | None = None, auth: str = "token"):
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {AUTH_MODES}")
         self.workdir = workdir
-        self.listener = ListenerProcess(workdir / "listener", extra_config=listener_config)
+        self.auth = auth
+        self.pki = LabPki(workdir / "pki") if auth == "certificate" else None
+        self.listener = ListenerProcess(workdir / "listener", extra_config=dict(
+            listener_config or {}, **(self.pki.listener_config() if self.pki else {})))
         self.agent = AgentProcess(workdir / "agent", extra_config=dict({"log_format": "json"},
                                                                        **(agent_config or {})))
         self.proxy: CountingProxy | None = None
@@ -366,6 +376,8 @@ class ReplicationPair:
     def start(self) -> ReplicationPair:
         self.listener.start().wait_ready()
         _, self.key_path = self.listener.new_key("primary.bench")
+        if self.pki is not None:
+            self.listener.hvrctl("server", "set", "--auth", "certificate")
         self.agent.start().wait_ready()
         self.proxy = CountingProxy(self.listener.port)
         self.agent_api = AdminHttp(self.agent.admin_socket)
@@ -399,8 +411,13 @@ class ReplicationPair:
     # primary side
     def protect(self, vm: str, disks: list[Path], *, frequency_s: int = 30, compression: bool = True) -> None:
         self.agent.add_vm(vm, disks)
-        args = ["vm", "enable", vm, "--replica-server", "127.0.0.1", "--port", str(self.proxy.port),
-                "--key", str(self.key_path), "--frequency", str(frequency_s)]
+        if self.pki is None:
+            credentials = ["--replica-server", "127.0.0.1", "--key", str(self.key_path)]
+        else:
+            cert, key = self.pki.issue("primary.bench", "client")
+            credentials = ["--replica-server", SERVER_NAME, "--auth", "certificate", "--cert", str(cert),
+                           "--cert-key", str(key), "--ca", str(self.pki.ca)]
+        args = ["vm", "enable", vm, *credentials, "--port", str(self.proxy.port), "--frequency", str(frequency_s)]
         if not compression:
             args.append("--no-compression")
         self.agent.hvrctl(*args)
@@ -480,4 +497,4 @@ def drop_dirty_pages() -> None:
 
 __all__ = ["AgentProcess", "ListenerProcess", "run", "wait_for", "KiB", "MiB", "GiB", "parse_size", "human",
            "percentile", "PySpy", "top_frames", "print_busiest_frames", "print_table", "say", "WorkDir", "CountingProxy", "rss_bytes", "RssSampler", "AdminHttp",
-           "AdminError", "ReplicationPair", "qemu_img_compare", "allocated_bytes", "drop_dirty_pages"]
+           "AdminError", "ReplicationPair", "AUTH_MODES", "qemu_img_compare", "allocated_bytes", "drop_dirty_pages"]

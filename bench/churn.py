@@ -35,9 +35,18 @@ cuts the cycles.  Any other value enables the VM with ``--frequency 900`` and
 cuts with sync-now (no wait) on a timer every ``--cycle-s`` seconds; the
 output says which was used.
 
+``--auth certificate`` replicates over mutual TLS 1.3 (lab CA certificates)
+instead of signed plain HTTP.  ``--compare-auth`` runs the whole ladder once
+per mode (each in its own process, same options) and reports the highest
+sustained churn and the fio rate reached with TLS against plain HTTP
+(target at least 0.8x).
+
 Usage: .venv/bin/python bench/churn.py [--disk-size 8G] [--rates 25,50,100,150,200] [--cycle-s 30]
                                        [--cycles-per-rate 3] [--rpo-cycles 3] [--iodepth 16]
+                                       [--auth token|certificate] [--compare-auth]
                                        [--workdir-parent DIR] [--keep] [--no-verify] [--json-out FILE]
+Smallest run: .venv/bin/python bench/churn.py --disk-size 256M --rates 5 --cycle-s 5 --cycles-per-rate 2
+                                              --rpo-cycles 0 --compare-auth
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import calendar
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +65,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
+    AUTH_MODES,
     GiB, MiB, AdminError, ReplicationPair, RssSampler, WorkDir, human, parse_size, percentile, print_table, PySpy, print_busiest_frames,
     qemu_img_compare, say, wait_for,
 )
@@ -294,6 +305,55 @@ def drain(pair: ReplicationPair, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
+TARGET_TLS_RATIO = 0.8  # certificate mode (TLS 1.3) / token mode over plain HTTP
+
+
+def compare_auth(argv: list[str], json_out: str | None) -> int:
+    """The same ladder once per authentication mode, each in its own process; TLS against plain HTTP."""
+    base = [a for a in argv if a != "--compare-auth"]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="hvr-churn-auth-") as tmp:
+        for auth in AUTH_MODES:
+            out = Path(tmp) / f"{auth}.json"
+            say(f"=== ladder with --auth {auth}")
+            done = subprocess.run([sys.executable, __file__, *_without_option(base, "--json-out"), "--auth", auth,
+                                   "--json-out", str(out)])
+            if not out.exists():
+                raise RuntimeError(f"the --auth {auth} run failed (exit {done.returncode})")
+            results[auth] = json.loads(out.read_text())
+    plain, tls = results["token"], results["certificate"]
+
+    def top_fio(r: dict) -> float:
+        return max((p["fio_mib_s"] for p in r["phases"] if p["sustained"]), default=0.0)
+
+    best_ratio = (tls["best_rate_mib_s"] or 0) / plain["best_rate_mib_s"] if plain["best_rate_mib_s"] else None
+    fio_ratio = top_fio(tls) / top_fio(plain) if top_fio(plain) else None
+    print()
+    print_table(["figure", "token (plain HTTP)", "certificate (TLS 1.3)", "TLS / plain", "target", "met"], [
+        ["highest sustained churn MiB/s", plain["best_rate_mib_s"], tls["best_rate_mib_s"],
+         "-" if best_ratio is None else f"{best_ratio:.2f}", f">= {TARGET_TLS_RATIO}",
+         "-" if best_ratio is None else ("yes" if best_ratio >= TARGET_TLS_RATIO else "NO")],
+        ["fio MiB/s at that rate", f"{top_fio(plain):.1f}", f"{top_fio(tls):.1f}",
+         "-" if fio_ratio is None else f"{fio_ratio:.2f}", "-", "-"],
+        ["replica identical", plain["identical"], tls["identical"], "-", "yes", "-"],
+    ])
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2, default=str))
+    return 0 if all(r["identical"] in (True, None) for r in results.values()) else 1
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--disk-size", default="8G", help="sparse disk size (default 8G)")
@@ -310,8 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the final qemu-img compare")
     ap.add_argument("--py-spy", metavar="DIR", help="record the agent and the listener with py-spy during the "
                     "rate ladder (raw stacks in DIR) and print their busiest frames")
+    ap.add_argument("--auth", choices=AUTH_MODES, default="token",
+                    help="how the agent authenticates: token (plain HTTP, default) or certificate (mutual TLS 1.3)")
+    ap.add_argument("--compare-auth", action="store_true",
+                    help="run the ladder in both modes and report TLS against plain HTTP")
     ap.add_argument("--json-out", help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
+    if args.compare_auth:
+        return compare_auth(list(sys.argv[1:] if argv is None else argv), args.json_out)
     disk_size = parse_size(args.disk_size)
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     scheduled = args.cycle_s == SCHEDULED_FREQUENCY_S
@@ -320,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     phases: list[Phase] = []
     rpo_phase: Phase | None = None
     verify = None
-    with WorkDir("hvr-bench-churn-", args.workdir_parent, args.keep) as work, ReplicationPair(work / "hvr") as pair:
+    with (WorkDir("hvr-bench-churn-", args.workdir_parent, args.keep) as work,
+          ReplicationPair(work / "hvr", auth=args.auth) as pair):
         disk = work / "primary" / f"{DISK}.img"
         disk.parent.mkdir()
         with open(disk, "wb") as f:
@@ -377,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"churn: {human(disk_size)} disk, random 64 KiB incompressible writes by fio (nbd engine, iodepth "
-          f"{args.iodepth}), cycles by {mode}, {args.cycles_per_rate} cycles per rate")
+          f"{args.iodepth}), cycles by {mode}, {args.cycles_per_rate} cycles per rate, --auth {args.auth}")
     rows = []
     for p in phases + ([rpo_phase] if rpo_phase else []):
         rows.append([f"{p.rate_mib_s:g}" + (" (RPO run)" if p is rpo_phase else ""), f"{p.fio_mib_s:.1f}",
@@ -419,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         print_busiest_frames(args.py_spy, "the rate ladder")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({
-            "disk_size_bytes": disk_size, "cycle_s": args.cycle_s, "mode": mode,
+            "disk_size_bytes": disk_size, "cycle_s": args.cycle_s, "mode": mode, "auth": args.auth,
             "phases": [p.__dict__ for p in phases], "rpo_phase": rpo_phase.__dict__ if rpo_phase else None,
             "best_rate_mib_s": best, "wire_up_bytes": wire_up, "peak_rss_bytes": all_rss_peak,
             "identical": verify[0] if verify else None}, indent=2, default=str))

@@ -17,8 +17,15 @@ One run:
    timed, counted and compared the same way;
 4. prints a table and the two target ratios.
 
+``--auth certificate`` runs hvr over mutual TLS 1.3 (lab CA certificates)
+instead of signed plain HTTP; ``--compare-auth`` runs the hvr copy in both
+modes in the same run and reports the TLS throughput against plain HTTP
+(target at least 0.8x).
+
 Usage: .venv/bin/python bench/initial_vs_rsync.py [--size 4G] [--data-percent 25] [--seed 1]
+                                                  [--auth token|certificate] [--compare-auth]
                                                   [--workdir-parent DIR] [--keep] [--json-out FILE]
+Smallest run: .venv/bin/python bench/initial_vs_rsync.py --size 64M --skip-rsync --compare-auth
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    KiB, MiB, CountingProxy, ReplicationPair, RssSampler, WorkDir, allocated_bytes, drop_dirty_pages, human,
+    AUTH_MODES, KiB, MiB, CountingProxy, ReplicationPair, RssSampler, WorkDir, allocated_bytes, drop_dirty_pages, human,
     parse_size, print_table, PySpy, print_busiest_frames, qemu_img_compare, say, wait_for,
 )
 
@@ -52,6 +59,7 @@ RSYNC_MODULE = "bench"
 TARGET_SPEEDUP = 1.5
 TARGET_WIRE_RATIO = 1.05
 TARGET_RSS_BYTES = 200 * MiB
+TARGET_TLS_RATIO = 0.8  # certificate mode (TLS 1.3) throughput / token mode over plain HTTP
 
 
 # --- the image ---------------------------------------------------------------------------------
@@ -97,8 +105,8 @@ def build_image(path: Path, size_bytes: int, data_fraction: float, seed: int) ->
 
 
 # --- hvr ---------------------------------------------------------------------------------------
-def run_hvr(work: Path, image: Path, profile_dir: Path | None = None) -> dict:
-    pair = ReplicationPair(work / "hvr")
+def run_hvr(work: Path, image: Path, profile_dir: Path | None = None, auth: str = "token") -> dict:
+    pair = ReplicationPair(work / f"hvr-{auth}", auth=auth)
     try:
         pair.start()
         pair.protect(VM, [image], frequency_s=30)
@@ -248,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir-parent", default="/var/tmp", help="where the work directory is made")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--skip-rsync", action="store_true", help="run hvr only")
+    ap.add_argument("--auth", choices=AUTH_MODES, default="token",
+                    help="how hvr authenticates: token (plain HTTP, default) or certificate (mutual TLS 1.3)")
+    ap.add_argument("--compare-auth", action="store_true",
+                    help="also run the hvr copy in the other mode and report TLS against plain HTTP throughput")
     ap.add_argument("--py-spy", metavar="DIR", help="record the agent and the listener with py-spy during the "
                     "initial copy (raw stacks in DIR) and print their busiest frames")
     ap.add_argument("--json-out", help="also write the results as JSON to this file")
@@ -264,11 +276,20 @@ def main(argv: list[str] | None = None) -> int:
         say(f"image built in {time.monotonic() - t0:.1f} s: {extents} extents, {human(allocated)} allocated")
         drop_dirty_pages()
 
-        say("hvr: initial replication")
-        hvr = run_hvr(work, image, Path(args.py_spy) if args.py_spy else None)
+        say(f"hvr: initial replication ({args.auth})")
+        hvr = run_hvr(work, image, Path(args.py_spy) if args.py_spy else None, args.auth)
         say(f"hvr: done in {hvr['time_s']:.2f} s, identical={hvr['identical']}")
-        shutil.rmtree(work / "hvr" / "listener" / "replicas", ignore_errors=True)
+        shutil.rmtree(work / f"hvr-{args.auth}" / "listener" / "replicas", ignore_errors=True)
         drop_dirty_pages()
+        other = None
+        if args.compare_auth:
+            other_auth = next(m for m in AUTH_MODES if m != args.auth)
+            say(f"hvr: initial replication ({other_auth})")
+            other = run_hvr(work, image, None, other_auth)
+            say(f"hvr: done in {other['time_s']:.2f} s, identical={other['identical']}")
+            shutil.rmtree(work / f"hvr-{other_auth}" / "listener" / "replicas", ignore_errors=True)
+            drop_dirty_pages()
+        by_auth = {args.auth: hvr, **({other_auth: other} if other is not None else {})}
         rs = None
         if rsync:
             say("rsync --sparse over an rsync daemon")
@@ -276,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"rsync: done in {rs['time_s']:.2f} s, identical={rs['identical']}")
 
     rows = []
-    for name, r in (("hvr initial", hvr), ("rsync --sparse", rs)):
+    runs = [(f"hvr initial ({a})", r) for a, r in by_auth.items()] + [("rsync --sparse", rs)]
+    for name, r in runs:
         if r is None:
             continue
         rows.append([name, f"{r['time_s']:.2f}", f"{allocated / MiB / r['time_s']:.1f}",
@@ -304,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
                      peak is not None and peak < TARGET_RSS_BYTES))
     verdicts.append(("replica identical (qemu-img compare)", "yes" if hvr["identical"] else "NO", "yes",
                      hvr["identical"]))
+    if len(by_auth) == 2:
+        tls_ratio = by_auth["token"]["time_s"] / by_auth["certificate"]["time_s"]  # same bytes: time ratio
+        verdicts.append(("throughput certificate (TLS 1.3) / token (plain HTTP)", f"{tls_ratio:.2f}",
+                         f">= {TARGET_TLS_RATIO}", tls_ratio >= TARGET_TLS_RATIO))
+        verdicts.append(("replica identical in both modes", "yes" if other["identical"] else "NO", "yes",
+                         other["identical"]))
     print()
     print_table(["figure", "value", "target", "met"], [[a, b, c, "yes" if d else "NO"] for a, b, c, d in verdicts])
     print(f"(agent RSS sampled every 0.2 s: {hvr['rss_samples']} samples, {human(hvr['rss_at_start_bytes'])} "
@@ -312,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         print_busiest_frames(args.py_spy, "the copy")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"size_bytes": size, "allocated_bytes": allocated,
-                                                   "extents": extents, "hvr": hvr, "rsync": rs}, indent=2))
-    return 0 if hvr["identical"] and (rs is None or rs["identical"]) else 1
+                                                   "extents": extents, "hvr": hvr, "auth": args.auth,
+                                                   "hvr_by_auth": by_auth, "rsync": rs}, indent=2))
+    return 0 if all(r["identical"] for r in by_auth.values()) and (rs is None or rs["identical"]) else 1
 
 
 if __name__ == "__main__":

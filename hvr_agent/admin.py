@@ -22,6 +22,7 @@ from aiohttp import web
 from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
+from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
 
@@ -33,6 +34,7 @@ REPLICATION = web.AppKey("replication", ReplicationManager)
 
 MAX_BODY = 1024 * 1024
 HISTORY_FIELDS = {"recovery_history", "fine_window_min", "app_consistent_hours"}
+CREDENTIAL_FIELDS = {"auth", "key_file", "tls", "ca_file", "cert_file", "cert_key_file"}
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -99,14 +101,15 @@ def _fields(body: dict, allowed: set[str]) -> None:
 
 async def enable_replication(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    _fields(body, {"replica_server", "port", "key_file", "frequency_s", "compression"} | HISTORY_FIELDS)
-    for key in ("replica_server", "port", "key_file", "frequency_s"):
+    _fields(body, {"replica_server", "port", "frequency_s", "compression"} | CREDENTIAL_FIELDS | HISTORY_FIELDS)
+    for key in ("replica_server", "port", "frequency_s"):
         if key not in body:
             raise UsageError(f"field {key!r} is required")
     history = HistorySettings.from_json({k: v for k, v in body.items() if k in HISTORY_FIELDS})
+    credentials = ReplicaCredentials.of(**{k: v for k, v in body.items() if k in CREDENTIAL_FIELDS})
     result = await request.app[REPLICATION].enable(
         request.match_info["name"], replica_host=body["replica_server"], port=body["port"],
-        key_file=body["key_file"], frequency_s=body["frequency_s"], compression=body.get("compression", True),
+        credentials=credentials, frequency_s=body["frequency_s"], compression=body.get("compression", True),
         history=history)
     return web.json_response(result, status=201)
 

@@ -25,13 +25,13 @@ from hvr_common.pure.errors import HvrError, NotFoundError, TransientError
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.replication_state import Action, ReplicationState, Step
 from hvr_common.pure.schedule import Backoff, initial_due, initial_wait_s
-from hvr_common.shell.key_file import read_key
 from hvr_common.shell.logs import event
 from hvr_agent.cycles import Cycles
 from hvr_agent.housekeeping import clean_leftovers
 from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
+from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_agent.store import ReplicationRecord
 
 log = logging.getLogger("hvr.agent.replication")
@@ -69,9 +69,10 @@ class VmReplication:
     async def run(self) -> None:
         rec = self.rel.rec
         try:
-            key = await asyncio.to_thread(read_key, rec.key_file)
-            endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port)
-            async with ReplicaClient(endpoint, key) as client:
+            credentials = ReplicaCredentials(rec.auth, rec.key_file, rec.ca_file, rec.cert_file, rec.cert_key_file)
+            key, ssl_context, _ = await asyncio.to_thread(credentials.load)
+            endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port, credentials.tls)
+            async with ReplicaClient(endpoint, key, ssl_context=ssl_context) as client:
                 self.client = client
                 await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
                 await self._loop(client)

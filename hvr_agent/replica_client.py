@@ -1,9 +1,12 @@
 """The agent's client of a replica server's replication API (``docs/replication-protocol.md``).
 
-Every request is signed (token mode): ``Authorization`` carries the HMAC
-over method, path with query, body digest, timestamp and a fresh nonce, and
-``X-Hvr-Content-SHA256`` the body's digest.  A retried request is signed
-again (new timestamp and nonce), never replayed.  Cycle uploads stream from
+In token mode every request is signed: ``Authorization`` carries the HMAC
+over method, path with query, body digest, timestamp and a fresh nonce.
+``X-Hvr-Content-SHA256`` always carries the body's digest.  A retried
+request is signed again (new timestamp and nonce), never replayed.  With a
+TLS context the client speaks HTTPS (TLS 1.3); in certificate mode its
+certificate authenticates it and nothing is signed
+(:mod:`hvr_agent.replica_credentials`).  Cycle uploads stream from
 their spool file (``aiofiles``), with the digest computed when the spool was
 written; initial windows are sent from the pieces they were built into in
 memory.  Both set ``Content-Length``.
@@ -17,7 +20,9 @@ Answers are mapped at this boundary (rule 5):
 * 5xx, 429, a 4xx whose code the error catalogue calls transient (the body
   was damaged on the way: ``digest_mismatch``, ``body_truncated``), refused or
   dropped connections, timeouts: :class:`ReplicaUnavailableError` (transient:
-  the caller retries with backoff), with the server's code when it gave one.
+  the caller retries with backoff), with the server's code when it gave one;
+* a certificate refused in the TLS handshake by either side: a permanent
+  :class:`ReplicaAuthError` with code ``tls_refused``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Sequence
@@ -104,23 +110,30 @@ _PERMANENT = {401: ReplicaAuthError, 403: ReplicaForbiddenError, 404: ReplicaNot
 class ReplicaEndpoint:
     host: str
     port: int
+    tls: bool = False
 
     @property
     def base(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
 
 class ReplicaClient:
-    """One replica server, one key.  Use as ``async with ReplicaClient(...) as client``."""
+    """One replica server, one key or certificate.  Use as ``async with ReplicaClient(...) as client``.
 
-    def __init__(self, endpoint: ReplicaEndpoint, key: Key, *, connect_timeout_s: float = 10.0,
-                 read_timeout_s: float = 300.0, clock=time.time):
+    ``key`` None: certificate mode (``ssl_context`` carries the certificate).
+    """
+
+    def __init__(self, endpoint: ReplicaEndpoint, key: Key | None, *, ssl_context: ssl.SSLContext | None = None,
+                 connect_timeout_s: float = 10.0, read_timeout_s: float = 300.0, clock=time.time):
+        if (ssl_context is not None) != endpoint.tls or (key is None and ssl_context is None):
+            raise ValueError("a TLS endpoint needs a TLS context, and certificate mode needs TLS")
         self.endpoint = endpoint
         self.key = key
+        self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s,
                                               sock_read=read_timeout_s)
         self._clock = clock
@@ -128,7 +141,8 @@ class ReplicaClient:
 
     async def __aenter__(self) -> ReplicaClient:
         self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False,
-                                              connector=aiohttp.TCPConnector(limit=4, force_close=False))
+                                              connector=aiohttp.TCPConnector(limit=4, force_close=False,
+                                                                             ssl=self._ssl or True))
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -197,7 +211,8 @@ class ReplicaClient:
         else:
             digest = hashlib.sha256(b"").hexdigest()
         hdrs[routes.CONTENT_DIGEST_HEADER] = digest
-        hdrs[routes.AUTHORIZATION_HEADER] = authorization(self.key, method, path, digest, int(self._clock()))
+        if self.key is not None:
+            hdrs[routes.AUTHORIZATION_HEADER] = authorization(self.key, method, path, digest, int(self._clock()))
         url = URL(self.endpoint.base + path, encoded=True)
         where = f"{method} {path} on replica server {self.endpoint}"
         try:
@@ -205,6 +220,22 @@ class ReplicaClient:
                                              allow_redirects=False) as resp:
                 raw = await _read_answer(resp)
                 status = resp.status
+        except aiohttp.ClientSSLError as exc:
+            refused = _tls_refusal(exc)
+            if refused is None:
+                raise ReplicaUnavailableError(f"{where} failed in TLS: {_describe(exc)}") from None
+            raise ReplicaAuthError(f"{where}: TLS handshake failed: {refused}", status=0, remote_code="tls_refused",
+                                   hint="check the certificates and CA bundles of both hosts "
+                                        "(docs/security.md)") from None
+        except aiohttp.ClientOSError as exc:
+            refused = _tls_refusal(exc)
+            if refused is None:
+                raise ReplicaUnavailableError(f"{where} failed: {_describe(exc)}",
+                                              hint="check that hvr-listener runs there and the network "
+                                                   "between the hosts") from None
+            raise ReplicaAuthError(f"{where}: the replica server refused our certificate: {refused}", status=0,
+                                   remote_code="tls_refused",
+                                   hint="check our certificate: its CA, validity, clientAuth usage") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise ReplicaUnavailableError(f"{where} failed: {_describe(exc)}",
                                           hint="check that hvr-listener runs there and the network "
@@ -244,6 +275,16 @@ async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
             break
         out += chunk
     return bytes(out[:MAX_ANSWER_BYTES])
+
+
+def _tls_refusal(exc: Exception) -> str | None:
+    """What a certificate refusal in the handshake said (ours of the server's, or the server's alert), else None."""
+    cause = getattr(exc, "os_error", None) or exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return cause.verify_message or str(cause)
+    if isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or "").upper():
+        return cause.reason.lower().replace("_", " ")
+    return None
 
 
 def _describe(exc: Exception) -> str:

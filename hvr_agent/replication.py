@@ -45,7 +45,6 @@ import asyncio
 import logging
 import socket
 import time
-from pathlib import Path
 
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, NotFoundError, TransientError, UsageError
@@ -54,12 +53,12 @@ from hvr_common.pure.names import is_host, storage_location_problem
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.pure.schedule import FREQUENCIES_S, initial_is_later
-from hvr_common.shell.key_file import read_key
 from hvr_common.shell.logs import event
 from hvr_agent.driver import VmReplication
 from hvr_agent.housekeeping import remove_dir
 from hvr_agent.relationship import ROLE, Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
+from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_common.pure.wire.messages import DiskSpec, EnableRequest
 from hvr_agent.replication_report import iso_time, measure_of, status_of
 from hvr_agent.store import AgentStore, ReplicationRecord
@@ -136,8 +135,8 @@ class ReplicationManager:
         return rep
 
     # --- verbs -------------------------------------------------------------------------------
-    async def enable(self, name: str, *, replica_host: str, port: int, key_file: str, frequency_s: int,
-                     compression: bool, history: HistorySettings = HistorySettings()) -> dict:
+    async def enable(self, name: str, *, replica_host: str, port: int, credentials: ReplicaCredentials,
+                     frequency_s: int, compression: bool, history: HistorySettings = HistorySettings()) -> dict:
         if not is_host(replica_host):
             raise UsageError(f"replica_server must be a host name or address, not {quoted(replica_host)}")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
@@ -147,9 +146,12 @@ class ReplicationManager:
                              f"not {quoted(frequency_s)}")
         if not isinstance(compression, bool):
             raise UsageError("compression must be true or false")
-        problem = storage_location_problem(key_file)
-        if problem is not None:
-            raise UsageError(f"key file {problem}, not {quoted(key_file)}")
+        for what, path in (("key file", credentials.key_file), ("CA file", credentials.ca_file),
+                           ("certificate file", credentials.cert_file),
+                           ("certificate key file", credentials.cert_key_file)):
+            problem = None if path is None else storage_location_problem(str(path))
+            if problem is not None:
+                raise UsageError(f"{what} {problem}, not {quoted(str(path))}")
         self._check_hooks(name, history)
         async with self._admin_lock:
             vm = self.registry.vms.get(name)
@@ -162,21 +164,24 @@ class ReplicationManager:
                                     f"(state {self.vms[name].rec.state.value})",
                                     hint="remove it first with hvrctl vm remove NAME --replication-only")
             state = transition(ROLE, None, Action.ENABLE)
-            key = await asyncio.to_thread(read_key, Path(key_file))
-            endpoint = ReplicaEndpoint(replica_host, port)
+            key, ssl_context, principal = await asyncio.to_thread(credentials.load)
+            endpoint = ReplicaEndpoint(replica_host, port, credentials.tls)
             request = EnableRequest(name, vm.record.generation, frequency_s, compression,
                                     tuple(DiskSpec(d.identity.disk_id, n, d.size) for n, d in vm.disks.items()))
-            async with ReplicaClient(endpoint, key) as client:
+            async with ReplicaClient(endpoint, key, ssl_context=ssl_context) as client:
                 status, _ = await client.enable(vm.record.vm_id, request)
             rec = ReplicationRecord(
-                vm=name, replica_host=replica_host, replica_port=port, key_file=Path(key_file),
-                principal=key.principal, frequency_s=frequency_s, compression=compression, state=state,
+                vm=name, replica_host=replica_host, replica_port=port, key_file=credentials.key_file,
+                principal=principal, frequency_s=frequency_s, compression=compression, state=state,
                 state_detail=None, generation=vm.record.generation, base_sequence=None, next_sequence=None,
                 initial_at_ns=None, initial_started_ns=None, initial_completed_ns=None, last_replication_ns=None,
-                enabled_ns=time.time_ns()).with_history(history).replace(settings_pending=True)
+                enabled_ns=time.time_ns(), auth=credentials.auth, ca_file=credentials.ca_file,
+                cert_file=credentials.cert_file, cert_key_file=credentials.cert_key_file,
+            ).with_history(history).replace(settings_pending=True)
             rep = self._replication(await Relationship.add(rec, self.store, self.registry))
             self._start(rep)
-        event(log, "replication_enabled", vm=name, replica=str(endpoint), principal=key.principal,
+        event(log, "replication_enabled", vm=name, replica=str(endpoint), principal=principal, auth=credentials.auth,
+              tls=credentials.tls,
               frequency_s=frequency_s, compression=compression, replica_existed=status == 200, **history.to_json())
         return await self.status_of(rep)
 

@@ -30,7 +30,7 @@ from hvr_common.pure.replication_state import ReplicationState
 
 # Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
 # numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (
@@ -99,7 +99,18 @@ ALTER TABLE replication ADD COLUMN last_app_consistent_ns INTEGER;      -- the l
 ALTER TABLE replication ADD COLUMN app_consistent_failures INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE replication ADD COLUMN app_consistent_sequences TEXT NOT NULL DEFAULT '';  -- unacknowledged, comma-separated
 """
-MIGRATIONS: tuple[Migration, ...] = ((2, SCHEMA_V2),)  # recovery history settings, application-consistent cuts
+SCHEMA_V3 = """
+ALTER TABLE replication ADD COLUMN auth TEXT NOT NULL DEFAULT 'token';  -- token | certificate
+ALTER TABLE replication ADD COLUMN ca_file TEXT NOT NULL DEFAULT '';    -- '': plain HTTP
+ALTER TABLE replication ADD COLUMN cert_file TEXT NOT NULL DEFAULT '';
+ALTER TABLE replication ADD COLUMN cert_key_file TEXT NOT NULL DEFAULT '';
+"""
+MIGRATIONS: tuple[Migration, ...] = (
+    (2, SCHEMA_V2),  # recovery history settings, application-consistent cuts
+    (3, SCHEMA_V3),  # certificate authentication and TLS (ReplicaCredentials)
+)
+_OPTIONAL_PATHS = frozenset({"key_file", "ca_file", "cert_file", "cert_key_file"})  # None is stored as ''
+
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,7 @@ class ReplicationRecord:
     vm: str
     replica_host: str
     replica_port: int
-    key_file: Path
+    key_file: Path | None  # None in certificate mode
     principal: str
     frequency_s: int
     compression: bool
@@ -147,6 +158,11 @@ class ReplicationRecord:
     last_app_consistent_ns: int | None = None  # the last cut taken frozen (None: never)
     app_consistent_failures: int = 0  # cuts that were due frozen but are crash-consistent
     app_consistent_sequences: tuple[int, ...] = ()  # unacknowledged cycles cut frozen, oldest first
+    # schema version 3: how the agent authenticates and protects the connection (ReplicaCredentials)
+    auth: str = "token"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    cert_key_file: Path | None = None
 
     @property
     def history(self) -> HistorySettings:
@@ -169,17 +185,24 @@ class ReplicationRecord:
             v = getattr(self, f.name)
             if isinstance(v, tuple):
                 v = ",".join(map(str, v))
+            if v is None and f.name in _OPTIONAL_PATHS:
+                v = ""
             out.append(str(v) if isinstance(v, (Path, ReplicationState)) else int(v) if isinstance(v, bool) else v)
         return tuple(out)
 
     @staticmethod
     def _from_row(row) -> "ReplicationRecord":
         (vm, host, port, key_file, principal, freq, comp, state, detail, gen, base, nxt, at, started, completed,
-         last, enabled, history, fine, app, pending, last_app, app_failures, app_seqs) = row
-        return ReplicationRecord(vm, host, port, Path(key_file), principal, freq, bool(comp), ReplicationState(state),
+         last, enabled, history, fine, app, pending, last_app, app_failures, app_seqs, auth, ca, cert, cert_key) = row
+        return ReplicationRecord(vm, host, port, _path(key_file), principal, freq, bool(comp), ReplicationState(state),
                                  detail, gen, base, nxt, at, started, completed, last, enabled, history, fine, app,
                                  bool(pending), last_app, app_failures,
-                                 tuple(int(s) for s in app_seqs.split(",") if s))
+                                 tuple(int(s) for s in app_seqs.split(",") if s), auth, _path(ca), _path(cert),
+                                 _path(cert_key))
+
+
+def _path(value: str) -> Path | None:
+    return Path(value) if value else None
 
 
 @dataclass(frozen=True)

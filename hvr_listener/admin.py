@@ -75,10 +75,12 @@ async def patch_server(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     changes = await read_json_object(request)
     old_listen = settings.listen_endpoint()
+    old_tls = (settings.tls_files(), settings.requires_client_certificate())
     await asyncio.to_thread(settings.update, changes)
     event(log, "server_settings_changed", changes=changes)
-    if "listen" in changes and settings.listen_endpoint() != old_listen:
-        await request.app[ON_LISTEN_CHANGE]()
+    if settings.listen_endpoint() != old_listen or (settings.tls_files(), settings.requires_client_certificate()) \
+            != old_tls or {"tls_cert", "tls_key", "tls_ca"} & set(changes):
+        await request.app[ON_LISTEN_CHANGE]()  # rebinds with the new address or TLS context
     return web.json_response(settings.view())
 
 

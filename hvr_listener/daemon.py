@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hvr_common.shell import systemd
+from hvr_common.shell import systemd, tls_contexts
 from hvr_common.shell.http_middleware import serve_on_unix_socket
 from hvr_common.shell.http_server import JsonErrorRunner
 from hvr_common.pure.config import ListenerConfig
@@ -27,7 +27,7 @@ from hvr_common.shell.files import unlink_if_exists
 from hvr_listener.recovery_history import Histories
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.test_failover import TestFailovers
-from hvr_listener.settings import ServerSettings
+from hvr_listener.settings import ServerSettings, configured_tls
 from hvr_listener.store import ListenerStore
 
 log = logging.getLogger("hvr.listener")
@@ -55,6 +55,7 @@ class Listener:
         self._stop = asyncio.Event()
         self._api_runner: web.AppRunner | None = None
         self._api_site: web.TCPSite | None = None
+        self._bound_for: tuple[str, int] | None = None  # the listen setting of the current site
         self.settings: ServerSettings | None = None
 
     def request_stop(self, why: str) -> None:
@@ -62,20 +63,35 @@ class Listener:
         self._stop.set()
 
     async def _bind(self) -> None:
-        host, port = self.settings.listen_endpoint()
-        site = web.TCPSite(self._api_runner, host, port, reuse_address=True)
+        """Listen where the settings say, with their TLS context; a change of TLS alone rebinds in place."""
+        endpoint = self.settings.listen_endpoint()
+        host, port = endpoint
+        ssl_context = self._tls_context()
+        old = self._api_site
+        if old is not None and endpoint == self._bound_for:  # the same address: the old socket must go first
+            host, port = self.bound
+            await old.stop()
+            old = None
+        site = web.TCPSite(self._api_runner, host, port, reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
             raise ConflictError(f"cannot listen on {host}:{port}: {exc.strerror}",
                                 hint="another process uses the port, or the address is not on this host") from None
-        old, self._api_site = self._api_site, site
+        self._api_site, self._bound_for = site, endpoint
         if old is not None:
             await old.stop()
         bound = site._server.sockets[0].getsockname()[:2] if site._server and site._server.sockets else (host, port)
         self.bound = bound
         self.settings.bound = bound
         event(log, "listening", host=bound[0], port=bound[1])
+
+    def _tls_context(self):
+        """TLS 1.3 when the server has a certificate (docs/security.md), else None: plain HTTP."""
+        files = self.settings.tls_files()
+        if files is None:
+            return None
+        return tls_contexts.server_context(files, require_client_cert=self.settings.requires_client_certificate())
 
     async def run(self) -> None:
         cfg = self.config
@@ -93,7 +109,9 @@ class Listener:
             removed = await asyncio.to_thread(cleanup_leftovers, store)
             if removed:
                 event(log, "leftovers_removed", files=removed)
-            self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage))
+            self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage),
+                                           configured_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_ca))
+            await asyncio.to_thread(self.settings.check_tls)  # unusable certificate files: refuse to start
             service = ReplicaService(store, self.settings.storage_dir, cfg.max_bundle_bytes)
             applier = Applier(service, histories)
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)

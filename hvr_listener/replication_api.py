@@ -1,6 +1,7 @@
 """The replication API (``/v1``) that primaries call: the HTTP shell.
 
-Authenticates every request (token mode), checks the server settings,
+Authenticates every request (a signed token, or over TLS the client
+certificate the handshake verified: ``docs/security.md``), checks the server settings,
 parses paths and headers, streams bodies to :class:`ReplicaService`.  Routes,
 headers, bodies and the status of every error code are those of
 :mod:`hvr_common.pure.wire` (``docs/replication-protocol.md``).
@@ -19,6 +20,7 @@ from aiohttp import web
 from hvr_common.pure.errors import UsageError
 from hvr_common.pure.input_limits import MAX_JSON_BODY_BYTES, decimal, json_object, quoted
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
+from hvr_common.shell.certificate_files import peer_principal
 from hvr_common.shell.logs import event
 from hvr_common.shell.http_middleware import error_middleware
 from hvr_common.pure.token_auth import AuthError, ReplayCache, verify
@@ -50,17 +52,27 @@ async def auth_middleware(request: web.Request, handler):
     if not current["enabled"]:
         raise error("replication_disabled", "this replica server does not accept replication (it is disabled)",
                     hint="on the replica host: hvrctl server set --enabled true")
-    if "token" not in current["auth_modes"]:
-        raise AuthError("token authentication is not accepted by this server",
-                        hint="use an authentication mode the server accepts (hvrctl server get)")
-    principal = verify(request.headers.get(routes.AUTHORIZATION_HEADER), request.method, request.path_qs,
-                       request.headers.get(routes.CONTENT_DIGEST_HEADER), int(time.time()), settings.key,
-                       request.app[REPLAY], not_before=request.app[STARTED_S])
+    principal = _authenticate(request, current["auth_modes"])
     if not current["allow_any_authenticated"]:
         raise ForbiddenError(f"{principal!r} is authenticated but not authorised on this server",
                              hint="allow any authenticated server, or add an authorization entry")
     request[PRINCIPAL] = principal
     return await handler(request)
+
+
+def _authenticate(request: web.Request, modes: list[str]) -> str:
+    """The principal: of the signed token when the request carries one, else of the client certificate."""
+    settings = request.app[SETTINGS]
+    tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+    if request.headers.get(routes.AUTHORIZATION_HEADER) is None and tls is not None and "certificate" in modes:
+        # the handshake verified the chain to the CA bundle; the principal is the certificate's host name
+        return peer_principal(tls.getpeercert(binary_form=True))
+    if "token" not in modes:
+        raise AuthError("token authentication is not accepted by this server",
+                        hint="use an authentication mode the server accepts (hvrctl server get)")
+    return verify(request.headers.get(routes.AUTHORIZATION_HEADER), request.method, request.path_qs,
+                  request.headers.get(routes.CONTENT_DIGEST_HEADER), int(time.time()), settings.key,
+                  request.app[REPLAY], not_before=request.app[STARTED_S])
 
 
 async def _json(request: web.Request) -> dict:

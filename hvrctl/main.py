@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError
-from hvrctl import backup_commands, examples, hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands
+from hvrctl import (backup_commands, cert_commands, examples, hrl_commands, recovery_commands, replication_commands,
+                    server_commands, vm_commands)
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
 DEFAULT_LISTENER_SOCKET = "/run/hvr/listener.sock"
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     recovery_commands.register(sub, common)
     hrl_commands.register(sub, common)
     backup_commands.register(sub, common)
+    cert_commands.register(sub, common)
     examples.attach(parser)
     return parser
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError, UsageError
-from hvrctl import replication_settings
+from hvrctl import credential_flags, replication_settings
 from hvr_common.pure.schedule import FREQUENCIES_S
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
@@ -30,13 +30,12 @@ def register(sub, vm_verbs, common) -> None:
         "enable", parents=[common], help="enable replication of a VM to a replica server",
         description="Enable-VMReplication: record where the VM replicates to, create its replica on the replica "
                     "server (state WaitingForInitialReplication there) and show ReadyForInitialReplication here. "
-                    "Start the initial copy with: hvrctl initial start NAME.")
+                    "Start the initial copy with: hvrctl initial start NAME.",
+        epilog=credential_flags.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME", help="a VM registered with the agent")
     p.add_argument("--replica-server", required=True, metavar="HOST", help="host name or address of hvr-listener")
     p.add_argument("--port", required=True, type=int, metavar="N", help="the listener's TCP port")
-    p.add_argument("--key", required=True, type=Path, metavar="FILE",
-                   help="this primary's key file (hvrctl key new PRINCIPAL --out FILE; the replica server "
-                        "knows it through hvrctl server key add)")
+    credential_flags.add_flags(p)
     p.add_argument("--frequency", type=int, choices=FREQUENCIES_S, default=300,
                    metavar="|".join(map(str, FREQUENCIES_S)),
                    help="replication interval in seconds (default 300)")
@@ -152,11 +151,8 @@ def _duration(seconds: float | None) -> str:
 
 # --- verbs -----------------------------------------------------------------------------------
 def cmd_enable(args) -> int:
-    key = args.key.expanduser().resolve()
-    if not key.is_file():
-        raise UsageError(f"key file {key} does not exist", hint="create it with hvrctl key new PRINCIPAL --out FILE")
     result = _client(args).request("POST", f"/v1/vms/{args.name}/replication", {
-        "replica_server": args.replica_server, "port": args.port, "key_file": str(key),
+        "replica_server": args.replica_server, "port": args.port, **credential_flags.credentials_of(args),
         "frequency_s": args.frequency, "compression": args.compression,
         **replication_settings.settings_of(args)})
     if args.output == "json":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime as dt
 from pathlib import Path
@@ -31,9 +32,20 @@ def register(sub, common) -> None:
                                     "where it listens and where new replicas are stored.")
     p.set_defaults(func=cmd_server_get)
     p = ssub.add_parser("set", parents=[common], help="change replica server settings",
-                        description="Change settings; all given changes are validated first and applied together.")
+                        description="Change settings; all given changes are validated first and applied together. "
+                                    "A change of address or TLS rebinds the replication API now.",
+                        epilog="examples:\n"
+                               "  hvrctl server set --enabled true --allow-any true\n"
+                               "  hvrctl server set --auth token,certificate --cert /etc/hvr/tls/replica1.pem \\\n"
+                               "      --cert-key /etc/hvr/tls/replica1-key.pem --ca /etc/hvr/tls/ca.pem",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--enabled", metavar="true|false", help="accept replication at all")
-    p.add_argument("--auth", metavar="MODES", help="accepted authentication modes, comma-separated (token)")
+    p.add_argument("--auth", metavar="MODES",
+                   help="accepted authentication modes, comma-separated: token, certificate (certificate needs "
+                        "--cert, --cert-key and --ca, here or in listener.toml)")
+    p.add_argument("--cert", metavar="FILE", help="the server's PEM certificate (serverAuth): TLS 1.3 from now on")
+    p.add_argument("--cert-key", metavar="FILE", help="the certificate's PEM key (mode 0600)")
+    p.add_argument("--ca", metavar="FILE", help="PEM CA bundle primaries' certificates must chain to")
     p.add_argument("--listen", metavar="HOST:PORT", help="address and port of the replication API (rebinds now)")
     p.add_argument("--storage", metavar="PATH", help="default storage location for new replicas")
     p.add_argument("--allow-any", metavar="true|false",
@@ -98,8 +110,15 @@ def _server_view(args, view: dict) -> int:
         print(kv([("server", view["server_name"]), ("replication enabled", view["enabled"]),
                   ("authentication", ", ".join(view["auth_modes"])), ("listen (setting)", view["listen"]),
                   ("listening on", view.get("listening_on")), ("default storage", view["default_storage"]),
-                  ("allow any authenticated", view["allow_any_authenticated"]), ("installed keys", view["keys"])]))
+                  ("allow any authenticated", view["allow_any_authenticated"]), ("installed keys", view["keys"]),
+                  ("TLS", _tls_text(view.get("tls")))]))
     return 0
+
+
+def _tls_text(tls: dict | None) -> str:
+    if not tls:
+        return "off (plain HTTP)"
+    return f"TLS 1.3, client certificate {tls['client_certificate']}; cert {tls['cert']}, CA {tls['ca']}"
 
 
 def cmd_server_get(args) -> int:
@@ -118,6 +137,10 @@ def cmd_server_set(args) -> int:
         changes["listen"] = args.listen
     if args.storage is not None:
         changes["default_storage"] = args.storage
+    for flag, key in (("cert", "tls_cert"), ("cert_key", "tls_key"), ("ca", "tls_ca")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[key] = str(Path(value).expanduser().resolve()) if value else ""
     if not changes:
         raise UsageError("nothing to change", hint="see hvrctl server set --help")
     return _server_view(args, _client(args).request("PATCH", "/v1/server", changes))

@@ -279,6 +279,10 @@ class ListenerConfig:
     log_format: str = "auto"
     max_bundle_bytes: int = 64 * 1024 * 1024 * 1024
     nbd_socket: Path | None = None  # test failover views are served here (nbd+unix://)
+    # TLS 1.3 of the replication API (docs/security.md): all three, or none (plain HTTP)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     @property
     def db_path(self) -> Path:
@@ -307,6 +311,12 @@ def parse_listener_config(table: dict, source: str = "listener config") -> Liste
         log_format=c.choice("log_format", LOG_FORMATS, "auto"),
         max_bundle_bytes=c.integer("max_bundle_bytes", 64 * 1024 * 1024 * 1024, check=_positive),
         nbd_socket=c.path("nbd_socket"),
+        tls_cert=c.path("tls_cert"),
+        tls_key=c.path("tls_key"),
+        tls_ca=c.path("tls_ca"),
     )
+    tls = [cfg[k] is not None for k in ("tls_cert", "tls_key", "tls_ca")]
+    if any(tls) and not all(tls) and not any(p.startswith("tls_") for p in c.problems):
+        c.problems.append("tls_cert, tls_key, tls_ca: give all three, or none (plain HTTP)")
     c.finish()
     return ListenerConfig(**cfg)

@@ -19,7 +19,8 @@ from hvr_common.pure.errors import HvrError
 
 
 def run_daemon(argv: list[str] | None, *, prog: str, description: str, default_config: Path,
-               parse_config: Callable[[dict, str], object], make_root: Callable[[object], object]) -> int:
+               parse_config: Callable[[dict, str], object], make_root: Callable[[object], object],
+               check_files: Callable[[object], None] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=description + " Runs in the foreground (as systemd expects); stop it with SIGTERM.")
     parser.add_argument("--config", type=Path, default=default_config,
@@ -29,6 +30,8 @@ def run_daemon(argv: list[str] | None, *, prog: str, description: str, default_c
     args = parser.parse_args(argv)
     try:
         config = parse_config(read_toml(args.config), str(args.config))
+        if check_files is not None:  # files the configuration names (certificates): refused here too
+            check_files(config)
     except HvrError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code

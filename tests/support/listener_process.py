@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class ListenerProcess(SupervisedProcess):
         self.stderr_path = self.workdir / "listener.stderr.log"
         self.extra_config = extra_config or {}
         self.enabled = enabled
+        self.client_tls: ssl.SSLContext | None = None  # set when the listener speaks TLS: how clients connect
         self.process: subprocess.Popen | None = None
         self._log_files: list = []
 
@@ -107,10 +109,13 @@ class Reply:
 def call(port: int, method: str, path: str, body: bytes = b"", *, key: Key | None = None,
          headers: dict | None = None, ts: int | None = None, nonce: str | None = None,
          digest: str | None = None, send_body: bytes | None = None, content_length: int | None = None,
-         sign: bool = True, half_close: bool = True) -> Reply:
-    """One request; ``send_body``/``content_length`` let a test lie about the body to the server."""
+         sign: bool = True, half_close: bool = True, tls: ssl.SSLContext | None = None) -> Reply:
+    """One request; ``send_body``/``content_length`` let a test lie about the body to the server.
+
+    With ``tls``, over HTTPS to ``localhost`` (the name of the test server certificates).
+    """
     conn = open_request(port, method, path, body, key=key, headers=headers, ts=ts, nonce=nonce, digest=digest,
-                        send_body=send_body, content_length=content_length, sign=sign)
+                        send_body=send_body, content_length=content_length, sign=sign, tls=tls)
     try:
         payload = body if send_body is None else send_body
         if half_close and content_length is not None and content_length > len(payload):
@@ -123,7 +128,7 @@ def call(port: int, method: str, path: str, body: bytes = b"", *, key: Key | Non
 def open_request(port: int, method: str, path: str, body: bytes = b"", *, key: Key | None = None,
                  headers: dict | None = None, ts: int | None = None, nonce: str | None = None,
                  digest: str | None = None, send_body: bytes | None = None, content_length: int | None = None,
-                 sign: bool = True) -> http.client.HTTPConnection:
+                 sign: bool = True, tls: ssl.SSLContext | None = None) -> http.client.HTTPConnection:
     """Send a signed request's head and ``send_body`` (default: all of ``body``); the caller reads the reply."""
     digest = digest or hashlib.sha256(body).hexdigest()
     hdrs = {"X-Hvr-Content-SHA256": digest}
@@ -132,7 +137,8 @@ def open_request(port: int, method: str, path: str, body: bytes = b"", *, key: K
                                               nonce or secrets.token_hex(16))
     hdrs.update(headers or {})
     payload = body if send_body is None else send_body
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = (http.client.HTTPSConnection("localhost", port, timeout=60, context=tls) if tls is not None
+            else http.client.HTTPConnection("127.0.0.1", port, timeout=60))
     try:
         conn.putrequest(method, path)
         for k, v in hdrs.items():

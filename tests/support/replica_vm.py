@@ -30,7 +30,7 @@ class Vm:
         self.disk_ids = [uuid.uuid4() for _ in range(disks)]
         self.name = name
         self.expected = [bytearray(SIZE) for _ in range(disks)]
-        r = call_json(lp.port, "PUT", f"/v1/replicas/{self.vm_id}", self.enable_body(), key=lp.key)
+        r = call_json(lp.port, "PUT", f"/v1/replicas/{self.vm_id}", self.enable_body(), key=lp.key, tls=lp.client_tls)
         assert r.status == 201, r.body
         if initial:
             self.initial()
@@ -49,10 +49,11 @@ class Vm:
                 log = hrl_bytes(self.vm_id, disk_id, 1, 0, SIZE, ops)
                 body = bundle(BundleKind.INITIAL, self.vm_id, 1, 0, [(disk_id, SIZE, start, start + 2 * MiB, log)])
                 r = call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/initial/{disk_id}?offset={start}"
-                         f"&end={start + 2 * MiB}", body, key=self.lp.key, headers={"X-Hvr-Generation": "1"})
+                         f"&end={start + 2 * MiB}", body, key=self.lp.key, headers={"X-Hvr-Generation": "1"},
+                         tls=self.lp.client_tls)
                 assert r.status == 200, r.body
         r = call_json(self.lp.port, "POST", f"/v1/replicas/{self.vm_id}/initial/complete",
-                      {"generation": 1, "next_sequence": 1}, key=self.lp.key)
+                      {"generation": 1, "next_sequence": 1}, key=self.lp.key, tls=self.lp.client_tls)
         assert r.status == 200, r.body
         assert r.json()["state"] == "Replicating"
 
@@ -65,10 +66,11 @@ class Vm:
 
     def put_cycle(self, seq: int, body: bytes, *, generation: int = 1, **kw):
         return call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/cycles/{seq}", body, key=kw.pop("key", self.lp.key),
+                    tls=kw.pop("tls", self.lp.client_tls),
                     headers={"X-Hvr-Generation": str(generation), "Content-Type": "application/x-hvr-bundle"}, **kw)
 
     def state(self) -> dict:
-        r = call(self.lp.port, "GET", f"/v1/replicas/{self.vm_id}", key=self.lp.key)
+        r = call(self.lp.port, "GET", f"/v1/replicas/{self.vm_id}", key=self.lp.key, tls=self.lp.client_tls)
         assert r.status == 200, r.body
         return r.json()
 

@@ -34,10 +34,13 @@ class Pair:
             self.listener.close()
 
     # --- primary side -------------------------------------------------------
-    def protect(self, vm: str, disks: list[Path], *, frequency: int = 30, port: int | None = None) -> None:
+    def protect(self, vm: str, disks: list[Path], *, frequency: int = 30, port: int | None = None,
+                replica_server: str = "127.0.0.1", credentials: list[str] | None = None) -> None:
+        """Enable replication with ``credentials`` (the enable flags; default: ``--key`` of the pair's key)."""
         self.agent.add_vm(vm, disks)
-        self.agent.hvrctl("vm", "enable", vm, "--replica-server", "127.0.0.1", "--port",
-                          str(port or self.replica_port), "--key", str(self.key_path), "--frequency", str(frequency))
+        self.agent.hvrctl("vm", "enable", vm, "--replica-server", replica_server, "--port",
+                          str(port or self.replica_port), *(credentials or ["--key", str(self.key_path)]),
+                          "--frequency", str(frequency))
 
     def initial(self, vm: str, timeout_s: float = 300) -> None:
         self.agent.hvrctl("initial", "start", vm, "--wait", timeout_s=timeout_s)

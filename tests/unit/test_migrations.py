@@ -76,6 +76,13 @@ def test_a_released_agent_database_keeps_its_vms_replication_and_cycles(tmp_path
                                                  rec.app_consistent_hours) == (0, 60, None)
     assert not rec.settings_pending and rec.last_app_consistent_ns is None
     assert (rec.app_consistent_failures, rec.app_consistent_sequences) == (0, ())
+    # version 3: token authentication over plain HTTP, with the key file it had
+    assert (rec.auth, rec.ca_file, rec.cert_file, rec.cert_key_file) == ("token", None, None, None)
+    assert rec.key_file is not None and rec.key_file.is_absolute()
+    cert_mode = rec.replace(vm="web1", auth="certificate", key_file=None, ca_file=Path("/etc/hvr/ca.pem"),
+                            cert_file=Path("/etc/hvr/h.pem"), cert_key_file=Path("/etc/hvr/h-key.pem"))
+    store.save_replication(cert_mode)
+    assert store.list_replications() == [cert_mode]
     changed = rec.with_history(HistorySettings(3, 30, 2)).replace(settings_pending=True, app_consistent_failures=1,
                                                                    app_consistent_sequences=(41, 43))
     store.save_replication(changed)
@@ -83,7 +90,7 @@ def test_a_released_agent_database_keeps_its_vms_replication_and_cycles(tmp_path
     assert changed.consistency_of(42) == "crash"
     store.add_vm("new1", [("root", tmp_path / "new1.img")], False)  # and it goes on working
     store.close()
-    assert recorded_version(path) == agent_store.SCHEMA_VERSION == 2
+    assert recorded_version(path) == agent_store.SCHEMA_VERSION == 3
 
 
 def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycles(tmp_path):

@@ -104,6 +104,9 @@ _ENTRIES = (
     _E("backup_apply_interrupted", 503, TransientError, 75, "backup refused: an interrupted apply is being retried"),
     _E("backup_point_not_applied", 503, TransientError, 75, "backup refused: the chosen recovery point is not applied yet"),
     _E("backup_running", 409, ConflictError, 4, "a backup of the VM is already held"),
+    # certificate authentication and TLS
+    _E("certificate_invalid", 400, ConfigError, 78, "a certificate, key or CA file is unusable (unreadable, expired, not yet valid, wrong usage, key readable by others)"),
+    _E("tls_refused", 401, HvrError, EX_NOPERM, "the TLS handshake failed: a certificate was not accepted by one side"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
