@@ -24,12 +24,33 @@ def test_the_walk_finds_the_commands():
     assert len(COMMANDS) > 30
 
 
+def _examples(epilog: str) -> list[str]:
+    """The commands of an epilog: 'example: hvrctl ...' (several joined by &&), or an 'examples:' block whose
+    lines starting with 'hvrctl' are commands (continued by a trailing backslash)."""
+    if epilog.startswith("example: hvrctl "):
+        return epilog.removeprefix("example: ").split("&&")
+    found, current = [], None
+    for line in epilog.splitlines():
+        text = line.strip()
+        if current is not None:
+            current += " " + text.rstrip("\\")
+        elif text.startswith("hvrctl "):
+            current = text.rstrip("\\")
+        if current is not None and not text.endswith("\\"):
+            found.append(current)
+            current = None
+    return found
+
+
 @pytest.mark.parametrize("words, sub", COMMANDS, ids=[" ".join(w) for w, _ in COMMANDS])
 def test_every_command_has_an_example_that_parses(words, sub):
-    assert sub.epilog and sub.epilog.startswith("example: hvrctl "), \
+    assert sub.epilog and sub.epilog.startswith(("example: hvrctl ", "examples:\n")), \
         f"'hvrctl {' '.join(words)}' has no example in its help (set epilog='example: hvrctl ...')"
-    assert "example: hvrctl" in sub.format_help()
-    for example in sub.epilog.removeprefix("example: ").split("&&"):
+    help_text = sub.format_help()
+    assert "example: hvrctl" in help_text or "examples:\n" in help_text
+    examples = _examples(sub.epilog)
+    assert examples, f"'hvrctl {' '.join(words)}' has an examples block with no command in it"
+    for example in examples:
         argv = shlex.split(example)
         assert argv[0] == "hvrctl"
         args = PARSER.parse_args(argv[1:])  # an example that no longer parses fails here (SystemExit)
