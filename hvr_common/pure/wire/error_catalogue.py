@@ -91,6 +91,9 @@ _ENTRIES = (
     # the agent's client of the replica server
     _E("replica_refused", 502, HvrError, 1, "the replica server refused (passed on by the agent)"),
     _E("replica_unavailable", 503, TransientError, 75, "the replica server could not be reached or failed"),
+    # authorization entries, trust groups, failed authentications (docs/authorization.md)
+    _E("other_trust_group", 403, HvrError, EX_NOPERM, "the VM was first replicated by a primary of another trust group"),
+    _E("auth_rate_limited", 429, TransientError, 75, "too many failed authentications from this address (detail.retry_after_s)"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
