@@ -25,7 +25,7 @@ from hvr_common.pure.errors import HvrError, NotFoundError, TransientError
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.replication_state import Action, ReplicationState, Step
 from hvr_common.pure.schedule import Backoff, initial_due, initial_wait_s
-from hvr_common.shell.key_file import read_key
+from hvr_common.shell.key_file import KeyFile
 from hvr_common.shell.logs import event
 from hvr_agent.cycles import Cycles
 from hvr_agent.housekeeping import clean_leftovers
@@ -69,7 +69,7 @@ class VmReplication:
     async def run(self) -> None:
         rec = self.rel.rec
         try:
-            key = await asyncio.to_thread(read_key, rec.key_file)
+            key = await asyncio.to_thread(KeyFile, rec.key_file, self._key_problem)  # read again when replaced
             endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port)
             async with ReplicaClient(endpoint, key) as client:
                 self.client = client
@@ -86,6 +86,10 @@ class VmReplication:
             await self.cycles.stop_prepare()
             await self.cycles.settle_after_ack()
             self.cycles.fail_waiters(HvrError("replication task stopped"))
+
+    def _key_problem(self, exc: HvrError) -> None:
+        event(log, "key_file_unusable", logging.WARNING, vm=self.name, file=str(self.rec.key_file), error=exc.message,
+              hint="the last good key stays in use")
 
     async def _loop(self, client: ReplicaClient) -> None:
         wake = self.rel.wake

@@ -41,6 +41,7 @@ from hvr_common.pure.token_auth import Key, authorization
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
 from hvr_common.pure.wire.messages import EnableRequest, InitialCompleteRequest
+from hvr_common.shell.key_file import KeyFile
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -115,16 +116,24 @@ class ReplicaEndpoint:
 
 
 class ReplicaClient:
-    """One replica server, one key.  Use as ``async with ReplicaClient(...) as client``."""
+    """One replica server, one key.  Use as ``async with ReplicaClient(...) as client``.
 
-    def __init__(self, endpoint: ReplicaEndpoint, key: Key, *, connect_timeout_s: float = 10.0,
+    ``key`` is a key, or a :class:`KeyFile` whose current key signs each request
+    (the key file replaced: the next request is signed with the new key).
+    """
+
+    def __init__(self, endpoint: ReplicaEndpoint, key: Key | KeyFile, *, connect_timeout_s: float = 10.0,
                  read_timeout_s: float = 300.0, clock=time.time):
         self.endpoint = endpoint
-        self.key = key
+        self._key = key
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s,
                                               sock_read=read_timeout_s)
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def key(self) -> Key:
+        return self._key.current() if isinstance(self._key, KeyFile) else self._key
 
     async def __aenter__(self) -> ReplicaClient:
         self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False,
