@@ -7,7 +7,7 @@ takes effect on the next request) and validates changes.
 
 from __future__ import annotations
 
-from hvr_common.pure.authorization import AuthorizationEntry, Grant, authorize
+from hvr_common.pure.authorization import AuthorizationEntry, Grant, authorize, check_storage
 from hvr_common.pure.config import parse_endpoint
 from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.token_auth import Key
@@ -99,9 +99,10 @@ class ServerSettings:
                 raise UsageError("certificate authentication is not available in this version",
                                  hint="use token authentication")
         if "default_storage" in changes:
-            value = changes["default_storage"]
-            if not isinstance(value, str) or not value.startswith("/"):
-                raise UsageError("default_storage must be an absolute path")
+            try:
+                check_storage(changes["default_storage"])
+            except UsageError as exc:
+                raise UsageError(f"default_storage: {exc.message}", hint=exc.hint) from None
         if "listen" in changes:
             try:
                 host, port = parse_endpoint(changes["listen"]) if isinstance(changes["listen"], str) else (None, None)
