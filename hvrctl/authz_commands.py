@@ -55,20 +55,25 @@ def _route(pattern: str) -> str:
     return f"/v1/authorization/{urllib.parse.quote(pattern, safe='*')}"
 
 
-def _show(args, entries: list[dict]) -> None:
+def _emit(args, value) -> None:
+    """JSON as it came, or a table of the entries (one entry or a list of them)."""
+    if args.output == "json":
+        emit_json(value)
+        return
+    entries = value if isinstance(value, list) else [value]
     print(table(entries, [("PATTERN", "pattern"), ("TRUST GROUP", "trust_group"), ("STORAGE", "storage")]))
 
 
 def cmd_add(args) -> int:
     entry = _client(args).request("POST", "/v1/authorization", {"pattern": args.pattern, "storage": args.storage,
                                                                 "trust_group": args.trust_group})
-    emit_json(entry) if args.output == "json" else _show(args, [entry])
+    _emit(args, entry)
     return 0
 
 
 def cmd_list(args) -> int:
     entries = _client(args).request("GET", "/v1/authorization")
-    emit_json(entries) if args.output == "json" else _show(args, entries)
+    _emit(args, entries)
     return 0
 
 
@@ -77,7 +82,7 @@ def cmd_set(args) -> int:
     if not changes:
         raise UsageError("nothing to change", hint="give --storage and/or --trust-group")
     entry = _client(args).request("PATCH", _route(args.pattern), changes)
-    emit_json(entry) if args.output == "json" else _show(args, [entry])
+    _emit(args, entry)
     return 0
 
 
