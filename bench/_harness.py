@@ -440,7 +440,7 @@ class ReplicationPair:
         return self.listener_api.get(f"/v1/replicas/{vm}")
 
     def replica_image(self, vm: str, disk: str) -> Path:
-        return self.listener.storage / vm / f"{disk}.img"
+        return Path(self.replica(vm)["storage"]) / f"{disk}.img"  # the replica's folder is named by its VM id
 
     def agent_events(self, name: str) -> list[dict]:
         """The agent's JSON log events called ``name`` (stdout)."""

@@ -92,11 +92,11 @@ class BigReplica:
 
     @property
     def image(self) -> Path:
-        return self.lp.storage / self.name / "d0.img"
+        return self.storage / "d0.img"
 
     @property
     def storage(self) -> Path:
-        return self.lp.storage / self.name
+        return self.lp.storage / str(self.vm_id)  # a replica's folder is named by its VM id
 
     def enable(self) -> None:
         body = {"name": self.name, "generation": 1, "frequency_s": 30, "compression": True,

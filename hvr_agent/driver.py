@@ -25,6 +25,7 @@ from hvr_common.pure.errors import HvrError, NotFoundError, TransientError
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.replication_state import Action, ReplicationState, Step
 from hvr_common.pure.schedule import Backoff, initial_due, initial_wait_s
+from hvr_common.shell.key_file import KeyFile
 from hvr_common.shell.logs import event
 from hvr_agent.cycles import Cycles
 from hvr_agent.housekeeping import clean_leftovers
@@ -71,6 +72,8 @@ class VmReplication:
         try:
             credentials = ReplicaCredentials(rec.auth, rec.key_file, rec.ca_file, rec.cert_file, rec.cert_key_file)
             key, ssl_context, _ = await asyncio.to_thread(credentials.load)
+            if key is not None:  # token mode: the key file is read again when it is replaced (rotation)
+                key = await asyncio.to_thread(KeyFile, rec.key_file, self._key_problem)
             endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port, credentials.tls)
             async with ReplicaClient(endpoint, key, ssl_context=ssl_context) as client:
                 self.client = client
@@ -87,6 +90,10 @@ class VmReplication:
             await self.cycles.stop_prepare()
             await self.cycles.settle_after_ack()
             self.cycles.fail_waiters(HvrError("replication task stopped"))
+
+    def _key_problem(self, exc: HvrError) -> None:
+        event(log, "key_file_unusable", logging.WARNING, vm=self.name, file=str(self.rec.key_file), error=exc.message,
+              hint="the last good key stays in use")
 
     async def _loop(self, client: ReplicaClient) -> None:
         wake = self.rel.wake

@@ -47,6 +47,7 @@ from hvr_common.pure.token_auth import Key, authorization
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
 from hvr_common.pure.wire.messages import EnableRequest, InitialCompleteRequest
+from hvr_common.shell.key_file import KeyFile
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -124,20 +125,27 @@ class ReplicaEndpoint:
 class ReplicaClient:
     """One replica server, one key or certificate.  Use as ``async with ReplicaClient(...) as client``.
 
-    ``key`` None: certificate mode (``ssl_context`` carries the certificate).
+    ``key`` is a key, or a :class:`KeyFile` whose current key signs each request
+    (the key file replaced: the next request is signed with the new key); None:
+    certificate mode (``ssl_context`` carries the certificate).
     """
 
-    def __init__(self, endpoint: ReplicaEndpoint, key: Key | None, *, ssl_context: ssl.SSLContext | None = None,
-                 connect_timeout_s: float = 10.0, read_timeout_s: float = 300.0, clock=time.time):
+    def __init__(self, endpoint: ReplicaEndpoint, key: Key | KeyFile | None, *,
+                 ssl_context: ssl.SSLContext | None = None, connect_timeout_s: float = 10.0,
+                 read_timeout_s: float = 300.0, clock=time.time):
         if (ssl_context is not None) != endpoint.tls or (key is None and ssl_context is None):
             raise ValueError("a TLS endpoint needs a TLS context, and certificate mode needs TLS")
         self.endpoint = endpoint
-        self.key = key
+        self._key = key
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s,
                                               sock_read=read_timeout_s)
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def key(self) -> Key | None:
+        return self._key.current() if isinstance(self._key, KeyFile) else self._key
 
     async def __aenter__(self) -> ReplicaClient:
         self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False,
@@ -211,8 +219,9 @@ class ReplicaClient:
         else:
             digest = hashlib.sha256(b"").hexdigest()
         hdrs[routes.CONTENT_DIGEST_HEADER] = digest
-        if self.key is not None:
-            hdrs[routes.AUTHORIZATION_HEADER] = authorization(self.key, method, path, digest, int(self._clock()))
+        key = self.key
+        if key is not None:
+            hdrs[routes.AUTHORIZATION_HEADER] = authorization(key, method, path, digest, int(self._clock()))
         url = URL(self.endpoint.base + path, encoded=True)
         where = f"{method} {path} on replica server {self.endpoint}"
         try:

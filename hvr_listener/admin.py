@@ -1,7 +1,8 @@
 """The listener's admin API: JSON over HTTP on a unix socket (mode 0600); the HTTP shell only.
 
 * ``GET /v1/server``, ``PATCH /v1/server``      replica server settings
-* ``GET /v1/keys``, ``POST /v1/keys``, ``DELETE /v1/keys/{principal}``
+* ``GET/POST /v1/keys``, ``DELETE /v1/keys/{principal}``, ``GET/POST /v1/authorization``,
+  ``PATCH/DELETE /v1/authorization/{pattern}`` (:mod:`hvr_listener.access_control`)
 * ``GET /v1/replicas``, ``GET /v1/replicas/{name}``
 * ``DELETE /v1/replicas/{name}``, ``POST /v1/replicas/{name}/resume``
   (the operator verbs: :mod:`hvr_listener.operator_verbs`)
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import base64
-import binascii
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -26,9 +25,9 @@ from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.wire.error_catalogue import error
-from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
-from hvr_listener import backup_api, operator_verbs
+from hvr_listener import access_control, backup_api, operator_verbs
 from hvr_listener.backups import Backups
+from hvr_listener.peer_connections import PeerConnections
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
 from hvr_listener.recovery_history import Histories
 from hvr_listener.test_failover import TestFailovers
@@ -77,50 +76,12 @@ async def patch_server(request: web.Request) -> web.Response:
     old_listen = settings.listen_endpoint()
     old_tls = (settings.tls_files(), settings.requires_client_certificate())
     await asyncio.to_thread(settings.update, changes)
-    event(log, "server_settings_changed", changes=changes)
+    closed = access_control.revoke(settings, request.app[access_control.PEERS], "server_settings_changed")
+    event(log, "server_settings_changed", changes=changes, connections_closed=closed)
     if settings.listen_endpoint() != old_listen or (settings.tls_files(), settings.requires_client_certificate()) \
             != old_tls or {"tls_cert", "tls_key", "tls_ca"} & set(changes):
         await request.app[ON_LISTEN_CHANGE]()  # rebinds with the new address or TLS context
     return web.json_response(settings.view())
-
-
-async def list_keys(request: web.Request) -> web.Response:
-    return web.json_response(await asyncio.to_thread(request.app[STORE].key_list))
-
-
-async def add_key(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    unknown = set(body) - {"principal", "secret", "replace"}
-    if unknown:  # never echoed: a misplaced secret must not come back in the answer
-        raise UsageError(f"unknown field(s): {len(unknown)} (the fields are principal, secret, replace)")
-    if not isinstance(body.get("replace", False), bool):
-        raise UsageError("field 'replace' must be true or false")
-    principal = body.get("principal")
-    if not isinstance(principal, str):
-        raise UsageError("field 'principal' must be a string")
-    try:
-        check_principal(principal)
-    except HvrError as exc:  # a bad field of the request (400), not a failed authentication
-        raise UsageError(exc.message, hint=exc.hint) from None
-    try:
-        secret = base64.b64decode(body.get("secret", ""), validate=True)
-    except (binascii.Error, TypeError):
-        raise UsageError("field 'secret' must be base64") from None
-    if len(secret) != SECRET_BYTES:
-        raise UsageError(f"secret must be {SECRET_BYTES} bytes")
-    replaced = await asyncio.to_thread(request.app[STORE].add_key, Key(principal, secret),
-                                       replace=bool(body.get("replace")))
-    request.app[SETTINGS].reload_keys()
-    event(log, "key_added", principal=principal, replaced=replaced)
-    return web.json_response({"principal": principal, "replaced": replaced}, status=200 if replaced else 201)
-
-
-async def remove_key(request: web.Request) -> web.Response:
-    principal = request.match_info["principal"]
-    await asyncio.to_thread(request.app[STORE].remove_key, principal)
-    request.app[SETTINGS].reload_keys()
-    event(log, "key_removed", principal=principal)
-    return web.json_response({"removed": principal})
 
 
 async def list_replicas(request: web.Request) -> web.Response:
@@ -188,7 +149,7 @@ async def stop_test_failover(request: web.Request) -> web.Response:
 
 def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: Callable[[], Awaitable[None]],
              service: ReplicaService, histories: Histories, tests: TestFailovers,
-             backups: Backups) -> web.Application:
+             backups: Backups, peers: PeerConnections) -> web.Application:
     app = web.Application(middlewares=[error_middleware(log)], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[STORE] = store
@@ -198,9 +159,7 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app[TESTS] = tests
     app.router.add_get("/v1/server", get_server)
     app.router.add_patch("/v1/server", patch_server)
-    app.router.add_get("/v1/keys", list_keys)
-    app.router.add_post("/v1/keys", add_key)
-    app.router.add_delete("/v1/keys/{principal}", remove_key)
+    access_control.register(app, settings, store, peers)
     app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_get("/v1/replicas/{name}", get_replica)
     app.router.add_delete("/v1/replicas/{name}", remove_replica)

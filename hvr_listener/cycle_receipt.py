@@ -24,6 +24,7 @@ from hvr_common.pure.recovery_points import Consistency
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
+from hvr_common.pure.authorization import Grant
 from hvr_listener.body_feed import as_body_error, check_length, feed_checked
 from hvr_listener.bundle_io import SpoolWriter, commit_file
 from hvr_listener.replica_access import ReplicaAccess, check_generation, conflict
@@ -39,18 +40,18 @@ class CycleReceipt:
         self.max_bundle_bytes = max_bundle_bytes
         self.wake_applier = wake_applier
 
-    async def receive(self, vm_id: uuid.UUID, sequence: int, principal: str, generation: int,
+    async def receive(self, vm_id: uuid.UUID, sequence: int, peer: Grant, generation: int,
                       length: int | None, digest: str, body: AsyncIterator[bytes],
                       consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
         """Store a cycle durably.  Returns (created, replica).  A cycle already stored keeps its consistency."""
         try:
-            return await self._receive(vm_id, sequence, principal, generation, length, digest, body, consistency)
+            return await self._receive(vm_id, sequence, peer, generation, length, digest, body, consistency)
         finally:
             self.wake_applier.set()  # whatever happened, a stored cycle must not wait for the next one
 
-    async def _receive(self, vm_id, sequence, principal, generation, length, digest, body, consistency):
-        async with await self.access.locked(vm_id, principal):
-            rep = await self.access.get(vm_id, principal)
+    async def _receive(self, vm_id, sequence, peer, generation, length, digest, body, consistency):
+        async with await self.access.locked(vm_id, peer):
+            rep = await self.access.get(vm_id, peer)
             check_generation(rep, generation)
             if rep.state != ReplicationState.REPLICATING:
                 raise conflict("wrong_state", f"VM {rep.name} is {rep.state}, not Replicating")

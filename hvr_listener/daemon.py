@@ -24,6 +24,7 @@ from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
 from hvr_listener.backups import Backups
 from hvr_common.shell.files import unlink_if_exists
+from hvr_listener.peer_connections import PeerConnections
 from hvr_listener.recovery_history import Histories
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.test_failover import TestFailovers
@@ -57,6 +58,11 @@ class Listener:
         self._api_site: web.TCPSite | None = None
         self._bound_for: tuple[str, int] | None = None  # the listen setting of the current site
         self.settings: ServerSettings | None = None
+        self.peers = PeerConnections()  # open connections of authenticated primaries
+
+    def close_revoked_connections(self, reason: str) -> int:
+        """Close the connections of principals no longer allowed (after a trusted CA, a key or an entry went)."""
+        return self.peers.close_revoked(self.settings.still_allowed, reason)
 
     def request_stop(self, why: str) -> None:
         event(log, "listener_stopping", reason=why)
@@ -112,7 +118,8 @@ class Listener:
             self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage),
                                            configured_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_ca))
             await asyncio.to_thread(self.settings.check_tls)  # unusable certificate files: refuse to start
-            service = ReplicaService(store, self.settings.storage_dir, cfg.max_bundle_bytes)
+            service = ReplicaService(store, cfg.max_bundle_bytes)
+            peers = self.peers
             applier = Applier(service, histories)
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
             backups = Backups(store, service.access, histories, cfg.nbd_socket, applier.interrupted)
@@ -127,14 +134,15 @@ class Listener:
                 nbd_identity = socket_identity(cfg.nbd_socket)
             # A primary that vanishes mid-upload cancels its handler (and frees the VM's lock);
             # a stop waits at most SHUTDOWN_TIMEOUT_S for requests in flight.
-            self._api_runner = JsonErrorRunner(replication_api.make_app(service, self.settings, cfg.max_bundle_bytes),
+            api = replication_api.make_app(service, self.settings, cfg.max_bundle_bytes, peers)
+            self._api_runner = JsonErrorRunner(api,
                                              access_log=None, handle_signals=False, handler_cancellation=True,
                                              shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                                              read_bufsize=replication_api.BODY_CHUNK)
             await self._api_runner.setup()
             await self._bind()
             admin_runner = JsonErrorRunner(admin.make_app(self.settings, store, self._bind, service, histories, tests,
-                                                        backups),
+                                                        backups, peers),
                                          access_log=None,
                                          handle_signals=False)
             await admin_runner.setup()

@@ -3,6 +3,11 @@
 Enabling again with the same settings before anything was received is the
 same enabling (200, no change); anything else that finds a replica is
 refused before anything changes, so an old copy is never mixed with a new one.
+A replica found is first checked against the requesting primary's trust group
+(403 ``other_trust_group``).  A new replica's folder is named by its VM id, under
+the storage location the primary's grant names (the authorization entry's, or
+the default); the replica records it, so a changed storage location affects
+only replicas created afterwards.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from hvr_common.shell.logs import event
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.threads import finish_in_thread
-from hvr_listener.replica_access import ForbiddenError, ReplicaAccess, conflict
+from hvr_common.pure.authorization import Grant, check_same_trust_group
+from hvr_listener.replica_access import ReplicaAccess, conflict
 from hvr_listener.replica_state import ReplicaStates, enabled_again_unchanged
 from hvr_common.pure.wire.messages import EnableRequest
 from hvr_listener.store import Replica
@@ -27,12 +32,11 @@ log = logging.getLogger("hvr.listener.replicas")
 
 
 class Enablement:
-    def __init__(self, access: ReplicaAccess, states: ReplicaStates, storage: Callable[[], str]):
+    def __init__(self, access: ReplicaAccess, states: ReplicaStates):
         self.access = access
         self.states = states
-        self.storage = storage  # the current default storage location (a setting)
 
-    async def enable(self, vm_id: uuid.UUID, principal: str, body: dict) -> tuple[Replica, bool]:
+    async def enable(self, vm_id: uuid.UUID, peer: Grant, body: dict) -> tuple[Replica, bool]:
         """Returns (replica, created)."""
         req = EnableRequest.from_json(body)
         name, generation, frequency_s, compression = req.name, req.generation, req.frequency_s, req.compression
@@ -41,8 +45,7 @@ class Enablement:
         async with self.access.lock(vm_id):
             existing = await asyncio.to_thread(store.replica, vm_id)
             if existing is not None:
-                if existing.principal != principal:
-                    raise ForbiddenError(f"VM {existing.name} is replicated from another primary")
+                check_same_trust_group(existing.name, existing.trust_group, peer)
                 same = (existing.name == name and existing.generation == generation and
                         [(d.disk_id, d.name, d.size_bytes) for d in existing.disks] == disks)
                 if same and not enabled_again_unchanged(existing):
@@ -60,21 +63,23 @@ class Enablement:
             if namesake is not None:  # perhaps in another storage location: its name is still taken
                 raise conflict("replica_conflict", f"a replica named {name} exists already (VM {namesake.vm_id})",
                                hint="give the VM another name, or remove the old replica first")
-            vm_dir = Path(self.storage()) / name
+            vm_dir = Path(peer.storage) / str(vm_id)
             if vm_dir.exists() and any(vm_dir.iterdir()):
                 raise conflict("replica_conflict", f"replica storage {vm_dir} is already in use",
-                               hint="move the old files away or use another VM name")
+                               hint="move the old files away (left by a replica of this VM removed without "
+                                    "--delete-storage)")
             paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
             created_dir = not vm_dir.exists()
             try:  # finish_in_thread: a cancelled request still waits for its thread before cleaning up
                 await finish_in_thread(_create_images, vm_dir, paths)
-                await finish_in_thread(self.states.enable, vm_id, name, principal, generation, frequency_s,
-                                       compression, vm_dir, paths)
+                await finish_in_thread(self.states.enable, vm_id, name, peer.principal, generation, frequency_s,
+                                       compression, vm_dir, paths, peer.trust_group)
             except BaseException:
                 # no record, no files: a failed enable must not leave images that block the name
                 await finish_in_thread(_remove_images, vm_dir, paths, created_dir)
                 raise
-        event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=principal, disks=len(disks))
+        event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=peer.principal,
+              trust_group=peer.trust_group, storage=str(vm_dir), disks=len(disks))
         return await self.access.get(vm_id), True
 
 

@@ -28,6 +28,7 @@ from hvr_listener.bundle_io import DirectWindowWriter
 from hvr_listener.replica_access import ReplicaAccess, check_generation, conflict
 from hvr_listener.replica_state import ReplicaStates
 from hvr_common.pure.wire.messages import InitialCompleteRequest
+from hvr_common.pure.authorization import Grant
 from hvr_listener.store import Replica, ReplicaDisk
 
 log = logging.getLogger("hvr.listener.replicas")
@@ -48,7 +49,7 @@ class InitialCopy:
         self._windows: dict[uuid.UUID, list[tuple[int, asyncio.Future]]] = {}
         self._window_changed = asyncio.Event()  # replaced (after being set) whenever a window starts or ends
 
-    async def window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, principal: str, generation: int,
+    async def window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, peer: Grant, generation: int,
                      start: int, end: int, length: int | None, digest: str, body: AsyncIterator[bytes]) -> int:
         """Store one initial window; return the disk's durable offset afterwards.
 
@@ -57,8 +58,8 @@ class InitialCopy:
         """
         deadline = time.monotonic() + PREDECESSOR_WAIT_S
         while True:
-            async with await self.access.locked(vm_id, principal):
-                rep = await self.access.get(vm_id, principal)
+            async with await self.access.locked(vm_id, peer):
+                rep = await self.access.get(vm_id, peer)
                 _check_initial(rep, generation)
                 disk = rep.disk(disk_id)
                 if not 0 <= start < end <= disk.size_bytes:
@@ -128,18 +129,18 @@ class InitialCopy:
         self._window_changed.set()
         self._window_changed = asyncio.Event()
 
-    async def complete(self, vm_id: uuid.UUID, principal: str, body: dict) -> Replica:
+    async def complete(self, vm_id: uuid.UUID, peer: Grant, body: dict) -> Replica:
         req = InitialCompleteRequest.from_json(body)
         generation, next_sequence = req.generation, req.next_sequence
-        async with await self.access.locked(vm_id, principal):
-            rep = await self.access.get(vm_id, principal)
+        async with await self.access.locked(vm_id, peer):
+            rep = await self.access.get(vm_id, peer)
             # A window still being received (a duplicate on a slow connection, say) writes into the
             # image: it must be over before cycles may change the image.  None can start meanwhile
             # (that needs this lock); they end without it.
             for d in rep.disks:
                 while in_progress := [f for _, f in self._windows.get(d.disk_id, [])]:
                     await asyncio.wait([asyncio.shield(f) for f in in_progress])
-            rep = await self.access.get(vm_id, principal)
+            rep = await self.access.get(vm_id, peer)
             check_generation(rep, generation)
             if rep.state == ReplicationState.REPLICATING:
                 if rep.next_sequence == next_sequence and rep.last_received_sequence == next_sequence - 1:

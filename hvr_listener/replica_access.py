@@ -1,4 +1,4 @@
-"""Reaching a replica for a request: lookup, ownership, generation, and the per-VM locks.
+"""Reaching a replica for a request: lookup, trust group, generation, and the per-VM locks.
 
 Lock order
 ----------
@@ -32,14 +32,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError
+from hvr_common.pure.authorization import Grant, check_same_trust_group
+from hvr_common.pure.errors import ConflictError
 from hvr_common.pure.wire.error_catalogue import error
 from hvr_listener.store import ListenerStore, Replica
-
-
-class ForbiddenError(HvrError):
-    code = "not_authorized"
-    exit_code = 77
 
 
 def conflict(code: str, message: str, **detail) -> ConflictError:
@@ -61,19 +57,20 @@ class ReplicaAccess:
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
         self._image_locks: dict[uuid.UUID, asyncio.Lock] = {}
 
-    async def get(self, vm_id: uuid.UUID, principal: str | None = None) -> Replica:
-        """The replica, or 404 ``unknown_vm``; with ``principal``, 403 unless that primary owns it."""
+    async def get(self, vm_id: uuid.UUID, peer: Grant | None = None) -> Replica:
+        """The replica, or 404 ``unknown_vm``; with ``peer``, 403 ``other_trust_group`` unless the
+        primary is of the trust group that created the replica."""
         rep = await asyncio.to_thread(self.store.replica, vm_id)
         if rep is None:
             raise error("unknown_vm", f"this replica server has no VM {vm_id}",
                         hint="enable replication first (hvrctl vm enable)")
-        if principal is not None and rep.principal != principal:
-            raise ForbiddenError(f"VM {rep.name} is replicated from {rep.principal!r}, not from {principal!r}")
+        if peer is not None:
+            check_same_trust_group(rep.name, rep.trust_group, peer)
         return rep
 
-    async def locked(self, vm_id: uuid.UUID, principal: str | None = None) -> asyncio.Lock:
+    async def locked(self, vm_id: uuid.UUID, peer: Grant | None = None) -> asyncio.Lock:
         """The VM's lock, made only for a replica that exists (random ids make no locks)."""
-        await self.get(vm_id, principal)
+        await self.get(vm_id, peer)
         return self.lock(vm_id)
 
     def lock(self, vm_id: uuid.UUID) -> asyncio.Lock:

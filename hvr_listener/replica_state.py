@@ -28,6 +28,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from hvr_common.pure.authorization import DEFAULT_TRUST_GROUP
 from hvr_common.pure.replication_state import TRANSITIONS, Action, ReplicationState, transition
 from hvr_listener.store import ListenerStore, Replica
 
@@ -58,11 +59,12 @@ class ReplicaStates:
         self.store = store
 
     def enable(self, vm_id: uuid.UUID, name: str, principal: str, generation: int, frequency_s: int,
-               compression: bool, storage_dir: Path, disks: list[tuple[uuid.UUID, str, int, Path]]) -> None:
-        """Record a new replica (its images exist already)."""
+               compression: bool, storage_dir: Path, disks: list[tuple[uuid.UUID, str, int, Path]],
+               trust_group: str = DEFAULT_TRUST_GROUP) -> None:
+        """Record a new replica (its images exist already) of the creating primary's ``trust_group``."""
         state = transition(ROLE, None, Action.ENABLE)
         self.store.create_replica(vm_id, name, principal, generation, frequency_s, compression, storage_dir, disks,
-                                  state=state)
+                                  state=state, trust_group=trust_group)
 
     def window_stored(self, rep: Replica, disk_id: uuid.UUID, generation: int, start: int,
                       end: int) -> tuple[int, ReplicationState, int] | None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
+from hvr_common.pure.authorization import Grant
 from hvr_listener.cycle_receipt import CycleReceipt
 from hvr_listener.enablement import Enablement
 from hvr_listener.initial_copy import InitialCopy
@@ -28,19 +29,19 @@ from hvr_listener.store import ListenerStore, Replica
 
 
 class ReplicaService:
-    def __init__(self, store: ListenerStore, storage: Callable[[], str], max_bundle_bytes: int):
+    def __init__(self, store: ListenerStore, max_bundle_bytes: int):
         self.store = store
         self.access = ReplicaAccess(store)
         self.states = ReplicaStates(store)
         self.applied = asyncio.Condition()  # notified after every applied cycle
         self.wake_applier = asyncio.Event()
-        self._enablement = Enablement(self.access, self.states, storage)
+        self._enablement = Enablement(self.access, self.states)
         self._initial = InitialCopy(self.access, self.states, max_bundle_bytes)
         self._cycles = CycleReceipt(self.access, max_bundle_bytes, self.wake_applier)
 
     # --- lookup and locks (see replica_access: "Lock order") -------------
-    async def get(self, vm_id: uuid.UUID, principal: str | None = None) -> Replica:
-        return await self.access.get(vm_id, principal)
+    async def get(self, vm_id: uuid.UUID, peer: Grant | None = None) -> Replica:
+        return await self.access.get(vm_id, peer)
 
     def lock(self, vm_id: uuid.UUID) -> asyncio.Lock:
         return self.access.lock(vm_id)
@@ -49,28 +50,28 @@ class ReplicaService:
         return self.access.image_lock(vm_id)
 
     # --- the replication API's verbs --------------------------------------
-    async def enable(self, vm_id: uuid.UUID, principal: str, body: dict) -> tuple[Replica, bool]:
-        return await self._enablement.enable(vm_id, principal, body)
+    async def enable(self, vm_id: uuid.UUID, peer: Grant, body: dict) -> tuple[Replica, bool]:
+        return await self._enablement.enable(vm_id, peer, body)
 
-    async def initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, principal: str, generation: int,
+    async def initial_window(self, vm_id: uuid.UUID, disk_id: uuid.UUID, peer: Grant, generation: int,
                              start: int, end: int, length: int | None, digest: str,
                              body: AsyncIterator[bytes]) -> int:
-        return await self._initial.window(vm_id, disk_id, principal, generation, start, end, length, digest, body)
+        return await self._initial.window(vm_id, disk_id, peer, generation, start, end, length, digest, body)
 
-    async def initial_complete(self, vm_id: uuid.UUID, principal: str, body: dict) -> Replica:
-        return await self._initial.complete(vm_id, principal, body)
+    async def initial_complete(self, vm_id: uuid.UUID, peer: Grant, body: dict) -> Replica:
+        return await self._initial.complete(vm_id, peer, body)
 
-    async def receive_cycle(self, vm_id: uuid.UUID, sequence: int, principal: str, generation: int,
+    async def receive_cycle(self, vm_id: uuid.UUID, sequence: int, peer: Grant, generation: int,
                             length: int | None, digest: str, body: AsyncIterator[bytes],
                             consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
-        return await self._cycles.receive(vm_id, sequence, principal, generation, length, digest, body, consistency)
+        return await self._cycles.receive(vm_id, sequence, peer, generation, length, digest, body, consistency)
 
-    async def set_history(self, vm_id: uuid.UUID, principal: str, generation: int,
+    async def set_history(self, vm_id: uuid.UUID, peer: Grant, generation: int,
                           body: dict) -> tuple[Replica, HistorySettings]:
         """The primary's recovery history settings, fenced by generation like every change it sends."""
         settings = HistorySettings.from_json(body)
-        async with await self.access.locked(vm_id, principal):
-            rep = await self.access.get(vm_id, principal)
+        async with await self.access.locked(vm_id, peer):
+            rep = await self.access.get(vm_id, peer)
             check_generation(rep, generation)
             await asyncio.to_thread(self.store.set_history_settings, vm_id, settings)
         return rep, settings

@@ -1,7 +1,10 @@
 """The replication API (``/v1``) that primaries call: the HTTP shell.
 
 Authenticates every request (a signed token, or over TLS the client
-certificate the handshake verified: ``docs/security.md``), checks the server settings,
+certificate the handshake verified: ``docs/security.md``; failed
+authentications limited per source address), authorises it
+(:mod:`hvr_common.pure.authorization`: the request carries the primary's
+:class:`Grant`), checks the server settings,
 parses paths and headers, streams bodies to :class:`ReplicaService`.  Routes,
 headers, bodies and the status of every error code are those of
 :mod:`hvr_common.pure.wire` (``docs/replication-protocol.md``).
@@ -17,6 +20,7 @@ import uuid
 
 from aiohttp import web
 
+from hvr_common.pure.auth_failures import AuthFailureLimiter
 from hvr_common.pure.errors import UsageError
 from hvr_common.pure.input_limits import MAX_JSON_BODY_BYTES, decimal, json_object, quoted
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
@@ -28,7 +32,7 @@ from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.pure.wire.messages import ReplicaView
 from hvr_listener.body_feed import TooLargeError
-from hvr_listener.replica_access import ForbiddenError
+from hvr_listener.peer_connections import PeerConnections
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 
@@ -38,7 +42,9 @@ SERVICE = web.AppKey("service", ReplicaService)
 SETTINGS = web.AppKey("settings", ServerSettings)
 REPLAY = web.AppKey("replay", ReplayCache)
 STARTED_S = web.AppKey("started_s", int)  # requests signed earlier are refused (the replay cache is new)
-PRINCIPAL = "hvr_principal"
+FAILURES = web.AppKey("failures", AuthFailureLimiter)
+PEERS = web.AppKey("peers", PeerConnections)
+GRANT = "hvr_grant"  # the request's hvr_common.pure.authorization.Grant
 MAX_JSON_BODY = MAX_JSON_BODY_BYTES
 BODY_CHUNK = 4 * 1024 * 1024  # aiohttp buffers this much of a body before it stops reading the socket
 BODY_IDLE_TIMEOUT_S = 60.0  # a stalled upload must not hold the VM's lock forever
@@ -52,11 +58,15 @@ async def auth_middleware(request: web.Request, handler):
     if not current["enabled"]:
         raise error("replication_disabled", "this replica server does not accept replication (it is disabled)",
                     hint="on the replica host: hvrctl server set --enabled true")
-    principal = _authenticate(request, current["auth_modes"])
-    if not current["allow_any_authenticated"]:
-        raise ForbiddenError(f"{principal!r} is authenticated but not authorised on this server",
-                             hint="allow any authenticated server, or add an authorization entry")
-    request[PRINCIPAL] = principal
+    failures, address = request.app[FAILURES], request.remote or "unknown"
+    failures.check(address, time.monotonic())
+    try:
+        principal = _authenticate(request, current["auth_modes"])
+    except AuthError:
+        failures.failed(address, time.monotonic())
+        raise
+    request[GRANT] = settings.grant(principal)
+    request.app[PEERS].note(request.transport, principal)
     return await handler(request)
 
 
@@ -135,12 +145,12 @@ async def get_server(request: web.Request) -> web.Response:
 
 async def put_replica(request: web.Request) -> web.Response:
     body = await _json(request)
-    rep, created = await request.app[SERVICE].enable(_vm_id(request), request[PRINCIPAL], body)
+    rep, created = await request.app[SERVICE].enable(_vm_id(request), request[GRANT], body)
     return web.json_response(ReplicaView.from_replica(rep).to_json(), status=201 if created else 200)
 
 
 async def get_replica(request: web.Request) -> web.Response:
-    rep = await request.app[SERVICE].get(_vm_id(request), request[PRINCIPAL])
+    rep = await request.app[SERVICE].get(_vm_id(request), request[GRANT])
     return web.json_response(ReplicaView.from_replica(rep).to_json())
 
 
@@ -150,7 +160,7 @@ async def put_initial(request: web.Request) -> web.Response:
     except ValueError:
         raise UsageError("disk id is not a UUID") from None
     offset = await request.app[SERVICE].initial_window(
-        _vm_id(request), disk_id, request[PRINCIPAL], _generation(request), _int_query(request, "offset"),
+        _vm_id(request), disk_id, request[GRANT], _generation(request), _int_query(request, "offset"),
         _int_query(request, "end"), request.content_length, request.headers[routes.CONTENT_DIGEST_HEADER],
         _body_chunks(request))
     return web.json_response({"offset": offset})
@@ -158,7 +168,7 @@ async def put_initial(request: web.Request) -> web.Response:
 
 async def post_initial_complete(request: web.Request) -> web.Response:
     body = await _json(request)
-    rep = await request.app[SERVICE].initial_complete(_vm_id(request), request[PRINCIPAL], body)
+    rep = await request.app[SERVICE].initial_complete(_vm_id(request), request[GRANT], body)
     return web.json_response(ReplicaView.from_replica(rep).to_json())
 
 
@@ -174,7 +184,7 @@ async def put_cycle(request: web.Request) -> web.Response:
     sequence = decimal(request.match_info["sequence"], "cycle sequence number", minimum=1)
     consistency = _consistency(request)
     created, rep = await request.app[SERVICE].receive_cycle(
-        _vm_id(request), sequence, request[PRINCIPAL], _generation(request), request.content_length,
+        _vm_id(request), sequence, request[GRANT], _generation(request), request.content_length,
         request.headers[routes.CONTENT_DIGEST_HEADER], _body_chunks(request), consistency)
     return web.json_response({"sequence": sequence, "next_sequence": rep.next_sequence},
                              status=201 if created else 200)
@@ -184,18 +194,21 @@ async def put_settings(request: web.Request) -> web.Response:
     """The recovery history settings the primary keeps for the VM (``hvrctl vm enable`` / ``vm set``)."""
     generation = _generation(request)
     body = await _json(request)
-    rep, settings = await request.app[SERVICE].set_history(_vm_id(request), request[PRINCIPAL], generation, body)
+    rep, settings = await request.app[SERVICE].set_history(_vm_id(request), request[GRANT], generation, body)
     event(log, "replica_settings_changed", vm=rep.name, **settings.to_json())
     return web.json_response(settings.to_json())
 
 
-def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int) -> web.Application:
+def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int,
+             peers: PeerConnections | None = None, failures: AuthFailureLimiter | None = None) -> web.Application:
     # aiohttp's own body limit applies to request.read()/post(); bundles are streamed and bounded by the service.
     app = web.Application(middlewares=[error_middleware(log), auth_middleware], client_max_size=MAX_JSON_BODY)
     app[SERVICE] = service
     app[SETTINGS] = settings
     app[REPLAY] = ReplayCache()
     app[STARTED_S] = int(time.time())
+    app[FAILURES] = failures or AuthFailureLimiter()
+    app[PEERS] = peers or PeerConnections()
     app.router.add_get(routes.SERVER, get_server)
     app.router.add_put(routes.REPLICA, put_replica)
     app.router.add_get(routes.REPLICA, get_replica)

@@ -1,15 +1,17 @@
-"""Replica server settings (Get-/Set-VMReplicationServer) and the key cache.
+"""Replica server settings (Get-/Set-VMReplicationServer), the key cache and the authorization decision.
 
-Settings live in SQLite; this object keeps the current values and the
-installed keys in memory for the request path and validates changes.
+Settings, keys and authorization entries live in SQLite; this object keeps
+them in memory for the request path (reloaded after every change, so a change
+takes effect on the next request) and validates changes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from hvr_common.pure.authorization import AuthorizationEntry, Grant, authorize, check_storage
 from hvr_common.pure.config import parse_endpoint
-from hvr_common.pure.errors import UsageError
+from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.names import check_storage_location
 from hvr_common.pure.token_auth import Key
 from hvr_common.shell.certificate_files import SERVER, TlsFiles
@@ -40,7 +42,8 @@ class ServerSettings:
         self.storage = storage
         self._settings = store.settings()
         self.bound: tuple[str, int] | None = None  # where the replication API really listens
-        self._keys = store.keys()
+        self._keys = store.principal_keys()
+        self._entries = store.authorization_entries()
 
     def storage_dir(self) -> str:
         """Where new replicas are created (existing ones stay where they are)."""
@@ -74,11 +77,36 @@ class ServerSettings:
             raise UsageError("certificate authentication needs the server's certificate, key and CA bundle",
                              hint="hvrctl server set --auth certificate --cert FILE --cert-key FILE --ca FILE")
 
-    def key(self, principal: str) -> Key | None:
-        return self._keys.get(principal)
+    def key(self, principal: str) -> tuple[Key, ...]:
+        """The principal's installed keys (none: unknown)."""
+        return self._keys.get(principal, ())
 
     def reload_keys(self) -> None:
-        self._keys = self.store.keys()
+        self._keys = self.store.principal_keys()
+
+    def entries(self) -> list[AuthorizationEntry]:
+        return list(self._entries)
+
+    def reload_entries(self) -> None:
+        self._entries = self.store.authorization_entries()
+
+    def still_allowed(self, principal: str, _transport=None) -> bool:
+        """Whether ``principal`` still has a key and is still authorised (open connections of one that is
+        not are closed: :meth:`hvr_listener.peer_connections.PeerConnections.close_revoked`)."""
+        if not self._settings["enabled"]:
+            return False
+        if not self.key(principal) and not _has_client_certificate(_transport):
+            return False
+        try:
+            self.grant(principal)
+        except HvrError:
+            return False
+        return True
+
+    def grant(self, principal: str) -> Grant:
+        """What an authenticated ``principal`` may do here, or 403 ``not_authorized``."""
+        return authorize(principal, allow_any=self._settings["allow_any_authenticated"],
+                         default_storage=self.storage_dir(), entries=self._entries)
 
     def view(self) -> dict:
         s = self._settings
@@ -90,7 +118,8 @@ class ServerSettings:
             "listening_on": f"{self.bound[0]}:{self.bound[1]}" if self.bound else None,
             "default_storage": self.storage_dir(),
             "allow_any_authenticated": s["allow_any_authenticated"],
-            "keys": len(self._keys),
+            "keys": sum(len(keys) for keys in self._keys.values()),
+            "authorization_entries": len(self._entries),
             "tls": self._tls_view(),
         }
 
@@ -119,6 +148,10 @@ class ServerSettings:
                 raise UsageError("auth_modes lists a mode twice")
         if "default_storage" in changes:
             check_storage_location("default_storage", changes["default_storage"])
+            try:
+                check_storage(changes["default_storage"])
+            except UsageError as exc:
+                raise UsageError(f"default_storage: {exc.message}", hint=exc.hint) from None
         if "listen" in changes:
             try:
                 host, port = parse_endpoint(changes["listen"]) if isinstance(changes["listen"], str) else (None, None)
@@ -133,3 +166,10 @@ class ServerSettings:
         self.check_tls(dict(self._settings, **changes))
         self._settings = self.store.update_settings(changes)
         return self.view()
+
+
+def _has_client_certificate(transport) -> bool:
+    """Whether the connection's TLS handshake verified a client certificate (a certificate principal, which
+    needs no token key)."""
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    return tls is not None and tls.getpeercert(binary_form=True) is not None

@@ -1,4 +1,4 @@
-"""The listener's state database (SQLite, WAL): settings, keys, replicas, cycles.
+"""The listener's state database (SQLite, WAL): settings, keys, authorization entries, replicas, cycles.
 
 Synchronous short transactions; the daemon calls them via ``asyncio.to_thread``.
 The commit point of a received cycle is :meth:`ListenerStore.record_cycle`;
@@ -28,12 +28,13 @@ from hvr_common.shell.state_db import Migration, StateDatabase
 from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.recovery_points import HistorySettings
-from hvr_common.pure.token_auth import Key
+from hvr_common.pure.authorization import DEFAULT_TRUST_GROUP
+from hvr_listener.auth_store import AuthRows, migrate_v3
 from hvr_listener.point_store import SCHEMA_V2, PointRows
 
 # Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
 # numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,7 +80,10 @@ CREATE TABLE IF NOT EXISTS cycles (
     PRIMARY KEY (vm_id, sequence)
 );
 """
-MIGRATIONS: tuple[Migration, ...] = ((2, SCHEMA_V2),)  # recovery points, test failovers
+MIGRATIONS: tuple[Migration, ...] = (
+    (2, SCHEMA_V2),  # recovery points, test failovers
+    (3, migrate_v3),  # key ids (two keys per principal), authorization entries, trust groups
+)
 
 DEFAULT_SETTINGS = {
     "enabled": False,
@@ -118,6 +122,7 @@ class Replica:
     created_ns: int = 0  # tells this replica from an earlier one of the same VM (removed, enabled again)
     history: HistorySettings = HistorySettings()  # recovery history settings, as the primary sent them
     last_test_failover_ns: int | None = None
+    trust_group: str = DEFAULT_TRUST_GROUP  # of the primary that created it (docs/authorization.md)
 
     def disk(self, disk_id: uuid.UUID) -> ReplicaDisk:
         for d in self.disks:
@@ -140,11 +145,11 @@ class CycleRow:
     consistency: str = "crash"  # application: frozen by the primary's hooks around the cut
 
 
-class ListenerStore(PointRows, StateDatabase):
+class ListenerStore(AuthRows, PointRows, StateDatabase):
     def __init__(self, path: Path):
         super().__init__(path, SCHEMA, SCHEMA_VERSION, "listener", MIGRATIONS)
 
-    # --- settings and keys ------------------------------------------------
+    # --- settings (keys and authorization entries: auth_store.AuthRows) --
     def settings(self) -> dict:
         with self._lock:
             rows = self._db.execute("SELECT key, value FROM settings").fetchall()
@@ -159,48 +164,22 @@ class ListenerStore(PointRows, StateDatabase):
                                  (k, json.dumps(v)))
         return self.settings()
 
-    def add_key(self, key: Key, *, replace: bool) -> bool:
-        """Store a key; True if it replaced an existing one."""
-        with self._lock, self.transaction():
-            exists = self._db.execute("SELECT 1 FROM keys WHERE principal=?", (key.principal,)).fetchone()
-            if exists and not replace:
-                raise ConflictError(f"a key for {key.principal!r} is already installed",
-                                    hint="use --replace to rotate it")
-            self._db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?)",
-                             (key.principal, key.secret, time.time_ns()))
-            return bool(exists)
-
-    def remove_key(self, principal: str) -> None:
-        with self._lock:
-            if self._db.execute("DELETE FROM keys WHERE principal=?", (principal,)).rowcount == 0:
-                raise NotFoundError(f"no key is installed for {principal!r}")
-
-    def keys(self) -> dict[str, Key]:
-        with self._lock:
-            rows = self._db.execute("SELECT principal, secret FROM keys").fetchall()
-        return {p: Key(p, bytes(s)) for p, s in rows}
-
-    def key_list(self) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute("SELECT principal, added_ns FROM keys ORDER BY principal").fetchall()
-        return [{"principal": p, "added_ns": t} for p, t in rows]
-
     # --- replicas ---------------------------------------------------------
     _REPLICA_COLS = ("vm_id, name, principal, generation, state, state_detail, frequency_s, compression, "
                      "storage_dir, next_sequence, last_received_sequence, last_applied_sequence, "
                      "last_replication_ns, last_applied_log_ns, last_applied_ns, created_ns, "
-                     "recovery_history, fine_window_min, app_consistent_hours, last_test_failover_ns")
+                     "recovery_history, fine_window_min, app_consistent_hours, last_test_failover_ns, trust_group")
 
     def _replica_from_row(self, row) -> Replica:
         (vm_id, name, principal, gen, state, detail, freq, comp, sdir, nseq, lrecv, lapp, lrep, lalog,
-         lapplied, created, history, fine, app, last_test) = row
+         lapplied, created, history, fine, app, last_test, trust_group) = row
         disks = self._db.execute(
             "SELECT disk_id, name, size_bytes, path, initial_offset FROM replica_disks WHERE vm_id=? "
             "ORDER BY position", (vm_id,)).fetchall()
         return Replica(uuid.UUID(vm_id), name, principal, gen, ReplicationState(state), detail, freq, bool(comp),
                        Path(sdir), nseq, lrecv, lapp, lrep, lalog, lapplied,
                        tuple(ReplicaDisk(uuid.UUID(i), n, s, Path(p), o) for i, n, s, p, o in disks), created,
-                       HistorySettings(history, fine, app), last_test)
+                       HistorySettings(history, fine, app), last_test, trust_group)
 
     def replica(self, vm_id: uuid.UUID) -> Replica | None:
         with self._lock:
@@ -220,15 +199,15 @@ class ListenerStore(PointRows, StateDatabase):
 
     def create_replica(self, vm_id: uuid.UUID, name: str, principal: str, generation: int, frequency_s: int,
                        compression: bool, storage_dir: Path, disks: list[tuple[uuid.UUID, str, int, Path]], *,
-                       state: ReplicationState) -> None:
+                       state: ReplicationState, trust_group: str = DEFAULT_TRUST_GROUP) -> None:
         """Insert a replica in ``state`` (decided by :mod:`hvr_listener.replica_state`) with its disks."""
         with self._lock, self.transaction():
             try:
                 self._db.execute(
                     "INSERT INTO replicas (vm_id, name, principal, generation, state, frequency_s, compression, "
-                    "storage_dir, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "storage_dir, created_ns, trust_group) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (str(vm_id), name, principal, generation, ReplicationState(state).value,
-                     frequency_s, int(compression), str(storage_dir), time.time_ns()))
+                     frequency_s, int(compression), str(storage_dir), time.time_ns(), trust_group))
             except sqlite3.IntegrityError:
                 raise ConflictError(f"a replica named {name!r} already exists for another VM",
                                     detail={"code": "replica_conflict"}) from None

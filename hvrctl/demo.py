@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         sh(listener_ctl + ["replica", "get", "web01"])
 
         step("verify with qemu-img compare: primary disk == replica disk")
+        folder = Path(json.loads(sh(listener_ctl + ["replica", "get", "web01", "-o", "json"], quiet=True).stdout)
+                      ["storage"])
         for d in disks:
-            sh(["qemu-img", "compare", "-f", "raw", "-F", "raw", d, work / "replicas" / "web01" / d.name])
+            sh(["qemu-img", "compare", "-f", "raw", "-F", "raw", d, folder / d.name])
 
         step("recovery points on the replica server, and a test failover of the first cycle's point")
         sh(listener_ctl + ["recovery-points", "list", "web01"])

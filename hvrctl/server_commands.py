@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import urllib.parse
 from pathlib import Path
 
 from hvr_common.pure.errors import UsageError
@@ -56,15 +57,24 @@ def register(sub, common) -> None:
                           description="Install, list and remove primaries' token keys on this server.")
     ksub = key.add_subparsers(dest="key_verb", metavar="VERB", required=True)
     p = ksub.add_parser("add", parents=[common], help="install a primary's key file",
-                        description="Install the key made by 'hvrctl key new' so that primary can authenticate.")
+                        description="Install the key made by 'hvrctl key new' so that primary can authenticate. "
+                                    "A second key of the same principal is added beside the first (both are "
+                                    "valid: a rotation without downtime); --replace replaces all its keys.",
+                        epilog="rotation: hvrctl server key add new.key; switch the primary to new.key; "
+                               "hvrctl server key remove host1.example.com --key-id OLD_ID",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", type=Path, metavar="FILE")
-    p.add_argument("--replace", action="store_true", help="replace an installed key of the same principal")
+    p.add_argument("--replace", action="store_true", help="replace every installed key of the same principal")
     p.set_defaults(func=cmd_key_add)
     p = ksub.add_parser("remove", parents=[common], help="remove a primary's key",
-                        description="Remove a principal's key: its requests are refused from now on.")
+                        description="Remove a principal's keys (or one, with --key-id): requests signed with them "
+                                    "are refused from now on; when the principal has no key left, its open "
+                                    "connections are closed.",
+                        epilog="example: hvrctl server key remove host1.example.com --key-id 3f2a9c0d1e4b5a67")
     p.add_argument("principal", metavar="PRINCIPAL")
+    p.add_argument("--key-id", metavar="ID", help="remove only this key (see hvrctl server key list)")
     p.set_defaults(func=cmd_key_remove)
-    p = ksub.add_parser("list", parents=[common], help="list installed keys (principals only)")
+    p = ksub.add_parser("list", parents=[common], help="list installed keys (principals and key ids only)")
     p.set_defaults(func=cmd_key_list)
 
     k = sub.add_parser("key", parents=[common], help="token keys",
@@ -111,6 +121,7 @@ def _server_view(args, view: dict) -> int:
                   ("authentication", ", ".join(view["auth_modes"])), ("listen (setting)", view["listen"]),
                   ("listening on", view.get("listening_on")), ("default storage", view["default_storage"]),
                   ("allow any authenticated", view["allow_any_authenticated"]), ("installed keys", view["keys"]),
+                  ("authorization entries", view.get("authorization_entries")),
                   ("TLS", _tls_text(view.get("tls")))]))
     return 0
 
@@ -153,17 +164,23 @@ def cmd_key_add(args) -> int:
                                                        "replace": args.replace})
     if args.output == "json":
         emit_json(result)
+    elif result["replaced"]:
+        print(f"installed key {result['key_id']} of {key.principal}, replacing {', '.join(result['replaced'])}")
     else:
-        print(f"{'replaced' if result['replaced'] else 'installed'} key of {key.principal}")
+        print(f"installed key {result['key_id']} of {key.principal}")
     return 0
 
 
 def cmd_key_remove(args) -> int:
-    result = _client(args).request("DELETE", f"/v1/keys/{args.principal}")
+    route = f"/v1/keys/{urllib.parse.quote(args.principal, safe='')}"
+    if args.key_id:
+        route += "?" + urllib.parse.urlencode({"key_id": args.key_id})
+    result = _client(args).request("DELETE", route)
     if args.output == "json":
         emit_json(result)
     else:
-        print(f"removed key of {args.principal}")
+        print(f"removed key {', '.join(result['key_ids'])} of {args.principal}"
+              + (f"; closed {result['connections_closed']} connection(s)" if result["connections_closed"] else ""))
     return 0
 
 
@@ -172,8 +189,8 @@ def cmd_key_list(args) -> int:
     if args.output == "json":
         emit_json(keys)
     else:
-        print(table([{"principal": k["principal"], "added": _time(k["added_ns"])} for k in keys],
-                    [("PRINCIPAL", "principal"), ("ADDED", "added")]))
+        print(table([{"principal": k["principal"], "key_id": k["key_id"], "added": _time(k["added_ns"])}
+                     for k in keys], [("PRINCIPAL", "principal"), ("KEY ID", "key_id"), ("ADDED", "added")]))
     return 0
 
 
@@ -181,9 +198,9 @@ def cmd_key_new(args) -> int:
     key = Key.generate(args.principal)
     write_key(key, args.out, overwrite=args.force)
     if args.output == "json":
-        emit_json({"principal": key.principal, "file": str(args.out)})
+        emit_json({"principal": key.principal, "key_id": key.key_id, "file": str(args.out)})
     else:
-        print(f"wrote a new key for {key.principal} to {args.out} (mode 0600)")
+        print(f"wrote a new key {key.key_id} for {key.principal} to {args.out} (mode 0600)")
         print(f"next: on the replica server, hvrctl server key add {args.out}")
     return 0
 

@@ -72,3 +72,8 @@ def principal_of(dns_names: list[str], common_name: str | None) -> str:
         return normalize(common_name)
     raise UsageError("the certificate names no host (no DNS name in its subjectAltName, no host name as CN)",
                      hint="issue the certificate with the host's name as subjectAltName DNS entry")
+
+
+def is_wildcard(pattern: str) -> bool:
+    """True for a first-label wildcard pattern (``*.REST``)."""
+    return pattern.startswith("*.")

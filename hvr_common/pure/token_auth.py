@@ -9,7 +9,9 @@ request carries::
 
 where ``sig`` is HMAC-SHA256(secret, canonical request) and the canonical
 request is the newline-joined method, path (with query), body digest,
-timestamp and nonce.  The server refuses (401, with the reason) a missing or
+timestamp and nonce.  A principal may have two keys installed at once (a
+rotation: the new key added, the primary switched, the old key removed); a
+signature made with either is accepted.  The server refuses (401, with the reason) a missing or
 malformed header, an unknown principal, a timestamp more than
 ``MAX_SKEW_S`` away from its clock, a nonce it has seen within the window,
 and a wrong signature.  The body digest is checked against the body itself by
@@ -26,7 +28,7 @@ import hmac
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hvr_common.pure.errors import HvrError, TransientError
@@ -65,10 +67,20 @@ class Key:
     principal: str
     secret: bytes
 
+    @property
+    def key_id(self) -> str:
+        """A public name of the key (16 hex digits), to tell two keys of a principal apart."""
+        return key_id(self.secret)
+
     @staticmethod
     def generate(principal: str) -> "Key":
         check_principal(principal)
         return Key(principal, secrets.token_bytes(SECRET_BYTES))
+
+
+def key_id(secret: bytes) -> str:
+    """16 hex digits derived from ``secret`` one way: it names the key and reveals nothing of it."""
+    return hashlib.sha256(b"hvr key id\0" + secret).hexdigest()[:16]
 
 
 def check_principal(principal: str) -> None:
@@ -113,8 +125,11 @@ class ReplayCache:
 
 
 def verify(header: str | None, method: str, path: str, body_sha256: str | None, now: int,
-           lookup: Callable[[str], Key | None], cache: ReplayCache, not_before: int = 0) -> str:
-    """Return the authenticated principal or raise :class:`AuthError` saying why not."""
+           lookup: Callable[[str], Key | Sequence[Key] | None], cache: ReplayCache, not_before: int = 0) -> str:
+    """Return the authenticated principal or raise :class:`AuthError` saying why not.
+
+    ``lookup`` gives the principal's key, or its keys (a signature by any of them is accepted).
+    """
     if not header:
         raise AuthError(f"request is not signed (no {AUTHORIZATION_HEADER} header)",
                         hint="the primary needs a key: hvrctl key new, then hvrctl server key add on the replica")
@@ -127,12 +142,13 @@ def verify(header: str | None, method: str, path: str, body_sha256: str | None, 
     if abs(now - ts) > MAX_SKEW_S:
         raise AuthError(f"request timestamp is {now - ts:+d} s from the server's clock (limit ±{MAX_SKEW_S} s)",
                         hint="synchronise the clocks of both hosts (NTP)")
-    key = lookup(principal)
-    if key is None:
+    found = lookup(principal)
+    keys = (found,) if isinstance(found, Key) else tuple(found or ())
+    if not keys:
         raise AuthError(f"principal {principal!r} is not known to this replica server",
                         hint="add its key on the replica: hvrctl server key add FILE")
-    expected = sign(key, method, path, body_sha256, ts, nonce)
-    if not hmac.compare_digest(expected, sig):
+    matches = [hmac.compare_digest(sign(key, method, path, body_sha256, ts, nonce), sig) for key in keys]
+    if not any(matches):
         raise AuthError("signature does not match (wrong key, or the request was altered)")
     if ts < not_before:
         raise SignedBeforeStartError("request was signed before this replica server started",

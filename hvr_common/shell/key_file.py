@@ -1,26 +1,31 @@
-"""Key files of token authentication: JSON, created 0600."""
+"""Key files of token authentication: JSON, created 0600 (an overwrite replaces the file atomically)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import secrets
 import stat
 from pathlib import Path
 
 from hvr_common.pure.errors import ConflictError, HvrError, UsageError
 from hvr_common.pure.input_limits import quoted
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
+from hvr_common.shell.files import fsync_dir
 
 MAX_KEY_FILE_BYTES = 64 * 1024
 
 
 def write_key(key: Key, path: Path, *, overwrite: bool = False) -> None:
+    """Write ``key`` to ``path`` (0600).  ``overwrite`` writes a temporary file and renames it over
+    ``path``, so a reader (an agent re-reading its key) sees the old key or the new one, never a mix."""
     body = json.dumps({"kind": "hvr-key", "version": 1, "principal": key.principal,
                        "secret": base64.b64encode(key.secret).decode()}, indent=2) + "\n"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    path = Path(path)
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if overwrite else path
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise ConflictError(f"{path} already exists", hint="choose another path or remove the old key first") from None
     except FileNotFoundError:
@@ -36,6 +41,43 @@ def write_key(key: Key, path: Path, *, overwrite: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if overwrite:
+        os.replace(target, path)
+        fsync_dir(path.parent)
+
+
+class KeyFile:
+    """A key file that is read again when it changes: a primary rotates its key by replacing the file.
+
+    :meth:`current` looks at the file's identity (inode, size, change time)
+    and reads it again only when that moved; a file that cannot be read or
+    is not a valid key leaves the last good key in use (reported once per
+    change through ``on_problem``).
+    """
+
+    def __init__(self, path: Path, on_problem=None):
+        self.path = Path(path)
+        self._on_problem = on_problem
+        self._identity = self._stat()
+        self._key = read_key(self.path)
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def current(self) -> Key:
+        identity = self._stat()
+        if identity is not None and identity != self._identity:
+            self._identity = identity
+            try:
+                self._key = read_key(self.path)
+            except HvrError as exc:
+                if self._on_problem is not None:
+                    self._on_problem(exc)
+        return self._key
 
 
 def read_key(path: Path) -> Key:

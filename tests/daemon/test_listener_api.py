@@ -30,6 +30,10 @@ def listener(tmp_path_factory):
     lp.start().wait_ready()
     lp.key, _ = lp.new_key("primary1.example")
     lp.other_key, _ = lp.new_key("primary2.example")
+    # two organisations: primary2 may replicate here, but never touch primary1's VMs
+    lp.hvrctl("authz", "add", "primary1.example", "--storage", lp.storage, "--trust-group", "org1")
+    lp.hvrctl("authz", "add", "primary2.example", "--storage", lp.storage, "--trust-group", "org2")
+    lp.hvrctl("server", "set", "--allow-any", "false")
     yield lp
     lp.close()
 
@@ -134,7 +138,7 @@ def test_replayed_request_is_401(listener):
 
 def test_other_primary_cannot_touch_the_vm(listener, victim):
     before = victim.snapshot()
-    _refused(victim, victim.put_cycle(2, good_body(victim), key=listener.other_key), 403, "not_authorized", before)
+    _refused(victim, victim.put_cycle(2, good_body(victim), key=listener.other_key), 403, "other_trust_group", before)
 
 
 def test_unknown_vm_is_404(listener, victim):
@@ -175,7 +179,7 @@ def test_connection_dropped_mid_body_stores_nothing(listener, victim):
     body = good_body(victim)
     with pytest.raises(ConnectionError):
         victim.put_cycle(2, body, send_body=body[:len(body) // 2], content_length=len(body))
-    incoming = listener.storage / victim.name / "incoming"
+    incoming = listener.storage / str(victim.vm_id) / "incoming"
     wait_for(lambda: not any(incoming.iterdir()), 10, "the partial upload to be removed")
     assert victim.snapshot() == before
 
@@ -255,7 +259,7 @@ def test_settings_of_another_primarys_vm_are_403_and_of_an_unknown_vm_404(listen
     good = {"recovery_history": 3}
     r = call_json(listener.port, "PUT", f"/v1/replicas/{victim.vm_id}/settings", good, key=listener.other_key,
                   headers=GEN1)
-    _refused(victim, r, 403, "not_authorized", before)
+    _refused(victim, r, 403, "other_trust_group", before)
     r = call_json(listener.port, "PUT", f"/v1/replicas/{uuid.uuid4()}/settings", good, key=listener.key,
                   headers=GEN1)
     _refused(victim, r, 404, "unknown_vm", before)
@@ -318,7 +322,7 @@ def test_server_set_listen_rebinds_and_storage_applies_to_new_replicas(tmp_path)
         lp.hvrctl("server", "set", "--storage", str(elsewhere))
         lp.port = new_port
         vm = Vm(lp_with_key(lp, key), "moved", initial=False)
-        assert (elsewhere / "moved" / "d0.img").stat().st_size == SIZE
+        assert (elsewhere / str(vm.vm_id) / "d0.img").stat().st_size == SIZE
         assert vm.state()["state"] == "WaitingForInitialReplication"
     finally:
         lp.close()

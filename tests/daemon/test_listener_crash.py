@@ -83,7 +83,7 @@ def test_sigkill_during_upload_and_apply_at_random_points(tmp_path):
         assert all(c["applied_ns"] for c in history)
         applied_order = [c["applied_ns"] for c in history]
         assert applied_order == sorted(applied_order), "cycles were applied out of order"
-        assert not list((lp.storage / "crashvm" / "incoming").iterdir()), "partial uploads left behind"
-        assert not list((lp.storage / "crashvm" / "cycles").iterdir()), "applied cycle files left behind"
+        assert not list((lp.storage / str(vm.vm_id) / "incoming").iterdir()), "partial uploads left behind"
+        assert not list((lp.storage / str(vm.vm_id) / "cycles").iterdir()), "applied cycle files left behind"
     finally:
         lp.close()

@@ -117,7 +117,7 @@ def test_a_test_failover_keeps_its_point_while_cycles_apply(pair, tmp_path):
     seen = read_view(uris[0], tmp_path / "v.img")
     assert seen[:MiB] == b"\xee" * MiB and seen[MiB:] == at_cut[0][MiB:]
     pair.assert_identical("db", disks)
-    overlay_dir = pair.listener.storage / "db" / "test-failover"
+    overlay_dir = pair.replica_dir("db") / "test-failover"
     assert overlay_dir.is_dir()
     stopped = stop_test(pair, "db")
     assert stopped["stopped"] and stopped["deleted_bytes"] >= MiB
@@ -157,4 +157,4 @@ def test_bad_test_failover_requests_are_refused_and_change_nothing(pair, tmp_pat
     assert waiting.returncode == 4 and "WaitingForInitialReplication" in waiting.stderr
     assert points(pair, "app") == before
     assert pair.replica("app")["test_failover"] is None
-    assert not (pair.listener.storage / "late" / "test-failover").exists()
+    assert not (pair.replica_dir("late") / "test-failover").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 from bundles import bundle, hrl_bytes
 from daemons import wait_for
 from hvr_common.pure.bundle import BundleKind
+from hvrctl.client import AdminClient
 from listener_process import ListenerProcess, call, call_json
 
 MiB = 1024 * 1024
@@ -74,8 +75,13 @@ class Vm:
         assert r.status == 200, r.body
         return r.json()
 
+    def folder(self) -> Path:
+        """The replica's folder as the listener recorded it (its VM id under its storage location)."""
+        return Path(AdminClient(self.lp.admin_socket, "hvr-listener").request("GET", f"/v1/replicas/{self.name}")
+                    ["storage"])
+
     def image_paths(self) -> list[Path]:
-        return [self.lp.storage / self.name / f"d{i}.img" for i in range(len(self.disk_ids))]
+        return [self.folder() / f"d{i}.img" for i in range(len(self.disk_ids))]
 
     def snapshot(self) -> tuple:
         return (tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in self.image_paths()),

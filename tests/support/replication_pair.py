@@ -55,8 +55,12 @@ class Pair:
     def replica(self, vm: str) -> dict:
         return self.listener.hvrctl_json("replica", "get", vm)
 
+    def replica_dir(self, vm: str) -> Path:
+        """The replica's folder (named by its VM id, under its storage location)."""
+        return Path(self.replica(vm)["storage"])
+
     def replica_image(self, vm: str, disk: str) -> Path:
-        return self.listener.storage / vm / f"{disk}.img"
+        return self.replica_dir(vm) / f"{disk}.img"
 
     def wait_replica_applied(self, vm: str, timeout_s: float = 120) -> int:
         """Wait until the replica has applied everything the primary has had acknowledged."""

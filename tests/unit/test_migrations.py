@@ -21,6 +21,7 @@ from hvr_common.pure.errors import CorruptError, HvrError
 from hvr_common.pure.measure import CycleResult
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.pure.token_auth import Key, key_id
 from hvr_common.shell.state_db import StateDatabase, sql_statements
 from hvr_listener import store as listener_store
 from hvr_listener.store import ListenerStore
@@ -98,10 +99,10 @@ def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycle
     store = ListenerStore(path)
     settings = store.settings()
     assert settings["enabled"] is True and settings["default_storage"] == "/var/lib/hvr/replicas"
-    keys = store.keys()
+    keys = store.principal_keys()
     assert sorted(keys) == ["primary1.example.com", "primary2.example.com"]
-    assert keys["primary1.example.com"].secret == bytes(range(32))
-    assert keys["primary2.example.com"].secret == bytes(range(32))[::-1]
+    assert [k.secret for k in keys["primary1.example.com"]] == [bytes(range(32))]
+    assert [k.secret for k in keys["primary2.example.com"]] == [bytes(range(32))[::-1]]
     rep = store.replica(VM_ID)
     assert (rep.name, rep.principal, rep.state, rep.generation, rep.next_sequence, rep.last_received_sequence,
             rep.last_applied_sequence) == ("web1", "primary1.example.com", ReplicationState.REPLICATING, 3, 41, 40, 39)
@@ -115,8 +116,13 @@ def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycle
     assert store.points(VM_ID) == [] and {c.consistency for c in history} == {"crash"}
     store.mark_applied(VM_ID, 40, 123, "application")
     assert [(p.sequence, p.time_ns, p.consistency.value) for p in store.points(VM_ID)] == [(40, 123, "application")]
+    # version 3: each key has its id, a second key per principal may be added; no entries; trust group DEFAULT
+    assert [k["key_id"] for k in store.key_list()] == [key_id(bytes(range(32))), key_id(bytes(range(32))[::-1])]
+    store.add_key(Key("primary1.example.com", b"\x07" * 32), replace=False)
+    assert len(store.principal_keys()["primary1.example.com"]) == 2
+    assert store.authorization_entries() == [] and rep.trust_group == "DEFAULT"
     store.close()
-    assert recorded_version(path) == listener_store.SCHEMA_VERSION == 2
+    assert recorded_version(path) == listener_store.SCHEMA_VERSION == 3
 
 
 def test_a_version_1_database_lacking_a_table_gets_it(tmp_path):

@@ -34,6 +34,30 @@ from hvr_common.pure.principal_names import check_pattern, is_dns_name, name_mat
     ("*.example.com", "*.example.com", True),  # a wildcard certificate's principal, named as it is
     ("host 1", "host 1", False),
     ("host1\x00", "host1\x00", False),
+    # Hyper-V's first-label rule, as the authorization entries use it
+    ("host1.example.com", "host1.example.com", True),
+    ("host1.example.com", "HOST1.Example.COM", True),
+    ("Host1.Example.com", "host1.example.com", True),
+    ("host1.example.com", "host2.example.com", False),
+    ("host1.example.com", "host1.example.com.evil", False),
+    ("host1.example.com", "xhost1.example.com", False),
+    ("*.example.com", "host1.example.com", True),
+    ("*.example.com", "HOST1.EXAMPLE.COM", True),
+    ("*.example.com", "example.com", False),
+    ("*.example.com", "a.host1.example.com", False),
+    ("*.example.com", ".example.com", False),
+    ("*.example.com", "host1.example.org", False),
+    ("*.example.com", "host1.evilexample.com", False),
+    ("*.com", "example.com", True),
+    ("*", "host1", False),
+    ("*.", "host1.", False),
+    ("web*.example.com", "web1.example.com", False),
+    ("host1.*.com", "host1.example.com", False),
+    ("*.*.example.com", "a.b.example.com", False),
+    ("", "host1", False),
+    ("host1", "", False),
+    ("host1", "host1", True),
+    ("host1", "host1\n", False),
 ])
 def test_name_matches(pattern, name, expected):
     assert name_matches(pattern, name) is expected
@@ -74,3 +98,7 @@ def test_principal_of(dns, cn, expected):
 def test_principal_of_refuses_certificates_without_a_host_name(dns, cn):
     with pytest.raises(UsageError):
         principal_of(dns, cn)
+
+
+def test_not_strings_never_match():
+    assert name_matches(None, "a") is False and name_matches("a", None) is False

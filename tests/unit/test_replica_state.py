@@ -17,6 +17,7 @@ from hvr_common.pure.bundle import BundleKind
 from hvr_common.pure.replication_state import InvalidTransition, ReplicationState as S
 from hvr_listener.recovery_history import Histories
 from hvr_listener import operator_verbs
+from hvr_common.pure.authorization import DEFAULT_TRUST_GROUP, Grant
 from hvr_listener.applier import Applier
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.store import ListenerStore
@@ -28,7 +29,9 @@ PRINCIPAL = "primary.example"
 @pytest.fixture
 def service(tmp_path):
     store = ListenerStore(tmp_path / "listener.db")
-    yield ReplicaService(store, lambda: str(tmp_path / "storage"), 64 * SIZE)
+    service = ReplicaService(store, 64 * SIZE)
+    service.peer = Grant(PRINCIPAL, DEFAULT_TRUST_GROUP, str(tmp_path / "storage"))
+    yield service
     store.close()
 
 
@@ -36,7 +39,7 @@ async def _enable(service: ReplicaService, name: str = "vm1"):
     vm_id, disk_id = uuid.uuid4(), uuid.uuid4()
     body = {"name": name, "generation": 1, "frequency_s": 30,
             "disks": [{"disk_id": str(disk_id), "name": "d0", "size_bytes": SIZE}]}
-    rep, created = await service.enable(vm_id, PRINCIPAL, body)
+    rep, created = await service.enable(vm_id, service.peer, body)
     assert created
     return rep, disk_id
 

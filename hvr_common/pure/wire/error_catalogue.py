@@ -70,7 +70,7 @@ _ENTRIES = (
     _E("unauthenticated", 401, HvrError, EX_NOPERM, "the request's signature is missing or not accepted"),
     _E("signed_before_restart", 503, TransientError, 75, "signed before the replica server started; sign again"),
     _E("replication_disabled", 403, HvrError, 1, "the replica server does not accept replication"),
-    _E("not_authorized", 403, HvrError, EX_NOPERM, "authenticated, but not allowed (or the VM is another's)"),
+    _E("not_authorized", 403, HvrError, EX_NOPERM, "authenticated, but not allowed here (no authorization entry matches)"),
     _E("forbidden", 403, HvrError, EX_NOPERM, "a 403 answer without a code"),
     # the replication API: bodies
     _E("digest_mismatch", 400, UsageError, 75, "the body does not match its X-Hvr-Content-SHA256"),
@@ -107,6 +107,9 @@ _ENTRIES = (
     # certificate authentication and TLS
     _E("certificate_invalid", 400, ConfigError, 78, "a certificate, key or CA file is unusable (unreadable, expired, not yet valid, wrong usage, key readable by others)"),
     _E("tls_refused", 401, HvrError, EX_NOPERM, "the TLS handshake failed: a certificate was not accepted by one side"),
+    # authorization entries, trust groups, failed authentications (docs/authorization.md)
+    _E("other_trust_group", 403, HvrError, EX_NOPERM, "the VM was first replicated by a primary of another trust group"),
+    _E("auth_rate_limited", 429, TransientError, 75, "too many failed authentications from this address (detail.retry_after_s)"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})

@@ -98,6 +98,7 @@ class ReplicaStatus:
     last_applied_time_ns: int | None
     disks: tuple[ReplicaDiskStatus, ...]
     role: str = "replica"
+    trust_group: str = "DEFAULT"  # of the primary that created the replica (docs/authorization.md)
 
     @classmethod
     def from_replica(cls, rep: Any) -> ReplicaStatus:
@@ -107,12 +108,13 @@ class ReplicaStatus:
                    rep.last_received_sequence, rep.last_applied_sequence, rep.last_replication_ns,
                    rep.last_applied_log_ns, rep.last_applied_ns,
                    tuple(ReplicaDiskStatus(d.disk_id, d.name, d.size_bytes, str(d.path), d.initial_offset)
-                         for d in rep.disks))
+                         for d in rep.disks), trust_group=getattr(rep, "trust_group", "DEFAULT"))
 
     def to_json(self) -> dict:
         return {
             "name": self.name, "vm_id": str(self.vm_id), "role": self.role, "state": self.state.value,
-            "state_detail": self.state_detail, "primary_server": self.primary_server, "generation": self.generation,
+            "state_detail": self.state_detail, "primary_server": self.primary_server,
+            "trust_group": self.trust_group, "generation": self.generation,
             "frequency_s": self.frequency_s, "compression": self.compression, "storage": self.storage,
             "next_sequence": self.next_sequence, "last_received_sequence": self.last_received_sequence,
             "last_applied_sequence": self.last_applied_sequence,
