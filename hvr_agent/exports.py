@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from hvr_common.block.catalogue import Export, Withdrawn
 from hvr_common.pure.nbd_events import ExportInfo
+from hvr_common.pure.names import is_export_name
 from hvr_common.pure.nbd_wire import MAX_PAYLOAD
 from hvr_agent.vms import VmRegistry
 
@@ -19,6 +20,8 @@ class VmExports:
         self.registry = registry
 
     def lookup(self, name: str) -> Export | None:
+        if not is_export_name(name):  # what a client asks for is checked before it is used anywhere
+            return None
         found = self.registry.export(name)
         if found is None:
             return None

@@ -34,8 +34,7 @@ class _JsonErrorHandler(RequestHandler):
         if request.writer.output_size > 0:  # an answer has begun: nothing more can be said
             raise ConnectionError("response is sent already, cannot send another response")
         reason = str(exc.args[0]) if exc is not None and exc.args and status != 500 else None
-        text = (f"malformed HTTP request: {quoted(reason)}" if reason
-                else HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "HTTP error")
+        text = f"malformed HTTP request: {quoted(reason)}" if reason else _phrase(status)
         if status >= 500:
             body = {"code": "internal", "message": "internal error", "hint": "see the daemon's log for details"}
             log.error("unhandled error in the HTTP server", exc_info=exc)
@@ -45,6 +44,13 @@ class _JsonErrorHandler(RequestHandler):
         resp = web.Response(status=status, text=json.dumps(body), content_type="application/json")
         resp.force_close()
         return resp
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "HTTP error"
 
 
 class _JsonErrorServer(web.Server):

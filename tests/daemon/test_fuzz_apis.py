@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from urllib.parse import quote, urlencode
 
 import pytest

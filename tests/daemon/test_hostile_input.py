@@ -6,7 +6,6 @@ victim replica's images (SHA-256) and state are unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -220,7 +219,6 @@ def test_the_victim_still_takes_a_good_cycle_after_all_that(listener, victim):
     victim.expected[0][8192:8192 + 4096] = data
     victim.wait_applied(2)
     victim.assert_images()
-    assert hashlib.sha256(victim.image_paths()[0].read_bytes()).hexdigest()
 
 
 # --- a full replica disk: a transient 507 the agent retries on ------------------------------------

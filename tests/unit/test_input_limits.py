@@ -133,3 +133,21 @@ def test_replica_server_hosts():
 def test_an_error_code_with_a_trailing_newline_is_not_taken_from_an_answer():
     err = error_from_body(409, {"code": "out_of_order\n", "message": "x"})
     assert err.code != "out_of_order\n"
+
+
+def test_the_agent_looks_up_only_export_names_of_the_rule():
+    from hvr_agent.exports import VmExports
+
+    class Registry:
+        asked: list = []
+
+        def export(self, name):
+            self.asked.append(name)
+            return None
+
+    registry = Registry()
+    exports = VmExports(registry)
+    for name in ("vm1/../d0", "vm1/d0\n", "../etc/passwd", "vm1/d0/x", "vm1/d0\x00", "", "x" * 10_000):
+        assert exports.lookup(name) is None
+    assert registry.asked == []
+    assert exports.lookup("vm1/d0") is None and registry.asked == ["vm1/d0"]
