@@ -43,6 +43,7 @@ EXAMPLES: dict[str, str] = {
     "failover": "hvrctl failover start web01 --as-test --recovery-point 12",
     "failover start": "hvrctl failover start web01 --as-test --recovery-point 12",
     "failover stop": "hvrctl failover stop web01 --as-test",
+    "authz": "hvrctl authz list",
     "cert": "hvrctl cert issue replica1.example.com --ca /root/hvr-ca --out /tmp/r1 --server",
     "cert ca": "hvrctl cert ca new /root/hvr-ca",
     "hrl": "hvrctl hrl inspect /var/lib/hvr/web01/sys.img.000042.hrl --records",

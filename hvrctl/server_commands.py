@@ -60,7 +60,8 @@ def register(sub, common) -> None:
                         description="Install the key made by 'hvrctl key new' so that primary can authenticate. "
                                     "A second key of the same principal is added beside the first (both are "
                                     "valid: a rotation without downtime); --replace replaces all its keys.",
-                        epilog="rotation: hvrctl server key add new.key; switch the primary to new.key; "
+                        epilog="example: hvrctl server key add /tmp/primary.example.com.key\n"
+                               "rotation: hvrctl server key add new.key; switch the primary to new.key; "
                                "hvrctl server key remove host1.example.com --key-id OLD_ID",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", type=Path, metavar="FILE")

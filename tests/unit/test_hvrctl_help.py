@@ -28,7 +28,7 @@ def _examples(epilog: str) -> list[str]:
     """The commands of an epilog: 'example: hvrctl ...' (several joined by &&), or an 'examples:' block whose
     lines starting with 'hvrctl' are commands (continued by a trailing backslash)."""
     if epilog.startswith("example: hvrctl "):
-        return epilog.removeprefix("example: ").split("&&")
+        return epilog.removeprefix("example: ").splitlines()[0].split("&&")
     found, current = [], None
     for line in epilog.splitlines():
         text = line.strip()
