@@ -33,6 +33,7 @@ from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
 from hvr_agent.store import ReplicationRecord
+from hvr_agent.transfers import Transfers
 
 log = logging.getLogger("hvr.agent.replication")
 
@@ -42,8 +43,9 @@ S = ReplicationState
 class VmReplication:
     """One VM's relationship, its task, and the work the task does (initial copy, cycles)."""
 
-    def __init__(self, rel: Relationship, config: AgentConfig):
+    def __init__(self, rel: Relationship, config: AgentConfig, transfers: Transfers | None = None):
         self.rel = rel
+        self.transfers = transfers
         self.outbox = config.outbox_dir / rel.name
         self.task: asyncio.Task | None = None
         self.client: ReplicaClient | None = None  # while the task runs
@@ -71,7 +73,7 @@ class VmReplication:
         try:
             key = await asyncio.to_thread(read_key, rec.key_file)
             endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port)
-            async with ReplicaClient(endpoint, key) as client:
+            async with ReplicaClient(endpoint, key, transfers=self.transfers) as client:
                 self.client = client
                 await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
                 await self._loop(client)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
+from hvr_common.pure.transfer_settings import TransferSettings, check_parallelism, parse_transfer_config
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
@@ -231,6 +232,7 @@ class AgentConfig:
     initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
     nbd_socket_group: str | None = None
     app_consistency: AppConsistencyConfig = AppConsistencyConfig()
+    transfers: TransferSettings = TransferSettings()  # [bandwidth], max_active_transfers
 
     @property
     def db_path(self) -> Path:
@@ -259,8 +261,14 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
     )
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
+    c.seen.update(("bandwidth", "max_active_transfers"))
+    cfg["transfers"] = parse_transfer_config(table, c.problems)
     c.finish()
     return AgentConfig(**cfg)
+
+
+DEFAULT_MAX_ACTIVE_APPLIES = 1
+MAX_ACTIVE_APPLIES = 64
 
 
 @dataclass(frozen=True)
@@ -274,6 +282,7 @@ class ListenerConfig:
     log_format: str = "auto"
     max_bundle_bytes: int = 64 * 1024 * 1024 * 1024
     nbd_socket: Path | None = None  # test failover views are served here (nbd+unix://)
+    max_active_applies: int = DEFAULT_MAX_ACTIVE_APPLIES  # replicas applying cycles at once
 
     @property
     def db_path(self) -> Path:
@@ -303,5 +312,9 @@ def parse_listener_config(table: dict, source: str = "listener config") -> Liste
         max_bundle_bytes=c.integer("max_bundle_bytes", 64 * 1024 * 1024 * 1024, check=_positive),
         nbd_socket=c.path("nbd_socket"),
     )
+    c.seen.add("max_active_applies")
+    applies = check_parallelism(table.get("max_active_applies", DEFAULT_MAX_ACTIVE_APPLIES), "max_active_applies",
+                                c.problems, MAX_ACTIVE_APPLIES)
+    cfg["max_active_applies"] = applies or DEFAULT_MAX_ACTIVE_APPLIES
     c.finish()
     return ListenerConfig(**cfg)
