@@ -73,6 +73,7 @@ async def patch_server(request: web.Request) -> web.Response:
     changes = await read_json_object(request)
     old_listen = settings.listen_endpoint()
     await asyncio.to_thread(settings.update, changes)
+    settings.apply_limits()
     event(log, "server_settings_changed", changes=changes)
     if "listen" in changes and settings.listen_endpoint() != old_listen:
         await request.app[ON_LISTEN_CHANGE]()

@@ -89,9 +89,10 @@ class Listener:
             removed = await asyncio.to_thread(cleanup_leftovers, store)
             if removed:
                 event(log, "leftovers_removed", files=removed)
-            self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage))
+            self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage),
+                                           cfg.max_active_applies)
             service = ReplicaService(store, self.settings.storage_dir, cfg.max_bundle_bytes)
-            applier = Applier(service, histories)
+            applier = Applier(service, histories, self.settings.applies)
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
             ended = await tests.end_leftovers()
             await asyncio.to_thread(histories.load_all, store.replicas())

@@ -2,6 +2,8 @@
 
 Settings live in SQLite; this object keeps the current values and the
 installed keys in memory for the request path and validates changes.
+``max_active_applies`` (replicas applying cycles at once) defaults to
+listener.toml's value; once set here it is stored and wins over the file.
 """
 
 from __future__ import annotations
@@ -9,20 +11,29 @@ from __future__ import annotations
 from hvr_common.pure.config import parse_endpoint
 from hvr_common.pure.errors import UsageError
 from hvr_common.pure.token_auth import Key
+from hvr_common.pure.config import DEFAULT_MAX_ACTIVE_APPLIES, MAX_ACTIVE_APPLIES
+from hvr_common.pure.transfer_settings import check_parallelism
+from hvr_common.shell.concurrency_limit import ConcurrencyLimit
 from hvr_listener.store import ListenerStore
 
 AUTH_MODES = ("token", "certificate")
 
 
 class ServerSettings:
-    def __init__(self, store: ListenerStore, server_name: str, listen: tuple[str, int], storage: str):
+    def __init__(self, store: ListenerStore, server_name: str, listen: tuple[str, int], storage: str,
+                 max_active_applies: int = DEFAULT_MAX_ACTIVE_APPLIES):
         self.store = store
+        self.configured_applies = max_active_applies
         self.server_name = server_name
         self.listen = listen
         self.storage = storage
         self._settings = store.settings()
         self.bound: tuple[str, int] | None = None  # where the replication API really listens
         self._keys = store.keys()
+        self.applies = ConcurrencyLimit(self.max_active_applies())  # the applier holds a place per replica
+
+    def max_active_applies(self) -> int:
+        return self._settings.get("max_active_applies") or self.configured_applies
 
     def storage_dir(self) -> str:
         """Where new replicas are created (existing ones stay where they are)."""
@@ -52,11 +63,14 @@ class ServerSettings:
             "default_storage": self.storage_dir(),
             "allow_any_authenticated": s["allow_any_authenticated"],
             "keys": len(self._keys),
+            "max_active_applies": self.max_active_applies(),
+            "active_applies": self.applies.active,
         }
 
     def update(self, changes: dict) -> dict:
         """Validate every change first; apply all or nothing."""
-        allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen"}
+        allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen",
+                   "max_active_applies"}
         unknown = set(changes) - allowed
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}",
@@ -82,5 +96,14 @@ class ServerSettings:
                 raise UsageError(f"listen: {exc}") from None
             if host is None:
                 raise UsageError("listen must be HOST:PORT")
+        if "max_active_applies" in changes:
+            problems: list[str] = []
+            check_parallelism(changes["max_active_applies"], "max_active_applies", problems, MAX_ACTIVE_APPLIES)
+            if problems:
+                raise UsageError(problems[0])
         self._settings = self.store.update_settings(changes)
         return self.view()
+
+    def apply_limits(self) -> None:
+        """On the event loop, after :meth:`update`: the new limit of parallel applies takes effect."""
+        self.applies.set_limit(self.max_active_applies())
