@@ -135,7 +135,6 @@ class ReplicaClient:
         self.transfers = transfers if transfers is not None else Transfers(TransferSettings())
         self._uploads = 0  # uploads of this client in flight (it holds a transfer place while > 0)
         self._place_lock = asyncio.Lock()
-        self._place = None
         self.key = key
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s,
                                               sock_read=read_timeout_s)
@@ -242,17 +241,14 @@ class ReplicaClient:
             return
         async with self._place_lock:
             if self._uploads == 0:
-                place = self.transfers.slots.held()
-                await place.__aenter__()
-                self._place = place
+                await self.transfers.slots.acquire()
             self._uploads += 1
         try:
             yield
         finally:
             self._uploads -= 1
             if self._uploads == 0:
-                place, self._place = self._place, None
-                await place.__aexit__(None, None, None)
+                self.transfers.slots.release()
 
 
 async def _stream_file(path: Path, size: int, throttle: Throttle):

@@ -33,14 +33,14 @@ class ConcurrencyLimit:
     @asynccontextmanager
     async def held(self):
         """Hold one of the places for the ``async with`` block (waiting for one if none is free)."""
-        await self._acquire()
+        await self.acquire()
         try:
             yield
         finally:
-            self.active -= 1
-            self._hand_over()
+            self.release()
 
-    async def _acquire(self) -> None:
+    async def acquire(self) -> None:
+        """Take a place, waiting for one if none is free; :meth:`release` gives it back."""
         if self.active < self.limit and not self._waiters:
             self._take()
             return
@@ -55,6 +55,10 @@ class ConcurrencyLimit:
             else:
                 self._waiters.remove(fut)
             raise
+
+    def release(self) -> None:
+        self.active -= 1
+        self._hand_over()
 
     def _take(self) -> None:
         self.active += 1
