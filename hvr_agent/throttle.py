@@ -55,8 +55,8 @@ class Throttle:
         offset = 0
         while offset < len(view):
             rate = self.rate_now()
-            if rate is None:  # no cap in force: the rest at once
-                piece = view[offset:]
+            if rate is None:  # no cap in force: the rest at once (the chunk itself when it is all of it)
+                piece = chunk if offset == 0 else view[offset:]
             else:
                 size = min(max(int(rate * PIECE_S), MIN_PIECE_BYTES), MAX_PIECE_BYTES)
                 piece = view[offset:offset + size]
