@@ -11,6 +11,7 @@ Routes (documented in docs/agent-admin-api.md):
 * ``GET /v1/replication``, ``GET /v1/replication/{name}`` (Get-VMReplication)
 * ``GET /v1/vms/{name}/replication/measure`` (Measure-VMReplication)
 * ``POST /v1/vms/{name}/replication/{initial,sync-now,suspend,resume}``
+* ``GET /v1/settings``, ``PATCH /v1/settings``, ``DELETE /v1/settings`` (bandwidth, parallel transfers)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_agent.replication import ReplicationManager
+from hvr_agent.transfers import Transfers
 from hvr_agent.vms import VmRegistry
 
 log = logging.getLogger("hvr.agent.admin")
@@ -31,6 +33,7 @@ log = logging.getLogger("hvr.agent.admin")
 REGISTRY = web.AppKey("registry", VmRegistry)
 STATUS = web.AppKey("status", dict)
 REPLICATION = web.AppKey("replication", ReplicationManager)
+TRANSFERS = web.AppKey("transfers", Transfers)
 
 MAX_BODY = 1024 * 1024
 HISTORY_FIELDS = {"recovery_history", "fine_window_min", "app_consistent_hours"}
@@ -162,11 +165,29 @@ async def resume_replication(request: web.Request) -> web.Response:
     return web.json_response(await request.app[REPLICATION].resume(request.match_info["name"]))
 
 
-def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager) -> web.Application:
+# --- transfer settings (bandwidth cap and schedule, parallel transfers) ---------------------
+async def get_settings(request: web.Request) -> web.Response:
+    return web.json_response(request.app[TRANSFERS].view())
+
+
+async def set_settings(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[TRANSFERS].change(await read_json_object(request)))
+
+
+async def reset_settings(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[TRANSFERS].reset())
+
+
+def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager,
+             transfers: Transfers | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware(log)], client_max_size=MAX_BODY)
     app[REGISTRY] = registry
     app[STATUS] = status
     app[REPLICATION] = replication
+    app[TRANSFERS] = transfers if transfers is not None else replication.transfers
+    app.router.add_get("/v1/settings", get_settings)
+    app.router.add_patch("/v1/settings", set_settings)
+    app.router.add_delete("/v1/settings", reset_settings)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", add_vm)

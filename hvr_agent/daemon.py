@@ -21,6 +21,7 @@ from hvr_agent.admin import make_app
 from hvr_agent.exports import VmExports
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.store import AgentStore
+from hvr_agent.transfers import Transfers
 from hvr_agent.vms import VmRegistry
 
 log = logging.getLogger("hvr.agent")
@@ -44,7 +45,8 @@ class Agent:
         registry = VmRegistry(cfg, store)
         # The NBD server first: a removed VM's connections are dropped before its replication goes.
         nbd = NbdServer(VmExports(registry), logging.getLogger("hvr.agent.nbd"))
-        replication = ReplicationManager(cfg, store, registry)
+        transfers = Transfers(cfg.transfers, store)  # the bandwidth cap and parallel transfers
+        replication = ReplicationManager(cfg, store, registry, transfers)
         runner: web.AppRunner | None = None
         owned: dict = {}  # socket path -> identity of the socket this process bound
         try:
@@ -60,7 +62,8 @@ class Agent:
                 tcp_port = await nbd.listen_tcp(*cfg.nbd_tcp)
             status = {"daemon": "hvr-agent", "version": VERSION, "pid": os.getpid(),
                       "nbd_socket": str(cfg.nbd_socket), "nbd_tcp_port": tcp_port}
-            runner = JsonErrorRunner(make_app(registry, status, replication), access_log=None, handle_signals=False)
+            runner = JsonErrorRunner(make_app(registry, status, replication, transfers), access_log=None,
+                                     handle_signals=False)
             await runner.setup()
             owned[cfg.admin_socket] = await serve_on_unix_socket(runner, cfg.admin_socket)
             systemd.stop_on_signals(self.request_stop)

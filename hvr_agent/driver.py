@@ -34,6 +34,7 @@ from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
 from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_agent.store import ReplicationRecord
+from hvr_agent.transfers import Transfers
 
 log = logging.getLogger("hvr.agent.replication")
 
@@ -43,8 +44,9 @@ S = ReplicationState
 class VmReplication:
     """One VM's relationship, its task, and the work the task does (initial copy, cycles)."""
 
-    def __init__(self, rel: Relationship, config: AgentConfig):
+    def __init__(self, rel: Relationship, config: AgentConfig, transfers: Transfers | None = None):
         self.rel = rel
+        self.transfers = transfers
         self.outbox = config.outbox_dir / rel.name
         self.task: asyncio.Task | None = None
         self.client: ReplicaClient | None = None  # while the task runs
@@ -75,7 +77,8 @@ class VmReplication:
             if key is not None:  # token mode: the key file is read again when it is replaced (rotation)
                 key = await asyncio.to_thread(KeyFile, rec.key_file, self._key_problem)
             endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port, credentials.tls)
-            async with ReplicaClient(endpoint, key, ssl_context=ssl_context) as client:
+            async with ReplicaClient(endpoint, key, ssl_context=ssl_context,
+                                           transfers=self.transfers) as client:
                 self.client = client
                 await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
                 await self._loop(client)

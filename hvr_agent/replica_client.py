@@ -11,6 +11,14 @@ their spool file (``aiofiles``), with the digest computed when the spool was
 written; initial windows are sent from the pieces they were built into in
 memory.  Both set ``Content-Length``.
 
+Every upload body passes the agent's :class:`~hvr_agent.throttle.Throttle`
+(the bandwidth cap and its schedule), and while any upload of this client is
+in flight the client holds one place of the agent's parallel transfers
+(``max_active_transfers``): a client is one VM's replication, so a VM counts
+once however many of its windows travel together.  Both live in the
+:class:`~hvr_agent.transfers.Transfers` passed in; an upload added later
+(a resync) gets both by going through :meth:`ReplicaClient._request`.
+
 Paths, headers and bodies are those of :mod:`hvr_common.pure.wire`.
 Answers are mapped at this boundary (rule 5):
 
@@ -34,6 +42,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +53,13 @@ from yarl import URL
 from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.pure.token_auth import Key, authorization
+from hvr_common.pure.transfer_settings import TransferSettings
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
 from hvr_common.pure.wire.messages import EnableRequest, InitialCompleteRequest
 from hvr_common.shell.key_file import KeyFile
+from hvr_agent.throttle import Throttle
+from hvr_agent.transfers import Transfers
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -132,10 +144,13 @@ class ReplicaClient:
 
     def __init__(self, endpoint: ReplicaEndpoint, key: Key | KeyFile | None, *,
                  ssl_context: ssl.SSLContext | None = None, connect_timeout_s: float = 10.0,
-                 read_timeout_s: float = 300.0, clock=time.time):
+                 read_timeout_s: float = 300.0, clock=time.time, transfers: Transfers | None = None):
         if (ssl_context is not None) != endpoint.tls or (key is None and ssl_context is None):
             raise ValueError("a TLS endpoint needs a TLS context, and certificate mode needs TLS")
         self.endpoint = endpoint
+        self.transfers = transfers if transfers is not None else Transfers(TransferSettings())
+        self._uploads = 0  # uploads of this client in flight (it holds a transfer place while > 0)
+        self._place_lock = asyncio.Lock()
         self._key = key
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s,
@@ -211,7 +226,8 @@ class ReplicaClient:
             spool, digest, size = upload
             hdrs["Content-Type"] = routes.BUNDLE_CONTENT_TYPE
             hdrs["Content-Length"] = str(size)
-            data = _stream_file(spool, size) if isinstance(spool, Path) else _stream_pieces(spool)
+            throttle = self.transfers.throttle
+            data = _stream_file(spool, size, throttle) if isinstance(spool, Path) else _stream_pieces(spool, throttle)
         elif json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
             digest = hashlib.sha256(data).hexdigest()
@@ -225,8 +241,8 @@ class ReplicaClient:
         url = URL(self.endpoint.base + path, encoded=True)
         where = f"{method} {path} on replica server {self.endpoint}"
         try:
-            async with self._session.request(method, url, data=data, headers=hdrs,
-                                             allow_redirects=False) as resp:
+            async with self._transfer(upload is not None), \
+                    self._session.request(method, url, data=data, headers=hdrs, allow_redirects=False) as resp:
                 raw = await _read_answer(resp)
                 status = resp.status
         except aiohttp.ClientSSLError as exc:
@@ -257,8 +273,25 @@ class ReplicaClient:
             raise ReplicaUnavailableError(f"{where} failed: {exc}") from None
         return status, _answer(status, raw, where)
 
+    @asynccontextmanager
+    async def _transfer(self, uploading: bool):
+        """While an upload is in flight: one place of the agent's parallel transfers, for this client."""
+        if not uploading:
+            yield
+            return
+        async with self._place_lock:
+            if self._uploads == 0:
+                await self.transfers.slots.acquire()
+            self._uploads += 1
+        try:
+            yield
+        finally:
+            self._uploads -= 1
+            if self._uploads == 0:
+                self.transfers.slots.release()
 
-async def _stream_file(path: Path, size: int):
+
+async def _stream_file(path: Path, size: int, throttle: Throttle):
     """The spool file's bytes, in pieces, never the whole file at once."""
     left = size
     async with aiofiles.open(path, "rb") as f:
@@ -267,12 +300,14 @@ async def _stream_file(path: Path, size: int):
             if not chunk:
                 raise OSError(f"spool file {path} is shorter than {size} bytes")
             left -= len(chunk)
-            yield chunk
+            async for piece in throttle.pieces(chunk):
+                yield piece
 
 
-async def _stream_pieces(pieces: Sequence[bytes]):
-    for piece in pieces:
-        yield piece
+async def _stream_pieces(pieces: Sequence[bytes], throttle: Throttle):
+    for chunk in pieces:
+        async for piece in throttle.pieces(chunk):
+            yield piece
 
 
 async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:

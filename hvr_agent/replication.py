@@ -62,6 +62,7 @@ from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_common.pure.wire.messages import DiskSpec, EnableRequest
 from hvr_agent.replication_report import iso_time, measure_of, status_of
 from hvr_agent.store import AgentStore, ReplicationRecord
+from hvr_agent.transfers import Transfers
 from hvr_agent.vms import VmRegistry
 
 log = logging.getLogger("hvr.agent.replication")
@@ -72,8 +73,10 @@ S = ReplicationState
 class ReplicationManager:
     """Every VM's replication; the admin API's entry point for the replication verbs."""
 
-    def __init__(self, config: AgentConfig, store: AgentStore, registry: VmRegistry):
+    def __init__(self, config: AgentConfig, store: AgentStore, registry: VmRegistry,
+                 transfers: Transfers | None = None):
         self.config = config
+        self.transfers = transfers if transfers is not None else Transfers(config.transfers)
         self.store = store
         self.registry = registry
         self.vms: dict[str, VmReplication] = {}
@@ -101,7 +104,7 @@ class ReplicationManager:
         self._stop.set()
 
     def _replication(self, rel: Relationship) -> VmReplication:
-        return VmReplication(rel, self.config)
+        return VmReplication(rel, self.config, self.transfers)
 
     def _start(self, rep: VmReplication) -> None:
         self.vms[rep.name] = rep

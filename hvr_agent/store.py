@@ -334,3 +334,20 @@ class AgentStore(StateDatabase):
         with self._lock:
             self._db.execute("DELETE FROM replication_cycles WHERE vm=? AND COALESCE(finished_ns, started_ns) < ?",
                              (vm, before_ns))
+
+    # --- settings the operator changed at run time (meta rows other than the schema version) -----
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Store ``value`` under ``key`` (``None`` deletes the row)."""
+        if key == "schema_version":
+            raise ValueError("the schema version is the database's own")
+        with self._lock:
+            if value is None:
+                self._db.execute("DELETE FROM meta WHERE key=?", (key,))
+            else:
+                self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))

@@ -76,6 +76,7 @@ async def patch_server(request: web.Request) -> web.Response:
     old_listen = settings.listen_endpoint()
     old_tls = (settings.tls_files(), settings.requires_client_certificate())
     await asyncio.to_thread(settings.update, changes)
+    settings.apply_limits()
     closed = access_control.revoke(settings, request.app[access_control.PEERS], "server_settings_changed")
     event(log, "server_settings_changed", changes=changes, connections_closed=closed)
     if settings.listen_endpoint() != old_listen or (settings.tls_files(), settings.requires_client_certificate()) \

@@ -7,6 +7,11 @@ leaves the cycle unapplied, and it is applied again from its durable file
 after the restart; records are absolute writes, so this is idempotent.
 A half-applied cycle is therefore never reported as applied.
 
+Replicas apply side by side, each in a task of the applier's own, at most
+``max_active_applies`` at once (a :class:`ConcurrencyLimit` the server
+settings own, Hyper-V's ApplyVMLimit); one replica's cycles are always
+applied one after the other, in order, by one task.
+
 A stored cycle that cannot be applied (its bundle is damaged) is a permanent
 error: the replica fails (``fail``, through :mod:`hvr_listener.replica_state`)
 into Error with the reason; file-system and SQLite errors are transient and
@@ -24,6 +29,7 @@ from hvr_common.pure.bundle import BundleKind
 from hvr_common.pure.errors import HvrError
 from hvr_common.shell.logs import event
 from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.shell.concurrency_limit import ConcurrencyLimit
 from hvr_common.shell.files import unlink_if_exists
 from hvr_listener.bundle_io import apply_bundle
 from hvr_listener.recovery_history import Histories
@@ -39,10 +45,11 @@ MAX_RETRY_S = 60.0
 
 
 class Applier:
-    def __init__(self, service: ReplicaService, histories: Histories):
+    def __init__(self, service: ReplicaService, histories: Histories, limit: ConcurrencyLimit | None = None):
         self.service = service
         self.histories = histories
         self.store = service.store
+        self.limit = limit if limit is not None else ConcurrencyLimit(1)
         self._backoff_s = 0.0
         self._retry_in_s: float | None = None
         self._interrupted: dict = {}  # vm_id -> why its apply is being retried (the backup gate asks)
@@ -50,27 +57,46 @@ class Applier:
     def interrupted(self, vm_id) -> str | None:
         """Why the apply of that VM's cycles is being retried, or None when it is not."""
         return self._interrupted.get(vm_id)
+        self._running: set = set()  # vm_ids whose task is applying (or waiting for a place)
+        self._look_again: set = set()  # ... and which were woken for meanwhile
 
     async def run(self) -> None:
         """Apply forever; woken by every received cycle, at start, and every ``SAFETY_WAKE_S``."""
         wake = self.service.wake_applier
         wake.set()
-        while True:
-            try:
-                async with asyncio.timeout(self._retry_in_s or SAFETY_WAKE_S):
-                    await wake.wait()
-            except TimeoutError:
-                pass
-            wake.clear()
-            try:
-                replicas = await asyncio.to_thread(self.store.replicas)
-            except sqlite3.Error as exc:
-                self._transient_failure("(all)", None, exc)
-                continue
-            self._retry_in_s = None
-            for rep in replicas:
-                if rep.state == ReplicationState.REPLICATING:
-                    await self.apply_pending(rep)
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                try:
+                    async with asyncio.timeout(self._retry_in_s or SAFETY_WAKE_S):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+                wake.clear()
+                try:
+                    replicas = await asyncio.to_thread(self.store.replicas)
+                except sqlite3.Error as exc:
+                    self._transient_failure("(all)", None, exc)
+                    continue
+                self._retry_in_s = None
+                for rep in replicas:
+                    if rep.state != ReplicationState.REPLICATING:
+                        continue
+                    if rep.vm_id in self._running:
+                        self._look_again.add(rep.vm_id)
+                    else:
+                        self._running.add(rep.vm_id)
+                        tg.create_task(self._apply_in_turn(rep), name=f"apply:{rep.name}")
+
+    async def _apply_in_turn(self, rep: Replica) -> None:
+        """One replica's pending cycles, once a place among the parallel applies is free."""
+        try:
+            async with self.limit.held():
+                await self.apply_pending(rep)
+        finally:
+            self._running.discard(rep.vm_id)
+            if rep.vm_id in self._look_again:  # a cycle may have arrived after the list was read
+                self._look_again.discard(rep.vm_id)
+                self.service.wake_applier.set()
 
     async def _after_commit(self, rep: Replica, history, pins: set[int]) -> None:
         """The history's view of the points, then thinning; a failure is logged and left for the next
@@ -86,6 +112,8 @@ class Applier:
         """A full disk, an I/O error, a busy database: stay Replicating and try again later."""
         self._backoff_s = min(self._backoff_s * 2, MAX_RETRY_S) if self._backoff_s else FIRST_RETRY_S
         self._retry_in_s = self._backoff_s
+        if seq is not None:  # one replica's task: the loop may be waiting already, wake it then
+            asyncio.get_running_loop().call_later(self._backoff_s, self.service.wake_applier.set)
         event(log, "apply_retry", logging.WARNING, vm=name, seq=seq, error=str(exc), retry_in_s=self._backoff_s)
 
     async def apply_pending(self, rep: Replica) -> int:

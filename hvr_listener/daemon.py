@@ -116,11 +116,12 @@ class Listener:
             if removed:
                 event(log, "leftovers_removed", files=removed)
             self.settings = ServerSettings(store, cfg.server_name or os.uname().nodename, cfg.listen, str(cfg.storage),
-                                           configured_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_ca))
+                                           configured_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_ca),
+                                           cfg.max_active_applies)
             await asyncio.to_thread(self.settings.check_tls)  # unusable certificate files: refuse to start
             service = ReplicaService(store, cfg.max_bundle_bytes)
             peers = self.peers
-            applier = Applier(service, histories)
+            applier = Applier(service, histories, self.settings.applies)
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
             backups = Backups(store, service.access, histories, cfg.nbd_socket, applier.interrupted)
             ended = await tests.end_leftovers()

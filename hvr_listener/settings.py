@@ -3,6 +3,8 @@
 Settings, keys and authorization entries live in SQLite; this object keeps
 them in memory for the request path (reloaded after every change, so a change
 takes effect on the next request) and validates changes.
+``max_active_applies`` (replicas applying cycles at once) defaults to
+listener.toml's value; once set here it is stored and wins over the file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.names import check_storage_location
 from hvr_common.pure.token_auth import Key
 from hvr_common.shell.certificate_files import SERVER, TlsFiles
+from hvr_common.pure.config import DEFAULT_MAX_ACTIVE_APPLIES, MAX_ACTIVE_APPLIES
+from hvr_common.pure.transfer_settings import check_parallelism
+from hvr_common.shell.concurrency_limit import ConcurrencyLimit
 from hvr_listener.store import ListenerStore
 
 AUTH_MODES = ("token", "certificate")
@@ -34,9 +39,10 @@ def configured_tls(cert: Path | str | None, key: Path | str | None, ca: Path | s
 
 class ServerSettings:
     def __init__(self, store: ListenerStore, server_name: str, listen: tuple[str, int], storage: str,
-                 tls: TlsFiles | None = None):
+                 tls: TlsFiles | None = None, max_active_applies: int = DEFAULT_MAX_ACTIVE_APPLIES):
         self.store = store
         self.configured_tls = tls  # listener.toml's; the stored settings (server set --cert ...) take precedence
+        self.configured_applies = max_active_applies
         self.server_name = server_name
         self.listen = listen
         self.storage = storage
@@ -44,6 +50,10 @@ class ServerSettings:
         self.bound: tuple[str, int] | None = None  # where the replication API really listens
         self._keys = store.principal_keys()
         self._entries = store.authorization_entries()
+        self.applies = ConcurrencyLimit(self.max_active_applies())  # the applier holds a place per replica
+
+    def max_active_applies(self) -> int:
+        return self._settings.get("max_active_applies") or self.configured_applies
 
     def storage_dir(self) -> str:
         """Where new replicas are created (existing ones stay where they are)."""
@@ -121,6 +131,8 @@ class ServerSettings:
             "keys": sum(len(keys) for keys in self._keys.values()),
             "authorization_entries": len(self._entries),
             "tls": self._tls_view(),
+            "max_active_applies": self.max_active_applies(),
+            "active_applies": self.applies.active,
         }
 
     def _tls_view(self) -> dict | None:
@@ -132,7 +144,8 @@ class ServerSettings:
 
     def update(self, changes: dict) -> dict:
         """Validate every change first; apply all or nothing."""
-        allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen", *TLS_SETTINGS}
+        allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen",
+                   "max_active_applies", *TLS_SETTINGS}
         unknown = set(changes) - allowed
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}",
@@ -164,8 +177,17 @@ class ServerSettings:
                                        and changes[key].startswith("/")):
                 raise UsageError(f"{key} must be an absolute path (or empty: listener.toml's)")
         self.check_tls(dict(self._settings, **changes))
+        if "max_active_applies" in changes:
+            problems: list[str] = []
+            check_parallelism(changes["max_active_applies"], "max_active_applies", problems, MAX_ACTIVE_APPLIES)
+            if problems:
+                raise UsageError(problems[0])
         self._settings = self.store.update_settings(changes)
         return self.view()
+
+    def apply_limits(self) -> None:
+        """On the event loop, after :meth:`update`: the new limit of parallel applies takes effect."""
+        self.applies.set_limit(self.max_active_applies())
 
 
 def _has_client_certificate(transport) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from hvr_common.pure.errors import UsageError
 from hvr_common.shell.key_file import read_key, write_key
 from hvr_common.pure.token_auth import Key
+from hvrctl import transfer_commands
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 
@@ -31,6 +32,7 @@ def register(sub, common) -> None:
     p = ssub.add_parser("get", parents=[common], help="show the replica server settings",
                         description="Show whether the server accepts replication, how it authenticates, "
                                     "where it listens and where new replicas are stored.")
+    transfer_commands.add_get_arguments(p)
     p.set_defaults(func=cmd_server_get)
     p = ssub.add_parser("set", parents=[common], help="change replica server settings",
                         description="Change settings; all given changes are validated first and applied together. "
@@ -51,6 +53,7 @@ def register(sub, common) -> None:
     p.add_argument("--storage", metavar="PATH", help="default storage location for new replicas")
     p.add_argument("--allow-any", metavar="true|false",
                    help="accept replication from any authenticated primary")
+    transfer_commands.add_set_arguments(p)
     p.set_defaults(func=cmd_server_set)
 
     key = ssub.add_parser("key", parents=[common], help="keys of primaries allowed to authenticate",
@@ -123,7 +126,8 @@ def _server_view(args, view: dict) -> int:
                   ("listening on", view.get("listening_on")), ("default storage", view["default_storage"]),
                   ("allow any authenticated", view["allow_any_authenticated"]), ("installed keys", view["keys"]),
                   ("authorization entries", view.get("authorization_entries")),
-                  ("TLS", _tls_text(view.get("tls")))]))
+                  ("TLS", _tls_text(view.get("tls"))),
+                  ("max active applies", view.get("max_active_applies"))]))
     return 0
 
 
@@ -134,11 +138,16 @@ def _tls_text(tls: dict | None) -> str:
 
 
 def cmd_server_get(args) -> int:
+    if args.agent:
+        return transfer_commands.cmd_agent_get(args)
     return _server_view(args, _client(args).request("GET", "/v1/server"))
 
 
 def cmd_server_set(args) -> int:
     changes: dict = {}
+    agent_changes = transfer_commands.agent_changes(args)
+    if args.max_applies is not None:
+        changes["max_active_applies"] = args.max_applies
     if args.enabled is not None:
         changes["enabled"] = _bool(args.enabled)
     if args.allow_any is not None:
@@ -153,6 +162,12 @@ def cmd_server_set(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             changes[key] = str(Path(value).expanduser().resolve()) if value else ""
+    if agent_changes is not None:
+        if changes:
+            raise UsageError("the primary's transfer settings and the replica server's settings are set apart",
+                             hint="give --bandwidth, --bandwidth-schedule, --max-transfers in one command, "
+                                  "the replica server's settings in another")
+        return transfer_commands.cmd_agent_set(args, agent_changes)
     if not changes:
         raise UsageError("nothing to change", hint="see hvrctl server set --help")
     return _server_view(args, _client(args).request("PATCH", "/v1/server", changes))

@@ -14,6 +14,7 @@ from pathlib import Path
 from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.names import storage_location_problem
 from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
+from hvr_common.pure.transfer_settings import TransferSettings, check_parallelism, parse_transfer_config
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
@@ -236,6 +237,7 @@ class AgentConfig:
     initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
     nbd_socket_group: str | None = None
     app_consistency: AppConsistencyConfig = AppConsistencyConfig()
+    transfers: TransferSettings = TransferSettings()  # [bandwidth], max_active_transfers
 
     @property
     def db_path(self) -> Path:
@@ -264,8 +266,14 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
     )
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
+    c.seen.update(("bandwidth", "max_active_transfers"))
+    cfg["transfers"] = parse_transfer_config(table, c.problems)
     c.finish()
     return AgentConfig(**cfg)
+
+
+DEFAULT_MAX_ACTIVE_APPLIES = 1
+MAX_ACTIVE_APPLIES = 64
 
 
 @dataclass(frozen=True)
@@ -283,6 +291,7 @@ class ListenerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    max_active_applies: int = DEFAULT_MAX_ACTIVE_APPLIES  # replicas applying cycles at once
 
     @property
     def db_path(self) -> Path:
@@ -318,5 +327,9 @@ def parse_listener_config(table: dict, source: str = "listener config") -> Liste
     tls = [cfg[k] is not None for k in ("tls_cert", "tls_key", "tls_ca")]
     if any(tls) and not all(tls) and not any(p.startswith("tls_") for p in c.problems):
         c.problems.append("tls_cert, tls_key, tls_ca: give all three, or none (plain HTTP)")
+    c.seen.add("max_active_applies")
+    applies = check_parallelism(table.get("max_active_applies", DEFAULT_MAX_ACTIVE_APPLIES), "max_active_applies",
+                                c.problems, MAX_ACTIVE_APPLIES)
+    cfg["max_active_applies"] = applies or DEFAULT_MAX_ACTIVE_APPLIES
     c.finish()
     return ListenerConfig(**cfg)

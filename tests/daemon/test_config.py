@@ -138,3 +138,36 @@ def test_nbd_socket_group_must_exist():
         parse_agent_config({**GOOD, "nbd_socket_group": "no-such-group-hvr"})
     assert info.value.problems == ["nbd_socket_group: no group named 'no-such-group-hvr' on this host"]
     assert parse_agent_config({**GOOD, "nbd_socket_group": "root"}).nbd_socket_group == "root"
+
+
+def test_sample_transfer_settings_in_deploy_are_valid():
+    from hvr_common.pure.config import parse_listener_config
+    cfg = parse_agent_config(read_toml(REPO / "deploy" / "agent.toml"))
+    assert cfg.transfers.max_active_transfers == 3 and cfg.transfers.bandwidth.limit is None
+    assert parse_listener_config(read_toml(REPO / "deploy" / "listener.toml")).max_active_applies == 1
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"max_active_transfers": 0}, "max_active_transfers: must be a whole number from 1 to 1024"),
+    ({"bandwidth": {"limit": "fast"}}, "bandwidth.limit:"),
+    ({"bandwidth": {"limit": "1MiB/s", "schedule": [{"start": "08:00", "end": "18:00"}]}},
+     "bandwidth.schedule[0]: limit is required"),
+    ({"bandwidth": "10MiB/s"}, "bandwidth: must be a table"),
+])
+def test_bad_transfer_settings_are_refused_naming_the_key(bad, key):
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config({**GOOD, **bad})
+    assert any(p.startswith(key) for p in info.value.problems), info.value.problems
+
+
+def test_the_libvirt_sample_attaches_every_disk_through_the_agent_socket_with_reconnect():
+    import xml.etree.ElementTree as ET
+    cfg = parse_agent_config(read_toml(REPO / "deploy" / "agent.toml"))
+    disks = ET.parse(REPO / "deploy" / "libvirt-domain.xml").getroot().findall("./devices/disk")
+    assert disks
+    for disk in disks:
+        source = disk.find("source")
+        assert source.get("protocol") == "nbd" and source.get("name").startswith("web01/")
+        assert source.find("host").get("socket") == str(cfg.nbd_socket)
+        assert int(source.find("reconnect").get("delay")) >= 30
+        assert disk.find("driver").get("type") == "raw"
