@@ -53,12 +53,12 @@ class Applier:
         self._backoff_s = 0.0
         self._retry_in_s: float | None = None
         self._interrupted: dict = {}  # vm_id -> why its apply is being retried (the backup gate asks)
+        self._running: set = set()  # vm_ids whose task is applying (or waiting for a place)
+        self._look_again: set = set()  # ... and which were woken for meanwhile
 
     def interrupted(self, vm_id) -> str | None:
         """Why the apply of that VM's cycles is being retried, or None when it is not."""
         return self._interrupted.get(vm_id)
-        self._running: set = set()  # vm_ids whose task is applying (or waiting for a place)
-        self._look_again: set = set()  # ... and which were woken for meanwhile
 
     async def run(self) -> None:
         """Apply forever; woken by every received cycle, at start, and every ``SAFETY_WAKE_S``."""

@@ -24,6 +24,9 @@ SET_EPILOG = """examples:
     hvrctl server set --reset-transfers          # agent.toml's settings again
   on a replica server (hvr-listener):
     hvrctl server set --enabled true --max-applies 4
+    hvrctl server set --enabled true --allow-any true
+    hvrctl server set --auth token,certificate --cert /etc/hvr/tls/replica1.pem \\
+        --cert-key /etc/hvr/tls/replica1-key.pem --ca /etc/hvr/tls/ca.pem
 """
 
 

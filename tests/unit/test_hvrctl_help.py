@@ -51,7 +51,7 @@ def test_every_command_has_an_example_that_parses(words, sub):
     examples = _examples(sub.epilog)
     assert examples, f"'hvrctl {' '.join(words)}' has an examples block with no command in it"
     for example in examples:
-        argv = shlex.split(example)
+        argv = shlex.split(example, comments=True)
         assert argv[0] == "hvrctl"
         args = PARSER.parse_args(argv[1:])  # an example that no longer parses fails here (SystemExit)
         assert callable(args.func)

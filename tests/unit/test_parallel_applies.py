@@ -17,6 +17,7 @@ from hvr_common.shell.concurrency_limit import ConcurrencyLimit
 from hvr_listener.applier import Applier
 from hvr_listener.recovery_history import Histories
 from hvr_listener.replicas import ReplicaService
+from hvr_common.pure.authorization import Grant
 from hvr_listener.store import ListenerStore
 
 SIZE = 1024 * 1024
@@ -25,7 +26,7 @@ SIZE = 1024 * 1024
 @pytest.fixture
 def service(tmp_path):
     store = ListenerStore(tmp_path / "listener.db")
-    yield ReplicaService(store, lambda: str(tmp_path / "storage"), 64 * SIZE)
+    yield ReplicaService(store, 64 * SIZE)
     store.close()
 
 
@@ -33,7 +34,7 @@ async def _replicating(service: ReplicaService, name: str):
     vm_id, disk_id = uuid.uuid4(), uuid.uuid4()
     body = {"name": name, "generation": 1, "frequency_s": 30,
             "disks": [{"disk_id": str(disk_id), "name": "d0", "size_bytes": SIZE}]}
-    rep, _ = await service.enable(vm_id, "primary.example", body)
+    rep, _ = await service.enable(vm_id, Grant("primary.example", "DEFAULT", str(service.access.store.path.parent / "storage")), body)
     service.states.window_stored(rep, disk_id, 1, 0, SIZE)
     assert service.states.complete_initial(await service.get(vm_id), 1, time.time_ns())
     rep = await service.get(vm_id)
