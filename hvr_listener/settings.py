@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from hvr_common.pure.config import parse_endpoint
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.monitoring import MonitoringSettings, monitoring_settings
 from hvr_common.pure.token_auth import Key
 from hvr_listener.store import ListenerStore
 
@@ -52,11 +53,17 @@ class ServerSettings:
             "default_storage": self.storage_dir(),
             "allow_any_authenticated": s["allow_any_authenticated"],
             "keys": len(self._keys),
+            **self.monitoring().to_dict(),
         }
+
+    def monitoring(self) -> MonitoringSettings:
+        """The monitoring interval and its start time (Set-VMReplicationServer -MonitoringInterval)."""
+        return monitoring_settings(self._settings)
 
     def update(self, changes: dict) -> dict:
         """Validate every change first; apply all or nothing."""
-        allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen"}
+        allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen",
+                   "monitoring_interval_s", "monitoring_start"}
         unknown = set(changes) - allowed
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}",
@@ -82,5 +89,6 @@ class ServerSettings:
                 raise UsageError(f"listen: {exc}") from None
             if host is None:
                 raise UsageError("listen must be HOST:PORT")
+        monitoring_settings({**self._settings, **changes})  # raises UsageError naming the setting
         self._settings = self.store.update_settings(changes)
         return self.view()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime as dt
 from pathlib import Path
 
-from hvr_common.pure.errors import UsageError
+from hvr_common.pure.errors import UnavailableError, UsageError
 from hvr_common.shell.key_file import read_key, write_key
 from hvr_common.pure.token_auth import Key
 from hvrctl.client import AdminClient
@@ -31,13 +32,24 @@ def register(sub, common) -> None:
                                     "where it listens and where new replicas are stored.")
     p.set_defaults(func=cmd_server_get)
     p = ssub.add_parser("set", parents=[common], help="change replica server settings",
-                        description="Change settings; all given changes are validated first and applied together.")
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Change settings; all given changes are validated first and applied together. "
+                                    "The monitoring settings (Set-VMReplicationServer -MonitoringInterval "
+                                    "-MonitoringStartTime) go to every daemon of this host that answers, the "
+                                    "agent and the listener; the others to the listener.",
+                        epilog="example:\n  hvrctl server set --monitoring-interval 12h --monitoring-start 09:00\n"
+                               "  hvrctl server set --enabled true --storage /var/lib/hvr/replicas")
     p.add_argument("--enabled", metavar="true|false", help="accept replication at all")
     p.add_argument("--auth", metavar="MODES", help="accepted authentication modes, comma-separated (token)")
     p.add_argument("--listen", metavar="HOST:PORT", help="address and port of the replication API (rebinds now)")
     p.add_argument("--storage", metavar="PATH", help="default storage location for new replicas")
     p.add_argument("--allow-any", metavar="true|false",
                    help="accept replication from any authenticated primary")
+    p.add_argument("--monitoring-interval", metavar="DURATION",
+                   help="the window of statistics and health: whole hours from 1h to 7d, as 12h or 1d "
+                        "(default 12h)")
+    p.add_argument("--monitoring-start", metavar="HH:MM",
+                   help="time of day (UTC) a monitoring window starts (default 00:00)")
     p.set_defaults(func=cmd_server_set)
 
     key = ssub.add_parser("key", parents=[common], help="keys of primaries allowed to authenticate",
@@ -98,7 +110,9 @@ def _server_view(args, view: dict) -> int:
         print(kv([("server", view["server_name"]), ("replication enabled", view["enabled"]),
                   ("authentication", ", ".join(view["auth_modes"])), ("listen (setting)", view["listen"]),
                   ("listening on", view.get("listening_on")), ("default storage", view["default_storage"]),
-                  ("allow any authenticated", view["allow_any_authenticated"]), ("installed keys", view["keys"])]))
+                  ("allow any authenticated", view["allow_any_authenticated"]), ("installed keys", view["keys"]),
+                  ("monitoring interval", f"{view['monitoring_interval_s'] // 3600} h"),
+                  ("monitoring start (UTC)", view["monitoring_start"])]))
     return 0
 
 
@@ -106,8 +120,27 @@ def cmd_server_get(args) -> int:
     return _server_view(args, _client(args).request("GET", "/v1/server"))
 
 
-def cmd_server_set(args) -> int:
+def monitoring_interval_s(text: str) -> int:
+    """``12h``, ``1d`` or a number of seconds."""
+    unit = {"h": 3600, "d": 86400}.get(text[-1:].lower(), 1) if text else 1
+    digits = text[:-1] if unit != 1 else text
+    if not digits.isdigit():
+        raise UsageError(f"monitoring interval {text!r} is not a duration", hint="for example 12h or 1d")
+    return int(digits) * unit
+
+
+def _monitoring_changes(args) -> dict:
     changes: dict = {}
+    if args.monitoring_interval is not None:
+        changes["monitoring_interval_s"] = monitoring_interval_s(args.monitoring_interval)
+    if args.monitoring_start is not None:
+        changes["monitoring_start"] = args.monitoring_start
+    return changes
+
+
+def cmd_server_set(args) -> int:
+    monitoring = _monitoring_changes(args)
+    changes: dict = dict(monitoring)
     if args.enabled is not None:
         changes["enabled"] = _bool(args.enabled)
     if args.allow_any is not None:
@@ -120,7 +153,32 @@ def cmd_server_set(args) -> int:
         changes["default_storage"] = args.storage
     if not changes:
         raise UsageError("nothing to change", hint="see hvrctl server set --help")
-    return _server_view(args, _client(args).request("PATCH", "/v1/server", changes))
+    if not monitoring:
+        return _server_view(args, _client(args).request("PATCH", "/v1/server", changes))
+    return _set_everywhere(args, changes, monitoring)
+
+
+def _set_everywhere(args, changes: dict, monitoring: dict) -> int:
+    """Monitoring settings to the agent if it runs here; all changes to the listener if it runs here (it
+    must when there are listener settings among them)."""
+    agent_view = None
+    try:
+        agent_view = AdminClient(args.agent_socket, "hvr-agent").request("PATCH", "/v1/server", monitoring)
+    except UnavailableError:
+        pass
+    try:
+        view = _client(args).request("PATCH", "/v1/server", changes)
+    except UnavailableError:
+        if agent_view is None or len(changes) > len(monitoring):
+            raise
+        if args.output == "json":
+            emit_json(agent_view)
+        else:
+            print(kv([("agent", agent_view["server_name"]),
+                      ("monitoring interval", f"{agent_view['monitoring_interval_s'] // 3600} h"),
+                      ("monitoring start (UTC)", agent_view["monitoring_start"])]))
+        return 0
+    return _server_view(args, view)
 
 
 def cmd_key_add(args) -> int:
