@@ -25,15 +25,15 @@ S = ReplicationState
 MEASURE_REPLICA_TIMEOUT_S = 3.0
 
 
-def _window(rel: Relationship, now_ns: int) -> tuple[int, int]:
+def monitoring_window(rel: Relationship, now_ns: int) -> tuple[int, int]:
     """The VM's monitoring window: the server's settings, started later by a statistics reset."""
     settings = monitoring_settings(rel.store.monitoring())
     return window(now_ns, settings, rel.store.statistics_reset_ns(rel.name))
 
 
-async def _health(rel: Relationship, now_ns: int):
+async def health_of(rel: Relationship, now_ns: int):
     rec = rel.rec
-    start, _ = await asyncio.to_thread(_window, rel, now_ns)
+    start, _ = await asyncio.to_thread(monitoring_window, rel, now_ns)
     rows = await asyncio.to_thread(rel.store.cycle_stats, rel.name, min(start, now_ns - 3600 * NS))
     return replication_health(rec.state, frequency_s=rec.frequency_s, rows=rows, now_ns=now_ns,
                               last_ack_ns=rec.last_replication_ns, replicating_since_ns=rec.initial_completed_ns,
@@ -44,7 +44,7 @@ async def status_of(rep: VmReplication, primary_server: str) -> dict:
     """Get-VMReplication: state, health, where it replicates to, what is pending, the initial copy."""
     rel = rep.rel
     rec = rel.rec
-    health = await _health(rel, time.time_ns())
+    health = await health_of(rel, time.time_ns())
     vm = rel.registry.vms.get(rel.name)
     try:
         pending = len(rel.pending_sequences())
@@ -95,12 +95,12 @@ async def measure_of(rep: VmReplication, primary_server: str) -> dict:
     """Measure-VMReplication over the monitoring window, with the VM's name, state and health."""
     rel = rep.rel
     now = time.time_ns()
-    start, end = await asyncio.to_thread(_window, rel, now)
+    start, end = await asyncio.to_thread(monitoring_window, rel, now)
     rows = await asyncio.to_thread(rel.store.cycle_stats, rel.name, start)
     pending = await pending_bytes(rel) + initial_remaining_bytes(rep)
     m = measure(rows, now_ns=now, pending_bytes=pending, last_replication_ns=rel.rec.last_replication_ns,
                 window_start_ns=start)
-    health = await _health(rel, now)
+    health = await health_of(rel, now)
     out = m.to_dict()
     out["LastReplicationTime"] = iso_time(m.LastReplicationTime)
     out["WindowStartTime"] = iso_time(m.WindowStartTime)

@@ -231,6 +231,7 @@ class AgentConfig:
     initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
     nbd_socket_group: str | None = None
     app_consistency: AppConsistencyConfig = AppConsistencyConfig()
+    http_listen: tuple[str, int] | None = None  # /healthz, /readyz, /metrics; off unless set
 
     @property
     def db_path(self) -> Path:
@@ -256,6 +257,7 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         nbd_socket_group=c.group("nbd_socket_group"),
         initial_window_bytes=c.integer("initial_window_bytes", DEFAULT_INITIAL_WINDOW_BYTES,
                                        check=_initial_window_check),
+        http_listen=c.endpoint("http_listen"),
     )
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
@@ -274,6 +276,7 @@ class ListenerConfig:
     log_format: str = "auto"
     max_bundle_bytes: int = 64 * 1024 * 1024 * 1024
     nbd_socket: Path | None = None  # test failover views are served here (nbd+unix://)
+    http_listen: tuple[str, int] | None = None  # /healthz, /readyz, /metrics; off unless set
 
     @property
     def db_path(self) -> Path:
@@ -302,6 +305,7 @@ def parse_listener_config(table: dict, source: str = "listener config") -> Liste
         log_format=c.choice("log_format", LOG_FORMATS, "auto"),
         max_bundle_bytes=c.integer("max_bundle_bytes", 64 * 1024 * 1024 * 1024, check=_positive),
         nbd_socket=c.path("nbd_socket"),
+        http_listen=c.endpoint("http_listen"),
     )
     c.finish()
     return ListenerConfig(**cfg)
