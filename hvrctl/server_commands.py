@@ -235,15 +235,19 @@ def cmd_replica_get(args) -> int:
     if args.output == "json":
         emit_json(reps[0] if args.name else reps)
         return 0
-    rows = [{"name": r["name"], "state": r["state"], "primary": r["primary_server"],
+    rows = [{"name": r["name"], "state": r["state"], "health": r.get("health"), "primary": r["primary_server"],
              "gen": r["generation"], "received": r["last_received_sequence"], "applied": r["last_applied_sequence"],
              "last_replication": _time(r["last_replication_time_ns"]),
              "last_applied_log": _time(r["last_applied_log_time_ns"])} for r in reps]
-    print(table(rows, [("NAME", "name"), ("STATE", "state"), ("PRIMARY", "primary"), ("GEN", "gen"),
+    print(table(rows, [("NAME", "name"), ("STATE", "state"), ("HEALTH", "health"), ("PRIMARY", "primary"),
+                       ("GEN", "gen"),
                        ("RECEIVED", "received"), ("APPLIED", "applied"), ("LAST REPLICATION", "last_replication"),
                        ("LAST APPLIED LOG", "last_applied_log")]))
     if args.name and reps[0].get("state_detail"):
         print(f"\ndetail: {reps[0]['state_detail']}")
+    if args.name:
+        for sentence in reps[0].get("health_details") or []:
+            print(f"health: {sentence}")
     if args.name:
         rep = reps[0]
         size = sum(d["size_bytes"] for d in rep["disks"])
