@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
-from hvr_common.pure.health import HealthReport, replication_health
+from hvr_common.pure.health import HealthReport, replica_health
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
@@ -58,17 +58,17 @@ def _points(app: web.Application, rep: Replica) -> list:
     return app[STORE].points(rep.vm_id)
 
 
-def replica_health(rep: Replica, now_ns: int) -> HealthReport:
-    """The replica's own view of health: its state, and how long ago a cycle was received."""
-    return replication_health(rep.state, frequency_s=rep.frequency_s, rows=(), now_ns=now_ns,
-                              last_ack_ns=rep.last_replication_ns, replicating_since_ns=rep.last_applied_ns,
-                              state_detail=rep.state_detail, role="replica", vm=rep.name)
+def health_of(rep: Replica, now_ns: int) -> HealthReport:
+    """The replica's own view of health (:func:`hvr_common.pure.health.replica_health`)."""
+    return replica_health(rep.state, name=rep.name, frequency_s=rep.frequency_s,
+                          last_received_ns=rep.last_replication_ns, last_applied_ns=rep.last_applied_ns,
+                          state_detail=rep.state_detail, now_ns=now_ns)
 
 
 async def _full_status(app: web.Application, rep: Replica) -> dict:
     """A replica's status with its health and recovery history (Get-VMReplication on the replica server)."""
     status = replica_status(rep)
-    health = replica_health(rep, time.time_ns())
+    health = health_of(rep, time.time_ns())
     status.update(health=health.health.value, health_details=list(health.details))
     points = await asyncio.to_thread(_points, app, rep)
     status.update(recovery_history_settings(rep, points, app[TESTS].status(rep.name)))

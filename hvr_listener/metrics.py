@@ -7,11 +7,11 @@ import time
 
 from prometheus_client.metrics_core import Metric
 
+from hvr_common.pure.health import replica_health
 from hvr_common.pure.measure import NS
 from hvr_common.pure.metric_names import (HEALTH_LEVELS, REPLICA_HEALTH, REPLICA_METRICS, REPLICA_STATE)
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.metric_families import gauges, one_of
-from hvr_listener.admin import replica_health
 from hvr_listener.store import ListenerStore, Replica
 
 
@@ -40,7 +40,9 @@ class ListenerMetrics:
             "apply_lag_cycles": max(0, rep.last_received_sequence - rep.last_applied_sequence),
             "apply_lag_s": _age_s(now_ns, min((c.received_ns for c in waiting), default=None)) or 0.0,
             "resync_remaining_bytes": 0,  # no resynchronization runs in this version
-            "health": replica_health(rep, now_ns).health.value,
+            "health": replica_health(rep.state, name=rep.name, frequency_s=rep.frequency_s,
+                                     last_received_ns=rep.last_replication_ns, last_applied_ns=rep.last_applied_ns,
+                                     state_detail=rep.state_detail, now_ns=now_ns).health.value,
             "state": rep.state.value,
         }
 

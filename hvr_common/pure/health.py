@@ -164,3 +164,11 @@ def _window_findings(who: str, rows: list[CycleStat], latency_limit_s: float) ->
             out.append((W, f"The average replication latency of {who} is {average:.0f} s, over the limit of "
                            f"{latency_limit_s:.0f} s."))
     return out
+
+
+def replica_health(state: str, *, name: str, frequency_s: int, last_received_ns: int | None,
+                   last_applied_ns: int | None, state_detail: str | None, now_ns: int) -> HealthReport:
+    """The replica server's own view: its state, and how long ago a cycle was received."""
+    return replication_health(state, frequency_s=frequency_s, rows=(), now_ns=now_ns, last_ack_ns=last_received_ns,
+                              replicating_since_ns=last_applied_ns, state_detail=state_detail, role="replica",
+                              vm=name)

@@ -168,3 +168,16 @@ def test_monitoring_settings_are_validated():
         with pytest.raises(UsageError):
             monitoring_settings(bad)
     assert parse_start("23:59") == 86340
+
+
+def test_the_replica_view_from_its_own_record():
+    from hvr_common.pure.health import replica_health
+
+    def view(state, received_age_s):
+        return replica_health(state, name="web", frequency_s=F, last_received_ns=NOW - received_age_s * NS,
+                              last_applied_ns=NOW - received_age_s * NS, state_detail=None, now_ns=NOW)
+    assert view("Replicating", 60).health is N
+    late = view("Replicating", 3700)
+    assert late.health is W and "received" in late.details[0]
+    assert view("Suspended", 10).health is C
+    assert view("WaitingForInitialReplication", 10).health is W
