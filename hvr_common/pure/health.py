@@ -10,7 +10,7 @@ the statistics of the monitoring window (:mod:`hvr_common.pure.monitoring`):
 * **Warning**: more than 20% of the window's cycles were missed; more than an
   hour since the last cycle was sent (primary) or received (replica); the
   average latency of the window is over the limit (5 minutes by default); an
-  upload failed in the last hour; initial replication is not complete; a
+  upload failed in the last hour of the window; initial replication is not complete; a
   failover has not been reversed; replication is paused on the primary.
 * **Normal** otherwise.
 
@@ -117,11 +117,13 @@ def replication_health(state: str, *, frequency_s: int, rows: Iterable[CycleStat
         level, text = rule
         findings.append((level, text.format(vm=who, detail=f": {state_detail}" if state_detail else "")))
     rows = list(rows)
+    start = window_start_ns if window_start_ns is not None else now_ns - DEFAULT_INTERVAL_S * NS
     if name in FLOWING_STATES:
         findings += _flow_findings(role, who, frequency_s, now_ns, last_ack_ns, replicating_since_ns)
-        start = window_start_ns if window_start_ns is not None else now_ns - DEFAULT_INTERVAL_S * NS
         findings += _window_findings(who, [r for r in rows if _when(r) >= start], latency_limit_s)
-    errors = [r for r in rows if r.result is CycleResult.ERROR and _when(r) >= now_ns - ERROR_WINDOW_S * NS]
+    # failures of the last hour, within the window (a statistics reset clears them, as in Hyper-V)
+    since = max(now_ns - ERROR_WINDOW_S * NS, start)
+    errors = [r for r in rows if r.result is CycleResult.ERROR and _when(r) >= since]
     if errors:
         last = max(errors, key=_when)
         findings.append((W, f"{len(errors)} replication attempt(s) of {who} failed in the last hour; the last: "

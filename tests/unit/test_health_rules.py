@@ -181,3 +181,11 @@ def test_the_replica_view_from_its_own_record():
     assert late.health is W and "received" in late.details[0]
     assert view("Suspended", 10).health is C
     assert view("WaitingForInitialReplication", 10).health is W
+
+
+def test_a_statistics_reset_clears_the_warnings_of_the_window():
+    """Reset-VMReplicationStatistics: Warning becomes Normal (the window starts at the reset)."""
+    failed = CycleStat(None, NOW - 600 * NS, NOW - 600 * NS, 0, 0, CycleResult.ERROR, "replica_unavailable")
+    rows = [ok(30 * i, seq=i) for i in range(1, 5)] + [missed(700 + i) for i in range(5)] + [failed]
+    assert health("Replicating", rows=rows).health is W
+    assert health("Replicating", rows=rows, window_start_ns=NOW - 300 * NS).health is N
