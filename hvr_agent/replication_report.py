@@ -115,12 +115,18 @@ async def measure_of(rep: VmReplication, primary_server: str) -> dict:
 
 
 def initial_remaining_bytes(rep: VmReplication) -> int:
-    """What the initial copy still has to send (Hyper-V counts it in PendingReplicationSize); 0 after it."""
+    """What the initial copy still has to send (Hyper-V counts it in PendingReplicationSize); 0 after it.
+
+    While it runs: the data bytes not yet sent; before it started: the disks' sizes (Hyper-V's "disk
+    file sizes times the part not yet done", nothing being done yet)."""
     rec = rep.rel.rec
     if rec.initial_completed_ns is not None or rec.state not in (S.READY_FOR_INITIAL_REPLICATION,
                                                                   S.INITIAL_REPLICATION_IN_PROGRESS, S.ERROR):
         return 0
-    return sum(max(0, p.allocated_bytes - p.done_bytes) for p in rep.initial.progress.values())
+    if rep.initial.progress:
+        return sum(max(0, p.allocated_bytes - p.done_bytes) for p in rep.initial.progress.values())
+    vm = rep.rel.registry.vms.get(rep.name)
+    return sum(disk.size for disk in vm.disks.values()) if vm is not None else 0
 
 
 async def pending_bytes(rel: Relationship) -> int:

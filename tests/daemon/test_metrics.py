@@ -81,6 +81,8 @@ def test_rpo_rises_while_the_link_is_cut_and_falls_after(pair, tmp_path):
         before = scrape(pair.agent_http)
         assert before[("hvr_replication_state", (("state", "ReadyForInitialReplication"), ("vm", "web")))] == 1
         assert before[("hvr_replication_health", (("health", "Warning"), ("vm", "web")))] == 1
+        # before the initial copy, what it has to send is pending (the disk's size: nothing is done)
+        assert before[("hvr_replication_pending_bytes", (("vm", "web"),))] == 8 * MiB
         pair.initial("web")
         qemu_io(pair.agent.nbd_uri("web", "web"), "write -P 5 0 2M")
         pair.sync("web")
