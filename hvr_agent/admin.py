@@ -9,7 +9,9 @@ Routes (documented in docs/agent-admin-api.md):
 * ``POST /v1/vms/{name}/replication`` (enable), ``PATCH /v1/vms/{name}/replication`` (settings),
   ``DELETE /v1/vms/{name}/replication`` (remove)
 * ``GET /v1/replication``, ``GET /v1/replication/{name}`` (Get-VMReplication)
-* ``GET /v1/vms/{name}/replication/measure`` (Measure-VMReplication)
+* ``GET /v1/vms/{name}/replication/measure`` (Measure-VMReplication),
+  ``POST /v1/vms/{name}/replication/statistics/reset`` (Reset-VMReplicationStatistics)
+* ``GET /v1/server``, ``PATCH /v1/server`` (the monitoring interval and its start time)
 * ``POST /v1/vms/{name}/replication/{initial,sync-now,suspend,resume}``
 * ``GET /v1/settings``, ``PATCH /v1/settings``, ``DELETE /v1/settings`` (bandwidth, parallel transfers)
 """
@@ -139,6 +141,18 @@ async def measure_replication(request: web.Request) -> web.Response:
     return web.json_response(await request.app[REPLICATION].measure(request.match_info["name"]))
 
 
+async def reset_statistics(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].reset_statistics(request.match_info["name"]))
+
+
+async def get_server(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].server_view())
+
+
+async def patch_server(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[REPLICATION].change_server(await read_json_object(request)))
+
+
 async def start_initial(request: web.Request) -> web.Response:
     body = await read_json_object(request) if request.can_read_body else {}
     _fields(body, {"at_ns"})
@@ -198,6 +212,9 @@ def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager
     app.router.add_patch("/v1/vms/{name}/replication", set_replication)
     app.router.add_delete("/v1/vms/{name}/replication", remove_replication)
     app.router.add_get("/v1/vms/{name}/replication/measure", measure_replication)
+    app.router.add_post("/v1/vms/{name}/replication/statistics/reset", reset_statistics)
+    app.router.add_get("/v1/server", get_server)
+    app.router.add_patch("/v1/server", patch_server)
     app.router.add_post("/v1/vms/{name}/replication/initial", start_initial)
     app.router.add_post("/v1/vms/{name}/replication/sync-now", sync_now)
     app.router.add_post("/v1/vms/{name}/replication/suspend", suspend_replication)

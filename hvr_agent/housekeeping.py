@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from hvr_common.pure.measure import pending_log_bytes
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.files import unlink_if_exists
 from hvr_common.shell.logs import event
@@ -54,14 +55,15 @@ def delete_cycle_files(disks: list[shipper.DiskSource], seq: int, spool: Path) -
 
 
 def closed_log_bytes(images: list[Path], next_sequence: int | None, skip: set) -> int:
-    """Bytes of the closed logs from ``next_sequence`` on (``skip``: the active logs, as (image, sequence))."""
+    """Pending bytes of the closed logs from ``next_sequence`` on (``skip``: the active logs, as (image,
+    sequence)): their records, so a log that holds no write counts 0."""
     total = 0
     for image in images:
         for seq, path in list_logs(image):
             if (next_sequence is not None and seq < next_sequence) or (image, seq) in skip:
                 continue
             try:
-                total += path.stat().st_size
+                total += pending_log_bytes(path.stat().st_size, closed=True)
             except FileNotFoundError:
                 pass
     return total

@@ -50,6 +50,7 @@ from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, NotFoundError, TransientError, UsageError
 from hvr_common.pure.input_limits import quoted
 from hvr_common.pure.names import is_host, storage_location_problem
+from hvr_common.pure.monitoring import monitoring_settings
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.pure.schedule import FREQUENCIES_S, initial_is_later
@@ -282,3 +283,27 @@ class ReplicationManager:
 
     async def measure(self, name: str) -> dict:
         return await measure_of(self._get(name), self.primary_server)
+
+    async def reset_statistics(self, name: str) -> dict:
+        """Reset-VMReplicationStatistics: a new collection starts now (a Warning from the window clears)."""
+        self._get(name)
+        await asyncio.to_thread(self.store.reset_statistics, name, time.time_ns())
+        event(log, "statistics_reset", vm=name)
+        return await self.measure(name)
+
+    # --- server settings (Set-VMReplicationServer's monitoring part) ------------------------------
+    async def server_view(self) -> dict:
+        settings = monitoring_settings(await asyncio.to_thread(self.store.monitoring))
+        return {"server_name": self.primary_server, **settings.to_dict()}
+
+    async def change_server(self, changes: dict) -> dict:
+        allowed = {"monitoring_interval_s", "monitoring_start"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}",
+                             hint=f"settings of the agent are: {', '.join(sorted(allowed))}")
+        current = await asyncio.to_thread(self.store.monitoring)
+        settings = monitoring_settings({**current, **changes})  # validates all before storing any
+        await asyncio.to_thread(self.store.set_monitoring, settings.to_dict())
+        event(log, "server_settings_changed", changes=changes)
+        return await self.server_view()

@@ -13,7 +13,8 @@ import time
 
 from hvr_common.pure.errors import HvrError, NotFoundError
 from hvr_common.pure.health import replication_health
-from hvr_common.pure.measure import DEFAULT_WINDOW_S, NS, measure
+from hvr_common.pure.measure import NS, measure, pending_log_bytes
+from hvr_common.pure.monitoring import monitoring_settings, window
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.wire.status_views import PrimaryStatus, iso_time
 from hvr_agent.driver import VmReplication
@@ -24,15 +25,26 @@ S = ReplicationState
 MEASURE_REPLICA_TIMEOUT_S = 3.0
 
 
+def monitoring_window(rel: Relationship, now_ns: int) -> tuple[int, int]:
+    """The VM's monitoring window: the server's settings, started later by a statistics reset."""
+    settings = monitoring_settings(rel.store.monitoring())
+    return window(now_ns, settings, rel.store.statistics_reset_ns(rel.name))
+
+
+async def health_of(rel: Relationship, now_ns: int):
+    rec = rel.rec
+    start, _ = await asyncio.to_thread(monitoring_window, rel, now_ns)
+    rows = await asyncio.to_thread(rel.store.cycle_stats, rel.name, min(start, now_ns - 3600 * NS))
+    return replication_health(rec.state, frequency_s=rec.frequency_s, rows=rows, now_ns=now_ns,
+                              last_ack_ns=rec.last_replication_ns, replicating_since_ns=rec.initial_completed_ns,
+                              state_detail=rec.state_detail, vm=rel.name, window_start_ns=start)
+
+
 async def status_of(rep: VmReplication, primary_server: str) -> dict:
     """Get-VMReplication: state, health, where it replicates to, what is pending, the initial copy."""
     rel = rep.rel
     rec = rel.rec
-    now = time.time_ns()
-    rows = await asyncio.to_thread(rel.store.cycle_stats, rel.name, now - 3600 * NS)
-    health = replication_health(rec.state, frequency_s=rec.frequency_s, rows=rows, now_ns=now,
-                                last_ack_ns=rec.last_replication_ns,
-                                replicating_since_ns=rec.initial_completed_ns, state_detail=rec.state_detail)
+    health = await health_of(rel, time.time_ns())
     vm = rel.registry.vms.get(rel.name)
     try:
         pending = len(rel.pending_sequences())
@@ -80,17 +92,21 @@ def initial_status(rep: VmReplication) -> dict | None:
 
 
 async def measure_of(rep: VmReplication, primary_server: str) -> dict:
-    """Measure-VMReplication over the default window, with the VM's name, state and health."""
+    """Measure-VMReplication over the monitoring window, with the VM's name, state and health."""
     rel = rep.rel
     now = time.time_ns()
-    rows = await asyncio.to_thread(rel.store.cycle_stats, rel.name, now - DEFAULT_WINDOW_S * NS)
-    pending = await pending_bytes(rel)
-    m = measure(rows, now_ns=now, pending_bytes=pending, last_replication_ns=rel.rec.last_replication_ns)
+    start, end = await asyncio.to_thread(monitoring_window, rel, now)
+    rows = await asyncio.to_thread(rel.store.cycle_stats, rel.name, start)
+    pending = await pending_bytes(rel) + initial_remaining_bytes(rep)
+    m = measure(rows, now_ns=now, pending_bytes=pending, last_replication_ns=rel.rec.last_replication_ns,
+                window_start_ns=start)
+    health = await health_of(rel, now)
     out = m.to_dict()
     out["LastReplicationTime"] = iso_time(m.LastReplicationTime)
     out["WindowStartTime"] = iso_time(m.WindowStartTime)
-    out.update({"VMName": rel.name, "State": rel.rec.state.value,
-                "Health": (await status_of(rep, primary_server))["health"], "ReplicationMode": "Primary",
+    out.update({"VMName": rel.name, "State": rel.rec.state.value, "MonitoringStartTime": iso_time(start),
+                "MonitoringEndTime": iso_time(end), "Health": health.health.value,
+                "ReplicationHealthDetails": list(health.details), "ReplicationMode": "Primary",
                 "FrequencySec": rel.rec.frequency_s,
                 # since enabling: cuts due application-consistent that were crash-consistent
                 "AppConsistentFailedCount": rel.rec.app_consistent_failures})
@@ -98,15 +114,31 @@ async def measure_of(rep: VmReplication, primary_server: str) -> dict:
     return out
 
 
+def initial_remaining_bytes(rep: VmReplication) -> int:
+    """What the initial copy still has to send (Hyper-V counts it in PendingReplicationSize); 0 after it.
+
+    While it runs: the data bytes not yet sent; before it started: the disks' sizes (Hyper-V's "disk
+    file sizes times the part not yet done", nothing being done yet)."""
+    rec = rep.rel.rec
+    if rec.initial_completed_ns is not None or rec.state not in (S.READY_FOR_INITIAL_REPLICATION,
+                                                                  S.INITIAL_REPLICATION_IN_PROGRESS, S.ERROR):
+        return 0
+    if rep.initial.progress:
+        return sum(max(0, p.allocated_bytes - p.done_bytes) for p in rep.initial.progress.values())
+    vm = rep.rel.registry.vms.get(rep.name)
+    return sum(disk.size for disk in vm.disks.values()) if vm is not None else 0
+
+
 async def pending_bytes(rel: Relationship) -> int:
-    """Bytes of logs not yet acknowledged: the closed ones on disk and the active ones."""
+    """Bytes of logs not yet acknowledged, the closed ones on disk and the active ones: their records
+    only, so 0 when nothing is pending."""
     try:
         vm = rel.vm()
     except NotFoundError:
         return 0
     nxt = rel.rec.next_sequence
     active = {disk.log_base: disk.log for disk in vm.disks.values() if disk.log is not None}
-    total = sum(lg.written + len(lg.buf) for lg in active.values())
+    total = sum(pending_log_bytes(lg.written + len(lg.buf), closed=False) for lg in active.values())
     skip = {(path, lg.sequence) for path, lg in active.items()}
     images = [d.log_base for d in vm.disks.values()]
     return total + await asyncio.to_thread(closed_log_bytes, images, nxt, skip)

@@ -292,6 +292,7 @@ class AgentStore(StateDatabase):
         with self._lock, self.transaction() as db:
             db.execute("DELETE FROM replication_cycles WHERE vm=?", (vm,))
             db.execute("DELETE FROM replication_initial WHERE vm=?", (vm,))
+            db.execute("DELETE FROM meta WHERE key=?", (f"statistics_reset_ns:{vm}",))
             cur = db.execute("DELETE FROM replication WHERE vm=?", (vm,))
             if cur.rowcount == 0:
                 raise NotFoundError(f"replication of VM {vm!r} is not enabled")
@@ -351,3 +352,29 @@ class AgentStore(StateDatabase):
             else:
                 self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                                  "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    # --- monitoring settings and statistics resets (in ``meta``: no schema change) ------------------
+    def monitoring(self) -> dict:
+        """The stored monitoring settings (``monitoring_interval_s``, ``monitoring_start``); {} = defaults."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM meta WHERE key IN "
+                                    "('monitoring_interval_s', 'monitoring_start')").fetchall()
+        return {k: int(v) if k == "monitoring_interval_s" else v for k, v in rows}
+
+    def set_monitoring(self, values: dict) -> None:
+        with self._lock, self.transaction():
+            for key in ("monitoring_interval_s", "monitoring_start"):
+                if key in values:
+                    self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                     (key, str(values[key])))
+
+    def statistics_reset_ns(self, vm: str) -> int | None:
+        """When the VM's statistics were last reset (Reset-VMReplicationStatistics); None: never."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (f"statistics_reset_ns:{vm}",)).fetchone()
+        return int(row[0]) if row else None
+
+    def reset_statistics(self, vm: str, now_ns: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             (f"statistics_reset_ns:{vm}", str(now_ns)))

@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
+from hvr_common.pure.health import HealthReport, replica_health
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.logs import event
 from hvr_common.pure.wire.error_catalogue import error
@@ -58,9 +60,18 @@ def _points(app: web.Application, rep: Replica) -> list:
     return app[STORE].points(rep.vm_id)
 
 
+def health_of(rep: Replica, now_ns: int) -> HealthReport:
+    """The replica's own view of health (:func:`hvr_common.pure.health.replica_health`)."""
+    return replica_health(rep.state, name=rep.name, frequency_s=rep.frequency_s,
+                          last_received_ns=rep.last_replication_ns, last_applied_ns=rep.last_applied_ns,
+                          state_detail=rep.state_detail, now_ns=now_ns)
+
+
 async def _full_status(app: web.Application, rep: Replica) -> dict:
-    """A replica's status with its recovery history (Get-VMReplication on the replica server)."""
+    """A replica's status with its health and recovery history (Get-VMReplication on the replica server)."""
     status = replica_status(rep)
+    health = health_of(rep, time.time_ns())
+    status.update(health=health.health.value, health_details=list(health.details))
     points = await asyncio.to_thread(_points, app, rep)
     status.update(recovery_history_settings(rep, points, app[TESTS].status(rep.name)))
     return status

@@ -16,6 +16,7 @@ from hvr_common.shell.http_server import JsonErrorRunner
 from hvr_common.pure.config import ListenerConfig
 from hvr_common.pure.errors import ConflictError
 from hvr_common.shell.logs import event
+from hvr_common.shell.probe_server import make_probe_app, serve_probes
 from hvr_common.shell.state_lock import claim_state_dir
 from hvr_common.block.catalogue import Catalogues
 from hvr_common.block.nbd_server import NbdServer
@@ -23,6 +24,8 @@ from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path,
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
 from hvr_listener.backups import Backups
+from hvr_listener.metrics import ListenerMetrics
+from hvr_listener.probes import ListenerReadiness
 from hvr_common.shell.files import unlink_if_exists
 from hvr_listener.peer_connections import PeerConnections
 from hvr_listener.recovery_history import Histories
@@ -58,6 +61,7 @@ class Listener:
         self._api_site: web.TCPSite | None = None
         self._bound_for: tuple[str, int] | None = None  # the listen setting of the current site
         self.settings: ServerSettings | None = None
+        self.readiness: ListenerReadiness | None = None
         self.peers = PeerConnections()  # open connections of authenticated primaries
 
     def close_revoked_connections(self, reason: str) -> int:
@@ -66,6 +70,8 @@ class Listener:
 
     def request_stop(self, why: str) -> None:
         event(log, "listener_stopping", reason=why)
+        if self.readiness is not None:
+            self.readiness.stopping = True
         self._stop.set()
 
     async def _bind(self) -> None:
@@ -105,6 +111,7 @@ class Listener:
         cfg.storage.mkdir(parents=True, exist_ok=True)
         store = ListenerStore(cfg.db_path)
         admin_runner = None
+        probes = None
         admin_identity = None
         histories = Histories(store)
         nbd: NbdServer | None = None
@@ -148,6 +155,10 @@ class Listener:
                                          handle_signals=False)
             await admin_runner.setup()
             admin_identity = await serve_on_unix_socket(admin_runner, cfg.admin_socket)
+            if cfg.http_listen is not None:
+                self.readiness = ListenerReadiness(self.settings)
+                probe_app = make_probe_app(self.readiness.problems, ListenerMetrics(store).sample, log)
+                probes, self.http_bound = await serve_probes(probe_app, cfg.http_listen, log)
             systemd.stop_on_signals(self.request_stop)
             event(log, "listener_ready", admin_socket=str(cfg.admin_socket), host=self.bound[0], port=self.bound[1],
                   enabled=self.settings.current()["enabled"],
@@ -161,6 +172,8 @@ class Listener:
                 await tests.close()
             if backups is not None:
                 await backups.close()
+            if probes is not None:
+                await probes.cleanup()
             if self._api_runner is not None:
                 await self._api_runner.cleanup()
             if admin_runner is not None:

@@ -151,8 +151,8 @@ class InitialCopy:
             if incomplete:
                 raise conflict("initial_incomplete", "initial replication has not reached the end of every disk",
                                offsets=incomplete)
-            # Every disk complete means a window became durable, which left the replica
-            # InitialReplicationInProgress; nothing else can move it while this lock is held.
+            # Every disk complete means every window became durable (the check above); nothing else can
+            # move the replica out of WaitingForInitialReplication while this lock is held.
             if not await asyncio.to_thread(self.states.complete_initial, rep, next_sequence, time.time_ns()):
                 raise NotFoundError(f"replica of VM {rep.name} changed while its initial copy was completed")
         event(log, "initial_completed", vm=rep.name, next_sequence=next_sequence)

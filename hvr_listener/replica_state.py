@@ -71,7 +71,7 @@ class ReplicaStates:
         """An initial window ``[start, end)`` of a disk of ``rep`` is durable in its image.
 
         In one store transaction: the disk's durable offset moves to ``end`` and
-        the replica is ``InitialReplicationInProgress``, if the replica is still
+        the replica stays ``WaitingForInitialReplication`` (as in Hyper-V), if the replica is still
         ``rep``, at ``generation``, in initial replication and the offset lies in
         ``[start, end)``. Returns (generation, state, offset) afterwards, or None
         if the replica or the disk is gone.

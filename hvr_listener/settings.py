@@ -15,6 +15,7 @@ from hvr_common.pure.authorization import AuthorizationEntry, Grant, authorize, 
 from hvr_common.pure.config import parse_endpoint
 from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.names import check_storage_location
+from hvr_common.pure.monitoring import MonitoringSettings, monitoring_settings
 from hvr_common.pure.token_auth import Key
 from hvr_common.shell.certificate_files import SERVER, TlsFiles
 from hvr_common.pure.config import DEFAULT_MAX_ACTIVE_APPLIES, MAX_ACTIVE_APPLIES
@@ -133,6 +134,7 @@ class ServerSettings:
             "tls": self._tls_view(),
             "max_active_applies": self.max_active_applies(),
             "active_applies": self.applies.active,
+            **self.monitoring().to_dict(),
         }
 
     def _tls_view(self) -> dict | None:
@@ -142,10 +144,15 @@ class ServerSettings:
         return {"cert": str(files.cert), "cert_key": str(files.key), "ca": str(files.ca),
                 "client_certificate": "required" if self.requires_client_certificate() else "optional"}
 
+
+    def monitoring(self) -> MonitoringSettings:
+        """The monitoring interval and its start time (Set-VMReplicationServer -MonitoringInterval)."""
+        return monitoring_settings(self._settings)
+
     def update(self, changes: dict) -> dict:
         """Validate every change first; apply all or nothing."""
         allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen",
-                   "max_active_applies", *TLS_SETTINGS}
+                   "max_active_applies", "monitoring_interval_s", "monitoring_start", *TLS_SETTINGS}
         unknown = set(changes) - allowed
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}",
@@ -182,6 +189,7 @@ class ServerSettings:
             check_parallelism(changes["max_active_applies"], "max_active_applies", problems, MAX_ACTIVE_APPLIES)
             if problems:
                 raise UsageError(problems[0])
+        monitoring_settings({**self._settings, **changes})  # raises UsageError naming the setting
         self._settings = self.store.update_settings(changes)
         return self.view()
 

@@ -54,9 +54,15 @@ def register(sub, vm_verbs, common) -> None:
 
     p = vm_verbs.add_parser(
         "measure", parents=[common], help="show replication statistics",
-        description="Measure-VMReplication: sizes and latencies of the cycles of the last 12 hours, successful "
-                    "and missed cycles, errors, what is pending and when the last cycle was acknowledged.")
+        description="Measure-VMReplication: sizes and latencies of the cycles of the monitoring window "
+                    "(12 hours from 00:00 UTC unless 'hvrctl server set' changed it), successful and missed "
+                    "cycles, errors, what is pending and when the last cycle was acknowledged. With --reset "
+                    "(Reset-VMReplicationStatistics) a new collection starts now.",
+        epilog="example:\n  hvrctl vm measure web01\n  hvrctl vm measure web01 --reset -o json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--reset", action="store_true",
+                   help="clear the statistics collected so far and start a new collection window")
     p.set_defaults(func=cmd_measure)
 
     p = vm_verbs.add_parser(
@@ -235,11 +241,14 @@ _MEASURE_FIELDS = ("VMName", "State", "Health", "ReplicationMode", "FrequencySec
                    "MaximumReplicationSize", "AverageReplicationLatency", "MaximumReplicationLatency",
                    "SuccessfulReplicationCount", "MissedReplicationCount", "PendingReplicationSize",
                    "LastReplicationTime", "LastAppliedLogTime", "ReplicationErrors", "AppConsistentFailedCount",
-                   "WindowStartTime")
+                   "WindowStartTime", "MonitoringStartTime", "MonitoringEndTime")
 
 
 def cmd_measure(args) -> int:
-    m = _client(args).request("GET", f"/v1/vms/{args.name}/replication/measure")
+    if getattr(args, "reset", False):
+        m = _client(args).request("POST", f"/v1/vms/{args.name}/replication/statistics/reset")
+    else:
+        m = _client(args).request("GET", f"/v1/vms/{args.name}/replication/measure")
     if args.output == "json":
         emit_json(m)
         return 0
@@ -253,6 +262,7 @@ def cmd_measure(args) -> int:
         elif name.endswith("Time"):
             value = _local(value)
         shown.append((name, value))
+    shown += [("HealthDetail", d) for d in m.get("ReplicationHealthDetails") or []]
     print(kv(shown))
     return 0
 

@@ -8,7 +8,7 @@ import datetime as dt
 import urllib.parse
 from pathlib import Path
 
-from hvr_common.pure.errors import UsageError
+from hvr_common.pure.errors import UnavailableError, UsageError
 from hvr_common.shell.key_file import read_key, write_key
 from hvr_common.pure.token_auth import Key
 from hvrctl import transfer_commands
@@ -35,13 +35,13 @@ def register(sub, common) -> None:
     transfer_commands.add_get_arguments(p)
     p.set_defaults(func=cmd_server_get)
     p = ssub.add_parser("set", parents=[common], help="change replica server settings",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Change settings; all given changes are validated first and applied together. "
-                                    "A change of address or TLS rebinds the replication API now.",
-                        epilog="examples:\n"
-                               "  hvrctl server set --enabled true --allow-any true\n"
-                               "  hvrctl server set --auth token,certificate --cert /etc/hvr/tls/replica1.pem \\\n"
-                               "      --cert-key /etc/hvr/tls/replica1-key.pem --ca /etc/hvr/tls/ca.pem",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    "A change of address or TLS rebinds the replication API now. "
+                                    "The monitoring settings (Set-VMReplicationServer -MonitoringInterval "
+                                    "-MonitoringStartTime) go to every daemon of this host that answers, the "
+                                    "agent and the listener; the transfer settings to the agent; the others to "
+                                    "the listener.")
     p.add_argument("--enabled", metavar="true|false", help="accept replication at all")
     p.add_argument("--auth", metavar="MODES",
                    help="accepted authentication modes, comma-separated: token, certificate (certificate needs "
@@ -54,6 +54,11 @@ def register(sub, common) -> None:
     p.add_argument("--allow-any", metavar="true|false",
                    help="accept replication from any authenticated primary")
     transfer_commands.add_set_arguments(p)
+    p.add_argument("--monitoring-interval", metavar="DURATION",
+                   help="the window of statistics and health: whole hours from 1h to 7d, as 12h or 1d "
+                        "(default 12h)")
+    p.add_argument("--monitoring-start", metavar="HH:MM",
+                   help="time of day (UTC) a monitoring window starts (default 00:00)")
     p.set_defaults(func=cmd_server_set)
 
     key = ssub.add_parser("key", parents=[common], help="keys of primaries allowed to authenticate",
@@ -127,7 +132,10 @@ def _server_view(args, view: dict) -> int:
                   ("allow any authenticated", view["allow_any_authenticated"]), ("installed keys", view["keys"]),
                   ("authorization entries", view.get("authorization_entries")),
                   ("TLS", _tls_text(view.get("tls"))),
-                  ("max active applies", view.get("max_active_applies"))]))
+                  ("max active applies", view.get("max_active_applies")),
+
+                  ("monitoring interval", f"{view['monitoring_interval_s'] // 3600} h"),
+                  ("monitoring start (UTC)", view["monitoring_start"])]))
     return 0
 
 
@@ -143,8 +151,27 @@ def cmd_server_get(args) -> int:
     return _server_view(args, _client(args).request("GET", "/v1/server"))
 
 
-def cmd_server_set(args) -> int:
+def monitoring_interval_s(text: str) -> int:
+    """``12h``, ``1d`` or a number of seconds."""
+    unit = {"h": 3600, "d": 86400}.get(text[-1:].lower(), 1) if text else 1
+    digits = text[:-1] if unit != 1 else text
+    if not digits.isdigit():
+        raise UsageError(f"monitoring interval {text!r} is not a duration", hint="for example 12h or 1d")
+    return int(digits) * unit
+
+
+def _monitoring_changes(args) -> dict:
     changes: dict = {}
+    if args.monitoring_interval is not None:
+        changes["monitoring_interval_s"] = monitoring_interval_s(args.monitoring_interval)
+    if args.monitoring_start is not None:
+        changes["monitoring_start"] = args.monitoring_start
+    return changes
+
+
+def cmd_server_set(args) -> int:
+    monitoring = _monitoring_changes(args)
+    changes: dict = dict(monitoring)
     agent_changes = transfer_commands.agent_changes(args)
     if args.max_applies is not None:
         changes["max_active_applies"] = args.max_applies
@@ -170,7 +197,32 @@ def cmd_server_set(args) -> int:
         return transfer_commands.cmd_agent_set(args, agent_changes)
     if not changes:
         raise UsageError("nothing to change", hint="see hvrctl server set --help")
-    return _server_view(args, _client(args).request("PATCH", "/v1/server", changes))
+    if not monitoring:
+        return _server_view(args, _client(args).request("PATCH", "/v1/server", changes))
+    return _set_everywhere(args, changes, monitoring)
+
+
+def _set_everywhere(args, changes: dict, monitoring: dict) -> int:
+    """Monitoring settings to the agent if it runs here; all changes to the listener if it runs here (it
+    must when there are listener settings among them)."""
+    agent_view = None
+    try:
+        agent_view = AdminClient(args.agent_socket, "hvr-agent").request("PATCH", "/v1/server", monitoring)
+    except UnavailableError:
+        pass
+    try:
+        view = _client(args).request("PATCH", "/v1/server", changes)
+    except UnavailableError:
+        if agent_view is None or len(changes) > len(monitoring):
+            raise
+        if args.output == "json":
+            emit_json(agent_view)
+        else:
+            print(kv([("agent", agent_view["server_name"]),
+                      ("monitoring interval", f"{agent_view['monitoring_interval_s'] // 3600} h"),
+                      ("monitoring start (UTC)", agent_view["monitoring_start"])]))
+        return 0
+    return _server_view(args, view)
 
 
 def cmd_key_add(args) -> int:
@@ -233,15 +285,19 @@ def cmd_replica_get(args) -> int:
     if args.output == "json":
         emit_json(reps[0] if args.name else reps)
         return 0
-    rows = [{"name": r["name"], "state": r["state"], "primary": r["primary_server"],
+    rows = [{"name": r["name"], "state": r["state"], "health": r.get("health"), "primary": r["primary_server"],
              "gen": r["generation"], "received": r["last_received_sequence"], "applied": r["last_applied_sequence"],
              "last_replication": _time(r["last_replication_time_ns"]),
              "last_applied_log": _time(r["last_applied_log_time_ns"])} for r in reps]
-    print(table(rows, [("NAME", "name"), ("STATE", "state"), ("PRIMARY", "primary"), ("GEN", "gen"),
+    print(table(rows, [("NAME", "name"), ("STATE", "state"), ("HEALTH", "health"), ("PRIMARY", "primary"),
+                       ("GEN", "gen"),
                        ("RECEIVED", "received"), ("APPLIED", "applied"), ("LAST REPLICATION", "last_replication"),
                        ("LAST APPLIED LOG", "last_applied_log")]))
     if args.name and reps[0].get("state_detail"):
         print(f"\ndetail: {reps[0]['state_detail']}")
+    if args.name:
+        for sentence in reps[0].get("health_details") or []:
+            print(f"health: {sentence}")
     if args.name:
         rep = reps[0]
         size = sum(d["size_bytes"] for d in rep["disks"])

@@ -22,6 +22,8 @@ SET_EPILOG = """examples:
     hvrctl server set --bandwidth 50MiB/s --bandwidth-schedule 08:00-18:00=10MiB/s,22:00-06:00=unlimited
     hvrctl server set --max-transfers 5
     hvrctl server set --reset-transfers          # agent.toml's settings again
+  on either (every daemon of this host that answers):
+    hvrctl server set --monitoring-interval 12h --monitoring-start 09:00
   on a replica server (hvr-listener):
     hvrctl server set --enabled true --max-applies 4
     hvrctl server set --enabled true --allow-any true

@@ -238,6 +238,7 @@ class AgentConfig:
     nbd_socket_group: str | None = None
     app_consistency: AppConsistencyConfig = AppConsistencyConfig()
     transfers: TransferSettings = TransferSettings()  # [bandwidth], max_active_transfers
+    http_listen: tuple[str, int] | None = None  # /healthz, /readyz, /metrics; off unless set
 
     @property
     def db_path(self) -> Path:
@@ -263,6 +264,7 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         nbd_socket_group=c.group("nbd_socket_group"),
         initial_window_bytes=c.integer("initial_window_bytes", DEFAULT_INITIAL_WINDOW_BYTES,
                                        check=_initial_window_check),
+        http_listen=c.endpoint("http_listen"),
     )
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
@@ -292,6 +294,7 @@ class ListenerConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     max_active_applies: int = DEFAULT_MAX_ACTIVE_APPLIES  # replicas applying cycles at once
+    http_listen: tuple[str, int] | None = None  # /healthz, /readyz, /metrics; off unless set
 
     @property
     def db_path(self) -> Path:
@@ -323,6 +326,7 @@ def parse_listener_config(table: dict, source: str = "listener config") -> Liste
         tls_cert=c.path("tls_cert"),
         tls_key=c.path("tls_key"),
         tls_ca=c.path("tls_ca"),
+        http_listen=c.endpoint("http_listen"),
     )
     tls = [cfg[k] is not None for k in ("tls_cert", "tls_key", "tls_ca")]
     if any(tls) and not all(tls) and not any(p.startswith("tls_") for p in c.problems):

@@ -19,6 +19,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from hvr_common.pure.hrl import END_RECORD_SIZE, HEADER_SIZE
+
 NS = 1_000_000_000
 DEFAULT_WINDOW_S = 12 * 3600  # Hyper-V's default monitoring interval
 
@@ -81,20 +83,22 @@ class Measurement:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-def in_window(rows: Iterable[CycleStat], now_ns: int, window_s: int) -> list[CycleStat]:
-    start = now_ns - window_s * NS
+def in_window(rows: Iterable[CycleStat], now_ns: int, window_s: int, start_ns: int | None = None) -> list[CycleStat]:
+    start = start_ns if start_ns is not None else now_ns - window_s * NS
     return [r for r in rows if (r.finished_ns if r.finished_ns is not None else r.started_ns) >= start]
 
 
 def measure(rows: Iterable[CycleStat], *, now_ns: int, pending_bytes: int,
-            window_s: int = DEFAULT_WINDOW_S, last_replication_ns: int | None = None) -> Measurement:
-    """Statistics over the rows of the last ``window_s`` seconds.
+            window_s: int = DEFAULT_WINDOW_S, last_replication_ns: int | None = None,
+            window_start_ns: int | None = None) -> Measurement:
+    """Statistics over the rows from ``window_start_ns`` (the monitoring window,
+    :mod:`hvr_common.pure.monitoring`), or of the last ``window_s`` seconds.
 
     ``pending_bytes`` is what waits to be shipped (the shell knows its logs);
     ``last_replication_ns`` is the time of the newest acknowledgement ever, used
     when none falls in the window.
     """
-    rows = in_window(rows, now_ns, window_s)
+    rows = in_window(rows, now_ns, window_s, window_start_ns)
     shipped = [r for r in rows if r.shipped]
     sizes = [r.wire_bytes for r in shipped]
     latencies = [r.latency_s for r in shipped]
@@ -111,5 +115,11 @@ def measure(rows: Iterable[CycleStat], *, now_ns: int, pending_bytes: int,
         PendingReplicationSize=pending_bytes,
         LastReplicationTime=last,
         ReplicationErrors=sum(1 for r in rows if r.result is CycleResult.ERROR),
-        WindowStartTime=now_ns - window_s * NS,
+        WindowStartTime=window_start_ns if window_start_ns is not None else now_ns - window_s * NS,
     )
+
+
+def pending_log_bytes(file_bytes: int, *, closed: bool) -> int:
+    """What a log adds to PendingReplicationSize: its records, not its header (nor a closed log's end
+    record), so a log that holds no write counts 0."""
+    return max(0, file_bytes - HEADER_SIZE - (END_RECORD_SIZE if closed else 0))

@@ -67,7 +67,10 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("primary", S.ERROR, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
     ("replica", None, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
-    ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    # As in Hyper-V the replica stays WaitingForInitialReplication while the copy runs.  The rows from
+    # InitialReplicationInProgress serve replicas recorded in that state by earlier versions.
+    ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.START_INITIAL): S.WAITING_FOR_INITIAL_REPLICATION,
+    ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.INITIAL_REPLICATION_IN_PROGRESS, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
     ("replica", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.REPLICATING, Action.COMPLETE_INITIAL): S.REPLICATING,

@@ -46,7 +46,7 @@ async def _enable(service: ReplicaService, name: str = "vm1"):
 
 async def _replicating(service: ReplicaService):
     rep, disk_id = await _enable(service)
-    assert service.states.window_stored(rep, disk_id, 1, 0, SIZE) == (1, S.INITIAL_REPLICATION_IN_PROGRESS, SIZE)
+    assert service.states.window_stored(rep, disk_id, 1, 0, SIZE) == (1, S.WAITING_FOR_INITIAL_REPLICATION, SIZE)
     rep = await service.get(rep.vm_id)
     assert service.states.complete_initial(rep, 1, time.time_ns())
     rep = await service.get(rep.vm_id)
@@ -83,12 +83,12 @@ async def test_enabling_records_a_replica_waiting_for_its_initial_copy(service):
 
 async def test_a_stored_window_moves_the_offset_and_the_state_together(service):
     rep, disk_id = await _enable(service)
-    assert service.states.window_stored(rep, disk_id, 1, 0, SIZE // 2) == (1, S.INITIAL_REPLICATION_IN_PROGRESS,
+    assert service.states.window_stored(rep, disk_id, 1, 0, SIZE // 2) == (1, S.WAITING_FOR_INITIAL_REPLICATION,
                                                                            SIZE // 2)
     # a window that does not start at or below the durable offset moves nothing
     assert service.states.window_stored(rep, disk_id, 1, SIZE // 2 + 1, SIZE)[2] == SIZE // 2
     # nor one of another generation
-    assert service.states.window_stored(rep, disk_id, 2, SIZE // 2, SIZE) == (1, S.INITIAL_REPLICATION_IN_PROGRESS,
+    assert service.states.window_stored(rep, disk_id, 2, SIZE // 2, SIZE) == (1, S.WAITING_FOR_INITIAL_REPLICATION,
                                                                               SIZE // 2)
 
 

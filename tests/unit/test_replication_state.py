@@ -63,8 +63,8 @@ def test_replica_lifecycle_end_to_end():
     s = transition("replica", None, Action.ENABLE)
     assert s == "WaitingForInitialReplication"
     for action, expected in [(Action.ENABLE, "WaitingForInitialReplication"),
-                             (Action.START_INITIAL, "InitialReplicationInProgress"),
-                             (Action.START_INITIAL, "InitialReplicationInProgress"),
+                             (Action.START_INITIAL, "WaitingForInitialReplication"),  # as in Hyper-V
+                             (Action.START_INITIAL, "WaitingForInitialReplication"),
                              (Action.COMPLETE_INITIAL, "Replicating"),
                              (Action.COMPLETE_INITIAL, "Replicating"),
                              (Action.FAIL, "Error"), (Action.RECOVER, "Replicating")]:
@@ -89,10 +89,17 @@ def test_the_operator_resumes_a_replica_only_from_error(state):
     assert "cannot recover" in info.value.message
 
 
-def test_a_replica_completes_its_initial_copy_only_once_a_window_was_stored():
-    """A replica still waiting has no durable window, so its initial copy cannot be complete."""
+def test_a_replica_waits_for_initial_replication_until_the_copy_completes():
+    """As in Hyper-V the replica shows WaitingForInitialReplication during the whole copy (the listener
+    refuses the completion while a disk is short of its end); a replica recorded
+    InitialReplicationInProgress by an earlier version still completes."""
+    waiting = ReplicationState.WAITING_FOR_INITIAL_REPLICATION
+    assert transition("replica", waiting, Action.START_INITIAL) is waiting
+    assert transition("replica", waiting, Action.COMPLETE_INITIAL) is ReplicationState.REPLICATING
+    assert transition("replica", ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
+                      Action.COMPLETE_INITIAL) is ReplicationState.REPLICATING
     with pytest.raises(InvalidTransition):
-        transition("replica", ReplicationState.WAITING_FOR_INITIAL_REPLICATION, Action.COMPLETE_INITIAL)
+        transition("replica", ReplicationState.REPLICATING, Action.START_INITIAL)
 
 
 # --- the step each state runs ---------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""A real pair driven into each health level, seen from the primary and from the replica; the
+monitoring settings and Reset-VMReplicationStatistics through hvrctl."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from daemons import wait_for
+from replication_pair import MiB, Pair, make_disk, qemu_io
+
+
+@pytest.fixture
+def pair(tmp_path):
+    p = Pair(tmp_path).start()
+    yield p
+    p.close()
+
+
+def _levels(pair: Pair, vm: str) -> tuple[str, str]:
+    return pair.status(vm)["health"], pair.replica(vm)["health"]
+
+
+def test_a_pair_goes_through_every_health_level(pair, tmp_path):
+    disk = make_disk(tmp_path / "web.img", 8 * MiB)
+    pair.protect("web", [disk], frequency=30)
+    # initial replication not complete: Warning on both sides, as in Hyper-V
+    primary, replica = pair.status("web"), pair.replica("web")
+    assert (primary["health"], replica["health"]) == ("Warning", "Warning")
+    assert any("Initial replication" in d for d in primary["health_details"])
+    assert replica["state"] == "WaitingForInitialReplication"
+    pair.initial("web")
+    qemu_io(pair.agent.nbd_uri("web", "web"), "write -P 3 0 1M")
+    pair.sync("web")
+    pair.wait_replica_applied("web")
+    assert _levels(pair, "web") == ("Normal", "Normal")
+    assert pair.status("web")["health_details"] == []
+    # paused on the primary: Warning there; the replica just sees no cycle (within the hour: Normal)
+    pair.agent.hvrctl("vm", "suspend", "web")
+    primary = pair.status("web")
+    assert primary["health"] == "Warning" and "paused on the primary" in primary["health_details"][0]
+    pair.agent.hvrctl("vm", "resume", "web")
+    assert pair.status("web")["health"] == "Normal"
+    # replication cannot proceed: the replica server no longer knows the primary's key -> Error, Critical
+    pair.listener.hvrctl("server", "key", "remove", "primary.example")
+    qemu_io(pair.agent.nbd_uri("web", "web"), "write -P 4 0 1M")
+    pair.agent.hvrctl("vm", "sync-now", "web", check=False)
+    wait_for(lambda: pair.status("web")["state"] == "Error", 60, "the primary to go to Error",
+             context=pair.agent.log_tail)
+    primary = pair.status("web")
+    assert primary["health"] == "Critical" and "in error" in primary["health_details"][0]
+    measure = pair.agent.hvrctl_json("vm", "measure", "web", "-o", "json")
+    assert measure["Health"] == "Critical" and measure["ReplicationHealthDetails"]
+
+
+def test_monitoring_settings_and_reset_statistics(pair, tmp_path):
+    disk = make_disk(tmp_path / "db.img", 4 * MiB)
+    pair.protect("db", [disk], frequency=30)
+    pair.initial("db")
+    qemu_io(pair.agent.nbd_uri("db", "db"), "write -P 1 0 64k")
+    pair.sync("db")
+    # the window is fixed on the clock: 12 h from 00:00 UTC by default
+    m = pair.agent.hvrctl_json("vm", "measure", "db", "-o", "json")
+    start = datetime.datetime.fromisoformat(m["MonitoringStartTime"])
+    end = datetime.datetime.fromisoformat(m["MonitoringEndTime"])
+    assert end - start == datetime.timedelta(hours=12) and start.hour in (0, 12) and start.minute == 0
+    assert m["SuccessfulReplicationCount"] >= 1
+    # the agent's server settings (no listener on this socket path: the agent's view is shown)
+    view = pair.agent.hvrctl_json("server", "set", "--monitoring-interval", "6h", "--monitoring-start", "03:00",
+                                  "-o", "json")
+    assert view["monitoring_interval_s"] == 6 * 3600 and view["monitoring_start"] == "03:00"
+    m = pair.agent.hvrctl_json("vm", "measure", "db", "-o", "json")
+    start = datetime.datetime.fromisoformat(m["MonitoringStartTime"])
+    assert start.hour in (3, 9, 15, 21) and start.minute == 0
+    # the listener's: validated, stored, shown
+    view = pair.listener.hvrctl_json("server", "set", "--monitoring-interval", "1d", "--monitoring-start", "09:30")
+    assert view["monitoring_interval_s"] == 86400 and view["monitoring_start"] == "09:30"
+    assert pair.listener.hvrctl_json("server", "get")["monitoring_start"] == "09:30"
+    bad = pair.listener.hvrctl("server", "set", "--monitoring-interval", "90m", check=False)
+    assert bad.returncode != 0
+    bad = pair.agent.hvrctl("server", "set", "--monitoring-start", "25:00", check=False)
+    assert bad.returncode != 0 and "monitoring_start" in bad.stderr
+    # Reset-VMReplicationStatistics: a new collection starts now
+    reset = pair.agent.hvrctl_json("vm", "measure", "db", "--reset", "-o", "json")
+    assert reset["SuccessfulReplicationCount"] == 0 and reset["MissedReplicationCount"] == 0
+    assert reset["MonitoringStartTime"] >= m["MonitoringStartTime"]
+    assert reset["PendingReplicationSize"] == 0  # nothing waits: not the header of an empty log
+    qemu_io(pair.agent.nbd_uri("db", "db"), "write -P 2 0 64k")
+    assert pair.agent.hvrctl_json("vm", "measure", "db", "-o", "json")["PendingReplicationSize"] >= 64 * 1024
+    pair.sync("db")
+    again = pair.agent.hvrctl_json("vm", "measure", "db", "-o", "json")
+    assert again["SuccessfulReplicationCount"] == 1 and again["PendingReplicationSize"] == 0
