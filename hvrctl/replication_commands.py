@@ -58,7 +58,7 @@ def register(sub, vm_verbs, common) -> None:
                     "(12 hours from 00:00 UTC unless 'hvrctl server set' changed it), successful and missed "
                     "cycles, errors, what is pending and when the last cycle was acknowledged. With --reset "
                     "(Reset-VMReplicationStatistics) a new collection starts now.",
-        epilog="example:\n  hvrctl vm measure web01\n  hvrctl vm measure web01 --reset -o json",
+        epilog="examples:\n  hvrctl vm measure web01\n  hvrctl vm measure web01 --reset -o json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME")
     p.add_argument("--reset", action="store_true",

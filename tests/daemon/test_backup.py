@@ -143,7 +143,7 @@ def test_the_gate_refuses_each_condition_with_its_code(pair, tmp_path):
     wait_for(lambda: '"apply_retry"' in pair.listener.stdout_path.read_text(), 60, "the apply to be retried")
     assert refused_with(pair, "web") == "backup_apply_interrupted"
     # an apply failed: the stored cycle is damaged, its apply fails for good (Error)
-    [stored] = list((pair.listener.storage / "web" / "cycles").glob("*.bundle"))
+    [stored] = list((pair.replica_dir("web") / "cycles").glob("*.bundle"))
     with open(stored, "r+b") as f:
         size = os.fstat(f.fileno()).st_size
         f.seek(size // 2)

@@ -175,8 +175,8 @@ def test_a_zstd_frame_followed_by_extra_data_is_refused_and_not_stored(listener,
     body = _bundle_with_junk_after_a_zstd_frame(victim, 2, junk)
     r = victim.put_cycle(2, body)
     refused(victim, r, 400, "bundle_corrupt", before)
-    assert not any((listener.storage / victim.name / "cycles").glob("0000000002.bundle"))
-    assert not any((listener.storage / victim.name / "incoming").iterdir())
+    assert not any((victim.folder() / "cycles").glob("0000000002.bundle"))
+    assert not any((victim.folder() / "incoming").iterdir())
 
 
 # --- HTTP framing errors are answered in JSON -----------------------------------------------------
@@ -261,8 +261,8 @@ def test_a_full_replica_disk_is_a_transient_507_and_stores_nothing(tmp_path, sma
         r = vm.put_cycle(1, body)
         doc = refused(vm, r, 507, "storage_full", before)
         assert CATALOGUE["storage_full"].transient and "free space" in doc["hint"]
-        assert not any((lp.storage / "fullvm" / "incoming").iterdir()), "a partial spool file was left"
-        assert not any((lp.storage / "fullvm" / "cycles").iterdir())
+        assert not any((vm.folder() / "incoming").iterdir()), "a partial spool file was left"
+        assert not any((vm.folder() / "cycles").iterdir())
         filler.unlink()
         again = vm.put_cycle(1, body)  # with space back, the same cycle is taken
         assert again.status == 201, again.body

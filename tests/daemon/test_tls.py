@@ -36,6 +36,10 @@ def cert_listener(tmp_path_factory, pki):
     lp = ListenerProcess(tmp_path_factory.mktemp("cert-listener"), extra_config=pki.listener_config())
     lp.start().wait_ready()
     lp.hvrctl("server", "set", "--auth", "certificate")
+    # two organisations: certificate principals are authorised like token principals
+    lp.hvrctl("authz", "add", "primary1.example", "--storage", lp.storage, "--trust-group", "org1")
+    lp.hvrctl("authz", "add", "primary2.example", "--storage", lp.storage, "--trust-group", "org2")
+    lp.hvrctl("server", "set", "--allow-any", "false")
     lp.primary1 = pki.issue("primary1.example", "client")
     lp.client_tls = pki.client_context(lp.primary1)
     lp.key = None  # certificate mode signs nothing
@@ -102,10 +106,18 @@ def test_client_limited_to_tls_1_2_is_refused(pki, victim, cert_listener):
                           "protocol version")
 
 
-def test_client_certificate_for_another_name_cannot_touch_the_vm(pki, victim):
+def test_client_certificate_of_another_trust_group_cannot_touch_the_vm(pki, victim):
     before = victim.snapshot()
     other = pki.issue("primary2.example", "client")
     reply = _attempt(victim, pki.client_context(other))
+    assert reply.status == 403 and reply.code == "other_trust_group", reply.body
+    assert victim.snapshot() == before
+
+
+def test_client_certificate_no_entry_allows_is_refused(pki, victim):
+    before = victim.snapshot()
+    stranger = pki.issue("primary3.example", "client", folder="stranger")
+    reply = _attempt(victim, pki.client_context(stranger))
     assert reply.status == 403 and reply.code == "not_authorized", reply.body
     assert victim.snapshot() == before
 
