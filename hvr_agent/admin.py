@@ -21,6 +21,7 @@ from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.pure.recovery_points import HistorySettings
+from hvr_common.pure.tracking_mode import parse_tracking
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.vms import VmRegistry
@@ -47,7 +48,7 @@ async def list_vms(request: web.Request) -> web.Response:
 
 async def add_vm(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    unknown = set(body) - {"name", "disks", "read_only"}
+    unknown = set(body) - {"name", "disks", "read_only", "tracking"}
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
     name = body.get("name")
@@ -59,7 +60,8 @@ async def add_vm(request: web.Request) -> web.Response:
         raise UsageError("field 'disks' must be a list of image paths")
     if not isinstance(read_only, bool):
         raise UsageError("field 'read_only' must be true or false")
-    vm = await request.app[REGISTRY].add(name, disks, read_only)
+    tracking = parse_tracking(body.get("tracking"))
+    vm = await request.app[REGISTRY].add(name, disks, read_only, tracking)
     return web.json_response(vm.status(), status=201)
 
 

@@ -14,7 +14,10 @@ from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.pure.hrl import HrlHeader
 from hvr_common.pure.names import check_name
+from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvr_common.shell.logs import event
+from hvr_common.shell.files import unlink_if_exists
+from hvr_agent.cut_snapshot import list_side_files
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
 from hvr_agent.recovery import close_open_logs, read_region_runs, uncertain_ranges
@@ -46,6 +49,7 @@ class ProtectedVm:
             "vm_id": str(self.record.vm_id),
             "generation": self.record.generation,
             "read_only": self.record.read_only,
+            "tracking": self.record.tracking.value,
             "sequence": self.sequence,
             "disks": [dict(d.status(), export=f"{self.name}/{n}") for n, d in self.disks.items()],
         }
@@ -88,13 +92,14 @@ class VmRegistry:
 
     def unavailable_status(self) -> list[dict]:
         return [{"name": rec.name, "vm_id": str(rec.vm_id), "generation": rec.generation,
-                 "read_only": rec.read_only, "state": "Unavailable", "error": error, "sequence": None,
+                 "read_only": rec.read_only, "tracking": rec.tracking.value, "state": "Unavailable", "error": error, "sequence": None,
                  "disks": [{"name": d.name, "disk_id": str(d.disk_id), "path": str(d.path), "export": None,
                             "size_bytes": None, "read_only": rec.read_only, "sequence": None,
                             "active_log": None} for d in rec.disks]}
                 for rec, error in self.unavailable.values()]
 
-    async def add(self, name: str, paths: list[str], read_only: bool) -> ProtectedVm:
+    async def add(self, name: str, paths: list[str], read_only: bool,
+                  tracking: TrackingMode = DEFAULT_TRACKING) -> ProtectedVm:
         check_name("VM", name)
         if not paths:
             raise UsageError("a VM needs at least one disk", hint="pass --disk PATH")
@@ -115,13 +120,14 @@ class VmRegistry:
             # Open every image before recording anything, so a bad path changes nothing.
             for _, path in disks:
                 RawImage(path, read_only=True).close_fd()
-            rec = await asyncio.to_thread(self.store.add_vm, name, disks, read_only)
+            rec = await asyncio.to_thread(self.store.add_vm, name, disks, read_only, tracking)
             try:
                 vm = await self._open_vm(rec)
             except Exception:
                 await asyncio.to_thread(self.store.remove_vm, name)
                 raise
-        event(log, "vm_added", vm=name, disks=[str(p) for _, p in disks], read_only=read_only)
+        event(log, "vm_added", vm=name, disks=[str(p) for _, p in disks], read_only=read_only,
+              tracking=tracking.value)
         return vm
 
     def log_base(self, vm: str, disk: str, path: Path, is_block_device: bool) -> Path:
@@ -143,7 +149,7 @@ class VmRegistry:
                 log_base = self.log_base(rec.name, d.name, d.path, device.is_block_device)
                 intent = IntentBitmapFile(bitmap_path(log_base), device.size, self.config.bitmap_region_bytes)
                 disk = TrackedDisk(device, d.path, ident, intent, buffer_limit=self.config.journal_buffer_bytes,
-                                   log_base=log_base)
+                                   log_base=log_base, bitmap=rec.tracking is TrackingMode.BITMAP)
                 opened.append(disk)
                 vm.disks[d.name] = disk
             if not rec.read_only:
@@ -173,6 +179,9 @@ class VmRegistry:
             found = await asyncio.to_thread(disk.intent.load)
             ranges = uncertain_ranges(found, disk.size, disk.intent.region_bytes, scans[dname].left_open)
             disk.open_log(seq)
+            if disk.dirty is not None:
+                await self._recover_bitmap(vm, dname, disk, found, ranges, seq)
+                continue
             if ranges:
                 resynced = await self._rejournal(disk, ranges)
                 event(log, "regions_rejournaled", logging.WARNING, vm=vm.name, disk=dname, seq=seq,
@@ -182,6 +191,32 @@ class VmRegistry:
         vm.sequence = seq
         await asyncio.to_thread(self.store.set_next_sequence, vm.name, seq + 1)
         event(log, "vm_opened", vm=vm.name, seq=seq, disks=list(vm.disks))
+
+    async def _recover_bitmap(self, vm: ProtectedVm, dname: str, disk: TrackedDisk, found, ranges: list,
+                              seq: int) -> None:
+        """Bitmap mode: the regions still marked (cycles not acknowledged, writes of the last period)
+        are changed blocks of cycle ``seq``: the next cycle ships their current contents.  The marks
+        stay on disk until that cycle is acknowledged; copy-before-write files left behind go."""
+        await asyncio.to_thread(lambda: [unlink_if_exists(p) for p in list_side_files(disk.log_base)])
+        if found is None:  # unreadable: every region is uncertain
+            ranges = uncertain_ranges(None, disk.size, disk.intent.region_bytes, True)
+        disk.dirty.seed(ranges)
+        if ranges:
+            regions = sorted({r for off, n in ranges
+                              for r in range(off // disk.intent.region_bytes,
+                                             (off + n - 1) // disk.intent.region_bytes + 1)})
+            await disk.intent.mark(regions)
+            event(log, "regions_carried", logging.WARNING, vm=vm.name, disk=dname, seq=seq, ranges=len(ranges),
+                  bytes=sum(n for _, n in ranges), bitmap_lost=found is None)
+        await disk.flush(force=True)
+
+    async def acknowledged(self, name: str, sequence: int) -> None:
+        """The replica holds cycle ``sequence`` durably: bitmap-tracked disks may forget its regions."""
+        vm = self.vms.get(name)
+        if vm is None or vm.record.tracking is not TrackingMode.BITMAP:
+            return
+        for disk in vm.disks.values():
+            await disk.acknowledged(sequence)
 
     async def _rejournal(self, disk: TrackedDisk, ranges: list[tuple[int, int]]) -> int:
         fd = disk.device.fd

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 
@@ -20,6 +21,11 @@ def register(sub, common):
     p.add_argument("--disk", dest="disks", action="append", required=True, metavar="PATH",
                    help="raw image file or block device (repeat for each disk)")
     p.add_argument("--read-only", action="store_true", help="export read-only (no writes, no tracking)")
+    p.add_argument("--tracking", choices=[m.value for m in TrackingMode], default=None,
+                   help=f"how writes are tracked: journal (every write kept in order in HRL logs) or bitmap "
+                        f"(dirty blocks, data written once; copy-before-write at cuts); "
+                        f"default {DEFAULT_TRACKING.value}")
+    p.epilog = ("example: hvrctl vm add web01 --disk /var/lib/vms/web01-sys.img --tracking bitmap")
     p.set_defaults(func=cmd_add)
 
     p = vsub.add_parser("list", parents=[common], help="list protected VMs",
@@ -50,17 +56,19 @@ def _disk_rows(vm: dict) -> list[dict]:
     for d in vm["disks"]:
         rows.append({"vm": vm["name"], "disk": d["name"], "export": d["export"] or "UNAVAILABLE",
                      "size": human_bytes(d["size_bytes"]), "mode": "ro" if d["read_only"] else "rw",
-                     "seq": d.get("sequence"), "path": d["path"]})
+                     "tracking": vm.get("tracking"), "seq": d.get("sequence"), "path": d["path"]})
     return rows
 
 
 _DISK_COLUMNS = [("VM", "vm"), ("DISK", "disk"), ("EXPORT", "export"), ("SIZE", "size"), ("MODE", "mode"),
-                 ("SEQ", "seq"), ("IMAGE", "path")]
+                 ("TRACKING", "tracking"), ("SEQ", "seq"), ("IMAGE", "path")]
 
 
 def cmd_add(args) -> int:
-    vm = _client(args).request("POST", "/v1/vms", {"name": args.name, "disks": args.disks,
-                                                   "read_only": args.read_only})
+    body = {"name": args.name, "disks": args.disks, "read_only": args.read_only}
+    if args.tracking is not None:
+        body["tracking"] = args.tracking
+    vm = _client(args).request("POST", "/v1/vms", body)
     if args.output == "json":
         emit_json(vm)
     else:
