@@ -220,6 +220,9 @@ class Cycles:
         bundle = await finish_in_thread(functools.partial(  # never leaves a thread writing the outbox
             shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=rel.rec.generation,
             sequence=seq, disks=rel.disks(), compress=rel.rec.compression, snapshots=snapshots))
+        if snapshots:
+            event(log, "cycle_built", vm=rel.name, seq=seq, bytes=bundle.wire_bytes, write_bytes=bundle.write_bytes,
+                  cbw_bytes=sum(snap.copied_bytes for snap in snapshots.values()))
         for disk in vm.disks.values():
             if disk.dirty is not None:
                 disk.dirty.built(seq)  # the spool holds the cut-time contents: the copies go

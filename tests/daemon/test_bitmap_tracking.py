@@ -1,0 +1,124 @@
+"""Bitmap tracking end to end: copy-before-write under fire, and a SIGKILL during a write storm.
+
+(The suites of test_replication_e2e.py and test_replication_faults.py run in
+both tracking modes; these are the cases only bitmap mode has.)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from daemons import wait_for
+from replication_pair import MiB, Pair, make_disk, qemu_io
+from hvrctl.client import AdminClient
+
+CLIENTS = Path(__file__).resolve().parents[1] / "support" / "clients"
+SYSTEM_PYTHON = "/usr/bin/python3"  # has libnbd's bindings (Debian python3-libnbd)
+
+
+def _events(pair: Pair, name: str) -> list[dict]:
+    out = []
+    for line in pair.agent.stdout_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            item = json.loads(line)
+            if item.get("event") == name:
+                out.append(item)
+    return out
+
+
+def test_copy_before_write_under_fire_ships_the_image_as_it_was_at_the_cut(tmp_path):
+    size = 160 * MiB
+    dirty = 128 * MiB
+    pair = Pair(tmp_path, tracking="bitmap").start()
+    writer = None
+    try:
+        disk = make_disk(tmp_path / "hot.img", size)
+        pair.protect("hot", [disk], frequency=900)  # only the cuts the test makes
+        pair.initial("hot")
+        noise = tmp_path / "noise.bin"
+        noise.write_bytes(random.Random(11).randbytes(dirty))  # incompressible: the build takes a while
+        qemu_io(pair.agent.nbd_uri("hot", "hot"), f"write -s {noise} 0 {dirty}")
+        at_cut = tmp_path / "at_cut" / "hot.img"  # named like the disk: assert_identical finds its replica
+        at_cut.parent.mkdir()
+        shutil.copyfile(disk, at_cut)  # nothing writes now: this is the image at the next cut
+        go = tmp_path / "go"
+        writer = subprocess.Popen([SYSTEM_PYTHON, str(CLIENTS / "fire_writer.py"), pair.agent.nbd_uri("hot", "hot"),
+                                   str(dirty), "4000", "5", str(go)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        admin = AdminClient(pair.agent.admin_socket, "hvr-agent")
+        cut_seq = admin.request("GET", "/v1/vms/hot")["sequence"]
+        admin.request("POST", "/v1/vms/hot/replication/sync-now", {"wait": False})
+        wait_for(lambda: admin.request("GET", "/v1/vms/hot")["sequence"] > cut_seq, 30, "the cut")
+        go.touch()  # the cycle is being built: overwrite its blocks now
+        assert writer.stdout.readline().strip() == "done"
+        assert writer.wait(60) == 0
+        wait_for(lambda: pair.replica("hot")["last_applied_sequence"] >= cut_seq, 120, f"cycle {cut_seq} applied",
+                 context=pair.agent.log_tail)
+        assert pair.replica("hot")["last_applied_sequence"] == cut_seq  # nothing cut since
+        pair.assert_identical("hot", [at_cut])  # the replica is the image as it was at the cut
+        (built,) = [e for e in _events(pair, "cycle_built") if e["seq"] == cut_seq]
+        assert built["cbw_bytes"] > 0, "no write reached a block of the cycle before the build read it"
+        assert built["write_bytes"] == dirty
+        # the overwrites travel in the next cycle
+        pair.sync("hot")
+        pair.wait_replica_applied("hot")
+        pair.assert_identical("hot", [disk])
+        assert not list(tmp_path.glob("hot.img.*.cbw")), "copy-before-write files left behind"
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+        pair.close()
+
+
+def test_sigkill_during_a_write_storm_then_restart_converges_shipping_only_marked_regions(tmp_path):
+    region = 256 * 1024
+    size = 64 * MiB
+    span = 8 * MiB  # the storm stays here; the rest of the disk must never travel again
+    pair = Pair(tmp_path, agent_config={"bitmap_region_bytes": region}, tracking="bitmap").start()
+    storm = None
+    try:
+        disk = make_disk(tmp_path / "st.img", size)
+        qemu_io_fill = random.Random(3).randbytes(size)
+        disk.write_bytes(qemu_io_fill)  # a full disk: reshipping all of it would show
+        pair.protect("st", [disk], frequency=900)
+        pair.initial("st")
+        record = tmp_path / "storm.txt"
+        storm = subprocess.Popen([SYSTEM_PYTHON, str(CLIENTS / "write_storm.py"), pair.agent.nbd_uri("st", "st"),
+                                  str(span), "42", str(record)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+        def flushes() -> int:
+            return record.read_text().count("F\n") if record.exists() else 0
+
+        wait_for(lambda: flushes() >= 5, 60, "the storm to complete 5 flushes")
+        pair.agent.hvrctl("vm", "sync-now", "st", "--no-wait")  # a cycle in flight when the agent dies
+        target = flushes() + 10
+        wait_for(lambda: flushes() >= target, 60, "10 more flushes")
+        pair.agent.kill()
+        storm.wait(timeout=60)
+        restarted_at = len(pair.agent.stdout_path.read_text(errors="replace").splitlines())
+        pair.agent.start().wait_ready()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                pair.sync("st", timeout_s=60)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "sync-now never succeeded after the restart"
+        pair.wait_replica_applied("st")
+        pair.assert_identical("st", [disk])
+        assert pair.status("st")["state"] == "Replicating"
+        lines = pair.agent.stdout_path.read_text(errors="replace").splitlines()[restarted_at:]
+        after = [json.loads(line) for line in lines if line.startswith("{")]
+        carried = [e for e in after if e.get("event") == "regions_carried"]
+        assert carried and all(e["bytes"] <= span + 17 * region for e in carried)  # + the mark-ahead
+        shipped = sum(e["write_bytes"] for e in after if e.get("event") == "cycle_shipped")
+        assert 0 < shipped <= span + 17 * region, f"{shipped} bytes shipped after the restart"
+    finally:
+        if storm is not None and storm.poll() is None:
+            storm.kill()
+        pair.close()
