@@ -87,7 +87,8 @@ async def remove_vm(request: web.Request) -> web.Response:
 
 async def cut_vm(request: web.Request) -> web.Response:
     name = _vm(request).name
-    closed = await request.app[REGISTRY].cut(name)
+    rep = request.app[REPLICATION].vms.get(name)  # without replication no cycle ships what is cut
+    closed = await request.app[REGISTRY].cut(name, shipped=rep is not None and rep.rel.rec.next_sequence is not None)
     vm = request.app[REGISTRY].vms[name]
     return web.json_response({"vm": name, "sequence": vm.sequence, "logs": [c.to_dict() for c in closed]})
 

@@ -78,6 +78,16 @@ class DirtyTracking:
         self.carried = carried
         return gone
 
+    def discard_upto(self, sequence: int) -> None:
+        """A cut no cycle ships (no replication yet, or the initial copy's: the images carry it):
+        forget every frozen cycle up to ``sequence`` and disarm them."""
+        for seq in [s for s in self.frozen if s <= sequence]:
+            del self.frozen[seq]
+            self.built(seq)
+        for seq in [s for s in self.cycle_regions if s <= sequence]:
+            del self.cycle_regions[seq]
+        self.carried = None
+
     def seed(self, ranges: list[tuple[int, int]]) -> None:
         """After a restart: the write-intent regions left marked are changed blocks of this cycle."""
         for offset, length in ranges:

@@ -113,10 +113,11 @@ class TrackedDisk:
         self.intent.start_period()
         return old
 
-    async def finish_cut(self, old: ActiveLog) -> ClosedLog:
-        """The asynchronous half: make the ended log and the image durable, then shrink the bitmap."""
+    async def finish_cut(self, old: ActiveLog, shipped: bool = True) -> ClosedLog:
+        """The asynchronous half: make the ended log and the image durable, then shrink the bitmap
+        (bitmap mode: only for a cut no cycle ships; a shipped cycle's marks stay until acknowledged)."""
         await self.flush(force=True)
-        if not self.untrusted and self.dirty is None:  # bitmap mode: the marks stay until acknowledged
+        if not self.untrusted and (self.dirty is None or not shipped):
             await self.intent.reset_to_period(self.log.sequence)
         return old.describe_closed(self.identity.disk)
 

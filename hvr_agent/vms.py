@@ -263,13 +263,14 @@ class VmRegistry:
             for disk in vm.disks.values():
                 await disk.close(end_log=end_logs)
 
-    async def cut(self, name: str) -> list[ClosedLog]:
-        """Switch all the VM's disks to new logs at one instant; return the closed logs once durable."""
-        closed = await self.begin_cut(name)
+    async def cut(self, name: str, *, shipped: bool = True) -> list[ClosedLog]:
+        """Switch all the VM's disks to new logs at one instant; return the closed logs once durable.
+        ``shipped``: a cycle will carry the closed sequence (bitmap mode keeps its blocks for it)."""
+        closed = await self.begin_cut(name, shipped=shipped)
         await self.durable(name, closed[0].sequence)
         return closed
 
-    async def begin_cut(self, name: str) -> list[ClosedLog]:
+    async def begin_cut(self, name: str, *, shipped: bool = True) -> list[ClosedLog]:
         """Switch all the VM's disks to new logs at one instant; return the closed logs at once.
         A task (``vm.settling[sequence]`` until it succeeded) makes them and the images durable
         and shrinks the bitmap.
@@ -295,12 +296,16 @@ class VmRegistry:
             new_seq = vm.sequence + 1
             # One synchronous step of the event loop: no guest write can land between disks.
             olds = self._switch_all(vm, new_seq)
+            if not shipped:
+                for disk, _ in olds:
+                    if disk.dirty is not None:
+                        disk.dirty.discard_upto(new_seq - 1)
         except BaseException:
             vm.cut_lock.release()
             raise
         vm.sequence = new_seq
         closed = [old.describe_closed(disk.identity.disk) for disk, old in olds]
-        settled = asyncio.ensure_future(self._settle_cut(vm, olds, new_seq, started))
+        settled = asyncio.ensure_future(self._settle_cut(vm, olds, new_seq, started, shipped))
         vm.settling[new_seq - 1] = settled
 
         def settled_done(task: asyncio.Future) -> None:
@@ -322,10 +327,10 @@ class VmRegistry:
         if settled.cancelled() or settled.exception() is not None:
             raise _not_durable(name, sequence)
 
-    async def _settle_cut(self, vm: ProtectedVm, olds: list, new_seq: int, started: float) -> None:
+    async def _settle_cut(self, vm: ProtectedVm, olds: list, new_seq: int, started: float, shipped: bool) -> None:
         """The second half of a cut, under the VM's cut lock taken by :meth:`begin_cut`."""
         try:
-            closed = [await disk.finish_cut(old) for disk, old in olds]
+            closed = [await disk.finish_cut(old, shipped) for disk, old in olds]
             await asyncio.to_thread(self.store.set_next_sequence, vm.name, new_seq + 1)
         except BaseException as exc:
             event(log, "vm_cut_failed", logging.ERROR, vm=vm.name, seq=new_seq - 1,

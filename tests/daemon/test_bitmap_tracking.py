@@ -13,7 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from daemons import wait_for
+from daemons import AgentProcess, wait_for
+from hvr_common.shell.hrl_file import read_hrl_summary
 from replication_pair import MiB, Pair, make_disk, qemu_io
 from hvrctl.client import AdminClient
 
@@ -29,6 +30,34 @@ def _events(pair: Pair, name: str) -> list[dict]:
             if item.get("event") == name:
                 out.append(item)
     return out
+
+
+def test_a_bitmap_vm_writes_data_once_and_a_cut_without_replication_arms_nothing(tmp_path):
+    agent = AgentProcess(tmp_path / "agent").start()
+    try:
+        agent.wait_ready()
+        disk = make_disk(tmp_path / "once.img", 16 * MiB)
+        refused = agent.hvrctl("vm", "add", "bad", "--disk", str(disk), "--tracking", "both", check=False)
+        assert refused.returncode != 0 and "journal" in refused.stderr
+        agent.add_vm("once", [disk], tracking="bitmap")
+        (vm,) = agent.list_vms()
+        assert vm["tracking"] == "bitmap"
+        assert "TRACKING" in agent.hvrctl("vm", "list").stdout and "bitmap" in agent.hvrctl("vm", "list").stdout
+        qemu_io(agent.nbd_uri("once", "once"), "write -P 9 0 1M", "write -P 3 5M 4k", "flush")
+        (status,) = agent.hvrctl_json("vm", "list", "-o", "json")[0]["disks"]
+        assert status["bitmap"]["dirty_blocks"] == 256 + 1 and status["active_log_records"] == 0
+        cut = agent.cut("once")
+        (log,) = cut["logs"]
+        assert log["record_count"] == 0  # the data went into the image only
+        _, summary = read_hrl_summary(Path(log["path"]))
+        assert summary.clean and summary.write_bytes == 0
+        (status,) = agent.list_vms()[0]["disks"]
+        # no replication: nothing will ship the cycle, so nothing is frozen or copied aside
+        assert status["bitmap"] == {"dirty_blocks": 0, "frozen_cycles": [], "cbw_bytes": 0}
+        qemu_io(agent.nbd_uri("once", "once"), "write -P 4 0 1M")
+        assert not list(tmp_path.glob("once.img.*.cbw"))
+    finally:
+        agent.close()
 
 
 def test_copy_before_write_under_fire_ships_the_image_as_it_was_at_the_cut(tmp_path):
