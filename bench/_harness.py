@@ -397,8 +397,9 @@ class ReplicationPair:
         self.close()
 
     # primary side
-    def protect(self, vm: str, disks: list[Path], *, frequency_s: int = 30, compression: bool = True) -> None:
-        self.agent.add_vm(vm, disks)
+    def protect(self, vm: str, disks: list[Path], *, frequency_s: int = 30, compression: bool = True,
+                tracking: str | None = None) -> None:
+        self.agent.add_vm(vm, disks, tracking=tracking)
         args = ["vm", "enable", vm, "--replica-server", "127.0.0.1", "--port", str(self.proxy.port),
                 "--key", str(self.key_path), "--frequency", str(frequency_s)]
         if not compression:

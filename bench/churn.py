@@ -35,7 +35,13 @@ cuts the cycles.  Any other value enables the VM with ``--frequency 900`` and
 cuts with sync-now (no wait) on a timer every ``--cycle-s`` seconds; the
 output says which was used.
 
-Usage: .venv/bin/python bench/churn.py [--disk-size 8G] [--rates 25,50,100,150,200] [--cycle-s 30]
+Each tracking mode of ``--modes`` (default ``bitmap,journal``) gets a whole
+run of its own; a last table puts them side by side with the bytes written
+to the work directory's disk per byte the guest wrote (``/proc/diskstats``,
+sectors written during the run, by every process: image, logs, spools and
+the listener's copies share the disk here).
+
+Usage: .venv/bin/python bench/churn.py [--modes bitmap,journal] [--disk-size 8G] [--rates 25,50,100,150,200] [--cycle-s 30]
                                        [--cycles-per-rate 3] [--rpo-cycles 3] [--iodepth 16]
                                        [--workdir-parent DIR] [--keep] [--no-verify] [--json-out FILE]
 """
@@ -45,6 +51,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -294,6 +301,29 @@ def drain(pair: ReplicationPair, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
+class DiskWrites:
+    """Bytes written to the block device under a directory, from /proc/diskstats (sectors written x 512)."""
+
+    @staticmethod
+    def device_of(path: Path) -> str | None:
+        dev = path.stat().st_dev
+        sys_path = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        try:
+            return sys_path.resolve().name
+        except OSError:
+            return None
+
+    @staticmethod
+    def bytes_written(device: str | None) -> int | None:
+        if device is None:
+            return None
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 9 and parts[2] == device:
+                return int(parts[9]) * 512
+        return None  # not a block device (tmpfs, overlay): not measured
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--disk-size", default="8G", help="sparse disk size (default 8G)")
@@ -311,21 +341,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--py-spy", metavar="DIR", help="record the agent and the listener with py-spy during the "
                     "rate ladder (raw stacks in DIR) and print their busiest frames")
     ap.add_argument("--json-out", help="also write the results as JSON to this file")
+    ap.add_argument("--modes", default="bitmap,journal",
+                    help="tracking modes to run, one whole run each, in this order (default bitmap,journal)")
     args = ap.parse_args(argv)
     disk_size = parse_size(args.disk_size)
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     scheduled = args.cycle_s == SCHEDULED_FREQUENCY_S
     mode = (f"the agent's --frequency {SCHEDULED_FREQUENCY_S} schedule" if scheduled else
             f"sync-now every {args.cycle_s:g} s (VM enabled with --frequency {SYNC_NOW_FREQUENCY_S})")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("bitmap", "journal") for m in modes):
+        ap.error("--modes takes bitmap and/or journal")
+    results = []
+    for tracking in modes:
+        say(f"=== tracking mode {tracking} ===")
+        results.append(run_mode(args, tracking, disk_size, rates, scheduled, mode))
+    print()
+    print_table(["tracking", "highest sustained MiB/s", "RPO p99 s", "agent peak RSS", "guest bytes written",
+                 "disk bytes written", "disk bytes per guest byte"],
+                [[r["tracking"], f"{r['best_rate_mib_s']:g}" if r["best_rate_mib_s"] else "none",
+                  f"{r['rpo_p99_s']:.1f}" if r["rpo_p99_s"] is not None else "-", human(r["peak_rss_bytes"]),
+                  human(r["guest_bytes"]), human(r["disk_bytes"]) if r["disk_bytes"] is not None else "n/a",
+                  f"{r['disk_bytes'] / r['guest_bytes']:.2f}" if r["disk_bytes"] and r["guest_bytes"] else "n/a"]
+                 for r in results])
+    if results and results[0]["disk_device"]:
+        print(f"(disk bytes: sectors written to {results[0]['disk_device']} in /proc/diskstats during each run's "
+              "rate ladder, RPO run and drain, by every process on the machine: the agent's image, logs and "
+              "spools and the listener's copies share the disk here)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    return 0 if all(r["identical"] is not False for r in results) else 1
+
+
+def run_mode(args, tracking: str, disk_size: int, rates: list[float], scheduled: bool, mode: str) -> dict:
+    """One whole run (ladder, drain, RPO run, verify) with the VM tracking in ``tracking`` mode."""
     phases: list[Phase] = []
     rpo_phase: Phase | None = None
     verify = None
+    device = DiskWrites.device_of(Path(args.workdir_parent))
+    disk_bytes = None
     with WorkDir("hvr-bench-churn-", args.workdir_parent, args.keep) as work, ReplicationPair(work / "hvr") as pair:
         disk = work / "primary" / f"{DISK}.img"
         disk.parent.mkdir()
         with open(disk, "wb") as f:
             f.truncate(disk_size)
-        pair.protect(VM, [disk], frequency_s=SCHEDULED_FREQUENCY_S if scheduled else SYNC_NOW_FREQUENCY_S)
+        pair.protect(VM, [disk], frequency_s=SCHEDULED_FREQUENCY_S if scheduled else SYNC_NOW_FREQUENCY_S,
+                     tracking=tracking)
         pair.agent.hvrctl("initial", "start", VM, "--wait", timeout_s=600)
         say(f"protected {VM}: {human(disk_size)} sparse disk, cycles by {mode}; agent pid {pair.agent_pid}")
         rss = RssSampler(pair.agent_pid).start()
@@ -336,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.py_spy).mkdir(parents=True, exist_ok=True)
             spies = [PySpy(pair.agent_pid, Path(args.py_spy) / "agent.raw"),
                      PySpy(pair.listener_pid, Path(args.py_spy) / "listener.raw")]
+        written_before = DiskWrites.bytes_written(device)
         try:
             best = None
             for rate in rates:
@@ -360,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
                 rpo_phase = Phase(half, args.rpo_cycles * args.cycle_s)
                 say(f"RPO run: {half:g} MiB/s for {rpo_phase.seconds:g} s")
                 run_phase(pair, states, rss, rpo_phase, args.cycle_s, args.iodepth, judge=False)
+            drain(pair, DRAIN_TIMEOUT_S)
+            written_after = DiskWrites.bytes_written(device)
+            if written_before is not None and written_after is not None:
+                disk_bytes = written_after - written_before
         finally:
             for spy in spies:
                 spy.stop()
@@ -376,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         all_rss_peak = rss.peak()
 
     print()
-    print(f"churn: {human(disk_size)} disk, random 64 KiB incompressible writes by fio (nbd engine, iodepth "
+    print(f"churn ({tracking} tracking): {human(disk_size)} disk, random 64 KiB incompressible writes by fio (nbd engine, iodepth "
           f"{args.iodepth}), cycles by {mode}, {args.cycles_per_rate} cycles per rate")
     rows = []
     for p in phases + ([rpo_phase] if rpo_phase else []):
@@ -417,13 +483,12 @@ def main(argv: list[str] | None = None) -> int:
           f"bytes hvr put on the wire: {wire_up:,}; sampler errors: {states.errors})")
     if args.py_spy:
         print_busiest_frames(args.py_spy, "the rate ladder")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({
-            "disk_size_bytes": disk_size, "cycle_s": args.cycle_s, "mode": mode,
+    guest_bytes = int(sum(p.fio_mib_s * p.seconds * MiB for p in phases + ([rpo_phase] if rpo_phase else [])))
+    return {"tracking": tracking, "disk_size_bytes": disk_size, "cycle_s": args.cycle_s, "mode": mode,
             "phases": [p.__dict__ for p in phases], "rpo_phase": rpo_phase.__dict__ if rpo_phase else None,
             "best_rate_mib_s": best, "wire_up_bytes": wire_up, "peak_rss_bytes": all_rss_peak,
-            "identical": verify[0] if verify else None}, indent=2, default=str))
-    return 0 if verify is None or verify[0] else 1
+            "rpo_p99_s": percentile(rpo, 99) if rpo else None, "guest_bytes": guest_bytes,
+            "disk_bytes": disk_bytes, "disk_device": device, "identical": verify[0] if verify else None}
 
 
 if __name__ == "__main__":
