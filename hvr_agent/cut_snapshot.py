@@ -11,6 +11,12 @@ frozen block once, from the side file if it was copied, else from the image,
 and marks it read, under one lock with the copying, so the two never cross:
 a block is either read before the change or copied before it.
 
+Copy-before-write is bounded: past ``budget_bytes`` copied, or
+``max_age_s`` after the cut, the snapshot gives up (no more copies) and the
+build's next read raises :class:`SnapshotAbandoned`: the cycle is abandoned
+and its blocks go with the next one (:mod:`hvr_agent.dirty_tracking`).  A
+read that succeeded got cut-time contents either way.
+
 Write order for a change to a frozen block (event loop, under the lock):
 1. image ``pread`` of the block's cut-time contents; 2. ``pwrite`` into the
 side file; 3. the block marked copied; then the caller changes the image.
@@ -20,10 +26,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from hvr_common.pure.dirty_map import BLOCK_BYTES, BLOCK_SHIFT, DirtyMap
 from hvr_common.shell.files import pwrite_all, unlink_if_exists
+
+
+class SnapshotAbandoned(Exception):
+    """The snapshot gave up copy-before-write (budget or time bound): its cycle cannot be built."""
 
 
 def side_path(log_base: Path, sequence: int) -> Path:
@@ -38,7 +49,8 @@ def list_side_files(log_base: Path) -> list[Path]:
 class CutSnapshot:
     """Cycle ``sequence`` of one disk: its frozen blocks, the copies made, the blocks read."""
 
-    def __init__(self, sequence: int, frozen: DirtyMap, image_fd: int, path: Path, cut_ns: int):
+    def __init__(self, sequence: int, frozen: DirtyMap, image_fd: int, path: Path, cut_ns: int,
+                 budget_bytes: int = 1 << 62, max_age_s: float = float("inf")):
         self.sequence = sequence
         self.frozen = frozen
         self.image_fd = image_fd
@@ -50,6 +62,9 @@ class CutSnapshot:
         self.lock = threading.Lock()
         self.fd = -1
         self.closed = False
+        self.budget_bytes = budget_bytes
+        self.give_up_at = time.monotonic() + max_age_s
+        self.gave_up: str | None = None  # why copy-before-write stopped before the cycle was built
 
     # --- the event loop: before a change of the image -----------------------------------
     def before_change(self, offset: int, length: int) -> int:
@@ -61,6 +76,9 @@ class CutSnapshot:
         with self.lock:
             if self.closed:
                 return 0
+            if time.monotonic() > self.give_up_at:
+                self._give_up("its copy-before-write time bound passed")
+                return 0
             for run_off, run_len in self.frozen.runs(offset & ~(BLOCK_BYTES - 1),
                                                      _aligned_end(offset + length) - (offset & ~(BLOCK_BYTES - 1))):
                 for block_off, n in self._uncopied(run_off, run_len):
@@ -70,8 +88,19 @@ class CutSnapshot:
                     pwrite_all(self.fd, data, block_off)
                     self.copied.mark(block_off, n)
                     copied += len(data)
-        self.copied_bytes += copied
+            self.copied_bytes += copied
+            if self.copied_bytes > self.budget_bytes:
+                self._give_up(f"its copies passed the copy-before-write budget ({self.budget_bytes} bytes)")
         return copied
+
+    def _give_up(self, why: str) -> None:
+        """Stop copying (under the lock): the build's next read raises; the copies go."""
+        self.gave_up = why
+        self.closed = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        unlink_if_exists(self.path)
 
     def _uncopied(self, offset: int, length: int):
         """Pieces of a frozen run that are neither copied nor read (block aligned, clipped to the disk)."""
@@ -96,6 +125,8 @@ class CutSnapshot:
         """The cut-time contents of a frozen range; its blocks are then read (no copy needed any more)."""
         out = bytearray()
         with self.lock:
+            if self.closed:
+                raise SnapshotAbandoned(self.gave_up or f"cycle {self.sequence} was abandoned")
             pos = offset
             end = offset + length
             while pos < end:

@@ -40,6 +40,7 @@ from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
 from hvr_agent import shipper
 from hvr_agent.app_consistency import frozen_cut
+from hvr_agent.cut_snapshot import SnapshotAbandoned
 from hvr_agent.housekeeping import delete_cycle_files
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
@@ -217,9 +218,15 @@ class Cycles:
         vm = rel.vm()
         build_ns = time.time_ns()
         snapshots = await self._snapshots(vm, seq)
-        bundle = await finish_in_thread(functools.partial(  # never leaves a thread writing the outbox
+        build = functools.partial(  # never leaves a thread writing the outbox
             shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=rel.rec.generation,
-            sequence=seq, disks=rel.disks(), compress=rel.rec.compression, snapshots=snapshots))
+            sequence=seq, disks=rel.disks(), compress=rel.rec.compression)
+        try:
+            bundle = await finish_in_thread(functools.partial(build, snapshots=snapshots))
+        except SnapshotAbandoned as exc:  # copy-before-write gave up (budget, time bound): ship a stand-in
+            await self._abandon(vm, seq, f"cycle {seq} was abandoned: {exc}")
+            snapshots = None
+            bundle = await finish_in_thread(build)
         if snapshots:
             event(log, "cycle_built", vm=rel.name, seq=seq, bytes=bundle.wire_bytes, write_bytes=bundle.write_bytes,
                   cbw_bytes=sum(snap.copied_bytes for snap in snapshots.values()))
@@ -238,17 +245,22 @@ class Cycles:
         disks = list(vm.disks.values())
         found = {n: d.dirty.snapshots[seq] for n, d in vm.disks.items() if seq in d.dirty.snapshots}
         if not found and any(seq in d.dirty.frozen for d in disks):  # built once, its spool gone since
-            gone = [d.dirty.abandon_from(seq, d.intent.period) for d in disks]
-            detail = (f"cycle {seq} was abandoned (its bundle was lost before it was acknowledged); "
-                      "its blocks are carried by the next cycle")
-            event(log, "cycle_abandoned", logging.WARNING, vm=self.rel.name, seq=seq,
-                  cycles=sorted({s for g in gone for s in g}), hint="nothing to do: no resynchronization is needed")
-            await self.rel.update(state_detail=detail)
-            for later in [s for s in self._spools if s >= seq]:
-                del self._spools[later]  # built with blocks of their own cycle only: built again
+            await self._abandon(vm, seq, f"cycle {seq} was abandoned: its bundle was lost before it was acknowledged")
         if not found:
             self._stand_ins.add(seq)
         return found
+
+    async def _abandon(self, vm, seq: int, why: str) -> None:
+        """Abandon cycle ``seq`` and every later one cut: each disk's blocks of them go into the current
+        cycle, they ship empty; the replica skips to the next consistent point, no resynchronization."""
+        gone = [d.dirty.abandon_from(seq, d.intent.period) for d in vm.disks.values()]
+        for later in [s for s in self._spools if s >= seq]:
+            del self._spools[later]  # built with blocks of their own cycle only: built again
+        self._stand_ins.update(range(seq, vm.sequence))
+        event(log, "cycle_abandoned", logging.WARNING, vm=self.rel.name, seq=seq, reason=why,
+              cycles=sorted({s for g in gone for s in g}), hint="nothing to do: the next cycle carries its blocks, "
+                                                                 "no resynchronization is needed")
+        await self.rel.update(state_detail=why + "; its blocks are carried by the next cycle")
 
     async def _send(self, client: ReplicaClient, vm, seq: int, bundle, consistency) -> int:
         """Upload a cycle; a stand-in the replica already holds (with the blocks the agent lost) counts
@@ -264,6 +276,8 @@ class Cycles:
                 raise
             event(log, "cycle_already_held", vm=rel.name, seq=seq, expected=expected)
             status = 200
+        if seq not in self._stand_ins and rel.rec.state_detail and "abandoned" in rel.rec.state_detail:
+            await rel.update(state_detail=None)  # a cycle with its blocks went through: nothing to say any more
         self._stand_ins.discard(seq)
         return status
 

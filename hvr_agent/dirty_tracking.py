@@ -27,8 +27,11 @@ from hvr_agent.cut_snapshot import CutSnapshot, side_path
 
 
 class DirtyTracking:
-    def __init__(self, disk_size: int, image_fd: int, log_base: Path):
+    def __init__(self, disk_size: int, image_fd: int, log_base: Path, *, cbw_budget_bytes: int = 1 << 62,
+                 cbw_max_age_s: float = float("inf")):
         self.disk_size = disk_size
+        self.cbw_budget_bytes = cbw_budget_bytes
+        self.cbw_max_age_s = cbw_max_age_s
         self.image_fd = image_fd
         self.log_base = log_base
         self.current = DirtyMap(disk_size)
@@ -52,7 +55,8 @@ class DirtyTracking:
         self.cycle_regions[sequence] = regions
         self.frozen[sequence] = self.current
         self.snapshots[sequence] = CutSnapshot(sequence, self.current, self.image_fd,
-                                               side_path(self.log_base, sequence), time.time_ns())
+                                               side_path(self.log_base, sequence), time.time_ns(),
+                                               self.cbw_budget_bytes, self.cbw_max_age_s)
         self.current = DirtyMap(self.disk_size)
 
     def built(self, sequence: int) -> None:

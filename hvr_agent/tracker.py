@@ -60,7 +60,7 @@ class TrackedDisk:
 
     def __init__(self, device: RawImage, image_path: Path, identity: DiskIdentity,
                  intent: IntentBitmapFile, *, buffer_limit: int, log_base: Path | None = None,
-                 bitmap: bool = False):
+                 bitmap: bool = False, cbw_budget_bytes: int = 1 << 62, cbw_max_age_s: float = float("inf")):
         self.device = device
         self.image_path = image_path
         self.log_base = log_base or image_path  # logs are <log_base name>.<seq>.hrl beside it
@@ -69,7 +69,8 @@ class TrackedDisk:
         self.size = device.size
         self.read_only = device.read_only
         self.buffer_limit = buffer_limit
-        self.dirty = DirtyTracking(self.size, device.fd, self.log_base) if bitmap else None
+        self.dirty = DirtyTracking(self.size, device.fd, self.log_base, cbw_budget_bytes=cbw_budget_bytes,
+                                   cbw_max_age_s=cbw_max_age_s) if bitmap else None
         self.log: ActiveLog | None = None
         self._unsynced: list[ActiveLog] = []
         self._ops = 0  # journaled operations so far (monotonic)

@@ -149,7 +149,9 @@ class VmRegistry:
                 log_base = self.log_base(rec.name, d.name, d.path, device.is_block_device)
                 intent = IntentBitmapFile(bitmap_path(log_base), device.size, self.config.bitmap_region_bytes)
                 disk = TrackedDisk(device, d.path, ident, intent, buffer_limit=self.config.journal_buffer_bytes,
-                                   log_base=log_base, bitmap=rec.tracking is TrackingMode.BITMAP)
+                                   log_base=log_base, bitmap=rec.tracking is TrackingMode.BITMAP,
+                                   cbw_budget_bytes=self.config.cbw_budget_bytes,
+                                   cbw_max_age_s=self.config.cbw_max_age_s)
                 opened.append(disk)
                 vm.disks[d.name] = disk
             if not rec.read_only:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from daemons import AgentProcess, wait_for
 from hvr_common.shell.hrl_file import read_hrl_summary
+from fault_proxy import FaultProxy
 from replication_pair import MiB, Pair, make_disk, qemu_io
 from hvrctl.client import AdminClient
 
@@ -150,4 +151,54 @@ def test_sigkill_during_a_write_storm_then_restart_converges_shipping_only_marke
     finally:
         if storm is not None and storm.poll() is None:
             storm.kill()
+        pair.close()
+
+
+def test_link_down_and_copy_before_write_past_its_budget_abandons_the_cycle_and_converges(tmp_path):
+    """The replica is unreachable while the guest overwrites a cycle's blocks faster than the budget
+    allows: the cycle is abandoned (event, state detail), ships empty, the next one carries its blocks,
+    and the replica converges with no resynchronization."""
+    size = 64 * MiB
+    dirty = 48 * MiB
+    pair = Pair(tmp_path, agent_config={"cbw_budget_bytes": 64 * 1024}, tracking="bitmap").start()
+    proxy = FaultProxy(pair.listener.port)
+    writer = None
+    try:
+        disk = make_disk(tmp_path / "tight.img", size)
+        pair.protect("tight", [disk], frequency=900, port=proxy.port)
+        pair.initial("tight")
+        noise = tmp_path / "noise.bin"
+        noise.write_bytes(random.Random(12).randbytes(dirty))
+        qemu_io(pair.agent.nbd_uri("tight", "tight"), f"write -s {noise} 0 {dirty}")
+        go = tmp_path / "go"
+        writer = subprocess.Popen([SYSTEM_PYTHON, str(CLIENTS / "fire_writer.py"),
+                                   pair.agent.nbd_uri("tight", "tight"), str(dirty), "3000", "6", str(go)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        proxy.hold()  # the link is down
+        admin = AdminClient(pair.agent.admin_socket, "hvr-agent")
+        cut_seq = admin.request("GET", "/v1/vms/tight")["sequence"]
+        admin.request("POST", "/v1/vms/tight/replication/sync-now", {"wait": False})
+        wait_for(lambda: admin.request("GET", "/v1/vms/tight")["sequence"] > cut_seq, 30, "the cut")
+        go.touch()
+        assert writer.stdout.readline().strip() == "done" and writer.wait(60) == 0
+        wait_for(lambda: _events(pair, "cycle_abandoned"), 60, "the cycle to be abandoned",
+                 context=pair.agent.log_tail)
+        (abandoned,) = _events(pair, "cycle_abandoned")
+        assert abandoned["seq"] == cut_seq and "budget" in abandoned["reason"]
+        status = pair.status("tight")
+        assert status["state"] == "Replicating" and "abandoned" in status["state_detail"]
+        assert not list(tmp_path.glob("tight.img.*.cbw"))
+        proxy.release()  # the link is back
+        pair.sync("tight")
+        pair.wait_replica_applied("tight")
+        pair.assert_identical("tight", [disk])
+        status = pair.status("tight")
+        assert status["state"] == "Replicating" and not status["state_detail"]
+        history = [c["sequence"] for c in pair.replica("tight")["cycles"]]
+        assert cut_seq in history and history == list(range(history[0], history[0] + len(history)))
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+        proxy.close()
         pair.close()

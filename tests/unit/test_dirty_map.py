@@ -8,7 +8,7 @@ import random
 import pytest
 
 from hvr_common.pure.dirty_map import BLOCK_BYTES, DirtyMap
-from hvr_agent.cut_snapshot import CutSnapshot
+from hvr_agent.cut_snapshot import CutSnapshot, SnapshotAbandoned
 from hvr_agent.dirty_tracking import DirtyTracking
 from hvr_common.pure.intent_bitmap import IntentBitmap
 
@@ -118,4 +118,42 @@ def test_abandoned_cycles_merge_into_the_current_one_and_their_regions_stay(tmp_
         assert tracking.acknowledged(6) is None
     finally:
         tracking.close()
+        os.close(fd)
+
+
+def test_a_snapshot_past_its_budget_stops_copying_and_its_build_is_abandoned(tmp_path):
+    size = 1 << 20
+    fd, at_cut = _image(tmp_path, size, 2)
+    frozen = DirtyMap(size)
+    frozen.mark(0, size)
+    side = tmp_path / "disk.img.0000000003.cbw"
+    snap = CutSnapshot(3, frozen, fd, side, 0, budget_bytes=3 * BLOCK_BYTES)
+    try:
+        assert snap.read_range(0, BLOCK_BYTES) == bytes(at_cut[:BLOCK_BYTES])  # read before the budget trips
+        snap.before_change(BLOCK_BYTES, 2 * BLOCK_BYTES)
+        assert snap.copied_bytes == 2 * BLOCK_BYTES and side.exists() and snap.gave_up is None
+        snap.before_change(8 * BLOCK_BYTES, 2 * BLOCK_BYTES)
+        assert snap.gave_up and "budget" in snap.gave_up and not side.exists()
+        before = snap.copied_bytes
+        snap.before_change(20 * BLOCK_BYTES, BLOCK_BYTES)
+        assert snap.copied_bytes == before  # no more copies
+        with pytest.raises(SnapshotAbandoned, match="budget"):
+            snap.read_range(BLOCK_BYTES, BLOCK_BYTES)
+    finally:
+        snap.close()
+        os.close(fd)
+
+
+def test_a_snapshot_past_its_time_bound_stops_copying(tmp_path):
+    size = 64 * 1024
+    fd, _ = _image(tmp_path, size, 3)
+    frozen = DirtyMap(size)
+    frozen.mark(0, size)
+    snap = CutSnapshot(3, frozen, fd, tmp_path / "disk.img.0000000003.cbw", 0, max_age_s=-1)
+    try:
+        assert snap.before_change(0, 4096) == 0 and "time bound" in snap.gave_up
+        with pytest.raises(SnapshotAbandoned):
+            snap.read_range(0, 4096)
+    finally:
+        snap.close()
         os.close(fd)
