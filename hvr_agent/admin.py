@@ -77,6 +77,17 @@ async def get_vm(request: web.Request) -> web.Response:
     return web.json_response(_vm(request).status())
 
 
+async def patch_vm(request: web.Request) -> web.Response:
+    """``PATCH /v1/vms/{name}`` ``{"tracking": "journal"|"bitmap"}``: switch the mode at a cut made now."""
+    name = _vm(request).name
+    body = await read_json_object(request)
+    if set(body) != {"tracking"}:
+        raise UsageError("the body must be {\"tracking\": \"journal\" or \"bitmap\"}")
+    vm = await request.app[REGISTRY].set_tracking(name, parse_tracking(body["tracking"]),
+                                                   shipped=_shipped(request, name))
+    return web.json_response(vm.status())
+
+
 async def remove_vm(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in request.app[REGISTRY].unavailable:
@@ -85,10 +96,15 @@ async def remove_vm(request: web.Request) -> web.Response:
     return web.json_response({"removed": name})
 
 
+def _shipped(request: web.Request, name: str) -> bool:
+    """Whether a cycle will ship what a cut of the VM closes (no replication, no cycle)."""
+    rep = request.app[REPLICATION].vms.get(name)
+    return rep is not None and rep.rel.rec.next_sequence is not None
+
+
 async def cut_vm(request: web.Request) -> web.Response:
     name = _vm(request).name
-    rep = request.app[REPLICATION].vms.get(name)  # without replication no cycle ships what is cut
-    closed = await request.app[REGISTRY].cut(name, shipped=rep is not None and rep.rel.rec.next_sequence is not None)
+    closed = await request.app[REGISTRY].cut(name, shipped=_shipped(request, name))
     vm = request.app[REGISTRY].vms[name]
     return web.json_response({"vm": name, "sequence": vm.sequence, "logs": [c.to_dict() for c in closed]})
 
@@ -171,6 +187,7 @@ def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", add_vm)
     app.router.add_get("/v1/vms/{name}", get_vm)
+    app.router.add_patch("/v1/vms/{name}", patch_vm)
     app.router.add_delete("/v1/vms/{name}", remove_vm)
     app.router.add_post("/v1/vms/{name}/cut", cut_vm)
     app.router.add_post("/v1/vms/{name}/replication", enable_replication)

@@ -35,7 +35,6 @@ from hvr_common.pure.measure import NS, CycleResult, CycleStat, result_for
 from hvr_common.pure.recovery_points import Consistency, app_consistent_due
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.schedule import Backoff, CutClock
-from hvr_common.pure.tracking_mode import TrackingMode
 from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
 from hvr_agent import shipper
@@ -240,11 +239,11 @@ class Cycles:
         """Bitmap mode: the frozen cycle ``seq`` of every disk.  A cycle whose blocks the agent no
         longer holds (cut before a restart, or abandoned) is a stand-in: it ships empty, and the
         write-intent regions make a later cycle carry its blocks (docs/bitmap-tracking.md)."""
-        if vm.record.tracking is not TrackingMode.BITMAP:
-            return None
         disks = list(vm.disks.values())
-        found = {n: d.dirty.snapshots[seq] for n, d in vm.disks.items() if seq in d.dirty.snapshots}
-        if not found and any(seq in d.dirty.frozen for d in disks):  # built once, its spool gone since
+        if all(d.dirty is None for d in disks):  # journal mode (and no bitmap cycle left from before a switch)
+            return None
+        found = {n: d.dirty.snapshots[seq] for n, d in vm.disks.items() if d.dirty and seq in d.dirty.snapshots}
+        if not found and any(d.dirty and seq in d.dirty.frozen for d in disks):  # built once, its spool gone since
             await self._abandon(vm, seq, f"cycle {seq} was abandoned: its bundle was lost before it was acknowledged")
         if not found:
             self._stand_ins.add(seq)
@@ -253,7 +252,7 @@ class Cycles:
     async def _abandon(self, vm, seq: int, why: str) -> None:
         """Abandon cycle ``seq`` and every later one cut: each disk's blocks of them go into the current
         cycle, they ship empty; the replica skips to the next consistent point, no resynchronization."""
-        gone = [d.dirty.abandon_from(seq, d.intent.period) for d in vm.disks.values()]
+        gone = [d.dirty.abandon_from(seq, d.intent.period) for d in vm.disks.values() if d.dirty is not None]
         for later in [s for s in self._spools if s >= seq]:
             del self._spools[later]  # built with blocks of their own cycle only: built again
         self._stand_ins.update(range(seq, vm.sequence))

@@ -112,6 +112,10 @@ class DirtyTracking:
                 keep.mark(regions.marked_regions())
         return keep
 
+    def settled(self) -> bool:
+        """Nothing frozen, armed or unacknowledged is left (after a switch back to journal mode)."""
+        return not (self.frozen or self.snapshots or self.cycle_regions or self.carried)
+
     def close(self) -> None:
         for snap in self.snapshots.values():
             snap.close()

@@ -248,6 +248,11 @@ class AgentStore(StateDatabase):
             if cur.rowcount == 0:
                 raise NotFoundError(f"no VM named {name!r} is registered")
 
+    def set_tracking(self, name: str, tracking: TrackingMode) -> None:
+        with self._lock:
+            if self._db.execute("UPDATE vms SET tracking=? WHERE name=?", (tracking.value, name)).rowcount == 0:
+                raise NotFoundError(f"no VM named {name!r} is registered")
+
     def set_next_sequence(self, name: str, next_sequence: int) -> None:
         with self._lock:
             self._db.execute("UPDATE vms SET next_sequence=? WHERE name=?", (next_sequence, name))

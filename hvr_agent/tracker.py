@@ -18,10 +18,12 @@ Write order and commit points (see docs/hrl-format.md):
    contents are journaled after the record;
 4. FLUSH or FUA: log buffer drained, log and image fdatasync'd, then reply.
 
-In bitmap mode (``dirty`` set, :mod:`hvr_agent.dirty_tracking`) step 2 is
-replaced: the write's 4 KiB blocks are marked in the cycle's dirty map, and
-if a frozen cycle still needs a block's cut-time contents they are copied
-aside first; the logs only carry the cuts (a header and an END record).
+In bitmap mode (``bitmap``, :mod:`hvr_agent.dirty_tracking` in ``dirty``)
+step 2 is replaced: the write's 4 KiB blocks are marked in the cycle's dirty
+map; the logs only carry the cuts (a header and an END record).  While a
+frozen cycle still needs a block's cut-time contents they are copied aside
+first (also in journal mode right after a switch).  A switch of mode
+(``switch_to``) takes effect at the next cut.
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ class TrackedDisk:
         self.size = device.size
         self.read_only = device.read_only
         self.buffer_limit = buffer_limit
-        self.dirty = DirtyTracking(self.size, device.fd, self.log_base, cbw_budget_bytes=cbw_budget_bytes,
-                                   cbw_max_age_s=cbw_max_age_s) if bitmap else None
+        self._new_dirty = lambda: DirtyTracking(self.size, device.fd, self.log_base, cbw_budget_bytes=cbw_budget_bytes,
+                                                cbw_max_age_s=cbw_max_age_s)
+        self.bitmap = bitmap
+        self.switch_to: bool | None = None  # bitmap (True) or journal (False) from the next cut on
+        self.dirty = self._new_dirty() if bitmap else None
         self.log: ActiveLog | None = None
         self._unsynced: list[ActiveLog] = []
         self._ops = 0  # journaled operations so far (monotonic)
@@ -109,8 +114,12 @@ class TrackedDisk:
         old = self.log
         self._unsynced.append(old)
         self.log = new
-        if self.dirty is not None:
+        if self.bitmap:
             self.dirty.freeze(old.sequence, self.intent.period)
+        if self.switch_to is not None:
+            self.bitmap, self.switch_to = self.switch_to, None
+            if self.bitmap and self.dirty is None:
+                self.dirty = self._new_dirty()
         self.intent.start_period()
         return old
 
@@ -127,6 +136,8 @@ class TrackedDisk:
         current period's and those of the cycles still unacknowledged."""
         if self.dirty is not None and not self.untrusted and self.log is not None:
             await self.intent.reset_to_period(self.log.sequence, also=self.dirty.acknowledged(sequence))
+            if not self.bitmap and self.dirty.settled():  # back to journal mode, every bitmap cycle acknowledged
+                self.dirty = None
 
     # --- reads ------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -149,9 +160,9 @@ class TrackedDisk:
     def write_now(self, offset: int, data, fua: bool = False) -> None:
         """Journal and apply one write in one synchronous step (regions already marked)."""
         dirty = self.dirty
-        if dirty is not None:
-            if dirty.snapshots:
-                dirty.before_change(offset, len(data))
+        if dirty is not None and dirty.snapshots:
+            dirty.before_change(offset, len(data))
+        if self.bitmap:
             dirty.current.mark(offset, len(data))
             self.device.pwrite(offset, data)
             self.writes += 1
@@ -172,12 +183,12 @@ class TrackedDisk:
         log.drain_if_full()
 
     def _mark_dirty(self, offset: int, length: int) -> bool:
-        """Bitmap mode: copy-before-write, then mark the blocks; False in journal mode."""
+        """Copy-before-write for frozen cycles; in bitmap mode mark the blocks, else answer False."""
         dirty = self.dirty
-        if dirty is None:
-            return False
-        if dirty.snapshots:
+        if dirty is not None and dirty.snapshots:
             dirty.before_change(offset, length)
+        if not self.bitmap:
+            return False
         dirty.current.mark(offset, length)
         self._ops += 1
         return True

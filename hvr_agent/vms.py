@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hvr_common.block.blockdev import RawImage
@@ -16,11 +16,9 @@ from hvr_common.pure.hrl import HrlHeader
 from hvr_common.pure.names import check_name
 from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvr_common.shell.logs import event
-from hvr_common.shell.files import unlink_if_exists
-from hvr_agent.cut_snapshot import list_side_files
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
-from hvr_agent.recovery import close_open_logs, read_region_runs, uncertain_ranges
+from hvr_agent.recovery import carry_marked_regions, close_open_logs, read_region_runs, uncertain_ranges
 from hvr_agent.store import AgentStore, VmRecord
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
 
@@ -182,7 +180,7 @@ class VmRegistry:
             ranges = uncertain_ranges(found, disk.size, disk.intent.region_bytes, scans[dname].left_open)
             disk.open_log(seq)
             if disk.dirty is not None:
-                await self._recover_bitmap(vm, dname, disk, found, ranges, seq)
+                await carry_marked_regions(disk, found, ranges, vm.name, seq)
                 continue
             if ranges:
                 resynced = await self._rejournal(disk, ranges)
@@ -194,28 +192,28 @@ class VmRegistry:
         await asyncio.to_thread(self.store.set_next_sequence, vm.name, seq + 1)
         event(log, "vm_opened", vm=vm.name, seq=seq, disks=list(vm.disks))
 
-    async def _recover_bitmap(self, vm: ProtectedVm, dname: str, disk: TrackedDisk, found, ranges: list,
-                              seq: int) -> None:
-        """Bitmap mode: the regions still marked (cycles not acknowledged, writes of the last period)
-        are changed blocks of cycle ``seq``: the next cycle ships their current contents.  The marks
-        stay on disk until that cycle is acknowledged; copy-before-write files left behind go."""
-        await asyncio.to_thread(lambda: [unlink_if_exists(p) for p in list_side_files(disk.log_base)])
-        if found is None:  # unreadable: every region is uncertain
-            ranges = uncertain_ranges(None, disk.size, disk.intent.region_bytes, True)
-        disk.dirty.seed(ranges)
-        if ranges:
-            regions = sorted({r for off, n in ranges
-                              for r in range(off // disk.intent.region_bytes,
-                                             (off + n - 1) // disk.intent.region_bytes + 1)})
-            await disk.intent.mark(regions)
-            event(log, "regions_carried", logging.WARNING, vm=vm.name, disk=dname, seq=seq, ranges=len(ranges),
-                  bytes=sum(n for _, n in ranges), bitmap_lost=found is None)
-        await disk.flush(force=True)
+    async def set_tracking(self, name: str, tracking: TrackingMode, *, shipped: bool) -> ProtectedVm:
+        """Switch the VM's tracking mode: recorded, then taken at a cut made now (the cycle it closes
+        is shipped as it was tracked)."""
+        vm = self.vms.get(name)
+        if vm is None:
+            raise NotFoundError(f"no VM named {name!r} is registered")
+        if vm.record.read_only:
+            raise UsageError(f"VM {name!r} is exported read-only: it tracks nothing")
+        if vm.record.tracking is tracking:
+            return vm
+        await asyncio.to_thread(self.store.set_tracking, name, tracking)
+        vm.record = replace(vm.record, tracking=tracking)
+        for disk in vm.disks.values():
+            disk.switch_to = tracking is TrackingMode.BITMAP
+        await self.cut(name, shipped=shipped)
+        event(log, "vm_tracking_changed", vm=name, tracking=tracking.value, seq=vm.sequence)
+        return vm
 
     async def acknowledged(self, name: str, sequence: int) -> None:
         """The replica holds cycle ``sequence`` durably: bitmap-tracked disks may forget its regions."""
         vm = self.vms.get(name)
-        if vm is None or vm.record.tracking is not TrackingMode.BITMAP:
+        if vm is None:
             return
         for disk in vm.disks.values():
             await disk.acknowledged(sequence)

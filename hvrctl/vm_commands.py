@@ -38,6 +38,15 @@ def register(sub, common):
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_remove)
 
+    p = vsub.add_parser("set-tracking", parents=[common], help="switch a VM's tracking mode at a cut made now",
+                        description="Record the VM's new tracking mode and cut at once: the cycle the cut closes "
+                                    "ships as it was tracked, writes from the cut on are tracked the new way.",
+                        epilog="example: hvrctl vm set-tracking web01 bitmap")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("tracking", choices=[m.value for m in TrackingMode], metavar="MODE",
+                   help="journal or bitmap")
+    p.set_defaults(func=cmd_set_tracking)
+
     p = vsub.add_parser("cut", parents=[common], help="switch all of a VM's disks to new logs now",
                         description="Cut: close the active HRL log of every disk of the VM at one instant "
                                     "(crash-consistent across disks) and start the next ones. Prints the "
@@ -97,6 +106,15 @@ def cmd_remove(args) -> int:
         emit_json(result)
     else:
         print(f"removed VM {args.name}")
+    return 0
+
+
+def cmd_set_tracking(args) -> int:
+    vm = _client(args).request("PATCH", f"/v1/vms/{args.name}", {"tracking": args.tracking})
+    if args.output == "json":
+        emit_json(vm)
+    else:
+        print(f"VM {vm['name']} tracks by {vm['tracking']} from sequence {vm['sequence']} on")
     return 0
 
 

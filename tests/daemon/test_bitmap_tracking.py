@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from daemons import AgentProcess, wait_for
 from hvr_common.shell.hrl_file import read_hrl_summary
 from fault_proxy import FaultProxy
@@ -201,4 +203,35 @@ def test_link_down_and_copy_before_write_past_its_budget_abandons_the_cycle_and_
         if writer is not None and writer.poll() is None:
             writer.kill()
         proxy.close()
+        pair.close()
+
+
+@pytest.mark.parametrize("first,then", [("journal", "bitmap"), ("bitmap", "journal")])
+def test_switching_the_tracking_mode_at_a_cut_keeps_the_replica_identical(tmp_path, first, then):
+    size = 16 * MiB
+    pair = Pair(tmp_path, tracking=first).start()
+    try:
+        disk = make_disk(tmp_path / "sw.img", size)
+        pair.protect("sw", [disk], frequency=900)
+        pair.initial("sw")
+        uri = pair.agent.nbd_uri("sw", "sw")
+        qemu_io(uri, "write -P 1 0 2M", "write -P 2 6M 64k")  # tracked the first way, cut by the switch
+        switched = pair.agent.hvrctl_json("vm", "set-tracking", "sw", then, "-o", "json")
+        assert switched["tracking"] == then and pair.status("sw")["tracking"] == then
+        qemu_io(uri, "write -P 3 1M 2M", "write -P 4 10M 1M")  # tracked the new way
+        pair.sync("sw")
+        pair.wait_replica_applied("sw")
+        pair.assert_identical("sw", [disk])
+        qemu_io(uri, "write -P 5 0 512k")
+        pair.sync("sw")
+        pair.wait_replica_applied("sw")
+        pair.assert_identical("sw", [disk])
+        pair.agent.terminate()  # the mode survives a restart
+        pair.agent.start().wait_ready()
+        assert [v["tracking"] for v in pair.agent.list_vms()] == [then]
+        qemu_io(uri, "write -P 6 3M 1M")
+        pair.sync("sw")
+        pair.wait_replica_applied("sw")
+        pair.assert_identical("sw", [disk])
+    finally:
         pair.close()
