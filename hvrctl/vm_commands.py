@@ -16,7 +16,8 @@ def register(sub, common):
     p = vsub.add_parser("add", parents=[common], help="export a VM's disks with change tracking",
                         description="Register a VM with the agent: each --disk image is served over NBD as "
                                     "export NAME/<image name without extension>, and every write to it is "
-                                    "journaled into HRL logs next to the image.")
+                                    "tracked: journaled into HRL logs next to the image (--tracking journal) "
+                                    "or marked as changed blocks in memory (--tracking bitmap).")
     p.add_argument("name", metavar="NAME", help="VM name (letters, digits, '.', '_', '-')")
     p.add_argument("--disk", dest="disks", action="append", required=True, metavar="PATH",
                    help="raw image file or block device (repeat for each disk)")
