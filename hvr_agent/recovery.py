@@ -20,7 +20,6 @@ marked regions become changed blocks of the new cycle
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -126,12 +125,17 @@ def read_region_runs(fd: int, offset: int, length: int):
             pos += n
 
 
+def remove_side_files(log_base: Path) -> None:
+    """Copy-before-write files a stop or crash left behind: their cycles are gone with the agent's memory."""
+    for path in list_side_files(log_base):
+        unlink_if_exists(path)
+
+
 async def carry_marked_regions(disk, found: IntentBitmap | None, ranges: list[tuple[int, int]], vm: str,
                                seq: int) -> None:
     """Bitmap mode at open: the regions still marked (cycles not acknowledged, writes of the last
     period) are changed blocks of cycle ``seq``, so the next cycle ships their current contents.  The
-    marks stay on disk until that cycle is acknowledged; copy-before-write files left behind go."""
-    await asyncio.to_thread(lambda: [unlink_if_exists(p) for p in list_side_files(disk.log_base)])
+    marks stay on disk until that cycle is acknowledged."""
     if found is None:  # unreadable: every region is uncertain
         ranges = uncertain_ranges(None, disk.size, disk.intent.region_bytes, True)
     disk.dirty.seed(ranges)

@@ -18,7 +18,8 @@ from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvr_common.shell.logs import event
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
-from hvr_agent.recovery import carry_marked_regions, close_open_logs, read_region_runs, uncertain_ranges
+from hvr_agent.recovery import (carry_marked_regions, close_open_logs, read_region_runs, remove_side_files,
+                                uncertain_ranges)
 from hvr_agent.store import AgentStore, VmRecord
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
 
@@ -176,6 +177,7 @@ class VmRegistry:
                       reason=rep.reason)
         seq = max([vm.record.next_sequence] + [s.max_sequence + 1 for s in scans.values()])
         for dname, disk in vm.disks.items():
+            await asyncio.to_thread(remove_side_files, disk.log_base)  # (any mode: it may have just switched)
             found = await asyncio.to_thread(disk.intent.load)
             ranges = uncertain_ranges(found, disk.size, disk.intent.region_bytes, scans[dname].left_open)
             disk.open_log(seq)
