@@ -409,8 +409,9 @@ class ReplicationPair:
         self.close()
 
     # primary side
-    def protect(self, vm: str, disks: list[Path], *, frequency_s: int = 30, compression: bool = True) -> None:
-        self.agent.add_vm(vm, disks)
+    def protect(self, vm: str, disks: list[Path], *, frequency_s: int = 30, compression: bool = True,
+                tracking: str | None = None) -> None:
+        self.agent.add_vm(vm, disks, tracking=tracking)
         if self.pki is None:
             credentials = ["--replica-server", "127.0.0.1", "--key", str(self.key_path)]
         else:

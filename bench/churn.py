@@ -35,18 +35,24 @@ cuts the cycles.  Any other value enables the VM with ``--frequency 900`` and
 cuts with sync-now (no wait) on a timer every ``--cycle-s`` seconds; the
 output says which was used.
 
+Each tracking mode of ``--modes`` (default ``bitmap,journal``) gets a whole
+run of its own; a last table puts them side by side with the bytes written
+to the work directory's disk per byte the guest wrote (``/proc/diskstats``,
+sectors written during the run, by every process: image, logs, spools and
+the listener's copies share the disk here).
+
 ``--auth certificate`` replicates over mutual TLS 1.3 (lab CA certificates)
 instead of signed plain HTTP.  ``--compare-auth`` runs the whole ladder once
-per mode (each in its own process, same options) and reports the highest
-sustained churn and the fio rate reached with TLS against plain HTTP
-(target at least 0.8x).
+per authentication mode (each in its own process, same options, the first
+tracking mode of ``--modes``) and reports the highest sustained churn and the
+fio rate reached with TLS against plain HTTP (target at least 0.8x).
 
-Usage: .venv/bin/python bench/churn.py [--disk-size 8G] [--rates 25,50,100,150,200] [--cycle-s 30]
+Usage: .venv/bin/python bench/churn.py [--modes bitmap,journal] [--disk-size 8G] [--rates 25,50,100,150,200] [--cycle-s 30]
                                        [--cycles-per-rate 3] [--rpo-cycles 3] [--iodepth 16]
                                        [--auth token|certificate] [--compare-auth]
                                        [--workdir-parent DIR] [--keep] [--no-verify] [--json-out FILE]
 Smallest run: .venv/bin/python bench/churn.py --disk-size 256M --rates 5 --cycle-s 5 --cycles-per-rate 2
-                                              --rpo-cycles 0 --compare-auth
+                                              --rpo-cycles 0 --modes journal --compare-auth
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -305,6 +312,29 @@ def drain(pair: ReplicationPair, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
+class DiskWrites:
+    """Bytes written to the block device under a directory, from /proc/diskstats (sectors written x 512)."""
+
+    @staticmethod
+    def device_of(path: Path) -> str | None:
+        dev = path.stat().st_dev
+        sys_path = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        try:
+            return sys_path.resolve().name
+        except OSError:
+            return None
+
+    @staticmethod
+    def bytes_written(device: str | None) -> int | None:
+        if device is None:
+            return None
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 9 and parts[2] == device:
+                return int(parts[9]) * 512
+        return None  # not a block device (tmpfs, overlay): not measured
+
+
 TARGET_TLS_RATIO = 0.8  # certificate mode (TLS 1.3) / token mode over plain HTTP
 
 
@@ -320,7 +350,7 @@ def compare_auth(argv: list[str], json_out: str | None) -> int:
                                    "--json-out", str(out)])
             if not out.exists():
                 raise RuntimeError(f"the --auth {auth} run failed (exit {done.returncode})")
-            results[auth] = json.loads(out.read_text())
+            results[auth] = json.loads(out.read_text())[0]  # the first tracking mode's run
     plain, tls = results["token"], results["certificate"]
 
     def top_fio(r: dict) -> float:
@@ -370,11 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the final qemu-img compare")
     ap.add_argument("--py-spy", metavar="DIR", help="record the agent and the listener with py-spy during the "
                     "rate ladder (raw stacks in DIR) and print their busiest frames")
+    ap.add_argument("--json-out", help="also write the results as JSON to this file")
+    ap.add_argument("--modes", default="bitmap,journal",
+                    help="tracking modes to run, one whole run each, in this order (default bitmap,journal)")
     ap.add_argument("--auth", choices=AUTH_MODES, default="token",
                     help="how the agent authenticates: token (plain HTTP, default) or certificate (mutual TLS 1.3)")
     ap.add_argument("--compare-auth", action="store_true",
-                    help="run the ladder in both modes and report TLS against plain HTTP")
-    ap.add_argument("--json-out", help="also write the results as JSON to this file")
+                    help="run the ladder in both authentication modes and report TLS against plain HTTP")
     args = ap.parse_args(argv)
     if args.compare_auth:
         return compare_auth(list(sys.argv[1:] if argv is None else argv), args.json_out)
@@ -383,16 +415,44 @@ def main(argv: list[str] | None = None) -> int:
     scheduled = args.cycle_s == SCHEDULED_FREQUENCY_S
     mode = (f"the agent's --frequency {SCHEDULED_FREQUENCY_S} schedule" if scheduled else
             f"sync-now every {args.cycle_s:g} s (VM enabled with --frequency {SYNC_NOW_FREQUENCY_S})")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("bitmap", "journal") for m in modes):
+        ap.error("--modes takes bitmap and/or journal")
+    results = []
+    for tracking in modes:
+        say(f"=== tracking mode {tracking} ===")
+        results.append(run_mode(args, tracking, disk_size, rates, scheduled, mode))
+    print()
+    print_table(["tracking", "highest sustained MiB/s", "RPO p99 s", "agent peak RSS", "guest bytes written",
+                 "disk bytes written", "disk bytes per guest byte"],
+                [[r["tracking"], f"{r['best_rate_mib_s']:g}" if r["best_rate_mib_s"] else "none",
+                  f"{r['rpo_p99_s']:.1f}" if r["rpo_p99_s"] is not None else "-", human(r["peak_rss_bytes"]),
+                  human(r["guest_bytes"]), human(r["disk_bytes"]) if r["disk_bytes"] is not None else "n/a",
+                  f"{r['disk_bytes'] / r['guest_bytes']:.2f}" if r["disk_bytes"] and r["guest_bytes"] else "n/a"]
+                 for r in results])
+    if results and results[0]["disk_device"]:
+        print(f"(disk bytes: sectors written to {results[0]['disk_device']} in /proc/diskstats during each run's "
+              "rate ladder, RPO run and drain, by every process on the machine: the agent's image, logs and "
+              "spools and the listener's copies share the disk here)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    return 0 if all(r["identical"] is not False for r in results) else 1
+
+
+def run_mode(args, tracking: str, disk_size: int, rates: list[float], scheduled: bool, mode: str) -> dict:
+    """One whole run (ladder, drain, RPO run, verify) with the VM tracking in ``tracking`` mode."""
     phases: list[Phase] = []
     rpo_phase: Phase | None = None
     verify = None
-    with (WorkDir("hvr-bench-churn-", args.workdir_parent, args.keep) as work,
-          ReplicationPair(work / "hvr", auth=args.auth) as pair):
+    device = DiskWrites.device_of(Path(args.workdir_parent))
+    disk_bytes = None
+    with WorkDir("hvr-bench-churn-", args.workdir_parent, args.keep) as work, ReplicationPair(work / "hvr", auth=args.auth) as pair:
         disk = work / "primary" / f"{DISK}.img"
         disk.parent.mkdir()
         with open(disk, "wb") as f:
             f.truncate(disk_size)
-        pair.protect(VM, [disk], frequency_s=SCHEDULED_FREQUENCY_S if scheduled else SYNC_NOW_FREQUENCY_S)
+        pair.protect(VM, [disk], frequency_s=SCHEDULED_FREQUENCY_S if scheduled else SYNC_NOW_FREQUENCY_S,
+                     tracking=tracking)
         pair.agent.hvrctl("initial", "start", VM, "--wait", timeout_s=600)
         say(f"protected {VM}: {human(disk_size)} sparse disk, cycles by {mode}; agent pid {pair.agent_pid}")
         rss = RssSampler(pair.agent_pid).start()
@@ -403,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.py_spy).mkdir(parents=True, exist_ok=True)
             spies = [PySpy(pair.agent_pid, Path(args.py_spy) / "agent.raw"),
                      PySpy(pair.listener_pid, Path(args.py_spy) / "listener.raw")]
+        written_before = DiskWrites.bytes_written(device)
         try:
             best = None
             for rate in rates:
@@ -427,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
                 rpo_phase = Phase(half, args.rpo_cycles * args.cycle_s)
                 say(f"RPO run: {half:g} MiB/s for {rpo_phase.seconds:g} s")
                 run_phase(pair, states, rss, rpo_phase, args.cycle_s, args.iodepth, judge=False)
+            drain(pair, DRAIN_TIMEOUT_S)
+            written_after = DiskWrites.bytes_written(device)
+            if written_before is not None and written_after is not None:
+                disk_bytes = written_after - written_before
         finally:
             for spy in spies:
                 spy.stop()
@@ -443,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         all_rss_peak = rss.peak()
 
     print()
-    print(f"churn: {human(disk_size)} disk, random 64 KiB incompressible writes by fio (nbd engine, iodepth "
+    print(f"churn ({tracking} tracking): {human(disk_size)} disk, random 64 KiB incompressible writes by fio (nbd engine, iodepth "
           f"{args.iodepth}), cycles by {mode}, {args.cycles_per_rate} cycles per rate, --auth {args.auth}")
     rows = []
     for p in phases + ([rpo_phase] if rpo_phase else []):
@@ -484,13 +549,12 @@ def main(argv: list[str] | None = None) -> int:
           f"bytes hvr put on the wire: {wire_up:,}; sampler errors: {states.errors})")
     if args.py_spy:
         print_busiest_frames(args.py_spy, "the rate ladder")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({
-            "disk_size_bytes": disk_size, "cycle_s": args.cycle_s, "mode": mode, "auth": args.auth,
+    guest_bytes = int(sum(p.fio_mib_s * p.seconds * MiB for p in phases + ([rpo_phase] if rpo_phase else [])))
+    return {"tracking": tracking, "auth": args.auth, "disk_size_bytes": disk_size, "cycle_s": args.cycle_s, "mode": mode,
             "phases": [p.__dict__ for p in phases], "rpo_phase": rpo_phase.__dict__ if rpo_phase else None,
             "best_rate_mib_s": best, "wire_up_bytes": wire_up, "peak_rss_bytes": all_rss_peak,
-            "identical": verify[0] if verify else None}, indent=2, default=str))
-    return 0 if verify is None or verify[0] else 1
+            "rpo_p99_s": percentile(rpo, 99) if rpo else None, "guest_bytes": guest_bytes,
+            "disk_bytes": disk_bytes, "disk_device": device, "identical": verify[0] if verify else None}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.pure.recovery_points import HistorySettings
+from hvr_common.pure.tracking_mode import parse_tracking
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_agent.replication import ReplicationManager
@@ -54,7 +55,7 @@ async def list_vms(request: web.Request) -> web.Response:
 
 async def add_vm(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    unknown = set(body) - {"name", "disks", "read_only"}
+    unknown = set(body) - {"name", "disks", "read_only", "tracking"}
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
     name = body.get("name")
@@ -66,7 +67,8 @@ async def add_vm(request: web.Request) -> web.Response:
         raise UsageError("field 'disks' must be a list of image paths")
     if not isinstance(read_only, bool):
         raise UsageError("field 'read_only' must be true or false")
-    vm = await request.app[REGISTRY].add(name, disks, read_only)
+    tracking = parse_tracking(body.get("tracking"))
+    vm = await request.app[REGISTRY].add(name, disks, read_only, tracking)
     return web.json_response(vm.status(), status=201)
 
 
@@ -82,6 +84,17 @@ async def get_vm(request: web.Request) -> web.Response:
     return web.json_response(_vm(request).status())
 
 
+async def patch_vm(request: web.Request) -> web.Response:
+    """``PATCH /v1/vms/{name}`` ``{"tracking": "journal"|"bitmap"}``: switch the mode at a cut made now."""
+    name = _vm(request).name
+    body = await read_json_object(request)
+    if set(body) != {"tracking"}:
+        raise UsageError("the body must be {\"tracking\": \"journal\" or \"bitmap\"}")
+    vm = await request.app[REGISTRY].set_tracking(name, parse_tracking(body["tracking"]),
+                                                   shipped=_shipped(request, name))
+    return web.json_response(vm.status())
+
+
 async def remove_vm(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in request.app[REGISTRY].unavailable:
@@ -90,9 +103,15 @@ async def remove_vm(request: web.Request) -> web.Response:
     return web.json_response({"removed": name})
 
 
+def _shipped(request: web.Request, name: str) -> bool:
+    """Whether a cycle will ship what a cut of the VM closes (no replication, no cycle)."""
+    rep = request.app[REPLICATION].vms.get(name)
+    return rep is not None and rep.rel.rec.next_sequence is not None
+
+
 async def cut_vm(request: web.Request) -> web.Response:
     name = _vm(request).name
-    closed = await request.app[REGISTRY].cut(name)
+    closed = await request.app[REGISTRY].cut(name, shipped=_shipped(request, name))
     vm = request.app[REGISTRY].vms[name]
     return web.json_response({"vm": name, "sequence": vm.sequence, "logs": [c.to_dict() for c in closed]})
 
@@ -206,6 +225,7 @@ def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", add_vm)
     app.router.add_get("/v1/vms/{name}", get_vm)
+    app.router.add_patch("/v1/vms/{name}", patch_vm)
     app.router.add_delete("/v1/vms/{name}", remove_vm)
     app.router.add_post("/v1/vms/{name}/cut", cut_vm)
     app.router.add_post("/v1/vms/{name}/replication", enable_replication)

@@ -95,7 +95,7 @@ class InitialCopy:
 
     async def _cut(self, vm: ProtectedVm, disks: list[shipper.DiskSource]) -> None:
         rel = self.rel
-        closed = await rel.registry.cut(rel.name)
+        closed = await rel.registry.cut(rel.name, shipped=False)  # the images carry it
         base = closed[0].sequence if closed else vm.sequence - 1
         await rel.update(base_sequence=base, next_sequence=base + 1, initial_started_ns=time.time_ns())
         removed = await asyncio.to_thread(delete_logs_upto, disks, base)

@@ -85,10 +85,14 @@ class IntentBitmapFile:
         """A cut: the fast path forgets the marks; the durable bitmap keeps them until reset."""
         self.period = IntentBitmap(self.disk_size, self.region_bytes)
 
-    async def reset_to_period(self, log_sequence: int) -> None:
-        """After the previous log and the image are durable: shrink the on-disk marks to this period's."""
+    async def reset_to_period(self, log_sequence: int, also: IntentBitmap | None = None) -> None:
+        """After the previous log and the image are durable: shrink the on-disk marks to this period's
+        (and to ``also``'s: bitmap tracking keeps the regions of cycles not yet acknowledged)."""
         async with self._lock:
-            await self._persist(self.period.copy(), log_sequence)
+            marks = self.period.copy()
+            if also is not None:
+                marks.mark(also.marked_regions())
+            await self._persist(marks, log_sequence)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -12,6 +12,10 @@ For every disk:
    every log in order reproduces the image again.  If the bitmap is missing
    or unreadable while a log was left open, every region is uncertain.
 3. Once the new log and the image are durable the bitmap is cleared.
+
+A disk in bitmap mode (docs/bitmap-tracking.md) re-journals nothing: the
+marked regions become changed blocks of the new cycle
+(:func:`carry_marked_regions`), and the marks stay until it is acknowledged.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from hvr_common.pure.hrl import HEADER_SIZE, HrlCorruptError, HrlEncoder, HrlHea
 from hvr_common.shell.hrl_file import read_hrl_summary
 from hvr_common.pure.intent_bitmap import IntentBitmap
 from hvr_common.shell import sparse
-from hvr_common.shell.files import write_file_durably
+from hvr_common.shell.files import unlink_if_exists, write_file_durably
+from hvr_common.shell.logs import event
+from hvr_agent.cut_snapshot import list_side_files
 from hvr_agent.journal import list_logs
 
 log = logging.getLogger("hvr.agent.recovery")
@@ -117,3 +123,25 @@ def read_region_runs(fd: int, offset: int, length: int):
             n = min(RESYNC_CHUNK, end - pos)
             yield pos, os.pread(fd, n, pos), n
             pos += n
+
+
+def remove_side_files(log_base: Path) -> None:
+    """Copy-before-write files a stop or crash left behind: their cycles are gone with the agent's memory."""
+    for path in list_side_files(log_base):
+        unlink_if_exists(path)
+
+
+async def carry_marked_regions(disk, found: IntentBitmap | None, ranges: list[tuple[int, int]], vm: str,
+                               seq: int) -> None:
+    """Bitmap mode at open: the regions still marked (cycles not acknowledged, writes of the last
+    period) are changed blocks of cycle ``seq``, so the next cycle ships their current contents.  The
+    marks stay on disk until that cycle is acknowledged."""
+    if found is None:  # unreadable: every region is uncertain
+        ranges = uncertain_ranges(None, disk.size, disk.intent.region_bytes, True)
+    disk.dirty.seed(ranges)
+    if ranges:
+        size = disk.intent.region_bytes
+        await disk.intent.mark(sorted({r for off, n in ranges for r in range(off // size, (off + n - 1) // size + 1)}))
+        event(log, "regions_carried", logging.WARNING, vm=vm, disk=disk.identity.disk, seq=seq, ranges=len(ranges),
+              bytes=sum(n for _, n in ranges), bitmap_lost=found is None)
+    await disk.flush(force=True)

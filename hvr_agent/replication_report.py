@@ -59,7 +59,8 @@ async def status_of(rep: VmReplication, primary_server: str) -> dict:
         last_replication_time=iso_time(rec.last_replication_ns), last_error=rel.last_error,
         enabled_at=iso_time(rec.enabled_ns), initial=initial_status(rep), recovery_history=rec.recovery_history,
         fine_window_min=rec.fine_window_min, app_consistent_hours=rec.app_consistent_hours,
-        settings_pending=rec.settings_pending, last_app_consistent_time=iso_time(rec.last_app_consistent_ns)).to_json()
+        settings_pending=rec.settings_pending, last_app_consistent_time=iso_time(rec.last_app_consistent_ns),
+        tracking=vm.record.tracking.value if vm else None).to_json()
 
 
 def initial_status(rep: VmReplication) -> dict | None:

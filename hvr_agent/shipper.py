@@ -205,6 +205,17 @@ class _StreamFramer:
         self.view[self.fill:at] = hrl.write(offset, data)
         self.fill = at + length
 
+    def put_data(self, hrl: HrlEncoder, offset: int, data: bytes) -> None:
+        """Append a WRITE record of ``data`` (bitmap mode: cut-time contents); all zeroes become a ZERO record."""
+        if data.count(0) == len(data):
+            self.put(hrl.zero(offset, len(data), 0))
+            return
+        self._room(RECORD_SIZE + len(data))
+        at = self.fill + RECORD_SIZE
+        self.view[self.fill:at] = hrl.write(offset, data)
+        self.view[at:at + len(data)] = data
+        self.fill = at + len(data)
+
     def flush(self) -> None:
         """Write out everything held (the last frame may be short)."""
         self._emit(self.fill)
@@ -235,12 +246,15 @@ def in_log_order(extents: list) -> list:
 
 
 def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, sequence: int,
-                       disks: list[DiskSource], compress: bool) -> SpooledBundle:
+                       disks: list[DiskSource], compress: bool, snapshots: dict | None = None) -> SpooledBundle:
     """Coalesce every disk's closed log of ``sequence`` into one cycle bundle.
 
     A disk without a log of that sequence (a crash between two disks' log
     switches, or a cut the disk missed) contributes an empty log: nothing of
-    it changed in that cycle.
+    it changed in that cycle.  A disk tracked by bitmap has a
+    :class:`~hvr_agent.cut_snapshot.CutSnapshot` in ``snapshots`` (by disk
+    name): its cycle is the cut-time contents of the frozen blocks, as WRITE
+    records in disk order (ZERO where a piece is all zeroes).
     """
     scans = [_scan_log(log_path(d.logs_at, sequence)) for d in disks]
     closed = [s.summary.closed_ns for s in scans if s is not None and s.summary.closed_ns is not None]
@@ -263,6 +277,12 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
             hrl = HrlEncoder(header)
             stream = _StreamFramer(writer, encoder)
             stream.put(hrl.header_bytes())
+            snap = (snapshots or {}).get(disk.name)
+            if snap is not None:
+                for run_off, run_len in snap.runs():
+                    for done in range(0, run_len, RECORD_BYTES):
+                        n = min(RECORD_BYTES, run_len - done)
+                        stream.put_data(hrl, run_off + done, snap.read_range(run_off + done, n))
             if extents:
                 with open(path, "rb", buffering=0) as log_file:
                     fd = log_file.fileno()

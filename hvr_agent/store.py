@@ -6,7 +6,8 @@ copy's progress per disk, and one row per recorded cycle (statistics).
 Schema version 2 adds the recovery history settings of each relationship
 (what ``vm enable`` / ``vm set`` gave, whether the replica still has to be
 told), and the application-consistent cuts: the last one that succeeded,
-the failures, and which unacknowledged cycles were cut frozen.
+the failures, and which unacknowledged cycles were cut frozen.  Version 3 adds
+each VM's tracking mode (``journal`` or ``bitmap``; existing VMs journal).
 The schema is versioned: opening a database of an older version upgrades it
 through ``MIGRATIONS`` in one transaction; a newer one is refused
 (:mod:`hvr_common.shell.state_db`).
@@ -27,10 +28,11 @@ from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.recovery_points import DEFAULT_FINE_WINDOW_MIN, Consistency, HistorySettings
 from hvr_common.pure.replication_state import ReplicationState
+from hvr_common.pure.tracking_mode import TrackingMode
 
 # Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
 # numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (
@@ -105,9 +107,13 @@ ALTER TABLE replication ADD COLUMN ca_file TEXT NOT NULL DEFAULT '';    -- '': p
 ALTER TABLE replication ADD COLUMN cert_file TEXT NOT NULL DEFAULT '';
 ALTER TABLE replication ADD COLUMN cert_key_file TEXT NOT NULL DEFAULT '';
 """
+SCHEMA_V4 = """
+ALTER TABLE vms ADD COLUMN tracking TEXT NOT NULL DEFAULT 'journal';
+"""
 MIGRATIONS: tuple[Migration, ...] = (
     (2, SCHEMA_V2),  # recovery history settings, application-consistent cuts
     (3, SCHEMA_V3),  # certificate authentication and TLS (ReplicaCredentials)
+    (4, SCHEMA_V4),  # tracking mode per VM
 )
 _OPTIONAL_PATHS = frozenset({"key_file", "ca_file", "cert_file", "cert_key_file"})  # None is stored as ''
 
@@ -128,6 +134,7 @@ class VmRecord:
     next_sequence: int
     read_only: bool
     disks: tuple[DiskRecord, ...]
+    tracking: TrackingMode = TrackingMode.JOURNAL
 
 
 @dataclass(frozen=True)
@@ -224,23 +231,26 @@ class AgentStore(StateDatabase):
     def list_vms(self) -> list[VmRecord]:
         with self._lock:
             vms = self._db.execute(
-                "SELECT name, vm_id, generation, next_sequence, read_only FROM vms ORDER BY name").fetchall()
+                "SELECT name, vm_id, generation, next_sequence, read_only, tracking FROM vms ORDER BY name").fetchall()
             out = []
-            for name, vm_id, gen, seq, ro in vms:
+            for name, vm_id, gen, seq, ro, tracking in vms:
                 disks = self._db.execute(
                     "SELECT name, disk_id, path FROM disks WHERE vm=? ORDER BY position", (name,)).fetchall()
                 out.append(VmRecord(name, uuid.UUID(vm_id), gen, seq, bool(ro),
-                                    tuple(DiskRecord(d, uuid.UUID(i), Path(p)) for d, i, p in disks)))
+                                    tuple(DiskRecord(d, uuid.UUID(i), Path(p)) for d, i, p in disks),
+                                    TrackingMode(tracking)))
             return out
 
-    def add_vm(self, name: str, disks: list[tuple[str, Path]], read_only: bool) -> VmRecord:
+    def add_vm(self, name: str, disks: list[tuple[str, Path]], read_only: bool,
+               tracking: TrackingMode = TrackingMode.JOURNAL) -> VmRecord:
         vm_id = uuid.uuid4()
         recs = tuple(DiskRecord(dname, uuid.uuid4(), path) for dname, path in disks)
         with self._lock:
             try:
                 with self.transaction() as db:
-                    db.execute("INSERT INTO vms VALUES (?, ?, 1, 1, ?, ?)",
-                               (name, str(vm_id), int(read_only), time.time_ns()))
+                    db.execute("INSERT INTO vms (name, vm_id, generation, next_sequence, read_only, created_ns, tracking) "
+                               "VALUES (?, ?, 1, 1, ?, ?, ?)",
+                               (name, str(vm_id), int(read_only), time.time_ns(), tracking.value))
                     for pos, d in enumerate(recs):
                         db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?)",
                                    (name, d.name, str(d.disk_id), str(d.path), pos))
@@ -251,12 +261,17 @@ class AgentStore(StateDatabase):
                     raise ConflictError("one of the disk images already belongs to a registered VM",
                                         hint="hvrctl vm list shows which") from None
                 raise ConflictError(f"cannot register VM {name!r}: {exc}") from None
-        return VmRecord(name, vm_id, 1, 1, read_only, recs)
+        return VmRecord(name, vm_id, 1, 1, read_only, recs, tracking)
 
     def remove_vm(self, name: str) -> None:
         with self._lock:
             cur = self._db.execute("DELETE FROM vms WHERE name=?", (name,))
             if cur.rowcount == 0:
+                raise NotFoundError(f"no VM named {name!r} is registered")
+
+    def set_tracking(self, name: str, tracking: TrackingMode) -> None:
+        with self._lock:
+            if self._db.execute("UPDATE vms SET tracking=? WHERE name=?", (tracking.value, name)).rowcount == 0:
                 raise NotFoundError(f"no VM named {name!r} is registered")
 
     def set_next_sequence(self, name: str, next_sequence: int) -> None:

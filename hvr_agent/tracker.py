@@ -17,6 +17,13 @@ Write order and commit points (see docs/hrl-format.md):
 3. image ``pwrite`` / punch / zero (page cache); if that fails, the range's actual
    contents are journaled after the record;
 4. FLUSH or FUA: log buffer drained, log and image fdatasync'd, then reply.
+
+In bitmap mode (``bitmap``, :mod:`hvr_agent.dirty_tracking` in ``dirty``)
+step 2 is replaced: the write's 4 KiB blocks are marked in the cycle's dirty
+map; the logs only carry the cuts (a header and an END record).  While a
+frozen cycle still needs a block's cut-time contents they are copied aside
+first (also in journal mode right after a switch).  A switch of mode
+(``switch_to``) takes effect at the next cut.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 from hvr_common.block.blockdev import RawImage
 from hvr_common.pure.hrl import RECORD_FLAG_FUA, RECORD_FLAG_NO_HOLE, HrlHeader
 from hvr_common.shell.logs import event
+from hvr_agent.dirty_tracking import DirtyTracking
 from hvr_agent.intent import IntentBitmapFile
 from hvr_agent.journal import ActiveLog, ClosedLog, log_path
 
@@ -53,7 +61,8 @@ class TrackedDisk:
     """A raw image with change tracking: the block device the agent exports."""
 
     def __init__(self, device: RawImage, image_path: Path, identity: DiskIdentity,
-                 intent: IntentBitmapFile, *, buffer_limit: int, log_base: Path | None = None):
+                 intent: IntentBitmapFile, *, buffer_limit: int, log_base: Path | None = None,
+                 bitmap: bool = False, cbw_budget_bytes: int = 1 << 62, cbw_max_age_s: float = float("inf")):
         self.device = device
         self.image_path = image_path
         self.log_base = log_base or image_path  # logs are <log_base name>.<seq>.hrl beside it
@@ -62,6 +71,11 @@ class TrackedDisk:
         self.size = device.size
         self.read_only = device.read_only
         self.buffer_limit = buffer_limit
+        self._new_dirty = lambda: DirtyTracking(self.size, device.fd, self.log_base, cbw_budget_bytes=cbw_budget_bytes,
+                                                cbw_max_age_s=cbw_max_age_s)
+        self.bitmap = bitmap
+        self.switch_to: bool | None = None  # bitmap (True) or journal (False) from the next cut on
+        self.dirty = self._new_dirty() if bitmap else None
         self.log: ActiveLog | None = None
         self._unsynced: list[ActiveLog] = []
         self._ops = 0  # journaled operations so far (monotonic)
@@ -100,15 +114,30 @@ class TrackedDisk:
         old = self.log
         self._unsynced.append(old)
         self.log = new
+        if self.bitmap:
+            self.dirty.freeze(old.sequence, self.intent.period)
+        if self.switch_to is not None:
+            self.bitmap, self.switch_to = self.switch_to, None
+            if self.bitmap and self.dirty is None:
+                self.dirty = self._new_dirty()
         self.intent.start_period()
         return old
 
-    async def finish_cut(self, old: ActiveLog) -> ClosedLog:
-        """The asynchronous half: make the ended log and the image durable, then shrink the bitmap."""
+    async def finish_cut(self, old: ActiveLog, shipped: bool = True) -> ClosedLog:
+        """The asynchronous half: make the ended log and the image durable, then shrink the bitmap
+        (bitmap mode: only for a cut no cycle ships; a shipped cycle's marks stay until acknowledged)."""
         await self.flush(force=True)
-        if not self.untrusted:
+        if not self.untrusted and (self.dirty is None or not shipped):
             await self.intent.reset_to_period(self.log.sequence)
         return old.describe_closed(self.identity.disk)
+
+    async def acknowledged(self, sequence: int) -> None:
+        """Bitmap mode: the replica holds cycle ``sequence``; shrink the on-disk marks to the
+        current period's and those of the cycles still unacknowledged."""
+        if self.dirty is not None and not self.untrusted and self.log is not None:
+            await self.intent.reset_to_period(self.log.sequence, also=self.dirty.acknowledged(sequence))
+            if not self.bitmap and self.dirty.settled():  # back to journal mode, every bitmap cycle acknowledged
+                self.dirty = None
 
     # --- reads ------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -130,6 +159,16 @@ class TrackedDisk:
 
     def write_now(self, offset: int, data, fua: bool = False) -> None:
         """Journal and apply one write in one synchronous step (regions already marked)."""
+        dirty = self.dirty
+        if dirty is not None and dirty.snapshots:
+            dirty.before_change(offset, len(data))
+        if self.bitmap:
+            dirty.current.mark(offset, len(data))
+            self.device.pwrite(offset, data)
+            self.writes += 1
+            self.write_bytes += len(data)
+            self._ops += 1
+            return
         log = self.log
         log.append_write(offset, data, RECORD_FLAG_FUA if fua else 0)
         try:
@@ -143,7 +182,22 @@ class TrackedDisk:
         self.write_bytes += len(data)
         log.drain_if_full()
 
+    def _mark_dirty(self, offset: int, length: int) -> bool:
+        """Copy-before-write for frozen cycles; in bitmap mode mark the blocks, else answer False."""
+        dirty = self.dirty
+        if dirty is not None and dirty.snapshots:
+            dirty.before_change(offset, length)
+        if not self.bitmap:
+            return False
+        dirty.current.mark(offset, length)
+        self._ops += 1
+        return True
+
     def trim_now(self, offset: int, length: int, fua: bool = False) -> None:
+        if self._mark_dirty(offset, length):
+            self.device.trim_now(offset, length)
+            self.trims += 1
+            return
         log = self.log
         flags = RECORD_FLAG_FUA if fua else 0
         for off in range(offset, offset + length, TRIM_CHUNK):
@@ -159,6 +213,10 @@ class TrackedDisk:
         log.drain_if_full()
 
     def zero_now(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
+        if self._mark_dirty(offset, length):
+            self.device.zero_now(offset, length, may_trim)
+            self.zeroes += 1
+            return
         log = self.log
         flags = (RECORD_FLAG_FUA if fua else 0) | (0 if may_trim else RECORD_FLAG_NO_HOLE)
         for off in range(offset, offset + length, TRIM_CHUNK):
@@ -303,9 +361,11 @@ class TrackedDisk:
             await self.flush(force=True)
             if self.log is not None:
                 self.log.close_fd()
-            if ended and not self.untrusted:
+            if ended and not self.untrusted and self.dirty is None:  # bitmap: marks kept for the next start
                 self.intent.start_period()
                 await self.intent.reset_to_period(old.sequence)
+        if self.dirty is not None:
+            self.dirty.close()
         self.intent.close()
         self.device.close_fd()
 
@@ -327,6 +387,7 @@ class TrackedDisk:
             "active_log_records": lg.encoder.record_count if lg else 0,
             "marked_regions": self.intent.period.count,
             "stats": self.stats,
+            **({"bitmap": self.dirty.status()} if self.dirty is not None else {}),
         }
 
 

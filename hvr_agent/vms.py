@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hvr_common.block.blockdev import RawImage
@@ -15,10 +15,12 @@ from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, Usage
 from hvr_common.pure.hrl import HrlHeader
 from hvr_common.pure.input_limits import quoted
 from hvr_common.pure.names import check_name, storage_location_problem
+from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvr_common.shell.logs import event
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
-from hvr_agent.recovery import close_open_logs, read_region_runs, uncertain_ranges
+from hvr_agent.recovery import (carry_marked_regions, close_open_logs, read_region_runs, remove_side_files,
+                                uncertain_ranges)
 from hvr_agent.store import AgentStore, VmRecord
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
 
@@ -47,6 +49,7 @@ class ProtectedVm:
             "vm_id": str(self.record.vm_id),
             "generation": self.record.generation,
             "read_only": self.record.read_only,
+            "tracking": self.record.tracking.value,
             "sequence": self.sequence,
             "disks": [dict(d.status(), export=f"{self.name}/{n}") for n, d in self.disks.items()],
         }
@@ -89,13 +92,14 @@ class VmRegistry:
 
     def unavailable_status(self) -> list[dict]:
         return [{"name": rec.name, "vm_id": str(rec.vm_id), "generation": rec.generation,
-                 "read_only": rec.read_only, "state": "Unavailable", "error": error, "sequence": None,
+                 "read_only": rec.read_only, "tracking": rec.tracking.value, "state": "Unavailable", "error": error, "sequence": None,
                  "disks": [{"name": d.name, "disk_id": str(d.disk_id), "path": str(d.path), "export": None,
                             "size_bytes": None, "read_only": rec.read_only, "sequence": None,
                             "active_log": None} for d in rec.disks]}
                 for rec, error in self.unavailable.values()]
 
-    async def add(self, name: str, paths: list[str], read_only: bool) -> ProtectedVm:
+    async def add(self, name: str, paths: list[str], read_only: bool,
+                  tracking: TrackingMode = DEFAULT_TRACKING) -> ProtectedVm:
         check_name("VM", name)
         if not paths:
             raise UsageError("a VM needs at least one disk", hint="pass --disk PATH")
@@ -117,13 +121,14 @@ class VmRegistry:
             # Open every image before recording anything, so a bad path changes nothing.
             for _, path in disks:
                 RawImage(path, read_only=True).close_fd()
-            rec = await asyncio.to_thread(self.store.add_vm, name, disks, read_only)
+            rec = await asyncio.to_thread(self.store.add_vm, name, disks, read_only, tracking)
             try:
                 vm = await self._open_vm(rec)
             except Exception:
                 await asyncio.to_thread(self.store.remove_vm, name)
                 raise
-        event(log, "vm_added", vm=name, disks=[str(p) for _, p in disks], read_only=read_only)
+        event(log, "vm_added", vm=name, disks=[str(p) for _, p in disks], read_only=read_only,
+              tracking=tracking.value)
         return vm
 
     def log_base(self, vm: str, disk: str, path: Path, is_block_device: bool) -> Path:
@@ -145,7 +150,9 @@ class VmRegistry:
                 log_base = self.log_base(rec.name, d.name, d.path, device.is_block_device)
                 intent = IntentBitmapFile(bitmap_path(log_base), device.size, self.config.bitmap_region_bytes)
                 disk = TrackedDisk(device, d.path, ident, intent, buffer_limit=self.config.journal_buffer_bytes,
-                                   log_base=log_base)
+                                   log_base=log_base, bitmap=rec.tracking is TrackingMode.BITMAP,
+                                   cbw_budget_bytes=self.config.cbw_budget_bytes,
+                                   cbw_max_age_s=self.config.cbw_max_age_s)
                 opened.append(disk)
                 vm.disks[d.name] = disk
             if not rec.read_only:
@@ -172,9 +179,13 @@ class VmRegistry:
                       reason=rep.reason)
         seq = max([vm.record.next_sequence] + [s.max_sequence + 1 for s in scans.values()])
         for dname, disk in vm.disks.items():
+            await asyncio.to_thread(remove_side_files, disk.log_base)  # (any mode: it may have just switched)
             found = await asyncio.to_thread(disk.intent.load)
             ranges = uncertain_ranges(found, disk.size, disk.intent.region_bytes, scans[dname].left_open)
             disk.open_log(seq)
+            if disk.dirty is not None:
+                await carry_marked_regions(disk, found, ranges, vm.name, seq)
+                continue
             if ranges:
                 resynced = await self._rejournal(disk, ranges)
                 event(log, "regions_rejournaled", logging.WARNING, vm=vm.name, disk=dname, seq=seq,
@@ -184,6 +195,32 @@ class VmRegistry:
         vm.sequence = seq
         await asyncio.to_thread(self.store.set_next_sequence, vm.name, seq + 1)
         event(log, "vm_opened", vm=vm.name, seq=seq, disks=list(vm.disks))
+
+    async def set_tracking(self, name: str, tracking: TrackingMode, *, shipped: bool) -> ProtectedVm:
+        """Switch the VM's tracking mode: recorded, then taken at a cut made now (the cycle it closes
+        is shipped as it was tracked)."""
+        vm = self.vms.get(name)
+        if vm is None:
+            raise NotFoundError(f"no VM named {name!r} is registered")
+        if vm.record.read_only:
+            raise UsageError(f"VM {name!r} is exported read-only: it tracks nothing")
+        if vm.record.tracking is tracking:
+            return vm
+        await asyncio.to_thread(self.store.set_tracking, name, tracking)
+        vm.record = replace(vm.record, tracking=tracking)
+        for disk in vm.disks.values():
+            disk.switch_to = tracking is TrackingMode.BITMAP
+        await self.cut(name, shipped=shipped)
+        event(log, "vm_tracking_changed", vm=name, tracking=tracking.value, seq=vm.sequence)
+        return vm
+
+    async def acknowledged(self, name: str, sequence: int) -> None:
+        """The replica holds cycle ``sequence`` durably: bitmap-tracked disks may forget its regions."""
+        vm = self.vms.get(name)
+        if vm is None:
+            return
+        for disk in vm.disks.values():
+            await disk.acknowledged(sequence)
 
     async def _rejournal(self, disk: TrackedDisk, ranges: list[tuple[int, int]]) -> int:
         fd = disk.device.fd
@@ -230,13 +267,14 @@ class VmRegistry:
             for disk in vm.disks.values():
                 await disk.close(end_log=end_logs)
 
-    async def cut(self, name: str) -> list[ClosedLog]:
-        """Switch all the VM's disks to new logs at one instant; return the closed logs once durable."""
-        closed = await self.begin_cut(name)
+    async def cut(self, name: str, *, shipped: bool = True) -> list[ClosedLog]:
+        """Switch all the VM's disks to new logs at one instant; return the closed logs once durable.
+        ``shipped``: a cycle will carry the closed sequence (bitmap mode keeps its blocks for it)."""
+        closed = await self.begin_cut(name, shipped=shipped)
         await self.durable(name, closed[0].sequence)
         return closed
 
-    async def begin_cut(self, name: str) -> list[ClosedLog]:
+    async def begin_cut(self, name: str, *, shipped: bool = True) -> list[ClosedLog]:
         """Switch all the VM's disks to new logs at one instant; return the closed logs at once.
         A task (``vm.settling[sequence]`` until it succeeded) makes them and the images durable
         and shrinks the bitmap.
@@ -262,12 +300,16 @@ class VmRegistry:
             new_seq = vm.sequence + 1
             # One synchronous step of the event loop: no guest write can land between disks.
             olds = self._switch_all(vm, new_seq)
+            if not shipped:
+                for disk, _ in olds:
+                    if disk.dirty is not None:
+                        disk.dirty.discard_upto(new_seq - 1)
         except BaseException:
             vm.cut_lock.release()
             raise
         vm.sequence = new_seq
         closed = [old.describe_closed(disk.identity.disk) for disk, old in olds]
-        settled = asyncio.ensure_future(self._settle_cut(vm, olds, new_seq, started))
+        settled = asyncio.ensure_future(self._settle_cut(vm, olds, new_seq, started, shipped))
         vm.settling[new_seq - 1] = settled
 
         def settled_done(task: asyncio.Future) -> None:
@@ -289,10 +331,10 @@ class VmRegistry:
         if settled.cancelled() or settled.exception() is not None:
             raise _not_durable(name, sequence)
 
-    async def _settle_cut(self, vm: ProtectedVm, olds: list, new_seq: int, started: float) -> None:
+    async def _settle_cut(self, vm: ProtectedVm, olds: list, new_seq: int, started: float, shipped: bool) -> None:
         """The second half of a cut, under the VM's cut lock taken by :meth:`begin_cut`."""
         try:
-            closed = [await disk.finish_cut(old) for disk, old in olds]
+            closed = [await disk.finish_cut(old, shipped) for disk, old in olds]
             await asyncio.to_thread(self.store.set_next_sequence, vm.name, new_seq + 1)
         except BaseException as exc:
             event(log, "vm_cut_failed", logging.ERROR, vm=vm.name, seq=new_seq - 1,

@@ -2,8 +2,9 @@
 
 * ``agent``: a started :class:`daemons.AgentProcess`, terminated at teardown,
   where it must exit 0 and its log must hold no traceback or error event.
-* ``server``: the same NBD test body against the agent and against qemu-nbd,
-  the reference.  A test that passes on ``qemu-nbd`` and fails on ``agent``
+* ``server``: the same NBD test body against the agent (in each tracking
+  mode: ``agent`` journals, ``agent-bitmap`` tracks dirty blocks) and against
+  qemu-nbd, the reference.  A test that passes on ``qemu-nbd`` and fails on ``agent``
   found a bug in the agent.
 * ``shared_server``: like ``server`` but one per test module, for tests that
   each add their own VM and only need a daemon that is up (it saves a
@@ -27,11 +28,12 @@ if _TESTS_DIR not in sys.path:
 
 from daemons import AgentProcess, QemuNbdServer  # noqa: E402
 
-SERVER_KINDS = ("agent", "qemu-nbd")
+SERVER_KINDS = ("agent", "agent-bitmap", "qemu-nbd")
 
 
-def start_agent(workdir: Path) -> AgentProcess:
+def start_agent(workdir: Path, tracking: str | None = None) -> AgentProcess:
     agent = AgentProcess(workdir)
+    agent.tracking = tracking  # the mode of every VM the test adds (None: the default)
     agent.start()
     try:
         agent.wait_ready(timeout_s=20)
@@ -62,6 +64,8 @@ def start_server(kind: str, workdir: Path):
     """An NBD server with the agent's ``add_vm``/``nbd_uri`` interface."""
     if kind == "agent":
         return start_agent(workdir / "agent")
+    if kind == "agent-bitmap":
+        return start_agent(workdir / "agent", tracking="bitmap")
     return QemuNbdServer(workdir / "qemu-nbd")
 
 

@@ -239,6 +239,8 @@ class AgentConfig:
     app_consistency: AppConsistencyConfig = AppConsistencyConfig()
     transfers: TransferSettings = TransferSettings()  # [bandwidth], max_active_transfers
     http_listen: tuple[str, int] | None = None  # /healthz, /readyz, /metrics; off unless set
+    cbw_budget_bytes: int = 4 * 1024 * 1024 * 1024  # bitmap tracking: copies of one cycle's blocks, per disk
+    cbw_max_age_s: int = 900  # bitmap tracking: how long a cycle may keep copy-before-write armed
 
     @property
     def db_path(self) -> Path:
@@ -265,6 +267,8 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         initial_window_bytes=c.integer("initial_window_bytes", DEFAULT_INITIAL_WINDOW_BYTES,
                                        check=_initial_window_check),
         http_listen=c.endpoint("http_listen"),
+        cbw_budget_bytes=c.integer("cbw_budget_bytes", 4 * 1024 * 1024 * 1024, check=_positive),
+        cbw_max_age_s=c.integer("cbw_max_age_s", 900, check=_positive),
     )
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)

@@ -19,9 +19,9 @@ from replication_pair import MiB, Pair, make_disk, qemu_io
 CLIENTS = Path(__file__).resolve().parents[1] / "support" / "clients"
 
 
-@pytest.fixture
-def pair(tmp_path):
-    p = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}).start()
+@pytest.fixture(params=["journal", "bitmap"])
+def pair(tmp_path, request):
+    p = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}, tracking=request.param).start()
     yield p
     p.close()
 
@@ -44,6 +44,7 @@ def test_initial_replication_and_cycles_keep_the_replica_identical(pair, tmp_pat
     size = 32 * MiB
     disks = [make_disk(tmp_path / "sys.img", size), make_disk(tmp_path / "data.img", size)]
     pair.agent.add_vm("web", disks)
+    assert [v["tracking"] for v in pair.agent.list_vms()] == [pair.tracking]
     rng = random.Random(7)
     for d in disks:  # data before replication starts: the initial copy must carry it
         random_writes(pair.agent.nbd_uri("web", d.stem), rng, size, 30)

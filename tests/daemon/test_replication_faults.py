@@ -19,6 +19,9 @@ from fault_proxy import FaultProxy
 from replication_pair import MiB, Pair, make_disk, qemu_io
 from hvr_agent.initial_copy import INITIAL_WINDOWS_IN_FLIGHT
 
+# every suite runs in both tracking modes
+BOTH_MODES = pytest.mark.parametrize("tracking", ["journal", "bitmap"])
+
 
 def _history_ok(pair: Pair, vm: str) -> list[int]:
     history = pair.replica(vm)["cycles"]
@@ -38,10 +41,11 @@ def _write_round(pair: Pair, vm: str, disks: list[Path], rng: random.Random, siz
         qemu_io(pair.agent.nbd_uri(vm, d.stem), *cmds)
 
 
-def test_sigkill_of_either_daemon_at_random_points_converges(tmp_path):
+@BOTH_MODES
+def test_sigkill_of_either_daemon_at_random_points_converges(tmp_path, tracking):
     rng = random.Random(20261123)
     size = 16 * MiB
-    pair = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}).start()
+    pair = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}, tracking=tracking).start()
     try:
         disks = [make_disk(tmp_path / "k0.img", size), make_disk(tmp_path / "k1.img", size)]
         pair.protect("kvm", disks, frequency=900)
@@ -88,10 +92,11 @@ def _noise_vm_behind(pair: Pair, proxy: FaultProxy, tmp_path: Path, name: str, s
     return disk
 
 
-def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_path):
+@BOTH_MODES
+def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_path, tracking):
     size = 64 * MiB
     window = 2 * MiB
-    pair = Pair(tmp_path, agent_config={"initial_window_bytes": window}).start()
+    pair = Pair(tmp_path, agent_config={"initial_window_bytes": window}, tracking=tracking).start()
     proxy = FaultProxy(pair.listener.port, seed=9)
     try:
         disk = _noise_vm_behind(pair, proxy, tmp_path, "net", size, seed=1)
@@ -121,12 +126,13 @@ def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_pat
         pair.close()
 
 
-def test_a_cut_due_during_a_stalled_upload_happens_and_its_bundle_is_built_meanwhile(tmp_path):
+@BOTH_MODES
+def test_a_cut_due_during_a_stalled_upload_happens_and_its_bundle_is_built_meanwhile(tmp_path, tracking):
     """A cycle's cut and build do not wait for the upload before it: while cycle N cannot reach
     the replica, sync-now cuts N+1 and builds its bundle; once the link moves again both are
     acknowledged in order and the replica converges."""
     size = 16 * MiB
-    pair = Pair(tmp_path).start()
+    pair = Pair(tmp_path, tracking=tracking).start()
     proxy = FaultProxy(pair.listener.port)
     try:
         disk = make_disk(tmp_path / "app.img", size)
@@ -183,9 +189,10 @@ def test_initial_copy_resumes_after_a_restart_from_the_durable_offset(tmp_path, 
         pair.close()
 
 
-def test_suspend_keeps_tracking_and_resume_ships_everything(tmp_path):
+@BOTH_MODES
+def test_suspend_keeps_tracking_and_resume_ships_everything(tmp_path, tracking):
     size = 8 * MiB
-    pair = Pair(tmp_path).start()
+    pair = Pair(tmp_path, tracking=tracking).start()
     try:
         disk = make_disk(tmp_path / "sr.img", size)
         pair.protect("sr", [disk], frequency=900)

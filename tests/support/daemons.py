@@ -430,12 +430,16 @@ class AgentProcess(SupervisedProcess):
                 f"{result.stdout}\n{self.log_tail()}"
             ) from None
 
-    def add_vm(self, name: str, disks: Sequence[Path | str], *, read_only: bool = False) -> None:
+    def add_vm(self, name: str, disks: Sequence[Path | str], *, read_only: bool = False,
+               tracking: str | None = None) -> None:
         args: list[str] = ["vm", "add", name]
         for disk in disks:
             args += ["--disk", str(disk)]
         if read_only:
             args.append("--read-only")
+        tracking = tracking or getattr(self, "tracking", None)  # the agent's default for tests (Pair sets it)
+        if tracking is not None:
+            args += ["--tracking", tracking]
         self.hvrctl(*args)
 
     def remove_vm(self, name: str) -> None:

@@ -13,10 +13,12 @@ MiB = 1024 * 1024
 
 class Pair:
     def __init__(self, workdir: Path, *, agent_config: dict | None = None, listener_config: dict | None = None,
-                 agent_tables: str = ""):
+                 agent_tables: str = "", tracking: str | None = None):
         self.workdir = workdir
+        self.tracking = tracking  # the tracking mode of every VM added through the agent (None: the default)
         self.listener = ListenerProcess(workdir / "listener", extra_config=listener_config)
         self.agent = AgentProcess(workdir / "agent", extra_config=agent_config, extra_tables=agent_tables)
+        self.agent.tracking = tracking
         self.key_path: Path | None = None
         self.replica_port: int | None = None  # where the agent sends (the listener, or a proxy)
 

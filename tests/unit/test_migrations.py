@@ -22,6 +22,7 @@ from hvr_common.pure.measure import CycleResult
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.token_auth import Key, key_id
+from hvr_common.pure.tracking_mode import TrackingMode
 from hvr_common.shell.state_db import StateDatabase, sql_statements
 from hvr_listener import store as listener_store
 from hvr_listener.store import ListenerStore
@@ -89,9 +90,13 @@ def test_a_released_agent_database_keeps_its_vms_replication_and_cycles(tmp_path
     store.save_replication(changed)
     assert store.list_replications() == [changed] and changed.consistency_of(43) == "application"
     assert changed.consistency_of(42) == "crash"
+    # version 4: VMs registered before tracking modes existed journal
+    assert {v.tracking for v in vms.values()} == {TrackingMode.JOURNAL}
     store.add_vm("new1", [("root", tmp_path / "new1.img")], False)  # and it goes on working
+    store.add_vm("new2", [("root", tmp_path / "new2.img")], False, TrackingMode.BITMAP)
+    assert {v.name: v.tracking for v in store.list_vms()}["new2"] is TrackingMode.BITMAP
     store.close()
-    assert recorded_version(path) == agent_store.SCHEMA_VERSION == 3
+    assert recorded_version(path) == agent_store.SCHEMA_VERSION == 4
 
 
 def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycles(tmp_path):

@@ -46,6 +46,7 @@ class PrimaryStatus:
     app_consistent_hours: int | None = None
     settings_pending: bool = False  # not yet acknowledged by the replica server
     last_app_consistent_time: str | None = None  # the last cut taken between freeze and thaw
+    tracking: str | None = None  # the VM's tracking mode (journal, bitmap)
 
     def to_json(self) -> dict:
         return {
@@ -60,7 +61,7 @@ class PrimaryStatus:
             "initial": dict(self.initial) if self.initial is not None else None,
             "recovery_history": self.recovery_history, "fine_window_min": self.fine_window_min,
             "app_consistent_hours": self.app_consistent_hours, "settings_pending": self.settings_pending,
-            "last_app_consistent_time": self.last_app_consistent_time,
+            "last_app_consistent_time": self.last_app_consistent_time, "tracking": self.tracking,
         }
 
 
