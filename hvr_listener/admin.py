@@ -6,6 +6,8 @@
 * ``DELETE /v1/replicas/{name}``, ``POST /v1/replicas/{name}/resume``
   (the operator verbs: :mod:`hvr_listener.operator_verbs`)
 * ``GET /v1/replicas/{name}/recovery-points``
+* ``POST /v1/replicas/{name}/initial/import`` (progress as NDJSON: :mod:`hvr_common.shell.progress_stream`;
+  :mod:`hvr_listener.initial_import`)
 * ``POST /v1/replicas/{name}/test-failover``, ``DELETE /v1/replicas/{name}/test-failover``
   (:mod:`hvr_listener.test_failover`)
 """
@@ -17,15 +19,17 @@ import dataclasses
 import base64
 import binascii
 import logging
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
+from hvr_common.shell.progress_stream import stream_job
 from hvr_common.shell.logs import event
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
-from hvr_listener import operator_verbs
+from hvr_listener import initial_import, operator_verbs
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
 from hvr_listener.recovery_history import Histories
 from hvr_listener.test_failover import TestFailovers
@@ -143,6 +147,20 @@ async def resume_replica(request: web.Request) -> web.Response:
     return web.json_response(replica_status(rep))
 
 
+async def import_initial(request: web.Request) -> web.StreamResponse:
+    """Import-VMInitialReplication: load initial-replication media into the replica's images."""
+    body = await read_json_object(request)
+    unknown = sorted(set(body) - {"directory"})
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(unknown)}")
+    directory = body.get("directory")
+    if not isinstance(directory, str) or not directory:
+        raise UsageError("field 'directory' must be the media folder's absolute path")
+    service, name = request.app[SERVICE], request.match_info["name"]
+    return await stream_job(request, log, lambda report: initial_import.import_media(service, name, Path(directory),
+                                                                                     report))
+
+
 async def list_recovery_points(request: web.Request) -> web.Response:
     """Get-VMSnapshot on a replica: the recovery points, oldest first; the last one is the latest."""
     name = request.match_info["name"]
@@ -190,6 +208,7 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app.router.add_delete("/v1/replicas/{name}", remove_replica)
     app.router.add_post("/v1/replicas/{name}/resume", resume_replica)
     app.router.add_get("/v1/replicas/{name}/recovery-points", list_recovery_points)
+    app.router.add_post("/v1/replicas/{name}/initial/import", import_initial)
     app.router.add_post("/v1/replicas/{name}/test-failover", start_test_failover)
     app.router.add_delete("/v1/replicas/{name}/test-failover", stop_test_failover)
     return app

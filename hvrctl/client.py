@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError, UnavailableError
@@ -61,6 +62,41 @@ class AdminClient:
         if resp.status >= 400:
             raise error_from_body(resp.status, data if isinstance(data, dict) else {})
         return data
+
+    def stream(self, method: str, route: str, body: dict, on_progress: Callable[[dict], None]):
+        """A request answered with progress lines (NDJSON, see hvr_common.shell.progress_stream): each
+        ``progress`` object goes to ``on_progress``; returns the result, raises the error of the last line.
+        An answer that is plain JSON is a request over before any progress (or refused at once)."""
+        conn = _UnixConnection(self.path, self.timeout_s)
+        try:
+            try:
+                conn.request(method, route, body=json.dumps(body).encode(), headers={"Content-Type": JSON_CONTENT_TYPE})
+                resp = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, PermissionError):
+                conn.close()
+                return self.request(method, route, body)  # the same errors, said the same way
+            if not resp.getheader("Content-Type", "").startswith("application/x-ndjson"):
+                raw = resp.read()
+                data = json.loads(raw) if raw else None
+                if resp.status >= 400:
+                    raise error_from_body(resp.status, data if isinstance(data, dict) else {})
+                return data
+            last: dict = {}
+            for line in resp:
+                if not line.strip():
+                    continue
+                last = json.loads(line)
+                if "progress" in last:
+                    on_progress(last["progress"])
+            if "result" in last:
+                return last["result"]
+            if "error" in last:
+                raise error_from_body(int(last.get("status", 500)), last["error"])
+            raise UnavailableError(f"{self.daemon} ended the answer before the result (did it stop?)")
+        except (TimeoutError, socket.timeout):
+            raise UnavailableError(f"{self.daemon} did not answer within {self.timeout_s:.0f} s") from None
+        finally:
+            conn.close()
 
     def _flag(self) -> str:
         return "agent-socket" if self.daemon == "hvr-agent" else "listener-socket"

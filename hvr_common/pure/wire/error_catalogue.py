@@ -91,6 +91,10 @@ _ENTRIES = (
     # the agent's client of the replica server
     _E("replica_refused", 502, HvrError, 1, "the replica server refused (passed on by the agent)"),
     _E("replica_unavailable", 503, TransientError, 75, "the replica server could not be reached or failed"),
+    # initial replication from external media (docs/initial-media.md)
+    _E("media_corrupt", 422, CorruptError, 65, "a chunk or the manifest of initial-replication media fails its digest"),
+    _E("media_wrong_vm", 409, ConflictError, 4, "the media is for another VM, generation or disk layout"),
+    _E("media_stale", 409, ConflictError, 4, "the imported media is not of the primary's export point"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
