@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common.pure import media_manifest as mm
-from hvr_common.pure.errors import UsageError
+from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.measure import NS
 from hvr_common.pure.replication_state import Action, ReplicationState
 from hvr_common.shell import sparse
@@ -42,7 +42,7 @@ from hvr_common.shell.files import fsync_dir, pread_padded, pwrite_all, write_fi
 from hvr_common.shell.logs import event
 from hvr_agent.housekeeping import delete_logs_upto
 from hvr_agent.relationship import Relationship
-from hvr_agent.replica_client import ReplicaClient
+from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
 from hvr_agent.shipper import DiskSource
 
 log = logging.getLogger("hvr.agent.replication")
@@ -91,7 +91,11 @@ async def export(rel: Relationship, directory: Path, chunk_bytes: int,
     while not job.done():
         await asyncio.wait([job], timeout=PROGRESS_EVERY_S)
         await report(progress.to_json())
-    manifest = job.result()
+    try:
+        manifest = job.result()
+    except (HvrError, OSError) as exc:
+        await rel.update(state_detail=f"the export to {directory} failed: {exc}; export again to an empty folder")
+        raise
     await rel.update(state_detail=f"exported to media at sequence {base}; waiting for hvrctl initial import on "
                                   "the replica server")
     event(log, "initial_exported", vm=rel.name, seq=base, directory=str(directory), bytes=progress.written_bytes,
@@ -171,7 +175,17 @@ async def complete_if_imported(rel: Relationship, client: ReplicaClient) -> bool
         return False
     rel.check_state(S.WAITING_FOR_INITIAL_REPLICATION)
     next_sequence = base + 1
-    await client.complete_initial(vm.record.vm_id, rel.rec.generation, next_sequence)
+    try:
+        await client.complete_initial(vm.record.vm_id, rel.rec.generation, next_sequence)
+    except ReplicaConflictError as exc:
+        if exc.code != "media_stale":
+            raise
+        # media of another export was imported: wait (asking again) until the right media is imported
+        detail = f"{exc.message}; import the media of sequence {base} on the replica server"
+        if rel.rec.state_detail != detail:
+            event(log, "initial_import_stale", logging.WARNING, vm=rel.name, seq=base, error=exc.message)
+            await rel.update(state_detail=detail)
+        return False
     now = time.time_ns()
     await rel.set_state(Action.COMPLETE_INITIAL, initial_completed_ns=now, next_sequence=next_sequence)
     event(log, "initial_completed", vm=rel.name, seq=next_sequence, method="media",

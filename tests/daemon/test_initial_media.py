@@ -195,3 +195,28 @@ def test_import_killed_half_way_is_finished_by_importing_again(pair, tmp_path):
     assert all(d["initial_offset"] == 0 for d in rep["disks"])
     import_media(pair, "web", media)
     converge(pair, "web", disks)
+
+
+def test_media_of_an_earlier_export_is_not_completed_until_the_right_media_is_imported(pair, tmp_path):
+    size = 8 * MiB
+    disks = [make_disk(tmp_path / "sys.img", size)]
+    pair.protect("web", disks)
+    rng = random.Random(9)
+    random_writes(pair.agent.nbd_uri("web", "sys"), rng, size, 40)
+    old = tmp_path / "old"
+    first = export(pair, "web", old)
+    # replication removed and enabled again: a new export point, the old media on the shelf
+    pair.agent.hvrctl("vm", "remove", "web", "--replication-only")
+    pair.listener.hvrctl("replica", "remove", "web", "--delete-storage")
+    random_writes(pair.agent.nbd_uri("web", "sys"), rng, size, 40)  # in logs the old media lacks
+    pair.agent.hvrctl("vm", "enable", "web", "--replica-server", "127.0.0.1", "--port", str(pair.replica_port),
+                      "--key", str(pair.key_path), "--frequency", "30")
+    new = tmp_path / "new"
+    second = export(pair, "web", new)
+    assert second["base_sequence"] > first["base_sequence"]
+    import_media(pair, "web", old)  # it is this VM's, so it loads; the primary must not complete on it
+    wait_for(lambda: "import the media of sequence" in (pair.status("web").get("state_detail") or ""), 60,
+             "the primary to refuse the old media", interval_s=0.2, context=pair.agent.log_tail)
+    assert pair.status("web")["state"] == "WaitingForInitialReplication"
+    import_media(pair, "web", new)
+    converge(pair, "web", disks)
