@@ -36,12 +36,12 @@ from pathlib import Path
 from hvr_common.pure import media_manifest as mm
 from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.measure import NS
-from hvr_common.pure.replication_state import Action, ReplicationState
+from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.shell import sparse
 from hvr_common.shell.files import fsync_dir, pread_padded, pwrite_all, write_file_durably
 from hvr_common.shell.logs import event
 from hvr_agent.housekeeping import delete_logs_upto
-from hvr_agent.relationship import Relationship
+from hvr_agent.relationship import ROLE, Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
 from hvr_agent.shipper import DiskSource
 
@@ -71,8 +71,9 @@ async def export(rel: Relationship, directory: Path, chunk_bytes: int,
     """Export the VM of ``rel`` to ``directory`` (absent or empty); ``report`` gets progress now and then."""
     if not directory.is_absolute():
         raise UsageError(f"the media folder must be an absolute path, not {str(directory)!r}")
+    transition(ROLE, rel.rec.state, Action.EXPORT_INITIAL)  # refused before the folder is touched
     await asyncio.to_thread(_prepare_directory, directory)
-    await rel.set_state(Action.EXPORT_INITIAL, "exporting the initial copy to media")
+    await rel.set_state(Action.EXPORT_INITIAL, "exporting the initial copy to media", initial_at_ns=None)
     vm = rel.vm()
     disks = rel.disks()
     if rel.rec.base_sequence is None:
