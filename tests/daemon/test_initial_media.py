@@ -121,6 +121,9 @@ def test_export_and_import_with_writes_during_export_and_transport(pair, tmp_pat
     pair.sync("web")
     pair.wait_replica_applied("web")
     pair.assert_identical("web", disks)
+    again = pair.agent.hvrctl("initial", "export", "web", tmp_path / "again", "-o", "json", check=False)
+    assert again.returncode == 4 and json.loads(again.stderr)["error"]["code"] == "wrong_state"
+    assert not (tmp_path / "again").exists()
 
 
 def _flip_chunk(media: Path) -> None:
@@ -136,10 +139,15 @@ def _change_manifest(media: Path) -> None:
     (media / "manifest.json").write_text(json.dumps(doc))
 
 
+def _drop_manifest(media: Path) -> None:
+    (media / "manifest.json").unlink()  # what an interrupted export leaves
+
+
 @pytest.mark.parametrize("tamper,code,exit_code", [(_flip_chunk, "media_corrupt", 65),
                                                    (_change_manifest, "media_corrupt", 65),
+                                                   (_drop_manifest, "bad_request", 2),
                                                    (None, "media_wrong_vm", 4)],
-                         ids=["changed chunk", "changed manifest", "another VM"])
+                         ids=["changed chunk", "changed manifest", "no manifest", "another VM"])
 def test_tampered_or_foreign_media_is_refused_and_nothing_changes(pair, tmp_path, tamper, code, exit_code):
     size = 8 * MiB
     disks = [make_disk(tmp_path / "sys.img", size)]
