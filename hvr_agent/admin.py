@@ -14,19 +14,23 @@ Routes (documented in docs/agent-admin-api.md):
 * ``GET /v1/server``, ``PATCH /v1/server`` (the monitoring interval and its start time)
 * ``POST /v1/vms/{name}/replication/{initial,sync-now,suspend,resume}``
 * ``GET /v1/settings``, ``PATCH /v1/settings``, ``DELETE /v1/settings`` (bandwidth, parallel transfers)
+* ``POST /v1/vms/{name}/replication/initial/export`` (progress as NDJSON: :mod:`hvr_common.shell.progress_stream`)
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
 from hvr_common.pure.recovery_points import HistorySettings
+from hvr_common.pure.media_manifest import DEFAULT_CHUNK_BYTES
 from hvr_common.pure.tracking_mode import parse_tracking
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_agent.replica_credentials import ReplicaCredentials
+from hvr_common.shell.progress_stream import stream_job
 from hvr_agent.replication import ReplicationManager
 from hvr_agent.transfers import Transfers
 from hvr_agent.vms import VmRegistry
@@ -181,6 +185,21 @@ async def start_initial(request: web.Request) -> web.Response:
     return web.json_response(await request.app[REPLICATION].start_initial(request.match_info["name"], at_ns))
 
 
+async def export_initial(request: web.Request) -> web.StreamResponse:
+    body = await read_json_object(request)
+    _fields(body, {"directory", "chunk_bytes"})
+    directory = body.get("directory")
+    chunk_bytes = body.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+    if not isinstance(directory, str) or not directory:
+        raise UsageError("field 'directory' must be the media folder's absolute path")
+    if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or not 4096 <= chunk_bytes <= 1 << 30 \
+            or chunk_bytes % 4096:
+        raise UsageError("field 'chunk_bytes' must be a multiple of 4096 from 4 KiB to 1 GiB")
+    manager, name = request.app[REPLICATION], request.match_info["name"]
+    return await stream_job(request, log, lambda report: manager.export_initial(name, Path(directory), chunk_bytes,
+                                                                                 report))
+
+
 async def sync_now(request: web.Request) -> web.Response:
     body = await read_json_object(request) if request.can_read_body else {}
     _fields(body, {"wait"})
@@ -236,6 +255,7 @@ def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager
     app.router.add_get("/v1/server", get_server)
     app.router.add_patch("/v1/server", patch_server)
     app.router.add_post("/v1/vms/{name}/replication/initial", start_initial)
+    app.router.add_post("/v1/vms/{name}/replication/initial/export", export_initial)
     app.router.add_post("/v1/vms/{name}/replication/sync-now", sync_now)
     app.router.add_post("/v1/vms/{name}/replication/suspend", suspend_replication)
     app.router.add_post("/v1/vms/{name}/replication/resume", resume_replication)

@@ -29,6 +29,7 @@ from hvr_common.shell.key_file import KeyFile
 from hvr_common.shell.logs import event
 from hvr_agent.cycles import Cycles
 from hvr_agent.housekeeping import clean_leftovers
+from hvr_agent.initial_export import IMPORT_POLL_S, complete_if_imported
 from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
@@ -51,12 +52,14 @@ class VmReplication:
         self.task: asyncio.Task | None = None
         self.client: ReplicaClient | None = None  # while the task runs
         self.backoff = Backoff()
+        self.export_lock = asyncio.Lock()  # one media export of the VM at a time
         self.initial = InitialCopy(rel, config.initial_window_bytes, self.backoff)
         self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name))
         self._steps: dict[Step, Callable[[ReplicaClient], Awaitable[bool]]] = {
             Step.WAIT_FOR_SCHEDULE: self._wait_for_schedule,
             Step.INITIAL_COPY: self._initial_copy,
             Step.CYCLES: self.cycles.step,
+            Step.WAIT_FOR_IMPORT: self._wait_for_import,
             Step.IDLE: self._idle,
         }
 
@@ -134,6 +137,8 @@ class VmReplication:
             return initial_wait_s(self.rel.rec.initial_at_ns, now)
         if step is Step.CYCLES:
             return self.cycles.clock.wait_s(now)
+        if step is Step.WAIT_FOR_IMPORT:
+            return IMPORT_POLL_S
         return None
 
     # --- the steps (True: work was done, look again at once) ---------------------------------
@@ -146,6 +151,13 @@ class VmReplication:
     async def _initial_copy(self, client: ReplicaClient) -> bool:
         await self.initial.run(client)
         self.cycles.cut_soon()  # writes made during the copy go out right away
+        return True
+
+    async def _wait_for_import(self, client: ReplicaClient) -> bool:
+        if not await complete_if_imported(self.rel, client):
+            return False
+        self.cycles.cut_soon()  # writes made since the export point go out right away
+        self.backoff.reset()
         return True
 
     async def _idle(self, _client: ReplicaClient) -> bool:

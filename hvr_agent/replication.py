@@ -55,6 +55,7 @@ from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.pure.schedule import FREQUENCIES_S, initial_is_later
 from hvr_common.shell.logs import event
+from hvr_agent import initial_export
 from hvr_agent.driver import VmReplication
 from hvr_agent.housekeeping import remove_dir
 from hvr_agent.relationship import ROLE, Relationship
@@ -227,6 +228,14 @@ class ReplicationManager:
         elif st is not S.INITIAL_REPLICATION_IN_PROGRESS:
             await rel.set_state(Action.START_INITIAL, initial_at_ns=None)
         return await self.status_of(rep)
+
+    async def export_initial(self, name: str, directory: Path, chunk_bytes: int, report) -> dict:
+        """Start-VMInitialReplication -DestinationPath (:mod:`hvr_agent.initial_export`)."""
+        rep = self._get(name)
+        if rep.export_lock.locked():
+            raise ConflictError(f"an export of VM {name!r} is running already")
+        async with rep.export_lock:
+            return await initial_export.export(rep.rel, directory, chunk_bytes, report)
 
     async def sync_now(self, name: str, wait: bool) -> dict:
         rep = self._get(name)

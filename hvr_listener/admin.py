@@ -7,6 +7,8 @@
 * ``DELETE /v1/replicas/{name}``, ``POST /v1/replicas/{name}/resume``
   (the operator verbs: :mod:`hvr_listener.operator_verbs`)
 * ``GET /v1/replicas/{name}/recovery-points``
+* ``POST /v1/replicas/{name}/initial/import`` (progress as NDJSON: :mod:`hvr_common.shell.progress_stream`;
+  :mod:`hvr_listener.initial_import`)
 * ``POST /v1/replicas/{name}/test-failover``, ``DELETE /v1/replicas/{name}/test-failover``
   (:mod:`hvr_listener.test_failover`)
 * ``/v1/backups``, ``/v1/replicas/{name}/backup...``: backups (:mod:`hvr_listener.backup_api`)
@@ -18,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -25,9 +28,10 @@ from aiohttp import web
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
 from hvr_common.pure.health import HealthReport, replica_health
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
+from hvr_common.shell.progress_stream import stream_job
 from hvr_common.shell.logs import event
 from hvr_common.pure.wire.error_catalogue import error
-from hvr_listener import access_control, backup_api, operator_verbs
+from hvr_listener import access_control, backup_api, initial_import, operator_verbs
 from hvr_listener.backups import Backups
 from hvr_listener.peer_connections import PeerConnections
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
@@ -131,6 +135,20 @@ async def resume_replica(request: web.Request) -> web.Response:
     return web.json_response(replica_status(rep))
 
 
+async def import_initial(request: web.Request) -> web.StreamResponse:
+    """Import-VMInitialReplication: load initial-replication media into the replica's images."""
+    body = await read_json_object(request)
+    unknown = sorted(set(body) - {"directory"})
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(unknown)}")
+    directory = body.get("directory")
+    if not isinstance(directory, str) or not directory:
+        raise UsageError("field 'directory' must be the media folder's absolute path")
+    service, name = request.app[SERVICE], request.match_info["name"]
+    return await stream_job(request, log, lambda report: initial_import.import_media(service, name, Path(directory),
+                                                                                     report))
+
+
 async def list_recovery_points(request: web.Request) -> web.Response:
     """Get-VMSnapshot on a replica: the recovery points, oldest first; the last one is the latest."""
     name = request.match_info["name"]
@@ -177,6 +195,7 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app.router.add_delete("/v1/replicas/{name}", remove_replica)
     app.router.add_post("/v1/replicas/{name}/resume", resume_replica)
     app.router.add_get("/v1/replicas/{name}/recovery-points", list_recovery_points)
+    app.router.add_post("/v1/replicas/{name}/initial/import", import_initial)
     app.router.add_post("/v1/replicas/{name}/test-failover", start_test_failover)
     app.router.add_delete("/v1/replicas/{name}/test-failover", stop_test_failover)
     backup_api.add_routes(app, backups)

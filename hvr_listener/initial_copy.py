@@ -25,6 +25,7 @@ from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.body_feed import as_body_error, check_length, feed_checked
 from hvr_listener.bundle_io import DirectWindowWriter
+from hvr_listener.initial_import import check_completion
 from hvr_listener.replica_access import ReplicaAccess, check_generation, conflict
 from hvr_listener.replica_state import ReplicaStates
 from hvr_common.pure.wire.messages import InitialCompleteRequest
@@ -151,6 +152,7 @@ class InitialCopy:
             if incomplete:
                 raise conflict("initial_incomplete", "initial replication has not reached the end of every disk",
                                offsets=incomplete)
+            await asyncio.to_thread(check_completion, rep, next_sequence)  # loaded from media: at its point
             # Every disk complete means every window became durable (the check above); nothing else can
             # move the replica out of WaitingForInitialReplication while this lock is held.
             if not await asyncio.to_thread(self.states.complete_initial, rep, next_sequence, time.time_ns()):

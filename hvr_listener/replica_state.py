@@ -16,6 +16,7 @@ meanwhile is left alone.
 |---|---|---|
 | a primary enables a new replica | :mod:`hvr_listener.enablement` | ``enable`` |
 | an initial window became durable | :mod:`hvr_listener.initial_copy` | ``start_initial`` |
+| initial-replication media was imported | :mod:`hvr_listener.initial_import` | ``start_initial`` |
 | the primary completes the initial copy | :mod:`hvr_listener.initial_copy` | ``complete_initial`` |
 | a stored cycle cannot be applied | :mod:`hvr_listener.applier` | ``fail`` |
 | the operator resumes a replica in Error | :mod:`hvr_listener.operator_verbs` | ``recover`` |
@@ -78,6 +79,16 @@ class ReplicaStates:
         """
         return self.store.advance_initial_offset(rep.vm_id, rep.created_ns, disk_id, generation, start, end,
                                                  _window_stored)
+
+    def media_loaded(self, rep: Replica) -> bool:
+        """Media was imported into every image of ``rep`` (durably): every disk's initial offset is its size and
+        the replica is ``InitialReplicationInProgress``, waiting for the primary's completion.
+
+        Raises :class:`InvalidTransition` if ``rep``'s state does not allow it;
+        False if the replica changed meanwhile (nothing written).
+        """
+        state = transition(ROLE, rep.state, Action.START_INITIAL)
+        return self.store.mark_loaded(rep.vm_id, rep.created_ns, rep.generation, rep.state, state)
 
     def complete_initial(self, rep: Replica, next_sequence: int, now_ns: int) -> bool:
         """The initial copy of ``rep`` is complete: it replicates, expecting cycle ``next_sequence``.

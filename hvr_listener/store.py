@@ -264,6 +264,19 @@ class ListenerStore(AuthRows, PointRows, StateDatabase):
                 state, offset = ReplicationState(new), end
             return gen, state, offset
 
+    def mark_loaded(self, vm_id: uuid.UUID, created_ns: int, generation: int, old: ReplicationState,
+                    new: ReplicationState) -> bool:
+        """Every disk's initial offset to its size and the state to ``new``, in one transaction, only while the
+        replica is the one created at ``created_ns``, at ``generation`` and in ``old`` (media was imported)."""
+        with self._lock, self.transaction():
+            cur = self._db.execute("UPDATE replicas SET state=? WHERE vm_id=? AND created_ns=? AND generation=? "
+                                   "AND state=?", (ReplicationState(new).value, str(vm_id), created_ns, generation,
+                                                   ReplicationState(old).value))
+            if cur.rowcount != 1:
+                return False
+            self._db.execute("UPDATE replica_disks SET initial_offset=size_bytes WHERE vm_id=?", (str(vm_id),))
+            return True
+
     def delete_replica(self, vm_id: uuid.UUID) -> None:
         with self._lock:
             self._db.execute("DELETE FROM replicas WHERE vm_id=?", (str(vm_id),))

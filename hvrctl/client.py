@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError, UnavailableError
@@ -53,16 +54,8 @@ class AdminClient:
             conn.request(method, route, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
-        except FileNotFoundError:
-            raise UnavailableError(f"{self.daemon} admin socket {self.path} does not exist",
-                                   hint=f"is {self.daemon} running? pass the socket with --{self._flag()}") from None
-        except (ConnectionRefusedError, ConnectionResetError):
-            raise UnavailableError(f"{self.daemon} is not answering on {self.path}",
-                                   hint=f"check that {self.daemon} is running") from None
-        except PermissionError:
-            raise UnavailableError(f"no permission to use {self.path}", hint="run as the daemon's user or root") from None
-        except (TimeoutError, socket.timeout):
-            raise UnavailableError(f"{self.daemon} did not answer within {self.timeout_s:.0f} s") from None
+        except (OSError, socket.timeout) as exc:
+            raise self._unreachable(exc) from None
         finally:
             conn.close()
         return resp.status, raw
@@ -75,6 +68,55 @@ class AdminClient:
         if status >= 400:
             raise error_from_body(status, data if isinstance(data, dict) else {})
         return data
+
+    def _unreachable(self, exc: OSError) -> HvrError:
+        """The daemon could not be asked (or did not answer): what to tell the operator."""
+        if isinstance(exc, FileNotFoundError):
+            return UnavailableError(f"{self.daemon} admin socket {self.path} does not exist",
+                                    hint=f"is {self.daemon} running? pass the socket with --{self._flag()}")
+        if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)):
+            return UnavailableError(f"{self.daemon} is not answering on {self.path}",
+                                    hint=f"check that {self.daemon} is running")
+        if isinstance(exc, PermissionError):
+            return UnavailableError(f"no permission to use {self.path}", hint="run as the daemon's user or root")
+        if isinstance(exc, (TimeoutError, socket.timeout)):
+            return UnavailableError(f"{self.daemon} did not answer within {self.timeout_s:.0f} s")
+        raise exc
+
+    def stream(self, method: str, route: str, body: dict, on_progress: Callable[[dict], None]):
+        """A request answered with progress lines (NDJSON, see hvr_common.shell.progress_stream): each
+        ``progress`` object goes to ``on_progress``; returns the result, raises the error of the last line.
+        An answer that is plain JSON is a request over before any progress (or refused at once)."""
+        conn = _UnixConnection(self.path, self.timeout_s)
+        try:
+            conn.request(method, route, body=json.dumps(body).encode(), headers={"Content-Type": JSON_CONTENT_TYPE})
+            resp = conn.getresponse()
+            if not resp.getheader("Content-Type", "").startswith("application/x-ndjson"):
+                raw = resp.read()
+                data = json.loads(raw) if raw else None
+                if resp.status >= 400:
+                    raise error_from_body(resp.status, data if isinstance(data, dict) else {})
+                return data
+            last: dict = {}
+            for line in resp:
+                if not line.strip():
+                    continue
+                last = json.loads(line)
+                if "progress" in last:
+                    on_progress(last["progress"])
+            if "result" in last:
+                return last["result"]
+            if "error" in last:
+                raise error_from_body(int(last.get("status", 500)), last["error"])
+            raise UnavailableError(f"{self.daemon} ended the answer before the result (did it stop?)",
+                                   hint="see its log; the command can be run again")
+        except (OSError, socket.timeout, http.client.HTTPException) as exc:
+            if isinstance(exc, http.client.HTTPException):
+                raise UnavailableError(f"{self.daemon} broke off the answer ({type(exc).__name__})",
+                                       hint="see its log; the command can be run again") from None
+            raise self._unreachable(exc) from None
+        finally:
+            conn.close()
 
     def _flag(self) -> str:
         return "agent-socket" if self.daemon == "hvr-agent" else "listener-socket"

@@ -17,6 +17,7 @@ from pathlib import Path
 from hvr_common.pure.errors import HvrError, UsageError
 from hvrctl import credential_flags, replication_settings
 from hvr_common.pure.schedule import FREQUENCIES_S
+from hvrctl import media_commands
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 from hvrctl.progress import progress_bar
@@ -109,6 +110,7 @@ def register(sub, vm_verbs, common) -> None:
     p.add_argument("--wait", action="store_true",
                    help="wait until the copy completes, with a progress bar on stderr")
     p.set_defaults(func=cmd_initial_start)
+    media_commands.register(isub, common)
 
 
 def _client(args) -> AdminClient:

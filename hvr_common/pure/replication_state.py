@@ -38,6 +38,7 @@ S = ReplicationState
 class Action(enum.StrEnum):
     ENABLE = "enable"
     START_INITIAL = "start_initial"
+    EXPORT_INITIAL = "export_initial"  # the initial copy goes out on external media (hvrctl initial export)
     COMPLETE_INITIAL = "complete_initial"
     SUSPEND = "suspend"
     RESUME = "resume"
@@ -65,6 +66,12 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("primary", S.ERROR, Action.RESUME): S.REPLICATING,
     # A permanent error before the initial copy finished: resuming re-enters it (from the durable offsets).
     ("primary", S.ERROR, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    # Initial replication from external media: the primary exports and waits for the replica's import
+    # (WaitingForInitialReplication), then completes it like a network copy; exporting again keeps the point.
+    ("primary", S.READY_FOR_INITIAL_REPLICATION, Action.EXPORT_INITIAL): S.WAITING_FOR_INITIAL_REPLICATION,
+    ("primary", S.WAITING_FOR_INITIAL_REPLICATION, Action.EXPORT_INITIAL): S.WAITING_FOR_INITIAL_REPLICATION,
+    ("primary", S.WAITING_FOR_INITIAL_REPLICATION, Action.COMPLETE_INITIAL): S.REPLICATING,
+    ("primary", S.WAITING_FOR_INITIAL_REPLICATION, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
     ("replica", None, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     # As in Hyper-V the replica stays WaitingForInitialReplication while the copy runs.  The rows from
@@ -98,6 +105,7 @@ class Step(enum.StrEnum):
     WAIT_FOR_SCHEDULE = "wait_for_schedule"  # start the initial copy when its scheduled time comes
     INITIAL_COPY = "initial_copy"  # the initial cut and the copy of the images
     CYCLES = "cycles"  # cut, build and ship cycles
+    WAIT_FOR_IMPORT = "wait_for_import"  # ask the replica whether the media was imported, then complete
     IDLE = "idle"  # nothing: wait until a verb changes the state
 
 
@@ -107,6 +115,7 @@ STEPS: dict[tuple[str, S], Step] = {
     ("primary", S.READY_FOR_INITIAL_REPLICATION): Step.WAIT_FOR_SCHEDULE,
     ("primary", S.INITIAL_REPLICATION_IN_PROGRESS): Step.INITIAL_COPY,
     ("primary", S.REPLICATING): Step.CYCLES,
+    ("primary", S.WAITING_FOR_INITIAL_REPLICATION): Step.WAIT_FOR_IMPORT,
     ("primary", S.SUSPENDED): Step.IDLE,
     ("primary", S.ERROR): Step.IDLE,
     ("primary", S.RESYNCHRONIZING): Step.IDLE,

@@ -103,11 +103,12 @@ def test_a_replica_waits_for_initial_replication_until_the_copy_completes():
 
 
 # --- the step each state runs ---------------------------------------------------------------
-PRIMARY_STATES = [s for s in ReplicationState if s is not ReplicationState.WAITING_FOR_INITIAL_REPLICATION]
+PRIMARY_STATES = list(ReplicationState)
 EXPECTED_STEPS = {
     ReplicationState.READY_FOR_INITIAL_REPLICATION: Step.WAIT_FOR_SCHEDULE,
     ReplicationState.INITIAL_REPLICATION_IN_PROGRESS: Step.INITIAL_COPY,
     ReplicationState.REPLICATING: Step.CYCLES,
+    ReplicationState.WAITING_FOR_INITIAL_REPLICATION: Step.WAIT_FOR_IMPORT,  # exported to media
 }
 
 
@@ -129,7 +130,7 @@ def test_every_state_a_primary_transition_reaches_has_a_step():
     assert reached <= {state for (role, state) in STEPS if role == "primary"}
 
 
-@pytest.mark.parametrize("role,state", [("primary", ReplicationState.WAITING_FOR_INITIAL_REPLICATION),
+@pytest.mark.parametrize("role,state", [("replica", ReplicationState.WAITING_FOR_INITIAL_REPLICATION),
                                         ("replica", ReplicationState.REPLICATING),
                                         ("elsewhere", ReplicationState.REPLICATING)], ids=str)
 def test_a_state_without_a_row_idles(role, state):

@@ -110,6 +110,10 @@ _ENTRIES = (
     # authorization entries, trust groups, failed authentications (docs/authorization.md)
     _E("other_trust_group", 403, HvrError, EX_NOPERM, "the VM was first replicated by a primary of another trust group"),
     _E("auth_rate_limited", 429, TransientError, 75, "too many failed authentications from this address (detail.retry_after_s)"),
+    # initial replication from external media (docs/initial-media.md)
+    _E("media_corrupt", 422, CorruptError, 65, "a chunk or the manifest of initial-replication media fails its digest"),
+    _E("media_wrong_vm", 409, ConflictError, 4, "the media is for another VM, generation or disk layout"),
+    _E("media_stale", 409, ConflictError, 4, "the imported media is not of the primary's export point"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
