@@ -29,7 +29,7 @@ def register(isub, common) -> None:
                     "point) and write a checksummed, sparse copy of every disk and a manifest to DIR while the VM "
                     "runs on. The VM then shows WaitingForInitialReplication until the media is imported on the "
                     "replica server; then the changes since the export point are shipped as cycles.",
-        epilog="example:\n  hvrctl initial export web1 /mnt/usb/web1\n"
+        epilog="examples:\n  hvrctl initial export web1 /mnt/usb/web1\n"
                "then carry /mnt/usb/web1 to the replica server and run there:\n"
                "  hvrctl initial import web1 /mnt/usb/web1")
     p.add_argument("name", metavar="NAME", help="a VM whose replication is enabled (ReadyForInitialReplication)")
@@ -44,7 +44,7 @@ def register(isub, common) -> None:
                     "DIR (a changed chunk or manifest, or media of another VM, is refused and nothing changes), "
                     "then load it into the replica's images. The primary notices within seconds, completes the "
                     "initial replication and ships the changes since the export point.",
-        epilog="example:\n  hvrctl initial import web1 /mnt/usb/web1")
+        epilog="examples:\n  hvrctl initial import web1 /mnt/usb/web1")
     p.add_argument("name", metavar="NAME", help="the replica VM (hvrctl replica list)")
     p.add_argument("directory", metavar="DIR", type=Path, help="the folder hvrctl initial export wrote")
     p.set_defaults(func=cmd_import)
