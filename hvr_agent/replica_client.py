@@ -27,7 +27,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.pure.token_auth import Key, authorization
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
-from hvr_common.pure.wire.messages import EnableRequest, InitialCompleteRequest
+from hvr_common.pure.wire.messages import DigestQuery, EnableRequest, InitialCompleteRequest
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -178,9 +178,28 @@ class ReplicaClient:
         _, answer = await self._request(method, path, json_body=body)
         return answer
 
+    async def digests(self, vm_id: uuid.UUID, disk_id: uuid.UUID, query: DigestQuery) -> tuple[bytes, int]:
+        """POST /v1/replicas/{vm_id}/digests/{disk_id}: the nodes' digests (concatenated) and the
+        replica's last applied sequence when they were read."""
+        path = routes.digests_path(vm_id, disk_id)
+        status, raw, headers = await self._exchange("POST", path, json_body=query.to_json())
+        if not 200 <= status < 300:
+            _answer(status, raw, f"POST {path} on replica server {self.endpoint}")
+        applied = headers.get(routes.APPLIED_SEQUENCE_HEADER, "")
+        if not applied.isdigit():
+            raise ReplicaUnavailableError(f"replica server {self.endpoint} answered digests without "
+                                          f"{routes.APPLIED_SEQUENCE_HEADER}", status=status)
+        return raw, int(applied)
+
     async def _request(self, method: str, path: str, *, json_body: dict | None = None,
                        upload: tuple[Path | Sequence[bytes], str, int] | None = None,
                        headers: dict | None = None) -> tuple[int, dict]:
+        status, raw, _ = await self._exchange(method, path, json_body=json_body, upload=upload, headers=headers)
+        return status, _answer(status, raw, f"{method} {path} on replica server {self.endpoint}")
+
+    async def _exchange(self, method: str, path: str, *, json_body: dict | None = None,
+                        upload: tuple[Path | Sequence[bytes], str, int] | None = None,
+                        headers: dict | None = None) -> tuple[int, bytes, Mapping[str, str]]:
         if self._session is None:
             raise RuntimeError("ReplicaClient used outside 'async with'")
         hdrs = dict(headers or {})
@@ -205,6 +224,7 @@ class ReplicaClient:
                                              allow_redirects=False) as resp:
                 raw = await _read_answer(resp)
                 status = resp.status
+                answer_headers = resp.headers.copy()  # case-insensitive
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise ReplicaUnavailableError(f"{where} failed: {_describe(exc)}",
                                           hint="check that hvr-listener runs there and the network "
@@ -215,7 +235,7 @@ class ReplicaClient:
             if isinstance(exc, FileNotFoundError) and upload is not None:
                 raise
             raise ReplicaUnavailableError(f"{where} failed: {exc}") from None
-        return status, _answer(status, raw, where)
+        return status, raw, answer_headers
 
 
 async def _stream_file(path: Path, size: int):
