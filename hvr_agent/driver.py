@@ -32,7 +32,9 @@ from hvr_agent.housekeeping import clean_leftovers
 from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
+from hvr_agent.resync import Resync
 from hvr_agent.store import ReplicationRecord
+from hvr_agent.verify import Verify
 
 log = logging.getLogger("hvr.agent.replication")
 
@@ -50,10 +52,14 @@ class VmReplication:
         self.backoff = Backoff()
         self.initial = InitialCopy(rel, config.initial_window_bytes, self.backoff)
         self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name))
+        self.resync = Resync(rel, self.cycles)
+        self.verify = Verify(rel, self.cycles)
         self._steps: dict[Step, Callable[[ReplicaClient], Awaitable[bool]]] = {
             Step.WAIT_FOR_SCHEDULE: self._wait_for_schedule,
             Step.INITIAL_COPY: self._initial_copy,
             Step.CYCLES: self.cycles.step,
+            Step.WAIT_FOR_RESYNC: self.resync.wait_step,
+            Step.RESYNC: self.resync.step,
             Step.IDLE: self._idle,
         }
 
@@ -123,6 +129,8 @@ class VmReplication:
             return initial_wait_s(self.rel.rec.initial_at_ns, now)
         if step is Step.CYCLES:
             return self.cycles.clock.wait_s(now)
+        if step is Step.WAIT_FOR_RESYNC:
+            return self.resync.wait_s(now)
         return None
 
     # --- the steps (True: work was done, look again at once) ---------------------------------

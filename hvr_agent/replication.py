@@ -251,6 +251,34 @@ class ReplicationManager:
         event(log, "replication_resumed", vm=name, state=rep.rec.state.value)
         return await self.status_of(rep)
 
+    async def resync(self, name: str, at_ns: int | None, cancel: bool) -> dict:
+        """Resume-VMReplication -Resynchronize: start (now or at ``at_ns``) or cancel a resynchronization."""
+        rep = self._get(name)
+        st = rep.rec.state
+        if cancel:
+            await rep.rel.set_state(Action.CANCEL_RESYNC, "resynchronization cancelled: hvrctl vm resync NAME "
+                                                         "starts it again")
+            rep.resync.cancel()
+            event(log, "resync_cancelled", vm=name)
+        elif st is S.RESYNCHRONIZING or st is S.RESYNCHRONIZE_SUSPENDED:
+            raise ConflictError(f"VM {name!r} is {st.value} already",
+                                hint="hvrctl vm resume NAME continues a suspended one")
+        else:
+            rep.resync.schedule(at_ns)
+            if st is not S.WAITING_FOR_START_RESYNCHRONIZE:
+                await rep.rel.set_state(Action.REQUIRE_RESYNC, "resynchronization requested by the operator")
+            rep.rel.wake.set()
+            event(log, "resync_requested", vm=name, at=iso_time(at_ns) if at_ns else "now")
+        return await self.status_of(rep)
+
+    async def verify(self, name: str, repair: bool) -> dict:
+        """Compare the replica at its latest point with the primary; change nothing (unless ``repair``)."""
+        rep = self._get(name)
+        if rep.client is None:
+            raise TransientError(f"the replication task of VM {name!r} is not running",
+                                 hint="hvrctl vm get NAME shows the state")
+        return await rep.verify.run(rep.client, repair)
+
     async def remove(self, name: str) -> dict:
         async with self._admin_lock:
             rep = self._get(name)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError
-from hvrctl import hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands
+from hvrctl import compare_commands, hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
 DEFAULT_LISTENER_SOCKET = "/run/hvr/listener.sock"
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     vm_verbs = vm_commands.register(sub, common)
     replication_commands.register(sub, vm_verbs, common)
+    compare_commands.register(vm_verbs, common)
     server_commands.register(sub, common)
     recovery_commands.register(sub, common)
     hrl_commands.register(sub, common)

@@ -201,6 +201,10 @@ class Descent:
             return Query(level, tuple(batch))
         return None
 
+    def requeue(self, query: Query) -> None:
+        """A query that got no answer (the link failed, the compare was suspended): ask it again later."""
+        self._pending.setdefault(query.level, [])[:0] = query.indices
+
     def answer(self, query: Query, ours: Sequence[bytes], theirs: Sequence[bytes]) -> None:
         if len(ours) != len(query.indices) or len(theirs) != len(query.indices):
             raise CorruptError(f"{len(ours)} and {len(theirs)} digests answer a query of {len(query.indices)}")

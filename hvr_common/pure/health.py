@@ -2,7 +2,7 @@
 
 The rules, first match of the worst level wins:
 
-* **Critical**: the VM is in ``Error`` or ``ResynchronizationRequired``; or it
+* **Critical**: the VM is in ``Error`` or ``WaitingForStartResynchronize``; or it
   is ``Replicating`` and no cycle has been acknowledged for two intervals or
   more (counted from the last acknowledgement, or from the end of the initial
   copy if none came yet).
@@ -50,7 +50,7 @@ def replication_health(state: ReplicationState, *, frequency_s: int, rows: Itera
     warning: list[str] = []
     if state is ReplicationState.ERROR:
         critical.append(f"replication is in Error: {state_detail}" if state_detail else "replication is in Error")
-    elif state is ReplicationState.RESYNCHRONIZATION_REQUIRED:
+    elif state is ReplicationState.WAITING_FOR_START_RESYNCHRONIZE:
         critical.append("resynchronization is required")
     elif state is ReplicationState.SUSPENDED:
         warning.append("replication is suspended")
