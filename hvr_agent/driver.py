@@ -80,6 +80,7 @@ class VmReplication:
             async with ReplicaClient(endpoint, key) as client:
                 self.client = client
                 await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
+                await self.resync.require_if_changed_offline()
                 await self._loop(client)
         except HvrError as exc:
             await self._fail(exc)

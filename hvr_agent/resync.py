@@ -29,7 +29,7 @@ import logging
 import time
 
 from hvr_common.pure import byte_ranges as br
-from hvr_common.pure.replication_state import Action, ReplicationState
+from hvr_common.pure.replication_state import Action, ReplicationState, allowed_actions
 from hvr_common.shell import sparse
 from hvr_common.shell.logs import event
 from hvr_agent.compare import NS, CompareProgress, DiskCompare
@@ -83,6 +83,19 @@ class Resync:
         self.start_at_ns = None
         self._compares = None
         self.progress = None
+
+    async def require_if_changed_offline(self) -> None:
+        """At the task's start: an image changed while the agent did not serve it needs a compare."""
+        rel = self.rel
+        vm = rel.vm()
+        if not vm.changed_offline:
+            return
+        reasons = "; ".join(f"disk {disk}: {why}" for disk, why in vm.changed_offline.items())
+        vm.changed_offline.clear()
+        if Action.REQUIRE_RESYNC in allowed_actions("primary", rel.rec.state):
+            self.start_at_ns = 0
+            await rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required: {reasons}")
+            event(log, "resync_required", logging.WARNING, vm=rel.name, reason=reasons)
 
     # --- the steps ---------------------------------------------------------------------------
     def wait_s(self, now_ns: int) -> float | None:

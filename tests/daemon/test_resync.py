@@ -141,3 +141,65 @@ def test_resync_cancel_and_states(pair, tmp_path):
     assert st["state"] == "WaitingForStartResynchronize" and "cancelled" in st["state_detail"]
     pair.agent.hvrctl("vm", "resync", "web", "--wait", timeout_s=300)
     assert pair.status("web")["state"] == "Replicating"
+
+
+def test_an_offline_change_to_the_primary_image_leads_to_a_compare_not_a_copy(pair, tmp_path):
+    size = 32 * MiB
+    disks = replicate(pair, tmp_path, size)
+    pair.agent.terminate()
+    rng = random.Random(21)
+    damage(disks[0], sorted(rng.randrange(size) for _ in range(10)))  # the agent is not serving it
+    pair.agent.start().wait_ready()
+
+    def resynced() -> bool:
+        st = pair.status("web")
+        return st["state"] == "Replicating" and (st.get("resync") or {}).get("running") is False
+    wait_for(resynced, 120, "the automatic resync to finish", context=pair.agent.log_tail)
+    log_text = pair.agent.log_tail(500)
+    assert '"event":"image_changed_offline"' in log_text and '"new":"WaitingForStartResynchronize"' in log_text
+    resync = pair.status("web")["resync"]
+    assert 0 < resync["sent_bytes"] <= 10 * BLOCK
+    pair.sync("web")
+    pair.wait_replica_applied("web")
+    pair.assert_identical("web", disks)
+
+
+def _sha(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_a_resync_sigkilled_at_random_points_resumes_and_converges(tmp_path):
+    import time
+    pair = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}).start()
+    try:
+        size = 48 * MiB
+        disks = replicate(pair, tmp_path, size)
+        replica = pair.replica_image("web", "sys")
+        rng = random.Random(20261205)
+        kills = 0
+        for point in range(10):
+            damage(replica, sorted(rng.randrange(size) for _ in range(40)))
+            baseline, applied = _sha(replica), pair.replica("web")["last_applied_sequence"]
+            pair.agent.hvrctl("vm", "resync", "web")
+            time.sleep(rng.uniform(0.0, 0.4))  # a random crash point: scan, questions, re-journal, cut
+            victim = pair.agent if point % 2 else pair.listener
+            victim.kill()
+            kills += 1
+            moved = _sha(replica) != baseline
+            victim.start().wait_ready()
+            if moved:  # only a whole applied cycle may change the replica
+                assert pair.replica("web")["last_applied_sequence"] > applied
+            wait_for(lambda: pair.status("web")["state"] == "Replicating"
+                     and not (pair.status("web").get("resync") or {}).get("running"), 180,
+                     "the resync to resume and finish", context=lambda: pair.agent.log_tail())
+            pair.sync("web")
+            pair.wait_replica_applied("web")
+            pair.assert_identical("web", disks)
+        assert kills >= 10
+    finally:
+        pair.close()
