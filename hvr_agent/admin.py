@@ -135,11 +135,15 @@ async def measure_replication(request: web.Request) -> web.Response:
 
 async def start_initial(request: web.Request) -> web.Response:
     body = await read_json_object(request) if request.can_read_body else {}
-    _fields(body, {"at_ns"})
+    _fields(body, {"at_ns", "use_existing"})
     at_ns = body.get("at_ns")
     if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or at_ns < 0):
         raise UsageError("field 'at_ns' must be a time in nanoseconds since the epoch")
-    return web.json_response(await request.app[REPLICATION].start_initial(request.match_info["name"], at_ns))
+    use_existing = body.get("use_existing", False)
+    if not isinstance(use_existing, bool):
+        raise UsageError("field 'use_existing' must be true or false")
+    return web.json_response(await request.app[REPLICATION].start_initial(request.match_info["name"], at_ns,
+                                                                          use_existing))
 
 
 async def sync_now(request: web.Request) -> web.Response:

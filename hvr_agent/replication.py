@@ -202,10 +202,12 @@ class ReplicationManager:
                              hint="add [app_consistency] (or [app_consistency.vm.NAME]) to agent.toml and "
                                   "restart the agent (deploy/agent.toml has a virsh example)")
 
-    async def start_initial(self, name: str, at_ns: int | None) -> dict:
+    async def start_initial(self, name: str, at_ns: int | None, use_existing: bool = False) -> dict:
         rep = self._get(name)
         rel = rep.rel
         st = rel.rec.state
+        if use_existing:
+            await self._check_existing_copy(rep)
         if st is S.ERROR and rel.rec.initial_completed_ns is None:
             return await self.resume(name)
         if st is S.READY_FOR_INITIAL_REPLICATION and initial_is_later(at_ns, time.time_ns()):
@@ -215,6 +217,20 @@ class ReplicationManager:
         elif st is not S.INITIAL_REPLICATION_IN_PROGRESS:
             await rel.set_state(Action.START_INITIAL, initial_at_ns=None)
         return await self.status_of(rep)
+
+    async def _check_existing_copy(self, rep: VmReplication) -> None:
+        """Start-VMInitialReplication -UseBackup: the replica must hold an adopted copy of every disk."""
+        if rep.client is None:
+            raise TransientError(f"the replication task of VM {rep.name!r} is not running",
+                                 hint="hvrctl vm get NAME shows the state")
+        view = await rep.client.replica_state(rep.rel.vm().record.vm_id)
+        offsets = view.get("initial") or {}
+        short = [d.name for d in rep.rel.disks() if int(offsets.get(str(d.disk_id), 0)) < d.size_bytes]
+        if short or view.get("state") not in (S.INITIAL_REPLICATION_IN_PROGRESS.value, S.REPLICATING.value):
+            raise ConflictError(f"the replica server holds no existing copy of VM {rep.name!r} "
+                                f"(disks without one: {', '.join(short) or 'none'}; replica {view.get('state')})",
+                                hint=f"on the replica server: hvrctl replica adopt {rep.name} --vm-id "
+                                     f"{rep.rel.vm().record.vm_id} --disk PATH ..., before vm enable")
 
     async def sync_now(self, name: str, wait: bool) -> dict:
         rep = self._get(name)

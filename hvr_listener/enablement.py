@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hvr_common.shell.logs import event
 from hvr_common.shell.files import fsync_dir
+from hvr_listener.adoption import adopted_images
 from hvr_listener.replica_access import ForbiddenError, ReplicaAccess, conflict
 from hvr_listener.replica_state import ReplicaStates, enabled_again_unchanged
 from hvr_common.pure.wire.messages import EnableRequest
@@ -55,14 +56,24 @@ class Enablement:
                                    hint="remove the old replica first")
                 return existing, False
             vm_dir = Path(self.storage()) / name
-            if vm_dir.exists() and any(vm_dir.iterdir()):
+            adopted = await asyncio.to_thread(adopted_images, vm_dir, vm_id, disks)
+            if adopted is None and vm_dir.exists() and any(vm_dir.iterdir()):
                 raise conflict("replica_conflict", f"replica storage {vm_dir} is already in use",
                                hint="move the old files away or use another VM name")
-            paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
-            await asyncio.to_thread(_create_images, vm_dir, paths)
+            if adopted is None:
+                paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
+                await asyncio.to_thread(_create_images, vm_dir, paths)
+            else:  # an existing copy: every disk is there to its end, the primary compares instead of copying
+                paths = [(d_id, d_name, size, path) for (d_id, d_name, size), path in zip(disks, adopted)]
+                await asyncio.to_thread(_create_folders, vm_dir)
             await asyncio.to_thread(self.states.enable, vm_id, name, principal, generation, frequency_s,
                                     compression, vm_dir, paths)
-        event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=principal, disks=len(disks))
+            if adopted is not None:
+                rep = await self.access.get(vm_id)
+                for d_id, _, size, _ in paths:
+                    await asyncio.to_thread(self.states.window_stored, rep, d_id, generation, 0, size)
+        event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=principal, disks=len(disks),
+              adopted=adopted is not None)
         return await self.access.get(vm_id), True
 
 
@@ -75,6 +86,11 @@ def _create_images(vm_dir: Path, paths) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    _create_folders(vm_dir)
+
+
+def _create_folders(vm_dir: Path) -> None:
+    vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (vm_dir / "cycles").mkdir(exist_ok=True)
     (vm_dir / "incoming").mkdir(exist_ok=True)
     fsync_dir(vm_dir)

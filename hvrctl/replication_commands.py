@@ -102,6 +102,9 @@ def register(sub, vm_verbs, common) -> None:
                         "occurrence) or +N[s|m|h] from now")
     p.add_argument("--wait", action="store_true",
                    help="wait until the copy completes, with a progress bar on stderr")
+    p.add_argument("--use-existing", action="store_true",
+                   help="the replica server adopted a copy of the VM (hvrctl replica adopt): compare it "
+                        "instead of copying (Start-VMInitialReplication -UseBackup)")
     p.set_defaults(func=cmd_initial_start)
 
 
@@ -293,6 +296,8 @@ def cmd_remove_replication(args) -> int:
 def cmd_initial_start(args) -> int:
     client = _client(args)
     body = {"at_ns": args.at} if args.at is not None else {}
+    if args.use_existing:
+        body["use_existing"] = True
     result = client.request("POST", f"/v1/vms/{args.name}/replication/initial", body)
     if not args.wait:
         if args.output == "json":

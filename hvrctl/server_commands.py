@@ -9,6 +9,7 @@ from pathlib import Path
 from hvr_common.pure.errors import UsageError
 from hvr_common.shell.key_file import read_key, write_key
 from hvr_common.pure.token_auth import Key
+from hvrctl import adopt_commands
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 
@@ -85,6 +86,7 @@ def register(sub, common) -> None:
                         description="After the cause of an Error was fixed, apply the stored cycles again.")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_replica_resume)
+    adopt_commands.register(rsub, common)
 
 
 def _client(args) -> AdminClient:

@@ -48,6 +48,7 @@ class Action(enum.StrEnum):
     RESYNC = "resync"  # the compare starts (hvrctl vm resync, or automatically)
     COMPLETE_RESYNC = "complete_resync"
     CANCEL_RESYNC = "cancel_resync"
+    COMPLETE_INITIAL_FROM_COPY = "complete_initial_from_copy"  # the replica adopted a copy: compare it
 
 
 class InvalidTransition(ConflictError):
@@ -85,6 +86,7 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("primary", S.RESYNCHRONIZE_SUSPENDED, Action.CANCEL_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
     ("primary", S.WAITING_FOR_START_RESYNCHRONIZE, Action.CANCEL_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
     ("primary", S.WAITING_FOR_START_RESYNCHRONIZE, Action.FAIL): S.ERROR,
+    ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL_FROM_COPY): S.WAITING_FOR_START_RESYNCHRONIZE,
     ("primary", S.RESYNCHRONIZING, Action.FAIL): S.ERROR,
     ("replica", None, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,

@@ -203,3 +203,53 @@ def test_a_resync_sigkilled_at_random_points_resumes_and_converges(tmp_path):
         assert kills >= 10
     finally:
         pair.close()
+
+
+def _enable(pair: Pair, vm: str, check: bool = True):
+    return pair.agent.hvrctl("vm", "enable", vm, "--replica-server", "127.0.0.1", "--port", str(pair.replica_port),
+                             "--key", str(pair.key_path), "--frequency", "300", check=check)
+
+
+def test_use_existing_with_a_stale_adopted_copy_compares_and_refuses_a_wrong_one(pair, tmp_path):
+    import shutil
+    import subprocess
+    import uuid as uuid_mod
+    size = 32 * MiB
+    disks = replicate(pair, tmp_path, size)
+    stale = tmp_path / "stale.img"
+    shutil.copyfile(pair.replica_image("web", "sys"), stale)  # the replica at an earlier point
+    rng = random.Random(8)
+    uri = pair.agent.nbd_uri("web", "sys")
+    qemu_io(uri, *[f"write -P {rng.randrange(1, 256)} {rng.randrange(0, size // BLOCK - 4) * BLOCK} 4096"
+                   for _ in range(30)])
+    pair.agent.hvrctl("vm", "remove", "web", "--replication-only")
+    pair.listener.hvrctl("replica", "remove", "web", "--delete-storage")
+    vm_id = next(v["vm_id"] for v in pair.agent.hvrctl_json("vm", "list", "-o", "json") if v["name"] == "web")
+    qemu_io(uri, *[f"write -P {rng.randrange(1, 256)} {rng.randrange(0, size // BLOCK - 4) * BLOCK} 4096"
+                   for _ in range(30)])
+
+    # a copy of another VM, then one of another size: refused when the primary enables, nothing changes
+    pair.listener.hvrctl("replica", "adopt", "web", "--vm-id", str(uuid_mod.uuid4()), "--disk", str(stale))
+    refused = _enable(pair, "web", check=False)
+    assert refused.returncode != 0 and "belongs to VM" in refused.stderr
+    assert pair.listener.hvrctl_json("replica", "get", "-o", "json") == []
+    small = make_disk(tmp_path / "small.img", size // 2)
+    pair.listener.hvrctl("replica", "adopt", "web", "--vm-id", vm_id, "--disk", str(small))
+    refused = _enable(pair, "web", check=False)
+    assert refused.returncode != 0 and "bytes" in refused.stderr
+    assert pair.listener.hvrctl_json("replica", "get", "-o", "json") == []
+
+    pair.listener.hvrctl("replica", "adopt", "web", "--vm-id", vm_id, "--disk", str(stale))
+    _enable(pair, "web")
+    pair.agent.hvrctl("initial", "start", "web", "--use-existing")
+
+    def replicating() -> bool:
+        st = pair.status("web")
+        return st["state"] == "Replicating" and (st.get("resync") or {}).get("running") is False
+    wait_for(replicating, 180, "the compare of the adopted copy", context=pair.agent.log_tail)
+    assert pair.status("web")["resync"]["sent_bytes"] <= 60 * BLOCK
+    pair.sync("web")
+    pair.wait_replica_applied("web")
+    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(disks[0]), str(stale)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
