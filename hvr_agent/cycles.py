@@ -280,6 +280,12 @@ class Cycles:
     async def _record(self, stat: CycleStat) -> None:
         await asyncio.to_thread(self.rel.store.add_cycle_stat, self.rel.name, stat)
 
+    async def forget_upto(self, sequence: int) -> None:
+        """A resync replaced the cycles up to ``sequence``: their spool files go (their logs are gone)."""
+        for seq in [s for s in self._spools if s <= sequence]:
+            bundle = self._spools.pop(seq)
+            await asyncio.to_thread(bundle.path.unlink, missing_ok=True)
+
     # --- ending ------------------------------------------------------------------------------
     async def stop_prepare(self) -> None:
         """Cancel the cut-and-build begun during an upload; return once it (and its build thread) ended."""

@@ -32,7 +32,7 @@ from hvr_agent.housekeeping import clean_leftovers
 from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
-from hvr_agent.resync import Resync
+from hvr_agent.resync import Resync, resync_cures
 from hvr_agent.store import ReplicationRecord
 from hvr_agent.verify import Verify
 
@@ -112,7 +112,19 @@ class VmReplication:
                 await self._wait(self.backoff.delay_s)
                 self.backoff.grow()
             except HvrError as exc:
-                await self._fail(exc)
+                if self.rel.rec.state is S.REPLICATING and resync_cures(exc):
+                    await self._require_resync(exc)
+                else:
+                    await self._fail(exc)
+
+    async def _require_resync(self, exc: HvrError) -> None:
+        """Certainty about the replica was lost: compare the disks (never a full copy)."""
+        await self.cycles.stop_prepare()
+        self.cycles.fail_waiters(exc)
+        self.rel.last_error = exc.message
+        self.resync.schedule(None)
+        await self.rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required: {exc.message}")
+        event(log, "resync_required", logging.WARNING, vm=self.name, code=exc.code, reason=exc.message)
 
     async def _wait(self, timeout_s: float | None) -> None:
         if timeout_s is not None and timeout_s <= 0:

@@ -191,6 +191,11 @@ class ReplicaClient:
                                           f"{routes.APPLIED_SEQUENCE_HEADER}", status=status)
         return raw, int(applied)
 
+    async def complete_resync(self, vm_id: uuid.UUID, generation: int, next_sequence: int) -> dict:
+        """POST /v1/replicas/{vm_id}/resync/complete: the replica drops what the resync replaced."""
+        return await self._json("POST", routes.resync_complete_path(vm_id),
+                                {"generation": generation, "next_sequence": next_sequence})
+
     async def _request(self, method: str, path: str, *, json_body: dict | None = None,
                        upload: tuple[Path | Sequence[bytes], str, int] | None = None,
                        headers: dict | None = None) -> tuple[int, dict]:

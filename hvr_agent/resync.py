@@ -1,39 +1,42 @@
 """Resynchronization (``WaitingForStartResynchronize`` -> ``Resynchronizing`` -> ``Replicating``).
 
-Never a blind copy: the disks are compared with the replica by digest tree
-(:mod:`hvr_agent.compare`), and each block found different is **re-journaled**:
-its current contents are read from the image and appended to the disk's
-active log as a WRITE record (a hole as a TRIM) in one step of the event
-loop, so the record takes its place in the order of the guest's writes.  The
-next cycle ships those records with the guest's; the replica applies that
-cycle like any other (crash-safely, with undo capture), so it stays at its
-last applied point until then and keeps its recovery points.  Why this
-converges although the image is read live: ``docs/resync.md``.
+Never a blind copy (``docs/resync.md``): once the replica applied what it
+stored, the VM is cut (``A``), its disks are compared with the replica by
+digest tree (:mod:`hvr_agent.compare`), and each block found different is
+**re-journaled**: its current contents are read from the image and appended
+to the disk's active log as a WRITE record (a hole as a TRIM) in one step of
+the event loop, so the record takes its place in the order of the guest's
+writes.  Then the replica is rebased (``resync/complete``: it drops the
+stored cycles it had not applied and expects ``A + 1``), the logs up to ``A``
+are deleted and the state is ``Replicating``: the next cycles carry the
+re-journaled blocks, applied like any other (crash-safely, with undo
+capture), so the replica stays at its last applied point until then and
+keeps its recovery points.
 
 The compare of each disk keeps its descent: a suspension (``vm suspend``:
 ``ResynchronizeSuspended``) or a lost link stops it between two questions, and
 ``vm resume`` (or the retry) continues where it stopped.  ``vm resync
 --cancel`` drops the compare and waits for the operator
-(``WaitingForStartResynchronize``).  When every disk was compared, the logs
-are made durable (so the re-journaled records survive a crash), the state
-goes to ``Replicating`` and a cut is taken at once.
-
-A restart of the agent forgets a compare in progress: the VM is still
-``Resynchronizing`` and compares again from the start (a compare changes
-nothing on the replica, and re-journaled blocks are shipped either way).
+(``WaitingForStartResynchronize``).  A restart of the agent forgets a compare
+in progress: the VM is still ``Resynchronizing`` and compares again from a new
+cut (a compare changes nothing on the replica).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from hvr_common.pure import byte_ranges as br
+from hvr_common.pure.errors import HvrError, TransientError
+from hvr_common.pure.wire.error_catalogue import RemoteError
 from hvr_common.pure.replication_state import Action, ReplicationState, allowed_actions
 from hvr_common.shell import sparse
 from hvr_common.shell.logs import event
 from hvr_agent.compare import NS, CompareProgress, DiskCompare
 from hvr_agent.cycles import Cycles
+from hvr_agent.housekeeping import delete_logs_upto
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient
 from hvr_agent.tracker import TrackedDisk
@@ -42,6 +45,22 @@ log = logging.getLogger("hvr.agent.resync")
 
 S = ReplicationState
 PIECE_BYTES = 1024 * 1024  # re-journaled per event-loop step
+SETTLE_WAIT_S = 300.0
+
+
+# What a resync cures while cycles are shipped: the replica refuses a cycle out of sequence, or is in Error
+# (a stored cycle could not be applied: it refuses cycles as "not Replicating"), or a closed log is damaged
+# or not the cycle it should be.  The resync replaces every cycle up to its cut (docs/resync.md).
+REPLICA_REFUSALS = frozenset({"out_of_order", "wrong_state"})
+DAMAGED_LOG = frozenset({"hrl_corrupt", "corrupt"})
+
+
+def resync_cures(exc: HvrError) -> bool:
+    if isinstance(exc, TransientError):
+        return False
+    if isinstance(exc, RemoteError):
+        return exc.code in REPLICA_REFUSALS
+    return exc.code in DAMAGED_LOG
 
 
 def rejournal(disk: TrackedDisk, ranges: list[br.Range]) -> int:
@@ -74,6 +93,7 @@ class Resync:
         self.progress: CompareProgress | None = None
         self.last: dict | None = None  # the last finished resync's figures
         self._compares: dict[str, DiskCompare] | None = None
+        self._base: int | None = None  # the cut the compare started after: cycles up to it are replaced
 
     # --- verbs -------------------------------------------------------------------------------
     def schedule(self, at_ns: int | None) -> None:
@@ -82,6 +102,7 @@ class Resync:
     def cancel(self) -> None:
         self.start_at_ns = None
         self._compares = None
+        self._base = None
         self.progress = None
 
     async def require_if_changed_offline(self) -> None:
@@ -115,6 +136,9 @@ class Resync:
         rel = self.rel
         vm = rel.vm()
         if self._compares is None:
+            await self._wait_replica_settled(client, vm.record.vm_id)
+            closed = await rel.registry.cut(rel.name)  # durable: the compare starts after it
+            self._base = closed[0].sequence if closed else vm.sequence - 1
             self.progress = CompareProgress(total_bytes=sum(d.size for d in vm.disks.values()))
             self._compares = {name: DiskCompare(disk, self.progress) for name, disk in vm.disks.items()}
             event(log, "resync_started", vm=rel.name, disks=list(vm.disks), bytes=self.progress.total_bytes)
@@ -124,16 +148,38 @@ class Resync:
         for disk in vm.disks.values():  # the re-journaled records are durable before the state says done
             await disk.flush(force=True)
         rel.check_state(S.RESYNCHRONIZING)
-        await rel.set_state(Action.COMPLETE_RESYNC, None)
+        base = self._base
+        # The cycles up to the cut are replaced by the compare: the replica drops those it stored and
+        # expects base + 1 (which holds the re-journaled blocks); then the primary forgets them too.
+        await client.complete_resync(vm.record.vm_id, rel.rec.generation, base + 1)
+        await asyncio.to_thread(delete_logs_upto, rel.disks(), base)
+        await self.cycles.forget_upto(base)
+        await rel.set_state(Action.COMPLETE_RESYNC, None, next_sequence=base + 1)
         self.cycles.cut_soon()
         self.last = dict(progress.to_json(), finished_ns=time.time_ns(),
                          differing_ranges={n: len(dc.differing) for n, dc in self._compares.items()})
         self._compares = None
+        self._base = None
         self.progress = None
-        event(log, "resync_completed", vm=rel.name, bytes=progress.total_bytes,
+        event(log, "resync_completed", vm=rel.name, next_seq=base + 1, bytes=progress.total_bytes,
               differing_bytes=progress.differing_bytes, sent_bytes=progress.sent_bytes,
               latency_s=round((time.time_ns() - progress.started_ns) / NS, 3))
         return True
+
+    async def _wait_replica_settled(self, client: ReplicaClient, vm_id) -> None:
+        """Until the replica applied every cycle it stored (or cannot: it is in Error), so its images do not
+        change while they are compared."""
+        try:
+            async with asyncio.timeout(SETTLE_WAIT_S):
+                while True:
+                    view = await client.replica_state(vm_id)
+                    if view.get("state") == S.ERROR.value or \
+                            view.get("last_applied_sequence", 0) >= view.get("last_received_sequence", 0):
+                        return
+                    await asyncio.sleep(0.2)  # polling the replica's progress: nothing to wait on locally
+        except TimeoutError:
+            raise TransientError(f"the replica of VM {self.rel.name!r} has not applied its stored cycles "
+                                 f"within {SETTLE_WAIT_S:.0f} s", hint="hvrctl replica get on the replica host") from None
 
     def _still_resyncing(self) -> bool:
         return self.rel.rec.state is S.RESYNCHRONIZING

@@ -199,6 +199,12 @@ async def post_digests(request: web.Request) -> web.Response:
                         headers={routes.APPLIED_SEQUENCE_HEADER: str(applied)})
 
 
+async def post_resync_complete(request: web.Request) -> web.Response:
+    body = await _json(request)
+    rep = await request.app[SERVICE].complete_resync(_vm_id(request), request[PRINCIPAL], body)
+    return web.json_response(ReplicaView.from_replica(rep).to_json())
+
+
 def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int) -> web.Application:
     # aiohttp's own body limit applies to request.read()/post(); bundles are streamed and bounded by the service.
     app = web.Application(middlewares=[error_middleware(log), auth_middleware], client_max_size=MAX_JSON_BODY)
@@ -215,4 +221,5 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app.router.add_put(routes.CYCLE, put_cycle)
     app.router.add_put(routes.REPLICA_SETTINGS, put_settings)
     app.router.add_post(routes.DIGESTS, post_digests)
+    app.router.add_post(routes.RESYNC_COMPLETE, post_resync_complete)
     return app

@@ -96,6 +96,9 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("replica", S.REPLICATING, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.REPLICATING, Action.FAIL): S.ERROR,
     ("replica", S.ERROR, Action.RECOVER): S.REPLICATING,
+    # The primary finished a resync: the stored cycles it replaced are dropped, cycles go on from its sequence.
+    ("replica", S.REPLICATING, Action.COMPLETE_RESYNC): S.REPLICATING,
+    ("replica", S.ERROR, Action.COMPLETE_RESYNC): S.REPLICATING,
 }
 
 

@@ -253,3 +253,41 @@ def test_use_existing_with_a_stale_adopted_copy_compares_and_refuses_a_wrong_one
     result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(disks[0]), str(stale)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_replica_restored_from_an_older_backup_refuses_the_next_cycle_and_is_resynchronized(pair, tmp_path):
+    import shutil
+    import sqlite3
+    size = 16 * MiB
+    disks = replicate(pair, tmp_path, size)
+    uri = pair.agent.nbd_uri("web", "sys")
+    replica = pair.replica_image("web", "sys")
+    backup = tmp_path / "replica-backup.img"
+    shutil.copyfile(replica, backup)
+    old = pair.replica("web")["last_applied_sequence"]
+    for pattern in (7, 9):  # two more cycles reach the replica
+        qemu_io(uri, f"write -P {pattern} {pattern * MiB} 65536")
+        pair.sync("web")
+    pair.wait_replica_applied("web")
+    # the replica server is restored from the backup: images and records of the older point
+    pair.listener.terminate()
+    shutil.copyfile(backup, replica)
+    db = sqlite3.connect(pair.listener.state_dir / "listener.db")
+    with db:
+        db.execute("UPDATE replicas SET next_sequence=?, last_received_sequence=?, last_applied_sequence=?",
+                   (old + 1, old, old))
+        db.execute("DELETE FROM cycles WHERE sequence > ?", (old,))
+    db.close()
+    pair.listener.start().wait_ready()
+    qemu_io(uri, "write -P 11 0 4096")
+    pair.agent.hvrctl("vm", "sync-now", "web", "--no-wait")  # refused: out of order
+
+    def resynced() -> bool:
+        st = pair.status("web")
+        return st["state"] == "Replicating" and (st.get("resync") or {}).get("running") is False
+    wait_for(resynced, 180, "the automatic resync after the refusal", context=pair.agent.log_tail)
+    log_text = pair.agent.log_tail(500)
+    assert '"event":"resync_required"' in log_text and '"code":"out_of_order"' in log_text
+    pair.sync("web")
+    pair.wait_replica_applied("web")
+    pair.assert_identical("web", disks)

@@ -20,6 +20,7 @@ INITIAL_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/initial/complete"
 CYCLE = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}"  # query: consistency=application (else crash)
 REPLICA_SETTINGS = f"{PREFIX}/replicas/{{vm_id}}/settings"
 DIGESTS = f"{PREFIX}/replicas/{{vm_id}}/digests/{{disk_id}}"  # POST {"level": L, "indices": [...]}
+RESYNC_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/resync/complete"  # POST {"generation", "next_sequence"}
 
 # --- headers --------------------------------------------------------------------------
 AUTHORIZATION_HEADER = "Authorization"
@@ -62,3 +63,7 @@ def replica_settings_path(vm_id: uuid.UUID) -> str:
 
 def digests_path(vm_id: uuid.UUID, disk_id: uuid.UUID) -> str:
     return DIGESTS.format(vm_id=vm_id, disk_id=disk_id)
+
+
+def resync_complete_path(vm_id: uuid.UUID) -> str:
+    return RESYNC_COMPLETE.format(vm_id=vm_id)
