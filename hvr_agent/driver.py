@@ -52,7 +52,7 @@ class VmReplication:
         self.backoff = Backoff()
         self.initial = InitialCopy(rel, config.initial_window_bytes, self.backoff)
         self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name))
-        self.resync = Resync(rel, self.cycles)
+        self.resync = Resync(rel, self.cycles, config.resync.window_for(rel.name))
         self.verify = Verify(rel, self.cycles)
         self._steps: dict[Step, Callable[[ReplicaClient], Awaitable[bool]]] = {
             Step.WAIT_FOR_SCHEDULE: self._wait_for_schedule,
@@ -122,9 +122,9 @@ class VmReplication:
         await self.cycles.stop_prepare()
         self.cycles.fail_waiters(exc)
         self.rel.last_error = exc.message
-        self.resync.schedule(None)
-        await self.rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required: {exc.message}")
-        event(log, "resync_required", logging.WARNING, vm=self.name, code=exc.code, reason=exc.message)
+        when = self.resync.schedule_automatic()
+        await self.rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required ({when}): {exc.message}")
+        event(log, "resync_required", logging.WARNING, vm=self.name, code=exc.code, reason=exc.message, starts=when)
 
     async def _wait(self, timeout_s: float | None) -> None:
         if timeout_s is not None and timeout_s <= 0:

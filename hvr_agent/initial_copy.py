@@ -73,7 +73,8 @@ class InitialCopy:
         stored = {p.disk_id: p for p in await asyncio.to_thread(store.initial_progress, rel.name)}
         # Every disk already at its end on the replica, and no window of ours acknowledged: the replica
         # adopted an existing copy (hvrctl replica adopt).  It is compared, never taken on trust.
-        existing_copy = not any(p.durable_offset for p in stored.values()) and all(int(offsets.get(str(d.disk_id), 0)) >= d.size_bytes for d in disks)
+        existing_copy = (not any(p.durable_offset for p in stored.values())
+                         and all(int(offsets.get(str(d.disk_id), 0)) >= d.size_bytes for d in disks))
         self.run_started_ns = time.time_ns()
         self.run_bytes = 0
         for disk in disks:

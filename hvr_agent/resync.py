@@ -25,12 +25,14 @@ cut (a compare changes nothing on the replica).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 
 from hvr_common.pure import byte_ranges as br
 from hvr_common.pure.errors import HvrError, TransientError
 from hvr_common.pure.wire.error_catalogue import RemoteError
+from hvr_common.pure.resync_window import ResyncWindow
 from hvr_common.pure.replication_state import Action, ReplicationState, allowed_actions
 from hvr_common.shell import sparse
 from hvr_common.shell.logs import event
@@ -84,9 +86,10 @@ def rejournal(disk: TrackedDisk, ranges: list[br.Range]) -> int:
 class Resync:
     """One VM's resynchronization: when it starts, the compare in progress, its progress."""
 
-    def __init__(self, rel: Relationship, cycles: Cycles):
+    def __init__(self, rel: Relationship, cycles: Cycles, window: ResyncWindow | None = None):
         self.rel = rel
         self.cycles = cycles
+        self.window = window  # agent.toml [resync]: when an automatic resync may start (None: at once)
         # When a waiting resync starts: 0 at once (the default: an automatic resync), a time (--at),
         # or None: only when the operator asks (after --cancel).  Kept in memory; a restart starts at once.
         self.start_at_ns: int | None = 0
@@ -99,6 +102,15 @@ class Resync:
     def schedule(self, at_ns: int | None) -> None:
         self.start_at_ns = at_ns or 0
 
+    def schedule_automatic(self) -> str:
+        """A resync hvr starts by itself: at once, or at the next opening of the VM's window; says when."""
+        if self.window is None:
+            self.start_at_ns = 0
+            return "at once"
+        opens = self.window.next_open(datetime.datetime.now().astimezone())
+        self.start_at_ns = int(opens.timestamp() * NS)
+        return f"in the resync window {self.window} (from {opens.isoformat(timespec='minutes')})"
+
     def cancel(self) -> None:
         self.start_at_ns = None
         self._compares = None
@@ -109,14 +121,16 @@ class Resync:
         """At the task's start: an image changed while the agent did not serve it needs a compare."""
         rel = self.rel
         vm = rel.vm()
+        if rel.rec.state is S.WAITING_FOR_START_RESYNCHRONIZE:
+            self.schedule_automatic()  # after a restart: by the window (a --at time was kept in memory only)
         if not vm.changed_offline:
             return
         reasons = "; ".join(f"disk {disk}: {why}" for disk, why in vm.changed_offline.items())
         vm.changed_offline.clear()
         if Action.REQUIRE_RESYNC in allowed_actions("primary", rel.rec.state):
-            self.start_at_ns = 0
-            await rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required: {reasons}")
-            event(log, "resync_required", logging.WARNING, vm=rel.name, reason=reasons)
+            when = self.schedule_automatic()
+            await rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required ({when}): {reasons}")
+            event(log, "resync_required", logging.WARNING, vm=rel.name, reason=reasons, starts=when)
 
     # --- the steps ---------------------------------------------------------------------------
     def wait_s(self, now_ns: int) -> float | None:
@@ -179,7 +193,8 @@ class Resync:
                     await asyncio.sleep(0.2)  # polling the replica's progress: nothing to wait on locally
         except TimeoutError:
             raise TransientError(f"the replica of VM {self.rel.name!r} has not applied its stored cycles "
-                                 f"within {SETTLE_WAIT_S:.0f} s", hint="hvrctl replica get on the replica host") from None
+                                 f"within {SETTLE_WAIT_S:.0f} s",
+                                 hint="hvrctl replica get on the replica host") from None
 
     def _still_resyncing(self) -> bool:
         return self.rel.rec.state is S.RESYNCHRONIZING

@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvr_common.pure.resync_window import ResyncConfig, parse_resync
 from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
 
@@ -231,6 +232,7 @@ class AgentConfig:
     initial_window_bytes: int = DEFAULT_INITIAL_WINDOW_BYTES
     nbd_socket_group: str | None = None
     app_consistency: AppConsistencyConfig = AppConsistencyConfig()
+    resync: ResyncConfig = ResyncConfig()  # [resync]: the automatic resync window (resync_window.py)
 
     @property
     def db_path(self) -> Path:
@@ -259,6 +261,8 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
     )
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
+    c.seen.add("resync")
+    cfg["resync"] = parse_resync(table.get("resync"), c.problems)
     c.finish()
     return AgentConfig(**cfg)
 

@@ -291,3 +291,28 @@ def test_a_replica_restored_from_an_older_backup_refuses_the_next_cycle_and_is_r
     pair.sync("web")
     pair.wait_replica_applied("web")
     pair.assert_identical("web", disks)
+
+
+def test_an_automatic_resync_waits_for_its_window_and_the_operator_can_start_it(tmp_path):
+    import datetime
+    now = datetime.datetime.now().astimezone()
+    start, end = now + datetime.timedelta(hours=2), now + datetime.timedelta(hours=3)
+    window = f"{start:%H:%M}-{end:%H:%M}"
+    pair = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB},
+                agent_tables=f'[resync]\nwindow = "{window}"\n').start()
+    try:
+        disks = replicate(pair, tmp_path, 8 * MiB)
+        pair.agent.terminate()
+        damage(disks[0], [12345, 6 * MiB])
+        pair.agent.start().wait_ready()
+        wait_for(lambda: pair.status("web")["state"] == "WaitingForStartResynchronize", 60,
+                 "the changed image to require a resync", context=pair.agent.log_tail)
+        st = pair.status("web")
+        assert f"resync window {window}" in st["state_detail"]
+        assert pair.status("web")["state"] == "WaitingForStartResynchronize"  # still waiting: not in the window
+        pair.agent.hvrctl("vm", "resync", "web", "--wait", timeout_s=300)
+        pair.sync("web")
+        pair.wait_replica_applied("web")
+        pair.assert_identical("web", disks)
+    finally:
+        pair.close()
