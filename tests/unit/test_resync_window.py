@@ -44,3 +44,9 @@ def test_parse_and_config():
         parse_agent_config(dict(base, resync={"window": "late", "vm": {"db": {"windows": "x"}}, "when": 1}))
     text = str(err.value) + repr(getattr(err.value, "detail", ""))
     assert "resync.window" in text and "resync.vm.db.windows" in text and "resync.when" in text
+
+
+def test_the_log_backlog_budget_is_half_the_disks_by_default():
+    from hvr_common.pure.log_backlog import check_backlog
+    assert not check_backlog(50, 100).over and check_backlog(51, 100).over
+    assert check_backlog(10, 100, percent=5).over and check_backlog(10, 100).budget_bytes == 50
