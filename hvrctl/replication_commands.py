@@ -234,6 +234,16 @@ def _print_detail(s: dict) -> None:
                   ("InitialRate", f"{human_bytes(ini['rate_bytes_per_s'])}/s" if ini.get("rate_bytes_per_s")
                    else None),
                   ("InitialETA", _duration(ini.get("eta_s")))]
+    resync = s.get("resync") or {}
+    if resync:
+        pairs += [("Resync" if resync.get("running") else "LastResync",
+                   f"{resync.get('percent', 0):.1f}%: {human_bytes(resync.get('compared_bytes'))} compared, "
+                   f"{human_bytes(resync.get('differing_bytes'))} differing, {human_bytes(resync.get('sent_bytes'))} "
+                   "sent"), ("ResyncETA", _duration(resync.get("eta_s")) if resync.get("running") else None)]
+    verify = s.get("verify") or {}
+    if verify and not verify.get("running"):
+        pairs.append(("LastVerify", f"cycle {verify.get('sequence')}: {human_bytes(verify.get('differing_bytes'))} "
+                                    f"differing of {human_bytes(verify.get('compared_bytes'))}"))
     print(kv(pairs))
 
 
