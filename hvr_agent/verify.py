@@ -88,7 +88,8 @@ class Verify:
             skip = br.align_out(written[name], dc.geometry.block_size, disk.size)
             differing[name] = br.subtract(dc.differing, skip)
             if repair and differing[name]:
-                repaired += rejournal(disk, differing[name])
+                rejournal(disk, differing[name])  # data as WRITE records, holes as TRIMs
+                repaired += br.total(differing[name])
         if repaired:
             for disk in vm.disks.values():
                 await disk.flush(force=True)

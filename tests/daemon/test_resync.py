@@ -316,3 +316,19 @@ def test_an_automatic_resync_waits_for_its_window_and_the_operator_can_start_it(
         pair.assert_identical("web", disks)
     finally:
         pair.close()
+
+
+def test_verify_repair_sends_the_differing_ranges_with_the_next_cycle(pair, tmp_path):
+    size = 16 * MiB
+    disks = replicate(pair, tmp_path, size)
+    damage(pair.replica_image("web", "sys"), [4 * MiB + 1, 4 * MiB + 2, 11 * MiB])
+    code, report = verify(pair, "web", "--repair")
+    assert code == 0 and report["repair"] and report["differing_bytes"] == 2 * BLOCK
+    assert report["repaired_bytes"] == 2 * BLOCK
+    wait_for(lambda: pair.status("web")["pending_cycles"] == 0 and pair.status("web")["state"] == "Replicating",
+             60, "the repairing cycle to be shipped", context=pair.agent.log_tail)
+    pair.sync("web")
+    pair.wait_replica_applied("web")
+    pair.assert_identical("web", disks)
+    code, report = verify(pair, "web")
+    assert code == 0 and report["differing_bytes"] == 0
