@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -181,10 +182,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rsync(work: Path, image: Path, rsync: str) -> dict:
+def run_rsync(work: Path, image: Path, rsync: str, extra_args: Sequence[str] = ("--sparse",),
+              fresh_dest: bool = True) -> dict:
+    """``rsync EXTRA_ARGS IMAGE`` into the module folder ``work/rsync/dest`` (made here, unless ``fresh_dest``
+    is false and the caller put a file to update there)."""
     base = work / "rsync"
     dest = base / "dest"
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=not fresh_dest)
     conf = base / "rsyncd.conf"
     conf.write_text(
         "use chroot = no\n"
@@ -211,7 +215,7 @@ def run_rsync(work: Path, image: Path, rsync: str) -> dict:
         wait_for(listening, 20, "the rsync daemon to listen")
         proxy = CountingProxy(port)
         target = f"rsync://127.0.0.1:{proxy.port}/{RSYNC_MODULE}/{image.name}"
-        cmd = [rsync, "--sparse", "--stats", str(image), target]
+        cmd = [rsync, *extra_args, "--stats", str(image), target]
         say("rsync: " + " ".join(cmd))
         started = time.monotonic()
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)

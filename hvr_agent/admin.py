@@ -178,11 +178,15 @@ async def patch_server(request: web.Request) -> web.Response:
 
 async def start_initial(request: web.Request) -> web.Response:
     body = await read_json_object(request) if request.can_read_body else {}
-    _fields(body, {"at_ns"})
+    _fields(body, {"at_ns", "use_existing"})
     at_ns = body.get("at_ns")
     if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or at_ns < 0):
         raise UsageError("field 'at_ns' must be a time in nanoseconds since the epoch")
-    return web.json_response(await request.app[REPLICATION].start_initial(request.match_info["name"], at_ns))
+    use_existing = body.get("use_existing", False)
+    if not isinstance(use_existing, bool):
+        raise UsageError("field 'use_existing' must be true or false")
+    return web.json_response(await request.app[REPLICATION].start_initial(request.match_info["name"], at_ns,
+                                                                          use_existing))
 
 
 async def export_initial(request: web.Request) -> web.StreamResponse:
@@ -230,6 +234,27 @@ async def reset_settings(request: web.Request) -> web.Response:
     return web.json_response(await request.app[TRANSFERS].reset())
 
 
+async def resync_replication(request: web.Request) -> web.Response:
+    body = await read_json_object(request) if request.can_read_body else {}
+    _fields(body, {"at_ns", "cancel"})
+    at_ns = body.get("at_ns")
+    if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or at_ns < 0):
+        raise UsageError("field 'at_ns' must be a time in nanoseconds since the epoch")
+    cancel = body.get("cancel", False)
+    if not isinstance(cancel, bool):
+        raise UsageError("field 'cancel' must be true or false")
+    return web.json_response(await request.app[REPLICATION].resync(request.match_info["name"], at_ns, cancel))
+
+
+async def verify_replication(request: web.Request) -> web.Response:
+    body = await read_json_object(request) if request.can_read_body else {}
+    _fields(body, {"repair"})
+    repair = body.get("repair", False)
+    if not isinstance(repair, bool):
+        raise UsageError("field 'repair' must be true or false")
+    return web.json_response(await request.app[REPLICATION].verify(request.match_info["name"], repair))
+
+
 def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager,
              transfers: Transfers | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware(log)], client_max_size=MAX_BODY)
@@ -259,6 +284,8 @@ def make_app(registry: VmRegistry, status: dict, replication: ReplicationManager
     app.router.add_post("/v1/vms/{name}/replication/sync-now", sync_now)
     app.router.add_post("/v1/vms/{name}/replication/suspend", suspend_replication)
     app.router.add_post("/v1/vms/{name}/replication/resume", resume_replication)
+    app.router.add_post("/v1/vms/{name}/replication/resync", resync_replication)
+    app.router.add_post("/v1/vms/{name}/replication/verify", verify_replication)
     app.router.add_get("/v1/replication", list_replication)
     app.router.add_get("/v1/replication/{name}", get_replication)
     return app

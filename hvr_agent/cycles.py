@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hvr_common.pure.config import FreezeHooks
 from hvr_common.pure.errors import HvrError
+from hvr_common.pure.log_backlog import check_backlog
 from hvr_common.pure.measure import NS, CycleResult, CycleStat, result_for
 from hvr_common.pure.recovery_points import Consistency, app_consistent_due
 from hvr_common.pure.replication_state import ReplicationState
@@ -40,7 +41,7 @@ from hvr_common.shell.threads import finish_in_thread
 from hvr_agent import shipper
 from hvr_agent.app_consistency import frozen_cut
 from hvr_agent.cut_snapshot import SnapshotAbandoned
-from hvr_agent.housekeeping import delete_cycle_files
+from hvr_agent.housekeeping import closed_log_bytes, delete_cycle_files
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
 
@@ -68,6 +69,7 @@ class Cycles:
         # The cut that fell due while a cycle was uploading, and the build of its bundle: it
         # answers the error that stopped it, if any (see _prepare_next).
         self._prepare: asyncio.Task | None = None
+        self.over_budget = False  # the closed logs not yet shipped exceed the journal's budget (log_backlog)
 
     # --- verbs -------------------------------------------------------------------------------
     def request_sync(self, wait: bool) -> asyncio.Future | None:
@@ -109,6 +111,7 @@ class Cycles:
         if plan.cut:
             await self._cut()
             pending = rel.pending_sequences()
+            await self._check_backlog()
         if not pending:
             return False
         for seq in pending:
@@ -138,6 +141,23 @@ class Cycles:
         target = closed[0].sequence
         self._waiters = [(target if t is None and id(f) in asked else t, f) for t, f in self._waiters]
         return target
+
+    async def _check_backlog(self) -> None:
+        """The journal's backlog against its budget (log_backlog): reported once per crossing.  The seam where
+        a VM past its budget switches to bitmap tracking (the change-tracking issue)."""
+        rel = self.rel
+        disks = rel.disks()
+        vm = rel.vm()
+        pending = await asyncio.to_thread(closed_log_bytes, [d.logs_at for d in disks], rel.rec.next_sequence,
+                                          {(d.logs_at, vm.sequence) for d in disks})
+        check = check_backlog(pending, sum(d.size_bytes for d in disks))
+        if check.over and not self.over_budget:
+            event(log, "log_budget_exceeded", logging.WARNING, vm=rel.name, bytes=check.pending_bytes,
+                  budget_bytes=check.budget_bytes, pending=len(rel.pending_sequences()))
+        elif not check.over and self.over_budget:
+            event(log, "log_budget_back_within", vm=rel.name, bytes=check.pending_bytes,
+                  budget_bytes=check.budget_bytes)
+        self.over_budget = check.over
 
     async def _frozen_cut(self) -> tuple[list, Consistency]:
         """The cut between the freeze and thaw commands; crash-consistent if there are none or freeze fails."""
@@ -339,6 +359,12 @@ class Cycles:
 
     async def _record(self, stat: CycleStat) -> None:
         await asyncio.to_thread(self.rel.store.add_cycle_stat, self.rel.name, stat)
+
+    async def forget_upto(self, sequence: int) -> None:
+        """A resync replaced the cycles up to ``sequence``: their spool files go (their logs are gone)."""
+        for seq in [s for s in self._spools if s <= sequence]:
+            bundle = self._spools.pop(seq)
+            await asyncio.to_thread(bundle.path.unlink, missing_ok=True)
 
     # --- ending ------------------------------------------------------------------------------
     async def stop_prepare(self) -> None:

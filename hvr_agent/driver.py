@@ -34,8 +34,10 @@ from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
 from hvr_agent.replica_client import ReplicaClient, ReplicaEndpoint
 from hvr_agent.replica_credentials import ReplicaCredentials
+from hvr_agent.resync import Resync, resync_cures
 from hvr_agent.store import ReplicationRecord
 from hvr_agent.transfers import Transfers
+from hvr_agent.verify import Verify
 
 log = logging.getLogger("hvr.agent.replication")
 
@@ -55,11 +57,15 @@ class VmReplication:
         self.export_lock = asyncio.Lock()  # one media export of the VM at a time
         self.initial = InitialCopy(rel, config.initial_window_bytes, self.backoff)
         self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name))
+        self.resync = Resync(rel, self.cycles, config.resync.window_for(rel.name))
+        self.verify = Verify(rel, self.cycles)
         self._steps: dict[Step, Callable[[ReplicaClient], Awaitable[bool]]] = {
             Step.WAIT_FOR_SCHEDULE: self._wait_for_schedule,
             Step.INITIAL_COPY: self._initial_copy,
             Step.CYCLES: self.cycles.step,
             Step.WAIT_FOR_IMPORT: self._wait_for_import,
+            Step.WAIT_FOR_RESYNC: self.resync.wait_step,
+            Step.RESYNC: self.resync.step,
             Step.IDLE: self._idle,
         }
 
@@ -84,6 +90,7 @@ class VmReplication:
                                            transfers=self.transfers) as client:
                 self.client = client
                 await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
+                await self.resync.require_if_changed_offline()
                 await self._loop(client)
         except HvrError as exc:
             await self._fail(exc)
@@ -119,7 +126,19 @@ class VmReplication:
                 await self._wait(self.backoff.delay_s)
                 self.backoff.grow()
             except HvrError as exc:
-                await self._fail(exc)
+                if self.rel.rec.state is S.REPLICATING and resync_cures(exc):
+                    await self._require_resync(exc)
+                else:
+                    await self._fail(exc)
+
+    async def _require_resync(self, exc: HvrError) -> None:
+        """Certainty about the replica was lost: compare the disks (never a full copy)."""
+        await self.cycles.stop_prepare()
+        self.cycles.fail_waiters(exc)
+        self.rel.last_error = exc.message
+        when = self.resync.schedule_automatic()
+        await self.rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required ({when}): {exc.message}")
+        event(log, "resync_required", logging.WARNING, vm=self.name, code=exc.code, reason=exc.message, starts=when)
 
     async def _wait(self, timeout_s: float | None) -> None:
         if timeout_s is not None and timeout_s <= 0:
@@ -139,6 +158,8 @@ class VmReplication:
             return self.cycles.clock.wait_s(now)
         if step is Step.WAIT_FOR_IMPORT:
             return IMPORT_POLL_S
+        if step is Step.WAIT_FOR_RESYNC:
+            return self.resync.wait_s(now)
         return None
 
     # --- the steps (True: work was done, look again at once) ---------------------------------

@@ -71,6 +71,10 @@ class InitialCopy:
         remote = await client.replica_state(vm.record.vm_id)
         offsets = remote.get("initial") or {}
         stored = {p.disk_id: p for p in await asyncio.to_thread(store.initial_progress, rel.name)}
+        # Every disk already at its end on the replica, and no window of ours acknowledged: the replica
+        # adopted an existing copy (hvrctl replica adopt).  It is compared, never taken on trust.
+        existing_copy = (not any(p.durable_offset for p in stored.values())
+                         and all(int(offsets.get(str(d.disk_id), 0)) >= d.size_bytes for d in disks))
         self.run_started_ns = time.time_ns()
         self.run_bytes = 0
         for disk in disks:
@@ -86,10 +90,14 @@ class InitialCopy:
         next_sequence = rel.rec.base_sequence + 1
         await client.complete_initial(vm.record.vm_id, rel.rec.generation, next_sequence)
         now = time.time_ns()
-        await rel.set_state(Action.COMPLETE_INITIAL, initial_completed_ns=now, next_sequence=next_sequence)
+        if existing_copy:
+            await rel.set_state(Action.COMPLETE_INITIAL_FROM_COPY, "the replica holds an existing copy: comparing it",
+                                initial_completed_ns=now, next_sequence=next_sequence)
+        else:
+            await rel.set_state(Action.COMPLETE_INITIAL, initial_completed_ns=now, next_sequence=next_sequence)
         await asyncio.to_thread(store.clear_initial_progress, rel.name)
         total = sum(p.done_bytes for p in self.progress.values())
-        event(log, "initial_completed", vm=rel.name, seq=next_sequence, bytes=total,
+        event(log, "initial_completed", vm=rel.name, seq=next_sequence, bytes=total, existing_copy=existing_copy,
               latency_s=round((now - (rel.rec.initial_started_ns or now)) / NS, 3))
         self.backoff.reset()
 

@@ -41,7 +41,7 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ from hvr_common.pure.token_auth import Key, authorization
 from hvr_common.pure.transfer_settings import TransferSettings
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
-from hvr_common.pure.wire.messages import EnableRequest, InitialCompleteRequest
+from hvr_common.pure.wire.messages import DigestQuery, EnableRequest, InitialCompleteRequest
 from hvr_common.shell.key_file import KeyFile
 from hvr_agent.throttle import Throttle
 from hvr_agent.transfers import Transfers
@@ -215,9 +215,33 @@ class ReplicaClient:
         _, answer = await self._request(method, path, json_body=body)
         return answer
 
+    async def digests(self, vm_id: uuid.UUID, disk_id: uuid.UUID, query: DigestQuery) -> tuple[bytes, int]:
+        """POST /v1/replicas/{vm_id}/digests/{disk_id}: the nodes' digests (concatenated) and the
+        replica's last applied sequence when they were read."""
+        path = routes.digests_path(vm_id, disk_id)
+        status, raw, headers = await self._exchange("POST", path, json_body=query.to_json())
+        if not 200 <= status < 300:
+            _answer(status, raw, f"POST {path} on replica server {self.endpoint}")
+        applied = headers.get(routes.APPLIED_SEQUENCE_HEADER, "")
+        if not applied.isdigit():
+            raise ReplicaUnavailableError(f"replica server {self.endpoint} answered digests without "
+                                          f"{routes.APPLIED_SEQUENCE_HEADER}", status=status)
+        return raw, int(applied)
+
+    async def complete_resync(self, vm_id: uuid.UUID, generation: int, next_sequence: int) -> dict:
+        """POST /v1/replicas/{vm_id}/resync/complete: the replica drops what the resync replaced."""
+        return await self._json("POST", routes.resync_complete_path(vm_id),
+                                {"generation": generation, "next_sequence": next_sequence})
+
     async def _request(self, method: str, path: str, *, json_body: dict | None = None,
                        upload: tuple[Path | Sequence[bytes], str, int] | None = None,
                        headers: dict | None = None) -> tuple[int, dict]:
+        status, raw, _ = await self._exchange(method, path, json_body=json_body, upload=upload, headers=headers)
+        return status, _answer(status, raw, f"{method} {path} on replica server {self.endpoint}")
+
+    async def _exchange(self, method: str, path: str, *, json_body: dict | None = None,
+                        upload: tuple[Path | Sequence[bytes], str, int] | None = None,
+                        headers: dict | None = None) -> tuple[int, bytes, Mapping[str, str]]:
         if self._session is None:
             raise RuntimeError("ReplicaClient used outside 'async with'")
         hdrs = dict(headers or {})
@@ -245,6 +269,7 @@ class ReplicaClient:
                     self._session.request(method, url, data=data, headers=hdrs, allow_redirects=False) as resp:
                 raw = await _read_answer(resp)
                 status = resp.status
+                answer_headers = resp.headers.copy()  # case-insensitive
         except aiohttp.ClientSSLError as exc:
             refused = _tls_refusal(exc)
             if refused is None:
@@ -271,7 +296,7 @@ class ReplicaClient:
             if isinstance(exc, FileNotFoundError) and upload is not None:
                 raise
             raise ReplicaUnavailableError(f"{where} failed: {exc}") from None
-        return status, _answer(status, raw, where)
+        return status, raw, answer_headers
 
     @asynccontextmanager
     async def _transfer(self, uploading: bool):

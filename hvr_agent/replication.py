@@ -215,10 +215,12 @@ class ReplicationManager:
                              hint="add [app_consistency] (or [app_consistency.vm.NAME]) to agent.toml and "
                                   "restart the agent (deploy/agent.toml has a virsh example)")
 
-    async def start_initial(self, name: str, at_ns: int | None) -> dict:
+    async def start_initial(self, name: str, at_ns: int | None, use_existing: bool = False) -> dict:
         rep = self._get(name)
         rel = rep.rel
         st = rel.rec.state
+        if use_existing:
+            await self._check_existing_copy(rep)
         if st is S.ERROR and rel.rec.initial_completed_ns is None:
             return await self.resume(name)
         if st is S.READY_FOR_INITIAL_REPLICATION and initial_is_later(at_ns, time.time_ns()):
@@ -236,6 +238,21 @@ class ReplicationManager:
             raise ConflictError(f"an export of VM {name!r} is running already")
         async with rep.export_lock:
             return await initial_export.export(rep.rel, directory, chunk_bytes, report)
+
+    async def _check_existing_copy(self, rep: VmReplication) -> None:
+        """Start-VMInitialReplication -UseBackup: the replica must hold an adopted copy of every disk."""
+        if rep.client is None:
+            raise TransientError(f"the replication task of VM {rep.name!r} is not running",
+                                 hint="hvrctl vm get NAME shows the state")
+        view = await rep.client.replica_state(rep.rel.vm().record.vm_id)
+        offsets = view.get("initial") or {}
+        short = [d.name for d in rep.rel.disks() if int(offsets.get(str(d.disk_id), 0)) < d.size_bytes]
+        if short or view.get("state") not in (S.WAITING_FOR_INITIAL_REPLICATION.value,
+                                                          S.INITIAL_REPLICATION_IN_PROGRESS.value, S.REPLICATING.value):
+            raise ConflictError(f"the replica server holds no existing copy of VM {rep.name!r} "
+                                f"(disks without one: {', '.join(short) or 'none'}; replica {view.get('state')})",
+                                hint=f"on the replica server: hvrctl replica adopt {rep.name} --vm-id "
+                                     f"{rep.rel.vm().record.vm_id} --disk PATH ..., before vm enable")
 
     async def sync_now(self, name: str, wait: bool) -> dict:
         rep = self._get(name)
@@ -271,6 +288,34 @@ class ReplicationManager:
             await rep.rel.set_state(Action.RESUME)
         event(log, "replication_resumed", vm=name, state=rep.rec.state.value)
         return await self.status_of(rep)
+
+    async def resync(self, name: str, at_ns: int | None, cancel: bool) -> dict:
+        """Resume-VMReplication -Resynchronize: start (now or at ``at_ns``) or cancel a resynchronization."""
+        rep = self._get(name)
+        st = rep.rec.state
+        if cancel:
+            await rep.rel.set_state(Action.CANCEL_RESYNC, "resynchronization cancelled: hvrctl vm resync NAME "
+                                                         "starts it again")
+            rep.resync.cancel()
+            event(log, "resync_cancelled", vm=name)
+        elif st is S.RESYNCHRONIZING or st is S.RESYNCHRONIZE_SUSPENDED:
+            raise ConflictError(f"VM {name!r} is {st.value} already",
+                                hint="hvrctl vm resume NAME continues a suspended one")
+        else:
+            rep.resync.schedule(at_ns)
+            if st is not S.WAITING_FOR_START_RESYNCHRONIZE:
+                await rep.rel.set_state(Action.REQUIRE_RESYNC, "resynchronization requested by the operator")
+            rep.rel.wake.set()
+            event(log, "resync_requested", vm=name, at=iso_time(at_ns) if at_ns else "now")
+        return await self.status_of(rep)
+
+    async def verify(self, name: str, repair: bool) -> dict:
+        """Compare the replica at its latest point with the primary; change nothing (unless ``repair``)."""
+        rep = self._get(name)
+        if rep.client is None:
+            raise TransientError(f"the replication task of VM {name!r} is not running",
+                                 hint="hvrctl vm get NAME shows the state")
+        return await rep.verify.run(rep.client, repair)
 
     async def remove(self, name: str) -> dict:
         async with self._admin_lock:

@@ -60,7 +60,18 @@ async def status_of(rep: VmReplication, primary_server: str) -> dict:
         enabled_at=iso_time(rec.enabled_ns), initial=initial_status(rep), recovery_history=rec.recovery_history,
         fine_window_min=rec.fine_window_min, app_consistent_hours=rec.app_consistent_hours,
         settings_pending=rec.settings_pending, last_app_consistent_time=iso_time(rec.last_app_consistent_ns),
-        tracking=vm.record.tracking.value if vm else None).to_json()
+        tracking=vm.record.tracking.value if vm else None,
+        resync=rep.resync.status(), verify=verify_status(rep)).to_json()
+
+
+def verify_status(rep: VmReplication) -> dict | None:
+    if rep.verify.progress is not None:
+        return dict(rep.verify.progress.to_json(), running=True)
+    if rep.verify.last is not None:
+        last = rep.verify.last
+        return {"running": False, "sequence": last["sequence"], "differing_bytes": last["differing_bytes"],
+                "compared_bytes": last["compared_bytes"], "elapsed_s": last["elapsed_s"]}
+    return None
 
 
 def initial_status(rep: VmReplication) -> dict | None:

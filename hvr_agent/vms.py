@@ -22,6 +22,7 @@ from hvr_agent.journal import ClosedLog
 from hvr_agent.recovery import (carry_marked_regions, close_open_logs, read_region_runs, remove_side_files,
                                 uncertain_ranges)
 from hvr_agent.store import AgentStore, VmRecord
+from hvr_agent.image_stamp import changed_since_close, write_stamp
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
 
 log = logging.getLogger("hvr.agent.vms")
@@ -38,6 +39,9 @@ class ProtectedVm:
     cut_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # closed sequence -> the task making that cut durable (VmRegistry.begin_cut); a failed one stays
     settling: dict[int, asyncio.Future] = field(default_factory=dict)
+    # disk -> how its image changed while the agent did not serve it (image_stamp); the replication
+    # task turns it into a resync and clears it
+    changed_offline: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -155,6 +159,10 @@ class VmRegistry:
                                    cbw_max_age_s=self.config.cbw_max_age_s)
                 opened.append(disk)
                 vm.disks[d.name] = disk
+                changed = await asyncio.to_thread(changed_since_close, d.path, log_base)
+                if changed is not None:
+                    vm.changed_offline[d.name] = changed
+                    event(log, "image_changed_offline", logging.WARNING, vm=rec.name, disk=d.name, reason=changed)
             if not rec.read_only:
                 await self._recover(vm)
         except BaseException:
@@ -262,10 +270,16 @@ class VmRegistry:
         for dname in vm.disks:
             self._exports.pop(f"{vm.name}/{dname}", None)
 
-    async def _close_vm(self, vm: ProtectedVm, *, end_logs: bool) -> None:
+    async def _close_vm(self, vm: ProtectedVm, *, end_logs: bool, stamp: bool = False) -> None:
         async with vm.cut_lock:
             for disk in vm.disks.values():
                 await disk.close(end_log=end_logs)
+                if stamp and end_logs and not disk.read_only and disk.log is None:  # a clean stop: stamp the image
+                    try:
+                        await asyncio.to_thread(write_stamp, disk.image_path, disk.log_base)
+                    except OSError as exc:
+                        event(log, "image_stamp_failed", logging.WARNING, vm=vm.name, disk=disk.identity.disk,
+                              error=str(exc))
 
     async def cut(self, name: str, *, shipped: bool = True) -> list[ClosedLog]:
         """Switch all the VM's disks to new logs at one instant; return the closed logs once durable.
@@ -375,7 +389,7 @@ class VmRegistry:
     async def close_all(self) -> None:
         for vm in list(self.vms.values()):
             self._unexport(vm)
-            await self._close_vm(vm, end_logs=True)
+            await self._close_vm(vm, end_logs=True, stamp=True)
 
 
 

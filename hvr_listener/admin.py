@@ -20,8 +20,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from pathlib import Path
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -31,7 +32,7 @@ from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.progress_stream import stream_job
 from hvr_common.shell.logs import event
 from hvr_common.pure.wire.error_catalogue import error
-from hvr_listener import access_control, backup_api, initial_import, operator_verbs
+from hvr_listener import access_control, adoption, backup_api, initial_import, operator_verbs
 from hvr_listener.backups import Backups
 from hvr_listener.peer_connections import PeerConnections
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
@@ -129,6 +130,27 @@ async def remove_replica(request: web.Request) -> web.Response:
                               "storage": str(rep.storage_dir)})
 
 
+async def adopt_replica(request: web.Request) -> web.Response:
+    """Enable-VMReplication -AsReplica: an existing copy becomes the images of the primary's VM ``vm_id``."""
+    body = await read_json_object(request)
+    unknown = set(body) - {"name", "vm_id", "disks"}
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    try:
+        vm_id = uuid.UUID(str(body.get("vm_id")))
+    except ValueError:
+        raise UsageError("field 'vm_id' must be the primary VM's id (a UUID)") from None
+    disks = body.get("disks")
+    if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
+        raise UsageError("field 'disks' must be a list of image paths")
+    reps = await asyncio.to_thread(request.app[STORE].replicas)
+    taken = {r.name for r in reps} | {str(r.vm_id) for r in reps}
+    record = await asyncio.to_thread(adoption.adopt, Path(request.app[SETTINGS].storage_dir()), taken,
+                                     body.get("name"), vm_id, [Path(d) for d in disks])
+    event(log, "replica_adopted", vm=record["name"], vm_id=record["vm_id"], disks=len(record["disks"]))
+    return web.json_response(record, status=201)
+
+
 async def resume_replica(request: web.Request) -> web.Response:
     """Leave Error once the cause is fixed: stored cycles are applied again."""
     rep = await operator_verbs.resume_replica(request.app[SERVICE], request.match_info["name"])
@@ -194,6 +216,7 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app.router.add_get("/v1/replicas/{name}", get_replica)
     app.router.add_delete("/v1/replicas/{name}", remove_replica)
     app.router.add_post("/v1/replicas/{name}/resume", resume_replica)
+    app.router.add_post("/v1/adoptions", adopt_replica)
     app.router.add_get("/v1/replicas/{name}/recovery-points", list_recovery_points)
     app.router.add_post("/v1/replicas/{name}/initial/import", import_initial)
     app.router.add_post("/v1/replicas/{name}/test-failover", start_test_failover)

@@ -23,6 +23,7 @@ from hvr_common.shell.logs import event
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.threads import finish_in_thread
 from hvr_common.pure.authorization import Grant, check_same_trust_group
+from hvr_listener.adoption import adopted_images
 from hvr_listener.replica_access import ReplicaAccess, conflict
 from hvr_listener.replica_state import ReplicaStates, enabled_again_unchanged
 from hvr_common.pure.wire.messages import EnableRequest
@@ -64,22 +65,34 @@ class Enablement:
                 raise conflict("replica_conflict", f"a replica named {name} exists already (VM {namesake.vm_id})",
                                hint="give the VM another name, or remove the old replica first")
             vm_dir = Path(peer.storage) / str(vm_id)
-            if vm_dir.exists() and any(vm_dir.iterdir()):
+            adopted = await asyncio.to_thread(adopted_images, vm_dir, vm_id, disks)
+            if adopted is None and vm_dir.exists() and any(vm_dir.iterdir()):
                 raise conflict("replica_conflict", f"replica storage {vm_dir} is already in use",
                                hint="move the old files away (left by a replica of this VM removed without "
                                     "--delete-storage)")
-            paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
             created_dir = not vm_dir.exists()
+            if adopted is None:
+                paths = [(d_id, d_name, size, vm_dir / f"{d_name}.img") for d_id, d_name, size in disks]
+            else:  # an existing copy: every disk is there to its end, the primary compares instead of copying
+                paths = [(d_id, d_name, size, path) for (d_id, d_name, size), path in zip(disks, adopted)]
             try:  # finish_in_thread: a cancelled request still waits for its thread before cleaning up
-                await finish_in_thread(_create_images, vm_dir, paths)
+                if adopted is None:
+                    await finish_in_thread(_create_images, vm_dir, paths)
+                else:
+                    await finish_in_thread(_create_folders, vm_dir)
                 await finish_in_thread(self.states.enable, vm_id, name, peer.principal, generation, frequency_s,
                                        compression, vm_dir, paths, peer.trust_group)
             except BaseException:
                 # no record, no files: a failed enable must not leave images that block the name
-                await finish_in_thread(_remove_images, vm_dir, paths, created_dir)
+                if adopted is None:
+                    await finish_in_thread(_remove_images, vm_dir, paths, created_dir)
                 raise
+            if adopted is not None:
+                rep = await self.access.get(vm_id)
+                for d_id, _, size, _ in paths:
+                    await asyncio.to_thread(self.states.window_stored, rep, d_id, generation, 0, size)
         event(log, "replica_enabled", vm=name, vm_id=str(vm_id), principal=peer.principal,
-              trust_group=peer.trust_group, storage=str(vm_dir), disks=len(disks))
+              trust_group=peer.trust_group, storage=str(vm_dir), disks=len(disks), adopted=adopted is not None)
         return await self.access.get(vm_id), True
 
 
@@ -92,6 +105,11 @@ def _create_images(vm_dir: Path, paths) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    _create_folders(vm_dir)
+
+
+def _create_folders(vm_dir: Path) -> None:
+    vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (vm_dir / "cycles").mkdir(exist_ok=True)
     (vm_dir / "incoming").mkdir(exist_ok=True)
     fsync_dir(vm_dir)

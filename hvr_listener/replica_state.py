@@ -102,6 +102,13 @@ class ReplicaStates:
             last_received_sequence=next_sequence - 1, last_applied_sequence=next_sequence - 1,
             last_replication_ns=now_ns, last_applied_ns=now_ns)
 
+    def complete_resync(self, rep: Replica, next_sequence: int) -> list[Path] | None:
+        """The primary finished a resync of ``rep``: unapplied stored cycles are dropped, ``next_sequence`` is
+        expected next.  Raises :class:`InvalidTransition` if the state does not allow it; None if the replica
+        changed meanwhile (nothing written); else the dropped cycles' files."""
+        state = transition(ROLE, rep.state, Action.COMPLETE_RESYNC)
+        return self.store.rebase_replica(rep.vm_id, rep.created_ns, rep.state, state, next_sequence)
+
     def fail(self, rep: Replica, detail: str) -> bool:
         """A permanent error (a stored cycle cannot be applied): ``rep`` goes to Error with ``detail``.
 

@@ -25,6 +25,7 @@ from hvr_listener.enablement import Enablement
 from hvr_listener.initial_copy import InitialCopy
 from hvr_listener.replica_access import ReplicaAccess, check_generation
 from hvr_listener.replica_state import ReplicaStates
+from hvr_listener.resync_completion import ResyncCompletion
 from hvr_listener.store import ListenerStore, Replica
 
 
@@ -38,6 +39,7 @@ class ReplicaService:
         self._enablement = Enablement(self.access, self.states)
         self._initial = InitialCopy(self.access, self.states, max_bundle_bytes)
         self._cycles = CycleReceipt(self.access, max_bundle_bytes, self.wake_applier)
+        self._resync = ResyncCompletion(self.access, self.states)
 
     # --- lookup and locks (see replica_access: "Lock order") -------------
     async def get(self, vm_id: uuid.UUID, peer: Grant | None = None) -> Replica:
@@ -65,6 +67,12 @@ class ReplicaService:
                             length: int | None, digest: str, body: AsyncIterator[bytes],
                             consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
         return await self._cycles.receive(vm_id, sequence, peer, generation, length, digest, body, consistency)
+
+    async def complete_resync(self, vm_id: uuid.UUID, peer: Grant, body: dict) -> Replica:
+        try:
+            return await self._resync.complete(vm_id, peer, body)
+        finally:
+            self.wake_applier.set()
 
     async def set_history(self, vm_id: uuid.UUID, peer: Grant, generation: int,
                           body: dict) -> tuple[Replica, HistorySettings]:

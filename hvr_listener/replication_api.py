@@ -30,9 +30,10 @@ from hvr_common.shell.http_middleware import error_middleware
 from hvr_common.pure.token_auth import AuthError, ReplayCache, verify
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import error
-from hvr_common.pure.wire.messages import ReplicaView
+from hvr_common.pure.wire.messages import DigestQuery, ReplicaView
 from hvr_listener.body_feed import TooLargeError
 from hvr_listener.peer_connections import PeerConnections
+from hvr_listener.digests import ReplicaDigests
 from hvr_listener.replicas import ReplicaService
 from hvr_listener.settings import ServerSettings
 
@@ -41,6 +42,7 @@ log = logging.getLogger("hvr.listener.api")
 SERVICE = web.AppKey("service", ReplicaService)
 SETTINGS = web.AppKey("settings", ServerSettings)
 REPLAY = web.AppKey("replay", ReplayCache)
+DIGESTS = web.AppKey("digests", ReplicaDigests)
 STARTED_S = web.AppKey("started_s", int)  # requests signed earlier are refused (the replay cache is new)
 FAILURES = web.AppKey("failures", AuthFailureLimiter)
 PEERS = web.AppKey("peers", PeerConnections)
@@ -199,6 +201,24 @@ async def put_settings(request: web.Request) -> web.Response:
     return web.json_response(settings.to_json())
 
 
+async def post_digests(request: web.Request) -> web.Response:
+    """Digests of nodes of a replica disk's tree (the primary's compare: resync, verify)."""
+    try:
+        disk_id = uuid.UUID(request.match_info["disk_id"])
+    except ValueError:
+        raise UsageError("disk id is not a UUID") from None
+    query = DigestQuery.from_json(await _json(request))
+    body, applied = await request.app[DIGESTS].answer(_vm_id(request), disk_id, request[GRANT], query)
+    return web.Response(body=body, content_type=routes.DIGESTS_CONTENT_TYPE,
+                        headers={routes.APPLIED_SEQUENCE_HEADER: str(applied)})
+
+
+async def post_resync_complete(request: web.Request) -> web.Response:
+    body = await _json(request)
+    rep = await request.app[SERVICE].complete_resync(_vm_id(request), request[GRANT], body)
+    return web.json_response(ReplicaView.from_replica(rep).to_json())
+
+
 def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int,
              peers: PeerConnections | None = None, failures: AuthFailureLimiter | None = None) -> web.Application:
     # aiohttp's own body limit applies to request.read()/post(); bundles are streamed and bounded by the service.
@@ -209,6 +229,7 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app[STARTED_S] = int(time.time())
     app[FAILURES] = failures or AuthFailureLimiter()
     app[PEERS] = peers or PeerConnections()
+    app[DIGESTS] = ReplicaDigests(service.access)
     app.router.add_get(routes.SERVER, get_server)
     app.router.add_put(routes.REPLICA, put_replica)
     app.router.add_get(routes.REPLICA, get_replica)
@@ -216,4 +237,6 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app.router.add_post(routes.INITIAL_COMPLETE, post_initial_complete)
     app.router.add_put(routes.CYCLE, put_cycle)
     app.router.add_put(routes.REPLICA_SETTINGS, put_settings)
+    app.router.add_post(routes.DIGESTS, post_digests)
+    app.router.add_post(routes.RESYNC_COMPLETE, post_resync_complete)
     return app

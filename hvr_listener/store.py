@@ -322,6 +322,25 @@ class ListenerStore(AuthRows, PointRows, StateDatabase):
                              "WHERE vm_id=?", (sequence, log_created_ns, now, str(vm_id)))
         return point
 
+    def rebase_replica(self, vm_id: uuid.UUID, created_ns: int, old: ReplicationState, new: ReplicationState,
+                       next_sequence: int) -> list[Path] | None:
+        """After a resync (one transaction): stored cycles not yet applied are dropped and the replica
+        expects ``next_sequence`` next, as if ``next_sequence - 1`` were received and applied.  Only while
+        the replica is the one created at ``created_ns`` and in ``old``; returns the dropped cycles' files,
+        or None if nothing was written."""
+        with self._lock, self.transaction():
+            rows = self._db.execute("SELECT path FROM cycles WHERE vm_id=? AND applied_ns IS NULL",
+                                    (str(vm_id),)).fetchall()
+            cur = self._db.execute(
+                "UPDATE replicas SET state=?, state_detail=NULL, next_sequence=?, last_received_sequence=?, "
+                "last_applied_sequence=? WHERE vm_id=? AND created_ns=? AND state=?",
+                (ReplicationState(new).value, next_sequence, next_sequence - 1, next_sequence - 1, str(vm_id),
+                 created_ns, ReplicationState(old).value))
+            if cur.rowcount != 1:
+                return None
+            self._db.execute("DELETE FROM cycles WHERE vm_id=? AND applied_ns IS NULL", (str(vm_id),))
+        return [Path(r[0]) for r in rows]
+
     def cycle_history(self, vm_id: uuid.UUID) -> list[CycleRow]:
         with self._lock:
             rows = self._db.execute(

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError
-from hvrctl import (authz_commands, backup_commands, cert_commands, examples, hrl_commands, recovery_commands,
-                    replication_commands, server_commands, vm_commands)
+from hvrctl import (authz_commands, backup_commands, cert_commands, compare_commands, examples, hrl_commands,
+                    recovery_commands, replication_commands, server_commands, vm_commands)
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
 DEFAULT_LISTENER_SOCKET = "/run/hvr/listener.sock"
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     vm_verbs = vm_commands.register(sub, common)
     replication_commands.register(sub, vm_verbs, common)
+    compare_commands.register(vm_verbs, common)
     server_commands.register(sub, common)
     authz_commands.register(sub, common)
     recovery_commands.register(sub, common)

@@ -109,6 +109,9 @@ def register(sub, vm_verbs, common) -> None:
                         "occurrence) or +N[s|m|h] from now")
     p.add_argument("--wait", action="store_true",
                    help="wait until the copy completes, with a progress bar on stderr")
+    p.add_argument("--use-existing", action="store_true",
+                   help="the replica server adopted a copy of the VM (hvrctl replica adopt): compare it "
+                        "instead of copying (Start-VMInitialReplication -UseBackup)")
     p.set_defaults(func=cmd_initial_start)
     media_commands.register(isub, common)
 
@@ -236,6 +239,16 @@ def _print_detail(s: dict) -> None:
                   ("InitialRate", f"{human_bytes(ini['rate_bytes_per_s'])}/s" if ini.get("rate_bytes_per_s")
                    else None),
                   ("InitialETA", _duration(ini.get("eta_s")))]
+    resync = s.get("resync") or {}
+    if resync:
+        pairs += [("Resync" if resync.get("running") else "LastResync",
+                   f"{resync.get('percent', 0):.1f}%: {human_bytes(resync.get('compared_bytes'))} compared, "
+                   f"{human_bytes(resync.get('differing_bytes'))} differing, {human_bytes(resync.get('sent_bytes'))} "
+                   "sent"), ("ResyncETA", _duration(resync.get("eta_s")) if resync.get("running") else None)]
+    verify = s.get("verify") or {}
+    if verify and not verify.get("running"):
+        pairs.append(("LastVerify", f"cycle {verify.get('sequence')}: {human_bytes(verify.get('differing_bytes'))} "
+                                    f"differing of {human_bytes(verify.get('compared_bytes'))}"))
     print(kv(pairs))
 
 
@@ -305,6 +318,8 @@ def cmd_remove_replication(args) -> int:
 def cmd_initial_start(args) -> int:
     client = _client(args)
     body = {"at_ns": args.at} if args.at is not None else {}
+    if args.use_existing:
+        body["use_existing"] = True
     result = client.request("POST", f"/v1/vms/{args.name}/replication/initial", body)
     if not args.wait:
         if args.output == "json":

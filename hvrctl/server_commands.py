@@ -11,7 +11,7 @@ from pathlib import Path
 from hvr_common.pure.errors import UnavailableError, UsageError
 from hvr_common.shell.key_file import read_key, write_key
 from hvr_common.pure.token_auth import Key
-from hvrctl import transfer_commands
+from hvrctl import adopt_commands, transfer_commands
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv, table
 
@@ -116,6 +116,7 @@ def register(sub, common) -> None:
                         description="After the cause of an Error was fixed, apply the stored cycles again.")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_replica_resume)
+    adopt_commands.register(rsub, common)
 
 
 def _client(args) -> AdminClient:

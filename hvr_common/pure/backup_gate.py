@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from hvr_common.pure.recovery_points import Point
 
 ERROR = frozenset({"Error"})
-RESYNC_REQUIRED = frozenset({"ResynchronizationRequired", "WaitingForStartResynchronize"})
+RESYNC_REQUIRED = frozenset({"WaitingForStartResynchronize"})
 RESYNC_RUNNING = frozenset({"Resynchronizing", "ResynchronizeSuspended"})
 INITIAL = frozenset({"WaitingForInitialReplication", "InitialReplicationInProgress", "ReadyForInitialReplication"})
 FAILOVER = frozenset({"PreparedForFailover", "FailedOverWaitingCompletion"})

@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvr_common.pure.resync_window import ResyncConfig, parse_resync
 from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.names import storage_location_problem
 from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
@@ -241,6 +242,7 @@ class AgentConfig:
     http_listen: tuple[str, int] | None = None  # /healthz, /readyz, /metrics; off unless set
     cbw_budget_bytes: int = 4 * 1024 * 1024 * 1024  # bitmap tracking: copies of one cycle's blocks, per disk
     cbw_max_age_s: int = 900  # bitmap tracking: how long a cycle may keep copy-before-write armed
+    resync: ResyncConfig = ResyncConfig()  # [resync]: the automatic resync window (resync_window.py)
 
     @property
     def db_path(self) -> Path:
@@ -274,6 +276,8 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
     c.seen.update(("bandwidth", "max_active_transfers"))
     cfg["transfers"] = parse_transfer_config(table, c.problems)
+    c.seen.add("resync")
+    cfg["resync"] = parse_resync(table.get("resync"), c.problems)
     c.finish()
     return AgentConfig(**cfg)
 

@@ -52,7 +52,6 @@ _NOT_REVERSED = "{vm} was failed over and replication has not been reversed."
 # initial copy, so it is Warning like an incomplete initial replication.
 STATE_RULES: dict[tuple[str, str], tuple[Health, str]] = {
     ("primary", "Error"): (C, "Replication for {vm} is in error{detail}. Fix the error(s) and resume replication."),
-    ("primary", "ResynchronizationRequired"): (C, _CANNOT_PROCEED),
     ("primary", "WaitingForStartResynchronize"): (C, _CANNOT_PROCEED),
     ("primary", "Resynchronizing"): (W, "Resynchronization of {vm} is in progress."),
     ("primary", "ResynchronizeSuspended"): (W, "Resynchronization of {vm} is paused on the primary."),
@@ -65,7 +64,6 @@ STATE_RULES: dict[tuple[str, str], tuple[Health, str]] = {
     ("primary", "FailedOver"): (W, _NOT_REVERSED),
     ("replica", "Error"): (C, "Replication for {vm} is in error on the replica{detail}. Fix the error(s) and "
                               "resume replication."),
-    ("replica", "ResynchronizationRequired"): (C, _CANNOT_PROCEED),
     ("replica", "WaitingForStartResynchronize"): (C, _CANNOT_PROCEED),
     ("replica", "Resynchronizing"): (W, "Resynchronization of {vm} is in progress."),
     ("replica", "ResynchronizeSuspended"): (C, "Resynchronization of {vm} is paused on the replica."),

@@ -22,8 +22,9 @@ class ReplicationState(enum.StrEnum):
     INITIAL_REPLICATION_IN_PROGRESS = "InitialReplicationInProgress"
     REPLICATING = "Replicating"
     SUSPENDED = "Suspended"
+    WAITING_FOR_START_RESYNCHRONIZE = "WaitingForStartResynchronize"
     RESYNCHRONIZING = "Resynchronizing"
-    RESYNCHRONIZATION_REQUIRED = "ResynchronizationRequired"
+    RESYNCHRONIZE_SUSPENDED = "ResynchronizeSuspended"
     PREPARED_FOR_FAILOVER = "PreparedForFailover"
     FAILED_OVER_WAITING_COMPLETION = "FailedOverWaitingCompletion"
     FAILED_OVER = "FailedOver"
@@ -44,6 +45,11 @@ class Action(enum.StrEnum):
     RESUME = "resume"
     FAIL = "fail"  # a permanent error
     RECOVER = "recover"  # the operator resumes a VM in Error
+    REQUIRE_RESYNC = "require_resync"  # certainty was lost (an offline change, a missing log, a refused cycle)
+    RESYNC = "resync"  # the compare starts (hvrctl vm resync, or automatically)
+    COMPLETE_RESYNC = "complete_resync"
+    CANCEL_RESYNC = "cancel_resync"
+    COMPLETE_INITIAL_FROM_COPY = "complete_initial_from_copy"  # the replica adopted a copy: compare it
 
 
 class InvalidTransition(ConflictError):
@@ -72,6 +78,24 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("primary", S.WAITING_FOR_INITIAL_REPLICATION, Action.EXPORT_INITIAL): S.WAITING_FOR_INITIAL_REPLICATION,
     ("primary", S.WAITING_FOR_INITIAL_REPLICATION, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("primary", S.WAITING_FOR_INITIAL_REPLICATION, Action.START_INITIAL): S.INITIAL_REPLICATION_IN_PROGRESS,
+    # Resynchronization (docs/resync.md): never a blind copy, a compare of the disks.
+    ("primary", S.REPLICATING, Action.REQUIRE_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.SUSPENDED, Action.REQUIRE_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.ERROR, Action.REQUIRE_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.WAITING_FOR_START_RESYNCHRONIZE, Action.REQUIRE_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.WAITING_FOR_START_RESYNCHRONIZE, Action.RESYNC): S.RESYNCHRONIZING,
+    ("primary", S.REPLICATING, Action.RESYNC): S.RESYNCHRONIZING,
+    ("primary", S.ERROR, Action.RESYNC): S.RESYNCHRONIZING,
+    ("primary", S.RESYNCHRONIZING, Action.SUSPEND): S.RESYNCHRONIZE_SUSPENDED,
+    ("primary", S.RESYNCHRONIZE_SUSPENDED, Action.RESUME): S.RESYNCHRONIZING,
+    ("primary", S.RESYNCHRONIZING, Action.COMPLETE_RESYNC): S.REPLICATING,
+    ("primary", S.RESYNCHRONIZING, Action.CANCEL_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.RESYNCHRONIZE_SUSPENDED, Action.CANCEL_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.WAITING_FOR_START_RESYNCHRONIZE, Action.CANCEL_RESYNC): S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.WAITING_FOR_START_RESYNCHRONIZE, Action.FAIL): S.ERROR,
+    ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL_FROM_COPY):
+        S.WAITING_FOR_START_RESYNCHRONIZE,
+    ("primary", S.RESYNCHRONIZING, Action.FAIL): S.ERROR,
     ("replica", None, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     # As in Hyper-V the replica stays WaitingForInitialReplication while the copy runs.  The rows from
@@ -83,6 +107,9 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("replica", S.REPLICATING, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.REPLICATING, Action.FAIL): S.ERROR,
     ("replica", S.ERROR, Action.RECOVER): S.REPLICATING,
+    # The primary finished a resync: the stored cycles it replaced are dropped, cycles go on from its sequence.
+    ("replica", S.REPLICATING, Action.COMPLETE_RESYNC): S.REPLICATING,
+    ("replica", S.ERROR, Action.COMPLETE_RESYNC): S.REPLICATING,
 }
 
 
@@ -106,11 +133,13 @@ class Step(enum.StrEnum):
     INITIAL_COPY = "initial_copy"  # the initial cut and the copy of the images
     CYCLES = "cycles"  # cut, build and ship cycles
     WAIT_FOR_IMPORT = "wait_for_import"  # ask the replica whether the media was imported, then complete
+    WAIT_FOR_RESYNC = "wait_for_resync"  # start the resync when its time comes (at once, --at, the window)
+    RESYNC = "resync"  # compare the disks with the replica, re-journal what differs
     IDLE = "idle"  # nothing: wait until a verb changes the state
 
 
 # (role, state) -> the step the relationship's task runs in that state.  Every primary state has a row;
-# the states reserved for failover and resynchronization have no transitions yet, so they idle.
+# the states reserved for failover have no transitions yet, so they idle.
 STEPS: dict[tuple[str, S], Step] = {
     ("primary", S.READY_FOR_INITIAL_REPLICATION): Step.WAIT_FOR_SCHEDULE,
     ("primary", S.INITIAL_REPLICATION_IN_PROGRESS): Step.INITIAL_COPY,
@@ -118,8 +147,9 @@ STEPS: dict[tuple[str, S], Step] = {
     ("primary", S.WAITING_FOR_INITIAL_REPLICATION): Step.WAIT_FOR_IMPORT,
     ("primary", S.SUSPENDED): Step.IDLE,
     ("primary", S.ERROR): Step.IDLE,
-    ("primary", S.RESYNCHRONIZING): Step.IDLE,
-    ("primary", S.RESYNCHRONIZATION_REQUIRED): Step.IDLE,
+    ("primary", S.WAITING_FOR_START_RESYNCHRONIZE): Step.WAIT_FOR_RESYNC,
+    ("primary", S.RESYNCHRONIZING): Step.RESYNC,
+    ("primary", S.RESYNCHRONIZE_SUSPENDED): Step.IDLE,
     ("primary", S.PREPARED_FOR_FAILOVER): Step.IDLE,
     ("primary", S.FAILED_OVER_WAITING_COMPLETION): Step.IDLE,
     ("primary", S.FAILED_OVER): Step.IDLE,

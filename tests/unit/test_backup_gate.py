@@ -26,7 +26,6 @@ def gate(**kw) -> Admitted | Refusal:
 
 @pytest.mark.parametrize("kw, code", [
     (dict(state="Error", state_detail="applying cycle 5 failed"), "backup_apply_failed"),
-    (dict(state="ResynchronizationRequired"), "backup_resync_required"),
     (dict(state="WaitingForStartResynchronize"), "backup_resync_required"),
     (dict(state="Resynchronizing"), "backup_resync_running"),
     (dict(state="ResynchronizeSuspended"), "backup_resync_running"),

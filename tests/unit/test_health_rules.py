@@ -16,7 +16,6 @@ C, W, N = Health.CRITICAL, Health.WARNING, Health.NORMAL
 # (role, state, expected level, words the sentence must hold)
 STATE_TABLE = [
     ("primary", "Error", C, "in error: boom"),
-    ("primary", "ResynchronizationRequired", C, "cannot proceed"),
     ("primary", "WaitingForStartResynchronize", C, "cannot proceed"),
     ("primary", "Resynchronizing", W, "in progress"),
     ("primary", "ResynchronizeSuspended", W, "paused on the primary"),
@@ -27,7 +26,6 @@ STATE_TABLE = [
     ("primary", "FailedOverWaitingCompletion", W, "not been reversed"),
     ("primary", "FailedOver", W, "not been reversed"),
     ("replica", "Error", C, "in error on the replica: boom"),
-    ("replica", "ResynchronizationRequired", C, "cannot proceed"),
     ("replica", "WaitingForStartResynchronize", C, "cannot proceed"),
     ("replica", "Resynchronizing", W, "in progress"),
     ("replica", "ResynchronizeSuspended", C, "paused on the replica"),

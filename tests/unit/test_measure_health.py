@@ -105,7 +105,7 @@ def test_critical_in_error_or_after_two_silent_intervals():
     # no acknowledgement yet: counted from the end of the initial copy
     assert health(S.REPLICATING, since_age_s=3 * F).health is Health.CRITICAL
     assert health(S.REPLICATING, since_age_s=F).health is Health.NORMAL
-    assert health(S.RESYNCHRONIZATION_REQUIRED).health is Health.CRITICAL
+    assert health(S.WAITING_FOR_START_RESYNCHRONIZE).health is Health.CRITICAL
 
 
 def test_warning_for_missed_cycles_errors_or_suspension():

@@ -109,6 +109,8 @@ EXPECTED_STEPS = {
     ReplicationState.INITIAL_REPLICATION_IN_PROGRESS: Step.INITIAL_COPY,
     ReplicationState.REPLICATING: Step.CYCLES,
     ReplicationState.WAITING_FOR_INITIAL_REPLICATION: Step.WAIT_FOR_IMPORT,  # exported to media
+    ReplicationState.WAITING_FOR_START_RESYNCHRONIZE: Step.WAIT_FOR_RESYNC,
+    ReplicationState.RESYNCHRONIZING: Step.RESYNC,
 }
 
 
@@ -136,3 +138,16 @@ def test_every_state_a_primary_transition_reaches_has_a_step():
 def test_a_state_without_a_row_idles(role, state):
     assert (role, state) not in STEPS
     assert step_for(role, state) is Step.IDLE
+
+
+def test_resync_states_follow_hyper_v():
+    p, S = "primary", ReplicationState
+    assert transition(p, S.REPLICATING, Action.REQUIRE_RESYNC) is S.WAITING_FOR_START_RESYNCHRONIZE
+    assert transition(p, S.WAITING_FOR_START_RESYNCHRONIZE, Action.RESYNC) is S.RESYNCHRONIZING
+    assert transition(p, S.RESYNCHRONIZING, Action.SUSPEND) is S.RESYNCHRONIZE_SUSPENDED
+    assert transition(p, S.RESYNCHRONIZE_SUSPENDED, Action.RESUME) is S.RESYNCHRONIZING
+    assert transition(p, S.RESYNCHRONIZING, Action.COMPLETE_RESYNC) is S.REPLICATING
+    assert transition(p, S.RESYNCHRONIZING, Action.CANCEL_RESYNC) is S.WAITING_FOR_START_RESYNCHRONIZE
+    with pytest.raises(InvalidTransition):
+        transition(p, S.RESYNCHRONIZE_SUSPENDED, Action.COMPLETE_RESYNC)
+    assert "ResynchronizationRequired" not in {s.value for s in ReplicationState}

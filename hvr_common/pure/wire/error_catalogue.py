@@ -88,6 +88,10 @@ _ENTRIES = (
     # the daemons' state databases
     _E("state_too_new", 500, HvrError, 65, "the state database was written by a newer hvr (schema version)"),
     _E("state_migration_failed", 500, HvrError, 1, "upgrading the state database's schema failed; it is unchanged"),
+    # the compare engine (resync, verify)
+    _E("compare_mismatch", 409, ConflictError, 4,
+       "a compare asked for a disk of another size or nodes outside its tree"),
+    _E("adopt_mismatch", 409, ConflictError, 4, "an adopted copy is for another VM id, disk count or disk size"),
     # the agent's client of the replica server
     _E("replica_refused", 502, HvrError, 1, "the replica server refused (passed on by the agent)"),
     _E("replica_unavailable", 503, TransientError, 75, "the replica server could not be reached or failed"),

@@ -197,3 +197,30 @@ class ReplicaView:
                    _int(body, "last_received_sequence", 0), _int(body, "last_applied_sequence", 0), offsets,
                    _int(body, "last_replication_time_ns", 0, optional=True),
                    _int(body, "last_applied_log_time_ns", 0, optional=True))
+
+
+# --- POST /v1/replicas/{vm_id}/digests/{disk_id} ---------------------------------------
+MAX_DIGEST_QUERY_NODES = 8192  # hvr_common.pure.digest_tree.MAX_QUERY_NODES
+
+
+@dataclass(frozen=True, slots=True)
+class DigestQuery:
+    """Nodes of one level of a disk's digest tree (``docs/resync.md``); ``size_bytes`` is the primary's
+    disk size, so both sides cut the disk into the same tree."""
+
+    size_bytes: int
+    level: int
+    indices: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"size_bytes": self.size_bytes, "level": self.level, "indices": list(self.indices)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> DigestQuery:
+        body = _object(obj, "body")
+        _only(body, ("size_bytes", "level", "indices"))
+        indices = body.get("indices")
+        if (not isinstance(indices, list) or len(indices) > MAX_DIGEST_QUERY_NODES
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)):
+            raise UsageError(f"field 'indices' must be a list of at most {MAX_DIGEST_QUERY_NODES} integers >= 0")
+        return cls(_int(body, "size_bytes", 0), _int(body, "level", 0), tuple(indices))

@@ -19,15 +19,19 @@ INITIAL_WINDOW = f"{PREFIX}/replicas/{{vm_id}}/initial/{{disk_id}}"  # query: of
 INITIAL_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/initial/complete"
 CYCLE = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}"  # query: consistency=application (else crash)
 REPLICA_SETTINGS = f"{PREFIX}/replicas/{{vm_id}}/settings"
+DIGESTS = f"{PREFIX}/replicas/{{vm_id}}/digests/{{disk_id}}"  # POST {"level": L, "indices": [...]}
+RESYNC_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/resync/complete"  # POST {"generation", "next_sequence"}
 
 # --- headers --------------------------------------------------------------------------
 AUTHORIZATION_HEADER = "Authorization"
 CONTENT_DIGEST_HEADER = "X-Hvr-Content-SHA256"  # lowercase hex SHA-256 of the body
 GENERATION_HEADER = "X-Hvr-Generation"  # decimal generation of initial windows and cycles
+APPLIED_SEQUENCE_HEADER = "X-Hvr-Applied-Sequence"  # the replica's last applied cycle when digests were read
 
 # --- content types --------------------------------------------------------------------
 JSON_CONTENT_TYPE = "application/json"
 BUNDLE_CONTENT_TYPE = "application/x-hvr-bundle"
+DIGESTS_CONTENT_TYPE = "application/x-hvr-digests"  # 32-byte blake3 digests, concatenated
 
 
 # --- builders (the agent's side) ------------------------------------------------------
@@ -55,3 +59,11 @@ def cycle_path(vm_id: uuid.UUID, sequence: int, consistency: str = "crash") -> s
 
 def replica_settings_path(vm_id: uuid.UUID) -> str:
     return REPLICA_SETTINGS.format(vm_id=vm_id)
+
+
+def digests_path(vm_id: uuid.UUID, disk_id: uuid.UUID) -> str:
+    return DIGESTS.format(vm_id=vm_id, disk_id=disk_id)
+
+
+def resync_complete_path(vm_id: uuid.UUID) -> str:
+    return RESYNC_COMPLETE.format(vm_id=vm_id)

@@ -47,6 +47,8 @@ class PrimaryStatus:
     settings_pending: bool = False  # not yet acknowledged by the replica server
     last_app_consistent_time: str | None = None  # the last cut taken between freeze and thaw
     tracking: str | None = None  # the VM's tracking mode (journal, bitmap)
+    resync: Mapping[str, Any] | None = None  # the resync running (bytes compared, sent, ETA) or the last one
+    verify: Mapping[str, Any] | None = None  # the verify running (progress) or the last one's result
 
     def to_json(self) -> dict:
         return {
@@ -62,6 +64,8 @@ class PrimaryStatus:
             "recovery_history": self.recovery_history, "fine_window_min": self.fine_window_min,
             "app_consistent_hours": self.app_consistent_hours, "settings_pending": self.settings_pending,
             "last_app_consistent_time": self.last_app_consistent_time, "tracking": self.tracking,
+            "resync": dict(self.resync) if self.resync is not None else None,
+            "verify": dict(self.verify) if self.verify is not None else None,
         }
 
 

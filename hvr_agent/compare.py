@@ -1,0 +1,150 @@
+"""Comparing a VM's disks with its replica by digest tree (the compare engine's shell on the primary).
+
+Per disk: the image is read into its tree in one pass (``digest_scan.scan``,
+in a worker thread), then a :class:`~hvr_common.pure.digest_tree.Descent`
+asks the replica for the digests of the nodes it needs
+(``POST /v1/replicas/{vm_id}/digests/{disk_id}``) and descends only below the
+nodes that differ; blocks (level 0) are hashed from the image when asked.
+Differing blocks are handed to ``on_differences`` as they are found, so a
+resync re-journals them while the compare goes on.
+
+The primary's image is live while it is read.  That is correct for a resync
+(``docs/resync.md``, "Why a live compare converges"); a verify excludes the
+ranges written since the replica's point (:func:`written_since`).
+
+A ``DiskCompare`` keeps its descent, so a compare suspended between queries
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from hvr_common.pure import byte_ranges as br
+from hvr_common.pure import digest_tree as dt
+from hvr_common.pure.errors import NotFoundError
+from hvr_common.pure.hrl import Record
+from hvr_common.pure.wire.messages import DigestQuery
+from hvr_common.shell import digest_scan
+from hvr_common.shell.hrl_file import iter_hrl_file
+from hvr_common.shell.threads import finish_in_thread
+from hvr_agent.journal import list_logs
+from hvr_agent.relationship import Stopped
+from hvr_agent.replica_client import ReplicaClient
+from hvr_agent.tracker import TrackedDisk
+
+NS = 1_000_000_000
+
+
+@dataclass
+class CompareProgress:
+    """Counters of one compare (resync or verify), shown by ``vm get`` and the progress bar."""
+
+    total_bytes: int = 0
+    scanned_bytes: int = 0  # read and hashed on this side
+    compared_bytes: int = 0  # proven equal, or found different
+    differing_bytes: int = 0
+    sent_bytes: int = 0  # re-journaled for the next cycle (resync)
+    started_ns: int = field(default_factory=time.time_ns)
+    applied_sequences: set[int] = field(default_factory=set)  # the replica's applied sequence at each answer
+
+    def done_fraction(self) -> float:
+        if not self.total_bytes:
+            return 1.0
+        # the scan is most of the time; the descent's questions the rest
+        return min(1.0, 0.8 * self.scanned_bytes / self.total_bytes + 0.2 * self.compared_bytes / self.total_bytes)
+
+    def eta_s(self, now_ns: int | None = None) -> float | None:
+        fraction = self.done_fraction()
+        if fraction <= 0.0:
+            return None
+        elapsed = ((now_ns or time.time_ns()) - self.started_ns) / NS
+        return round(elapsed * (1 - fraction) / fraction, 1)
+
+    def to_json(self) -> dict:
+        return {"total_bytes": self.total_bytes, "scanned_bytes": self.scanned_bytes,
+                "compared_bytes": self.compared_bytes, "differing_bytes": self.differing_bytes,
+                "sent_bytes": self.sent_bytes, "eta_s": self.eta_s(),
+                "percent": round(100 * self.done_fraction(), 1)}
+
+
+OnDifferences = Callable[[TrackedDisk, list[br.Range]], Awaitable[None]]
+
+
+class DiskCompare:
+    """One disk's compare with its replica; ``run`` may be cancelled and run again to continue."""
+
+    def __init__(self, disk: TrackedDisk, progress: CompareProgress):
+        self.disk = disk
+        self.geometry = dt.Geometry(disk.size)
+        self.progress = progress
+        self.tree: dt.DigestTree | None = None
+        self.descent = dt.Descent(self.geometry)
+        self.differing: list[br.Range] = []
+        self._compared_before = 0
+
+    @property
+    def done(self) -> bool:
+        return self.tree is not None and self.descent.done
+
+    async def run(self, client: ReplicaClient, vm_id: uuid.UUID, on_differences: OnDifferences | None,
+                  keep_going: Callable[[], bool] | None = None) -> None:
+        """Compare (or continue comparing); ``keep_going()`` False between two questions stops it (``Stopped``)."""
+        fd = self.disk.device.fd
+        progress = self.progress
+        if self.tree is None:
+            base = progress.scanned_bytes
+
+            def scanned(n: int) -> None:
+                progress.scanned_bytes = base + n
+
+            self.tree = await finish_in_thread(digest_scan.scan, fd, self.geometry, scanned)
+        disk_id = self.disk.identity.disk_id
+        while not self.descent.done:
+            if keep_going is not None and not keep_going():
+                raise Stopped()
+            query = self.descent.next_query()
+            try:
+                raw, applied = await client.digests(vm_id, disk_id,
+                                                    DigestQuery(self.geometry.size, query.level, query.indices))
+                theirs = dt.decode_digests(raw, len(query.indices))
+                if query.level == 0:
+                    ours = await finish_in_thread(digest_scan.block_digests, fd, self.geometry, query.indices)
+                else:
+                    ours = self.tree.digests(query.level, query.indices)
+            except BaseException:
+                self.descent.requeue(query)  # asked again when the compare continues
+                raise
+            progress.applied_sequences.add(applied)
+            found_before = len(self.descent.differing_blocks)
+            self.descent.answer(query, ours, theirs)
+            progress.compared_bytes += self.descent.compared_bytes - self._compared_before
+            self._compared_before = self.descent.compared_bytes
+            found = br.from_indices(self.descent.differing_blocks[found_before:], self.geometry.block_size,
+                                    self.geometry.size)
+            if found:
+                progress.differing_bytes += br.total(found)
+                self.differing = br.union(self.differing, found)
+                if on_differences is not None:
+                    await on_differences(self.disk, found)
+
+
+def written_since(disk: TrackedDisk, sequence: int) -> list[br.Range]:
+    """The ranges every log of ``disk`` after ``sequence`` touches (closed and active; blocking).
+
+    The active log's buffer must have been handed to the kernel (``drain``) by the caller; a torn tail
+    is the end of a log."""
+    ranges: list[br.Range] = []
+    for seq, path in list_logs(disk.log_base):
+        if seq <= sequence:
+            continue
+        try:
+            for item in iter_hrl_file(path, keep_data=False):
+                if isinstance(item, Record):
+                    ranges.append((item.offset, item.offset + item.length))
+        except (FileNotFoundError, NotFoundError):
+            continue  # shipped and deleted meanwhile: the verify sees the acknowledgement and tries again
+    return br.normalise(ranges)
