@@ -83,6 +83,22 @@ def rejournal(disk: TrackedDisk, ranges: list[br.Range]) -> int:
     return sent
 
 
+async def mark_changed(disk: TrackedDisk, ranges: list[br.Range]) -> int:
+    """Send ``ranges`` with the next cycle: in bitmap mode their blocks are marked changed (the write-intent
+    regions durably first, as a guest write marks them), in journal mode their current contents are
+    re-journaled.  Returns the bytes the next cycle will carry for them."""
+    if not disk.bitmap:
+        return rejournal(disk, ranges)
+    if disk.log is None or disk.dirty is None:
+        raise Stopped()  # the disk is closing
+    size = disk.intent.region_bytes
+    regions = sorted({r for off, end in ranges for r in range(off // size, (end - 1) // size + 1) if end > off})
+    if regions:
+        await disk.intent.mark(regions)
+    disk.dirty.seed([(off, end - off) for off, end in ranges])
+    return br.total(ranges)
+
+
 class Resync:
     """One VM's resynchronization: when it starts, the compare in progress, its progress."""
 
@@ -151,7 +167,8 @@ class Resync:
         vm = rel.vm()
         if self._compares is None:
             await self._wait_replica_settled(client, vm.record.vm_id)
-            closed = await rel.registry.cut(rel.name)  # durable: the compare starts after it
+            # durable: the compare starts after it; no cycle ships this cut (its cycles are replaced)
+            closed = await rel.registry.cut(rel.name, shipped=False)
             self._base = closed[0].sequence if closed else vm.sequence - 1
             self.progress = CompareProgress(total_bytes=sum(d.size for d in vm.disks.values()))
             self._compares = {name: DiskCompare(disk, self.progress) for name, disk in vm.disks.items()}
@@ -201,7 +218,7 @@ class Resync:
 
     async def _send(self, disk: TrackedDisk, ranges: list[br.Range]) -> None:
         self.rel.check_state(S.RESYNCHRONIZING)
-        self.progress.sent_bytes += rejournal(disk, ranges)
+        self.progress.sent_bytes += await mark_changed(disk, ranges)
 
     def status(self) -> dict | None:
         if self.progress is not None:

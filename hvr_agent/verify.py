@@ -32,7 +32,7 @@ from hvr_agent.compare import NS, CompareProgress, DiskCompare, written_since
 from hvr_agent.cycles import Cycles
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient
-from hvr_agent.resync import rejournal
+from hvr_agent.resync import mark_changed
 
 log = logging.getLogger("hvr.agent.verify")
 
@@ -88,7 +88,7 @@ class Verify:
             skip = br.align_out(written[name], dc.geometry.block_size, disk.size)
             differing[name] = br.subtract(dc.differing, skip)
             if repair and differing[name]:
-                rejournal(disk, differing[name])  # data as WRITE records, holes as TRIMs
+                await mark_changed(disk, differing[name])  # journal: WRITE records, holes as TRIMs; bitmap: marks
                 repaired += br.total(differing[name])
         if repaired:
             for disk in vm.disks.values():

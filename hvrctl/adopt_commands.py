@@ -18,7 +18,7 @@ def register(replica_verbs, common) -> None:
                     "enables replication of that VM, the copy is used if the VM id, the disk count and every "
                     "disk's size match (else the enabling is refused), and 'hvrctl initial start NAME "
                     "--use-existing' on the primary compares instead of copying.",
-        epilog="example:\n  hvrctl replica adopt web01 --vm-id 3f0c...e2 --disk /srv/restore/sys.img "
+        epilog="examples:\n  hvrctl replica adopt web01 --vm-id 3f0c5b1e-8d2a-4c61-9a7e-52d4e1f0a9e2 --disk /srv/restore/sys.img "
                "--disk /srv/restore/data.img")
     p.add_argument("name", metavar="NAME", help="the VM's name (as on the primary)")
     p.add_argument("--vm-id", required=True, help="the primary VM's id (hvrctl vm get NAME on the primary)")

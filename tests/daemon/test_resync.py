@@ -20,9 +20,9 @@ from replication_pair import MiB, Pair, make_disk, qemu_io
 BLOCK = 4096
 
 
-@pytest.fixture
-def pair(tmp_path):
-    p = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}).start()
+@pytest.fixture(params=["journal", "bitmap"])
+def pair(tmp_path, request):
+    p = Pair(tmp_path, agent_config={"initial_window_bytes": 4 * MiB}, tracking=request.param).start()
     yield p
     p.close()
 
