@@ -2,8 +2,8 @@
 
 The operator of the replica server names a copy already there (a restored
 backup, an exported VM, an old replica) as the images of the primary's VM
-``vm_id``: ``<storage>/<vm_id>/adopted.json`` (the folder the replica will
-have) is written durably, holding the
+``vm_id``: ``<storage>/<name>/adopted.json`` is written durably (the
+replica itself, once enabled, lives in ``<storage>/<vm_id>/`` like any other), holding the
 VM id and each disk's path and size, in the primary's disk order.  Nothing
 else changes.  When that primary enables replication of the VM
 (``PUT /v1/replicas/{vm_id}``), :mod:`hvr_listener.enablement` takes the
@@ -55,7 +55,7 @@ def adopt(storage: Path, taken: set[str], name: str, vm_id: uuid.UUID, disks: li
     if len(set(paths)) != len(paths):
         raise UsageError("a disk image is named twice")
     entries = [{"path": str(p), "size_bytes": _size(p)} for p in paths]
-    vm_dir = storage / str(vm_id)
+    vm_dir = storage / name
     if vm_dir.exists() and any(p.name != MARKER for p in vm_dir.iterdir()):
         raise ConflictError(f"replica storage {vm_dir} is already in use",
                             hint="move the old files away or adopt under another VM name")

@@ -65,7 +65,8 @@ class Enablement:
                 raise conflict("replica_conflict", f"a replica named {name} exists already (VM {namesake.vm_id})",
                                hint="give the VM another name, or remove the old replica first")
             vm_dir = Path(peer.storage) / str(vm_id)
-            adopted = await asyncio.to_thread(adopted_images, vm_dir, vm_id, disks)
+            # an existing copy adopted under the VM's name (hvrctl replica adopt) in the same storage location
+            adopted = await asyncio.to_thread(adopted_images, Path(peer.storage) / name, vm_id, disks)
             if adopted is None and vm_dir.exists() and any(vm_dir.iterdir()):
                 raise conflict("replica_conflict", f"replica storage {vm_dir} is already in use",
                                hint="move the old files away (left by a replica of this VM removed without "
