@@ -77,10 +77,11 @@ OnDifferences = Callable[[TrackedDisk, list[br.Range]], Awaitable[None]]
 class DiskCompare:
     """One disk's compare with its replica; ``run`` may be cancelled and run again to continue."""
 
-    def __init__(self, disk: TrackedDisk, progress: CompareProgress):
+    def __init__(self, disk: TrackedDisk, progress: CompareProgress, purpose: str = "verify"):
         self.disk = disk
         self.geometry = dt.Geometry(disk.size)
         self.progress = progress
+        self.purpose = purpose  # of its digest queries: "resync" (the replica is not trusted meanwhile) or "verify"
         self.tree: dt.DigestTree | None = None
         self.descent = dt.Descent(self.geometry)
         self.differing: list[br.Range] = []
@@ -109,7 +110,8 @@ class DiskCompare:
             query = self.descent.next_query()
             try:
                 raw, applied = await client.digests(vm_id, disk_id,
-                                                    DigestQuery(self.geometry.size, query.level, query.indices))
+                                                    DigestQuery(self.geometry.size, query.level, query.indices,
+                                                                self.purpose))
                 theirs = dt.decode_digests(raw, len(query.indices))
                 if query.level == 0:
                     ours = await finish_in_thread(digest_scan.block_digests, fd, self.geometry, query.indices)

@@ -171,7 +171,7 @@ class Resync:
             closed = await rel.registry.cut(rel.name, shipped=False)
             self._base = closed[0].sequence if closed else vm.sequence - 1
             self.progress = CompareProgress(total_bytes=sum(d.size for d in vm.disks.values()))
-            self._compares = {name: DiskCompare(disk, self.progress) for name, disk in vm.disks.items()}
+            self._compares = {name: DiskCompare(disk, self.progress, "resync") for name, disk in vm.disks.items()}
             event(log, "resync_started", vm=rel.name, disks=list(vm.disks), bytes=self.progress.total_bytes)
         progress = self.progress
         for dc in self._compares.values():

@@ -78,13 +78,15 @@ class Backups:
 
     def __init__(self, store: ListenerStore, access: ReplicaAccess, histories: Histories, nbd_socket: Path | None,
                  apply_interrupted: Callable[[uuid.UUID], str | None] = lambda vm_id: None,
-                 health: Callable[[Replica, int], str] = replica_health):
+                 health: Callable[[Replica, int], str] = replica_health,
+                 resync_running: Callable[[uuid.UUID], bool] = lambda vm_id: False):
         self.store = store
         self.access = access
         self.histories = histories
         self.nbd_socket = nbd_socket
         self.apply_interrupted = apply_interrupted
         self.health = health
+        self.resync_running = resync_running  # a primary is resynchronizing the replica (resync_activity.py)
         # By VM name; replaced, never changed in place: the applier's threads read it (pins) meanwhile.
         self._backups: dict[str, _Backup] = {}
         self._callbacks: list[Withdrawn] = []
@@ -122,7 +124,8 @@ class Backups:
             verdict = backup_gate(GateInput(
                 vm=name, state=rep.state.value, health=self.health(rep, time.time_ns()),
                 points=history.points if history is not None else (), requested_point=point_id,
-                apply_interrupted=self.apply_interrupted(rep.vm_id), state_detail=rep.state_detail))
+                apply_interrupted=self.apply_interrupted(rep.vm_id), state_detail=rep.state_detail,
+                resync_running=self.resync_running(rep.vm_id)))
             if not isinstance(verdict, Admitted):
                 event(log, "backup_refused", logging.WARNING, vm=name, code=verdict.code, point=point_id)
                 raise error(verdict.code, verdict.message, hint=verdict.hint)

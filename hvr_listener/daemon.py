@@ -130,7 +130,8 @@ class Listener:
             peers = self.peers
             applier = Applier(service, histories, self.settings.applies)
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
-            backups = Backups(store, service.access, histories, cfg.nbd_socket, applier.interrupted)
+            backups = Backups(store, service.access, histories, cfg.nbd_socket, applier.interrupted,
+                              resync_running=service.resync_activity.running)
             ended = await tests.end_leftovers()
             await asyncio.to_thread(histories.load_all, store.replicas())
             if cfg.nbd_socket is not None:

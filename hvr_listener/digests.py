@@ -28,6 +28,7 @@ from hvr_common.shell import digest_scan
 from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
 from hvr_listener.replica_access import ReplicaAccess
+from hvr_listener.resync_activity import ResyncActivity
 
 log = logging.getLogger("hvr.listener.digests")
 
@@ -43,8 +44,9 @@ class _Key:
 
 
 class ReplicaDigests:
-    def __init__(self, access: ReplicaAccess):
+    def __init__(self, access: ReplicaAccess, activity: ResyncActivity | None = None):
         self.access = access
+        self.activity = activity if activity is not None else ResyncActivity()
         self._trees: dict[tuple[uuid.UUID, uuid.UUID], tuple[_Key, dt.DigestTree]] = {}
         self._locks: dict[tuple[uuid.UUID, uuid.UUID], asyncio.Lock] = {}
 
@@ -54,6 +56,8 @@ class ReplicaDigests:
         rep = await self.access.get(vm_id, peer)
         if rep.state not in ANSWERING:
             raise error("wrong_state", f"VM {rep.name} is {rep.state}: its replica cannot be compared yet")
+        if query.purpose == "resync":
+            self.activity.queried(vm_id)
         disk = rep.disk(disk_id)
         if disk.size_bytes != query.size_bytes:
             raise error("compare_mismatch", f"disk {disk_id} of VM {rep.name} is {disk.size_bytes} bytes on this "

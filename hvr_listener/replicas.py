@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.pure.authorization import Grant
 from hvr_listener.cycle_receipt import CycleReceipt
+from hvr_listener.resync_activity import ResyncActivity
 from hvr_listener.enablement import Enablement
 from hvr_listener.initial_copy import InitialCopy
 from hvr_listener.replica_access import ReplicaAccess, check_generation
@@ -39,6 +40,7 @@ class ReplicaService:
         self._enablement = Enablement(self.access, self.states)
         self._initial = InitialCopy(self.access, self.states, max_bundle_bytes)
         self._cycles = CycleReceipt(self.access, max_bundle_bytes, self.wake_applier)
+        self.resync_activity = ResyncActivity()  # replicas a primary is resynchronizing (the backup gate asks)
         self._resync = ResyncCompletion(self.access, self.states)
 
     # --- lookup and locks (see replica_access: "Lock order") -------------
@@ -70,7 +72,9 @@ class ReplicaService:
 
     async def complete_resync(self, vm_id: uuid.UUID, peer: Grant, body: dict) -> Replica:
         try:
-            return await self._resync.complete(vm_id, peer, body)
+            rep = await self._resync.complete(vm_id, peer, body)
+            self.resync_activity.completed(vm_id)
+            return rep
         finally:
             self.wake_applier.set()
 

@@ -229,7 +229,7 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app[STARTED_S] = int(time.time())
     app[FAILURES] = failures or AuthFailureLimiter()
     app[PEERS] = peers or PeerConnections()
-    app[DIGESTS] = ReplicaDigests(service.access)
+    app[DIGESTS] = ReplicaDigests(service.access, service.resync_activity)
     app.router.add_get(routes.SERVER, get_server)
     app.router.add_put(routes.REPLICA, put_replica)
     app.router.add_get(routes.REPLICA, get_replica)

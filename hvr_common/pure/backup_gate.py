@@ -63,6 +63,7 @@ class GateInput:
     apply_interrupted: str | None = None  # why the applier is retrying this VM's apply, if it is
     failover_running: bool = False
     state_detail: str | None = None
+    resync_running: bool = False  # a primary compares the replica by digest tree now (its state stays Replicating)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,9 @@ def backup_gate(g: GateInput) -> Admitted | Refusal:
     if g.state in RESYNC_REQUIRED:
         return Refusal("backup_resync_required", f"VM {g.vm} needs resynchronization: its replica is not "
                        "known to match any point of the primary", retry)
+    if g.resync_running and g.state not in RESYNC_RUNNING:
+        return Refusal("backup_resync_running", f"VM {g.vm} is being resynchronized by its primary (its images "
+                       "are compared because they are not trusted)", retry)
     if g.state in RESYNC_RUNNING:
         return Refusal("backup_resync_running", f"VM {g.vm} is being resynchronized ({g.state})", retry)
     if g.state in INITIAL:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from daemons import wait_for
+from hvr_common.shell.key_file import read_key
+from listener_process import call_json
 from replication_pair import MiB, Pair, make_disk, qemu_io
 
 SIZE = 16 * MiB
@@ -230,3 +232,26 @@ def test_an_application_consistent_point_gives_an_application_consistent_backup(
     assert view["recovery_point"]["consistency"] == "application"
     compare(view["disks"][0]["uri"], at_cut)
     hvrctl(pair, "end", "app")
+
+
+def test_a_backup_is_refused_while_the_primary_resynchronizes_the_replica(pair, tmp_path):
+    """The replica stays Replicating through a resync; the primary's resync digest queries tell the listener,
+    whose gate then refuses (backup_resync_running) until the resync completes."""
+    disks = protect(pair, tmp_path, "web", ndisks=1)
+    write_cycle(pair, "web", disks, random.Random(4), 1)
+    replica = pair.listener.hvrctl_json("replica", "get", "web")
+    disk = replica["disks"][0]
+    path = f"/v1/replicas/{replica['vm_id']}/digests/{disk['disk_id']}"
+    query = {"size_bytes": disk["size_bytes"], "level": 0, "indices": [0]}
+    key = read_key(pair.key_path)
+    # a verify's query reads only: a backup may begin
+    assert call_json(pair.listener.port, "POST", path, dict(query, purpose="verify"), key=key).status == 200
+    assert hvrctl(pair, "begin", "web").returncode == 0
+    assert hvrctl(pair, "end", "web").returncode == 0
+    # a resync's query: the replica is not trusted until the resync completes
+    assert call_json(pair.listener.port, "POST", path, dict(query, purpose="resync"), key=key).status == 200
+    assert refused_with(pair, "web") == "backup_resync_running"
+    assert pair.listener.hvrctl_json("replica", "get", "web")["state"] == "Replicating"
+    # a real resync of the VM ends it (resync/complete)
+    assert pair.agent.hvrctl("vm", "resync", "web", "--wait", timeout_s=300).returncode == 0
+    wait_for(lambda: hvrctl(pair, "begin", "web").returncode == 0, 60, "a backup to be admitted after the resync")

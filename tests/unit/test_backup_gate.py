@@ -79,3 +79,11 @@ def test_every_gate_code_is_catalogued_with_its_transience():
         assert CATALOGUE[code].transient and CATALOGUE[code].status == 503, code
     for code in PERMANENT_CODES:
         assert not CATALOGUE[code].transient, code
+
+
+def test_a_resync_the_primary_runs_refuses_a_backup_though_the_replica_replicates():
+    admitted = backup_gate(GateInput(vm="web", state="Replicating", health="Normal", points=(P1, P3)))
+    assert isinstance(admitted, Admitted)
+    refused = backup_gate(GateInput(vm="web", state="Replicating", health="Normal", points=(P1, P3),
+                                    resync_running=True))
+    assert refused.code == "backup_resync_running"

@@ -211,16 +211,21 @@ class DigestQuery:
     size_bytes: int
     level: int
     indices: tuple[int, ...]
+    purpose: str = "verify"  # "resync": the replica is not trusted meanwhile (no backup); "verify": read only
 
     def to_json(self) -> dict:
-        return {"size_bytes": self.size_bytes, "level": self.level, "indices": list(self.indices)}
+        return {"size_bytes": self.size_bytes, "level": self.level, "indices": list(self.indices),
+                "purpose": self.purpose}
 
     @classmethod
     def from_json(cls, obj: Any) -> DigestQuery:
         body = _object(obj, "body")
-        _only(body, ("size_bytes", "level", "indices"))
+        _only(body, ("size_bytes", "level", "indices", "purpose"))
         indices = body.get("indices")
         if (not isinstance(indices, list) or len(indices) > MAX_DIGEST_QUERY_NODES
                 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)):
             raise UsageError(f"field 'indices' must be a list of at most {MAX_DIGEST_QUERY_NODES} integers >= 0")
-        return cls(_int(body, "size_bytes", 0), _int(body, "level", 0), tuple(indices))
+        purpose = body.get("purpose", "verify")
+        if purpose not in ("resync", "verify"):
+            raise UsageError("field 'purpose' must be 'resync' or 'verify'")
+        return cls(_int(body, "size_bytes", 0), _int(body, "level", 0), tuple(indices), purpose)
