@@ -180,7 +180,7 @@ def test_connection_dropped_mid_body_stores_nothing(listener, victim):
     with pytest.raises(ConnectionError):
         victim.put_cycle(2, body, send_body=body[:len(body) // 2], content_length=len(body))
     incoming = listener.storage / str(victim.vm_id) / "incoming"
-    wait_for(lambda: not any(incoming.iterdir()), 10, "the partial upload to be removed")
+    wait_for(lambda: not any(incoming.iterdir()), 30, "the partial upload to be removed")
     assert victim.snapshot() == before
 
 

@@ -82,6 +82,8 @@ def test_writes_during_initial_replication_are_shipped_right_after(pair, tmp_pat
     qemu_io(pair.agent.nbd_uri("busy", "busy"), f"write -s {noise} 0 {size}")
     pair.agent.hvrctl("vm", "enable", "busy", "--replica-server", "127.0.0.1", "--port", str(pair.replica_port),
                       "--key", str(pair.key_path), "--frequency", "30")
+    # the agent's bandwidth cap makes the copy last about 4 s, whatever the machine's speed
+    pair.agent.hvrctl("server", "set", "--bandwidth", "12MiB/s")
     pair.agent.hvrctl("initial", "start", "busy")
     rng = random.Random(3)
     deadline = time.monotonic() + 60
@@ -91,6 +93,7 @@ def test_writes_during_initial_replication_are_shipped_right_after(pair, tmp_pat
         rounds += 1
         assert time.monotonic() < deadline, "initial replication did not finish"
     assert rounds >= 1, "no write landed while the initial copy was running"
+    pair.agent.hvrctl("server", "set", "--reset-transfers")
     pair.sync("busy")
     pair.wait_replica_applied("busy")
     pair.assert_identical("busy", [disk])
