@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import time
 
+from daemons import wait_for
 from listener_process import ListenerProcess
 from replica_vm import SIZE, Vm
 
@@ -68,7 +69,14 @@ def test_sigkill_during_capture_thinning_and_pruning_keeps_every_point(tmp_path)
             seq += 1
         vm.wait_applied(seq - 1)
         vm.assert_images()
-        listed = lp.hvrctl_json("recovery-points", "list", "histvm", "-o", "json")
+        # the applier thins after it reports the cycle applied: wait until the list holds still
+        seen: list = []
+
+        def settled() -> bool:
+            seen.append(lp.hvrctl_json("recovery-points", "list", "histvm", "-o", "json"))
+            return len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
+        wait_for(settled, 60, "thinning after the last apply to finish", interval_s=0.5)
+        listed = seen[-1]
         kept = [p["sequence"] for p in listed]
         assert kept[-1] == seq - 1
         assert 4 <= len(kept) < seq - 1, f"thinning and pruning must have dropped points: {kept}"
