@@ -171,3 +171,15 @@ def test_chains_to_follows_the_bundle_in_force(ca, tmp_path):
     assert chains_to(der, theirs + ours)
     assert not chains_to(der, [])
     assert not chains_to(b"not a certificate", ours)
+
+
+def test_issuing_again_with_force_replaces_the_files_by_rename(ca, tmp_path):
+    cert, key = issue(ca, "host1.example", tmp_path / "out", "client")
+    before = {p: os.stat(p).st_ino for p in (cert, key)}
+    assert issue(ca, "host1.example", tmp_path / "out", "client", overwrite=True) == (cert, key)
+    for path, inode in before.items():
+        st = os.stat(path)
+        assert st.st_ino != inode and stat.S_IMODE(st.st_mode) == 0o600  # a new file, never rewritten in place
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ca.pem", "host1.example-key.pem",
+                                                                   "host1.example.pem"]
+    TlsFiles(ca=ca / "ca.pem", cert=cert, key=key).check(CLIENT)
