@@ -27,6 +27,7 @@ from hvr_common.pure.replication_state import Action, ReplicationState, Step
 from hvr_common.pure.schedule import Backoff, initial_due, initial_wait_s
 from hvr_common.shell.key_file import KeyFile
 from hvr_common.shell.logs import event
+from hvr_agent.client_tls import ClientTls
 from hvr_agent.cycles import Cycles
 from hvr_agent.housekeeping import clean_leftovers
 from hvr_agent.initial_export import IMPORT_POLL_S, complete_if_imported
@@ -85,6 +86,8 @@ class VmReplication:
             key, ssl_context, _ = await asyncio.to_thread(credentials.load)
             if key is not None:  # token mode: the key file is read again when it is replaced (rotation)
                 key = await asyncio.to_thread(KeyFile, rec.key_file, self._key_problem)
+            if ssl_context is not None:  # the certificate and CA files likewise, at the next connection
+                ssl_context = ClientTls(credentials.files(), ssl_context, self._tls_problem)
             endpoint = ReplicaEndpoint(rec.replica_host, rec.replica_port, credentials.tls)
             async with ReplicaClient(endpoint, key, ssl_context=ssl_context,
                                            transfers=self.transfers) as client:
@@ -103,6 +106,10 @@ class VmReplication:
             await self.cycles.stop_prepare()
             await self.cycles.settle_after_ack()
             self.cycles.fail_waiters(HvrError("replication task stopped"))
+
+    def _tls_problem(self, exc: HvrError) -> None:
+        event(log, "certificate_files_unusable", logging.WARNING, vm=self.name, error=exc.message,
+              hint="the last good certificate and CA bundle stay in use")
 
     def _key_problem(self, exc: HvrError) -> None:
         event(log, "key_file_unusable", logging.WARNING, vm=self.name, file=str(self.rec.key_file), error=exc.message,

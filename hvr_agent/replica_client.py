@@ -58,6 +58,7 @@ from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
 from hvr_common.pure.wire.messages import DigestQuery, EnableRequest, InitialCompleteRequest
 from hvr_common.shell.key_file import KeyFile
+from hvr_agent.client_tls import ClientTls
 from hvr_agent.throttle import Throttle
 from hvr_agent.transfers import Transfers
 
@@ -139,11 +140,12 @@ class ReplicaClient:
 
     ``key`` is a key, or a :class:`KeyFile` whose current key signs each request
     (the key file replaced: the next request is signed with the new key); None:
-    certificate mode (``ssl_context`` carries the certificate).
+    certificate mode (``ssl_context`` carries the certificate; a :class:`ClientTls`
+    gives each new connection the files that replaced the old ones).
     """
 
     def __init__(self, endpoint: ReplicaEndpoint, key: Key | KeyFile | None, *,
-                 ssl_context: ssl.SSLContext | None = None, connect_timeout_s: float = 10.0,
+                 ssl_context: ssl.SSLContext | ClientTls | None = None, connect_timeout_s: float = 10.0,
                  read_timeout_s: float = 300.0, clock=time.time, transfers: Transfers | None = None):
         if (ssl_context is not None) != endpoint.tls or (key is None and ssl_context is None):
             raise ValueError("a TLS endpoint needs a TLS context, and certificate mode needs TLS")
@@ -162,10 +164,14 @@ class ReplicaClient:
     def key(self) -> Key | None:
         return self._key.current() if isinstance(self._key, KeyFile) else self._key
 
+    def _tls(self) -> ssl.SSLContext | None:
+        """The TLS context of the next connection (a :class:`ClientTls` follows its replaced files)."""
+        return self._ssl.current() if isinstance(self._ssl, ClientTls) else self._ssl
+
     async def __aenter__(self) -> ReplicaClient:
         self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False,
                                               connector=aiohttp.TCPConnector(limit=4, force_close=False,
-                                                                             ssl=self._ssl or True))
+                                                                             ssl=self._tls() or True))
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -266,7 +272,8 @@ class ReplicaClient:
         where = f"{method} {path} on replica server {self.endpoint}"
         try:
             async with self._transfer(upload is not None), \
-                    self._session.request(method, url, data=data, headers=hdrs, allow_redirects=False) as resp:
+                    self._session.request(method, url, data=data, headers=hdrs, allow_redirects=False,
+                                         ssl=self._tls() or True) as resp:
                 raw = await _read_answer(resp)
                 status = resp.status
                 answer_headers = resp.headers.copy()  # case-insensitive

@@ -11,7 +11,8 @@ Three ways (``docs/security.md``):
 
 Files are checked (readable, valid now, right usage, key readable by its
 owner only) when replication is enabled and whenever the replication task
-starts.
+starts; replaced while it runs, they are checked again and used from the next
+connection on (:class:`hvr_agent.client_tls.ClientTls`).
 """
 
 from __future__ import annotations
@@ -83,11 +84,15 @@ class ReplicaCredentials:
                                           ("cert_file", self.cert_file), ("cert_key_file", self.cert_key_file))
                    if v is not None}}
 
+    def files(self) -> TlsFiles:
+        """The TLS files: the CA bundle, and in certificate mode the certificate and its key."""
+        return TlsFiles(ca=self.ca_file, cert=self.cert_file, key=self.cert_key_file)
+
     def load(self) -> tuple[Key | None, ssl.SSLContext | None, str]:
         """Read and check the files (blocking): the signing key, the TLS context and the principal."""
         key = read_key(self.key_file) if self.auth == "token" else None
         if not self.tls:
             return key, None, key.principal
-        files = TlsFiles(ca=self.ca_file, cert=self.cert_file, key=self.cert_key_file)
+        files = self.files()
         principal = files.check(CLIENT)
         return key, client_context(files), key.principal if key is not None else principal

@@ -12,6 +12,7 @@ again anyway; closing the connections ends what is under way.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ class PeerConnections:
         """``transport`` carries requests of ``principal`` (called after each authenticated request)."""
         if transport is None or transport.is_closing():
             return
+        if transport not in self._principal_of:
+            event(log, "peer_connection_opened", principal=principal, certificate_sha256=_certificate_sha256(transport))
         self._principal_of[transport] = principal
         if len(self._principal_of) > 64 and len(self._principal_of) & 63 == 0:
             self._forget_closed()
@@ -59,3 +62,10 @@ class PeerConnections:
             closed += 1
             event(log, "peer_connection_closed", principal=principal, reason=reason)
         return closed
+
+
+def _certificate_sha256(transport: asyncio.BaseTransport) -> str | None:
+    """The fingerprint of the client certificate the connection presented (which one, during a rotation)."""
+    tls = transport.get_extra_info("ssl_object")
+    der = tls.getpeercert(binary_form=True) if tls is not None else None
+    return hashlib.sha256(der).hexdigest() if der else None

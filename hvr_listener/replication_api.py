@@ -78,7 +78,11 @@ def _authenticate(request: web.Request, modes: list[str]) -> str:
     tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
     if request.headers.get(routes.AUTHORIZATION_HEADER) is None and tls is not None and "certificate" in modes:
         # the handshake verified the chain to the CA bundle; the principal is the certificate's host name
-        return peer_principal(tls.getpeercert(binary_form=True))
+        principal = peer_principal(tls.getpeercert(binary_form=True))
+        if not settings.certificate_trusted(request.transport):  # the bundle changed since the handshake
+            raise AuthError("the client certificate no longer chains to a CA this server trusts",
+                            hint="issue the primary a certificate from a CA of the server's bundle (hvrctl server get)")
+        return principal
     if "token" not in modes:
         raise AuthError("token authentication is not accepted by this server",
                         hint="use an authentication mode the server accepts (hvrctl server get)")

@@ -17,7 +17,7 @@ from hvr_common.pure.errors import HvrError, UsageError
 from hvr_common.pure.names import check_storage_location
 from hvr_common.pure.monitoring import MonitoringSettings, monitoring_settings
 from hvr_common.pure.token_auth import Key
-from hvr_common.shell.certificate_files import SERVER, TlsFiles
+from hvr_common.shell.certificate_files import SERVER, TlsFiles, chains_to, check_ca_bundle
 from hvr_common.pure.config import DEFAULT_MAX_ACTIVE_APPLIES, MAX_ACTIVE_APPLIES
 from hvr_common.pure.transfer_settings import check_parallelism
 from hvr_common.shell.concurrency_limit import ConcurrencyLimit
@@ -25,6 +25,7 @@ from hvr_listener.store import ListenerStore
 
 AUTH_MODES = ("token", "certificate")
 TLS_SETTINGS = ("tls_cert", "tls_key", "tls_ca")  # set with hvrctl server set --cert --cert-key --ca
+MAX_CHECKED_CERTIFICATES = 256  # client certificates whose chain to the CA bundle is remembered
 
 
 def configured_tls(cert: Path | str | None, key: Path | str | None, ca: Path | str | None) -> TlsFiles | None:
@@ -52,6 +53,28 @@ class ServerSettings:
         self._keys = store.principal_keys()
         self._entries = store.authorization_entries()
         self.applies = ConcurrencyLimit(self.max_active_applies())  # the applier holds a place per replica
+        self._trust = self._load_trust()
+
+    def _load_trust(self) -> tuple[list, dict]:
+        """The CA bundle in force and a cache of the client certificates checked against it (swapped whole)."""
+        try:
+            files = self.tls_files()
+            return (check_ca_bundle(files.ca) if files is not None else []), {}
+        except HvrError:  # unusable files: check_tls refuses them; meanwhile no certificate is trusted
+            return [], {}
+
+    def certificate_trusted(self, transport) -> bool:
+        """Whether the connection's client certificate, verified by its handshake, still chains to the CA bundle
+        in force, in certificate mode (a trusted CA removed: refused on the next request)."""
+        der = _client_certificate(transport)
+        if der is None or "certificate" not in self._settings["auth_modes"]:
+            return False
+        bundle, checked = self._trust
+        if der not in checked:
+            if len(checked) >= MAX_CHECKED_CERTIFICATES:
+                checked.clear()
+            checked[der] = chains_to(der, bundle)
+        return checked[der]
 
     def max_active_applies(self) -> int:
         return self._settings.get("max_active_applies") or self.configured_applies
@@ -106,7 +129,7 @@ class ServerSettings:
         not are closed: :meth:`hvr_listener.peer_connections.PeerConnections.close_revoked`)."""
         if not self._settings["enabled"]:
             return False
-        if not self.key(principal) and not _has_client_certificate(_transport):
+        if not self.key(principal) and not self.certificate_trusted(_transport):
             return False
         try:
             self.grant(principal)
@@ -191,6 +214,7 @@ class ServerSettings:
                 raise UsageError(problems[0])
         monitoring_settings({**self._settings, **changes})  # raises UsageError naming the setting
         self._settings = self.store.update_settings(changes)
+        self._trust = self._load_trust()
         return self.view()
 
     def apply_limits(self) -> None:
@@ -198,8 +222,7 @@ class ServerSettings:
         self.applies.set_limit(self.max_active_applies())
 
 
-def _has_client_certificate(transport) -> bool:
-    """Whether the connection's TLS handshake verified a client certificate (a certificate principal, which
-    needs no token key)."""
+def _client_certificate(transport) -> bytes | None:
+    """The client certificate (DER) the connection's TLS handshake verified, if any."""
     tls = transport.get_extra_info("ssl_object") if transport is not None else None
-    return tls is not None and tls.getpeercert(binary_form=True) is not None
+    return tls.getpeercert(binary_form=True) if tls is not None else None

@@ -2,20 +2,17 @@
 
 Export runs on the primary (the agent's socket), import on the replica server
 (the listener's socket); both draw a progress bar on stderr while the daemon
-reports (docs/initial-media.md).
+reports (:mod:`hvrctl.progress`: none with ``-o json``; docs/initial-media.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes, kv
+from hvrctl.progress import Bar, progress_bar
 
 # a media export or import of a big disk is one long request: no client-side timeout worth the name
 LONG_REQUEST_TIMEOUT_S = 7 * 24 * 3600.0
@@ -55,8 +52,9 @@ def cmd_export(args) -> int:
     body: dict = {"directory": str(args.directory.absolute())}
     if args.chunk_size is not None:
         body["chunk_bytes"] = args.chunk_size
-    with _Bar("exporting") as bar:
-        result = client.stream("POST", f"/v1/vms/{args.name}/replication/initial/export", body, bar.update)
+    with progress_bar("exporting", None, output=args.output) as bar:
+        result = client.stream("POST", f"/v1/vms/{args.name}/replication/initial/export", body,
+                               lambda p: _feed(bar, p))
     return _show(args, result, f"exported VM {args.name}", f"next: hvrctl initial import {args.name} DIR on the "
                                                            "replica server")
 
@@ -64,8 +62,8 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     client = AdminClient(args.listener_socket, "hvr-listener", timeout_s=LONG_REQUEST_TIMEOUT_S)
     body = {"directory": str(args.directory.absolute())}
-    with _Bar("checking") as bar:
-        result = client.stream("POST", f"/v1/replicas/{args.name}/initial/import", body, bar.update)
+    with progress_bar("checking", None, output=args.output) as bar:
+        result = client.stream("POST", f"/v1/replicas/{args.name}/initial/import", body, lambda p: _feed(bar, p))
     return _show(args, result, f"imported VM {args.name}", "the primary completes the initial replication and "
                                                            "ships the changes since the export point")
 
@@ -81,23 +79,7 @@ def _show(args, result: dict, title: str, next_step: str) -> int:
     return 0
 
 
-class _Bar:
-    """A rich progress bar on stderr, fed the daemon's progress objects."""
-
-    def __init__(self, label: str):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
-                                 console=Console(file=sys.stderr), redirect_stdout=False, redirect_stderr=False)
-        self.task = self.progress.add_task(label, total=None)
-
-    def __enter__(self) -> _Bar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def update(self, p: dict) -> None:
-        label = {"verify": "checking", "load": "loading"}.get(p.get("phase"), "exporting")
-        self.progress.update(self.task, description=label, total=p.get("total_bytes") or None,
-                             completed=p.get("done_bytes", 0))
+def _feed(bar: Bar, p: dict) -> None:
+    """Move the bar to the daemon's progress object (its phase names the step of an import)."""
+    bar.update(p.get("done_bytes", 0), total=p.get("total_bytes") or None,
+               description={"verify": "checking", "load": "loading"}.get(p.get("phase"), bar.description))

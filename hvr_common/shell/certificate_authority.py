@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -21,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hvr_common.pure.errors import ConflictError, UsageError
 from hvr_common.pure.principal_names import is_dns_name
 from hvr_common.shell.certificate_files import check_private_key
+from hvr_common.shell.files import fsync_dir
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -41,9 +43,13 @@ def _private_dir(path: Path) -> None:
 
 
 def _write_private(path: Path, data: bytes, overwrite: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    """Write ``data`` to ``path`` (0600); ``overwrite`` writes a temporary file and renames it over ``path``, so
+    a reader (an agent following its replaced certificate) sees the old file or the new one, never a part."""
+    if not overwrite and path.exists():
+        raise ConflictError(f"{path} already exists", hint="choose another folder, or --force")
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if overwrite else path
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise ConflictError(f"{path} already exists", hint="choose another folder, or --force") from None
     try:
@@ -52,6 +58,9 @@ def _write_private(path: Path, data: bytes, overwrite: bool) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if overwrite:
+        os.replace(target, path)
+        fsync_dir(path.parent)
 
 
 def _key_pem(key) -> bytes:

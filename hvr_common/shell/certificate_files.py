@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
@@ -111,13 +112,44 @@ def check_private_key(path: Path, cert: x509.Certificate | None = None) -> None:
                        "give the key the certificate was issued for")
 
 
-def check_ca_bundle(path: Path) -> None:
+def check_ca_bundle(path: Path) -> list[x509.Certificate]:
+    """The certificates of the CA bundle ``path``, refused unless it holds at least one."""
     raw = _read(path, "CA bundle")
     try:
-        x509.load_pem_x509_certificates(raw)
+        return x509.load_pem_x509_certificates(raw)
     except ValueError:
         raise _invalid(f"CA bundle {path} holds no PEM certificate", "give the PEM file of the issuing CA(s)") \
             from None
+
+
+MAX_CHAIN_DEPTH = 8
+
+
+def chains_to(der: bytes, bundle: list[x509.Certificate]) -> bool:
+    """Whether the certificate ``der`` was issued by a CA of ``bundle``, through CAs of the bundle up to a
+    self-signed one (the handshake's rule, checked again when the bundle changes under an open connection)."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    for _ in range(MAX_CHAIN_DEPTH):
+        issuer = next((ca for ca in bundle if _issued(cert, ca)), None)
+        if issuer is None:
+            return False
+        if issuer.issuer == issuer.subject:
+            return True
+        cert = issuer
+    return False
+
+
+def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    if ca.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

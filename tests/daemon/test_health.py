@@ -4,10 +4,13 @@ monitoring settings and Reset-VMReplicationStatistics through hvrctl."""
 from __future__ import annotations
 
 import datetime
+import os
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from daemons import wait_for
+from daemons import free_tcp_port, wait_for
 from replication_pair import MiB, Pair, make_disk, qemu_io
 
 
@@ -52,6 +55,55 @@ def test_a_pair_goes_through_every_health_level(pair, tmp_path):
     assert primary["health"] == "Critical" and "in error" in primary["health_details"][0]
     measure = pair.agent.hvrctl_json("vm", "measure", "web", "-o", "json")
     assert measure["Health"] == "Critical" and measure["ReplicationHealthDetails"]
+
+
+def _replica_health_metrics(port: int, vm: str) -> dict[str, float]:
+    """The listener's hvr_replica_health samples of ``vm``, scraped and parsed: {level: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return {s.labels["health"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "hvr_replica_health" and s.labels.get("vm") == vm}
+
+
+def test_a_replica_whose_apply_fails_is_critical_on_the_replica(tmp_path):
+    """Replication cannot proceed on the replica (a stored cycle is damaged, its apply fails: Error): the replica
+    server's own health is Critical, with its sentence, in hvrctl and in /metrics."""
+    http_port = free_tcp_port()
+    pair = Pair(tmp_path, listener_config={"http_listen": f"127.0.0.1:{http_port}"}).start()
+    try:
+        disk = make_disk(tmp_path / "app.img", 8 * MiB)
+        pair.protect("app", [disk], frequency=30)
+        pair.initial("app")
+        qemu_io(pair.agent.nbd_uri("app", "app"), "write -P 1 0 64k")
+        pair.sync("app")
+        pair.wait_replica_applied("app")
+        assert pair.replica("app")["health"] == "Normal"
+        assert _replica_health_metrics(http_port, "app") == {"Normal": 1, "Warning": 0, "Critical": 0}
+        # the image is away while a cycle arrives: its apply is retried and the cycle stays stored
+        image = pair.replica_image("app", "app")
+        aside = image.with_name("aside.img")
+        os.rename(image, aside)
+        qemu_io(pair.agent.nbd_uri("app", "app"), "write -P 2 0 64k")
+        pair.sync("app")
+        wait_for(lambda: '"apply_retry"' in pair.listener.stdout_path.read_text(), 60, "the apply to be retried",
+                 context=pair.listener.log_tail)
+        [stored] = list((pair.replica_dir("app") / "cycles").glob("*.bundle"))
+        with open(stored, "r+b") as f:  # damaged: its apply now fails for good
+            middle = os.fstat(f.fileno()).st_size // 2
+            f.seek(middle)
+            byte = f.read(1)
+            f.seek(middle)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        os.rename(aside, image)
+        wait_for(lambda: pair.replica("app")["state"] == "Error", 90, "the replica to go to Error",
+                 context=pair.listener.log_tail)
+        replica = pair.replica("app")
+        assert replica["health"] == "Critical", replica
+        assert "Replication for virtual machine 'app' is in error on the replica" in replica["health_details"][0]
+        assert replica["health_details"][0].endswith("Fix the error(s) and resume replication.")
+        assert _replica_health_metrics(http_port, "app") == {"Normal": 0, "Warning": 0, "Critical": 1}
+    finally:
+        pair.close()
 
 
 def test_monitoring_settings_and_reset_statistics(pair, tmp_path):

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from daemons import python_executable, REPO_ROOT
+from daemons import python_executable, REPO_ROOT, wait_for
 from lab_pki import SERVER_NAME, LabPki
 from listener_process import ListenerProcess, call
 from replication_pair import MiB, Pair, make_disk, qemu_io
@@ -60,6 +60,46 @@ def test_certificate_mode_replicates_end_to_end(tmp_path, pki):
                                               "--ca", str(pki.ca)])
         assert replica["primary_server"] == "host1.example"
         assert pair.status("web")["principal"] == "host1.example"
+    finally:
+        pair.close()
+
+
+def test_certificate_mode_keeps_replicating_across_a_rotation_of_the_primarys_certificate(tmp_path, pki):
+    """A new certificate from the same CA replaces the primary's files: the agent's next connection presents it,
+    and no cycle fails."""
+    pair = Pair(tmp_path, listener_config=pki.listener_config())
+    try:
+        pair.start()
+        pair.listener.hvrctl("server", "set", "--auth", "certificate")
+        cert, key = pki.issue("host1.example", "client")
+        disk = make_disk(tmp_path / "rot.img", 8 * MiB)
+        pair.agent.add_vm("rot", [disk])
+        pair.agent.hvrctl("vm", "enable", "rot", "--replica-server", SERVER_NAME, "--port", str(pair.replica_port),
+                          "--auth", "certificate", "--cert", cert, "--cert-key", key, "--ca", pki.ca,
+                          "--frequency", "30")
+        pair.initial("rot")
+        pair.wait_replica_applied("rot")
+        uri = pair.agent.nbd_uri("rot", "rot")
+
+        def cycle(pattern: int) -> None:
+            qemu_io(uri, f"write -P {pattern} {pattern * 65536} 65536")
+            pair.sync("rot")
+            pair.wait_replica_applied("rot")
+
+        cycle(1)
+        old = pki.fingerprint(cert)
+        assert old in pair.listener.log_tail(400)
+        assert pki.issue("host1.example", "client", overwrite=True) == (cert, key)  # the same files, replaced
+        new = pki.fingerprint(cert)
+        assert new != old
+        cycle(2)
+        cycle(3)
+        wait_for(lambda: new in pair.listener.log_tail(400), 30, "a connection with the new certificate",
+                 context=pair.listener.log_tail)
+        pair.assert_identical("rot", [disk])
+        measure = pair.agent.hvrctl_json("vm", "measure", "rot", "-o", "json")
+        assert measure["ReplicationErrors"] == 0 and measure["SuccessfulReplicationCount"] >= 3, measure
+        assert pair.status("rot")["state"] == "Replicating"
     finally:
         pair.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ssl
 from pathlib import Path
 
@@ -23,9 +24,16 @@ class LabPki:
         self.server_cert, self.server_key = self.issue(SERVER_NAME, "server")
 
     def issue(self, host: str, usage: str, *, ca_dir: Path | None = None, folder: str | None = None,
-              not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> tuple[Path, Path]:
+              not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+              overwrite: bool = False) -> tuple[Path, Path]:
+        """A certificate and its key; ``overwrite`` replaces the files of an earlier one (a rotation)."""
         return issue(ca_dir or self.ca_dir, host, self.root / (folder or f"{host}-{usage}"), usage,
-                     not_before=not_before, not_after=not_after)
+                     not_before=not_before, not_after=not_after, overwrite=overwrite)
+
+    @staticmethod
+    def fingerprint(cert: Path) -> str:
+        """The SHA-256 of the certificate's DER, as the listener logs it for each new connection."""
+        return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
 
     def listener_config(self) -> dict:
         return {"tls_cert": str(self.server_cert), "tls_key": str(self.server_key), "tls_ca": str(self.ca)}

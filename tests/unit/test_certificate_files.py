@@ -153,3 +153,33 @@ def test_credentials_of_each_mode():
     cert = ReplicaCredentials.of(auth="certificate", cert_file="/c", cert_key_file="/ck", ca_file="/ca")
     assert cert.tls and cert.to_json() == {"auth": "certificate", "tls": True, "ca_file": "/ca", "cert_file": "/c",
                                            "cert_key_file": "/ck"}
+
+
+def test_chains_to_follows_the_bundle_in_force(ca, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from hvr_common.shell.certificate_files import chains_to, check_ca_bundle
+
+    other = tmp_path / "other"
+    new_ca(other, "another lab CA")
+    cert, _ = issue(ca, "host1.example", tmp_path / "out", "client")
+    der = x509.load_pem_x509_certificates(cert.read_bytes())[0].public_bytes(Encoding.DER)
+    ours, theirs = check_ca_bundle(ca / "ca.pem"), check_ca_bundle(other / "ca.pem")
+    assert chains_to(der, ours)
+    assert not chains_to(der, theirs)
+    assert chains_to(der, theirs + ours)
+    assert not chains_to(der, [])
+    assert not chains_to(b"not a certificate", ours)
+
+
+def test_issuing_again_with_force_replaces_the_files_by_rename(ca, tmp_path):
+    cert, key = issue(ca, "host1.example", tmp_path / "out", "client")
+    before = {p: os.stat(p).st_ino for p in (cert, key)}
+    assert issue(ca, "host1.example", tmp_path / "out", "client", overwrite=True) == (cert, key)
+    for path, inode in before.items():
+        st = os.stat(path)
+        assert st.st_ino != inode and stat.S_IMODE(st.st_mode) == 0o600  # a new file, never rewritten in place
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ca.pem", "host1.example-key.pem",
+                                                                   "host1.example.pem"]
+    TlsFiles(ca=ca / "ca.pem", cert=cert, key=key).check(CLIENT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,12 @@ def test_every_command_takes_output_json(words, sub):
     [output] = [a for a in sub._actions if "-o" in a.option_strings]
     assert "--output" in output.option_strings and "json" in output.choices, " ".join(words)
     assert sub.get_default("func") is not None, f"'hvrctl {' '.join(words)}' does nothing"
+
+
+def test_every_command_has_its_row_in_the_hvrctl_doc():
+    """docs/hvrctl.md names every command in a table row, where its JSON fields are documented."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "hvrctl.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    missing = [" ".join(w) for w, s in COMMANDS if _is_leaf(s)
+               and not any(f"`{' '.join(w)}`" in row or f"`{' '.join(w)} " in row for row in rows)]
+    assert not missing, f"commands without a row in docs/hvrctl.md: {missing}"

@@ -47,3 +47,15 @@ def test_a_terminal_gets_a_rich_bar():
     with progress_bar("backup web", 100, unit="count", stream=out) as bar:
         bar.update(40, description="backup web: disk sys")
     assert "backup web" in out.getvalue()
+
+
+def test_an_import_follows_the_daemons_phases():
+    from hvrctl.media_commands import _feed
+
+    out = io.StringIO()
+    with progress_bar("checking", None, stream=out) as bar:
+        _feed(bar, {"phase": "verify", "total_bytes": 4 * 1024 * 1024, "done_bytes": 1024 * 1024})
+        _feed(bar, {"phase": "load", "total_bytes": 4 * 1024 * 1024, "done_bytes": 4 * 1024 * 1024})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "checking:  25.0%  1.0 MiB / 4.0 MiB"
+    assert lines[-1] == "loading: 100.0%  4.0 MiB / 4.0 MiB"
