@@ -6,10 +6,13 @@ over method, path with query, body digest, timestamp and a fresh nonce.
 request is signed again (new timestamp and nonce), never replayed.  With a
 TLS context the client speaks HTTPS (TLS 1.3); in certificate mode its
 certificate authenticates it and nothing is signed
-(:mod:`hvr_agent.replica_credentials`).  Cycle uploads stream from
-their spool file (``aiofiles``), with the digest computed when the spool was
-written; initial windows are sent from the pieces they were built into in
-memory.  Both set ``Content-Length``.
+(:mod:`hvr_agent.replica_credentials`).  Journal-mode cycle uploads stream
+from their spool file (``aiofiles``), with the digest computed when the spool
+was written; initial windows are sent from the pieces they were built into in
+memory; both set ``Content-Length``.  A bitmap-mode cycle is sent in the
+streamed form: a chunked body made as it is sent (its digest header is
+``routes.STREAMED_DIGEST``), then a signed commit request that carries the
+body's digest and length.
 
 Every upload body passes the agent's :class:`~hvr_agent.throttle.Throttle`
 (the bandwidth cap and its schedule), and while any upload of this client is
@@ -41,7 +44,7 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +207,21 @@ class ReplicaClient:
                                    upload=(spool, sha256, size_bytes),
                                    headers={routes.GENERATION_HEADER: str(generation)})
 
+    async def stream_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, body) -> dict:
+        """PUT /v1/replicas/{vm_id}/cycles/{sequence}/stream: the chunked body (an async iterator of
+        bytes); the replica answers 202 with the digest and length it received (nothing is stored yet)."""
+        _, answer = await self._request("PUT", routes.cycle_stream_path(vm_id, sequence),
+                                        upload=(body, routes.STREAMED_DIGEST, None),
+                                        headers={routes.GENERATION_HEADER: str(generation)})
+        return answer
+
+    async def commit_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, sha256: str, size_bytes: int,
+                           consistency: Consistency = Consistency.CRASH) -> tuple[int, dict]:
+        """POST /v1/replicas/{vm_id}/cycles/{sequence}/commit: (status, body); 201 stored, 200 already stored."""
+        return await self._request("POST", routes.cycle_commit_path(vm_id, sequence, consistency.value),
+                                   json_body={"sha256": sha256, "bytes": size_bytes},
+                                   headers={routes.GENERATION_HEADER: str(generation)})
+
     async def set_settings(self, vm_id: uuid.UUID, generation: int, settings: HistorySettings) -> dict:
         """PUT /v1/replicas/{vm_id}/settings: the recovery history settings; the replica answers them."""
         _, answer = await self._request("PUT", routes.replica_settings_path(vm_id), json_body=settings.to_json(),
@@ -216,7 +234,7 @@ class ReplicaClient:
         return answer
 
     async def _request(self, method: str, path: str, *, json_body: dict | None = None,
-                       upload: tuple[Path | Sequence[bytes], str, int] | None = None,
+                       upload: tuple[Path | Sequence[bytes] | AsyncIterator[bytes], str, int | None] | None = None,
                        headers: dict | None = None) -> tuple[int, dict]:
         if self._session is None:
             raise RuntimeError("ReplicaClient used outside 'async with'")
@@ -225,9 +243,12 @@ class ReplicaClient:
         if upload is not None:
             spool, digest, size = upload
             hdrs["Content-Type"] = routes.BUNDLE_CONTENT_TYPE
-            hdrs["Content-Length"] = str(size)
             throttle = self.transfers.throttle
-            data = _stream_file(spool, size, throttle) if isinstance(spool, Path) else _stream_pieces(spool, throttle)
+            if size is None:  # streamed: chunked transfer encoding
+                data = _stream_body(spool, throttle)
+            else:
+                hdrs["Content-Length"] = str(size)
+                data = _stream_file(spool, size, throttle) if isinstance(spool, Path) else _stream_pieces(spool, throttle)
         elif json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
             digest = hashlib.sha256(data).hexdigest()
@@ -306,6 +327,12 @@ async def _stream_file(path: Path, size: int, throttle: Throttle):
 
 async def _stream_pieces(pieces: Sequence[bytes], throttle: Throttle):
     for chunk in pieces:
+        async for piece in throttle.pieces(chunk):
+            yield piece
+
+
+async def _stream_body(body: AsyncIterator[bytes], throttle: Throttle):
+    async for chunk in body:
         async for piece in throttle.pieces(chunk):
             yield piece
 
