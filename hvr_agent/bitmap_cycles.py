@@ -10,6 +10,7 @@ B7, B8).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from hvr_common.shell.logs import event
@@ -67,12 +68,23 @@ class BitmapCycles:
             snapshots = await self.snapshots(vm, seq)
             stream = CycleStream(vm_id=vm.record.vm_id, generation=rel.rec.generation, sequence=seq,
                                  disks=rel.disks(), compress=rel.rec.compression, snapshots=snapshots or {})
+            upload = asyncio.ensure_future(client.stream_cycle(vm.record.vm_id, seq, rel.rec.generation,
+                                                               stream.body()))
+            failed = asyncio.ensure_future(stream.failed.wait())
             try:
-                await client.stream_cycle(vm.record.vm_id, seq, rel.rec.generation, stream.body())
-            except Exception:
+                await asyncio.wait([upload, failed], return_when=asyncio.FIRST_COMPLETED)
+                if not upload.done():  # the stream failed while the upload was stuck (the link is down)
+                    upload.cancel()
+                    await asyncio.wait([upload])
                 if stream.error is None:
-                    raise
+                    upload.result()
+                elif not upload.cancelled():
+                    upload.exception()  # superseded by the stream's error
             finally:
+                failed.cancel()
+                if not upload.done():
+                    upload.cancel()
+                    await asyncio.wait([upload])
                 await stream.close()
             if isinstance(stream.error, SnapshotAbandoned):
                 await self.abandon(vm, seq, f"cycle {seq} was abandoned: {stream.error}")

@@ -16,8 +16,9 @@ Sending the cycle again (a dropped connection) makes a new stream from the
 same snapshots: copy-before-write stays armed until the cycle is
 acknowledged, so the bytes are the same and so is the digest (protocol P4).
 A snapshot that gave up copy-before-write raises
-:class:`~hvr_agent.cut_snapshot.SnapshotAbandoned` in the thread; it ends the
-body early and is kept in ``error`` for the caller.
+:class:`~hvr_agent.cut_snapshot.SnapshotAbandoned` in the thread (at its next
+read, or while the thread waits for a stuck upload); it ends the body early
+and is kept in ``error`` for the caller.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import uuid
 from hvr_common.pure.bundle import END_FRAME, BundleHeader, BundleKind, DiskEntry, FrameEncoder
 from hvr_common.pure.hrl import HrlEncoder
 from hvr_agent import shipper
+from hvr_agent.cut_snapshot import SnapshotAbandoned
 
 BATCH_BYTES = 1024 * 1024  # the body's pieces are batches of about this size
 QUEUE_BATCHES = 8  # batches made ahead of the upload
@@ -83,6 +85,8 @@ class CycleStream:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self._stop = threading.Event()
         self._thread: asyncio.Future | None = None
+        self._loop = asyncio.get_running_loop()
+        self.failed = asyncio.Event()  # set (from the thread) when ``error`` is
         self.bundle: shipper.SpooledBundle | None = None  # what was sent (``path`` None: never spooled)
         self.error: BaseException | None = None  # what ended the stream early (SnapshotAbandoned, OSError, ...)
 
@@ -123,6 +127,7 @@ class CycleStream:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the body, which raises it in the event loop
             self.error = exc
+            self._loop.call_soon_threadsafe(self.failed.set)  # the upload may be stuck: its sender stops it
             try:
                 self._put(exc)
             except _Stopped:
@@ -132,6 +137,9 @@ class CycleStream:
         while True:
             if self._stop.is_set():
                 raise _Stopped()
+            gave_up = [s.gave_up for s in self._args["snapshots"].values() if s.gave_up]
+            if gave_up and item is not None and not isinstance(item, BaseException):
+                raise SnapshotAbandoned(gave_up[0])  # noticed while the upload is stuck, too
             try:
                 self._queue.put(item, timeout=_POLL_S)
                 return
