@@ -37,8 +37,9 @@ class BitmapCycles:
         if all(d.dirty is None for d in disks):  # journal mode (and no bitmap cycle left from before a switch)
             return None
         found = {n: d.dirty.snapshots[seq] for n, d in vm.disks.items() if d.dirty and seq in d.dirty.snapshots}
-        if not found and any(d.dirty and seq in d.dirty.frozen for d in disks):  # built once, its spool gone since
-            await self.abandon(vm, seq, f"cycle {seq} was abandoned: its bundle was lost before it was acknowledged")
+        if not found and any(d.dirty and seq in d.dirty.frozen for d in disks):  # its snapshot closed since
+            await self.abandon(vm, seq, f"cycle {seq} was abandoned: its copies were dropped before it was "
+                                        "acknowledged")
         if not found:
             self.stand_ins.add(seq)
         return found

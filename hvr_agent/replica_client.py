@@ -248,7 +248,8 @@ class ReplicaClient:
                 data = _stream_body(spool, throttle)
             else:
                 hdrs["Content-Length"] = str(size)
-                data = _stream_file(spool, size, throttle) if isinstance(spool, Path) else _stream_pieces(spool, throttle)
+                data = (_stream_file(spool, size, throttle) if isinstance(spool, Path)
+                        else _stream_pieces(spool, throttle))
         elif json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
             digest = hashlib.sha256(data).hexdigest()

@@ -149,7 +149,7 @@ class CycleReceipt:
 
     async def commit(self, vm_id: uuid.UUID, sequence: int, peer: Grant, generation: int, digest: str,
                      length: int, consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
-        """Record the staged body of ``digest`` as the cycle (durable, then acknowledged).  Returns (created, replica)."""
+        """Record the staged body of ``digest`` as the cycle (durable, then acknowledged); (created, replica)."""
         try:
             async with await self.access.locked(vm_id, peer):
                 rep = await self.access.get(vm_id, peer)
