@@ -5,9 +5,11 @@ log not yet acknowledged, strictly in sequence order (R2).  When the cut
 falls due is the pure cut clock's business (:mod:`hvr_common.pure.schedule`),
 and so is counting the cuts skipped while earlier cycles wait.  A cut that
 falls due while a cycle uploads happens then (if no other cycle waits), and
-the next spool is built meanwhile.  After a cycle's acknowledgement,
-``next_sequence`` is recorded (the commit point); its logs and spool file are
-deleted in the background (R1), and ``sync-now --wait`` callers answered.
+the next spool is built meanwhile (journal mode; a bitmap-tracked VM's cycles
+are streamed from the disks when shipped, :mod:`hvr_agent.bitmap_cycles`).
+After a cycle's acknowledgement, ``next_sequence`` is recorded (the commit
+point); its logs and spool file are deleted in the background (R1), and
+``sync-now --wait`` callers answered.
 
 Application-consistent cuts: when one is due (the VM's ``app_consistent_hours``,
 :func:`hvr_common.pure.recovery_points.app_consistent_due`), the configured
@@ -40,7 +42,6 @@ from hvr_common.shell.threads import finish_in_thread
 from hvr_agent import shipper
 from hvr_agent.app_consistency import frozen_cut
 from hvr_agent.bitmap_cycles import BitmapCycles
-from hvr_agent.cut_snapshot import SnapshotAbandoned
 from hvr_agent.shipper import spool_path
 from hvr_agent.housekeeping import delete_cycle_files
 from hvr_agent.relationship import Relationship
@@ -213,29 +214,17 @@ class Cycles:
         return None
 
     async def _bundle(self, seq: int) -> tuple[shipper.SpooledBundle, float]:
-        """The spool of cycle ``seq`` (built now unless it already is) and the seconds building took."""
+        """Journal mode: the spool of cycle ``seq`` (built now unless it already is) and the seconds building
+        took.  (A bitmap-tracked VM's cycles stream from the disks: :mod:`hvr_agent.bitmap_cycles`.)"""
         bundle = self._spools.get(seq)
         if bundle is not None and bundle.path.exists():
             return bundle, 0.0
         rel = self.rel
         vm = rel.vm()
         build_ns = time.time_ns()
-        snapshots = await self.bitmap.snapshots(vm, seq)
-        build = functools.partial(  # never leaves a thread writing the outbox
+        bundle = await finish_in_thread(functools.partial(  # never leaves a thread writing the outbox
             shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=rel.rec.generation,
-            sequence=seq, disks=rel.disks(), compress=rel.rec.compression)
-        try:
-            bundle = await finish_in_thread(functools.partial(build, snapshots=snapshots))
-        except SnapshotAbandoned as exc:  # copy-before-write gave up (budget, time bound): ship a stand-in
-            await self.bitmap.abandon(vm, seq, f"cycle {seq} was abandoned: {exc}")
-            snapshots = None
-            bundle = await finish_in_thread(build)
-        if snapshots:
-            event(log, "cycle_built", vm=rel.name, seq=seq, bytes=bundle.wire_bytes, write_bytes=bundle.write_bytes,
-                  cbw_bytes=sum(snap.copied_bytes for snap in snapshots.values()))
-        for disk in vm.disks.values():
-            if disk.dirty is not None:
-                disk.dirty.built(seq)  # the spool holds the cut-time contents: the copies go
+            sequence=seq, disks=rel.disks(), compress=rel.rec.compression))
         self._spools[seq] = bundle
         return bundle, (time.time_ns() - build_ns) / NS
 
