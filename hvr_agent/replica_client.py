@@ -210,9 +210,18 @@ class ReplicaClient:
     async def stream_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, body) -> dict:
         """PUT /v1/replicas/{vm_id}/cycles/{sequence}/stream: the chunked body (an async iterator of
         bytes); the replica answers 202 with the digest and length it received (nothing is stored yet)."""
-        _, answer = await self._request("PUT", routes.cycle_stream_path(vm_id, sequence),
-                                        upload=(body, routes.STREAMED_DIGEST, None),
-                                        headers={routes.GENERATION_HEADER: str(generation)})
+        try:
+            _, answer = await self._request("PUT", routes.cycle_stream_path(vm_id, sequence),
+                                            upload=(body, routes.STREAMED_DIGEST, None),
+                                            headers={routes.GENERATION_HEADER: str(generation)})
+        except ReplicaError as exc:
+            if exc.code != "http_error":
+                raise
+            raise ReplicaRejectedError(f"{exc.message}: replica server {self.endpoint} does not take streamed "
+                                       "cycles (bitmap tracking), it is older than this agent", status=exc.status,
+                                       remote_code="http_error",
+                                       hint="upgrade hvr-listener on the replica host, or track the VM by journal "
+                                            "(hvrctl vm set-tracking NAME journal)") from None
         return answer
 
     async def commit_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, sha256: str, size_bytes: int,
