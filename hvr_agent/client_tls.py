@@ -58,3 +58,13 @@ class ClientTls:
     def _report(self, exc: HvrError) -> None:
         if self._on_problem is not None:
             self._on_problem(exc)
+
+
+def tls_refusal(exc: Exception) -> str | None:
+    """What a certificate refusal in the handshake said (ours of the server's, or the server's alert), else None."""
+    cause = getattr(exc, "os_error", None) or exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return cause.verify_message or str(cause)
+    if isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or "").upper():
+        return cause.reason.lower().replace("_", " ")
+    return None

@@ -1,15 +1,17 @@
 """A frozen cycle of a bitmap-tracked disk, with its copy-before-write side file.
 
 At a cut in bitmap mode each disk's dirty map is frozen as cycle *k*
-(:class:`CutSnapshot`) and copy-before-write is armed: the first change
-(write, trim or write-zeroes) to a block of cycle *k* that the cycle build
-has not read yet first copies the block's cut-time contents into the side
-file ``<image>.<k:010d>.cbw``, at the block's own offset (a sparse file, no
+(:class:`CutSnapshot`) and copy-before-write is armed until the cycle is
+acknowledged: the first change (write, trim or write-zeroes) to a block of
+cycle *k* first copies the block's cut-time contents into the side file
+``<image>.<k:010d>.cbw``, at the block's own offset (a sparse file, no
 fsync: after a crash the write-intent bitmap makes the next cycle carry the
-blocks, docs/bitmap-tracking.md).  The build (a worker thread) reads every
-frozen block once, from the side file if it was copied, else from the image,
-and marks it read, under one lock with the copying, so the two never cross:
-a block is either read before the change or copied before it.
+blocks, docs/bitmap-tracking.md).  The cycle's stream (a worker thread) reads
+the frozen blocks from the side file if they were copied, else from the
+image, under one lock with the copying, so the two never cross: a block is
+either read before the change or copied before it.  A block read once is
+still copied before it changes, so the cycle can be read again, to the same
+bytes, when its upload is sent again.
 
 Copy-before-write is bounded: past ``budget_bytes`` copied, or
 ``max_age_s`` after the cut, the snapshot gives up (no more copies) and the
@@ -57,7 +59,6 @@ class CutSnapshot:
         self.path = path
         self.cut_ns = cut_ns
         self.copied = DirtyMap(frozen.disk_size)
-        self.read = DirtyMap(frozen.disk_size)
         self.copied_bytes = 0
         self.lock = threading.Lock()
         self.fd = -1
@@ -68,7 +69,7 @@ class CutSnapshot:
 
     # --- the event loop: before a change of the image -----------------------------------
     def before_change(self, offset: int, length: int) -> int:
-        """Copy the cut-time contents of the frozen, unread, uncopied blocks of a range aside;
+        """Copy the cut-time contents of the frozen, uncopied blocks of a range aside;
         return the bytes copied.  Raises OSError (the change must then not happen)."""
         if self.closed or not self.frozen.any_in(offset, length):
             return 0
@@ -103,12 +104,12 @@ class CutSnapshot:
         unlink_if_exists(self.path)
 
     def _uncopied(self, offset: int, length: int):
-        """Pieces of a frozen run that are neither copied nor read (block aligned, clipped to the disk)."""
+        """Pieces of a frozen run not copied yet (block aligned, clipped to the disk)."""
         start = None
         block = offset >> BLOCK_SHIFT
         stop = (offset + length + BLOCK_BYTES - 1) >> BLOCK_SHIFT
         for b in range(block, stop + 1):
-            free = b < stop and not self.copied.is_marked(b) and not self.read.is_marked(b)
+            free = b < stop and not self.copied.is_marked(b)
             if free and start is None:
                 start = b
             elif not free and start is not None:
@@ -116,13 +117,13 @@ class CutSnapshot:
                 yield first, min(b << BLOCK_SHIFT, self.frozen.disk_size) - first
                 start = None
 
-    # --- the build (a worker thread) -------------------------------------------------------
+    # --- the cycle's stream (a worker thread) ----------------------------------------------
     def runs(self):
         """The frozen runs, in disk order (what the cycle carries)."""
         return self.frozen.runs()
 
     def read_range(self, offset: int, length: int) -> bytes:
-        """The cut-time contents of a frozen range; its blocks are then read (no copy needed any more)."""
+        """The cut-time contents of a frozen range (the same bytes however often it is read)."""
         out = bytearray()
         with self.lock:
             if self.closed:
@@ -141,12 +142,11 @@ class CutSnapshot:
                 if len(data) < stop - pos:
                     out += bytes(stop - pos - len(data))
                 pos = stop
-            self.read.mark(offset, length)
         return bytes(out)
 
     # --- the end -----------------------------------------------------------------------
     def close(self) -> None:
-        """Disarm and drop the copies (the cycle was built, acknowledged or abandoned)."""
+        """Disarm and drop the copies (the cycle was acknowledged or abandoned)."""
         with self.lock:
             self.closed = True
             if self.fd >= 0:

@@ -5,9 +5,11 @@ log not yet acknowledged, strictly in sequence order (R2).  When the cut
 falls due is the pure cut clock's business (:mod:`hvr_common.pure.schedule`),
 and so is counting the cuts skipped while earlier cycles wait.  A cut that
 falls due while a cycle uploads happens then (if no other cycle waits), and
-the next spool is built meanwhile.  After a cycle's acknowledgement,
-``next_sequence`` is recorded (the commit point); its logs and spool file are
-deleted in the background (R1), and ``sync-now --wait`` callers answered.
+the next spool is built meanwhile (journal mode; a bitmap-tracked VM's cycles
+are streamed from the disks when shipped, :mod:`hvr_agent.bitmap_cycles`).
+After a cycle's acknowledgement, ``next_sequence`` is recorded (the commit
+point); its logs and spool file are deleted in the background (R1), and
+``sync-now --wait`` callers answered.
 
 Application-consistent cuts: when one is due (the VM's ``app_consistent_hours``,
 :func:`hvr_common.pure.recovery_points.app_consistent_due`), the configured
@@ -40,7 +42,8 @@ from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
 from hvr_agent import shipper
 from hvr_agent.app_consistency import frozen_cut
-from hvr_agent.cut_snapshot import SnapshotAbandoned
+from hvr_agent.bitmap_cycles import BitmapCycles
+from hvr_agent.shipper import spool_path
 from hvr_agent.housekeeping import closed_log_bytes, delete_cycle_files
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
@@ -62,7 +65,7 @@ class Cycles:
         self.clock = CutClock.started(rel.rec.frequency_s, time.time_ns())
         self._waiters: list[tuple[int | None, asyncio.Future]] = []
         self._spools: dict[int, shipper.SpooledBundle] = {}
-        self._stand_ins: set[int] = set()  # bitmap-mode cycles built without their blocks (see _snapshots)
+        self.bitmap = BitmapCycles(rel, self._spools)  # snapshots, stand-ins, abandonment, streamed sending
         # Deleting an acknowledged cycle's files and recording its statistics: off the path to
         # the next cut (both wait for a busy disk); each runs after the one before it.
         self._after_ack: asyncio.Task | None = None
@@ -221,6 +224,8 @@ class Cycles:
             seq = await self._cut()
         except Exception as exc:  # noqa: BLE001 - raised by step() like any error of a cut
             return exc
+        if BitmapCycles.tracks(self.rel.vm()):
+            return None  # its cycle streams from the disks when it is shipped: nothing to build ahead
         try:
             await self._bundle(seq)
         except (OSError, HvrError) as exc:
@@ -229,91 +234,64 @@ class Cycles:
         return None
 
     async def _bundle(self, seq: int) -> tuple[shipper.SpooledBundle, float]:
-        """The spool of cycle ``seq`` (built now unless it already is) and the seconds building took."""
+        """Journal mode: the spool of cycle ``seq`` (built now unless it already is) and the seconds building
+        took.  (A bitmap-tracked VM's cycles stream from the disks: :mod:`hvr_agent.bitmap_cycles`.)"""
         bundle = self._spools.get(seq)
         if bundle is not None and bundle.path.exists():
             return bundle, 0.0
         rel = self.rel
         vm = rel.vm()
         build_ns = time.time_ns()
-        snapshots = await self._snapshots(vm, seq)
-        build = functools.partial(  # never leaves a thread writing the outbox
+        bundle = await finish_in_thread(functools.partial(  # never leaves a thread writing the outbox
             shipper.build_cycle_bundle, self.outbox, vm_id=vm.record.vm_id, generation=rel.rec.generation,
-            sequence=seq, disks=rel.disks(), compress=rel.rec.compression)
-        try:
-            bundle = await finish_in_thread(functools.partial(build, snapshots=snapshots))
-        except SnapshotAbandoned as exc:  # copy-before-write gave up (budget, time bound): ship a stand-in
-            await self._abandon(vm, seq, f"cycle {seq} was abandoned: {exc}")
-            snapshots = None
-            bundle = await finish_in_thread(build)
-        if snapshots:
-            event(log, "cycle_built", vm=rel.name, seq=seq, bytes=bundle.wire_bytes, write_bytes=bundle.write_bytes,
-                  cbw_bytes=sum(snap.copied_bytes for snap in snapshots.values()))
-        for disk in vm.disks.values():
-            if disk.dirty is not None:
-                disk.dirty.built(seq)  # the spool holds the cut-time contents: the copies go
+            sequence=seq, disks=rel.disks(), compress=rel.rec.compression))
         self._spools[seq] = bundle
         return bundle, (time.time_ns() - build_ns) / NS
 
-    async def _snapshots(self, vm, seq: int) -> dict | None:
-        """Bitmap mode: the frozen cycle ``seq`` of every disk.  A cycle whose blocks the agent no
-        longer holds (cut before a restart, or abandoned) is a stand-in: it ships empty, and the
-        write-intent regions make a later cycle carry its blocks (docs/bitmap-tracking.md)."""
-        disks = list(vm.disks.values())
-        if all(d.dirty is None for d in disks):  # journal mode (and no bitmap cycle left from before a switch)
-            return None
-        found = {n: d.dirty.snapshots[seq] for n, d in vm.disks.items() if d.dirty and seq in d.dirty.snapshots}
-        if not found and any(d.dirty and seq in d.dirty.frozen for d in disks):  # built once, its spool gone since
-            await self._abandon(vm, seq, f"cycle {seq} was abandoned: its bundle was lost before it was acknowledged")
-        if not found:
-            self._stand_ins.add(seq)
-        return found
-
-    async def _abandon(self, vm, seq: int, why: str) -> None:
-        """Abandon cycle ``seq`` and every later one cut: each disk's blocks of them go into the current
-        cycle, they ship empty; the replica skips to the next consistent point, no resynchronization."""
-        gone = [d.dirty.abandon_from(seq, d.intent.period) for d in vm.disks.values() if d.dirty is not None]
-        for later in [s for s in self._spools if s >= seq]:
-            del self._spools[later]  # built with blocks of their own cycle only: built again
-        self._stand_ins.update(range(seq, vm.sequence))
-        event(log, "cycle_abandoned", logging.WARNING, vm=self.rel.name, seq=seq, reason=why,
-              cycles=sorted({s for g in gone for s in g}), hint="nothing to do: the next cycle carries its blocks, "
-                                                                 "no resynchronization is needed")
-        await self.rel.update(state_detail=why + "; its blocks are carried by the next cycle")
-
-    async def _send(self, client: ReplicaClient, vm, seq: int, bundle, consistency) -> int:
-        """Upload a cycle; a stand-in the replica already holds (with the blocks the agent lost) counts
-        as acknowledged: the regions kept marked make the next cycle consistent on top of it."""
+    async def _send(self, client: ReplicaClient, vm, seq: int, bundle, consistency, streamed: bool = False) -> int:
+        """Upload a cycle (or commit one streamed); a stand-in the replica already holds (with the blocks the
+        agent lost) counts as acknowledged: the regions kept marked make the next cycle consistent on top of it."""
         rel = self.rel
         try:
-            status, _ = await client.send_cycle(vm.record.vm_id, seq, rel.rec.generation, bundle.path,
-                                                bundle.sha256, bundle.wire_bytes, consistency)
+            if streamed:
+                status, _ = await client.commit_cycle(vm.record.vm_id, seq, rel.rec.generation, bundle.sha256,
+                                                      bundle.wire_bytes, consistency)
+            else:
+                status, _ = await client.send_cycle(vm.record.vm_id, seq, rel.rec.generation, bundle.path,
+                                                    bundle.sha256, bundle.wire_bytes, consistency)
         except ReplicaConflictError as exc:
             expected = (exc.detail or {}).get("expected")
-            if seq not in self._stand_ins or exc.code != "out_of_order" or not isinstance(expected, int) \
+            if seq not in self.bitmap.stand_ins or exc.code != "out_of_order" or not isinstance(expected, int) \
                     or expected <= seq:
                 raise
             event(log, "cycle_already_held", vm=rel.name, seq=seq, expected=expected)
             status = 200
-        if seq not in self._stand_ins and rel.rec.state_detail and "abandoned" in rel.rec.state_detail:
+        if seq not in self.bitmap.stand_ins and rel.rec.state_detail and "abandoned" in rel.rec.state_detail:
             await rel.update(state_detail=None)  # a cycle with its blocks went through: nothing to say any more
-        self._stand_ins.discard(seq)
+        self.bitmap.stand_ins.discard(seq)
         return status
 
     async def _ship(self, seq: int, client: ReplicaClient) -> None:
         rel = self.rel
         vm = rel.vm()
-        bundle, built_s = await self._bundle(seq)
+        bitmap = BitmapCycles.tracks(vm)
+        bundle, built_s = (None, 0.0) if bitmap else await self._bundle(seq)
         # A log a crash could still tear must not reach the replica: the agent could not rebuild
         # the same cycle after a restart.  (Also waits for a cut made by hvrctl vm cut.)
         await rel.registry.durable(rel.name, seq)
         sent_ns = time.time_ns()
         consistency = rel.rec.consistency_of(seq)
-        status = await self._send(client, vm, seq, bundle, consistency)
+        if bitmap:
+            bundle, status = await self.bitmap.stream(client, vm, seq, consistency, self._send)
+        else:
+            status = await self._send(client, vm, seq, bundle, consistency)
         finished = time.time_ns()
         # Commit point: the replica holds cycle seq durably (P2); record that before deleting anything (R1).
         await rel.acknowledged(seq, finished)
         await rel.registry.acknowledged(rel.name, seq)  # bitmap mode: the write-intent marks may shrink
+        for disk in rel.vm().disks.values():
+            if disk.dirty is not None:
+                disk.dirty.built(seq)  # acknowledged: copy-before-write disarmed, the copies go
         committed = time.time_ns()
         self._spools.pop(seq, None)
         started = bundle.cut_ns or sent_ns
@@ -322,7 +300,7 @@ class Cycles:
         answer = {"vm": rel.name, "sequence": seq, "bytes": bundle.wire_bytes, "raw_bytes": bundle.raw_bytes,
                   "result": result.value}
         self._after_ack = asyncio.ensure_future(
-            self._clean_up_cycle(self._after_ack, rel.disks(), seq, bundle.path, stat, answer))
+            self._clean_up_cycle(self._after_ack, rel.disks(), seq, spool_path(self.outbox, seq), stat, answer))
         self.backoff.reset()
         rel.last_error = None
         event(log, "cycle_shipped", vm=rel.name, seq=seq, bytes=bundle.wire_bytes, raw_bytes=bundle.raw_bytes,

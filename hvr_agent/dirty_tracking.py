@@ -6,10 +6,10 @@ threads, under the snapshot's lock).
 
 * ``current``: the blocks written since the last cut (marked after the
   write-intent marking of their region, before the image changes).
-* ``snapshots``: the frozen cycles whose bundle is not built yet, each with
+* ``snapshots``: the frozen cycles not yet acknowledged, each with
   copy-before-write armed (:mod:`hvr_agent.cut_snapshot`); ``frozen``: the
   dirty map of every cycle cut and not yet acknowledged (a cycle whose
-  bundle is lost before it is acknowledged is abandoned with them).
+  snapshot is closed before it is acknowledged is abandoned with them).
 * ``cycle_regions``: the write-intent regions of every cycle cut and not yet
   acknowledged: the on-disk bitmap keeps them until the replica holds the
   cycle, so a crash at any step leaves them marked and the next cycle
@@ -60,7 +60,7 @@ class DirtyTracking:
         self.current = DirtyMap(self.disk_size)
 
     def built(self, sequence: int) -> None:
-        """Cycle ``sequence``'s bundle holds its blocks: disarm and drop the copies."""
+        """Cycle ``sequence`` was acknowledged (or abandoned): disarm and drop the copies."""
         snap = self.snapshots.pop(sequence, None)
         if snap is not None:
             snap.close()

@@ -6,10 +6,13 @@ over method, path with query, body digest, timestamp and a fresh nonce.
 request is signed again (new timestamp and nonce), never replayed.  With a
 TLS context the client speaks HTTPS (TLS 1.3); in certificate mode its
 certificate authenticates it and nothing is signed
-(:mod:`hvr_agent.replica_credentials`).  Cycle uploads stream from
-their spool file (``aiofiles``), with the digest computed when the spool was
-written; initial windows are sent from the pieces they were built into in
-memory.  Both set ``Content-Length``.
+(:mod:`hvr_agent.replica_credentials`).  Journal-mode cycle uploads stream
+from their spool file (``aiofiles``), with the digest computed when the spool
+was written; initial windows are sent from the pieces they were built into in
+memory; both set ``Content-Length``.  A bitmap-mode cycle is sent in the
+streamed form: a chunked body made as it is sent (its digest header is
+``routes.STREAMED_DIGEST``), then a signed commit request that carries the
+body's digest and length.
 
 Every upload body passes the agent's :class:`~hvr_agent.throttle.Throttle`
 (the bandwidth cap and its schedule), and while any upload of this client is
@@ -41,12 +44,11 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles
 import aiohttp
 from yarl import URL
 
@@ -58,11 +60,10 @@ from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
 from hvr_common.pure.wire.messages import DigestQuery, EnableRequest, InitialCompleteRequest
 from hvr_common.shell.key_file import KeyFile
-from hvr_agent.client_tls import ClientTls
-from hvr_agent.throttle import Throttle
+from hvr_agent import upload_body
+from hvr_agent.client_tls import ClientTls, tls_refusal
 from hvr_agent.transfers import Transfers
 
-UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_ANSWER_BYTES = 1024 * 1024
 
 
@@ -210,6 +211,30 @@ class ReplicaClient:
                                    upload=(spool, sha256, size_bytes),
                                    headers={routes.GENERATION_HEADER: str(generation)})
 
+    async def stream_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, body) -> dict:
+        """PUT /v1/replicas/{vm_id}/cycles/{sequence}/stream: the chunked body (an async iterator of
+        bytes); the replica answers 202 with the digest and length it received (nothing is stored yet)."""
+        try:
+            _, answer = await self._request("PUT", routes.cycle_stream_path(vm_id, sequence),
+                                            upload=(body, routes.STREAMED_DIGEST, None),
+                                            headers={routes.GENERATION_HEADER: str(generation)})
+        except ReplicaError as exc:
+            if exc.code != "http_error":
+                raise
+            raise ReplicaRejectedError(f"{exc.message}: replica server {self.endpoint} does not take streamed "
+                                       "cycles (bitmap tracking), it is older than this agent", status=exc.status,
+                                       remote_code="http_error",
+                                       hint="upgrade hvr-listener on the replica host, or track the VM by journal "
+                                            "(hvrctl vm set-tracking NAME journal)") from None
+        return answer
+
+    async def commit_cycle(self, vm_id: uuid.UUID, sequence: int, generation: int, sha256: str, size_bytes: int,
+                           consistency: Consistency = Consistency.CRASH) -> tuple[int, dict]:
+        """POST /v1/replicas/{vm_id}/cycles/{sequence}/commit: (status, body); 201 stored, 200 already stored."""
+        return await self._request("POST", routes.cycle_commit_path(vm_id, sequence, consistency.value),
+                                   json_body={"sha256": sha256, "bytes": size_bytes},
+                                   headers={routes.GENERATION_HEADER: str(generation)})
+
     async def set_settings(self, vm_id: uuid.UUID, generation: int, settings: HistorySettings) -> dict:
         """PUT /v1/replicas/{vm_id}/settings: the recovery history settings; the replica answers them."""
         _, answer = await self._request("PUT", routes.replica_settings_path(vm_id), json_body=settings.to_json(),
@@ -240,7 +265,7 @@ class ReplicaClient:
                                 {"generation": generation, "next_sequence": next_sequence})
 
     async def _request(self, method: str, path: str, *, json_body: dict | None = None,
-                       upload: tuple[Path | Sequence[bytes], str, int] | None = None,
+                       upload: tuple[Path | Sequence[bytes] | AsyncIterator[bytes], str, int | None] | None = None,
                        headers: dict | None = None) -> tuple[int, dict]:
         status, raw, _ = await self._exchange(method, path, json_body=json_body, upload=upload, headers=headers)
         return status, _answer(status, raw, f"{method} {path} on replica server {self.endpoint}")
@@ -255,9 +280,13 @@ class ReplicaClient:
         if upload is not None:
             spool, digest, size = upload
             hdrs["Content-Type"] = routes.BUNDLE_CONTENT_TYPE
-            hdrs["Content-Length"] = str(size)
             throttle = self.transfers.throttle
-            data = _stream_file(spool, size, throttle) if isinstance(spool, Path) else _stream_pieces(spool, throttle)
+            if size is None:  # streamed: chunked transfer encoding
+                data = upload_body.stream_body(spool, throttle)
+            else:
+                hdrs["Content-Length"] = str(size)
+                data = (upload_body.stream_file(spool, size, throttle) if isinstance(spool, Path)
+                        else upload_body.stream_pieces(spool, throttle))
         elif json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
             digest = hashlib.sha256(data).hexdigest()
@@ -278,14 +307,14 @@ class ReplicaClient:
                 status = resp.status
                 answer_headers = resp.headers.copy()  # case-insensitive
         except aiohttp.ClientSSLError as exc:
-            refused = _tls_refusal(exc)
+            refused = tls_refusal(exc)
             if refused is None:
                 raise ReplicaUnavailableError(f"{where} failed in TLS: {_describe(exc)}") from None
             raise ReplicaAuthError(f"{where}: TLS handshake failed: {refused}", status=0, remote_code="tls_refused",
                                    hint="check the certificates and CA bundles of both hosts "
                                         "(docs/security.md)") from None
         except aiohttp.ClientOSError as exc:
-            refused = _tls_refusal(exc)
+            refused = tls_refusal(exc)
             if refused is None:
                 raise ReplicaUnavailableError(f"{where} failed: {_describe(exc)}",
                                               hint="check that hvr-listener runs there and the network "
@@ -323,25 +352,6 @@ class ReplicaClient:
                 self.transfers.slots.release()
 
 
-async def _stream_file(path: Path, size: int, throttle: Throttle):
-    """The spool file's bytes, in pieces, never the whole file at once."""
-    left = size
-    async with aiofiles.open(path, "rb") as f:
-        while left > 0:
-            chunk = await f.read(min(UPLOAD_CHUNK_BYTES, left))
-            if not chunk:
-                raise OSError(f"spool file {path} is shorter than {size} bytes")
-            left -= len(chunk)
-            async for piece in throttle.pieces(chunk):
-                yield piece
-
-
-async def _stream_pieces(pieces: Sequence[bytes], throttle: Throttle):
-    for chunk in pieces:
-        async for piece in throttle.pieces(chunk):
-            yield piece
-
-
 async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
     """The answer's body, at most ``MAX_ANSWER_BYTES`` of it (answers are small JSON objects)."""
     out = bytearray()
@@ -351,16 +361,6 @@ async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
             break
         out += chunk
     return bytes(out[:MAX_ANSWER_BYTES])
-
-
-def _tls_refusal(exc: Exception) -> str | None:
-    """What a certificate refusal in the handshake said (ours of the server's, or the server's alert), else None."""
-    cause = getattr(exc, "os_error", None) or exc.__cause__ or exc
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return cause.verify_message or str(cause)
-    if isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or "").upper():
-        return cause.reason.lower().replace("_", " ")
-    return None
 
 
 def _describe(exc: Exception) -> str:

@@ -1,7 +1,8 @@
 """Building bundles: what the agent uploads to the replica.
 
 Blocking functions, run in worker threads by :mod:`hvr_agent.cycles`.
-Cycles are built into spool files and memory stays bounded: a log's records
+Journal-mode cycles are built into spool files (bitmap-mode ones stream into
+the upload body: :mod:`hvr_agent.cycle_stream`) and memory stays bounded: a log's records
 are collected without their payloads, surviving bytes are read from the log
 in pieces of at most ``RECORD_BYTES`` into one reused buffer, and frames go
 to the spool file as they are made.  Initial-replication windows are built
@@ -182,7 +183,7 @@ class _StreamFramer:
 
     CAPACITY = RECORD_BYTES + RECORD_SIZE + 2 * FRAME_RAW_BYTES  # a largest record fits after a partial frame
 
-    def __init__(self, writer: _SpoolWriter, encoder: FrameEncoder):
+    def __init__(self, writer: BundleWriter, encoder: FrameEncoder):
         self.writer = writer
         self.encoder = encoder
         self.buf = bytearray(self.CAPACITY)
@@ -247,7 +248,7 @@ def in_log_order(extents: list) -> list:
 
 def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, sequence: int,
                        disks: list[DiskSource], compress: bool, snapshots: dict | None = None) -> SpooledBundle:
-    """Coalesce every disk's closed log of ``sequence`` into one cycle bundle.
+    """Coalesce every disk's closed log of ``sequence`` into one cycle bundle, spooled (counted form).
 
     A disk without a log of that sequence (a crash between two disks' log
     switches, or a cut the disk missed) contributes an empty log: nothing of
@@ -256,52 +257,64 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
     name): its cycle is the cut-time contents of the frozen blocks, as WRITE
     records in disk order (ZERO where a piece is all zeroes).
     """
-    scans = [_scan_log(log_path(d.logs_at, sequence)) for d in disks]
-    closed = [s.summary.closed_ns for s in scans if s is not None and s.summary.closed_ns is not None]
-    created_ns = max(closed, default=0)
+    scans, created_ns = scan_cycle(disks, sequence)
     writer = _SpoolWriter(spool_path(outbox, sequence), len(disks))
     try:
-        for disk, scan in zip(disks, scans):
-            path = log_path(disk.logs_at, sequence)
-            if scan is not None:
-                _check_identity(path, scan.header, vm_id, disk, generation, sequence)
-                header = scan.header
-                closed_ns = scan.summary.closed_ns
-                extents = in_log_order(coalesce(scan.records))
-                scan.records.clear()
-            else:
-                header = HrlHeader(vm_id, disk.disk_id, generation, sequence, disk.size_bytes, created_ns)
-                closed_ns = created_ns
-                extents = []
-            encoder = FrameEncoder(compress)
-            hrl = HrlEncoder(header)
-            stream = _StreamFramer(writer, encoder)
-            stream.put(hrl.header_bytes())
-            snap = (snapshots or {}).get(disk.name)
-            if snap is not None:
-                for run_off, run_len in snap.runs():
-                    for done in range(0, run_len, RECORD_BYTES):
-                        n = min(RECORD_BYTES, run_len - done)
-                        stream.put_data(hrl, run_off + done, snap.read_range(run_off + done, n))
-            if extents:
-                with open(path, "rb", buffering=0) as log_file:
-                    fd = log_file.fileno()
-                    for ext in extents:
-                        if ext.kind is RecordKind.WRITE:
-                            for done in range(0, ext.length, RECORD_BYTES):
-                                n = min(RECORD_BYTES, ext.length - done)
-                                stream.put_write(hrl, ext.offset + done, fd, ext.source + done, n, path)
-                        else:
-                            emit = hrl.trim if ext.kind is RecordKind.TRIM else hrl.zero
-                            for done in range(0, ext.length, ZERO_RECORD_BYTES):
-                                n = min(ZERO_RECORD_BYTES, ext.length - done)
-                                stream.put(emit(ext.offset + done, n, ext.flags))
-            stream.put(hrl.end(closed_ns if closed_ns is not None else created_ns))
-            stream.flush()
-            writer.add_disk(disk.disk_id, encoder, hrl, 0, disk.size_bytes)
+        write_cycle(writer, scans, created_ns, vm_id=vm_id, generation=generation, sequence=sequence, disks=disks,
+                    compress=compress, snapshots=snapshots)
         header = BundleHeader(BundleKind.CYCLE, vm_id, generation, sequence, created_ns,
                               tuple(writer.entries))
         return writer.commit(header, created_ns)
     except BaseException:
         writer.abort()
         raise
+
+
+def scan_cycle(disks: list[DiskSource], sequence: int) -> tuple[list, int]:
+    """Every disk's closed log of ``sequence`` scanned (None where there is none), and the cycle's time."""
+    scans = [_scan_log(log_path(d.logs_at, sequence)) for d in disks]
+    closed = [s.summary.closed_ns for s in scans if s is not None and s.summary.closed_ns is not None]
+    return scans, max(closed, default=0)
+
+
+def write_cycle(writer: BundleWriter, scans: list, created_ns: int, *, vm_id: uuid.UUID, generation: int,
+                sequence: int, disks: list[DiskSource], compress: bool, snapshots: dict | None) -> None:
+    """Every disk's HRL stream of cycle ``sequence``, framed, into ``writer`` (after the header)."""
+    for disk, scan in zip(disks, scans):
+        path = log_path(disk.logs_at, sequence)
+        if scan is not None:
+            _check_identity(path, scan.header, vm_id, disk, generation, sequence)
+            header = scan.header
+            closed_ns = scan.summary.closed_ns
+            extents = in_log_order(coalesce(scan.records))
+            scan.records.clear()
+        else:
+            header = HrlHeader(vm_id, disk.disk_id, generation, sequence, disk.size_bytes, created_ns)
+            closed_ns = created_ns
+            extents = []
+        encoder = FrameEncoder(compress)
+        hrl = HrlEncoder(header)
+        stream = _StreamFramer(writer, encoder)
+        stream.put(hrl.header_bytes())
+        snap = (snapshots or {}).get(disk.name)
+        if snap is not None:
+            for run_off, run_len in snap.runs():
+                for done in range(0, run_len, RECORD_BYTES):
+                    n = min(RECORD_BYTES, run_len - done)
+                    stream.put_data(hrl, run_off + done, snap.read_range(run_off + done, n))
+        if extents:
+            with open(path, "rb", buffering=0) as log_file:
+                fd = log_file.fileno()
+                for ext in extents:
+                    if ext.kind is RecordKind.WRITE:
+                        for done in range(0, ext.length, RECORD_BYTES):
+                            n = min(RECORD_BYTES, ext.length - done)
+                            stream.put_write(hrl, ext.offset + done, fd, ext.source + done, n, path)
+                    else:
+                        emit = hrl.trim if ext.kind is RecordKind.TRIM else hrl.zero
+                        for done in range(0, ext.length, ZERO_RECORD_BYTES):
+                            n = min(ZERO_RECORD_BYTES, ext.length - done)
+                            stream.put(emit(ext.offset + done, n, ext.flags))
+        stream.put(hrl.end(closed_ns if closed_ns is not None else created_ns))
+        stream.flush()
+        writer.add_disk(disk.disk_id, encoder, hrl, 0, disk.size_bytes)

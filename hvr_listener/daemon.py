@@ -40,10 +40,11 @@ SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def cleanup_leftovers(store: ListenerStore) -> int:
-    """Remove partial uploads and files of cycles already applied (crash leftovers)."""
+    """Remove partial uploads, staged streamed bodies and files of cycles already applied (crash leftovers)."""
     removed = 0
     for rep in store.replicas():
-        for part in (rep.storage_dir / "incoming").glob("*.part"):
+        incoming = rep.storage_dir / "incoming"
+        for part in [*incoming.glob("*.part"), *incoming.glob("*.staged")]:
             unlink_if_exists(part)
             removed += 1
         for row in store.cycle_history(rep.vm_id):

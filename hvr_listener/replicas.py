@@ -78,6 +78,14 @@ class ReplicaService:
         finally:
             self.wake_applier.set()
 
+    async def stage_cycle(self, vm_id: uuid.UUID, sequence: int, peer: Grant, generation: int,
+                          body: AsyncIterator[bytes]) -> tuple[str, int]:
+        return await self._cycles.stage(vm_id, sequence, peer, generation, body)
+
+    async def commit_cycle(self, vm_id: uuid.UUID, sequence: int, peer: Grant, generation: int, digest: str,
+                           length: int, consistency: Consistency = Consistency.CRASH) -> tuple[bool, Replica]:
+        return await self._cycles.commit(vm_id, sequence, peer, generation, digest, length, consistency)
+
     async def set_history(self, vm_id: uuid.UUID, peer: Grant, generation: int,
                           body: dict) -> tuple[Replica, HistorySettings]:
         """The primary's recovery history settings, fenced by generation like every change it sends."""

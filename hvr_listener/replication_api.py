@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 
@@ -51,6 +52,7 @@ MAX_JSON_BODY = MAX_JSON_BODY_BYTES
 BODY_CHUNK = 4 * 1024 * 1024  # aiohttp buffers this much of a body before it stops reading the socket
 BODY_IDLE_TIMEOUT_S = 60.0  # a stalled upload must not hold the VM's lock forever
 VERSION = "0.1.0"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @web.middleware
@@ -196,6 +198,33 @@ async def put_cycle(request: web.Request) -> web.Response:
                              status=201 if created else 200)
 
 
+async def put_cycle_stream(request: web.Request) -> web.Response:
+    """The streamed form's body (chunked, digest header ``routes.STREAMED_DIGEST``): staged, not yet recorded."""
+    sequence = decimal(request.match_info["sequence"], "cycle sequence number", minimum=1)
+    if request.headers.get(routes.CONTENT_DIGEST_HEADER) != routes.STREAMED_DIGEST:
+        raise error("upload_form_mismatch", f"a streamed cycle body carries {routes.CONTENT_DIGEST_HEADER} "
+                    f"{routes.STREAMED_DIGEST}; its digest comes with the commit request")
+    digest, length = await request.app[SERVICE].stage_cycle(_vm_id(request), sequence, request[GRANT],
+                                                            _generation(request), _body_chunks(request))
+    return web.json_response({"sequence": sequence, "sha256": digest, "bytes": length}, status=202)
+
+
+async def post_cycle_commit(request: web.Request) -> web.Response:
+    """The streamed form's commit: the body's digest and length, signed; the cycle is then stored (P2)."""
+    sequence = decimal(request.match_info["sequence"], "cycle sequence number", minimum=1)
+    consistency = _consistency(request)
+    body = await _json(request)
+    digest, length = body.get("sha256"), body.get("bytes")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise UsageError("commit request: 'sha256' must be 64 lowercase hex digits")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise UsageError("commit request: 'bytes' must be a non-negative integer")
+    created, rep = await request.app[SERVICE].commit_cycle(_vm_id(request), sequence, request[GRANT],
+                                                           _generation(request), digest, length, consistency)
+    return web.json_response({"sequence": sequence, "next_sequence": rep.next_sequence},
+                             status=201 if created else 200)
+
+
 async def put_settings(request: web.Request) -> web.Response:
     """The recovery history settings the primary keeps for the VM (``hvrctl vm enable`` / ``vm set``)."""
     generation = _generation(request)
@@ -240,6 +269,8 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app.router.add_put(routes.INITIAL_WINDOW, put_initial)
     app.router.add_post(routes.INITIAL_COMPLETE, post_initial_complete)
     app.router.add_put(routes.CYCLE, put_cycle)
+    app.router.add_put(routes.CYCLE_STREAM, put_cycle_stream)
+    app.router.add_post(routes.CYCLE_COMMIT, post_cycle_commit)
     app.router.add_put(routes.REPLICA_SETTINGS, put_settings)
     app.router.add_post(routes.DIGESTS, post_digests)
     app.router.add_post(routes.RESYNC_COMPLETE, post_resync_complete)

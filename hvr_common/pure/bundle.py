@@ -1,8 +1,12 @@
-"""Replication bundles: what travels from agent to listener (format v1): the layout and the encoder.
+"""Replication bundles: what travels from agent to listener: the layout and the encoder.
 
 A bundle carries, for each disk of one VM, an HRL log (a coalesced cycle log,
 or for initial replication a window of the disk's allocated data) split into
 frames that are zstd-compressed unless compression does not shrink them.
+Two forms: *counted* (version 1: the header's disk table holds each disk's
+frame totals, so it is written last, into a spool file) and *streamed*
+(version 2: the table's totals are zero, and each disk's frames end with an
+end-of-disk frame, so the bundle can be sent as it is made).
 See ``docs/replication-protocol.md`` for the byte layout.  Everything here is
 pure: bytes in, bytes out; the shells own files and sockets.
 
@@ -24,7 +28,8 @@ import zstandard
 from hvr_common.pure.errors import CorruptError
 
 MAGIC = b"HVR-BDL\n"
-VERSION = 1
+VERSION = 1  # counted: the disk table carries the frame totals
+VERSION_STREAMED = 2  # streamed: totals zero in the table, an end-of-disk frame after each disk's frames
 HEADER = struct.Struct("<8sHHIQ16sQQQI")  # magic, version, kind, disk_count, reserved, vm_id, generation,
 #                                          sequence, created_ns, header_crc (over all preceding bytes + entries)
 ENTRY = struct.Struct("<16sQQQQII")  # disk_id, stored_bytes, raw_bytes, range_start, range_end, frames, flags
@@ -37,6 +42,8 @@ FRAME_RAW_BYTES = 1024 * 1024  # what encoders use
 SKIP_AFTER_INCOMPRESSIBLE = 3  # frames stored raw without trying, after one that did not shrink
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_END = 0xFF  # streamed form: the end of a disk's frames (both lengths zero)
+END_FRAME = struct.pack("<BxxxII", CODEC_END, 0, 0)
 
 
 class BundleKind(enum.IntEnum):
@@ -54,6 +61,12 @@ class BundleTruncatedError(BundleCorruptError):
     code = "body_truncated"
     transient = True
     exit_code = 75  # EX_TEMPFAIL
+
+
+class BundleFormError(BundleCorruptError):
+    """A bundle of the other form than the request carries (a counted bundle streamed, or the reverse)."""
+
+    code = "upload_form_mismatch"
 
 
 def header_size(disk_count: int) -> int:
@@ -79,6 +92,7 @@ class BundleHeader:
     sequence: int
     created_ns: int
     disks: tuple[DiskEntry, ...]
+    streamed: bool = False  # version 2: no totals in the table, end-of-disk frames
 
     @property
     def size(self) -> int:
@@ -87,7 +101,8 @@ class BundleHeader:
     def encode(self) -> bytes:
         entries = b"".join(ENTRY.pack(d.disk_id.bytes, d.stored_bytes, d.raw_bytes, d.range_start, d.range_end,
                                       d.frames, d.flags) for d in self.disks)
-        head = HEADER.pack(MAGIC, VERSION, int(self.kind), len(self.disks), 0, self.vm_id.bytes, self.generation,
+        version = VERSION_STREAMED if self.streamed else VERSION
+        head = HEADER.pack(MAGIC, version, int(self.kind), len(self.disks), 0, self.vm_id.bytes, self.generation,
                            self.sequence, self.created_ns, 0)
         crc = zlib.crc32(entries, zlib.crc32(head[:-4]))
         return head[:-4] + struct.pack("<I", crc) + entries
@@ -99,8 +114,9 @@ def decode_header(buf: bytes) -> BundleHeader:
     magic, version, kind, count, _res, vm_id, gen, seq, created, crc = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise BundleCorruptError("not an hvr bundle (bad magic)")
-    if version != VERSION:
-        raise BundleCorruptError(f"bundle version {version} is not supported (this build reads {VERSION})")
+    if version not in (VERSION, VERSION_STREAMED):
+        raise BundleCorruptError(f"bundle version {version} is not supported "
+                                 f"(this build reads {VERSION} and {VERSION_STREAMED})")
     if kind not in BundleKind._value2member_map_:
         raise BundleCorruptError(f"unknown bundle kind {kind}")
     if not 1 <= count <= MAX_DISKS:
@@ -118,7 +134,8 @@ def decode_header(buf: bytes) -> BundleHeader:
         disks.append(DiskEntry(uuid.UUID(bytes=d_id), stored, raw, start, end, frames, flags))
     if len({d.disk_id for d in disks}) != len(disks):
         raise BundleCorruptError("bundle lists a disk twice")
-    return BundleHeader(BundleKind(kind), uuid.UUID(bytes=vm_id), gen, seq, created, tuple(disks))
+    return BundleHeader(BundleKind(kind), uuid.UUID(bytes=vm_id), gen, seq, created, tuple(disks),
+                        version == VERSION_STREAMED)
 
 
 class FrameEncoder:

@@ -1,4 +1,4 @@
-"""Reading replication bundles (format v1, ``docs/replication-protocol.md``): a validating sans-I/O decoder.
+"""Reading replication bundles (both forms, ``docs/replication-protocol.md``): a validating sans-I/O decoder.
 
 :class:`BundleDecoder` validates as it goes: header checksum, frame bounds,
 zstd frames, and each disk's HRL stream (per-record checksums, identity, a
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import zstandard
 
-from hvr_common.pure.bundle import (CODEC_RAW, CODEC_ZSTD, FRAME, HEADER, MAX_DISKS, MAX_FRAME_RAW, BundleCorruptError,
-                                    BundleHeader, BundleKind, BundleTruncatedError, DiskEntry, decode_header,
-                                    header_size)
+from hvr_common.pure.bundle import (CODEC_END, CODEC_RAW, CODEC_ZSTD, FRAME, HEADER, MAX_DISKS, MAX_FRAME_RAW,
+                                    BundleCorruptError, BundleFormError, BundleHeader, BundleKind,
+                                    BundleTruncatedError, DiskEntry, decode_header, header_size)
 from hvr_common.pure.hrl import HrlCorruptError, HrlHeader, LogSummary, Record
 from hvr_common.pure.hrl_decoder import HrlDecoder
 from hvr_common.pure.stream_decoder import NEED_DATA, BorrowingDecoder
@@ -44,7 +44,8 @@ class BundleDecoder(BorrowingDecoder):
     """Streams a bundle: feed bytes, take events (BundleHeader, (disk index, Record), DiskDone, BundleDone).
 
     ``expect`` checks identity: a mapping with any of ``vm_id``, ``generation``,
-    ``sequence``, ``kind``, ``disks`` (dict disk_id -> disk size).
+    ``sequence``, ``kind``, ``disks`` (dict disk_id -> disk size), and
+    ``streamed`` (the form the request carries: True streamed, False counted).
     """
 
     def __init__(self, *, keep_data: bool = True, lend_data: bool = False, max_bytes: int | None = None,
@@ -66,7 +67,7 @@ class BundleDecoder(BorrowingDecoder):
         self.header: BundleHeader | None = None
         self._disk = -1
         self._hrl: HrlDecoder | None = None
-        self._stored_left = 0
+        self._stored_left = 0  # counted form: bytes of the disk's frames still to come; streamed: -1 until its end
         self._frames_seen = 0
         self._raw_seen = 0
         self._dctx = zstandard.ZstdDecompressor()
@@ -158,16 +159,24 @@ class BundleDecoder(BorrowingDecoder):
             if self._avail() < FRAME.size:
                 return NEED_DATA
             codec, stored_len, raw_len = FRAME.unpack_from(self._buf, self._pos)
+            if codec == CODEC_END and self.header.streamed:
+                if stored_len or raw_len:
+                    raise BundleCorruptError(f"disk {self._disk}: bad end-of-disk frame")
+                self._skip(FRAME.size)
+                self._stored_left = 0
+                continue
             if codec not in (CODEC_RAW, CODEC_ZSTD) or raw_len > MAX_FRAME_RAW or raw_len == 0:
                 raise BundleCorruptError(f"disk {self._disk}: bad frame (codec {codec}, raw {raw_len} bytes)")
             if codec == CODEC_RAW and stored_len != raw_len:
                 raise BundleCorruptError(f"disk {self._disk}: raw frame lengths disagree")
-            if stored_len > self._stored_left - FRAME.size or stored_len > MAX_FRAME_RAW + 65536:
+            counted = not self.header.streamed
+            if (counted and stored_len > self._stored_left - FRAME.size) or stored_len > MAX_FRAME_RAW + 65536:
                 raise BundleCorruptError(f"disk {self._disk}: frame overruns its disk's payload")
             if codec == CODEC_RAW:
                 # Passed on to the log decoder piece by piece as it arrives, without a copy.
                 self._skip(FRAME.size)
-                self._stored_left -= FRAME.size + stored_len
+                if counted:
+                    self._stored_left -= FRAME.size + stored_len
                 self._raw_left = stored_len
                 self._frames_seen += 1
                 self._raw_seen += raw_len
@@ -175,7 +184,8 @@ class BundleDecoder(BorrowingDecoder):
             if self._avail() < FRAME.size + stored_len:
                 return NEED_DATA
             self._pos += FRAME.size
-            self._stored_left -= FRAME.size + stored_len
+            if counted:
+                self._stored_left -= FRAME.size + stored_len
             stored = self._take(stored_len)  # a zstd frame
             try:
                 declared = zstandard.frame_content_size(stored)
@@ -206,6 +216,11 @@ class BundleDecoder(BorrowingDecoder):
             return NEED_DATA
         header = decode_header(self._take(header_size(count)))
         exp = self.expect
+        if "streamed" in exp and header.streamed != exp["streamed"]:
+            raise BundleFormError("a streamed bundle (version 2) must be sent as a streamed upload, a counted one "
+                                  "(version 1) with Content-Length" if header.streamed else
+                                  "a streamed upload must carry a streamed bundle (version 2), not a counted one "
+                                  "(version 1)")
         for field in ("vm_id", "generation", "sequence", "kind"):
             if field in exp and getattr(header, field) != exp[field]:
                 raise BundleCorruptError(f"bundle {field} is {getattr(header, field)}, expected {exp[field]}")
@@ -228,7 +243,7 @@ class BundleDecoder(BorrowingDecoder):
         """Finish the current disk (if any) and start the next; return DiskDone/BundleDone or None."""
         if self._hrl is not None:
             entry = self.header.disks[self._disk]
-            if self._frames_seen != entry.frames or self._raw_seen != entry.raw_bytes:
+            if not self.header.streamed and (self._frames_seen != entry.frames or self._raw_seen != entry.raw_bytes):
                 raise BundleCorruptError(f"disk {self._disk}: frame count or size disagrees with the disk table")
             try:
                 summary = self._hrl.finish()
@@ -245,7 +260,7 @@ class BundleDecoder(BorrowingDecoder):
             return BundleDone(self.header, self.total)
         entry = self.header.disks[self._disk]
         self._hrl = HrlDecoder(keep_data=self.keep_data, lend_data=self.lend_data)
-        self._stored_left = entry.stored_bytes
+        self._stored_left = -1 if self.header.streamed else entry.stored_bytes
         self._frames_seen = 0
         self._raw_seen = 0
         return None

@@ -10,6 +10,7 @@ import json
 import random
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -234,4 +235,83 @@ def test_switching_the_tracking_mode_at_a_cut_keeps_the_replica_identical(tmp_pa
         pair.wait_replica_applied("sw")
         pair.assert_identical("sw", [disk])
     finally:
+        pair.close()
+
+
+def _watch_outbox(outbox: Path, seen: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        if outbox.exists():
+            seen.extend(p.name for p in outbox.rglob("*") if p.is_file())
+        stop.wait(0.002)
+
+
+def test_a_bitmap_cycle_streams_from_the_disks_without_a_spool_file(tmp_path):
+    """The cycle is read from the image and sent as it is read: nothing appears in the outbox."""
+    size = 64 * MiB
+    pair = Pair(tmp_path, tracking="bitmap").start()
+    stop = threading.Event()
+    seen: list = []
+    watcher = None
+    try:
+        disk = make_disk(tmp_path / "flow.img", size)
+        pair.protect("flow", [disk], frequency=900)
+        pair.initial("flow")
+        noise = tmp_path / "noise.bin"
+        noise.write_bytes(random.Random(13).randbytes(32 * MiB))  # incompressible: the upload takes a while
+        qemu_io(pair.agent.nbd_uri("flow", "flow"), f"write -s {noise} 0 {32 * MiB}", "write -P 5 40M 4M")
+        watcher = threading.Thread(target=_watch_outbox, args=(pair.agent.state_dir / "outbox", seen, stop))
+        watcher.start()
+        pair.sync("flow")
+        stop.set()
+        watcher.join()
+        pair.wait_replica_applied("flow")
+        pair.assert_identical("flow", [disk])
+        assert not seen, f"spool files were written in bitmap mode: {sorted(set(seen))}"
+        built = _events(pair, "cycle_built")
+        assert built and all(e.get("streamed") for e in built)
+        assert sum(e["write_bytes"] for e in built) >= 32 * MiB
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+        pair.close()
+
+
+def test_a_connection_dropped_mid_stream_sends_the_cycle_again_and_converges(tmp_path):
+    """Connections cut inside the streamed body: the cycle is sent again (the same bytes: copy-before-write
+    stays armed until the acknowledgement, while the guest overwrites its blocks), the replica converges on
+    the image as it was at the cut, then on the image."""
+    size = 32 * MiB
+    dirty = 16 * MiB
+    pair = Pair(tmp_path, tracking="bitmap").start()
+    proxy = FaultProxy(pair.listener.port, seed=4)
+    try:
+        disk = make_disk(tmp_path / "cut.img", size)
+        pair.protect("cut", [disk], frequency=900, port=proxy.port)
+        pair.initial("cut")
+        noise = tmp_path / "noise.bin"
+        noise.write_bytes(random.Random(14).randbytes(dirty))
+        qemu_io(pair.agent.nbd_uri("cut", "cut"), f"write -s {noise} 0 {dirty}")
+        at_cut = tmp_path / "at_cut" / "cut.img"
+        at_cut.parent.mkdir()
+        shutil.copyfile(disk, at_cut)
+        proxy.drop_after = (256 * 1024, 8 * MiB)  # inside the body of a 16 MiB cycle
+        proxy.max_drops = 3
+        admin = AdminClient(pair.agent.admin_socket, "hvr-agent")
+        cut_seq = admin.request("GET", "/v1/vms/cut")["sequence"]
+        admin.request("POST", "/v1/vms/cut/replication/sync-now", {"wait": False})
+        wait_for(lambda: admin.request("GET", "/v1/vms/cut")["sequence"] > cut_seq, 30, "the cut")
+        qemu_io(pair.agent.nbd_uri("cut", "cut"), "write -P 6 0 8M")  # overwrites blocks of the cycle in flight
+        wait_for(lambda: proxy.dropped >= 3, 120, "three streamed bodies to be cut", context=pair.agent.log_tail)
+        proxy.drop_after = None
+        wait_for(lambda: pair.replica("cut")["last_applied_sequence"] >= cut_seq, 180, f"cycle {cut_seq} applied",
+                 context=pair.agent.log_tail)
+        pair.assert_identical("cut", [at_cut])  # the re-sent cycle is the image as it was at the cut
+        assert [c["sequence"] for c in pair.replica("cut")["cycles"]].count(cut_seq) == 1
+        pair.sync("cut")
+        pair.wait_replica_applied("cut")
+        pair.assert_identical("cut", [disk])
+        assert not list(tmp_path.glob("cut.img.*.cbw")), "copy-before-write files left behind"
+    finally:
+        proxy.close()
         pair.close()

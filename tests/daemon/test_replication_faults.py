@@ -126,11 +126,20 @@ def test_dropped_connections_are_retried_and_initial_copy_resends_little(tmp_pat
         pair.close()
 
 
+def _cycle_ready(pair: Pair, vm: str, outbox: Path, seq: int, tracking: str) -> bool:
+    """Journal mode: the cycle's bundle is built (spooled).  Bitmap mode streams cycles from the disks
+    (no spool file): the cycle is cut, its blocks frozen on every disk."""
+    if tracking == "journal":
+        return (outbox / f"{seq:010d}.bundle").exists()
+    (rec,) = [v for v in pair.agent.list_vms() if v["name"] == vm]
+    return all(seq in d["bitmap"]["frozen_cycles"] for d in rec["disks"])
+
+
 @BOTH_MODES
 def test_a_cut_due_during_a_stalled_upload_happens_and_its_bundle_is_built_meanwhile(tmp_path, tracking):
     """A cycle's cut and build do not wait for the upload before it: while cycle N cannot reach
-    the replica, sync-now cuts N+1 and builds its bundle; once the link moves again both are
-    acknowledged in order and the replica converges."""
+    the replica, sync-now cuts N+1 and builds its bundle (bitmap mode: cuts it, its blocks frozen, to be
+    streamed); once the link moves again both are acknowledged in order and the replica converges."""
     size = 16 * MiB
     pair = Pair(tmp_path, tracking=tracking).start()
     proxy = FaultProxy(pair.listener.port)
@@ -144,10 +153,10 @@ def test_a_cut_due_during_a_stalled_upload_happens_and_its_bundle_is_built_meanw
         _write_round(pair, "app", [disk], rng, size)
         proxy.hold()
         pair.agent.hvrctl("vm", "sync-now", "app", "--no-wait")
-        wait_for(lambda: (outbox / f"{first:010d}.bundle").exists(), 30, f"cycle {first} to be built")
+        wait_for(lambda: _cycle_ready(pair, "app", outbox, first, tracking), 30, f"cycle {first} to be built")
         _write_round(pair, "app", [disk], rng, size)
         pair.agent.hvrctl("vm", "sync-now", "app", "--no-wait")
-        wait_for(lambda: (outbox / f"{first + 1:010d}.bundle").exists(), 30,
+        wait_for(lambda: _cycle_ready(pair, "app", outbox, first + 1, tracking), 30,
                  f"cycle {first + 1} to be cut and built while cycle {first} is stuck", context=pair.agent.log_tail)
         assert pair.status("app")["next_sequence"] == first  # cycle N is still not acknowledged
         proxy.release()

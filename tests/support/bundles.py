@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from hvr_common.pure.bundle import BundleHeader, BundleKind, DiskEntry, FrameEncoder
+from hvr_common.pure.bundle import END_FRAME, BundleHeader, BundleKind, DiskEntry, FrameEncoder
 from hvr_common.pure.hrl import HrlEncoder, HrlHeader
 
 
@@ -28,13 +28,15 @@ def hrl_bytes(vm_id: uuid.UUID, disk_id: uuid.UUID, generation: int, sequence: i
 
 def bundle(kind: BundleKind, vm_id: uuid.UUID, generation: int, sequence: int,
            disks: list[tuple[uuid.UUID, int, int, int, bytes]], *, compress: bool = True,
-           created_ns: int | None = None) -> bytes:
-    """disks: (disk_id, disk_size, range_start, range_end, hrl bytes); ``created_ns``: the cut time (now)."""
+           created_ns: int | None = None, streamed: bool = False) -> bytes:
+    """disks: (disk_id, disk_size, range_start, range_end, hrl bytes); ``created_ns``: the cut time (now);
+    ``streamed``: the streamed form (version 2: no totals, an end-of-disk frame after each disk's frames)."""
     entries, payloads = [], []
     for disk_id, _size, start, end, log in disks:
         fe = FrameEncoder(compress)
         parts = fe.feed(log) + fe.finish()
-        payloads.append(b"".join(parts))
-        entries.append(DiskEntry(disk_id, fe.stored_bytes, fe.raw_bytes, start, end, fe.frames))
-    header = BundleHeader(kind, vm_id, generation, sequence, created_ns or time.time_ns(), tuple(entries))
+        payloads.append(b"".join(parts) + (END_FRAME if streamed else b""))
+        entries.append(DiskEntry(disk_id, 0, 0, start, end, 0) if streamed
+                       else DiskEntry(disk_id, fe.stored_bytes, fe.raw_bytes, start, end, fe.frames))
+    header = BundleHeader(kind, vm_id, generation, sequence, created_ns or time.time_ns(), tuple(entries), streamed)
     return header.encode() + b"".join(payloads)

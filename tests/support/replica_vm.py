@@ -59,16 +59,28 @@ class Vm:
         assert r.json()["state"] == "Replicating"
 
     def cycle_body(self, seq: int, ops_per_disk: list[list[tuple]], generation: int = 1, compress=True,
-                   created_ns: int | None = None) -> bytes:
+                   created_ns: int | None = None, streamed: bool = False) -> bytes:
         disks = []
         for disk_id, ops in zip(self.disk_ids, ops_per_disk):
             disks.append((disk_id, SIZE, 0, SIZE, hrl_bytes(self.vm_id, disk_id, generation, seq, SIZE, ops)))
-        return bundle(BundleKind.CYCLE, self.vm_id, generation, seq, disks, compress=compress, created_ns=created_ns)
+        return bundle(BundleKind.CYCLE, self.vm_id, generation, seq, disks, compress=compress, created_ns=created_ns,
+                      streamed=streamed)
 
     def put_cycle(self, seq: int, body: bytes, *, generation: int = 1, **kw):
         return call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/cycles/{seq}", body, key=kw.pop("key", self.lp.key),
                     tls=kw.pop("tls", self.lp.client_tls),
                     headers={"X-Hvr-Generation": str(generation), "Content-Type": "application/x-hvr-bundle"}, **kw)
+
+    def stream_cycle(self, seq: int, body: bytes, *, generation: int = 1, **kw):
+        """The streamed form's body (digest header all zeroes: the digest comes with the commit)."""
+        return call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/cycles/{seq}/stream", body,
+                    key=kw.pop("key", self.lp.key), tls=kw.pop("tls", self.lp.client_tls), digest="0" * 64,
+                    headers={"X-Hvr-Generation": str(generation), "Content-Type": "application/x-hvr-bundle"}, **kw)
+
+    def commit_cycle(self, seq: int, sha256: str, length: int, *, generation: int = 1):
+        return call_json(self.lp.port, "POST", f"/v1/replicas/{self.vm_id}/cycles/{seq}/commit",
+                         {"sha256": sha256, "bytes": length}, key=self.lp.key, tls=self.lp.client_tls,
+                         headers={"X-Hvr-Generation": str(generation)})
 
     def state(self) -> dict:
         r = call(self.lp.port, "GET", f"/v1/replicas/{self.vm_id}", key=self.lp.key, tls=self.lp.client_tls)

@@ -173,3 +173,44 @@ def test_decoder_reports_done_once():
     while (ev := dec.next_event()) is not NEED_DATA:
         seen.append(type(ev).__name__)
     assert seen.count("BundleDone") == 1 and isinstance(dec.finish(), BundleDone)
+
+
+# --- the streamed form (version 2: no totals, an end-of-disk frame per disk) --------------
+def _streamed_sample(compress=True):
+    vm, d1, d2 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    data = os.urandom(5000) + bytes(3 << 20)  # several frames on the first disk
+    logs = [(d1, 8 * SIZE, 0, 8 * SIZE, hrl_bytes(vm, d1, 3, 9, 8 * SIZE, [("write", 100, data)])),
+            (d2, SIZE, 0, SIZE, hrl_bytes(vm, d2, 3, 9, SIZE, [("zero", 4096, 4096)]))]
+    return vm, d1, d2, data, bundle(BundleKind.CYCLE, vm, 3, 9, logs, compress=compress, streamed=True)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("chunk", [None, 5, 65536])
+def test_the_streamed_form_round_trips_whole_and_in_pieces(compress, chunk):
+    vm, d1, d2, data, raw = _streamed_sample(compress)
+    expect = {"vm_id": vm, "generation": 3, "sequence": 9, "disks": {d1: 8 * SIZE, d2: SIZE}, "streamed": True}
+    assert _decode(raw, expect, chunk, reuse=chunk is not None) == [(0, 100, data), (1, 4096, None)]
+
+
+def test_a_streamed_bundle_without_its_last_end_of_disk_frame_is_truncated():
+    *_, raw = _streamed_sample()
+    with pytest.raises(BundleCorruptError) as info:
+        _decode(raw[:-FRAME.size])
+    assert info.value.code == "body_truncated"
+
+
+def test_an_end_of_disk_frame_with_lengths_or_in_a_counted_bundle_is_refused():
+    *_, raw = _streamed_sample(compress=False)
+    with pytest.raises(BundleCorruptError, match="end-of-disk"):
+        _decode(raw[:-FRAME.size] + struct.pack("<BxxxII", 0xFF, 1, 0))
+    *_, counted = _sample(compress=False)
+    with pytest.raises(BundleCorruptError, match="bad frame"):
+        _decode(counted[:header_size(2)] + struct.pack("<BxxxII", 0xFF, 0, 0) + counted[header_size(2):])
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_bundle_of_the_other_form_than_expected_is_refused_as_such(streamed):
+    raw = _streamed_sample()[-1] if streamed else _sample()[-1]
+    with pytest.raises(BundleCorruptError) as info:
+        _decode(raw, {"streamed": not streamed})
+    assert info.value.code == "upload_form_mismatch"

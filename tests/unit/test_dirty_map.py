@@ -59,7 +59,8 @@ def _image(tmp_path, size: int, seed: int) -> tuple[int, bytearray]:
 @pytest.mark.parametrize("seed", range(12))
 def test_a_snapshot_reads_cut_time_contents_whatever_is_written_meanwhile(tmp_path, seed):
     """Changes (before_change, then the image write) interleaved with the build's reads: every
-    frozen block reads as it was at the cut; only blocks not yet read are copied."""
+    frozen block reads as it was at the cut, and reads so again after more changes (copy-before-write
+    stays armed after a read, until the cycle is acknowledged: a re-sent cycle is the same bytes)."""
     rng = random.Random(seed)
     size = 3 << 20
     fd, at_cut = _image(tmp_path, size, seed)
@@ -83,8 +84,14 @@ def test_a_snapshot_reads_cut_time_contents_whatever_is_written_meanwhile(tmp_pa
         for offset, length in pieces:
             assert got[offset] == bytes(at_cut[offset:offset + length]), f"block at {offset} is not its cut-time contents"
         assert snap.copied_bytes <= frozen.count * BLOCK_BYTES
+        snap.before_change(0, size)  # every block read, still copied before it changes
+        os.pwrite(fd, bytes(size), 0)
+        assert snap.copied_bytes <= frozen.count * BLOCK_BYTES
+        for offset, length in pieces:
+            assert snap.read_range(offset, length) == bytes(at_cut[offset:offset + length]), \
+                f"block at {offset} read again is not its cut-time contents"
         before = snap.copied_bytes
-        snap.before_change(0, size)  # every block read: nothing more to copy
+        snap.before_change(0, size)  # every block copied: nothing more to copy
         assert snap.copied_bytes == before
     finally:
         snap.close()

@@ -118,6 +118,9 @@ _ENTRIES = (
     _E("media_corrupt", 422, CorruptError, 65, "a chunk or the manifest of initial-replication media fails its digest"),
     _E("media_wrong_vm", 409, ConflictError, 4, "the media is for another VM, generation or disk layout"),
     _E("media_stale", 409, ConflictError, 4, "the imported media is not of the primary's export point"),
+    # streamed cycle uploads (docs/replication-protocol.md, "Streamed cycles")
+    _E("upload_form_mismatch", 400, CorruptError, 65, "a cycle bundle of the other form than its upload (counted vs streamed)"),
+    _E("cycle_not_staged", 409, TransientError, 75, "a cycle commit without its streamed body held; the body is sent again"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})

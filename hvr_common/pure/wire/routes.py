@@ -18,6 +18,8 @@ REPLICA = f"{PREFIX}/replicas/{{vm_id}}"
 INITIAL_WINDOW = f"{PREFIX}/replicas/{{vm_id}}/initial/{{disk_id}}"  # query: offset=A&end=B
 INITIAL_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/initial/complete"
 CYCLE = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}"  # query: consistency=application (else crash)
+CYCLE_STREAM = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}/stream"  # streamed form: the chunked body
+CYCLE_COMMIT = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}/commit"  # its digest; query: consistency
 REPLICA_SETTINGS = f"{PREFIX}/replicas/{{vm_id}}/settings"
 DIGESTS = f"{PREFIX}/replicas/{{vm_id}}/digests/{{disk_id}}"  # POST {"level": L, "indices": [...]}
 RESYNC_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/resync/complete"  # POST {"generation", "next_sequence"}
@@ -25,6 +27,7 @@ RESYNC_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/resync/complete"  # POST {"gener
 # --- headers --------------------------------------------------------------------------
 AUTHORIZATION_HEADER = "Authorization"
 CONTENT_DIGEST_HEADER = "X-Hvr-Content-SHA256"  # lowercase hex SHA-256 of the body
+STREAMED_DIGEST = "0" * 64  # the digest header of a streamed body: its digest comes with the commit request
 GENERATION_HEADER = "X-Hvr-Generation"  # decimal generation of initial windows and cycles
 APPLIED_SEQUENCE_HEADER = "X-Hvr-Applied-Sequence"  # the replica's last applied cycle when digests were read
 
@@ -54,6 +57,15 @@ def initial_complete_path(vm_id: uuid.UUID) -> str:
 def cycle_path(vm_id: uuid.UUID, sequence: int, consistency: str = "crash") -> str:
     """A cycle's upload; an application-consistent one says so in the query (crash is the default)."""
     path = CYCLE.format(vm_id=vm_id, sequence=sequence)
+    return path if consistency == "crash" else f"{path}?consistency={consistency}"
+
+
+def cycle_stream_path(vm_id: uuid.UUID, sequence: int) -> str:
+    return CYCLE_STREAM.format(vm_id=vm_id, sequence=sequence)
+
+
+def cycle_commit_path(vm_id: uuid.UUID, sequence: int, consistency: str = "crash") -> str:
+    path = CYCLE_COMMIT.format(vm_id=vm_id, sequence=sequence)
     return path if consistency == "crash" else f"{path}?consistency={consistency}"
 
 
