@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -22,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hvr_common.pure.errors import ConflictError, UsageError
 from hvr_common.pure.principal_names import is_dns_name
 from hvr_common.shell.certificate_files import check_private_key
-from hvr_common.shell.files import fsync_dir
+from hvr_common.shell.files import write_private_file
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -47,20 +46,7 @@ def _write_private(path: Path, data: bytes, overwrite: bool) -> None:
     a reader (an agent following its replaced certificate) sees the old file or the new one, never a part."""
     if not overwrite and path.exists():
         raise ConflictError(f"{path} already exists", hint="choose another folder, or --force")
-    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if overwrite else path
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise ConflictError(f"{path} already exists", hint="choose another folder, or --force") from None
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if overwrite:
-        os.replace(target, path)
-        fsync_dir(path.parent)
+    write_private_file(path, data, overwrite=overwrite, exists_hint="choose another folder, or --force")
 
 
 def _key_pem(key) -> bytes:

@@ -9,8 +9,11 @@ unlink.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
+
+from hvr_common.pure.errors import ConflictError, UsageError
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
@@ -89,3 +92,32 @@ def unlink_if_exists(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def write_private_file(path: Path, data: bytes, *, overwrite: bool = False,
+                       exists_hint: str = "choose another path") -> None:
+    """Write ``data`` to ``path``, mode 0600 whatever the umask, made durable.  Without ``overwrite`` an
+    existing ``path`` is a conflict; with it a temporary file is written and renamed over ``path``, so a
+    reader (an agent re-reading its key or certificate) sees the old file or the new one, never a part."""
+    path = Path(path)
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if overwrite else path
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise ConflictError(f"{path} already exists", hint=exists_hint) from None
+    except FileNotFoundError:
+        raise UsageError(f"cannot create {path}: the folder {path.parent} does not exist",
+                         hint="create the folder first (mkdir -m 700), or choose another path") from None
+    except IsADirectoryError:
+        raise UsageError(f"cannot create {path}: it is a folder", hint="give a file name") from None
+    except PermissionError:
+        raise UsageError(f"cannot create {path}: permission denied") from None
+    try:
+        os.fchmod(fd, 0o600)
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if overwrite:
+        os.replace(target, path)
+        fsync_dir(path.parent)

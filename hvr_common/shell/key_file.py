@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 import stat
 from pathlib import Path
 
 from hvr_common.pure.errors import ConflictError, HvrError, UsageError
 from hvr_common.pure.input_limits import quoted
 from hvr_common.pure.token_auth import SECRET_BYTES, Key, check_principal
-from hvr_common.shell.files import fsync_dir
+from hvr_common.shell.files import write_private_file
 
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -22,28 +21,8 @@ def write_key(key: Key, path: Path, *, overwrite: bool = False) -> None:
     ``path``, so a reader (an agent re-reading its key) sees the old key or the new one, never a mix."""
     body = json.dumps({"kind": "hvr-key", "version": 1, "principal": key.principal,
                        "secret": base64.b64encode(key.secret).decode()}, indent=2) + "\n"
-    path = Path(path)
-    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if overwrite else path
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise ConflictError(f"{path} already exists", hint="choose another path or remove the old key first") from None
-    except FileNotFoundError:
-        raise UsageError(f"cannot create {path}: the folder {Path(path).parent} does not exist",
-                         hint="create the folder first (mkdir -m 700), or choose another path") from None
-    except IsADirectoryError:
-        raise UsageError(f"cannot create {path}: it is a folder", hint="give a file name") from None
-    except PermissionError:
-        raise UsageError(f"cannot create {path}: permission denied") from None
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, body.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if overwrite:
-        os.replace(target, path)
-        fsync_dir(path.parent)
+    write_private_file(path, body.encode(), overwrite=overwrite,
+                       exists_hint="choose another path or remove the old key first")
 
 
 class KeyFile:
