@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-exec .venv/bin/python -m pytest -m "not slow" "$@"
+# Two workers (the machine has two cores; the daemon tests mostly wait on their daemons), each test file
+# whole on one worker so its module fixtures (a listener, a pair) are started once.
+exec .venv/bin/python -m pytest -m "not slow" -n 2 --dist loadfile "$@"
