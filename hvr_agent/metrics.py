@@ -71,7 +71,7 @@ class AgentMetrics:
             "sent_bytes": wire,
             "compression_ratio": compression_ratio(sum(r.raw_bytes for r in shipped), wire),
             "average_latency_s": m.AverageReplicationLatency,
-            "resync_remaining_bytes": 0,  # no resynchronization runs in this version
+            "resync_remaining_bytes": _resync_remaining(rep),
             "frequency_s": rec.frequency_s,
             "health": Health(health.health).value,
             "state": rec.state.value,
@@ -90,3 +90,9 @@ class AgentMetrics:
                 if state.get("last_applied_log_time_ns") is not None:
                     self._applied_log_ns[rep.name] = state["last_applied_log_time_ns"]
         return self._applied_log_ns.get(rep.name)
+
+
+def _resync_remaining(rep) -> int:
+    """Bytes the running resynchronization has still to compare (0 when none runs)."""
+    progress = rep.resync.progress
+    return max(progress.total_bytes - progress.compared_bytes, 0) if progress is not None else 0

@@ -39,7 +39,7 @@ class ListenerMetrics:
             "applied_bytes": sum(c.bytes for c in history if c.applied_ns is not None),
             "apply_lag_cycles": max(0, rep.last_received_sequence - rep.last_applied_sequence),
             "apply_lag_s": _age_s(now_ns, min((c.received_ns for c in waiting), default=None)) or 0.0,
-            "resync_remaining_bytes": 0,  # no resynchronization runs in this version
+            "resync_remaining_bytes": 0,  # the primary's metric says what is left; the replica is not told
             "health": replica_health(rep.state, name=rep.name, frequency_s=rep.frequency_s,
                                      last_received_ns=rep.last_replication_ns, last_applied_ns=rep.last_applied_ns,
                                      state_detail=rep.state_detail, now_ns=now_ns).health.value,

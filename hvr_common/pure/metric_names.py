@@ -61,8 +61,8 @@ REPLICA_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("replica_apply_lag_cycles", "Cycles received and not yet applied", "apply_lag_cycles"),
     MetricSpec("replica_apply_lag_seconds", "How long the oldest received, unapplied cycle has waited (0 when "
                "none waits)", "apply_lag_s"),
-    MetricSpec("replica_resync_remaining_bytes", "Bytes a running resynchronization has still to receive "
-               "(0 when none runs)", "resync_remaining_bytes"),
+    MetricSpec("replica_resync_remaining_bytes", "Always 0: the primary runs a resynchronization and knows "
+               "what is left (hvr_replication_resync_remaining_bytes); kept for dashboards", "resync_remaining_bytes"),
 )
 
 PRIMARY_HEALTH = MetricSpec("replication_health", "Replication health on the primary: 1 for the current level",
