@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from small_tmpfs import small_tmpfs
 from daemons import AgentProcess, python_executable, run
 
 MiB = 1024 * 1024
@@ -23,15 +24,8 @@ CLIENTS = Path(__file__).resolve().parents[1] / "support" / "clients"
 
 @pytest.fixture
 def small_fs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "40m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_gives_enospc_and_keeps_the_log_exact(small_fs, tmp_path):

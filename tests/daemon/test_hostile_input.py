@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import uuid
 from urllib.parse import quote
 
@@ -19,6 +18,7 @@ from hvr_common.pure.bundle import CODEC_ZSTD, FRAME, BundleHeader, BundleKind, 
 from listener_process import ListenerProcess, call, call_json
 from raw_http import exchange, signed
 from replica_vm import SIZE, Vm
+from small_tmpfs import small_tmpfs
 
 MiB = 1024 * 1024
 TOO_BIG = 2 ** 63  # one more than SQLite's INTEGER holds
@@ -225,15 +225,8 @@ def test_the_victim_still_takes_a_good_cycle_after_all_that(listener, victim):
 
 @pytest.fixture
 def small_storage(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "16m", mode="0700") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_replica_disk_is_a_transient_507_and_stores_nothing(tmp_path, small_storage):
