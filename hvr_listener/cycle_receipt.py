@@ -83,7 +83,7 @@ class CycleReceipt:
                              body: AsyncIterator[bytes]) -> BundleHeader:
         check_length(length, self.max_bundle_bytes)
         decoder = BundleDecoder(keep_data=False, max_bytes=length, expect=expect)
-        writer = await finish_in_thread(SpoolWriter, spool, decoder)
+        writer = await finish_in_thread(SpoolWriter, spool, decoder, undo=SpoolWriter.abort)
         try:
             await feed_checked(writer, body, length, digest)
             done = await finish_in_thread(writer.finish)
@@ -125,8 +125,9 @@ class CycleReceipt:
                                f"expected {rep.next_sequence}", expected=rep.next_sequence)
             incoming = rep.storage_dir / "incoming"
             spool = incoming / f"cycle-{sequence}.{secrets.token_hex(4)}.part"
-            writer = await finish_in_thread(SpoolWriter, spool, BundleDecoder(keep_data=False,
-                                                                              expect=_expect(rep, sequence, True)))
+            writer = await finish_in_thread(SpoolWriter, spool,
+                                            BundleDecoder(keep_data=False, expect=_expect(rep, sequence, True)),
+                                            undo=SpoolWriter.abort)
             limit = self.max_bundle_bytes
 
             def feed(chunks: list) -> None:

@@ -175,7 +175,8 @@ async def _receive_window(disk: ReplicaDisk, length: int, digest: str, expect: d
     durable: the caller calls ``finish`` (fdatasync) and ``close``.
     """
     decoder = BundleDecoder(keep_data=True, lend_data=True, max_bytes=length, expect=expect)
-    writer = await finish_in_thread(DirectWindowWriter, disk.path, disk.disk_id, decoder)
+    writer = await finish_in_thread(DirectWindowWriter, disk.path, disk.disk_id, decoder,
+                                    undo=DirectWindowWriter.close)
     try:
         await feed_checked(writer, body, length, digest)
         writer.check_complete()
