@@ -20,6 +20,7 @@ meanwhile is left alone.
 | the primary completes the initial copy | :mod:`hvr_listener.initial_copy` | ``complete_initial`` |
 | a stored cycle cannot be applied | :mod:`hvr_listener.applier` | ``fail`` |
 | the operator resumes a replica in Error | :mod:`hvr_listener.operator_verbs` | ``recover`` |
+| the operator fails over / cancels / completes | :mod:`hvr_listener.failover` | ``fail_over`` / ``cancel_failover`` / ``complete_failover`` |
 
 The methods block (SQLite): call them in a worker thread.
 """
@@ -30,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from hvr_common.pure.authorization import DEFAULT_TRUST_GROUP
+from hvr_common.pure.failover import Failover
 from hvr_common.pure.replication_state import TRANSITIONS, Action, ReplicationState, transition
 from hvr_listener.store import ListenerStore, Replica
 
@@ -126,3 +128,19 @@ class ReplicaStates:
         """
         state = transition(ROLE, rep.state, Action.RECOVER)
         return self.store.change_replica_state(rep.vm_id, rep.created_ns, rep.state, state, state_detail=None)
+
+    def fail_over(self, rep: Replica, row: Failover) -> bool:
+        """Start-VMFailover: ``rep`` goes to FailedOverWaitingCompletion at ``row.generation`` with its failover
+        row, in one transaction.  Raises :class:`InvalidTransition`; False if the replica changed meanwhile."""
+        state = transition(ROLE, rep.state, Action.FAIL_OVER)
+        return self.store.begin_failover(rep.vm_id, rep.created_ns, rep.state, state, row)
+
+    def cancel_failover(self, rep: Replica, row: Failover) -> bool:
+        """Stop-VMFailover: back to Replicating at the generation before the failover; the row goes."""
+        state = transition(ROLE, rep.state, Action.CANCEL_FAILOVER)
+        return self.store.cancel_failover(rep.vm_id, rep.created_ns, rep.state, state, row.old_generation)
+
+    def complete_failover(self, rep: Replica, now_ns: int) -> bool:
+        """Complete-VMFailover: FailedOver, the row completed."""
+        state = transition(ROLE, rep.state, Action.COMPLETE_FAILOVER)
+        return self.store.finish_failover(rep.vm_id, rep.created_ns, rep.state, state, now_ns)

@@ -29,12 +29,14 @@ from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.authorization import DEFAULT_TRUST_GROUP
+from hvr_common.pure.failover import Failover
 from hvr_listener.auth_store import AuthRows, migrate_v3
+from hvr_listener.failover_rows import SCHEMA_V4, FailoverRows
 from hvr_listener.point_store import SCHEMA_V2, PointRows
 
 # Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
 # numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,6 +85,7 @@ CREATE TABLE IF NOT EXISTS cycles (
 MIGRATIONS: tuple[Migration, ...] = (
     (2, SCHEMA_V2),  # recovery points, test failovers
     (3, migrate_v3),  # key ids (two keys per principal), authorization entries, trust groups
+    (4, SCHEMA_V4),  # failovers, the primary's last heartbeat
 )
 
 DEFAULT_SETTINGS = {
@@ -145,7 +148,7 @@ class CycleRow:
     consistency: str = "crash"  # application: frozen by the primary's hooks around the cut
 
 
-class ListenerStore(AuthRows, PointRows, StateDatabase):
+class ListenerStore(AuthRows, PointRows, FailoverRows, StateDatabase):
     def __init__(self, path: Path):
         super().__init__(path, SCHEMA, SCHEMA_VERSION, "listener", MIGRATIONS)
 
@@ -275,6 +278,49 @@ class ListenerStore(AuthRows, PointRows, StateDatabase):
             if cur.rowcount != 1:
                 return False
             self._db.execute("UPDATE replica_disks SET initial_offset=size_bytes WHERE vm_id=?", (str(vm_id),))
+            return True
+
+    # --- failover: the state and the generation change with the failover row (hvr_listener.failover) ---
+    def begin_failover(self, vm_id: uuid.UUID, created_ns: int, old: ReplicationState, new: ReplicationState,
+                       row: Failover) -> bool:
+        """Record ``row`` and move the replica to ``new`` at ``row.generation``, in one transaction, only while
+        it is the one created at ``created_ns``, in ``old`` and at ``row.old_generation``."""
+        with self._lock, self.transaction():
+            cur = self._db.execute("UPDATE replicas SET state=?, generation=? WHERE vm_id=? AND created_ns=? "
+                                   "AND state=? AND generation=?", (ReplicationState(new).value, row.generation,
+                                                                    str(vm_id), created_ns,
+                                                                    ReplicationState(old).value, row.old_generation))
+            if cur.rowcount != 1:
+                return False
+            self._db.execute("INSERT INTO failovers (vm_id, point_id, point_sequence, point_time_ns, old_generation, "
+                             "generation, step, started_ns, forced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (str(vm_id), row.point_id, row.point_sequence, row.point_time_ns, row.old_generation,
+                              row.generation, row.step.value, row.started_ns, int(row.forced)))
+            return True
+
+    def cancel_failover(self, vm_id: uuid.UUID, created_ns: int, old: ReplicationState, new: ReplicationState,
+                        generation: int) -> bool:
+        """Delete the failover row and move the replica back to ``new`` at ``generation`` (one transaction)."""
+        with self._lock, self.transaction():
+            cur = self._db.execute("UPDATE replicas SET state=?, state_detail=NULL, generation=? WHERE vm_id=? AND "
+                                   "created_ns=? AND state=?", (ReplicationState(new).value, generation, str(vm_id),
+                                                                created_ns, ReplicationState(old).value))
+            if cur.rowcount != 1:
+                return False
+            self._db.execute("DELETE FROM failovers WHERE vm_id=?", (str(vm_id),))
+            return True
+
+    def finish_failover(self, vm_id: uuid.UUID, created_ns: int, old: ReplicationState, new: ReplicationState,
+                        completed_ns: int) -> bool:
+        """The failover row completed and the replica in ``new``, in one transaction."""
+        with self._lock, self.transaction():
+            cur = self._db.execute("UPDATE replicas SET state=?, state_detail=NULL WHERE vm_id=? AND created_ns=? "
+                                   "AND state=?", (ReplicationState(new).value, str(vm_id), created_ns,
+                                                   ReplicationState(old).value))
+            if cur.rowcount != 1:
+                return False
+            self._db.execute("UPDATE failovers SET step='completed', completed_ns=? WHERE vm_id=?",
+                             (completed_ns, str(vm_id)))
             return True
 
     def delete_replica(self, vm_id: uuid.UUID) -> None:

@@ -50,6 +50,9 @@ class Action(enum.StrEnum):
     COMPLETE_RESYNC = "complete_resync"
     CANCEL_RESYNC = "cancel_resync"
     COMPLETE_INITIAL_FROM_COPY = "complete_initial_from_copy"  # the replica adopted a copy: compare it
+    FAIL_OVER = "fail_over"  # Start-VMFailover on the replica server (hvr_common.pure.failover)
+    CANCEL_FAILOVER = "cancel_failover"  # Stop-VMFailover: back to a replica with every point
+    COMPLETE_FAILOVER = "complete_failover"  # Complete-VMFailover: the failover disks are the VM's now
 
 
 class InvalidTransition(ConflictError):
@@ -110,6 +113,12 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     # The primary finished a resync: the stored cycles it replaced are dropped, cycles go on from its sequence.
     ("replica", S.REPLICATING, Action.COMPLETE_RESYNC): S.REPLICATING,
     ("replica", S.ERROR, Action.COMPLETE_RESYNC): S.REPLICATING,
+    # Failover (docs/state-machine.md): the generation rises with the first step and falls back on cancel.
+    # Cancelled from Error it goes back to Replicating: the applier tries the failed cycle again.
+    ("replica", S.REPLICATING, Action.FAIL_OVER): S.FAILED_OVER_WAITING_COMPLETION,
+    ("replica", S.ERROR, Action.FAIL_OVER): S.FAILED_OVER_WAITING_COMPLETION,
+    ("replica", S.FAILED_OVER_WAITING_COMPLETION, Action.CANCEL_FAILOVER): S.REPLICATING,
+    ("replica", S.FAILED_OVER_WAITING_COMPLETION, Action.COMPLETE_FAILOVER): S.FAILED_OVER,
 }
 
 

@@ -126,8 +126,10 @@ def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycle
     store.add_key(Key("primary1.example.com", b"\x07" * 32), replace=False)
     assert len(store.principal_keys()["primary1.example.com"]) == 2
     assert store.authorization_entries() == [] and rep.trust_group == "DEFAULT"
+    # version 4: no failover, no heartbeat yet
+    assert store.failover(VM_ID) is None and store.heartbeat(VM_ID) is None
     store.close()
-    assert recorded_version(path) == listener_store.SCHEMA_VERSION == 3
+    assert recorded_version(path) == listener_store.SCHEMA_VERSION == 4
 
 
 def test_a_version_1_database_lacking_a_table_gets_it(tmp_path):

@@ -121,6 +121,11 @@ _ENTRIES = (
     # streamed cycle uploads (docs/replication-protocol.md, "Streamed cycles")
     _E("upload_form_mismatch", 400, CorruptError, 65, "a cycle bundle of the other form than its upload (counted vs streamed)"),
     _E("cycle_not_staged", 409, TransientError, 75, "a cycle commit without its streamed body held; the body is sent again"),
+    # failover on the replica server (docs/failover.md, docs/state-machine.md)
+    _E("primary_running", 409, ConflictError, 4, "failover refused: the primary answered lately and said the VM runs (split-brain guard)"),
+    _E("failover_in_progress", 409, ConflictError, 4, "a failover of the VM is waiting completion (stop or complete it first)"),
+    _E("not_failed_over", 409, ConflictError, 4, "the VM has no failover to stop or complete"),
+    _E("failover_completed", 409, ConflictError, 4, "the VM's failover is completed; it can no longer be cancelled"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})

@@ -144,6 +144,27 @@ class InitialCompleteRequest:
         return cls(_int(body, "generation", 1), _int(body, "next_sequence", 1))
 
 
+# --- POST /v1/replicas/{vm_id}/heartbeat ----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class HeartbeatRequest:
+    """The primary's periodic word: whether the VM runs there and how many NBD clients its disks have."""
+
+    running: bool
+    nbd_clients: int
+
+    def to_json(self) -> dict:
+        return {"running": self.running, "nbd_clients": self.nbd_clients}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> HeartbeatRequest:
+        body = _object(obj, "body")
+        _only(body, ("running", "nbd_clients"))
+        running = body.get("running")
+        if not isinstance(running, bool):
+            raise UsageError("field 'running' must be true or false")
+        return cls(running, _int(body, "nbd_clients", 0))
+
+
 # --- the answer of GET/PUT /v1/replicas/{vm_id} and of initial/complete ----------------
 @dataclass(frozen=True, slots=True)
 class ReplicaView:
