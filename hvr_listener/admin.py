@@ -12,6 +12,8 @@
 * ``POST /v1/replicas/{name}/test-failover``, ``DELETE /v1/replicas/{name}/test-failover``
   (:mod:`hvr_listener.test_failover`)
 * ``/v1/backups``, ``/v1/replicas/{name}/backup...``: backups (:mod:`hvr_listener.backup_api`)
+* ``POST/DELETE /v1/replicas/{name}/failover``, ``POST /v1/replicas/{name}/failover/complete``
+  (:mod:`hvr_listener.failover`)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.progress_stream import stream_job
 from hvr_common.shell.logs import event
 from hvr_common.pure.wire.error_catalogue import error
-from hvr_listener import access_control, adoption, backup_api, initial_import, operator_verbs
+from hvr_listener import access_control, adoption, backup_api, failover, initial_import, operator_verbs
 from hvr_listener.backups import Backups
 from hvr_listener.peer_connections import PeerConnections
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
@@ -79,6 +81,7 @@ async def _full_status(app: web.Application, rep: Replica) -> dict:
     status.update(health=health.health.value, health_details=list(health.details))
     points = await asyncio.to_thread(_points, app, rep)
     status.update(recovery_history_settings(rep, points, app[TESTS].status(rep.name)))
+    status["failover"] = await asyncio.to_thread(app[failover.FAILOVERS].status, rep.vm_id)
     return status
 
 
@@ -201,7 +204,7 @@ async def stop_test_failover(request: web.Request) -> web.Response:
 
 def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: Callable[[], Awaitable[None]],
              service: ReplicaService, histories: Histories, tests: TestFailovers,
-             backups: Backups, peers: PeerConnections) -> web.Application:
+             backups: Backups, peers: PeerConnections, failovers: failover.Failovers) -> web.Application:
     app = web.Application(middlewares=[error_middleware(log)], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[STORE] = store
@@ -222,4 +225,5 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app.router.add_post("/v1/replicas/{name}/test-failover", start_test_failover)
     app.router.add_delete("/v1/replicas/{name}/test-failover", stop_test_failover)
     backup_api.add_routes(app, backups)
+    failover.register(app, failovers)
     return app

@@ -24,6 +24,7 @@ from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path,
 from hvr_listener import admin, replication_api
 from hvr_listener.applier import Applier
 from hvr_listener.backups import Backups
+from hvr_listener.failover import Failovers
 from hvr_listener.metrics import ListenerMetrics
 from hvr_listener.probes import ListenerReadiness
 from hvr_common.shell.files import unlink_if_exists
@@ -133,6 +134,7 @@ class Listener:
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
             backups = Backups(store, service.access, histories, cfg.nbd_socket, applier.interrupted,
                               resync_running=service.resync_activity.running)
+            failovers = Failovers(service, histories, cfg.primary_alive_s)
             ended = await tests.end_leftovers()
             await asyncio.to_thread(histories.load_all, store.replicas())
             if cfg.nbd_socket is not None:
@@ -152,7 +154,7 @@ class Listener:
             await self._api_runner.setup()
             await self._bind()
             admin_runner = JsonErrorRunner(admin.make_app(self.settings, store, self._bind, service, histories, tests,
-                                                        backups, peers),
+                                                        backups, peers, failovers),
                                          access_log=None,
                                          handle_signals=False)
             await admin_runner.setup()

@@ -13,7 +13,7 @@ import logging
 import shutil
 
 from hvr_common.pure.errors import NotFoundError
-from hvr_common.pure.replication_state import InvalidTransition
+from hvr_common.pure.replication_state import InvalidTransition, ReplicationState
 from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.shell.logs import event
 from hvr_listener.replicas import ReplicaService
@@ -41,6 +41,13 @@ async def remove_replica(service: ReplicaService, name: str, delete_storage: boo
         if await asyncio.to_thread(service.store.test_failover, rep.vm_id) is not None:
             raise error("test_failover_running", f"a test failover of VM {name} is running",
                         hint=f"stop it first: hvrctl failover stop {name} --as-test")
+        rep = await _by_name(service, name)  # again, under the locks
+        if rep.state is ReplicationState.FAILED_OVER_WAITING_COMPLETION:
+            raise error("failover_in_progress", f"VM {name} is failed over, waiting completion",
+                        hint=f"cancel or complete it first: hvrctl failover stop|complete {name}")
+        if rep.state is ReplicationState.FAILED_OVER and delete_storage:
+            raise error("failover_completed", f"VM {name} was failed over: its storage holds the VM's disks now "
+                        f"({rep.storage_dir / 'failover'})", hint=f"remove it without --delete-storage")
         await asyncio.to_thread(service.store.delete_replica, rep.vm_id)
         if delete_storage:
             await asyncio.to_thread(shutil.rmtree, rep.storage_dir, True)

@@ -138,7 +138,7 @@ class ReplicaStates:
     def cancel_failover(self, rep: Replica, row: Failover) -> bool:
         """Stop-VMFailover: back to Replicating at the generation before the failover; the row goes."""
         state = transition(ROLE, rep.state, Action.CANCEL_FAILOVER)
-        return self.store.cancel_failover(rep.vm_id, rep.created_ns, rep.state, state, row.old_generation)
+        return self.store.undo_failover(rep.vm_id, rep.created_ns, rep.state, state, row.old_generation)
 
     def complete_failover(self, rep: Replica, now_ns: int) -> bool:
         """Complete-VMFailover: FailedOver, the row completed."""

@@ -15,11 +15,13 @@ authenticates, parses and maps errors):
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.pure.authorization import Grant
+from hvr_common.pure.failover import Heartbeat
 from hvr_listener.cycle_receipt import CycleReceipt
 from hvr_listener.resync_activity import ResyncActivity
 from hvr_listener.enablement import Enablement
@@ -95,3 +97,15 @@ class ReplicaService:
             check_generation(rep, generation)
             await asyncio.to_thread(self.store.set_history_settings, vm_id, settings)
         return rep, settings
+
+    async def heartbeat(self, vm_id: uuid.UUID, peer: Grant, generation: int, running: bool,
+                        nbd_clients: int) -> Replica:
+        """The primary's heartbeat (the split-brain guard's input), kept durably; 409 ``stale_generation`` for
+        another generation than the replica's (a failover raised it: the sender is fenced)."""
+        rep = await self.access.get(vm_id, peer)
+        check_generation(rep, generation)
+        beat = Heartbeat(time.time_ns(), running, nbd_clients)
+        if not await asyncio.to_thread(self.store.record_heartbeat, vm_id, generation, beat):
+            rep = await self.access.get(vm_id, peer)  # a failover raised the generation meanwhile
+            check_generation(rep, generation)
+        return rep

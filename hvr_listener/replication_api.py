@@ -31,7 +31,7 @@ from hvr_common.shell.http_middleware import error_middleware
 from hvr_common.pure.token_auth import AuthError, ReplayCache, verify
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import error
-from hvr_common.pure.wire.messages import DigestQuery, ReplicaView
+from hvr_common.pure.wire.messages import DigestQuery, HeartbeatRequest, ReplicaView
 from hvr_listener.body_feed import TooLargeError
 from hvr_listener.peer_connections import PeerConnections
 from hvr_listener.digests import ReplicaDigests
@@ -252,6 +252,15 @@ async def post_resync_complete(request: web.Request) -> web.Response:
     return web.json_response(ReplicaView.from_replica(rep).to_json())
 
 
+async def post_heartbeat(request: web.Request) -> web.Response:
+    """The primary's heartbeat: whether the VM runs there (the split-brain guard of failover)."""
+    generation = _generation(request)
+    beat = HeartbeatRequest.from_json(await _json(request))
+    rep = await request.app[SERVICE].heartbeat(_vm_id(request), request[GRANT], generation, beat.running,
+                                               beat.nbd_clients)
+    return web.json_response({"generation": rep.generation, "state": rep.state.value})
+
+
 def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes: int,
              peers: PeerConnections | None = None, failures: AuthFailureLimiter | None = None) -> web.Application:
     # aiohttp's own body limit applies to request.read()/post(); bundles are streamed and bounded by the service.
@@ -274,4 +283,5 @@ def make_app(service: ReplicaService, settings: ServerSettings, max_bundle_bytes
     app.router.add_put(routes.REPLICA_SETTINGS, put_settings)
     app.router.add_post(routes.DIGESTS, post_digests)
     app.router.add_post(routes.RESYNC_COMPLETE, post_resync_complete)
+    app.router.add_post(routes.HEARTBEAT, post_heartbeat)
     return app

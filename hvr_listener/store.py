@@ -298,7 +298,7 @@ class ListenerStore(AuthRows, PointRows, FailoverRows, StateDatabase):
                               row.generation, row.step.value, row.started_ns, int(row.forced)))
             return True
 
-    def cancel_failover(self, vm_id: uuid.UUID, created_ns: int, old: ReplicationState, new: ReplicationState,
+    def undo_failover(self, vm_id: uuid.UUID, created_ns: int, old: ReplicationState, new: ReplicationState,
                         generation: int) -> bool:
         """Delete the failover row and move the replica back to ``new`` at ``generation`` (one transaction)."""
         with self._lock, self.transaction():

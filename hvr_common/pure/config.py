@@ -16,6 +16,7 @@ from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.names import storage_location_problem
 from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
 from hvr_common.pure.transfer_settings import TransferSettings, check_parallelism, parse_transfer_config
+from hvr_common.pure.failover import DEFAULT_PRIMARY_ALIVE_S
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
@@ -303,6 +304,7 @@ class ListenerConfig:
     tls_ca: Path | None = None
     max_active_applies: int = DEFAULT_MAX_ACTIVE_APPLIES  # replicas applying cycles at once
     http_listen: tuple[str, int] | None = None  # /healthz, /readyz, /metrics; off unless set
+    primary_alive_s: int = DEFAULT_PRIMARY_ALIVE_S  # failover's split-brain guard (hvr_common.pure.failover)
 
     @property
     def db_path(self) -> Path:
@@ -335,6 +337,7 @@ def parse_listener_config(table: dict, source: str = "listener config") -> Liste
         tls_key=c.path("tls_key"),
         tls_ca=c.path("tls_ca"),
         http_listen=c.endpoint("http_listen"),
+        primary_alive_s=c.integer("primary_alive_s", DEFAULT_PRIMARY_ALIVE_S, check=_positive),
     )
     tls = [cfg[k] is not None for k in ("tls_cert", "tls_key", "tls_ca")]
     if any(tls) and not all(tls) and not any(p.startswith("tls_") for p in c.problems):

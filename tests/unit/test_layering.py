@@ -251,7 +251,7 @@ async def fail(store, rep, detail):
 def test_the_state_writers_are_found_in_the_store_sql():
     assert store_state_writers(STORE_MODULE.read_text(encoding="utf-8")) == {
         "create_replica", "change_replica_state", "advance_initial_offset", "mark_loaded", "rebase_replica",
-        "begin_failover", "cancel_failover", "finish_failover"}
+        "begin_failover", "undo_failover", "finish_failover"}
     assert store_state_writers('def f(db):\n    db.execute("UPDATE replicas SET last_applied_sequence=? '
                                'WHERE vm_id=? AND state=?")\n') == set()
 
