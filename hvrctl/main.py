@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError
-from hvrctl import (authz_commands, backup_commands, cert_commands, compare_commands, examples, hrl_commands,
-                    recovery_commands, replication_commands, server_commands, vm_commands)
+from hvrctl import (authz_commands, backup_commands, cert_commands, compare_commands, examples, failover_commands,
+                    hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands)
 
 DEFAULT_AGENT_SOCKET = "/run/hvr/agent.sock"
 DEFAULT_LISTENER_SOCKET = "/run/hvr/listener.sock"
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_commands.register(sub, common)
     authz_commands.register(sub, common)
     recovery_commands.register(sub, common)
+    failover_commands.register(sub, common)
     hrl_commands.register(sub, common)
     backup_commands.register(sub, common)
     cert_commands.register(sub, common)

@@ -1,11 +1,10 @@
-"""``hvrctl recovery-points ...`` and ``hvrctl failover ...``: recovery history and test failover, on the
-replica server (through the listener's admin socket)."""
+"""``hvrctl recovery-points ...``: the recovery history on the replica server (through the listener's admin
+socket).  ``hvrctl failover ...`` is :mod:`hvrctl.failover_commands`."""
 
 from __future__ import annotations
 
-from hvr_common.pure.errors import UsageError
 from hvrctl.client import AdminClient
-from hvrctl.output import emit_json, human_bytes, kv, table
+from hvrctl.output import emit_json, human_bytes, table
 
 
 def register(sub, common) -> None:
@@ -19,36 +18,9 @@ def register(sub, common) -> None:
     p.add_argument("name", metavar="NAME", help="the replica VM")
     p.set_defaults(func=cmd_points_list)
 
-    fo = sub.add_parser("failover", parents=[common], help="failover of a replica VM (Start/Stop-VMFailover)",
-                        description="Failover operations on the replica server. Today: test failover (--as-test), "
-                                    "which serves a recovery point as the VM 'NAME - Test' while replication goes "
-                                    "on.")
-    fsub = fo.add_subparsers(dest="verb", metavar="VERB", required=True)
-    p = fsub.add_parser("start", parents=[common], help="start a test failover (--as-test)",
-                        description="Serve the chosen recovery point (default: the latest) as the test VM "
-                                    "'NAME - Test': each disk an nbd+unix:// URI on the listener's NBD socket, "
-                                    "writable through a throw-away overlay. Takes no copy of any disk; "
-                                    "replication and apply go on.")
-    p.add_argument("name", metavar="NAME", help="the replica VM")
-    p.add_argument("--as-test", action="store_true", help="a test failover (required)")
-    p.add_argument("--recovery-point", type=int, metavar="ID", help="the point to test (hvrctl recovery-points list)")
-    p.set_defaults(func=cmd_failover_start)
-    p = fsub.add_parser("stop", parents=[common], help="stop a test failover (--as-test)",
-                        description="Delete the test VM 'NAME - Test' and everything written to it; its NBD "
-                                    "connections are closed.")
-    p.add_argument("name", metavar="NAME", help="the replica VM")
-    p.add_argument("--as-test", action="store_true", help="the test failover (required)")
-    p.set_defaults(func=cmd_failover_stop)
-
 
 def _client(args) -> AdminClient:
     return AdminClient(args.listener_socket, "hvr-listener")
-
-
-def _require_as_test(args) -> None:
-    if not args.as_test:
-        raise UsageError("only test failover (--as-test) is available on this replica server",
-                         hint=f"hvrctl failover {args.verb} {args.name} --as-test")
 
 
 def cmd_points_list(args) -> int:
@@ -62,32 +34,4 @@ def cmd_points_list(args) -> int:
             for p in points]
     print(table(rows, [("ID", "id"), ("TIME", "time"), ("SEQUENCE", "sequence"), ("CONSISTENCY", "consistency"),
                        ("SIZE", "size"), ("", "note")]))
-    return 0
-
-
-def cmd_failover_start(args) -> int:
-    _require_as_test(args)
-    body = {"recovery_point": args.recovery_point} if args.recovery_point is not None else {}
-    view = _client(args).request("POST", f"/v1/replicas/{args.name}/test-failover", body)
-    if args.output == "json":
-        emit_json(view)
-        return 0
-    point = view["recovery_point"]
-    print(kv([("test VM", view["test_vm"]), ("recovery point", point["id"]), ("sequence", point["sequence"]),
-              ("consistency", point["consistency"])]))
-    print()
-    print(table(view["disks"], [("DISK", "disk"), ("URI", "uri")]))
-    print(f"\nattach these to a VM (e.g. qemu -drive file=URI,format=raw); stop with: "
-          f"hvrctl failover stop {args.name} --as-test")
-    return 0
-
-
-def cmd_failover_stop(args) -> int:
-    _require_as_test(args)
-    result = _client(args).request("DELETE", f"/v1/replicas/{args.name}/test-failover")
-    if args.output == "json":
-        emit_json(result)
-    else:
-        print(f"stopped test failover {result['test_vm']}: {human_bytes(result['deleted_bytes'])} written by it "
-              f"deleted")
     return 0

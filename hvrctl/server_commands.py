@@ -309,6 +309,10 @@ def cmd_replica_get(args) -> int:
         test = rep.get("test_failover")
         print(f"test failover: {test['test_vm'] + ' at point ' + str(test['recovery_point']['id']) if test else '-'}"
               f" (last started {rep['last_test_failover_time'] or 'never'})")
+        fo = rep.get("failover")
+        if fo:
+            print(f"failover: to recovery point {fo['recovery_point']} (cycle {fo['point_sequence']}), {fo['step']}, "
+                  f"generation {fo['old_generation']} -> {rep['generation']}{' (forced)' if fo['forced'] else ''}")
     return 0
 
 
