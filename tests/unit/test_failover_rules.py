@@ -9,6 +9,8 @@ from hvr_common.pure.failover import (
     NS, STARTABLE, Failover, FailoverStep, Heartbeat, check_complete, check_restart, check_start, check_stop,
     choose_point, guard, raised_generation,
 )
+from hvr_common.pure.config import parse_listener_config
+from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.recovery_points import Point
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.pure.wire.error_catalogue import CATALOGUE
@@ -141,3 +143,14 @@ def test_stop_until_completed_and_complete_needs_a_failover():
         check_complete("vm1", None)
     assert info.value.code == "not_failed_over"
     check_complete("vm1", _row(FailoverStep.COMPLETED))
+
+
+def test_primary_alive_s_in_listener_toml():
+    base = {"state_dir": "/var/lib/hvr/listener", "admin_socket": "/run/hvr/listener.sock",
+            "listen": "127.0.0.1:8443", "storage": "/srv/replicas"}
+    assert parse_listener_config(base).primary_alive_s == 30
+    assert parse_listener_config({**base, "primary_alive_s": 90}).primary_alive_s == 90
+    for bad in (0, -5, "30", True):
+        with pytest.raises(ConfigError) as info:
+            parse_listener_config({**base, "primary_alive_s": bad})
+        assert any(p.startswith("primary_alive_s:") for p in info.value.problems)
