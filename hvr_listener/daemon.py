@@ -134,7 +134,7 @@ class Listener:
             tests = TestFailovers(store, service.access, histories, cfg.nbd_socket)
             backups = Backups(store, service.access, histories, cfg.nbd_socket, applier.interrupted,
                               resync_running=service.resync_activity.running)
-            failovers = Failovers(service, histories, cfg.primary_alive_s)
+            failovers = Failovers(service, histories, cfg.primary_alive_s, backups.status)
             ended = await tests.end_leftovers()
             await asyncio.to_thread(histories.load_all, store.replicas())
             if cfg.nbd_socket is not None:

@@ -36,6 +36,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -44,7 +45,8 @@ from hvr_common.pure.failover import (
     Failover, FailoverStep, check_complete, check_restart, check_start, check_stop, choose_point, guard,
     raised_generation,
 )
-from hvr_common.pure.replication_state import InvalidTransition, ReplicationState
+from hvr_common.pure.replication_state import InvalidTransition
+from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.shell.files import fsync_dir
 from hvr_common.shell.http_middleware import read_json_object
 from hvr_common.shell.logs import event
@@ -65,11 +67,13 @@ def _kill_point(step: str) -> None:
 
 
 class Failovers:
-    def __init__(self, service: ReplicaService, histories: Histories, primary_alive_s: int):
+    def __init__(self, service: ReplicaService, histories: Histories, primary_alive_s: int,
+                 backup_held: Callable[[str], object] | None = None):
         self.service = service
         self.store = service.store
         self.histories = histories
         self.primary_alive_s = primary_alive_s
+        self.backup_held = backup_held or (lambda name: None)  # a backup's view of the VM, or None
         histories.pin_sources.append(self.pins)
 
     def pins(self, vm_id: uuid.UUID) -> set[int]:
@@ -115,6 +119,9 @@ class Failovers:
             rep = await self._replica(name)
             row = await finish_in_thread(self.store.failover, rep.vm_id)
             check_complete(name, row)
+            if row.step is not FailoverStep.COMPLETED and self.backup_held(name) is not None:
+                raise error("backup_running", f"a backup of VM {name} is held: it reads the recovery history "
+                            "that completing removes", hint=f"end it first: hvrctl backup end {name}")
             if row.step is FailoverStep.WAITING_COMPLETION:
                 await self._make_disks(rep, row)  # a crash may have left some unmade
                 await finish_in_thread(self.store.set_failover_step, rep.vm_id, row.step, FailoverStep.COMPLETING)

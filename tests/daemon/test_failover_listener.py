@@ -157,10 +157,14 @@ def test_failover_to_an_older_point_cancel_latest_complete_with_guard_and_fencin
     assert pair.replica("web")["failover"] is None
     assert fo(pair, "stop", "web", check=False).returncode == 4  # not_failed_over
 
-    # fail over to the latest point, complete
+    # fail over to the latest point; complete waits for a backup that stands on the history
+    pair.listener.hvrctl("backup", "begin", "web")
     view = fo_json(pair, "start", "web", "--force")
     assert view["recovery_point"] == before_points[-1]["id"] and view["generation"] == 2
     compare(failover_disk, copies[max(copies)])
+    held = fo(pair, "complete", "web", check=False)
+    assert held.returncode == 4 and "backup_running" in held.stdout + held.stderr and image.exists()
+    pair.listener.hvrctl("backup", "end", "web")
     done = fo_json(pair, "complete", "web")
     assert (done["state"], done["step"], done["generation"]) == ("FailedOver", "completed", 2)
     assert points(pair, "web") == [] and not image.exists()
