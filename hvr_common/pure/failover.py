@@ -106,19 +106,23 @@ def choose_point(name: str, points: Sequence[Point], point_id: int | None) -> Po
     """The point to fail over to: ``point_id``, or the latest; 404 ``unknown_recovery_point`` otherwise.
 
     Only the latest point and points that capture can be reached (the others
-    are about to be dropped)."""
+    are about to be dropped); the latest one not while a cycle that does not
+    capture is replacing it (503 ``recovery_point_changing``)."""
     if point_id is not None and (not isinstance(point_id, int) or isinstance(point_id, bool) or point_id < 1):
         raise error("bad_request", f"recovery_point must be a point id (a positive whole number), not {point_id!r}")
     if not points:
         raise error("unknown_recovery_point", f"VM {name} has no recovery point yet",
                     hint="one appears once the first cycle after the initial copy is applied")
-    if point_id is None:
-        return points[-1]
-    for p in points:
-        if p.id == point_id and (p is points[-1] or p.capturing):
-            return p
-    raise error("unknown_recovery_point", f"VM {name} has no recovery point {point_id}",
-                hint=f"hvrctl recovery-points list {name} shows them")
+    latest = points[-1]
+    chosen = latest if point_id is None else next(
+        (p for p in points if p.id == point_id and (p is latest or p.capturing)), None)
+    if chosen is None:
+        raise error("unknown_recovery_point", f"VM {name} has no recovery point {point_id}",
+                    hint=f"hvrctl recovery-points list {name} shows them")
+    if chosen is latest and latest.capturing is False:  # a cycle began replacing it without capturing
+        raise error("recovery_point_changing", f"the latest recovery point of VM {name} is being replaced by "
+                    "the cycle now applying", hint="try again once that cycle is applied, or choose an older point")
+    return chosen
 
 
 def raised_generation(generation: int) -> int:

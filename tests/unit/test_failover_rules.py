@@ -105,6 +105,14 @@ def test_a_point_id_must_be_a_positive_integer(bad):
     assert info.value.code == "bad_request"
 
 
+def test_the_latest_point_being_replaced_without_capture_is_refused_for_now():
+    changing = [*POINTS[:-1], Point(4, 13, 400, capturing=False)]
+    with pytest.raises(Exception) as info:
+        choose_point("vm1", changing, None)
+    assert info.value.code == "recovery_point_changing" and info.value.transient
+    assert choose_point("vm1", changing, 3).id == 3
+
+
 def test_no_point_yet_is_refused():
     with pytest.raises(Exception) as info:
         choose_point("vm1", [], None)
