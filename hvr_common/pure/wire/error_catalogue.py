@@ -121,6 +121,11 @@ _ENTRIES = (
     # streamed cycle uploads (docs/replication-protocol.md, "Streamed cycles")
     _E("upload_form_mismatch", 400, CorruptError, 65, "a cycle bundle of the other form than its upload (counted vs streamed)"),
     _E("cycle_not_staged", 409, TransientError, 75, "a cycle commit without its streamed body held; the body is sent again"),
+    # failover on the agent (docs/failover.md, "On the primary")
+    _E("vm_running", 409, ConflictError, 4, "the VM runs: NBD clients are connected to its disks (detail.nbd_clients)"),
+    _E("not_prepared", 409, ConflictError, 4, "the VM is not prepared for a planned failover"),
+    _E("hook_failed", 500, HvrError, 1, "a lifecycle hook (agent.toml [hooks]) failed or timed out; the step stopped"),
+    _E("not_failed_over_vm", 409, ConflictError, 4, "the VM was not failed over to this host (or its failover is not complete)"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})

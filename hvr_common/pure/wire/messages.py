@@ -144,6 +144,25 @@ class InitialCompleteRequest:
         return cls(_int(body, "generation", 1), _int(body, "next_sequence", 1))
 
 
+@dataclass(frozen=True, slots=True)
+class HeartbeatRequest:
+    """The primary is alive: whether its VM runs (NBD clients on its disks); the split-brain guard's input."""
+
+    running: bool
+    nbd_clients: int
+
+    def to_json(self) -> dict:
+        return {"running": self.running, "nbd_clients": self.nbd_clients}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> HeartbeatRequest:
+        body = _object(obj, "body")
+        _only(body, ("running", "nbd_clients"))
+        if not isinstance(body.get("running"), bool):
+            raise UsageError("field 'running' must be true or false")
+        return cls(body["running"], _int(body, "nbd_clients", 0))
+
+
 # --- the answer of GET/PUT /v1/replicas/{vm_id} and of initial/complete ----------------
 @dataclass(frozen=True, slots=True)
 class ReplicaView:

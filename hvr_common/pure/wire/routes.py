@@ -23,6 +23,7 @@ CYCLE_COMMIT = f"{PREFIX}/replicas/{{vm_id}}/cycles/{{sequence}}/commit"  # its 
 REPLICA_SETTINGS = f"{PREFIX}/replicas/{{vm_id}}/settings"
 DIGESTS = f"{PREFIX}/replicas/{{vm_id}}/digests/{{disk_id}}"  # POST {"level": L, "indices": [...]}
 RESYNC_COMPLETE = f"{PREFIX}/replicas/{{vm_id}}/resync/complete"  # POST {"generation", "next_sequence"}
+HEARTBEAT = "/v1/replicas/{vm_id}/heartbeat"
 
 # --- headers --------------------------------------------------------------------------
 AUTHORIZATION_HEADER = "Authorization"
@@ -79,3 +80,7 @@ def digests_path(vm_id: uuid.UUID, disk_id: uuid.UUID) -> str:
 
 def resync_complete_path(vm_id: uuid.UUID) -> str:
     return RESYNC_COMPLETE.format(vm_id=vm_id)
+
+
+def heartbeat_path(vm_id: uuid.UUID) -> str:
+    return HEARTBEAT.format(vm_id=vm_id)
