@@ -16,8 +16,10 @@ from hvr_common.pure.schedule import FREQUENCIES_S
 from hvrctl import credential_flags, replication_settings
 from hvrctl.output import emit_json
 
-EXAMPLE = """examples (on the new primary, once the failover was completed; the old primary's listener adopted
-its copy with hvrctl replica adopt NAME --from-agent):
+EXAMPLE = """examples:
+  hvrctl vm set web1 --recovery-history 4 --fine-window 30
+  reverse replication, on the new primary once the failover was completed (the old primary's listener
+  adopted its copy first: hvrctl replica adopt NAME --from-agent there):
   hvrctl vm set web1 --reverse --replica-server oldprimary.example.com --port 8443 --key /etc/hvr/keys/b.key
   hvrctl vm set web1 --reverse --replica-server oldprimary.example.com --port 8443 --auth certificate \\
       --cert /etc/hvr/tls/b.pem --cert-key /etc/hvr/tls/b-key.pem --ca /etc/hvr/tls/ca.pem -o json
