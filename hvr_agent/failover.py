@@ -37,16 +37,16 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
-from hvr_common.pure.errors import ConflictError, TransientError, UsageError
+from hvr_common.pure.errors import ConflictError, NotFoundError, TransientError, UsageError
 from hvr_common.pure.names import check_name, storage_location_problem
 from hvr_common.pure.replication_state import Action, ReplicationState, transition
 from hvr_common.pure.tracking_mode import TrackingMode
 from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.shell.logs import event
-from hvr_agent.admin import enable_from_body
 from hvr_agent.hooks import VmHooks
 from hvr_agent.relationship import ROLE
 from hvr_agent.replication import ReplicationManager
@@ -82,6 +82,12 @@ class Failover:
         first = next(iter(vm.disks), "")
         await self.hooks.run(hook, vm.name, str(vm.record.vm_id), f"{vm.name}/{first}")
 
+    def _replication_of(self, name: str):
+        rep = self.replication.vms.get(name)
+        if rep is None:
+            raise NotFoundError(f"replication of VM {name!r} is not enabled here", hint="hvrctl vm get lists them")
+        return rep
+
     def _check_idle(self, name: str, doing: str) -> None:
         clients = self.registry.client_count(name)
         if clients:
@@ -92,7 +98,7 @@ class Failover:
     # --- planned failover, on the primary ------------------------------------------------------------
     async def prepare(self, name: str) -> dict:
         async with self._lock(name):
-            rep = self.replication._get(name)
+            rep = self._replication_of(name)
             if rep.rec.state is S.PREPARED_FOR_FAILOVER:
                 self.registry.refused.add(name)
                 return await self.replication.status_of(rep)
@@ -124,7 +130,7 @@ class Failover:
 
     async def cancel(self, name: str) -> dict:
         async with self._lock(name):
-            rep = self.replication._get(name)
+            rep = self._replication_of(name)
             if rep.rec.state is S.PREPARED_FOR_FAILOVER:
                 rep.cycles.restart_schedule()
                 await rep.rel.set_state(Action.CANCEL_FAILOVER, "planned failover cancelled", prepared_sequence=None)
@@ -196,8 +202,9 @@ class Failover:
                 event(log, "failover_vm_completed", vm=name)
             return vm.status()
 
-    async def reverse(self, name: str, body: dict) -> dict:
-        """Set-VMReplication -Reverse: replicate the failed-over VM back to the old primary's listener."""
+    async def reverse(self, name: str, enable: Callable[[], Awaitable[dict]]) -> dict:
+        """Set-VMReplication -Reverse: replicate the failed-over VM back to the old primary's listener
+        (``enable``: the enabling as ``vm enable`` asked it)."""
         async with self._lock(name):
             vm = self._served(name)
             if vm.record.failover != COMPLETED:
@@ -205,7 +212,7 @@ class Failover:
                             hint=f"hvrctl failover complete {name} first (on this host)")
             rep = self.replication.vms.get(name)
             if rep is None:
-                await enable_from_body(self.replication, name, body)
+                await enable()
                 rep = self.replication.vms[name]
                 event(log, "replication_reversed", vm=name, replica=f"{rep.rec.replica_host}:{rep.rec.replica_port}",
                       generation=rep.rec.generation)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hvr_common.shell.http_middleware import read_json_object
+from hvr_agent.admin import enable_from_body
 from hvr_agent.failover import Failover
 
 FAILOVER = web.AppKey("failover", Failover)
@@ -39,7 +40,9 @@ async def complete(request: web.Request) -> web.Response:
 
 async def reverse(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    return web.json_response(await request.app[FAILOVER].reverse(request.match_info["name"], body))
+    failover, name = request.app[FAILOVER], request.match_info["name"]
+    return web.json_response(await failover.reverse(name, lambda: enable_from_body(failover.replication, name,
+                                                                                     body)))
 
 
 def add_failover_routes(app: web.Application, failover: Failover) -> None:
