@@ -70,8 +70,9 @@ class HeldClient:
         self.proc.wait(timeout=30)
 
 
-def test_prepare_refuses_a_running_vm_then_ships_the_last_writes_verifies_and_cancel_reopens(tmp_path):
-    pair = Pair(tmp_path, agent_config={"heartbeat_s": 1}, tracking="bitmap").start()
+@pytest.mark.parametrize("tracking", ["bitmap", "journal"])
+def test_prepare_refuses_a_running_vm_then_ships_the_last_writes_verifies_and_cancel_reopens(tmp_path, tracking):
+    pair = Pair(tmp_path, agent_config={"heartbeat_s": 1}, tracking=tracking).start()
     try:
         disk = protect(pair, tmp_path)
         api = admin(pair)
