@@ -129,17 +129,22 @@ def _fields(body: dict, allowed: set[str]) -> None:
 
 async def enable_replication(request: web.Request) -> web.Response:
     body = await read_json_object(request)
+    return web.json_response(await enable_from_body(request.app[REPLICATION], request.match_info["name"], body),
+                             status=201)
+
+
+async def enable_from_body(manager: ReplicationManager, name: str, body: dict) -> dict:
+    """Enable-VMReplication from an enable request's body (also ``failover/reverse``'s)."""
     _fields(body, {"replica_server", "port", "frequency_s", "compression"} | CREDENTIAL_FIELDS | HISTORY_FIELDS)
     for key in ("replica_server", "port", "frequency_s"):
         if key not in body:
             raise UsageError(f"field {key!r} is required")
     history = HistorySettings.from_json({k: v for k, v in body.items() if k in HISTORY_FIELDS})
     credentials = ReplicaCredentials.of(**{k: v for k, v in body.items() if k in CREDENTIAL_FIELDS})
-    result = await request.app[REPLICATION].enable(
-        request.match_info["name"], replica_host=body["replica_server"], port=body["port"],
+    return await manager.enable(
+        name, replica_host=body["replica_server"], port=body["port"],
         credentials=credentials, frequency_s=body["frequency_s"], compression=body.get("compression", True),
         history=history)
-    return web.json_response(result, status=201)
 
 
 async def set_replication(request: web.Request) -> web.Response:

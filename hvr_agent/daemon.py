@@ -20,6 +20,9 @@ from hvr_common.shell.state_lock import claim_state_dir
 from hvr_common.shell.unix_socket import claim_socket_path, release_socket_path, socket_identity
 from hvr_agent.admin import make_app
 from hvr_agent.exports import VmExports
+from hvr_agent.failover import Failover
+from hvr_agent.failover_admin import add_failover_routes
+from hvr_agent.hooks import VmHooks
 from hvr_agent.metrics import AgentMetrics
 from hvr_agent.probes import AgentReadiness
 from hvr_agent.replication import ReplicationManager
@@ -53,12 +56,15 @@ class Agent:
         nbd = NbdServer(VmExports(registry), logging.getLogger("hvr.agent.nbd"))
         transfers = Transfers(cfg.transfers, store)  # the bandwidth cap and parallel transfers
         replication = ReplicationManager(cfg, store, registry, transfers)
+        registry.client_count = lambda vm: sum(1 for c in nbd.connections if c.group == vm)
+        failover = Failover(registry, replication, VmHooks(cfg.hooks, cfg.nbd_socket))
         runner: web.AppRunner | None = None
         probes: web.AppRunner | None = None
         self.readiness = readiness = AgentReadiness(registry, cfg.nbd_socket)
         owned: dict = {}  # socket path -> identity of the socket this process bound
         try:
             await registry.load_all()
+            await failover.load()  # prepared VMs take no NBD client
             readiness.state_loaded = True
             claim_socket_path(cfg.nbd_socket)
             await nbd.listen_unix(cfg.nbd_socket)
@@ -72,8 +78,9 @@ class Agent:
                 tcp_port = await nbd.listen_tcp(*cfg.nbd_tcp)
             status = {"daemon": "hvr-agent", "version": VERSION, "pid": os.getpid(),
                       "nbd_socket": str(cfg.nbd_socket), "nbd_tcp_port": tcp_port}
-            runner = JsonErrorRunner(make_app(registry, status, replication, transfers), access_log=None,
-                                     handle_signals=False)
+            app = make_app(registry, status, replication, transfers)
+            add_failover_routes(app, failover)
+            runner = JsonErrorRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             owned[cfg.admin_socket] = await serve_on_unix_socket(runner, cfg.admin_socket)
             if cfg.http_listen is not None:

@@ -7,6 +7,11 @@ is recorded as a failed cycle and retried after the backoff (1 s doubling to
 300 s, reset by any success); a permanent one puts the VM in ``Error`` with
 the reason (R3).  Either way ``sync-now --wait`` callers get the error.
 
+A heartbeat (:mod:`hvr_agent.heartbeat`) runs beside the steps while the
+task runs.  A refusal for a stale generation, by any upload, commit or
+heartbeat, fences the relationship (:mod:`hvr_common.pure.fencing`): Error
+with a sentence saying what happened and what to do; nothing more is sent.
+
 Before a step that talks to the replica (not while the VM is suspended or in
 ``Error``), recovery history settings the replica has not acknowledged yet
 (``settings_pending``: after ``vm enable`` and every ``vm set`` that changed
@@ -22,6 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import HvrError, NotFoundError, TransientError
+from hvr_common.pure.fencing import fenced_error
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.replication_state import Action, ReplicationState, Step
 from hvr_common.pure.schedule import Backoff, initial_due, initial_wait_s
@@ -29,6 +35,7 @@ from hvr_common.shell.key_file import KeyFile
 from hvr_common.shell.logs import event
 from hvr_agent.client_tls import ClientTls
 from hvr_agent.cycles import Cycles
+from hvr_agent.heartbeat import Heartbeat
 from hvr_agent.housekeeping import clean_leftovers
 from hvr_agent.initial_export import IMPORT_POLL_S, complete_if_imported
 from hvr_agent.initial_copy import InitialCopy
@@ -60,6 +67,7 @@ class VmReplication:
         self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name))
         self.resync = Resync(rel, self.cycles, config.resync.window_for(rel.name))
         self.verify = Verify(rel, self.cycles)
+        self.heartbeat = Heartbeat(rel, config.heartbeat_s, self._fail)
         self._steps: dict[Step, Callable[[ReplicaClient], Awaitable[bool]]] = {
             Step.WAIT_FOR_SCHEDULE: self._wait_for_schedule,
             Step.INITIAL_COPY: self._initial_copy,
@@ -94,7 +102,9 @@ class VmReplication:
                 self.client = client
                 await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
                 await self.resync.require_if_changed_offline()
-                await self._loop(client)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.heartbeat.run(client), name=f"heartbeat:{self.name}")
+                    await self._loop(client)
         except HvrError as exc:
             await self._fail(exc)
         except Exception as exc:  # a bug: stop this VM's replication, keep serving disks
@@ -215,6 +225,11 @@ class VmReplication:
         self.cycles.fail_waiters(exc)
 
     async def _fail(self, exc: HvrError) -> None:
+        fenced = fenced_error(exc, self.name, self.rel.rec.generation)
+        if fenced is not None:
+            exc = fenced
+            event(log, "replication_fenced", logging.ERROR, vm=self.name, generation=exc.detail.get("generation"),
+                  local_generation=self.rel.rec.generation)
         await self.cycles.stop_prepare()
         await self.cycles.settle_after_ack()
         rel = self.rel

@@ -3,7 +3,9 @@
 It adapts :class:`~hvr_agent.vms.VmRegistry` to the NBD server's
 :class:`~hvr_common.block.catalogue.ExportCatalogue`.  Each VM is one group:
 when the VM is removed, every connection to one of its disks is dropped
-(``nbd_connection_closed`` with ``reason=vm_removed``).
+(``nbd_connection_closed`` with ``reason=vm_removed``).  A VM prepared for
+a planned failover (``VmRegistry.refused``) takes no new client: its exports
+are not found until the failover is cancelled.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class VmExports:
         if found is None:
             return None
         vm, disk = found
+        if vm.name in self.registry.refused:
+            return None
         info = ExportInfo(name=name, size=disk.size, read_only=disk.read_only,
                           description=f"hvr disk {disk.identity.disk} of VM {vm.name}",
                           multi_conn=True, max_block=MAX_PAYLOAD)

@@ -20,6 +20,7 @@ marked regions become changed blocks of the new cycle
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -145,3 +146,18 @@ async def carry_marked_regions(disk, found: IntentBitmap | None, ranges: list[tu
         event(log, "regions_carried", logging.WARNING, vm=vm, disk=disk.identity.disk, seq=seq, ranges=len(ranges),
               bytes=sum(n for _, n in ranges), bitmap_lost=found is None)
     await disk.flush(force=True)
+
+
+async def rejournal_regions(disk, ranges: list[tuple[int, int]]) -> int:
+    """Append the current contents of ``ranges`` to the disk's active log (holes as TRIMs); the bytes written."""
+    fd = disk.device.fd
+    total = 0
+    for offset, length in ranges:
+        pieces = await asyncio.to_thread(lambda o=offset, n=length: list(read_region_runs(fd, o, n)))
+        for off, data, n in pieces:
+            if data is None:
+                disk.log.append_trim(off, n, 0)
+            else:
+                disk.log.append_write(off, data, 0)
+                total += n
+    return total

@@ -58,7 +58,7 @@ from hvr_common.pure.token_auth import Key, authorization
 from hvr_common.pure.transfer_settings import TransferSettings
 from hvr_common.pure.wire import routes
 from hvr_common.pure.wire.error_catalogue import CATALOGUE, RemoteError, RemoteTransientError
-from hvr_common.pure.wire.messages import DigestQuery, EnableRequest, InitialCompleteRequest
+from hvr_common.pure.wire.messages import DigestQuery, EnableRequest, HeartbeatRequest, InitialCompleteRequest
 from hvr_common.shell.key_file import KeyFile
 from hvr_agent import upload_body
 from hvr_agent.client_tls import ClientTls, tls_refusal
@@ -240,6 +240,11 @@ class ReplicaClient:
         _, answer = await self._request("PUT", routes.replica_settings_path(vm_id), json_body=settings.to_json(),
                                         headers={routes.GENERATION_HEADER: str(generation)})
         return answer
+
+    async def heartbeat(self, vm_id: uuid.UUID, generation: int, beat: HeartbeatRequest) -> dict:
+        """POST /v1/replicas/{vm_id}/heartbeat: the replica's generation and state."""
+        return (await self._request("POST", routes.heartbeat_path(vm_id), json_body=beat.to_json(),
+                                    headers={routes.GENERATION_HEADER: str(generation)}))[1]
 
     # --- the request shell -----------------------------------------------------------------
     async def _json(self, method: str, path: str, body: dict | None = None) -> dict:

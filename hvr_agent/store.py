@@ -7,7 +7,8 @@ Schema version 2 adds the recovery history settings of each relationship
 (what ``vm enable`` / ``vm set`` gave, whether the replica still has to be
 told), and the application-consistent cuts: the last one that succeeded,
 the failures, and which unacknowledged cycles were cut frozen.  Version 3 adds
-each VM's tracking mode (``journal`` or ``bitmap``; existing VMs journal).
+each VM's tracking mode (``journal`` or ``bitmap``; existing VMs journal);
+version 5 the failover columns (:mod:`hvr_agent.store_schema` holds the ladder).
 The schema is versioned: opening a database of an older version upgrades it
 through ``MIGRATIONS`` in one transaction; a newer one is refused
 (:mod:`hvr_common.shell.state_db`).
@@ -23,98 +24,15 @@ import uuid
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hvr_common.shell.state_db import Migration, StateDatabase
+from hvr_common.shell.state_db import StateDatabase
 from hvr_common.pure.errors import ConflictError, NotFoundError
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.recovery_points import DEFAULT_FINE_WINDOW_MIN, Consistency, HistorySettings
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.tracking_mode import TrackingMode
 
-# Version 1 is SCHEMA; each later version is one step of MIGRATIONS, (version, SQL or function),
-# numbered 2, 3, ...  (hvr_common/shell/state_db.py runs them; never edit a released step, add one).
-SCHEMA_VERSION = 4
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS vms (
-    name TEXT PRIMARY KEY,
-    vm_id TEXT NOT NULL UNIQUE,
-    generation INTEGER NOT NULL,
-    next_sequence INTEGER NOT NULL,
-    read_only INTEGER NOT NULL,
-    created_ns INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS disks (
-    vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    disk_id TEXT NOT NULL UNIQUE,
-    path TEXT NOT NULL UNIQUE,
-    position INTEGER NOT NULL,
-    PRIMARY KEY (vm, name)
-);
-CREATE TABLE IF NOT EXISTS replication (
-    vm TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE,
-    replica_host TEXT NOT NULL,
-    replica_port INTEGER NOT NULL,
-    key_file TEXT NOT NULL,
-    principal TEXT NOT NULL,
-    frequency_s INTEGER NOT NULL,
-    compression INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    state_detail TEXT,
-    generation INTEGER NOT NULL,
-    base_sequence INTEGER,          -- cut at the start of the initial copy: logs up to it are in the images
-    next_sequence INTEGER,          -- the next cycle to ship
-    initial_at_ns INTEGER,          -- scheduled start of the initial copy
-    initial_started_ns INTEGER,
-    initial_completed_ns INTEGER,
-    last_replication_ns INTEGER,    -- last acknowledgement of a cycle
-    enabled_ns INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS replication_initial (
-    vm TEXT NOT NULL REFERENCES replication(vm) ON DELETE CASCADE,
-    disk_id TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    durable_offset INTEGER NOT NULL,  -- the replica holds [0, durable_offset) of the disk
-    allocated_bytes INTEGER NOT NULL, -- data bytes of the image when the copy started
-    done_bytes INTEGER NOT NULL,      -- data bytes below durable_offset
-    PRIMARY KEY (vm, disk_id)
-);
-CREATE TABLE IF NOT EXISTS replication_cycles (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vm TEXT NOT NULL REFERENCES replication(vm) ON DELETE CASCADE,
-    sequence INTEGER,
-    started_ns INTEGER NOT NULL,
-    finished_ns INTEGER,
-    wire_bytes INTEGER NOT NULL,
-    raw_bytes INTEGER NOT NULL,
-    result TEXT NOT NULL,           -- ok | missed | error
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS replication_cycles_by_time ON replication_cycles (vm, started_ns);
-"""
-SCHEMA_V2 = """
-ALTER TABLE replication ADD COLUMN recovery_history INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE replication ADD COLUMN fine_window_min INTEGER NOT NULL DEFAULT 60;
-ALTER TABLE replication ADD COLUMN app_consistent_hours INTEGER;        -- NULL: off
-ALTER TABLE replication ADD COLUMN settings_pending INTEGER NOT NULL DEFAULT 0;  -- the replica has not got them yet
-ALTER TABLE replication ADD COLUMN last_app_consistent_ns INTEGER;      -- the last cut frozen successfully
-ALTER TABLE replication ADD COLUMN app_consistent_failures INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE replication ADD COLUMN app_consistent_sequences TEXT NOT NULL DEFAULT '';  -- unacknowledged, comma-separated
-"""
-SCHEMA_V3 = """
-ALTER TABLE replication ADD COLUMN auth TEXT NOT NULL DEFAULT 'token';  -- token | certificate
-ALTER TABLE replication ADD COLUMN ca_file TEXT NOT NULL DEFAULT '';    -- '': plain HTTP
-ALTER TABLE replication ADD COLUMN cert_file TEXT NOT NULL DEFAULT '';
-ALTER TABLE replication ADD COLUMN cert_key_file TEXT NOT NULL DEFAULT '';
-"""
-SCHEMA_V4 = """
-ALTER TABLE vms ADD COLUMN tracking TEXT NOT NULL DEFAULT 'journal';
-"""
-MIGRATIONS: tuple[Migration, ...] = (
-    (2, SCHEMA_V2),  # recovery history settings, application-consistent cuts
-    (3, SCHEMA_V3),  # certificate authentication and TLS (ReplicaCredentials)
-    (4, SCHEMA_V4),  # tracking mode per VM
-)
+from hvr_agent.store_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION  # noqa: F401 (the store's schema)
+
 _OPTIONAL_PATHS = frozenset({"key_file", "ca_file", "cert_file", "cert_key_file"})  # None is stored as ''
 
 
@@ -135,6 +53,7 @@ class VmRecord:
     read_only: bool
     disks: tuple[DiskRecord, ...]
     tracking: TrackingMode = TrackingMode.JOURNAL
+    failover: str | None = None  # schema 5: a failed-over VM served here (waiting_completion | completed)
 
 
 @dataclass(frozen=True)
@@ -170,6 +89,8 @@ class ReplicationRecord:
     ca_file: Path | None = None
     cert_file: Path | None = None
     cert_key_file: Path | None = None
+    # schema version 5: PreparedForFailover: the last cycle shipped and applied before the failover
+    prepared_sequence: int | None = None
 
     @property
     def history(self) -> HistorySettings:
@@ -200,12 +121,13 @@ class ReplicationRecord:
     @staticmethod
     def _from_row(row) -> "ReplicationRecord":
         (vm, host, port, key_file, principal, freq, comp, state, detail, gen, base, nxt, at, started, completed,
-         last, enabled, history, fine, app, pending, last_app, app_failures, app_seqs, auth, ca, cert, cert_key) = row
+         last, enabled, history, fine, app, pending, last_app, app_failures, app_seqs, auth, ca, cert, cert_key,
+         prepared) = row
         return ReplicationRecord(vm, host, port, _path(key_file), principal, freq, bool(comp), ReplicationState(state),
                                  detail, gen, base, nxt, at, started, completed, last, enabled, history, fine, app,
                                  bool(pending), last_app, app_failures,
                                  tuple(int(s) for s in app_seqs.split(",") if s), auth, _path(ca), _path(cert),
-                                 _path(cert_key))
+                                 _path(cert_key), prepared)
 
 
 def _path(value: str) -> Path | None:
@@ -231,37 +153,47 @@ class AgentStore(StateDatabase):
     def list_vms(self) -> list[VmRecord]:
         with self._lock:
             vms = self._db.execute(
-                "SELECT name, vm_id, generation, next_sequence, read_only, tracking FROM vms ORDER BY name").fetchall()
+                "SELECT name, vm_id, generation, next_sequence, read_only, tracking, failover FROM vms ORDER BY name"
+            ).fetchall()
             out = []
-            for name, vm_id, gen, seq, ro, tracking in vms:
+            for name, vm_id, gen, seq, ro, tracking, failover in vms:
                 disks = self._db.execute(
                     "SELECT name, disk_id, path FROM disks WHERE vm=? ORDER BY position", (name,)).fetchall()
                 out.append(VmRecord(name, uuid.UUID(vm_id), gen, seq, bool(ro),
                                     tuple(DiskRecord(d, uuid.UUID(i), Path(p)) for d, i, p in disks),
-                                    TrackingMode(tracking)))
+                                    TrackingMode(tracking), failover))
             return out
 
     def add_vm(self, name: str, disks: list[tuple[str, Path]], read_only: bool,
                tracking: TrackingMode = TrackingMode.JOURNAL) -> VmRecord:
-        vm_id = uuid.uuid4()
         recs = tuple(DiskRecord(dname, uuid.uuid4(), path) for dname, path in disks)
+        return self.insert_vm(VmRecord(name, uuid.uuid4(), 1, 1, read_only, recs, tracking))
+
+    def insert_vm(self, rec: VmRecord) -> VmRecord:
+        """Record a VM as given (a new one, or a failed-over one served with its ids and generation)."""
         with self._lock:
             try:
                 with self.transaction() as db:
-                    db.execute("INSERT INTO vms (name, vm_id, generation, next_sequence, read_only, created_ns, tracking) "
-                               "VALUES (?, ?, 1, 1, ?, ?, ?)",
-                               (name, str(vm_id), int(read_only), time.time_ns(), tracking.value))
-                    for pos, d in enumerate(recs):
+                    db.execute("INSERT INTO vms (name, vm_id, generation, next_sequence, read_only, created_ns, "
+                               "tracking, failover) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (rec.name, str(rec.vm_id), rec.generation, rec.next_sequence, int(rec.read_only),
+                                time.time_ns(), rec.tracking.value, rec.failover))
+                    for pos, d in enumerate(rec.disks):
                         db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?)",
-                                   (name, d.name, str(d.disk_id), str(d.path), pos))
+                                   (rec.name, d.name, str(d.disk_id), str(d.path), pos))
             except sqlite3.IntegrityError as exc:
                 if "vms.name" in str(exc):
-                    raise ConflictError(f"a VM named {name!r} is already registered") from None
+                    raise ConflictError(f"a VM named {rec.name!r} is already registered") from None
                 if "disks.path" in str(exc):
                     raise ConflictError("one of the disk images already belongs to a registered VM",
                                         hint="hvrctl vm list shows which") from None
-                raise ConflictError(f"cannot register VM {name!r}: {exc}") from None
-        return VmRecord(name, vm_id, 1, 1, read_only, recs, tracking)
+                raise ConflictError(f"cannot register VM {rec.name!r}: {exc}") from None
+        return rec
+
+    def set_failover(self, name: str, failover: str | None) -> None:
+        with self._lock:
+            if self._db.execute("UPDATE vms SET failover=? WHERE name=?", (failover, name)).rowcount == 0:
+                raise NotFoundError(f"no VM named {name!r} is registered")
 
     def remove_vm(self, name: str) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvr_common.shell.logs import event
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
-from hvr_agent.recovery import (carry_marked_regions, close_open_logs, read_region_runs, remove_side_files,
+from hvr_agent.recovery import (carry_marked_regions, close_open_logs, rejournal_regions, remove_side_files,
                                 uncertain_ranges)
 from hvr_agent.store import AgentStore, VmRecord
 from hvr_agent.image_stamp import changed_since_close, write_stamp
@@ -55,6 +55,7 @@ class ProtectedVm:
             "read_only": self.record.read_only,
             "tracking": self.record.tracking.value,
             "sequence": self.sequence,
+            "failover": self.record.failover,  # a failed-over VM served here: waiting_completion | completed
             "disks": [dict(d.status(), export=f"{self.name}/{n}") for n, d in self.disks.items()],
         }
 
@@ -68,6 +69,8 @@ class VmRegistry:
         self.on_remove: list[Callable[[str], None]] = []
         self.unavailable: dict[str, tuple[VmRecord, str]] = {}  # registered but could not be opened
         self._admin_lock = asyncio.Lock()
+        self.refused: set[str] = set()  # VMs whose exports take no new NBD client (prepared for failover)
+        self.client_count: Callable[[str], int] = lambda _vm: 0  # NBD clients of a VM (set by the daemon)
 
     # --- exports (served through hvr_agent.exports) -------------------------
     def export(self, name: str) -> tuple[ProtectedVm, TrackedDisk] | None:
@@ -119,21 +122,25 @@ class VmRegistry:
                 raise UsageError(f"two disks of VM {name!r} would both be named {dname!r}",
                                  hint="give the image files different names")
             disks.append((dname, path.resolve()))
-        async with self._admin_lock:
-            if name in self.vms or name in self.unavailable:
-                raise ConflictError(f"a VM named {name!r} is already registered")
-            # Open every image before recording anything, so a bad path changes nothing.
-            for _, path in disks:
-                RawImage(path, read_only=True).close_fd()
-            rec = await asyncio.to_thread(self.store.add_vm, name, disks, read_only, tracking)
-            try:
-                vm = await self._open_vm(rec)
-            except Exception:
-                await asyncio.to_thread(self.store.remove_vm, name)
-                raise
+        vm = await self.register(name, [p for _, p in disks],
+                                 lambda: self.store.add_vm(name, disks, read_only, tracking))
         event(log, "vm_added", vm=name, disks=[str(p) for _, p in disks], read_only=read_only,
               tracking=tracking.value)
         return vm
+
+    async def register(self, name: str, paths: list[Path], record: Callable[[], VmRecord]) -> ProtectedVm:
+        """Open the images, record the VM (``record`` runs in a thread), open it; a failure changes nothing."""
+        async with self._admin_lock:
+            if name in self.vms or name in self.unavailable:
+                raise ConflictError(f"a VM named {name!r} is already registered")
+            for path in paths:  # every image opens before anything is recorded
+                RawImage(path, read_only=True).close_fd()
+            rec = await asyncio.to_thread(record)
+            try:
+                return await self._open_vm(rec)
+            except Exception:
+                await asyncio.to_thread(self.store.remove_vm, name)
+                raise
 
     def log_base(self, vm: str, disk: str, path: Path, is_block_device: bool) -> Path:
         """Where a disk's logs and bitmap live: next to an image file; for a block device (whose
@@ -195,7 +202,7 @@ class VmRegistry:
                 await carry_marked_regions(disk, found, ranges, vm.name, seq)
                 continue
             if ranges:
-                resynced = await self._rejournal(disk, ranges)
+                resynced = await rejournal_regions(disk, ranges)
                 event(log, "regions_rejournaled", logging.WARNING, vm=vm.name, disk=dname, seq=seq,
                       ranges=len(ranges), bytes=resynced, bitmap_lost=found is None)
             await disk.flush(force=True)
@@ -229,19 +236,6 @@ class VmRegistry:
             return
         for disk in vm.disks.values():
             await disk.acknowledged(sequence)
-
-    async def _rejournal(self, disk: TrackedDisk, ranges: list[tuple[int, int]]) -> int:
-        fd = disk.device.fd
-        total = 0
-        for offset, length in ranges:
-            pieces = await asyncio.to_thread(lambda o=offset, n=length: list(read_region_runs(fd, o, n)))
-            for off, data, n in pieces:
-                if data is None:
-                    disk.log.append_trim(off, n, 0)
-                else:
-                    disk.log.append_write(off, data, 0)
-                    total += n
-        return total
 
     async def remove(self, name: str) -> None:
         """Unregister: the database row goes first (the commit point), then exports and logs close."""

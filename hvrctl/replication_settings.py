@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from hvrctl import reverse_commands
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json
 
@@ -56,11 +57,16 @@ def register(vm_verbs, common, client: Callable[[argparse.Namespace], AdminClien
         "set", parents=[common], help="change a replicated VM's recovery history settings",
         description="Set-VMReplication: change the recovery points the replica server keeps and how often a cut "
                     "is application-consistent. Settings not given stay as they are; the replica server gets "
-                    "the new ones before the next cycle.")
+                    "the new ones before the next cycle. With --reverse (Set-VMReplication -Reverse), a VM "
+                    "failed over to this host replicates back to the old primary.",
+        epilog=reverse_commands.EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME")
     add_flags(p, can_turn_off=True)
+    reverse_commands.add_flags(p)
 
     def cmd_set(args) -> int:
+        if args.reverse:
+            return reverse_commands.run(p, args, client(args), print_detail)
         changes = settings_of(args)
         if not changes:
             p.error("give at least one of --recovery-history, --fine-window, --app-consistent-hours")

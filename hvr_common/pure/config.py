@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common.pure.resync_window import ResyncConfig, parse_resync
+from hvr_common.pure.lifecycle_hooks import LifecycleHooks, parse_lifecycle_hooks
 from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.names import storage_location_problem
 from hvr_common.pure.intent_bitmap import DEFAULT_REGION_BYTES, validate_region_bytes
@@ -244,6 +245,8 @@ class AgentConfig:
     cbw_budget_bytes: int = 4 * 1024 * 1024 * 1024  # bitmap tracking: copies of one cycle's blocks, per disk
     cbw_max_age_s: int = 900  # bitmap tracking: how long a cycle may keep copy-before-write armed
     resync: ResyncConfig = ResyncConfig()  # [resync]: the automatic resync window (resync_window.py)
+    heartbeat_s: int = 10  # failover: how often each relationship tells the replica whether the VM runs
+    hooks: LifecycleHooks = LifecycleHooks()  # [hooks]: failover lifecycle commands (lifecycle_hooks.py)
 
     @property
     def db_path(self) -> Path:
@@ -272,7 +275,10 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         http_listen=c.endpoint("http_listen"),
         cbw_budget_bytes=c.integer("cbw_budget_bytes", 4 * 1024 * 1024 * 1024, check=_positive),
         cbw_max_age_s=c.integer("cbw_max_age_s", 900, check=_positive),
+        heartbeat_s=c.integer("heartbeat_s", 10, check=_positive),
     )
+    c.seen.add("hooks")
+    cfg["hooks"] = parse_lifecycle_hooks(table.get("hooks"), c.problems)
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)
     c.seen.update(("bandwidth", "max_active_transfers"))

@@ -51,8 +51,9 @@ class Action(enum.StrEnum):
     CANCEL_RESYNC = "cancel_resync"
     COMPLETE_INITIAL_FROM_COPY = "complete_initial_from_copy"  # the replica adopted a copy: compare it
     FAIL_OVER = "fail_over"  # Start-VMFailover on the replica server (hvr_common.pure.failover)
-    CANCEL_FAILOVER = "cancel_failover"  # Stop-VMFailover: back to a replica with every point
+    CANCEL_FAILOVER = "cancel_failover"  # Stop-VMFailover: a replica back to every point; a prepared primary back to Replicating
     COMPLETE_FAILOVER = "complete_failover"  # Complete-VMFailover: the failover disks are the VM's now
+    PREPARE_FAILOVER = "prepare_failover"  # planned failover: everything shipped and verified (Start-VMFailover -Prepare)
 
 
 class InvalidTransition(ConflictError):
@@ -99,6 +100,11 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("primary", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL_FROM_COPY):
         S.WAITING_FOR_START_RESYNCHRONIZE,
     ("primary", S.RESYNCHRONIZING, Action.FAIL): S.ERROR,
+    # Planned failover (docs/failover.md): the primary ships everything, verifies, then ships nothing more.
+    # A prepared primary that is fenced keeps its state (no FAIL row): its exports stay closed to writers.
+    ("primary", S.REPLICATING, Action.PREPARE_FAILOVER): S.PREPARED_FOR_FAILOVER,
+    ("primary", S.PREPARED_FOR_FAILOVER, Action.PREPARE_FAILOVER): S.PREPARED_FOR_FAILOVER,
+    ("primary", S.PREPARED_FOR_FAILOVER, Action.CANCEL_FAILOVER): S.REPLICATING,
     ("replica", None, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     ("replica", S.WAITING_FOR_INITIAL_REPLICATION, Action.ENABLE): S.WAITING_FOR_INITIAL_REPLICATION,
     # As in Hyper-V the replica stays WaitingForInitialReplication while the copy runs.  The rows from

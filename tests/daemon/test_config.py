@@ -171,3 +171,20 @@ def test_the_libvirt_sample_attaches_every_disk_through_the_agent_socket_with_re
         assert source.find("host").get("socket") == str(cfg.nbd_socket)
         assert int(source.find("reconnect").get("delay")) >= 30
         assert disk.find("driver").get("type") == "raw"
+
+
+def test_the_failover_samples_name_the_hooks_and_a_domain_on_the_agent_socket():
+    import xml.etree.ElementTree as ET
+    cfg = parse_agent_config(read_toml(REPO / "deploy" / "agent.toml"))
+    script = str(REPO / "deploy" / "libvirt" / "hvr-hooks.sh")
+    assert {h: cfg.hooks.argv(h, {"name": "web01", "nbd_socket": "/run/hvr/nbd.sock"})[1:]
+            for h in ("stop_vm", "define_vm", "start_vm", "undefine_vm")} == {
+        "stop_vm": ["stop", "web01"], "define_vm": ["define", "web01", "/run/hvr/nbd.sock"],
+        "start_vm": ["start", "web01"], "undefine_vm": ["undefine", "web01"]}
+    assert subprocess.run(["sh", "-n", script], timeout=30).returncode == 0
+    domain = ET.parse(REPO / "deploy" / "libvirt" / "domain.xml").getroot()
+    assert domain.findtext("name") == "@NAME@"
+    for disk in domain.findall("./devices/disk"):
+        source = disk.find("source")
+        assert source.get("protocol") == "nbd" and source.get("name").startswith("@NAME@/")
+        assert source.find("host").get("transport") == "unix" and source.find("host").get("socket") == "@NBD_SOCKET@"

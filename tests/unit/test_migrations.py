@@ -95,8 +95,13 @@ def test_a_released_agent_database_keeps_its_vms_replication_and_cycles(tmp_path
     store.add_vm("new1", [("root", tmp_path / "new1.img")], False)  # and it goes on working
     store.add_vm("new2", [("root", tmp_path / "new2.img")], False, TrackingMode.BITMAP)
     assert {v.name: v.tracking for v in store.list_vms()}["new2"] is TrackingMode.BITMAP
+    # version 5: no VM was failed over here, no relationship prepared for a failover
+    assert {v.failover for v in store.list_vms()} == {None}
+    assert {r.prepared_sequence for r in store.list_replications()} == {None}
+    store.set_failover("new1", "completed")
+    assert {v.name: v.failover for v in store.list_vms()}["new1"] == "completed"
     store.close()
-    assert recorded_version(path) == agent_store.SCHEMA_VERSION == 4
+    assert recorded_version(path) == agent_store.SCHEMA_VERSION == 5
 
 
 def test_a_released_listener_database_keeps_its_settings_keys_replicas_and_cycles(tmp_path):

@@ -126,6 +126,11 @@ _ENTRIES = (
     _E("failover_in_progress", 409, ConflictError, 4, "a failover of the VM is waiting completion (stop or complete it first)"),
     _E("not_failed_over", 409, ConflictError, 4, "the VM has no failover to stop or complete"),
     _E("failover_completed", 409, ConflictError, 4, "the VM's failover is completed; it can no longer be cancelled"),
+    # failover on the agent (docs/failover.md, "On the primary")
+    _E("vm_running", 409, ConflictError, 4, "the VM runs: NBD clients are connected to its disks (detail.nbd_clients)"),
+    _E("not_prepared", 409, ConflictError, 4, "the VM is not prepared for a planned failover"),
+    _E("hook_failed", 500, HvrError, 1, "a lifecycle hook (agent.toml [hooks]) failed or timed out; the step stopped"),
+    _E("not_failed_over_vm", 409, ConflictError, 4, "the VM was not failed over to this host (or its failover is not complete)"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
