@@ -51,6 +51,7 @@ class Agent:
         registry = VmRegistry(cfg, store)
         # The NBD server first: a removed VM's connections are dropped before its replication goes.
         nbd = NbdServer(VmExports(registry), logging.getLogger("hvr.agent.nbd"))
+        registry.nbd_clients = nbd.group_clients
         transfers = Transfers(cfg.transfers, store)  # the bandwidth cap and parallel transfers
         replication = ReplicationManager(cfg, store, registry, transfers)
         runner: web.AppRunner | None = None

@@ -68,6 +68,7 @@ class VmRegistry:
         self.on_remove: list[Callable[[str], None]] = []
         self.unavailable: dict[str, tuple[VmRecord, str]] = {}  # registered but could not be opened
         self._admin_lock = asyncio.Lock()
+        self.nbd_clients: Callable[[str], int] = lambda _vm: 0  # the NBD server's count, per VM (daemon.py)
 
     # --- exports (served through hvr_agent.exports) -------------------------
     def export(self, name: str) -> tuple[ProtectedVm, TrackedDisk] | None:
