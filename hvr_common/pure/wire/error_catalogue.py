@@ -121,6 +121,8 @@ _ENTRIES = (
     # streamed cycle uploads (docs/replication-protocol.md, "Streamed cycles")
     _E("upload_form_mismatch", 400, CorruptError, 65, "a cycle bundle of the other form than its upload (counted vs streamed)"),
     _E("cycle_not_staged", 409, TransientError, 75, "a cycle commit without its streamed body held; the body is sent again"),
+    # reverse replication: adopting an old primary's images (docs/failover.md)
+    _E("adopt_busy", 409, ConflictError, 4, "the VM to adopt from the local agent still has NBD clients (it runs)"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})
