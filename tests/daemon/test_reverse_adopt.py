@@ -67,10 +67,12 @@ def test_adopt_from_agent_refuses_a_running_vm_then_adopts_its_images_and_repeat
         {k: record[k] for k in ("vm_id", "disks", "keep_aside")}
 
 
-def test_reverse_replication_sends_only_differences_and_keeps_the_old_primarys_writes_aside(sites, tmp_path):
+def take_over_at_b(sites, tmp_path):
+    """A replicates to B; A is lost after writes B never got; B's copy becomes the primary and is written;
+    A's images are adopted as the replica of B's VM, their state kept aside.  Returns (A's image, B's
+    image, the copy of A's image before the reverse, the diverged bytes)."""
     a, b = sites.a, sites.b
-    size = 32 * MiB
-    disk_a = a.make_disk("sys", size)
+    disk_a = a.make_disk("sys", 32 * MiB)
     a.add_vm("web", [disk_a], tracking="bitmap")
     a.write("web", "sys", *[f"write -P {0x10 + i} {i * 3}M 1M" for i in range(8)])
     a.enable("web", frequency=300, extra=("--no-compression",))
@@ -89,10 +91,32 @@ def test_reverse_replication_sends_only_differences_and_keeps_the_old_primarys_w
     disk_b = sparse_copy(replica_b, b.images / "sys.img")
     vm_b = b.add_vm("web", [disk_b], tracking="bitmap")
     b.write("web", "sys", "write -P 0xb1 4352k 256k", "write -P 0xb2 12M 128k")
-    diverged = 256 * 1024 + 64 * 1024 + 256 * 1024 + 128 * 1024
 
-    # A's images become the replica of B's VM, their own state kept aside; B replicates back comparing
+    # A's images become the replica of B's VM, their own state kept aside (the agent of A is gone, so the
+    # adoption names the images; --from-agent needs B's VM to carry A's VM id, which the failover gives)
     a.hvrctl("replica", "adopt", "web", "--vm-id", vm_b["vm_id"], "--disk", disk_a, "--keep-aside")
+    return disk_a, disk_b, kept_before, 256 * 1024 + 64 * 1024 + 256 * 1024 + 128 * 1024
+
+
+def kept_point(site) -> dict:
+    kept = [p for p in site.points("web") if p["label"] == "kept-aside"]
+    assert len(kept) == 1, site.points("web")
+    return kept[0]
+
+
+def assert_kept_reads_as(site, image) -> None:
+    view = site.listener.hvrctl_json("failover", "start", "web", "--as-test", "--recovery-point",
+                                     kept_point(site)["id"])
+    try:
+        same, why = images_equal(view["disks"][0]["uri"], image)
+        assert same, f"the kept-aside point differs from A's image before the reverse: {why}"
+    finally:
+        site.listener.hvrctl("failover", "stop", "web", "--as-test")
+
+
+def test_reverse_replication_sends_only_differences_and_keeps_the_old_primarys_writes_aside(sites, tmp_path):
+    a, b = sites.a, sites.b
+    disk_a, disk_b, kept_before, diverged = take_over_at_b(sites, tmp_path)
     sites.reset_counts()
     b.enable("web", frequency=300, extra=("--no-compression", "--fine-window", "0"))
     b.initial("web", use_existing=True)
@@ -103,30 +127,34 @@ def test_reverse_replication_sends_only_differences_and_keeps_the_old_primarys_w
     assert sent <= 2 * diverged + 512 * 1024, f"{sent} bytes on the wire for {diverged} diverged bytes"
     assert sites.sent_bytes(a) == 0
 
-    def kept_point() -> dict:
-        kept = [p for p in a.points("web") if p["label"] == "kept-aside"]
-        assert len(kept) == 1, a.points("web")
-        return kept[0]
-
-    def assert_kept_reads_as_before() -> None:
-        view = a.listener.hvrctl_json("failover", "start", "web", "--as-test", "--recovery-point",
-                                      kept_point()["id"])
-        try:
-            same, why = images_equal(view["disks"][0]["uri"], kept_before)
-            assert same, f"the kept-aside point differs from A's image before the reverse: {why}"
-        finally:
-            a.listener.hvrctl("failover", "stop", "web", "--as-test")
-
-    assert_kept_reads_as_before()
+    assert_kept_reads_as(a, kept_before)
     b.write("web", "sys", "write -P 0xb3 4M 1M", "write -P 0xb4 20M 64k")  # over A's kept writes again
     sites.sync(b, "web")
     same, why = images_equal(disk_a, disk_b)
     assert same, why
-    assert_kept_reads_as_before()
+    assert_kept_reads_as(a, kept_before)
 
-    point = kept_point()["id"]
+    point = kept_point(a)["id"]
     released = a.listener.hvrctl_json("recovery-points", "release", "web", point)
     assert released["released"] == point and released["points_dropped"] == 1
     assert all(p["id"] != point for p in a.points("web")), "released, retention dropped it"
     same, why = images_equal(disk_a, disk_b)
     assert same, why
+
+
+def test_the_old_primarys_listener_killed_during_the_reverse_finishes_it_after_restart(sites, tmp_path):
+    a, b = sites.a, sites.b
+    disk_a, disk_b, kept_before, _ = take_over_at_b(sites, tmp_path)
+    b.enable("web", frequency=300, extra=("--no-compression",))
+    b.hvrctl("initial", "start", "web", "--use-existing")
+    wait_for(lambda: any(a.listener.storage.glob("*/kept-aside.json")), 60, "the reverse to reach site A",
+             interval_s=0.01, context=sites.log_tails)
+    a.kill_listener()  # SIGKILL somewhere in the compare, the first apply or just after
+    a.restart_listener()
+    wait_for(lambda: b.replication("web")["state"] == "Replicating"
+             and not (b.replication("web").get("resync") or {}).get("running"), 180,
+             "the reverse to finish", context=sites.log_tails)
+    sites.sync(b, "web", timeout_s=180)
+    same, why = images_equal(disk_a, disk_b)
+    assert same, why
+    assert_kept_reads_as(a, kept_before)
