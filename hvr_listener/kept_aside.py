@@ -63,9 +63,10 @@ def _write_marker(vm_dir: Path, record: dict) -> None:
 
 
 def mark_pending(vm_dir: Path) -> None:
-    """At the enabling of a copy adopted with ``keep_aside`` (blocking; the folder exists)."""
-    if read_marker(vm_dir) is None:
-        _write_marker(vm_dir, {"state": PENDING})
+    """At the enabling of a copy adopted with ``keep_aside``, before the replica's record (blocking; the folder
+    exists).  A marker left by an earlier replica of the VM in the same folder (failed back and forth) is
+    replaced: its point went with that replica."""
+    _write_marker(vm_dir, {"state": PENDING})
 
 
 class KeptAside:

@@ -94,9 +94,22 @@ def _adopt_from_agent(listener: AdminClient, agent: AdminClient, name: str) -> d
     if vm.get("state") == "Unavailable":
         raise UsageError(f"the agent could not open VM {name}: {vm.get('error')}",
                          hint="fix its images first; the adoption needs them")
+    _forget_own_failover(listener, name, vm["vm_id"])
     disks = vm["disks"]
     record = listener.request("POST", "/v1/adoptions", {
         "name": name, "vm_id": vm["vm_id"], "disks": [d["path"] for d in disks],
         "disk_ids": [d["disk_id"] for d in disks], "keep_aside": True})
     agent.request("DELETE", f"/v1/vms/{name}")  # unregistered; the image files stay
     return dict(record, removed_from_agent=True)
+
+
+def _forget_own_failover(listener: AdminClient, name: str, vm_id: str) -> None:
+    """Failing back: this host's listener still holds the replica record of the VM it took over earlier
+    (FailedOver), whose disks the agent served since.  That record is forgotten (its files stay: the
+    images being adopted may be among them), so the copy can be adopted under the VM's name."""
+    try:
+        rep = listener.request("GET", f"/v1/replicas/{name}")
+    except NotFoundError:
+        return
+    if rep.get("vm_id") == vm_id and rep.get("state") == "FailedOver":
+        listener.request("DELETE", f"/v1/replicas/{name}")
