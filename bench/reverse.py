@@ -119,20 +119,19 @@ def reverse(two: TwoSites, image_a: Path, changed: float, rng: random.Random, wo
     blocks_a = pick_blocks(size, changed, rng)
     write_image_blocks(image_a, blocks_a)
 
-    b.hvrctl("failover", "start", VM, "--force", timeout_s=WAIT_S)
-    b.hvrctl("failover", "complete", VM, timeout_s=WAIT_S)
+    b.failover_start(VM, force=True, timeout_s=WAIT_S)
+    b.failover_complete(VM, timeout_s=WAIT_S)
     served = b.agent_vm(VM)
     disk = served["disks"][0]
     blocks_b = pick_blocks(size, changed, rng)
     write_nbd_blocks(b.nbd_uri(VM, disk["name"]), blocks_b, work, seed)
 
     a.restart_agent()  # site A returns; its agent is fenced at its first upload
-    a.hvrctl("replica", "adopt", VM, "--from-agent", timeout_s=WAIT_S)
+    a.adopt_from_agent(VM, timeout_s=WAIT_S)
     drop_dirty_pages()
     two.reset_counts()
     started = time.monotonic()
-    b.hvrctl("vm", "set", VM, "--reverse", "--replica-server", "127.0.0.1", "--port", a.proxy.port,
-             "--key", b.key_path, timeout_s=WAIT_S)
+    b.reverse(VM, timeout_s=WAIT_S)
     wait_replicating(b, two)
     applied_everything(b, two)
     elapsed_s = time.monotonic() - started

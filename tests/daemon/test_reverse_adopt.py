@@ -47,7 +47,7 @@ def test_adopt_from_agent_refuses_a_running_vm_then_adopts_its_images_and_repeat
         assert refused.returncode == 4, refused.stderr
         assert json.loads(refused.stderr)["error"]["code"] == "adopt_busy"
         assert a.agent_vm("web") is not None
-        assert a.hvrctl("replica", "adopt", "web", "--from-agent", check=False).returncode == 4
+        assert a.adopt_from_agent("web", check=False).returncode == 4
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)

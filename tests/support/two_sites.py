@@ -127,6 +127,36 @@ class Site:
         """qemu-io commands (``write -P 0x5a 1M 64k``) through the agent's NBD socket."""
         qemu_io(self.nbd_uri(vm, disk), *commands)
 
+    # --- the failover runbooks (docs/failover.md), as the operator types them on this host -------
+    def prepare(self, vm: str, **kw) -> subprocess.CompletedProcess:
+        """Planned failover, on the primary: ``failover start NAME --prepare``."""
+        return self.hvrctl("failover", "start", vm, "--prepare", **kw)
+
+    def failover_start(self, vm: str, *, recovery_point: int | None = None, force: bool = False,
+                       **kw) -> subprocess.CompletedProcess:
+        """On the replica server: ``failover start NAME [--recovery-point ID] [--force]``."""
+        args = ["failover", "start", vm]
+        if recovery_point is not None:
+            args += ["--recovery-point", recovery_point]
+        if force:
+            args.append("--force")
+        return self.hvrctl(*args, **kw)
+
+    def failover_stop(self, vm: str, **kw) -> subprocess.CompletedProcess:
+        return self.hvrctl("failover", "stop", vm, **kw)
+
+    def failover_complete(self, vm: str, **kw) -> subprocess.CompletedProcess:
+        return self.hvrctl("failover", "complete", vm, **kw)
+
+    def adopt_from_agent(self, vm: str, **kw) -> subprocess.CompletedProcess:
+        """On the old primary: its agent's VM images become the replica, their state kept aside."""
+        return self.hvrctl("replica", "adopt", vm, "--from-agent", **kw)
+
+    def reverse(self, vm: str, *, extra: tuple = (), **kw) -> subprocess.CompletedProcess:
+        """On the new primary: ``vm set NAME --reverse`` towards the other site's listener (through its proxy)."""
+        return self.hvrctl("vm", "set", vm, "--reverse", "--replica-server", "127.0.0.1", "--port",
+                           self.peer.proxy.port, "--key", self.key_path, *extra, **kw)
+
     # --- replicas (the listener) -----------------------------------------------------------------
     def replica(self, vm: str) -> dict:
         return self.listener.hvrctl_json("replica", "get", vm)
