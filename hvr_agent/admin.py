@@ -54,7 +54,8 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def list_vms(request: web.Request) -> web.Response:
     reg = request.app[REGISTRY]
-    return web.json_response([vm.status() for vm in reg.vms.values()] + reg.unavailable_status())
+    return web.json_response([dict(vm.status(), nbd_clients=reg.nbd_clients(vm.name)) for vm in reg.vms.values()]
+                             + reg.unavailable_status())
 
 
 async def add_vm(request: web.Request) -> web.Response:
@@ -85,7 +86,8 @@ def _vm(request: web.Request):
 
 
 async def get_vm(request: web.Request) -> web.Response:
-    return web.json_response(_vm(request).status())
+    vm = _vm(request)
+    return web.json_response(dict(vm.status(), nbd_clients=request.app[REGISTRY].nbd_clients(vm.name)))
 
 
 async def patch_vm(request: web.Request) -> web.Response:

@@ -54,9 +54,9 @@ class Agent:
         registry = VmRegistry(cfg, store)
         # The NBD server first: a removed VM's connections are dropped before its replication goes.
         nbd = NbdServer(VmExports(registry), logging.getLogger("hvr.agent.nbd"))
+        registry.nbd_clients = nbd.group_clients
         transfers = Transfers(cfg.transfers, store)  # the bandwidth cap and parallel transfers
         replication = ReplicationManager(cfg, store, registry, transfers)
-        registry.client_count = lambda vm: sum(1 for c in nbd.connections if c.group == vm)
         failover = Failover(registry, replication, VmHooks(cfg.hooks, cfg.nbd_socket))
         runner: web.AppRunner | None = None
         probes: web.AppRunner | None = None

@@ -89,7 +89,7 @@ class Failover:
         return rep
 
     def _check_idle(self, name: str, doing: str) -> None:
-        clients = self.registry.client_count(name)
+        clients = self.registry.nbd_clients(name)
         if clients:
             raise error("vm_running", f"VM {name} has {clients} NBD client(s) connected to its disks: cannot {doing} "
                                       "while it runs", detail={"nbd_clients": clients},

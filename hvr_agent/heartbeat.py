@@ -39,7 +39,7 @@ class Heartbeat:
         self.last_answer: dict | None = None
 
     def beat(self) -> HeartbeatRequest:
-        clients = self.rel.registry.client_count(self.rel.name)
+        clients = self.rel.registry.nbd_clients(self.rel.name)
         prepared = self.rel.rec.state is ReplicationState.PREPARED_FOR_FAILOVER
         return HeartbeatRequest(running=clients > 0 and not prepared, nbd_clients=clients)
 

@@ -70,7 +70,7 @@ class VmRegistry:
         self.unavailable: dict[str, tuple[VmRecord, str]] = {}  # registered but could not be opened
         self._admin_lock = asyncio.Lock()
         self.refused: set[str] = set()  # VMs whose exports take no new NBD client (prepared for failover)
-        self.client_count: Callable[[str], int] = lambda _vm: 0  # NBD clients of a VM (set by the daemon)
+        self.nbd_clients: Callable[[str], int] = lambda _vm: 0  # the NBD server's count, per VM (daemon.py)
 
     # --- exports (served through hvr_agent.exports) -------------------------
     def export(self, name: str) -> tuple[ProtectedVm, TrackedDisk] | None:

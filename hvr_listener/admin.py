@@ -34,7 +34,7 @@ from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.progress_stream import stream_job
 from hvr_common.shell.logs import event
 from hvr_common.pure.wire.error_catalogue import error
-from hvr_listener import access_control, adoption, backup_api, failover, initial_import, operator_verbs
+from hvr_listener import access_control, adoption, backup_api, failover, initial_import, kept_aside, operator_verbs
 from hvr_listener.backups import Backups
 from hvr_listener.peer_connections import PeerConnections
 from hvr_common.pure.wire.status_views import RecoveryPointView, ReplicaStatus, recovery_history_settings
@@ -136,22 +136,37 @@ async def remove_replica(request: web.Request) -> web.Response:
 async def adopt_replica(request: web.Request) -> web.Response:
     """Enable-VMReplication -AsReplica: an existing copy becomes the images of the primary's VM ``vm_id``."""
     body = await read_json_object(request)
-    unknown = set(body) - {"name", "vm_id", "disks"}
+    unknown = set(body) - {"name", "vm_id", "disks", "disk_ids", "keep_aside"}
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
     try:
         vm_id = uuid.UUID(str(body.get("vm_id")))
-    except ValueError:
-        raise UsageError("field 'vm_id' must be the primary VM's id (a UUID)") from None
+        disk_ids = None if body.get("disk_ids") is None else [uuid.UUID(str(d)) for d in body["disk_ids"]]
+    except (ValueError, TypeError):
+        raise UsageError("fields 'vm_id' and 'disk_ids' must be the primary VM's ids (UUIDs)") from None
     disks = body.get("disks")
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
         raise UsageError("field 'disks' must be a list of image paths")
+    keep_aside = body.get("keep_aside", False)
+    if not isinstance(keep_aside, bool):
+        raise UsageError("field 'keep_aside' must be true or false")
     reps = await asyncio.to_thread(request.app[STORE].replicas)
     taken = {r.name for r in reps} | {str(r.vm_id) for r in reps}
     record = await asyncio.to_thread(adoption.adopt, Path(request.app[SETTINGS].storage_dir()), taken,
-                                     body.get("name"), vm_id, [Path(d) for d in disks])
-    event(log, "replica_adopted", vm=record["name"], vm_id=record["vm_id"], disks=len(record["disks"]))
+                                     body.get("name"), vm_id, [Path(d) for d in disks], keep_aside=keep_aside,
+                                     disk_ids=disk_ids)
+    event(log, "replica_adopted", vm=record["name"], vm_id=record["vm_id"], disks=len(record["disks"]),
+          keep_aside=keep_aside)
     return web.json_response(record, status=201)
+
+
+async def get_adoption(request: web.Request) -> web.Response:
+    """The adoption recorded under a name and not yet taken by an enabling."""
+    name = request.match_info["name"]
+    record = await asyncio.to_thread(adoption.adoption_record, Path(request.app[SETTINGS].storage_dir()), name)
+    if record is None:
+        raise NotFoundError(f"no copy is adopted as {name!r} on this server", hint="hvrctl replica adopt")
+    return web.json_response(record)
 
 
 async def resume_replica(request: web.Request) -> web.Response:
@@ -183,8 +198,28 @@ async def list_recovery_points(request: web.Request) -> web.Response:
     points = await asyncio.to_thread(_points, request.app, rep)
     test = request.app[TESTS].status(name)
     pinned = test["recovery_point"]["id"] if test else None
-    return web.json_response([RecoveryPointView.of(p, latest=p is points[-1], test_failover=p.id == pinned).to_json()
+    kept = await asyncio.to_thread(request.app[HISTORIES].kept_aside.point_id, rep)
+    return web.json_response([RecoveryPointView.of(p, latest=p is points[-1], test_failover=p.id == pinned,
+                                                   label=kept_aside.LABEL if p.id == kept else None).to_json()
                               for p in points])
+
+
+async def release_recovery_point(request: web.Request) -> web.Response:
+    """The operator is done with a kept-aside point: unpinned, then dropped by retention like any point."""
+    name = request.match_info["name"]
+    rep = await asyncio.to_thread(request.app[STORE].replica_by_name, name)
+    if rep is None:
+        raise NotFoundError(f"no replica VM named {name!r} on this server", hint="hvrctl replica get lists them")
+    try:
+        point_id = int(request.match_info["id"])
+    except ValueError:
+        raise UsageError("the recovery point id must be a number") from None
+    histories = request.app[HISTORIES]
+    async with request.app[SERVICE].image_lock(rep.vm_id):  # a pin changes only under the image lock
+        await asyncio.to_thread(histories.kept_aside.release, rep, point_id)
+        history = histories.get(rep.vm_id)
+        dropped = await histories.thin(rep, history) if history is not None else 0
+    return web.json_response({"name": rep.name, "released": point_id, "points_dropped": dropped})
 
 
 async def start_test_failover(request: web.Request) -> web.Response:
@@ -221,6 +256,8 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app.router.add_post("/v1/replicas/{name}/resume", resume_replica)
     app.router.add_post("/v1/adoptions", adopt_replica)
     app.router.add_get("/v1/replicas/{name}/recovery-points", list_recovery_points)
+    app.router.add_post("/v1/replicas/{name}/recovery-points/{id}/release", release_recovery_point)
+    app.router.add_get("/v1/adoptions/{name}", get_adoption)
     app.router.add_post("/v1/replicas/{name}/initial/import", import_initial)
     app.router.add_post("/v1/replicas/{name}/test-failover", start_test_failover)
     app.router.add_delete("/v1/replicas/{name}/test-failover", stop_test_failover)

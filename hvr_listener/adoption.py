@@ -4,7 +4,10 @@ The operator of the replica server names a copy already there (a restored
 backup, an exported VM, an old replica) as the images of the primary's VM
 ``vm_id``: ``<storage>/<name>/adopted.json`` is written durably (the
 replica itself, once enabled, lives in ``<storage>/<vm_id>/`` like any other), holding the
-VM id and each disk's path and size, in the primary's disk order.  Nothing
+VM id and each disk's path and size (and its disk id when known), in the primary's disk order,
+and ``keep_aside``: whether the copy's own state is kept as a recovery point
+before the first difference overwrites it (an old primary's images,
+``hvrctl replica adopt --from-agent``; :mod:`hvr_listener.kept_aside`).  Nothing
 else changes.  When that primary enables replication of the VM
 (``PUT /v1/replicas/{vm_id}``), :mod:`hvr_listener.enablement` takes the
 adopted images instead of creating empty ones, if the VM id, the disk count
@@ -43,8 +46,10 @@ def _size(path: Path) -> int:
     raise UsageError(f"{path} is neither a file nor a block device")
 
 
-def adopt(storage: Path, taken: set[str], name: str, vm_id: uuid.UUID, disks: list[Path]) -> dict:
-    """Record the adoption (blocking).  ``taken``: names and VM ids of the replicas that exist."""
+def adopt(storage: Path, taken: set[str], name: str, vm_id: uuid.UUID, disks: list[Path], *,
+          keep_aside: bool = False, disk_ids: list[uuid.UUID] | None = None) -> dict:
+    """Record the adoption (blocking).  ``taken``: names and VM ids of the replicas that exist.
+    Adopting the same name again before it is enabled replaces the record (a repeated command)."""
     check_name("VM", name)
     if not disks:
         raise UsageError("name at least one disk image (--disk PATH)")
@@ -54,16 +59,37 @@ def adopt(storage: Path, taken: set[str], name: str, vm_id: uuid.UUID, disks: li
     paths = [p.resolve() for p in disks]
     if len(set(paths)) != len(paths):
         raise UsageError("a disk image is named twice")
+    if disk_ids is not None and len(disk_ids) != len(paths):
+        raise UsageError(f"{len(disk_ids)} disk id(s) for {len(paths)} disk(s)")
     entries = [{"path": str(p), "size_bytes": _size(p)} for p in paths]
+    for entry, disk_id in zip(entries, disk_ids or [], strict=False):
+        entry["disk_id"] = str(disk_id)
     vm_dir = storage / name
     if vm_dir.exists() and any(p.name != MARKER for p in vm_dir.iterdir()):
         raise ConflictError(f"replica storage {vm_dir} is already in use",
                             hint="move the old files away or adopt under another VM name")
     vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    record = {"vm_id": str(vm_id), "name": name, "disks": entries}
+    record = {"vm_id": str(vm_id), "name": name, "disks": entries, "keep_aside": keep_aside}
     write_file_durably(vm_dir / MARKER, json.dumps(record, indent=1).encode())
     fsync_dir(storage)
     return record
+
+
+def adoption_record(storage: Path, name: str) -> dict | None:
+    """The adoption recorded under ``name`` and not yet taken by an enabling, or None (blocking)."""
+    check_name("VM", name)
+    try:
+        return json.loads((storage / name / MARKER).read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def keeps_aside(vm_dir: Path) -> bool:
+    """Whether the copy adopted under ``vm_dir`` keeps its own state as a recovery point (blocking)."""
+    try:
+        return bool(json.loads((vm_dir / MARKER).read_bytes()).get("keep_aside"))
+    except FileNotFoundError:
+        return False
 
 
 def adopted_images(vm_dir: Path, vm_id: uuid.UUID, disks: list[tuple[uuid.UUID, str, int]]) -> list[Path] | None:
@@ -82,8 +108,11 @@ def adopted_images(vm_dir: Path, vm_id: uuid.UUID, disks: list[tuple[uuid.UUID, 
         raise error("adopt_mismatch", f"the copy adopted as {vm_dir.name} has {len(adopted)} disk(s); the "
                     f"primary's VM has {len(disks)}")
     paths = []
-    for (_, dname, size), entry in zip(disks, adopted, strict=True):
+    for (disk_id, dname, size), entry in zip(disks, adopted, strict=True):
         path = Path(entry["path"])
+        if entry.get("disk_id", str(disk_id)) != str(disk_id):
+            raise error("adopt_mismatch", f"adopted image {path} is disk {entry['disk_id']}; the primary's disk "
+                        f"{dname} is {disk_id}", hint="adopt a copy of the same VM (disks in the primary's order)")
         actual = _size(path)
         if actual != size or entry.get("size_bytes") != size:
             raise error("adopt_mismatch", f"adopted image {path} is {actual} bytes; the primary's disk {dname} "

@@ -135,6 +135,7 @@ class Applier:
                             or current.state != ReplicationState.REPLICATING):
                         return applied  # removed (or failed, or enabled anew) while waiting for the lock
                     history = await finish_in_thread(self.histories.load, current)
+                    await finish_in_thread(self.histories.kept_aside.settle, current, history)
                     pins = await finish_in_thread(self.histories.pins, rep.vm_id)
                     capture = await finish_in_thread(history.prepare_capture, current.history, pins)
                     await finish_in_thread(apply_bundle, row.path, images, expect, capture)

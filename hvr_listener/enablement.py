@@ -23,7 +23,8 @@ from hvr_common.shell.logs import event
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.threads import finish_in_thread
 from hvr_common.pure.authorization import Grant, check_same_trust_group
-from hvr_listener.adoption import adopted_images
+from hvr_listener.adoption import adopted_images, keeps_aside
+from hvr_listener.kept_aside import mark_pending
 from hvr_listener.replica_access import ReplicaAccess, conflict
 from hvr_listener.replica_state import ReplicaStates, enabled_again_unchanged
 from hvr_common.pure.wire.messages import EnableRequest
@@ -81,6 +82,8 @@ class Enablement:
                     await finish_in_thread(_create_images, vm_dir, paths)
                 else:
                     await finish_in_thread(_create_folders, vm_dir)
+                    if await asyncio.to_thread(keeps_aside, Path(peer.storage) / name):
+                        await finish_in_thread(mark_pending, vm_dir)  # before the record: see kept_aside
                 await finish_in_thread(self.states.enable, vm_id, name, peer.principal, generation, frequency_s,
                                        compression, vm_dir, paths, peer.trust_group)
             except BaseException:

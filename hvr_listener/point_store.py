@@ -73,6 +73,14 @@ class PointRows:
                          "VALUES (?, ?, ?, ?, NULL, ?)", (vm, sequence, time_ns, consistency, time.time_ns()))
         return cur.lastrowid
 
+    def add_base_point(self, vm_id: uuid.UUID, sequence: int, time_ns: int) -> int:
+        """A capturing point at the images as they stand before the next cycle applies (a kept-aside copy's
+        own state, :mod:`hvr_listener.kept_aside`); returns its id."""
+        with self._lock, self.transaction():
+            cur = self._db.execute("INSERT INTO points (vm_id, sequence, time_ns, consistency, capturing, created_ns) "
+                                   "VALUES (?, ?, ?, 'crash', 1, ?)", (str(vm_id), sequence, time_ns, time.time_ns()))
+        return cur.lastrowid
+
     def points(self, vm_id: uuid.UUID) -> list[Point]:
         with self._lock:
             rows = self._db.execute("SELECT id, sequence, time_ns, consistency, capturing, undo_bytes FROM points "

@@ -44,6 +44,7 @@ from hvr_common.pure.undo_merge import superseded
 from hvr_common.shell.files import fsync_dir, unlink_if_exists
 from hvr_common.shell.logs import event
 from hvr_common.shell.threads import finish_in_thread
+from hvr_listener.kept_aside import KeptAside
 from hvr_listener.undo_log import UndoLog, merge_files
 
 log = logging.getLogger("hvr.listener.history")
@@ -180,6 +181,19 @@ class VmHistory:
         target = capture_target(self.points)
         return Capture(self, self.logs[target.id]) if target is not None else None
 
+    def add_base_point(self, sequence: int, time_ns: int) -> Point:
+        """The first point of a history that has none, capturing from the next cycle on: the images as they
+        stand (worker thread, image lock held).  Its row is stored first, then its log created (a crash
+        between leaves a decided target without a log, which :meth:`load` creates)."""
+        if self.points:
+            raise CorruptError(f"VM {self.name} has recovery points already; a base point must be the first")
+        pid = self.store.add_base_point(self.vm_id, sequence, time_ns)
+        self.points = tuple(self.store.points(self.vm_id))
+        point = self.point(pid)
+        self.logs[pid] = self._new_log(point)
+        self.epoch += 1
+        return point
+
     def _new_log(self, point: Point, *, durable: bool = True) -> UndoLog:
         header = UndoHeader(self.vm_id, point.id, point.sequence, point.id, time.time_ns())
         return UndoLog.create(self.dir / file_name(point.id), header, durable=durable)
@@ -252,6 +266,8 @@ class Histories:
         # Other holders of points (backups): each gives the points it stands on, by VM; read under
         # the image lock like the test failover's row.
         self.pin_sources: list = []
+        self.kept_aside = KeptAside(store)  # an adopted old primary's own state, pinned until released
+        self.pin_sources.append(self.kept_aside.pins)
 
     def load(self, rep) -> VmHistory:
         """The replica's history, loaded from its store rows and files on first use (worker thread)."""

@@ -146,7 +146,7 @@ class TestFailovers:
             await finish_in_thread(self.store.stop_test_failover, rep.vm_id)
             try:  # the test has ended; the point it pinned may go now (else after the next cycle)
                 history = await finish_in_thread(self.histories.load, rep)
-                await self.histories.thin(rep, history, set())
+                await self.histories.thin(rep, history)  # the other pins (backups, kept-aside) still hold
             except (OSError, sqlite3.Error, HvrError) as exc:
                 event(log, "recovery_points_thinning_failed", logging.WARNING, vm=name, error=str(exc),
                       hint="retried after the next cycle")

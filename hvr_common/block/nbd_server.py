@@ -79,6 +79,10 @@ class NbdServer:
         self.servers.append(srv)
         return srv.sockets[0].getsockname()[1]
 
+    def group_clients(self, group: str) -> int:
+        """How many connections are attached to an export of ``group`` (the agent: a VM's disks)."""
+        return sum(1 for conn in self.connections if conn.group == group and not conn.closing)
+
     def drop_group(self, group: str, reason: str) -> None:
         """Close every connection to an export of ``group`` (its exports were withdrawn)."""
         for conn in list(self.connections):

@@ -42,7 +42,7 @@ def relationship(state=S.REPLICATING, clients=0, detail=None):
     rec = SimpleNamespace(state=state, state_detail=detail, generation=1)
     vm = SimpleNamespace(record=SimpleNamespace(vm_id=uuid.uuid4()))
     return SimpleNamespace(name="web", rec=rec, vm=lambda: vm,
-                           registry=SimpleNamespace(client_count=lambda _name: clients))
+                           registry=SimpleNamespace(nbd_clients=lambda _name: clients))
 
 
 def beat(rel, answer):

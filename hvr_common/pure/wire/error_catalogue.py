@@ -131,6 +131,8 @@ _ENTRIES = (
     _E("not_prepared", 409, ConflictError, 4, "the VM is not prepared for a planned failover"),
     _E("hook_failed", 500, HvrError, 1, "a lifecycle hook (agent.toml [hooks]) failed or timed out; the step stopped"),
     _E("not_failed_over_vm", 409, ConflictError, 4, "the VM was not failed over to this host (or its failover is not complete)"),
+    # reverse replication: adopting an old primary's images (docs/failover.md)
+    _E("adopt_busy", 409, ConflictError, 4, "the VM to adopt from the local agent still has NBD clients (it runs)"),
 )
 
 CATALOGUE: MappingProxyType[str, ErrorCode] = MappingProxyType({e.code: e for e in _ENTRIES})

@@ -151,16 +151,17 @@ class RecoveryPointView:
     size_bytes: int  # its undo data on the replica server
     latest: bool
     test_failover: bool  # a test failover stands on it
+    label: str | None = None  # "kept-aside": an adopted old primary's own state, pinned until released
 
     @classmethod
-    def of(cls, point: Any, *, latest: bool, test_failover: bool) -> RecoveryPointView:
+    def of(cls, point: Any, *, latest: bool, test_failover: bool, label: str | None = None) -> RecoveryPointView:
         return cls(point.id, point.time_ns, point.sequence, str(point.consistency), point.undo_bytes, latest,
-                   test_failover)
+                   test_failover, label)
 
     def to_json(self) -> dict:
         return {"id": self.id, "time": iso_time(self.time_ns), "time_ns": self.time_ns, "sequence": self.sequence,
                 "consistency": self.consistency, "size_bytes": self.size_bytes, "latest": self.latest,
-                "test_failover": self.test_failover}
+                "test_failover": self.test_failover, "label": self.label}
 
 
 def recovery_history_settings(rep: Any, points: list, test: dict | None) -> dict:
