@@ -100,16 +100,18 @@ def _agent_vm(args) -> dict | None:
         raise
 
 
-def _on_agent(args, method: str, route: str, body: dict | None, result: dict, what: str, paths: str) -> None:
-    """Ask the local agent; when it is absent or older, say so in ``result`` and leave the rest to the operator."""
+def _on_agent(args, method: str, route: str, body: dict | None, result: dict, what: str, paths: str,
+              not_served_ok: bool = False) -> None:
+    """Ask the local agent; when it is absent or older (or, with ``not_served_ok``, does not serve NAME as a
+    failed-over VM: this host's agent is not where the VM runs), say so in ``result``: no agent step to do."""
     try:
         result["agent"] = _agent(args).request(method, route, body)
     except HvrError as exc:
-        if not _route_missing(exc):
+        if not (_route_missing(exc) or (not_served_ok and exc.code == "not_failed_over_vm")):
             raise
         result["agent"] = None
-        result["note"] = (f"the local hvr-agent is absent or older than failover ({exc}): it did not {what}; "
-                          f"the disks are at {paths}")
+        result["note"] = (f"the local hvr-agent is absent, older than failover, or does not serve {args.name} as "
+                          f"a failed-over VM ({exc}): it did not {what}; the disks are at {paths}")
 
 
 def cmd_start(args) -> int:
@@ -148,7 +150,7 @@ def cmd_stop(args) -> int:
 def cmd_complete(args) -> int:
     result = _listener(args).request("POST", f"/v1/replicas/{args.name}/failover/complete")
     _on_agent(args, "POST", f"/v1/vms/{args.name}/failover/serve/complete", {}, result, "mark the VM completed",
-              ", ".join(d["path"] for d in result["disks"]))
+              ", ".join(d["path"] for d in result["disks"]), not_served_ok=True)
     return _print(args, result, f"set up reverse replication: hvrctl vm set {args.name} --reverse "
                                 "--replica-server OLD-PRIMARY --port N --key FILE")
 

@@ -1,10 +1,9 @@
 """Failover on the primary's agent, end to end: planned prepare and cancel, fencing, the heartbeat, SIGKILL.
 
 A real agent and listener on loopback; writes through qemu-io and nbdsh; the
-replica checked with ``qemu-img compare``.  The listener of this tree has no
-failover route yet, so the fencing test raises the replica's generation the
-way a failover does, by a documented test-only edit of the listener's store
-while it is stopped (``replicas.generation``: g -> g + 1).
+replica checked with ``qemu-img compare``.  The fencing test raises the
+replica's generation the way a failover does, by a documented test-only edit
+of the listener's store while it is stopped (``replicas.generation``: g -> g + 1).
 """
 
 from __future__ import annotations
@@ -54,6 +53,16 @@ def events(pair: Pair, name: str) -> list[dict]:
         if ev.get("event") == name:
             out.append(ev)
     return out
+
+
+def heard(pair: Pair, vm_id: str) -> tuple[bool, int] | None:
+    """The primary's last heartbeat as the listener keeps it (running, NBD clients): a read-only look."""
+    db = sqlite3.connect(f"file:{pair.listener.state_dir / 'listener.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        row = db.execute("SELECT running, nbd_clients FROM heartbeats WHERE vm_id=?", (vm_id,)).fetchone()
+    finally:
+        db.close()
+    return (bool(row[0]), row[1]) if row else None
 
 
 class HeldClient:
@@ -109,8 +118,10 @@ def test_prepare_refuses_a_running_vm_then_ships_the_last_writes_verifies_and_ca
         pair.sync("web")
         pair.wait_replica_applied("web")
         compare(disk, pair.replica_image("web", "sys"))
-        # this listener has no heartbeat route: said once per relationship task, then no more beats
-        assert 1 <= len(events(pair, "heartbeat_unsupported")) <= 2
+        # the listener keeps the primary's heartbeats: the VM, replicating again with no client, said not running
+        assert events(pair, "heartbeat_unsupported") == []
+        wait_for(lambda: heard(pair, pair.status("web")["vm_id"]) == (False, 0), 60,
+                 "a heartbeat saying the VM does not run", context=pair.agent.log_tail)
     finally:
         pair.close()
 
@@ -123,15 +134,15 @@ def test_a_replica_at_a_newer_generation_fences_the_primary_into_error_and_nothi
         vm_id = pair.status("web")["vm_id"]
         # test-only: what a failover at the replica server does to the relationship's generation (1 -> 2)
         pair.listener.terminate()
+        before = replica_image.read_bytes()
+        # written and cut while the replica server is away: the cycle waits here, unacknowledged
+        qemu_io(pair.agent.nbd_uri("web", "sys"), "write -P 0x77 3M 64k")
+        pair.agent.hvrctl("vm", "sync-now", "web", "--no-wait")
         db = sqlite3.connect(pair.listener.state_dir / "listener.db")
         with db:
             assert db.execute("UPDATE replicas SET generation=2 WHERE vm_id=?", (vm_id,)).rowcount == 1
         db.close()
-        pair.listener.start().wait_ready()
-        before = replica_image.read_bytes()
-
-        qemu_io(pair.agent.nbd_uri("web", "sys"), "write -P 0x77 3M 64k")
-        pair.agent.hvrctl("vm", "sync-now", "web", "--no-wait")
+        pair.listener.start().wait_ready()  # the agent's next upload or heartbeat is refused: fenced
 
         def fenced() -> dict | None:
             st = pair.status("web")

@@ -171,7 +171,8 @@ def test_failover_to_an_older_point_cancel_latest_complete_with_guard_and_fencin
     assert not (image.parent / "points").exists()
     compare(failover_disk, copies[max(copies)])
     assert fo_json(pair, "complete", "web")["state"] == "FailedOver"  # idempotent
-    # an agent that answers but has no failover routes: said so, with the disks' paths
+    # an agent that answers but does not serve the VM as a failed-over one (here the primary's own agent):
+    # no agent step to do, said so, with the disks' paths
     older = json.loads(pair.listener.hvrctl("failover", "complete", "web", "--agent-socket",
                                             pair.agent.admin_socket, "-o", "json").stdout)
     assert older["agent"] is None and "older" in older["note"] and str(failover_disk) in older["note"]
