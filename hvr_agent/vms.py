@@ -250,6 +250,7 @@ class VmRegistry:
                 raise NotFoundError(f"no VM named {name!r} is registered")
             await asyncio.to_thread(self.store.remove_vm, name)
             self._unexport(vm)
+            self.refused.discard(name)  # a VM of that name registered later (a failback) takes clients again
             for cb in self.on_remove:
                 cb(name)
             try:
