@@ -16,12 +16,16 @@ A stored cycle that cannot be applied (its bundle is damaged) is a permanent
 error: the replica fails (``fail``, through :mod:`hvr_listener.replica_state`)
 into Error with the reason; file-system and SQLite errors are transient and
 retried with backoff.
+
+``HVR_TEST_APPLY_HOLD`` (read here, set only by tests) names a file: while it
+exists no cycle is applied, so a test can hold cycles received but not applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 
@@ -42,6 +46,7 @@ log = logging.getLogger("hvr.listener.apply")
 SAFETY_WAKE_S = 30.0  # look for unapplied cycles at least this often, whatever woke us or not
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 60.0
+HOLD_ENV = "HVR_TEST_APPLY_HOLD"
 
 
 class Applier:
@@ -118,6 +123,9 @@ class Applier:
 
     async def apply_pending(self, rep: Replica) -> int:
         applied = 0
+        hold = os.environ.get(HOLD_ENV)
+        if hold and os.path.exists(hold):
+            return applied
         for row in await asyncio.to_thread(self.store.unapplied_cycles, rep.vm_id):
             if row.sequence != rep.last_applied_sequence + applied + 1:
                 event(log, "apply_gap", logging.ERROR, vm=rep.name, seq=row.sequence,

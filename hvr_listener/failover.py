@@ -7,7 +7,10 @@ its failover row again under them, asks the rules
 step is recorded before the next begins, so repeating a verb after a crash
 at any point finishes it (``docs/state-machine.md``, "Failover"):
 
-* **start**: (1) preconditions and the split-brain guard; (2) one
+* **start**: (0) to the latest point: the cycles received durably but not yet
+  applied are applied first (the applier is woken and awaited, outside the
+  locks, up to ``APPLY_WAIT_S``; progress logged as ``failover_waiting_apply``);
+  (1) preconditions and the split-brain guard; (2) one
   transaction: the failover row, FailedOverWaitingCompletion, generation
   g -> g+1 (cycles and heartbeats of g are refused from then on: 409
   ``stale_generation``); (3) the chosen point's disks written as sparse files
@@ -30,6 +33,7 @@ which the process kills itself with SIGKILL, to prove the repeat/cancel paths.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -45,7 +49,7 @@ from hvr_common.pure.failover import (
     Failover, FailoverStep, check_complete, check_restart, check_start, check_stop, choose_point, guard,
     raised_generation,
 )
-from hvr_common.pure.replication_state import InvalidTransition
+from hvr_common.pure.replication_state import InvalidTransition, ReplicationState
 from hvr_common.pure.wire.error_catalogue import error
 from hvr_common.shell.files import fsync_dir
 from hvr_common.shell.http_middleware import read_json_object
@@ -59,6 +63,9 @@ from hvr_listener.store import Replica
 log = logging.getLogger("hvr.listener.failover")
 
 KILL_ENV = "HVR_TEST_FAILOVER_KILL"
+APPLY_WAIT_S = 90.0  # failover start to the latest point: how long the applier may take to catch up (< hvrctl's 120 s)
+APPLY_POLL_S = 0.2
+APPLY_PROGRESS_S = 5.0
 
 
 def _kill_point(step: str) -> None:
@@ -68,8 +75,9 @@ def _kill_point(step: str) -> None:
 
 class Failovers:
     def __init__(self, service: ReplicaService, histories: Histories, primary_alive_s: int,
-                 backup_held: Callable[[str], object] | None = None):
+                 backup_held: Callable[[str], object] | None = None, apply_wait_s: float = APPLY_WAIT_S):
         self.service = service
+        self.apply_wait_s = apply_wait_s
         self.store = service.store
         self.histories = histories
         self.primary_alive_s = primary_alive_s
@@ -83,18 +91,25 @@ class Failovers:
 
     # --- verbs ------------------------------------------------------------------------------
     async def start(self, name: str, point_id: int | None, force: bool) -> dict:
-        rep = await self._replica(name)
-        async with self.service.lock(rep.vm_id), self.service.image_lock(rep.vm_id):
+        deadline = time.monotonic() + self.apply_wait_s
+        waited = 0
+        while True:
             rep = await self._replica(name)
-            row = await finish_in_thread(self.store.failover, rep.vm_id)
-            if row is None:
-                row = await self._begin(rep, point_id, force)
+            if point_id is None:  # the latest point: every cycle received durably is applied first
+                waited += await self._wait_applied(rep, deadline)
+            async with self.service.lock(rep.vm_id), self.service.image_lock(rep.vm_id):
                 rep = await self._replica(name)
-            else:
-                check_restart(name, row, point_id)
-            if row.step is FailoverStep.WAITING_COMPLETION:
-                await self._make_disks(rep, row)
-        return self.view(rep, row)
+                row = await finish_in_thread(self.store.failover, rep.vm_id)
+                if row is None:
+                    if point_id is None and _unapplied(rep):
+                        continue  # one more arrived before the locks: wait for it too (outside them)
+                    row = await self._begin(rep, point_id, force)
+                    rep = await self._replica(name)
+                else:
+                    check_restart(name, row, point_id)
+                if row.step is FailoverStep.WAITING_COMPLETION:
+                    await self._make_disks(rep, row)
+            return self.view(rep, row) | ({"applied_before": waited} if waited else {})
 
     async def stop(self, name: str) -> dict:
         rep = await self._replica(name)
@@ -152,6 +167,29 @@ class Failovers:
         return _row_view(row) | {"recovery_point": row.point_id} if row is not None else None
 
     # --- internals ----------------------------------------------------------------------------
+    async def _wait_applied(self, rep: Replica, deadline: float) -> int:
+        """Until the applier applied every cycle received (the replica Replicating; outside the locks: the
+        applier takes the image lock); how many it applied meanwhile.  Past ``deadline``: 503
+        ``recovery_point_changing`` (nothing changed; repeat, or name an older point)."""
+        first, said = rep.last_applied_sequence, 0.0
+        while _unapplied(rep):
+            now = time.monotonic()
+            if now >= deadline:
+                raise error("recovery_point_changing",
+                            f"VM {rep.name} has cycles received but not applied yet (applied {rep.last_applied_sequence}"
+                            f" of {rep.last_received_sequence}): the latest point would miss them",
+                            hint=f"repeat hvrctl failover start {rep.name} once they are applied (hvrctl replica get "
+                                 f"{rep.name}), or name an older point with --recovery-point",
+                            detail={"applied": rep.last_applied_sequence, "received": rep.last_received_sequence})
+            if now - said >= APPLY_PROGRESS_S:
+                event(log, "failover_waiting_apply", vm=rep.name, applied=rep.last_applied_sequence,
+                      received=rep.last_received_sequence, left_s=round(deadline - now, 1))
+                said = now
+            self.service.wake_applier.set()
+            await asyncio.sleep(APPLY_POLL_S)  # the applier's progress is read from the store
+            rep = await self._replica(rep.name)
+        return rep.last_applied_sequence - first
+
     async def _replica(self, name: str) -> Replica:
         rep = await finish_in_thread(self.store.replica_by_name, name)
         if rep is None:
@@ -179,6 +217,11 @@ class Failovers:
         await finish_in_thread(failover_disks.materialize, rep, history, row.point_id,
                                lambda disk: _kill_point("disk_written"))
         event(log, "failover_disks_ready", vm=rep.name, point=row.point_id, disks=len(rep.disks))
+
+
+def _unapplied(rep: Replica) -> bool:
+    """Cycles received durably but not applied yet, which the applier will apply (the replica Replicating)."""
+    return rep.state is ReplicationState.REPLICATING and rep.last_received_sequence > rep.last_applied_sequence
 
 
 def _row_view(row: Failover) -> dict:
