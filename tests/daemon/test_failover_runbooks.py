@@ -152,7 +152,6 @@ def test_unplanned_failover_cancel_complete_fencing_reverse_and_the_kept_aside_p
     # site A is lost: its agent dies; writes that never reached B land in its image
     a.kill_agent()
     qemu_io(disk_a, "write -P 0xa5 12M 256k", "write -P 0xa6 20M 64k")
-    a_lost = sparse_copy(disk_a, tmp_path / "a-lost.img")
 
     view = b.hvrctl_json("failover", "start", "web", "--recovery-point", by_seq[older])
     assert (view["state"], view["generation"]) == ("FailedOverWaitingCompletion", 2)
@@ -180,7 +179,7 @@ def test_unplanned_failover_cancel_complete_fencing_reverse_and_the_kept_aside_p
     assert FENCED in st["state_detail"] and "hvrctl replica adopt web --from-agent" in st["state_detail"]
     assert events(a.agent.stdout_path, "replication_fenced")
     assert digest(disk_b) == b_before and b.replica("web")["generation"] == 2
-    a_lost = sparse_copy(disk_a, tmp_path / "a-lost.img")  # with the write made after its return
+    a_lost = sparse_copy(disk_a, tmp_path / "a-lost.img")  # its writes B never got, and the one after its return
 
     a.adopt_from_agent("web")
     sent = reverse_to(b, sites)
