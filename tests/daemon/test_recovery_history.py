@@ -141,7 +141,8 @@ def test_bad_test_failover_requests_are_refused_and_change_nothing(pair, tmp_pat
 
     bad = refused("failover", "start", "app", "--as-test", "--recovery-point", "999999")
     assert bad.returncode == 3 and "no recovery point 999999" in bad.stderr and "recovery-points list" in bad.stderr
-    assert refused("failover", "start", "app").returncode == 2  # planned failover is not this command
+    # (without --as-test, failover start is the real failover: tests/daemon/test_failover_listener.py)
+    assert refused("failover", "start", "app", "--as-test", "--force").returncode == 2  # no --force for a test
     assert refused("failover", "stop", "app", "--as-test").returncode == 3
     assert refused("failover", "start", "nosuchvm", "--as-test").returncode == 3
     start_test(pair, "app")
