@@ -32,6 +32,7 @@ from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
 from hvr_common.pure.health import HealthReport, replica_health
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.progress_stream import stream_job
+from hvr_common.shell.threads import finish_in_thread
 from hvr_common.shell.logs import event
 from hvr_common.pure.wire.error_catalogue import error
 from hvr_listener import access_control, adoption, backup_api, failover, initial_import, kept_aside, operator_verbs
@@ -217,8 +218,8 @@ async def release_recovery_point(request: web.Request) -> web.Response:
     histories = request.app[HISTORIES]
     async with request.app[SERVICE].image_lock(rep.vm_id):  # a pin changes only under the image lock
         await asyncio.to_thread(histories.kept_aside.release, rep, point_id)
-        history = histories.get(rep.vm_id)
-        dropped = await histories.thin(rep, history) if history is not None else 0
+        history = await finish_in_thread(histories.load, rep)
+        dropped = await histories.thin(rep, history)
     return web.json_response({"name": rep.name, "released": point_id, "points_dropped": dropped})
 
 

@@ -91,9 +91,6 @@ def _adopt_from_agent(listener: AdminClient, agent: AdminClient, name: str) -> d
     if clients:
         raise error("adopt_busy", f"VM {name} has {clients} NBD client(s) on this host: it still runs here",
                     hint=f"stop the VM here (its disks detached), then hvrctl replica adopt {name} --from-agent")
-    if vm.get("state") == "Unavailable":
-        raise UsageError(f"the agent could not open VM {name}: {vm.get('error')}",
-                         hint="fix its images first; the adoption needs them")
     _forget_own_failover(listener, name, vm["vm_id"])
     disks = vm["disks"]
     record = listener.request("POST", "/v1/adoptions", {
