@@ -190,3 +190,22 @@ def test_an_unfinished_cut_between_two_disks_is_no_lost_log(pair, tmp_path):
     pair.wait_replica_applied("web")
     pair.assert_identical("web", disks)
     assert not _events(pair, "log_sequence_broken") and not _events(pair, "resync_required")
+
+
+def test_a_switch_marker_left_by_a_crash_after_the_switch_back_is_dropped(pair, tmp_path):
+    """A crash after the store said journal again, before the marker went: the marker is dropped at the start."""
+    disk = make_disk(tmp_path / "sys.img", SIZE)
+    _replicating(pair, [disk])
+    pair.agent.terminate()
+    marker = pair.agent.state_dir / "outbox" / "web" / "tracking-switch.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"tracking": "bitmap", "reason": "log_budget_exceeded", "since_ns": 1}))
+    pair.agent.start().wait_ready()
+    wait_for(lambda: _events(pair, "tracking_switch_dropped"), 60, "the stale marker to be dropped",
+             context=pair.agent.log_tail)
+    st = pair.status("web")
+    assert st["tracking"] == "journal" and st["tracking_switch"] is None and not marker.exists()
+    _writes(pair.agent.nbd_uri("web", "sys"), random.Random(4), 4, 8192)
+    pair.sync("web")
+    pair.wait_replica_applied("web")
+    pair.assert_identical("web", [disk])
