@@ -20,6 +20,7 @@ marked regions become changed blocks of the new cycle
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from hvr_common.shell import sparse
 from hvr_common.shell.files import unlink_if_exists, write_file_durably
 from hvr_common.shell.logs import event
 from hvr_agent.cut_snapshot import list_side_files
-from hvr_agent.journal import list_logs
+from hvr_agent.journal import list_logs, log_path
 
 log = logging.getLogger("hvr.agent.recovery")
 
@@ -55,6 +56,7 @@ class DiskScan:
     max_sequence: int = 0
     repaired: list[LogRepair] = field(default_factory=list)
     left_open: bool = False
+    records: dict[int, int] = field(default_factory=dict)  # sequence -> records its log holds
 
 
 def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
@@ -76,9 +78,11 @@ def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
                                seq, fallback_header.disk_size, time.time_ns())
             enc = HrlEncoder(header)
             write_file_durably(path, encode_header(header) + enc.end(time.time_ns()))
+            scan.records[seq] = 0
             scan.repaired.append(LogRepair(path, seq, HEADER_SIZE, 0, 0, str(exc)))
             scan.left_open = True
             continue
+        scan.records[seq] = summary.record_count
         if summary.clean:
             continue
         scan.left_open = True
@@ -97,6 +101,37 @@ def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
         scan.repaired.append(LogRepair(path, seq, summary.valid_length, summary.torn_bytes,
                                        summary.record_count, summary.reason))
     return scan
+
+
+def fill_unfinished_cut(image_path: Path, header: HrlHeader, sequences: list[int]) -> list[Path]:
+    """Give a disk the empty, closed logs of ``sequences`` that a cut which never finished left it without
+    (:func:`hvr_common.pure.log_continuity.unfinished_cut_holes`), so that a missing log is a loss from now on."""
+    made = []
+    for seq in sequences:
+        path = log_path(image_path, seq)
+        if path.exists():
+            continue
+        at = time.time_ns()
+        hole = HrlHeader(header.vm_id, header.disk_id, header.generation, seq, header.disk_size, at)
+        write_file_durably(path, encode_header(hole) + HrlEncoder(hole).end(at))
+        made.append(path)
+    return made
+
+
+async def rejournal_ranges(disk, ranges: list[tuple[int, int]]) -> int:
+    """Journal mode at open: the current contents of the uncertain ranges become the first records of
+    the new log (data as WRITE, holes as TRIM); answers the data bytes journaled."""
+    fd = disk.device.fd
+    total = 0
+    for offset, length in ranges:
+        pieces = await asyncio.to_thread(lambda o=offset, n=length: list(read_region_runs(fd, o, n)))
+        for off, data, n in pieces:
+            if data is None:
+                disk.log.append_trim(off, n, 0)
+            else:
+                disk.log.append_write(off, data, 0)
+                total += n
+    return total
 
 
 def uncertain_ranges(found: IntentBitmap | None, disk_size: int, region_bytes: int,

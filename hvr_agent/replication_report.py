@@ -61,7 +61,7 @@ async def status_of(rep: VmReplication, primary_server: str) -> dict:
         fine_window_min=rec.fine_window_min, app_consistent_hours=rec.app_consistent_hours,
         settings_pending=rec.settings_pending, last_app_consistent_time=iso_time(rec.last_app_consistent_ns),
         tracking=vm.record.tracking.value if vm else None,
-        resync=rep.resync.status(), verify=verify_status(rep)).to_json()
+        resync=rep.resync.status(), verify=verify_status(rep), tracking_switch=rep.cycles.switch.status()).to_json()
 
 
 def verify_status(rep: VmReplication) -> dict | None:

@@ -14,13 +14,14 @@ from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
 from hvr_common.pure.hrl import HrlHeader
 from hvr_common.pure.input_limits import quoted
+from hvr_common.pure.log_continuity import unfinished_cut_holes
 from hvr_common.pure.names import check_name, storage_location_problem
 from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvr_common.shell.logs import event
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
-from hvr_agent.recovery import (carry_marked_regions, close_open_logs, read_region_runs, remove_side_files,
-                                uncertain_ranges)
+from hvr_agent.recovery import (carry_marked_regions, close_open_logs, fill_unfinished_cut, rejournal_ranges,
+                                remove_side_files, uncertain_ranges)
 from hvr_agent.store import AgentStore, VmRecord
 from hvr_agent.image_stamp import changed_since_close, write_stamp
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
@@ -185,6 +186,12 @@ class VmRegistry:
                 event(log, "log_recovered", logging.WARNING, vm=vm.name, disk=dname, seq=rep.sequence,
                       valid_bytes=rep.valid_bytes, torn_bytes=rep.torn_bytes, records=rep.records,
                       reason=rep.reason)
+        holes = unfinished_cut_holes(vm.record.next_sequence, {d: s.records for d, s in scans.items()})
+        for dname, missing in holes.items():  # a cut that never finished: from now on a missing log is a loss
+            ident = vm.disks[dname].identity
+            fallback = HrlHeader(ident.vm_id, ident.disk_id, ident.generation, 0, vm.disks[dname].size, 0)
+            await asyncio.to_thread(fill_unfinished_cut, vm.disks[dname].log_base, fallback, missing)
+            event(log, "unfinished_cut_filled", logging.WARNING, vm=vm.name, disk=dname, sequences=missing)
         seq = max([vm.record.next_sequence] + [s.max_sequence + 1 for s in scans.values()])
         for dname, disk in vm.disks.items():
             await asyncio.to_thread(remove_side_files, disk.log_base)  # (any mode: it may have just switched)
@@ -195,7 +202,7 @@ class VmRegistry:
                 await carry_marked_regions(disk, found, ranges, vm.name, seq)
                 continue
             if ranges:
-                resynced = await self._rejournal(disk, ranges)
+                resynced = await rejournal_ranges(disk, ranges)
                 event(log, "regions_rejournaled", logging.WARNING, vm=vm.name, disk=dname, seq=seq,
                       ranges=len(ranges), bytes=resynced, bitmap_lost=found is None)
             await disk.flush(force=True)
@@ -214,13 +221,18 @@ class VmRegistry:
             raise UsageError(f"VM {name!r} is exported read-only: it tracks nothing")
         if vm.record.tracking is tracking:
             return vm
+        await self.plan_tracking(name, tracking)
+        await self.cut(name, shipped=shipped)
+        event(log, "vm_tracking_changed", vm=name, tracking=tracking.value, seq=vm.sequence)
+        return vm
+
+    async def plan_tracking(self, name: str, tracking: TrackingMode) -> None:
+        """Record the VM's tracking mode; its next cut takes it (a crash before opens the VM in it)."""
+        vm = self.vms[name]
         await asyncio.to_thread(self.store.set_tracking, name, tracking)
         vm.record = replace(vm.record, tracking=tracking)
         for disk in vm.disks.values():
             disk.switch_to = tracking is TrackingMode.BITMAP
-        await self.cut(name, shipped=shipped)
-        event(log, "vm_tracking_changed", vm=name, tracking=tracking.value, seq=vm.sequence)
-        return vm
 
     async def acknowledged(self, name: str, sequence: int) -> None:
         """The replica holds cycle ``sequence`` durably: bitmap-tracked disks may forget its regions."""
@@ -229,19 +241,6 @@ class VmRegistry:
             return
         for disk in vm.disks.values():
             await disk.acknowledged(sequence)
-
-    async def _rejournal(self, disk: TrackedDisk, ranges: list[tuple[int, int]]) -> int:
-        fd = disk.device.fd
-        total = 0
-        for offset, length in ranges:
-            pieces = await asyncio.to_thread(lambda o=offset, n=length: list(read_region_runs(fd, o, n)))
-            for off, data, n in pieces:
-                if data is None:
-                    disk.log.append_trim(off, n, 0)
-                else:
-                    disk.log.append_write(off, data, 0)
-                    total += n
-        return total
 
     async def remove(self, name: str) -> None:
         """Unregister: the database row goes first (the commit point), then exports and logs close."""

@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvr_common.pure.log_backlog import DEFAULT_BUDGET_PERCENT, check_budget_percent
 from hvr_common.pure.resync_window import ResyncConfig, parse_resync
 from hvr_common.pure.errors import ConfigError
 from hvr_common.pure.names import storage_location_problem
@@ -243,6 +244,9 @@ class AgentConfig:
     cbw_budget_bytes: int = 4 * 1024 * 1024 * 1024  # bitmap tracking: copies of one cycle's blocks, per disk
     cbw_max_age_s: int = 900  # bitmap tracking: how long a cycle may keep copy-before-write armed
     resync: ResyncConfig = ResyncConfig()  # [resync]: the automatic resync window (resync_window.py)
+    # journal mode: the logs not yet shipped may hold this share of the VM's disks' size, then the VM
+    # switches to bitmap tracking until they are shipped (log_backlog.py)
+    log_budget_percent: int = DEFAULT_BUDGET_PERCENT
 
     @property
     def db_path(self) -> Path:
@@ -271,6 +275,7 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         http_listen=c.endpoint("http_listen"),
         cbw_budget_bytes=c.integer("cbw_budget_bytes", 4 * 1024 * 1024 * 1024, check=_positive),
         cbw_max_age_s=c.integer("cbw_max_age_s", 900, check=_positive),
+        log_budget_percent=c.integer("log_budget_percent", DEFAULT_BUDGET_PERCENT, check=check_budget_percent),
     )
     c.seen.add("app_consistency")
     cfg["app_consistency"] = parse_app_consistency(table.get("app_consistency"), c.problems)

@@ -363,7 +363,8 @@ def test_primary_status_json_keeps_the_admin_api_keys():
                          "compression", "primary_server", "principal", "replica_server", "replica_port",
                          "generation", "next_sequence", "pending_cycles", "last_replication_time", "last_error",
                          "enabled_at", "initial", "recovery_history", "fine_window_min", "app_consistent_hours",
-                         "settings_pending", "last_app_consistent_time", "tracking", "resync", "verify"]
+                         "settings_pending", "last_app_consistent_time", "tracking", "resync", "verify",
+                         "tracking_switch"]
     assert out["vm_id"] == str(VM) and out["state"] == "Replicating" and out["mode"] == "Primary"
     assert (out["recovery_history"], out["fine_window_min"], out["app_consistent_hours"]) == (0, 60, None)
     assert json.loads(json.dumps(out)) == out

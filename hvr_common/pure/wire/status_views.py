@@ -49,6 +49,7 @@ class PrimaryStatus:
     tracking: str | None = None  # the VM's tracking mode (journal, bitmap)
     resync: Mapping[str, Any] | None = None  # the resync running (bytes compared, sent, ETA) or the last one
     verify: Mapping[str, Any] | None = None  # the verify running (progress) or the last one's result
+    tracking_switch: Mapping[str, Any] | None = None  # bitmap tracking while the journal's backlog ships: why
 
     def to_json(self) -> dict:
         return {
@@ -66,6 +67,7 @@ class PrimaryStatus:
             "last_app_consistent_time": self.last_app_consistent_time, "tracking": self.tracking,
             "resync": dict(self.resync) if self.resync is not None else None,
             "verify": dict(self.verify) if self.verify is not None else None,
+            "tracking_switch": dict(self.tracking_switch) if self.tracking_switch is not None else None,
         }
 
 
