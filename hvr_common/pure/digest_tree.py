@@ -222,6 +222,16 @@ class Descent:
         if below:
             self._pending.setdefault(query.level - 1, []).extend(below)
 
+    def reopen(self, blocks: Sequence[int]) -> None:
+        """Blocks found different whose difference was not acted on: ask them again later."""
+        taken = set(blocks)
+        self.differing_blocks = [b for b in self.differing_blocks if b not in taken]
+        self.compared_bytes -= sum(end - offset for offset, end in map(self._block_range, taken))
+        self._pending.setdefault(0, [])[:0] = sorted(taken)
+
+    def _block_range(self, index: int) -> tuple[int, int]:
+        return self.geometry.node_range(0, index)
+
     @property
     def done(self) -> bool:
         return not self._pending
