@@ -51,6 +51,7 @@ class CompareProgress:
     compared_bytes: int = 0  # proven equal, or found different
     differing_bytes: int = 0
     sent_bytes: int = 0  # re-journaled for the next cycle (resync)
+    resumed_bytes: int = 0  # compared before a restart of the agent, continued from a checkpoint (resync)
     started_ns: int = field(default_factory=time.time_ns)
     applied_sequences: set[int] = field(default_factory=set)  # the replica's applied sequence at each answer
 
@@ -70,11 +71,12 @@ class CompareProgress:
     def to_json(self) -> dict:
         return {"total_bytes": self.total_bytes, "scanned_bytes": self.scanned_bytes,
                 "compared_bytes": self.compared_bytes, "differing_bytes": self.differing_bytes,
-                "sent_bytes": self.sent_bytes, "eta_s": self.eta_s(),
+                "sent_bytes": self.sent_bytes, "resumed_bytes": self.resumed_bytes, "eta_s": self.eta_s(),
                 "percent": round(100 * self.done_fraction(), 1)}
 
 
 OnDifferences = Callable[[TrackedDisk, list[br.Range]], Awaitable[None]]
+AfterAnswer = Callable[[], Awaitable[None]]
 
 
 class DiskCompare:
@@ -88,21 +90,35 @@ class DiskCompare:
         self.tree: dt.DigestTree | None = None
         self.descent = dt.Descent(self.geometry)
         self.differing: list[br.Range] = []
+        self.restored_ranges = 0  # differing ranges found before a restart (resync checkpoint)
         self._compared_before = 0
+        self._in_flight: collections.deque[tuple[dt.Query, asyncio.Future]] = collections.deque()
+
+    def pending_runs(self) -> list[tuple[int, int, int]]:
+        """What is left to compare, the questions out unanswered included (a checkpoint's view)."""
+        return self.descent.pending_runs([query for query, _answer in self._in_flight])
+
+    def resume(self, runs, compared_bytes: int, differing_ranges: int, tree: dt.DigestTree | None) -> None:
+        """Continue from a checkpoint: ``runs`` still to compare (``CorruptError`` if outside the tree)."""
+        self.descent = dt.Descent.resumed(self.geometry, runs, compared_bytes)
+        self._compared_before = compared_bytes
+        self.restored_ranges = differing_ranges
+        self.tree = tree
 
     @property
     def done(self) -> bool:
         return self.tree is not None and self.descent.done
 
     async def run(self, client: ReplicaClient, vm_id: uuid.UUID, on_differences: OnDifferences | None,
-                  keep_going: Callable[[], bool] | None = None) -> None:
+                  keep_going: Callable[[], bool] | None = None, after_answer: AfterAnswer | None = None) -> None:
         """Compare (or continue comparing); ``keep_going()`` False between two questions stops it (``Stopped``).
 
         Overlapped: the first question goes to the replica while this side's image is still being read
         (the replica reads its own meanwhile), and up to ``IN_FLIGHT`` questions are out at once, each
-        answered by both sides in parallel; answers are taken in the order asked."""
+        answered by both sides in parallel; answers are taken in the order asked.  ``after_answer()`` runs
+        after each answer was acted on (a checkpoint: :meth:`pending_runs` is consistent then)."""
         scan = self._start_scan()
-        in_flight: collections.deque[tuple[dt.Query, asyncio.Future]] = collections.deque()
+        self._in_flight = in_flight = collections.deque()
         try:
             while True:
                 while len(in_flight) < IN_FLIGHT:
@@ -118,12 +134,16 @@ class DiskCompare:
                 ours, theirs, applied = await answer
                 in_flight.popleft()
                 await self._take(query, ours, theirs, applied, on_differences)
+                if after_answer is not None:
+                    await after_answer()
             if scan is not None:
                 self.tree = await scan  # an empty disk asks nothing
         except BaseException:
             for query, _answer in reversed(in_flight):
                 self.descent.requeue(query)  # asked again when the compare continues
-            await _settle([answer for _query, answer in in_flight] + ([scan] if scan is not None else []))
+            answers = [answer for _query, answer in in_flight]
+            in_flight.clear()
+            await _settle(answers + ([scan] if scan is not None else []))
             if scan is not None and not scan.cancelled() and scan.exception() is None:
                 self.tree = scan.result()  # read already: not again when the compare continues
             raise
