@@ -119,6 +119,7 @@ class Resync:
         self._saved_ns = 0  # when the checkpoint was last written (monotonic)
         self._saved_bytes = 0  # the bytes compared then
         self._trees_saved: set[str] = set()
+        self._saving: asyncio.Future | None = None  # the checkpoint being written beside the compare
 
     # --- verbs -------------------------------------------------------------------------------
     def schedule(self, at_ns: int | None) -> None:
@@ -188,9 +189,21 @@ class Resync:
         try:
             for dc in self._compares.values():
                 await dc.run(client, vm.record.vm_id, self._send, self._still_resyncing, self._checkpoint_due)
+            await self._finish_saving()
         except Stopped:
             if self._compares is not None and rel.rec.state is S.RESYNCHRONIZE_SUSPENDED:
                 await self._save_checkpoint()  # suspended: a restart meanwhile continues from here
+            else:
+                await self._finish_saving()
+                if self._compares is None:  # cancelled: what was being written meanwhile goes too
+                    await asyncio.to_thread(self._forget_checkpoint)
+            raise
+        except BaseException:
+            saving, self._saving = self._saving, None
+            if saving is not None:
+                await asyncio.wait([saving])
+                if not saving.cancelled():
+                    saving.exception()  # the step's own failure is the one raised
             raise
         for disk in vm.disks.values():  # the re-journaled records are durable before the state says done
             await disk.flush(force=True)
@@ -244,30 +257,53 @@ class Resync:
         self._trees_saved = set()
 
     async def _checkpoint_due(self) -> None:
+        """After an answer: start writing a checkpoint when one is due (one at a time, beside the compare)."""
+        if self._saving is not None:
+            if not self._saving.done():
+                return
+            saving, self._saving = self._saving, None
+            saving.result()  # a failed checkpoint fails the step (retried)
         if time.monotonic_ns() - self._saved_ns >= checkpoints.INTERVAL_S * NS or \
                 self.progress.compared_bytes - self._saved_bytes >= checkpoints.STEP_BYTES or \
                 any(dc.tree is not None and name not in self._trees_saved for name, dc in self._compares.items()):
-            await self._save_checkpoint()
+            self._saving = asyncio.ensure_future(self._write_checkpoint(*self._snapshot()))
 
     async def _save_checkpoint(self) -> None:
-        """The re-journaled records durable, the new trees saved, then the checkpoint (its commit point)."""
+        """A checkpoint now (the compare is stopped), after any still being written."""
+        await self._finish_saving()
+        await self._write_checkpoint(*self._snapshot())
+
+    async def _finish_saving(self) -> None:
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            await saving
+
+    def _snapshot(self) -> tuple[checkpoints.ResyncCheckpoint, dict]:
+        """What the checkpoint will say, taken between two answers (synchronous: consistent)."""
         vm = self.rel.vm()
-        for disk in vm.disks.values():
-            await disk.flush(force=True)
-        for name, dc in self._compares.items():
-            if dc.tree is not None and name not in self._trees_saved:
-                await asyncio.to_thread(checkpoints.save_tree, dc.disk.log_base, dc.tree)
-                self._trees_saved.add(name)
         progress = self.progress
+        trees = {name: dc.tree for name, dc in self._compares.items()
+                 if dc.tree is not None and name not in self._trees_saved}
         cp = checkpoints.ResyncCheckpoint(
             str(vm.record.vm_id), self._base, self._replica_applied,
             {k: getattr(progress, k) for k in checkpoints.COUNTERS},
             {name: checkpoints.DiskCheckpoint(str(dc.disk.identity.disk_id), dc.disk.size, dc.pending_runs(),
                                               dc.descent.compared_bytes, len(dc.differing) + dc.restored_ranges,
-                                              name in self._trees_saved)
+                                              dc.tree is not None)
              for name, dc in self._compares.items()})
+        return cp, trees
+
+    async def _write_checkpoint(self, cp: checkpoints.ResyncCheckpoint, trees: dict) -> None:
+        """The re-journaled records durable (every record the snapshot counts was appended before this flush),
+        the new trees saved, then the checkpoint (its commit point)."""
+        vm = self.rel.vm()
+        for disk in vm.disks.values():
+            await disk.flush(force=True)
+        for name, tree in trees.items():
+            await asyncio.to_thread(checkpoints.save_tree, vm.disks[name].log_base, tree)
+            self._trees_saved.add(name)
         await asyncio.to_thread(checkpoints.save, self._vm_log_base(), cp)
-        self._saved_ns, self._saved_bytes = time.monotonic_ns(), progress.compared_bytes
+        self._saved_ns, self._saved_bytes = time.monotonic_ns(), cp.counters["compared_bytes"]
 
     async def _resume(self, client: ReplicaClient) -> bool:
         """After a restart: continue the compare from its checkpoint if it still holds (same VM, disks, sizes,
