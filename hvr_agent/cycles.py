@@ -7,8 +7,8 @@ and so is counting the cuts skipped while earlier cycles wait.  A cut that
 falls due while a cycle uploads happens then (if no other cycle waits), and
 the next spool is built meanwhile (journal mode; a bitmap-tracked VM's cycles
 are streamed from the disks when shipped, :mod:`hvr_agent.bitmap_cycles`).
-At every step the journal's backlog is measured against its budget; past it
-the VM is tracked by bitmap until the backlog is shipped
+While a cycle waits for the replica the journal's backlog is measured against
+its budget; past it the VM is tracked by bitmap until the backlog is shipped
 (:mod:`hvr_agent.tracking_switch`).
 After a cycle's acknowledgement, ``next_sequence`` is recorded (the commit
 point); its logs and spool file are deleted in the background (R1), and
@@ -109,6 +109,9 @@ class Cycles:
             if exc is not None:
                 raise exc
         rel = self.rel
+        # A cycle waits for the replica: the journal's backlog against its budget, bitmap tracking past it
+        # (the switch cuts: the cut that fell due, if any, is that one).
+        await self.switch.check(self._cut)
         pending = rel.pending_sequences()
         plan = self.clock.plan(time.time_ns(), bool(pending))
         self.clock = plan.clock
@@ -120,8 +123,7 @@ class Cycles:
         if plan.cut:
             await self.switch.before_cut()  # switched to bitmap and the backlog is shipped: back to journal
             await self._cut()
-        await self.switch.check(self._cut)  # the journal's backlog against its budget: bitmap tracking past it
-        pending = rel.pending_sequences()
+            pending = rel.pending_sequences()
         if not pending:
             return False
         for seq in pending:

@@ -2,10 +2,11 @@
 
 A VM in journal mode keeps every write in its logs until the replica
 acknowledged them; while the link is down the active log grows with every
-write (no cut is taken while a cycle waits).  At every replication step, and
+write (no cut is taken while a cycle waits).  While a closed cycle waits for
+the replica (an upload failed or is slow), at every replication step and
 every ``POLL_S`` seconds while the task waits for the next cut or for the
-retry of a failed upload, the logs not yet acknowledged (closed and active)
-are measured against the budget (:mod:`hvr_common.pure.log_backlog`: ``log_budget_percent`` of the
+retry, the logs not yet acknowledged (closed and active) are measured against
+the budget (:mod:`hvr_common.pure.log_backlog`: ``log_budget_percent`` of the
 VM's disks' size, agent.toml, default 50).  Past it:
 
 1. the switch is recorded in ``<outbox>/tracking-switch.json`` (durably:
@@ -108,6 +109,8 @@ class TrackingSwitch:
             if self.switched is not None and vm.record.tracking is TrackingMode.JOURNAL:
                 await self.forget("the VM is in journal mode")
             return False
+        if not rel.pending_sequences():
+            return False  # nothing waits for the replica: the next cycle ships what the logs hold
         check = await self.measure()
         if check.over and not self.over_budget:
             event(log, "log_budget_exceeded", logging.WARNING, vm=rel.name, bytes=check.pending_bytes,
