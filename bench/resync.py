@@ -19,8 +19,10 @@ One run:
 Printed: both times and their ratio (target: hvr at least 4x faster), bytes
 on the wire against the changed data (target: hvr at most 1.5x).
 
+``--py-spy DIR`` records the agent and the listener during the hvr resync.
+
 Usage: .venv/bin/python bench/resync.py [--size 2G] [--changed-percent 1] [--seed 1] [--quick]
-                                        [--workdir-parent DIR] [--keep] [--json-out FILE]
+                                        [--workdir-parent DIR] [--keep] [--json-out FILE] [--py-spy DIR]
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    MiB, ReplicationPair, WorkDir, drop_dirty_pages, human, parse_size, print_table, qemu_img_compare, say,
-    wait_for,
+    MiB, PySpy, ReplicationPair, WorkDir, drop_dirty_pages, human, parse_size, print_busiest_frames, print_table,
+    qemu_img_compare, say, wait_for,
 )
 from initial_vs_rsync import ensure_rsync, run_rsync  # noqa: E402
 
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir-parent", default="/var/tmp")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--py-spy", metavar="DIR", type=Path, help="record both daemons with py-spy during the resync")
     args = ap.parse_args(argv)
     size = 64 * MiB if args.quick else parse_size(args.size)
     rsync = ensure_rsync()
@@ -124,7 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(replica, rsync_dest_seed)
             drop_dirty_pages()
             say(f"hvr: resync of {human(size)} with {human(changed)} changed")
-            hvr = run_hvr(pair, image)
+            spies = []
+            if args.py_spy:
+                args.py_spy.mkdir(parents=True, exist_ok=True)
+                spies = [PySpy(pair.agent_pid, args.py_spy / "agent.raw"),
+                         PySpy(pair.listener_pid, args.py_spy / "listener.raw")]
+            try:
+                hvr = run_hvr(pair, image)
+            finally:
+                for spy in spies:
+                    spy.stop()
         finally:
             pair.close()
         # rsync onto the same damaged copy: run_rsync sends IMAGE into an empty module folder, so the
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(f"speed-up against rsync: {speedup:.2f}x (target >= {TARGET_SPEEDUP}x); hvr wire / changed data: "
           f"{hvr_wire / changed:.2f} (target <= {TARGET_WIRE_RATIO})")
+    if args.py_spy:
+        print_busiest_frames(args.py_spy, "the resync")
     if args.json_out:
         args.json_out.write_text(json.dumps({"size_bytes": size, "changed_bytes": changed, "hvr": hvr,
                                              "rsync": rs, "speedup": speedup}, indent=1))

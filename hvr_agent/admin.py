@@ -98,6 +98,9 @@ async def patch_vm(request: web.Request) -> web.Response:
         raise UsageError("the body must be {\"tracking\": \"journal\" or \"bitmap\"}")
     vm = await request.app[REGISTRY].set_tracking(name, parse_tracking(body["tracking"]),
                                                    shipped=_shipped(request, name))
+    rep = request.app[REPLICATION].vms.get(name)
+    if rep is not None:  # the operator's mode stands: a switch made for the journal's budget ends
+        await rep.cycles.switch.forget("the operator set the tracking mode")
     return web.json_response(vm.status())
 
 

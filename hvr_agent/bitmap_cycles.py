@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from hvr_common.pure.recovery_points import Consistency
 from hvr_common.shell.logs import event
 from hvr_agent import shipper
 from hvr_agent.cut_snapshot import SnapshotAbandoned
@@ -67,6 +68,8 @@ class BitmapCycles:
         rel = self.rel
         while True:
             snapshots = await self.snapshots(vm, seq)
+            if seq in self.stand_ins:  # it holds the replica's previous point, not what a freeze made (B7)
+                consistency = Consistency.CRASH
             stream = CycleStream(vm_id=vm.record.vm_id, generation=rel.rec.generation, sequence=seq,
                                  disks=rel.disks(), compress=rel.rec.compression, snapshots=snapshots or {})
             upload = asyncio.ensure_future(client.stream_cycle(vm.record.vm_id, seq, rel.rec.generation,

@@ -7,6 +7,9 @@ and so is counting the cuts skipped while earlier cycles wait.  A cut that
 falls due while a cycle uploads happens then (if no other cycle waits), and
 the next spool is built meanwhile (journal mode; a bitmap-tracked VM's cycles
 are streamed from the disks when shipped, :mod:`hvr_agent.bitmap_cycles`).
+While a cycle waits for the replica the journal's backlog is measured against
+its budget; past it the VM is tracked by bitmap until the backlog is shipped
+(:mod:`hvr_agent.tracking_switch`).
 After a cycle's acknowledgement, ``next_sequence`` is recorded (the commit
 point); its logs and spool file are deleted in the background (R1), and
 ``sync-now --wait`` callers answered.
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from hvr_common.pure.config import FreezeHooks
 from hvr_common.pure.errors import HvrError
-from hvr_common.pure.log_backlog import check_backlog
+from hvr_common.pure.log_backlog import DEFAULT_BUDGET_PERCENT
 from hvr_common.pure.measure import NS, CycleResult, CycleStat, result_for
 from hvr_common.pure.recovery_points import Consistency, app_consistent_due
 from hvr_common.pure.replication_state import ReplicationState
@@ -44,9 +47,10 @@ from hvr_agent import shipper
 from hvr_agent.app_consistency import frozen_cut
 from hvr_agent.bitmap_cycles import BitmapCycles
 from hvr_agent.shipper import spool_path
-from hvr_agent.housekeeping import closed_log_bytes, delete_cycle_files
+from hvr_agent.housekeeping import delete_cycle_files
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
+from hvr_agent.tracking_switch import TrackingSwitch
 
 log = logging.getLogger("hvr.agent.replication")
 
@@ -57,7 +61,8 @@ STATS_KEPT_S = 7 * 24 * 3600
 class Cycles:
     """One VM's cycles: the cut clock, the spools built, the clean-up running, the sync-now waiters."""
 
-    def __init__(self, rel: Relationship, outbox: Path, backoff: Backoff, hooks: FreezeHooks | None = None):
+    def __init__(self, rel: Relationship, outbox: Path, backoff: Backoff, hooks: FreezeHooks | None = None,
+                 budget_percent: int = DEFAULT_BUDGET_PERCENT):
         self.rel = rel
         self.outbox = outbox
         self.backoff = backoff
@@ -72,7 +77,8 @@ class Cycles:
         # The cut that fell due while a cycle was uploading, and the build of its bundle: it
         # answers the error that stopped it, if any (see _prepare_next).
         self._prepare: asyncio.Task | None = None
-        self.over_budget = False  # the closed logs not yet shipped exceed the journal's budget (log_backlog)
+        # journal mode past the log budget: bitmap tracking until the backlog is shipped
+        self.switch = TrackingSwitch(rel, outbox, budget_percent)
 
     # --- verbs -------------------------------------------------------------------------------
     def request_sync(self, wait: bool) -> asyncio.Future | None:
@@ -103,6 +109,9 @@ class Cycles:
             if exc is not None:
                 raise exc
         rel = self.rel
+        # A cycle waits for the replica: the journal's backlog against its budget, bitmap tracking past it
+        # (the switch cuts: the cut that fell due, if any, is that one).
+        await self.switch.check(self._cut)
         pending = rel.pending_sequences()
         plan = self.clock.plan(time.time_ns(), bool(pending))
         self.clock = plan.clock
@@ -112,9 +121,9 @@ class Cycles:
             await self._record(CycleStat(None, missed_ns, missed_ns, 0, 0, CycleResult.MISSED, rel.last_error))
             event(log, "cycle_missed", logging.WARNING, vm=rel.name, seq=pending[0], pending=len(pending))
         if plan.cut:
+            await self.switch.before_cut()  # switched to bitmap and the backlog is shipped: back to journal
             await self._cut()
             pending = rel.pending_sequences()
-            await self._check_backlog()
         if not pending:
             return False
         for seq in pending:
@@ -145,22 +154,12 @@ class Cycles:
         self._waiters = [(target if t is None and id(f) in asked else t, f) for t, f in self._waiters]
         return target
 
-    async def _check_backlog(self) -> None:
-        """The journal's backlog against its budget (log_backlog): reported once per crossing.  The seam where
-        a VM past its budget switches to bitmap tracking (the change-tracking issue)."""
-        rel = self.rel
-        disks = rel.disks()
-        vm = rel.vm()
-        pending = await asyncio.to_thread(closed_log_bytes, [d.logs_at for d in disks], rel.rec.next_sequence,
-                                          {(d.logs_at, vm.sequence) for d in disks})
-        check = check_backlog(pending, sum(d.size_bytes for d in disks))
-        if check.over and not self.over_budget:
-            event(log, "log_budget_exceeded", logging.WARNING, vm=rel.name, bytes=check.pending_bytes,
-                  budget_bytes=check.budget_bytes, pending=len(rel.pending_sequences()))
-        elif not check.over and self.over_budget:
-            event(log, "log_budget_back_within", vm=rel.name, bytes=check.pending_bytes,
-                  budget_bytes=check.budget_bytes)
-        self.over_budget = check.over
+    async def check_backlog(self) -> bool:
+        """Between steps (waiting for a cut or a retry): the journal's backlog may pass its budget meanwhile.
+        True if the VM switched to bitmap tracking (at a cut; never while a cut begun during an upload settles)."""
+        if self._prepare is None and self.rel.rec.state is S.REPLICATING:
+            return await self.switch.check(self._cut)
+        return False
 
     async def _frozen_cut(self) -> tuple[list, Consistency]:
         """The cut between the freeze and thaw commands; crash-consistent if there are none or freeze fails."""

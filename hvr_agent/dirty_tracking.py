@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hvr_common.pure.dirty_map import DirtyMap
+from hvr_common.pure.dirty_map import BLOCK_BYTES, DirtyMap
 from hvr_common.pure.intent_bitmap import IntentBitmap
 from hvr_agent.cut_snapshot import CutSnapshot, side_path
 
@@ -111,6 +111,12 @@ class DirtyTracking:
             else:
                 keep.mark(regions.marked_regions())
         return keep
+
+    def pending_bytes(self) -> int:
+        """The bytes the cycles not yet acknowledged ship: the dirty blocks of the current cycle and of
+        every frozen one (a block dirty in two cycles ships in each)."""
+        blocks = self.current.count + sum(m.count for m in self.frozen.values())
+        return blocks * BLOCK_BYTES
 
     def settled(self) -> bool:
         """Nothing frozen, armed or unacknowledged is left (after a switch back to journal mode)."""

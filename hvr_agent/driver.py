@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from hvr_common.pure.config import AgentConfig
-from hvr_common.pure.errors import HvrError, NotFoundError, TransientError
+from hvr_common.pure.errors import CorruptError, HvrError, NotFoundError, TransientError
 from hvr_common.pure.fencing import fenced_error
 from hvr_common.pure.measure import CycleResult, CycleStat
 from hvr_common.pure.replication_state import Action, ReplicationState, Step
@@ -36,7 +36,7 @@ from hvr_common.shell.logs import event
 from hvr_agent.client_tls import ClientTls
 from hvr_agent.cycles import Cycles
 from hvr_agent.heartbeat import Heartbeat
-from hvr_agent.housekeeping import clean_leftovers
+from hvr_agent.housekeeping import clean_leftovers, pending_log_gap
 from hvr_agent.initial_export import IMPORT_POLL_S, complete_if_imported
 from hvr_agent.initial_copy import InitialCopy
 from hvr_agent.relationship import Relationship, Stopped
@@ -45,6 +45,7 @@ from hvr_agent.replica_credentials import ReplicaCredentials
 from hvr_agent.resync import Resync, resync_cures
 from hvr_agent.store import ReplicationRecord
 from hvr_agent.transfers import Transfers
+from hvr_agent.tracking_switch import POLL_S as SWITCH_POLL_S
 from hvr_agent.verify import Verify
 
 log = logging.getLogger("hvr.agent.replication")
@@ -64,7 +65,8 @@ class VmReplication:
         self.backoff = Backoff()
         self.export_lock = asyncio.Lock()  # one media export of the VM at a time
         self.initial = InitialCopy(rel, config.initial_window_bytes, self.backoff)
-        self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name))
+        self.cycles = Cycles(rel, self.outbox, self.backoff, config.app_consistency.hooks_for(rel.name),
+                             config.log_budget_percent)
         self.resync = Resync(rel, self.cycles, config.resync.window_for(rel.name))
         self.verify = Verify(rel, self.cycles)
         self.heartbeat = Heartbeat(rel, config.heartbeat_s, self._fail)
@@ -101,10 +103,16 @@ class VmReplication:
                                            transfers=self.transfers) as client:
                 self.client = client
                 await asyncio.to_thread(clean_leftovers, self.rel, self.outbox)
+                await self.cycles.switch.load()
                 await self.resync.require_if_changed_offline()
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self.heartbeat.run(client), name=f"heartbeat:{self.name}")
+                await self._require_if_log_lost()
+                # not a TaskGroup: it would wrap the loop's HvrError in an ExceptionGroup, past the handler below
+                beats = asyncio.create_task(self.heartbeat.run(client), name=f"heartbeat:{self.name}")
+                try:
                     await self._loop(client)
+                finally:
+                    beats.cancel()
+                    await asyncio.wait([beats])
         except HvrError as exc:
             await self._fail(exc)
         except Exception as exc:  # a bug: stop this VM's replication, keep serving disks
@@ -134,13 +142,15 @@ class VmReplication:
                 if step is not Step.IDLE and self.rel.rec.settings_pending:
                     await self._send_settings(client)
                 worked = await self._steps[step](client)
-                if not worked:
+                if not worked and step is Step.CYCLES:
+                    await self._wait_watching_backlog(self._idle_timeout_s())
+                elif not worked:
                     await self._wait(self._idle_timeout_s())
             except Stopped:
                 continue
             except TransientError as exc:
                 await self._transient(exc)
-                await self._wait(self.backoff.delay_s)
+                await self._wait_watching_backlog(self.backoff.delay_s)
                 self.backoff.grow()
             except HvrError as exc:
                 if self.rel.rec.state is S.REPLICATING and resync_cures(exc):
@@ -156,6 +166,31 @@ class VmReplication:
         when = self.resync.schedule_automatic()
         await self.rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required ({when}): {exc.message}")
         event(log, "resync_required", logging.WARNING, vm=self.name, code=exc.code, reason=exc.message, starts=when)
+
+    async def _require_if_log_lost(self) -> None:
+        """At the task's start: a pending log missing or out of sequence (deleted or renamed while the agent
+        was stopped) cannot ship as it was journaled: the disks are compared instead (log_continuity)."""
+        rel = self.rel
+        if rel.rec.state is not S.REPLICATING:
+            return  # (a later cycle that meets it raises the same error when it is built)
+        gap = await asyncio.to_thread(pending_log_gap, rel.disks(), rel.pending_sequences())
+        if gap is not None:
+            event(log, "log_sequence_broken", logging.WARNING, vm=rel.name, disk=gap.disk, seq=gap.sequence,
+                  reason=gap.reason)
+            await self._require_resync(CorruptError(f"{gap.describe()}: its cycle cannot be shipped as it was "
+                                                    "journaled"))
+
+    async def _wait_watching_backlog(self, delay_s: float | None) -> None:
+        """Wait for the next cut or retry, measuring the journal's backlog every few seconds meanwhile (a
+        guest writing fast, or a link down for long, must not let the logs outgrow their budget)."""
+        deadline = time.monotonic() + (delay_s if delay_s is not None else 365 * 86400)
+        while (left := deadline - time.monotonic()) > 0 and not self.rel.wake.is_set():
+            await self._wait(min(left, SWITCH_POLL_S))
+            try:
+                if await self.cycles.check_backlog():
+                    return  # switched at a cut: its cycle waits to be shipped
+            except (HvrError, OSError) as exc:  # the next step measures again and raises it there
+                event(log, "log_budget_check_failed", logging.WARNING, vm=self.name, error=str(exc))
 
     async def _wait(self, timeout_s: float | None) -> None:
         if timeout_s is not None and timeout_s <= 0:

@@ -12,6 +12,9 @@ import logging
 import os
 from pathlib import Path
 
+from hvr_common.pure.errors import HvrError
+from hvr_common.pure.hrl import HEADER_SIZE, decode_header
+from hvr_common.pure.log_continuity import LogGap, first_gap
 from hvr_common.pure.measure import pending_log_bytes
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.shell.files import unlink_if_exists
@@ -22,13 +25,16 @@ from hvr_agent.relationship import Relationship
 
 log = logging.getLogger("hvr.agent.replication")
 
+KEPT_IN_OUTBOX = frozenset({"tracking-switch.json"})  # not a spool file (hvr_agent.tracking_switch)
+
 
 def clean_leftovers(rel: Relationship, outbox: Path) -> None:
     """At the task's start: spool files are rebuilt from logs; logs older than next_sequence were
     acknowledged (R1)."""
     if outbox.is_dir():
         for p in outbox.iterdir():
-            unlink_if_exists(p)
+            if p.name not in KEPT_IN_OUTBOX:
+                unlink_if_exists(p)
     nxt = rel.rec.next_sequence
     if nxt is not None and rel.rec.state is not ReplicationState.READY_FOR_INITIAL_REPLICATION:
         removed = delete_logs_upto(rel.disks(), nxt - 1)
@@ -86,3 +92,23 @@ def remove_dir(path: Path) -> None:
         for p in path.iterdir():
             unlink_if_exists(p)
         path.rmdir()
+
+
+def pending_log_gap(disks: list[shipper.DiskSource], pending: list[int]) -> LogGap | None:
+    """The first pending cycle some disk has no log for, or whose file holds another sequence."""
+    headers: dict[str, dict[int, int | None]] = {}
+    wanted = set(pending)
+    for disk in disks:
+        found = headers[disk.name] = {}
+        for seq, path in list_logs(disk.logs_at):
+            if seq in wanted:
+                found[seq] = _header_sequence(path)
+    return first_gap(pending, headers)
+
+
+def _header_sequence(path: Path) -> int | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return decode_header(f.read(HEADER_SIZE)).sequence
+    except (OSError, HvrError):
+        return None

@@ -30,11 +30,12 @@ from pathlib import Path
 from hvr_common.pure.hrl import HEADER_SIZE, HrlCorruptError, HrlEncoder, HrlHeader, encode_header
 from hvr_common.shell.hrl_file import read_hrl_summary
 from hvr_common.pure.intent_bitmap import IntentBitmap
+from hvr_common.pure.log_continuity import unfinished_cut_holes
 from hvr_common.shell import sparse
 from hvr_common.shell.files import unlink_if_exists, write_file_durably
 from hvr_common.shell.logs import event
 from hvr_agent.cut_snapshot import list_side_files
-from hvr_agent.journal import list_logs
+from hvr_agent.journal import list_logs, log_path
 
 log = logging.getLogger("hvr.agent.recovery")
 
@@ -56,6 +57,7 @@ class DiskScan:
     max_sequence: int = 0
     repaired: list[LogRepair] = field(default_factory=list)
     left_open: bool = False
+    records: dict[int, int] = field(default_factory=dict)  # sequence -> records its log holds
 
 
 def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
@@ -77,9 +79,11 @@ def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
                                seq, fallback_header.disk_size, time.time_ns())
             enc = HrlEncoder(header)
             write_file_durably(path, encode_header(header) + enc.end(time.time_ns()))
+            scan.records[seq] = 0
             scan.repaired.append(LogRepair(path, seq, HEADER_SIZE, 0, 0, str(exc)))
             scan.left_open = True
             continue
+        scan.records[seq] = summary.record_count
         if summary.clean:
             continue
         scan.left_open = True
@@ -98,6 +102,37 @@ def close_open_logs(image_path: Path, fallback_header: HrlHeader) -> DiskScan:
         scan.repaired.append(LogRepair(path, seq, summary.valid_length, summary.torn_bytes,
                                        summary.record_count, summary.reason))
     return scan
+
+
+def fill_unfinished_cut(image_path: Path, header: HrlHeader, sequences: list[int]) -> list[Path]:
+    """Give a disk the empty, closed logs of ``sequences`` that a cut which never finished left it without
+    (:func:`hvr_common.pure.log_continuity.unfinished_cut_holes`), so that a missing log is a loss from now on."""
+    made = []
+    for seq in sequences:
+        path = log_path(image_path, seq)
+        if path.exists():
+            continue
+        at = time.time_ns()
+        hole = HrlHeader(header.vm_id, header.disk_id, header.generation, seq, header.disk_size, at)
+        write_file_durably(path, encode_header(hole) + HrlEncoder(hole).end(at))
+        made.append(path)
+    return made
+
+
+async def rejournal_ranges(disk, ranges: list[tuple[int, int]]) -> int:
+    """Journal mode at open: the current contents of the uncertain ranges become the first records of
+    the new log (data as WRITE, holes as TRIM); answers the data bytes journaled."""
+    fd = disk.device.fd
+    total = 0
+    for offset, length in ranges:
+        pieces = await asyncio.to_thread(lambda o=offset, n=length: list(read_region_runs(fd, o, n)))
+        for off, data, n in pieces:
+            if data is None:
+                disk.log.append_trim(off, n, 0)
+            else:
+                disk.log.append_write(off, data, 0)
+                total += n
+    return total
 
 
 def uncertain_ranges(found: IntentBitmap | None, disk_size: int, region_bytes: int,
@@ -148,16 +183,39 @@ async def carry_marked_regions(disk, found: IntentBitmap | None, ranges: list[tu
     await disk.flush(force=True)
 
 
-async def rejournal_regions(disk, ranges: list[tuple[int, int]]) -> int:
-    """Append the current contents of ``ranges`` to the disk's active log (holes as TRIMs); the bytes written."""
-    fd = disk.device.fd
-    total = 0
-    for offset, length in ranges:
-        pieces = await asyncio.to_thread(lambda o=offset, n=length: list(read_region_runs(fd, o, n)))
-        for off, data, n in pieces:
-            if data is None:
-                disk.log.append_trim(off, n, 0)
-            else:
-                disk.log.append_write(off, data, 0)
-                total += n
-    return total
+async def recover_vm(vm, store, log: logging.Logger) -> None:
+    """Open a VM's disks after a stop or a crash: close the logs left open, fill an unfinished cut's holes,
+    re-journal (journal mode) or carry (bitmap mode) the regions the write-intent bitmap still marks."""
+    scans = {}
+    for dname, disk in vm.disks.items():
+        ident = disk.identity
+        fallback = HrlHeader(ident.vm_id, ident.disk_id, ident.generation, 0, disk.size, 0)
+        scans[dname] = await asyncio.to_thread(close_open_logs, disk.log_base, fallback)
+        for rep in scans[dname].repaired:
+            event(log, "log_recovered", logging.WARNING, vm=vm.name, disk=dname, seq=rep.sequence,
+                  valid_bytes=rep.valid_bytes, torn_bytes=rep.torn_bytes, records=rep.records,
+                  reason=rep.reason)
+    holes = unfinished_cut_holes(vm.record.next_sequence, {d: s.records for d, s in scans.items()})
+    for dname, missing in holes.items():  # a cut that never finished: from now on a missing log is a loss
+        ident = vm.disks[dname].identity
+        fallback = HrlHeader(ident.vm_id, ident.disk_id, ident.generation, 0, vm.disks[dname].size, 0)
+        await asyncio.to_thread(fill_unfinished_cut, vm.disks[dname].log_base, fallback, missing)
+        event(log, "unfinished_cut_filled", logging.WARNING, vm=vm.name, disk=dname, sequences=missing)
+    seq = max([vm.record.next_sequence] + [s.max_sequence + 1 for s in scans.values()])
+    for dname, disk in vm.disks.items():
+        await asyncio.to_thread(remove_side_files, disk.log_base)  # (any mode: it may have just switched)
+        found = await asyncio.to_thread(disk.intent.load)
+        ranges = uncertain_ranges(found, disk.size, disk.intent.region_bytes, scans[dname].left_open)
+        disk.open_log(seq)
+        if disk.dirty is not None:
+            await carry_marked_regions(disk, found, ranges, vm.name, seq)
+            continue
+        if ranges:
+            resynced = await rejournal_ranges(disk, ranges)
+            event(log, "regions_rejournaled", logging.WARNING, vm=vm.name, disk=dname, seq=seq,
+                  ranges=len(ranges), bytes=resynced, bitmap_lost=found is None)
+        await disk.flush(force=True)
+        await disk.intent.reset_to_period(seq)
+    vm.sequence = seq
+    await asyncio.to_thread(store.set_next_sequence, vm.name, seq + 1)
+    event(log, "vm_opened", vm=vm.name, seq=seq, disks=list(vm.disks))

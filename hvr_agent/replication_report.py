@@ -61,7 +61,8 @@ async def status_of(rep: VmReplication, primary_server: str) -> dict:
         fine_window_min=rec.fine_window_min, app_consistent_hours=rec.app_consistent_hours,
         settings_pending=rec.settings_pending, last_app_consistent_time=iso_time(rec.last_app_consistent_ns),
         tracking=vm.record.tracking.value if vm else None,
-        resync=rep.resync.status(), verify=verify_status(rep), prepared_sequence=rec.prepared_sequence).to_json()
+        resync=rep.resync.status(), verify=verify_status(rep), prepared_sequence=rec.prepared_sequence,
+        tracking_switch=rep.cycles.switch.status()).to_json()
 
 
 def verify_status(rep: VmReplication) -> dict | None:
@@ -143,7 +144,8 @@ def initial_remaining_bytes(rep: VmReplication) -> int:
 
 async def pending_bytes(rel: Relationship) -> int:
     """Bytes of logs not yet acknowledged, the closed ones on disk and the active ones: their records
-    only, so 0 when nothing is pending."""
+    only, so 0 when nothing is pending.  In bitmap mode (whose logs hold no writes) the dirty blocks
+    of the cycles not yet acknowledged, which are what those cycles ship."""
     try:
         vm = rel.vm()
     except NotFoundError:
@@ -151,6 +153,7 @@ async def pending_bytes(rel: Relationship) -> int:
     nxt = rel.rec.next_sequence
     active = {disk.log_base: disk.log for disk in vm.disks.values() if disk.log is not None}
     total = sum(pending_log_bytes(lg.written + len(lg.buf), closed=False) for lg in active.values())
+    total += sum(disk.dirty.pending_bytes() for disk in vm.disks.values() if disk.dirty is not None)
     skip = {(path, lg.sequence) for path, lg in active.items()}
     images = [d.log_base for d in vm.disks.values()]
     return total + await asyncio.to_thread(closed_log_bytes, images, nxt, skip)

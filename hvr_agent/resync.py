@@ -17,9 +17,10 @@ The compare of each disk keeps its descent: a suspension (``vm suspend``:
 ``ResynchronizeSuspended``) or a lost link stops it between two questions, and
 ``vm resume`` (or the retry) continues where it stopped.  ``vm resync
 --cancel`` drops the compare and waits for the operator
-(``WaitingForStartResynchronize``).  A restart of the agent forgets a compare
-in progress: the VM is still ``Resynchronizing`` and compares again from a new
-cut (a compare changes nothing on the replica).
+(``WaitingForStartResynchronize``).  A restart of the agent continues a
+compare from its checkpoint (:mod:`hvr_agent.compare_checkpoint`): the same
+cut, the nodes still to compare, the saved trees; without a usable one it
+compares again from a new cut (a compare changes nothing on the replica).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from hvr_common.pure.resync_window import ResyncWindow
 from hvr_common.pure.replication_state import Action, ReplicationState, allowed_actions
 from hvr_common.shell import sparse
 from hvr_common.shell.logs import event
+from hvr_agent import compare_checkpoint as checkpoints
 from hvr_agent.compare import NS, CompareProgress, DiskCompare
 from hvr_agent.cycles import Cycles
 from hvr_agent.housekeeping import delete_logs_upto
@@ -113,6 +115,11 @@ class Resync:
         self.last: dict | None = None  # the last finished resync's figures
         self._compares: dict[str, DiskCompare] | None = None
         self._base: int | None = None  # the cut the compare started after: cycles up to it are replaced
+        self._replica_applied = 0  # the replica's last applied cycle when the compare started
+        self._saved_ns = 0  # when the checkpoint was last written (monotonic)
+        self._saved_bytes = 0  # the bytes compared then
+        self._trees_saved: set[str] = set()
+        self._saving: asyncio.Future | None = None  # the checkpoint being written beside the compare
 
     # --- verbs -------------------------------------------------------------------------------
     def schedule(self, at_ns: int | None) -> None:
@@ -132,6 +139,7 @@ class Resync:
         self._compares = None
         self._base = None
         self.progress = None
+        self._forget_checkpoint()
 
     async def require_if_changed_offline(self) -> None:
         """At the task's start: an image changed while the agent did not serve it needs a compare."""
@@ -143,6 +151,7 @@ class Resync:
             return
         reasons = "; ".join(f"disk {disk}: {why}" for disk, why in vm.changed_offline.items())
         vm.changed_offline.clear()
+        self._forget_checkpoint()  # what it recorded as compared may have been changed meanwhile
         if Action.REQUIRE_RESYNC in allowed_actions("primary", rel.rec.state):
             when = self.schedule_automatic()
             await rel.set_state(Action.REQUIRE_RESYNC, f"resynchronization required ({when}): {reasons}")
@@ -158,6 +167,7 @@ class Resync:
         """``WaitingForStartResynchronize``: start when the time comes."""
         if self.start_at_ns is None or time.time_ns() < self.start_at_ns:
             return False
+        await asyncio.to_thread(self._forget_checkpoint)  # a new resync starts from a new cut
         await self.rel.set_state(Action.RESYNC, "comparing the disks with the replica")
         return True
 
@@ -165,17 +175,36 @@ class Resync:
         """``Resynchronizing``: compare every disk (continuing a stopped compare), then back to Replicating."""
         rel = self.rel
         vm = rel.vm()
-        if self._compares is None:
-            await self._wait_replica_settled(client, vm.record.vm_id)
+        if self._compares is None and not await self._resume(client):
+            await asyncio.to_thread(self._forget_checkpoint)
+            self._replica_applied = await self._wait_replica_settled(client, vm.record.vm_id)
             # durable: the compare starts after it; no cycle ships this cut (its cycles are replaced)
             closed = await rel.registry.cut(rel.name, shipped=False)
             self._base = closed[0].sequence if closed else vm.sequence - 1
             self.progress = CompareProgress(total_bytes=sum(d.size for d in vm.disks.values()))
             self._compares = {name: DiskCompare(disk, self.progress, "resync") for name, disk in vm.disks.items()}
+            self._saved_ns, self._saved_bytes = time.monotonic_ns(), 0
             event(log, "resync_started", vm=rel.name, disks=list(vm.disks), bytes=self.progress.total_bytes)
         progress = self.progress
-        for dc in self._compares.values():
-            await dc.run(client, vm.record.vm_id, self._send, self._still_resyncing)
+        try:
+            for dc in self._compares.values():
+                await dc.run(client, vm.record.vm_id, self._send, self._still_resyncing, self._checkpoint_due)
+            await self._finish_saving()
+        except Stopped:
+            if self._compares is not None and rel.rec.state is S.RESYNCHRONIZE_SUSPENDED:
+                await self._save_checkpoint()  # suspended: a restart meanwhile continues from here
+            else:
+                await self._finish_saving()
+                if self._compares is None:  # cancelled: what was being written meanwhile goes too
+                    await asyncio.to_thread(self._forget_checkpoint)
+            raise
+        except BaseException:
+            saving, self._saving = self._saving, None
+            if saving is not None:
+                await asyncio.wait([saving])
+                if not saving.cancelled():
+                    saving.exception()  # the step's own failure is the one raised
+            raise
         for disk in vm.disks.values():  # the re-journaled records are durable before the state says done
             await disk.flush(force=True)
         rel.check_state(S.RESYNCHRONIZING)
@@ -188,30 +217,140 @@ class Resync:
         await rel.set_state(Action.COMPLETE_RESYNC, None, next_sequence=base + 1)
         self.cycles.cut_soon()
         self.last = dict(progress.to_json(), finished_ns=time.time_ns(),
-                         differing_ranges={n: len(dc.differing) for n, dc in self._compares.items()})
+                         differing_ranges={n: len(dc.differing) + dc.restored_ranges
+                                           for n, dc in self._compares.items()})
         self._compares = None
         self._base = None
         self.progress = None
+        await asyncio.to_thread(self._forget_checkpoint)
         event(log, "resync_completed", vm=rel.name, next_seq=base + 1, bytes=progress.total_bytes,
               differing_bytes=progress.differing_bytes, sent_bytes=progress.sent_bytes,
               latency_s=round((time.time_ns() - progress.started_ns) / NS, 3))
         return True
 
-    async def _wait_replica_settled(self, client: ReplicaClient, vm_id) -> None:
+    async def _wait_replica_settled(self, client: ReplicaClient, vm_id) -> int:
         """Until the replica applied every cycle it stored (or cannot: it is in Error), so its images do not
-        change while they are compared."""
+        change while they are compared; returns its last applied cycle."""
         try:
             async with asyncio.timeout(SETTLE_WAIT_S):
                 while True:
                     view = await client.replica_state(vm_id)
                     if view.get("state") == S.ERROR.value or \
                             view.get("last_applied_sequence", 0) >= view.get("last_received_sequence", 0):
-                        return
+                        return view.get("last_applied_sequence", 0)
                     await asyncio.sleep(0.2)  # polling the replica's progress: nothing to wait on locally
         except TimeoutError:
             raise TransientError(f"the replica of VM {self.rel.name!r} has not applied its stored cycles "
                                  f"within {SETTLE_WAIT_S:.0f} s",
                                  hint="hvrctl replica get on the replica host") from None
+
+    # --- the checkpoint (compare_checkpoint; docs/resync.md "A restart continues the compare") -------
+    def _vm_log_base(self):
+        return next(iter(self.rel.vm().disks.values())).log_base
+
+    def _forget_checkpoint(self) -> None:
+        """Blocking (small): the checkpoint and the saved trees go."""
+        vm = self.rel.registry.vms.get(self.rel.name)
+        if vm is None or not vm.disks:
+            return
+        checkpoints.remove(self._vm_log_base(), [d.log_base for d in vm.disks.values()])
+        self._trees_saved = set()
+
+    async def _checkpoint_due(self) -> None:
+        """After an answer: start writing a checkpoint when one is due (one at a time, beside the compare)."""
+        if self._saving is not None:
+            if not self._saving.done():
+                return
+            saving, self._saving = self._saving, None
+            saving.result()  # a failed checkpoint fails the step (retried)
+        if time.monotonic_ns() - self._saved_ns >= checkpoints.INTERVAL_S * NS or \
+                self.progress.compared_bytes - self._saved_bytes >= checkpoints.STEP_BYTES or \
+                any(dc.tree is not None and name not in self._trees_saved for name, dc in self._compares.items()):
+            self._saving = asyncio.ensure_future(self._write_checkpoint(*self._snapshot()))
+
+    async def _save_checkpoint(self) -> None:
+        """A checkpoint now (the compare is stopped), after any still being written."""
+        await self._finish_saving()
+        await self._write_checkpoint(*self._snapshot())
+
+    async def _finish_saving(self) -> None:
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            await saving
+
+    def _snapshot(self) -> tuple[checkpoints.ResyncCheckpoint, dict]:
+        """What the checkpoint will say, taken between two answers (synchronous: consistent)."""
+        vm = self.rel.vm()
+        progress = self.progress
+        trees = {name: dc.tree for name, dc in self._compares.items()
+                 if dc.tree is not None and name not in self._trees_saved}
+        cp = checkpoints.ResyncCheckpoint(
+            str(vm.record.vm_id), self._base, self._replica_applied,
+            {k: getattr(progress, k) for k in checkpoints.COUNTERS},
+            {name: checkpoints.DiskCheckpoint(str(dc.disk.identity.disk_id), dc.disk.size, dc.pending_runs(),
+                                              dc.descent.compared_bytes, len(dc.differing) + dc.restored_ranges,
+                                              dc.tree is not None)
+             for name, dc in self._compares.items()})
+        return cp, trees
+
+    async def _write_checkpoint(self, cp: checkpoints.ResyncCheckpoint, trees: dict) -> None:
+        """The re-journaled records durable (every record the snapshot counts was appended before this flush),
+        the new trees saved, then the checkpoint (its commit point)."""
+        vm = self.rel.vm()
+        for disk in vm.disks.values():
+            await disk.flush(force=True)
+        for name, tree in trees.items():
+            await asyncio.to_thread(checkpoints.save_tree, vm.disks[name].log_base, tree)
+            self._trees_saved.add(name)
+        await asyncio.to_thread(checkpoints.save, self._vm_log_base(), cp)
+        self._saved_ns, self._saved_bytes = time.monotonic_ns(), cp.counters["compared_bytes"]
+
+    async def _resume(self, client: ReplicaClient) -> bool:
+        """After a restart: continue the compare from its checkpoint if it still holds (same VM, disks, sizes,
+        cut; the replica still at the point it was compared at); False: start again."""
+        rel = self.rel
+        vm = rel.vm()
+        cp = await asyncio.to_thread(checkpoints.load, self._vm_log_base())
+        if cp is None:
+            return False
+        why = None
+        if cp.vm_id != str(vm.record.vm_id) or set(cp.disks) != set(vm.disks):
+            why = "another VM or other disks"
+        elif any(cp.disks[n].disk_id != str(d.identity.disk_id) or cp.disks[n].size != d.size
+                 for n, d in vm.disks.items()):
+            why = "a disk's id or size differs"
+        elif not rel.rec.next_sequence - 1 <= cp.base < vm.sequence:
+            why = f"its cut {cp.base} is not between the shipped cycles and the active log {vm.sequence}"
+        else:
+            applied = await self._wait_replica_settled(client, vm.record.vm_id)
+            if applied != cp.replica_applied:
+                why = f"the replica is at cycle {applied}, not {cp.replica_applied}"
+        compares = {}
+        if why is None:
+            progress = CompareProgress(**cp.counters)
+            for name, disk in vm.disks.items():
+                dcp = cp.disks[name]
+                dc = DiskCompare(disk, progress, "resync")
+                tree = await asyncio.to_thread(checkpoints.load_tree, disk.log_base, dc.geometry) \
+                    if dcp.tree_saved else None
+                try:
+                    dc.resume(dcp.pending, dcp.compared_bytes, dcp.differing_ranges, tree)
+                except HvrError as exc:
+                    why = f"disk {name}: {exc}"
+                    break
+                compares[name] = dc
+        if why is not None:
+            event(log, "resync_checkpoint_dropped", logging.WARNING, vm=rel.name, reason=why)
+            return False
+        progress.resumed_bytes = progress.compared_bytes
+        progress.scanned_bytes = sum(dc.disk.size for dc in compares.values() if dc.tree is not None)  # others again
+        self.progress, self._compares = progress, compares
+        self._base, self._replica_applied = cp.base, cp.replica_applied
+        self._trees_saved = {n for n, dc in compares.items() if dc.tree is not None}
+        self._saved_ns, self._saved_bytes = time.monotonic_ns(), progress.compared_bytes
+        event(log, "resync_resumed", vm=rel.name, base=cp.base, compared_bytes=progress.compared_bytes,
+              sent_bytes=progress.sent_bytes, bytes=progress.total_bytes)
+        return True
 
     def _still_resyncing(self) -> bool:
         return self.rel.rec.state is S.RESYNCHRONIZING

@@ -25,6 +25,7 @@ replica before a crash is recognised there by its digest (protocol P4).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import uuid
@@ -32,12 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common.pure.bundle import FRAME_RAW_BYTES, BundleHeader, BundleKind, DiskEntry, FrameEncoder, header_size
-from hvr_common.pure.errors import CorruptError
+from hvr_common.pure.errors import CorruptError, NotFoundError
 from hvr_common.pure.extents import coalesce
+from hvr_common.pure.log_continuity import LogGap
 from hvr_common.pure.hrl import RECORD_SIZE, HrlEncoder, HrlHeader, LogSummary, Record, RecordKind
 from hvr_common.shell.files import unlink_if_exists
 from hvr_common.shell.hrl_file import scan_hrl_file
+from hvr_common.shell.logs import event
 from hvr_agent.journal import log_path
+
+log = logging.getLogger("hvr.agent.replication")
 
 RECORD_BYTES = 4 * 1024 * 1024  # largest WRITE record the shipper emits
 ZERO_RECORD_BYTES = 1 << 30  # largest TRIM/ZERO record the shipper emits
@@ -146,11 +151,17 @@ class _ClosedLogScan:
     summary: LogSummary | None
 
 
-def _scan_log(path: Path) -> _ClosedLogScan | None:
-    """A closed log's header and records (no payloads), or None if the disk has no log of that sequence."""
-    if not path.exists():
-        return None
-    header, records, summary = scan_hrl_file(path)
+def _scan_log(path: Path, disk: str, sequence: int) -> _ClosedLogScan:
+    """A closed log's header and records (no payloads).  A missing log is a loss (docs/resync.md, C1): a cut
+    that never finished had its holes filled with empty logs when the VM was opened."""
+    try:
+        header, records, summary = scan_hrl_file(path)
+    except NotFoundError:
+        gap = LogGap(disk, sequence, "is missing")
+        event(log, "log_sequence_broken", logging.WARNING, disk=disk, seq=sequence, path=str(path), reason=gap.reason)
+        raise CorruptError(f"{gap.describe()} ({path}): the cycle cannot be shipped as it was journaled",
+                           hint="nothing to do: the disks are compared with the replica (a resynchronization)") \
+            from None
     summary.require_clean(f"HRL file {path}")
     return _ClosedLogScan(header, records, summary)
 
@@ -250,9 +261,9 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
                        disks: list[DiskSource], compress: bool, snapshots: dict | None = None) -> SpooledBundle:
     """Coalesce every disk's closed log of ``sequence`` into one cycle bundle, spooled (counted form).
 
-    A disk without a log of that sequence (a crash between two disks' log
-    switches, or a cut the disk missed) contributes an empty log: nothing of
-    it changed in that cycle.  A disk tracked by bitmap has a
+    Every disk has a log of that sequence (a missing one raises
+    :class:`CorruptError`, which the replication task answers with a
+    resynchronization).  A disk tracked by bitmap has a
     :class:`~hvr_agent.cut_snapshot.CutSnapshot` in ``snapshots`` (by disk
     name): its cycle is the cut-time contents of the frozen blocks, as WRITE
     records in disk order (ZERO where a piece is all zeroes).
@@ -271,9 +282,9 @@ def build_cycle_bundle(outbox: Path, *, vm_id: uuid.UUID, generation: int, seque
 
 
 def scan_cycle(disks: list[DiskSource], sequence: int) -> tuple[list, int]:
-    """Every disk's closed log of ``sequence`` scanned (None where there is none), and the cycle's time."""
-    scans = [_scan_log(log_path(d.logs_at, sequence)) for d in disks]
-    closed = [s.summary.closed_ns for s in scans if s is not None and s.summary.closed_ns is not None]
+    """Every disk's closed log of ``sequence`` scanned (a missing one raises), and the cycle's time."""
+    scans = [_scan_log(log_path(d.logs_at, sequence), d.name, sequence) for d in disks]
+    closed = [s.summary.closed_ns for s in scans if s.summary.closed_ns is not None]
     return scans, max(closed, default=0)
 
 
@@ -282,16 +293,11 @@ def write_cycle(writer: BundleWriter, scans: list, created_ns: int, *, vm_id: uu
     """Every disk's HRL stream of cycle ``sequence``, framed, into ``writer`` (after the header)."""
     for disk, scan in zip(disks, scans):
         path = log_path(disk.logs_at, sequence)
-        if scan is not None:
-            _check_identity(path, scan.header, vm_id, disk, generation, sequence)
-            header = scan.header
-            closed_ns = scan.summary.closed_ns
-            extents = in_log_order(coalesce(scan.records))
-            scan.records.clear()
-        else:
-            header = HrlHeader(vm_id, disk.disk_id, generation, sequence, disk.size_bytes, created_ns)
-            closed_ns = created_ns
-            extents = []
+        _check_identity(path, scan.header, vm_id, disk, generation, sequence)
+        header = scan.header
+        closed_ns = scan.summary.closed_ns
+        extents = in_log_order(coalesce(scan.records))
+        scan.records.clear()
         encoder = FrameEncoder(compress)
         hrl = HrlEncoder(header)
         stream = _StreamFramer(writer, encoder)

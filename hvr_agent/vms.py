@@ -12,15 +12,13 @@ from pathlib import Path
 from hvr_common.block.blockdev import RawImage
 from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import ConflictError, HvrError, NotFoundError, UsageError
-from hvr_common.pure.hrl import HrlHeader
 from hvr_common.pure.input_limits import quoted
 from hvr_common.pure.names import check_name, storage_location_problem
 from hvr_common.pure.tracking_mode import DEFAULT_TRACKING, TrackingMode
 from hvr_common.shell.logs import event
 from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
-from hvr_agent.recovery import (carry_marked_regions, close_open_logs, rejournal_regions, remove_side_files,
-                                uncertain_ranges)
+from hvr_agent.recovery import recover_vm
 from hvr_agent.store import AgentStore, VmRecord
 from hvr_agent.image_stamp import changed_since_close, write_stamp
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
@@ -183,33 +181,7 @@ class VmRegistry:
         return vm
 
     async def _recover(self, vm: ProtectedVm) -> None:
-        scans = {}
-        for dname, disk in vm.disks.items():
-            ident = disk.identity
-            fallback = HrlHeader(ident.vm_id, ident.disk_id, ident.generation, 0, disk.size, 0)
-            scans[dname] = await asyncio.to_thread(close_open_logs, disk.log_base, fallback)
-            for rep in scans[dname].repaired:
-                event(log, "log_recovered", logging.WARNING, vm=vm.name, disk=dname, seq=rep.sequence,
-                      valid_bytes=rep.valid_bytes, torn_bytes=rep.torn_bytes, records=rep.records,
-                      reason=rep.reason)
-        seq = max([vm.record.next_sequence] + [s.max_sequence + 1 for s in scans.values()])
-        for dname, disk in vm.disks.items():
-            await asyncio.to_thread(remove_side_files, disk.log_base)  # (any mode: it may have just switched)
-            found = await asyncio.to_thread(disk.intent.load)
-            ranges = uncertain_ranges(found, disk.size, disk.intent.region_bytes, scans[dname].left_open)
-            disk.open_log(seq)
-            if disk.dirty is not None:
-                await carry_marked_regions(disk, found, ranges, vm.name, seq)
-                continue
-            if ranges:
-                resynced = await rejournal_regions(disk, ranges)
-                event(log, "regions_rejournaled", logging.WARNING, vm=vm.name, disk=dname, seq=seq,
-                      ranges=len(ranges), bytes=resynced, bitmap_lost=found is None)
-            await disk.flush(force=True)
-            await disk.intent.reset_to_period(seq)
-        vm.sequence = seq
-        await asyncio.to_thread(self.store.set_next_sequence, vm.name, seq + 1)
-        event(log, "vm_opened", vm=vm.name, seq=seq, disks=list(vm.disks))
+        await recover_vm(vm, self.store, log)
 
     async def set_tracking(self, name: str, tracking: TrackingMode, *, shipped: bool) -> ProtectedVm:
         """Switch the VM's tracking mode: recorded, then taken at a cut made now (the cycle it closes
@@ -221,13 +193,18 @@ class VmRegistry:
             raise UsageError(f"VM {name!r} is exported read-only: it tracks nothing")
         if vm.record.tracking is tracking:
             return vm
+        await self.plan_tracking(name, tracking)
+        await self.cut(name, shipped=shipped)
+        event(log, "vm_tracking_changed", vm=name, tracking=tracking.value, seq=vm.sequence)
+        return vm
+
+    async def plan_tracking(self, name: str, tracking: TrackingMode) -> None:
+        """Record the VM's tracking mode; its next cut takes it (a crash before opens the VM in it)."""
+        vm = self.vms[name]
         await asyncio.to_thread(self.store.set_tracking, name, tracking)
         vm.record = replace(vm.record, tracking=tracking)
         for disk in vm.disks.values():
             disk.switch_to = tracking is TrackingMode.BITMAP
-        await self.cut(name, shipped=shipped)
-        event(log, "vm_tracking_changed", vm=name, tracking=tracking.value, seq=vm.sequence)
-        return vm
 
     async def acknowledged(self, name: str, sequence: int) -> None:
         """The replica holds cycle ``sequence`` durably: bitmap-tracked disks may forget its regions."""

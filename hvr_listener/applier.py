@@ -60,6 +60,7 @@ class Applier:
         self._interrupted: dict = {}  # vm_id -> why its apply is being retried (the backup gate asks)
         self._running: set = set()  # vm_ids whose task is applying (or waiting for a place)
         self._look_again: set = set()  # ... and which were woken for meanwhile
+        self._thinned_since_start: set = set()  # vm_ids whose history was thinned once since the start
 
     def interrupted(self, vm_id) -> str | None:
         """Why the apply of that VM's cycles is being retried, or None when it is not."""
@@ -121,8 +122,25 @@ class Applier:
             asyncio.get_running_loop().call_later(self._backoff_s, self.service.wake_applier.set)
         event(log, "apply_retry", logging.WARNING, vm=name, seq=seq, error=str(exc), retry_in_s=self._backoff_s)
 
+    async def _thin_once_after_start(self, rep: Replica) -> None:
+        """A crash during step 4 leaves drops planned and not made, and an applied cycle does not
+        apply again: thin at the first look after the start, without waiting for the next cycle."""
+        self._thinned_since_start.add(rep.vm_id)
+        async with self.service.image_lock(rep.vm_id):
+            current = await asyncio.to_thread(self.store.replica, rep.vm_id)
+            if current is None or current.state != ReplicationState.REPLICATING:
+                return
+            try:
+                history = await finish_in_thread(self.histories.load, current)
+                await self.histories.thin(current, history)
+            except (OSError, sqlite3.Error, HvrError) as exc:
+                event(log, "recovery_points_thinning_failed", logging.WARNING, vm=rep.name, error=str(exc),
+                      hint="retried after the next cycle; check the replica server's free space")
+
     async def apply_pending(self, rep: Replica) -> int:
         applied = 0
+        if rep.vm_id not in self._thinned_since_start:
+            await self._thin_once_after_start(rep)
         hold = os.environ.get(HOLD_ENV)
         if hold and os.path.exists(hold):
             return applied

@@ -216,7 +216,10 @@ def _print_detail(s: dict) -> None:
     pairs += [("Health", s["health"])]
     for i, d in enumerate(s.get("health_details") or []):
         pairs.append(("HealthDetail" if i == 0 else "", d))
-    pairs += [("Mode", s["mode"]), ("Tracking", s.get("tracking")), ("FrequencySec", s["frequency_s"]),
+    pairs += [("Mode", s["mode"]), ("Tracking", s.get("tracking"))]
+    if s.get("tracking_switch"):
+        pairs.append(("TrackingSwitch", s["tracking_switch"].get("detail")))
+    pairs += [("FrequencySec", s["frequency_s"]),
               ("Compression", "zstd" if s["compression"] else "off"),
               ("PrimaryServer", s["primary_server"]), ("Principal", s["principal"]),
               ("ReplicaServer", f"{s['replica_server']}:{s['replica_port']}"),

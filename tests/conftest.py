@@ -63,7 +63,7 @@ def agent(tmp_path):
 def start_server(kind: str, workdir: Path):
     """An NBD server with the agent's ``add_vm``/``nbd_uri`` interface."""
     if kind == "agent":
-        return start_agent(workdir / "agent")
+        return start_agent(workdir / "agent", tracking="journal")
     if kind == "agent-bitmap":
         return start_agent(workdir / "agent", tracking="bitmap")
     return QemuNbdServer(workdir / "qemu-nbd")

@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvr_common.pure.log_backlog import DEFAULT_BUDGET_PERCENT, check_budget_percent
 from hvr_common.pure.resync_window import ResyncConfig, parse_resync
 from hvr_common.pure.lifecycle_hooks import LifecycleHooks, parse_lifecycle_hooks
 from hvr_common.pure.errors import ConfigError
@@ -247,6 +248,9 @@ class AgentConfig:
     resync: ResyncConfig = ResyncConfig()  # [resync]: the automatic resync window (resync_window.py)
     heartbeat_s: int = 10  # failover: how often each relationship tells the replica whether the VM runs
     hooks: LifecycleHooks = LifecycleHooks()  # [hooks]: failover lifecycle commands (lifecycle_hooks.py)
+    # journal mode: the logs not yet shipped may hold this share of the VM's disks' size, then the VM
+    # switches to bitmap tracking until they are shipped (log_backlog.py)
+    log_budget_percent: int = DEFAULT_BUDGET_PERCENT
 
     @property
     def db_path(self) -> Path:
@@ -276,6 +280,7 @@ def parse_agent_config(table: dict, source: str = "agent config") -> AgentConfig
         cbw_budget_bytes=c.integer("cbw_budget_bytes", 4 * 1024 * 1024 * 1024, check=_positive),
         cbw_max_age_s=c.integer("cbw_max_age_s", 900, check=_positive),
         heartbeat_s=c.integer("heartbeat_s", 10, check=_positive),
+        log_budget_percent=c.integer("log_budget_percent", DEFAULT_BUDGET_PERCENT, check=check_budget_percent),
     )
     c.seen.add("hooks")
     cfg["hooks"] = parse_lifecycle_hooks(table.get("hooks"), c.problems)

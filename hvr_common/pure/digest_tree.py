@@ -149,6 +149,10 @@ class DigestTree:
                 raise ValueError(f"node {index} outside level {level} ({count} nodes)")
         return [self.digest(level, i) for i in indices]
 
+    def chunk_digests(self) -> bytes:
+        """Level 1, concatenated: all a tree needs to be rebuilt (``from_chunk_digests``)."""
+        return self._levels[0]
+
     def root(self) -> bytes:
         return self.digest(self.geometry.top, 0) if self.geometry.size else zero_digest(0)
 
@@ -221,6 +225,48 @@ class Descent:
                 below.extend(geometry.children(query.level, index))
         if below:
             self._pending.setdefault(query.level - 1, []).extend(below)
+
+    def pending_runs(self, also: Sequence[Query] = ()) -> list[tuple[int, int, int]]:
+        """The nodes still to compare (with the queries ``also`` out unanswered) as runs ``(level, first, end)``:
+        what a checkpoint records, so a compare continues where it stopped (:meth:`resumed`)."""
+        by_level: dict[int, list[int]] = {level: list(indices) for level, indices in self._pending.items()}
+        for query in also:
+            by_level.setdefault(query.level, []).extend(query.indices)
+        runs: list[tuple[int, int, int]] = []
+        for level in sorted(by_level, reverse=True):
+            for index in sorted(set(by_level[level])):
+                if runs and runs[-1][0] == level and runs[-1][2] == index:
+                    runs[-1] = (level, runs[-1][1], index + 1)
+                else:
+                    runs.append((level, index, index + 1))
+        return runs
+
+    @classmethod
+    def resumed(cls, geometry: Geometry, runs: Sequence[Sequence[int]], compared_bytes: int) -> Descent:
+        """A descent continuing from :meth:`pending_runs`; a run outside the tree raises ``CorruptError``."""
+        descent = cls(geometry, indices=())
+        top = geometry.top
+        for run in runs:
+            if len(run) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in run):
+                raise CorruptError(f"a pending run {run!r} is not (level, first, end)")
+            level, first, end = run
+            if not 0 <= level <= top or not 0 <= first < end <= geometry.count(level):
+                raise CorruptError(f"pending nodes {first}..{end} of level {level} are outside the tree")
+            descent._pending.setdefault(level, []).extend(range(first, end))
+        if not 0 <= compared_bytes <= geometry.size:
+            raise CorruptError(f"{compared_bytes} bytes compared of a disk of {geometry.size}")
+        descent.compared_bytes = compared_bytes
+        return descent
+
+    def reopen(self, blocks: Sequence[int]) -> None:
+        """Blocks found different whose difference was not acted on: ask them again later."""
+        taken = set(blocks)
+        self.differing_blocks = [b for b in self.differing_blocks if b not in taken]
+        self.compared_bytes -= sum(end - offset for offset, end in map(self._block_range, taken))
+        self._pending.setdefault(0, [])[:0] = sorted(taken)
+
+    def _block_range(self, index: int) -> tuple[int, int]:
+        return self.geometry.node_range(0, index)
 
     @property
     def done(self) -> bool:

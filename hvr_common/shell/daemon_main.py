@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hvr_common.shell import logs
+from hvr_common.shell.heap_limits import bound_heap
 from hvr_common.shell.config_file import read_toml
 from hvr_common.pure.errors import HvrError
 
@@ -41,6 +42,7 @@ def run_daemon(argv: list[str] | None, *, prog: str, description: str, default_c
             print(f"  {key} = {value}")
         return 0
     logs.configure(config.log_level, config.log_format)
+    bound_heap()  # before any worker thread exists: see heap_limits
     try:
         import uvloop
         run = uvloop.run

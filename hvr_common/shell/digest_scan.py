@@ -87,20 +87,30 @@ def scan(fd: int, geometry: dt.Geometry, progress: Callable[[int], None] | None 
 
 
 def block_digests(fd: int, geometry: dt.Geometry, indices: Sequence[int]) -> list[bytes]:
-    """Digests of blocks (level 0), each chunk they fall in read once."""
-    by_chunk: dict[int, bytes] = {}
-    out = []
+    """Digests of blocks (level 0): each run of consecutive chunks they fall in read once, into one reused
+    buffer, and hashed in place."""
     per = geometry.blocks_per_chunk
+    wanted: dict[int, list[int]] = {}
     for index in indices:
-        chunk = index // per
-        if chunk not in by_chunk:
-            offset, end = geometry.node_range(1, chunk)
-            by_chunk[chunk] = _read_into(fd, bytearray(end - offset), offset, end).tobytes()
-        data = by_chunk[chunk]
-        start = (index - chunk * per) * geometry.block_size
-        block_end = min(start + geometry.block_size, geometry.size - chunk * geometry.chunk_size)
-        out.append(dt.content_digest(data[start:block_end]))
-    return out
+        wanted.setdefault(index // per, []).append(index)
+    per_read = max(1, READ_BYTES // geometry.chunk_size)
+    buffer = bytearray(min(READ_BYTES, per_read * geometry.chunk_size))
+    digest_of: dict[int, bytes] = {}
+    chunks = sorted(wanted)
+    i = 0
+    while i < len(chunks):
+        j = i + 1
+        while j < len(chunks) and chunks[j] == chunks[j - 1] + 1 and j - i < per_read:
+            j += 1
+        offset = chunks[i] * geometry.chunk_size
+        end = min(chunks[j - 1] * geometry.chunk_size + geometry.chunk_size, geometry.size)
+        view = _read_into(fd, buffer, offset, end)
+        for chunk in chunks[i:j]:
+            for index in wanted[chunk]:
+                block_offset, block_end = geometry.node_range(0, index)
+                digest_of[index] = dt.content_digest(view[block_offset - offset:block_end - offset])
+        i = j
+    return [digest_of[index] for index in indices]
 
 
 def node_digests(fd: int, tree: dt.DigestTree, level: int, indices: Sequence[int]) -> list[bytes]:

@@ -34,7 +34,7 @@ def test_hrl_inspect_reports_identity_counts_and_coalescing(agent, tmp_path):
     img = tmp_path / "i.img"
     with open(img, "wb") as fh:
         fh.truncate(8 * MiB)
-    agent.add_vm("insp", [img])
+    agent.add_vm("insp", [img], tracking="journal")  # inspects the log that journal mode writes
     run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", "-c", "write -P 2 0 64k", "-c", "discard 1M 64k",
          agent.nbd_uri("insp", "i")], timeout_s=60)
     closed = agent.cut("insp")["logs"][0]
@@ -70,7 +70,8 @@ def test_block_device_is_served_and_tracked_like_a_file(agent, tmp_path, loop_de
     base = tmp_path / "before.img"
     with open(base, "wb") as fh:
         fh.truncate(16 * MiB)
-    agent.add_vm("lvm", [loop_device])
+    # journal mode: the test replays the logs a block device's writes go to (bitmap mode logs no data)
+    agent.add_vm("lvm", [loop_device], tracking="journal")
     disk = loop_device.name
     uri = agent.nbd_uri("lvm", disk)
     run(["qemu-io", "-f", "raw", "-c", "write -P 7 100k 300k", "-c", "write -z 1M 64k", "-c", "discard 2M 1M",

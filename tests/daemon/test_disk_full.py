@@ -40,7 +40,7 @@ def test_full_disk_gives_enospc_and_keeps_the_log_exact(small_fs, tmp_path):
     agent = AgentProcess(tmp_path / "agent", extra_config={"bitmap_region_bytes": MiB})
     agent.start().wait_ready()
     try:
-        agent.add_vm("full", [image])
+        agent.add_vm("full", [image], tracking="journal")  # the log on a full disk: journal mode's
         out = run(["/usr/bin/python3", str(CLIENTS / "fill_disk.py"), agent.nbd_uri("full", "disk"),
                    str(32 * MiB)], timeout_s=120).stdout
         result = json.loads(out.strip().splitlines()[-1])

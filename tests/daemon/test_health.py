@@ -15,8 +15,8 @@ from replication_pair import MiB, Pair, make_disk, qemu_io
 
 
 @pytest.fixture
-def pair(tmp_path):
-    p = Pair(tmp_path).start()
+def pair(request, tmp_path):
+    p = Pair(tmp_path, tracking=getattr(request, "param", None)).start()  # a test may name the tracking mode
     yield p
     p.close()
 
@@ -106,6 +106,7 @@ def test_a_replica_whose_apply_fails_is_critical_on_the_replica(tmp_path):
         pair.close()
 
 
+@pytest.mark.parametrize("pair", ["journal", "bitmap"], indirect=True)  # pending bytes in each mode
 def test_monitoring_settings_and_reset_statistics(pair, tmp_path):
     disk = make_disk(tmp_path / "db.img", 4 * MiB)
     pair.protect("db", [disk], frequency=30)

@@ -39,10 +39,11 @@ def rpo(port: int, vm: str) -> float:
 
 
 @pytest.fixture
-def pair(tmp_path):
+def pair(request, tmp_path):
     agent_port, listener_port = free_tcp_port(), free_tcp_port()
     p = Pair(tmp_path, agent_config={"http_listen": f"127.0.0.1:{agent_port}"},
-             listener_config={"http_listen": f"127.0.0.1:{listener_port}"}).start()
+             listener_config={"http_listen": f"127.0.0.1:{listener_port}"},
+             tracking=getattr(request, "param", None)).start()  # a test may name the tracking mode
     p.agent_http, p.listener_http = agent_port, listener_port
     yield p
     p.close()
@@ -73,6 +74,7 @@ def test_an_unavailable_vm_makes_the_agent_unready(pair, tmp_path):
     assert scrape(pair.agent_http)[("hvr_vms_unavailable", ())] == 1
 
 
+@pytest.mark.parametrize("pair", ["journal", "bitmap"], indirect=True)  # pending bytes in each mode
 def test_rpo_rises_while_the_link_is_cut_and_falls_after(pair, tmp_path):
     proxy = FaultProxy(pair.listener.port)
     try:

@@ -99,7 +99,7 @@ def test_replaying_logs_reproduces_both_disks_across_cuts(agent: AgentProcess, t
         base = tmp_path / f"{img.stem}.base"
         shutil.copyfile(img, base)
         bases.append(base)
-    agent.add_vm("vm1", disks)
+    agent.add_vm("vm1", disks, tracking="journal")  # the logs replayed here are journal mode's
     vm = agent.list_vms()[0]
     rng = random.Random(20261123)
     for round_no in range(4):
@@ -178,7 +178,7 @@ def test_sigkill_during_write_storm_loses_nothing_flushed(tmp_path: Path):
     base = tmp_path / "disk.base"
     shutil.copyfile(img, base)
     try:
-        agent.add_vm("vm", [img])
+        agent.add_vm("vm", [img], tracking="journal")  # the flushed writes are looked for in the logs
         record = tmp_path / "storm.txt"
         storm = subprocess.Popen([SYSTEM_PYTHON, str(CLIENTS / "write_storm.py"), agent.nbd_uri("vm", "disk"),
                                   str(span), "42", str(record)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -240,7 +240,7 @@ def test_registrations_survive_restart_and_logs_continue(tmp_path: Path):
     base = tmp_path / "d.base"
     shutil.copyfile(img, base)
     try:
-        agent.add_vm("keep", [img])
+        agent.add_vm("keep", [img], tracking="journal")  # the logs must continue across the restart
         run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", agent.nbd_uri("keep", "d")], timeout_s=60)
         agent.terminate()
         agent.start().wait_ready()

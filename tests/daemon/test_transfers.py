@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,14 @@ def test_no_more_vms_upload_at_once_than_max_transfers(pair, tmp_path):
         for vm in vms:
             write_random(pair, vm, f"{vm}-d0", 4 * MiB)
         counter.most_vms = 0
-        for vm in vms:  # three cycles of 4 MiB each asked for at once: about a second each, two at a time
-            pair.agent.hvrctl("vm", "sync-now", vm, "--no-wait")
+        # three cycles of 4 MiB each asked for at once (one hvrctl each, started together: bitmap mode
+        # sends a cycle as soon as it is cut, sooner than a slow machine starts the next hvrctl):
+        # about a second each, two at a time
+        asking = [threading.Thread(target=pair.agent.hvrctl, args=("vm", "sync-now", vm, "--no-wait")) for vm in vms]
+        for thread in asking:
+            thread.start()
+        for thread in asking:
+            thread.join(60)
         for vm in vms:
             pair.wait_replica_applied(vm)
             wait_for(lambda: pair.status(vm).get("next_sequence", 0) >= 3, 120, f"{vm}'s cycle acknowledged")

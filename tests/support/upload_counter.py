@@ -3,7 +3,7 @@
 The agent is pointed at the proxy's port instead of the listener's.  Every
 request is passed on unchanged (method, path with query, headers, body
 streamed as it comes), so signatures stay valid.  An upload is a ``PUT`` with
-a body (an initial window or a cycle); it is in flight from the moment its
+a body (an initial window or a cycle, with a length or chunked); it is in flight from the moment its
 request line arrives until its answer is sent back.
 """
 
@@ -51,7 +51,8 @@ class UploadCounter:
         await runner.cleanup()
 
     async def _pass_on(self, request: web.Request) -> web.StreamResponse:
-        upload = request.method == "PUT" and (request.content_length or 0) > 0 and "/replicas/" in request.path
+        # a body with a length, or chunked (a streamed cycle, whose commit request follows it)
+        upload = request.method == "PUT" and request.body_exists and "/replicas/" in request.path
         vm = request.path.split("/")[3] if upload else ""
         if upload:
             self.uploads += 1

@@ -17,6 +17,7 @@ from hvr_common.pure.config import AgentConfig
 from hvr_common.pure.errors import HvrError
 from hvr_common.shell.hrl_file import read_hrl_summary, scan_hrl_file
 from hvr_common.pure.intent_bitmap import decode_file
+from hvr_common.pure.tracking_mode import TrackingMode
 from hvr_agent.store import AgentStore
 from hvr_agent.vms import VmRegistry
 
@@ -32,7 +33,8 @@ async def _registry(tmp_path: Path) -> tuple[VmRegistry, AgentStore]:
     image = tmp_path / "disk0.img"
     with open(image, "wb") as f:
         f.truncate(64 * MiB)
-    await registry.add("vm", [str(image)], read_only=False)
+    # journal mode: these tests are about the closed logs a cut hands over
+    await registry.add("vm", [str(image)], read_only=False, tracking=TrackingMode.JOURNAL)
     return registry, store
 
 

@@ -10,11 +10,12 @@ import uuid
 
 from hvr_common.pure.bundle_decoder import BundleDecoder, BundleDone
 from hvr_common.pure.dirty_map import DirtyMap
-from hvr_common.pure.hrl import RecordKind
+from hvr_common.pure.hrl import HrlEncoder, HrlHeader, RecordKind, encode_header
 from hvr_common.pure.stream_decoder import NEED_DATA
 from hvr_agent import shipper
 from hvr_agent.cut_snapshot import CutSnapshot
 from hvr_agent.cycle_stream import CycleStream
+from hvr_agent.journal import log_path
 
 SIZE = 8 * 1024 * 1024
 VM_ID = uuid.UUID(int=7)
@@ -57,6 +58,8 @@ def test_a_streamed_cycle_is_the_cut_time_contents_and_the_same_bytes_when_sent_
         frozen.mark(offset, length)
     fd = os.open(image, os.O_RDWR)
     snap = CutSnapshot(5, frozen, fd, tmp_path / "d.img.0000000005.cbw", 0)
+    header = HrlHeader(VM_ID, DISK_ID, 2, 5, SIZE, 1)  # a bitmap cut ends an empty log too (B1)
+    log_path(image, 5).write_bytes(encode_header(header) + HrlEncoder(header).end(2))
     disk = shipper.DiskSource("d", DISK_ID, image, SIZE)
     try:
         first, sent = asyncio.run(_send(disk, snap))

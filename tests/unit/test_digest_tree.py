@@ -168,3 +168,47 @@ def test_scan_of_a_sparse_file_equals_the_tree_of_its_bytes(tmp_path, size, monk
     finally:
         os.close(fd)
     assert seen[-1] == size if size else seen == [0]
+
+
+# --- a compare continued from a checkpoint (pending_runs / resumed / reopen) -------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(image_pairs(), st.integers(0, 30), st.integers(0, 2))
+def test_a_descent_stopped_anywhere_and_resumed_finds_exactly_the_differing_blocks(pair, stop_after, out):
+    geometry, a, b = pair
+    tree_a, tree_b = dt.tree_of_bytes(geometry, a), dt.tree_of_bytes(geometry, b)
+
+    def digests(data, tree, query):
+        return dt.node_digests_of_bytes(geometry, data, query.level, query.indices, tree)
+
+    first = dt.Descent(geometry)
+    for _ in range(stop_after):
+        if (query := first.next_query()) is None:
+            break
+        first.answer(query, digests(a, tree_a, query), digests(b, tree_b, query))
+    unanswered = [q for q in (first.next_query() for _ in range(out)) if q is not None]  # out when it stopped
+    runs = first.pending_runs(unanswered)
+    second = dt.Descent.resumed(geometry, [list(r) for r in runs], first.compared_bytes)
+    finished, _ = run_descent(geometry, a, b, second)
+    assert finished.compared_bytes == geometry.size
+    assert sorted(first.differing_blocks + finished.differing_blocks) == \
+        differing_blocks_model(a, b, geometry.block_size)
+
+
+def test_a_checkpoint_outside_the_tree_is_refused():
+    geometry = dt.Geometry(10 * 4096, block_size=4096, chunk_size=8192, fanout=2)
+    for runs, compared in (([[0, 9, 11]], 0), ([[geometry.top + 1, 0, 1]], 0), ([[1, 2]], 0), ([[0, 3, 3]], 0),
+                           ([], geometry.size + 1), ([[0, True, 2]], 0)):
+        with pytest.raises(CorruptError):
+            dt.Descent.resumed(geometry, runs, compared)
+
+
+def test_blocks_found_but_not_acted_on_are_asked_again():
+    geometry = dt.Geometry(4 * 4096, block_size=4096, chunk_size=8192, fanout=2)
+    a, b = bytes(4 * 4096), bytearray(4 * 4096)
+    b[4096] = b[3 * 4096] = 1
+    descent, _ = run_descent(geometry, a, bytes(b))
+    assert descent.differing_blocks == [1, 3] and descent.compared_bytes == geometry.size
+    descent.reopen([3])
+    assert descent.differing_blocks == [1] and descent.compared_bytes == geometry.size - 4096
+    assert descent.next_query() == dt.Query(0, (3,))

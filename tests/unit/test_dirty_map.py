@@ -128,6 +128,27 @@ def test_abandoned_cycles_merge_into_the_current_one_and_their_regions_stay(tmp_
         os.close(fd)
 
 
+def test_pending_bytes_are_the_dirty_blocks_of_every_cycle_not_yet_acknowledged(tmp_path):
+    size = 8 << 20
+    fd, _ = _image(tmp_path, size, 3)
+    tracking = DirtyTracking(size, fd, tmp_path / "disk.img")
+    try:
+        region = 1 << 20
+        assert tracking.pending_bytes() == 0
+        tracking.current.mark(100, 5000)  # blocks 0 and 1
+        tracking.freeze(4, IntentBitmap(size, region))
+        tracking.current.mark(0, 3 * BLOCK_BYTES)  # blocks 0-2: shipped again by cycle 5
+        assert tracking.pending_bytes() == 5 * BLOCK_BYTES
+        tracking.acknowledged(4)
+        assert tracking.pending_bytes() == 3 * BLOCK_BYTES
+        tracking.freeze(5, IntentBitmap(size, region))
+        tracking.abandon_from(5, IntentBitmap(size, region))  # merged back into the current cycle
+        assert tracking.pending_bytes() == 3 * BLOCK_BYTES
+    finally:
+        tracking.close()
+        os.close(fd)
+
+
 def test_a_snapshot_past_its_budget_stops_copying_and_its_build_is_abandoned(tmp_path):
     size = 1 << 20
     fd, at_cut = _image(tmp_path, size, 2)

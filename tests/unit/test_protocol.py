@@ -364,7 +364,7 @@ def test_primary_status_json_keeps_the_admin_api_keys():
                          "generation", "next_sequence", "pending_cycles", "last_replication_time", "last_error",
                          "enabled_at", "initial", "recovery_history", "fine_window_min", "app_consistent_hours",
                          "settings_pending", "last_app_consistent_time", "tracking", "resync", "verify",
-                         "prepared_sequence"]
+                         "prepared_sequence", "tracking_switch"]
     assert out["vm_id"] == str(VM) and out["state"] == "Replicating" and out["mode"] == "Primary"
     assert (out["recovery_history"], out["fine_window_min"], out["app_consistent_hours"]) == (0, 60, None)
     assert json.loads(json.dumps(out)) == out

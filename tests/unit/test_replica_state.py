@@ -145,3 +145,26 @@ async def test_a_failure_about_a_replica_removed_meanwhile_leaves_the_new_one_al
     assert not service.states.fail(rep, "applying cycle 1 failed: damaged")
     new = await service.get(rep.vm_id)
     assert new.state == S.WAITING_FOR_INITIAL_REPLICATION and new.state_detail is None
+
+
+class _CountingHistories(Histories):
+    """Histories that remember which replicas were thinned."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.thinned: list[str] = []
+
+    async def thin(self, rep, history, pins=None) -> int:
+        self.thinned.append(rep.name)
+        return await super().thin(rep, history, pins)
+
+
+async def test_the_applier_thins_each_replica_once_after_a_start_without_waiting_for_a_cycle(service):
+    # drops a crash interrupted are made at the first look, though no cycle is left to apply
+    rep, _ = await _replicating(service)
+    histories = _CountingHistories(service.store)
+    applier = Applier(service, histories)
+    assert await applier.apply_pending(rep) == 0
+    assert histories.thinned == [rep.name]
+    assert await applier.apply_pending(rep) == 0
+    assert histories.thinned == [rep.name]  # once per start; then after each applied cycle

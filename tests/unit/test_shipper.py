@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hvr_common.pure.errors import CorruptError
+
 from hvr_common.pure.bundle import FRAME, FRAME_RAW_BYTES, BundleHeader, BundleKind, decode_header
 from hvr_common.pure.bundle_decoder import BundleDecoder, BundleDone, DiskDone
 from hvr_common.pure.hrl import RECORD_FLAG_NO_HOLE, HrlEncoder, HrlHeader, Record, RecordKind
@@ -241,14 +243,16 @@ def test_incompressible_frames_are_stored_raw_and_compressible_ones_zstd(tmp_pat
     assert plain.wire_bytes > 11 * 1024 * 1024
 
 
-def test_a_disk_without_a_log_of_the_sequence_ships_an_empty_log(tmp_path):
+def test_a_disk_without_a_log_of_the_sequence_is_refused_as_a_lost_log(tmp_path):
+    """A missing log is a loss (an unfinished cut's holes are filled at open): the cycle is not shipped,
+    the error is one a resynchronization cures, and nothing is left in the outbox."""
     a, b = _disk(tmp_path, "a"), _disk(tmp_path, "b")
     _write_log(a.image_path, a.disk_id, 12, [(RecordKind.WRITE, 4096, b"x" * 4096)])
-    bundle = shipper.build_cycle_bundle(tmp_path / "out", vm_id=VM_ID, generation=GENERATION, sequence=12,
-                                        disks=[a, b], compress=True)
-    header, records, done = decode_file(bundle.path, sequence=12, disks={a.disk_id: DISK_SIZE, b.disk_id: DISK_SIZE})
-    assert len(records[a.disk_id]) == 1 and b.disk_id not in records
-    assert [x.summary.record_count for x in done] == [1, 0]
+    with pytest.raises(CorruptError, match="log 12 of disk b is missing") as caught:
+        shipper.build_cycle_bundle(tmp_path / "out", vm_id=VM_ID, generation=GENERATION, sequence=12,
+                                   disks=[a, b], compress=True)
+    assert caught.value.code == "corrupt" and not caught.value.transient
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_a_log_of_another_disk_is_refused(tmp_path):

@@ -50,6 +50,7 @@ class PrimaryStatus:
     resync: Mapping[str, Any] | None = None  # the resync running (bytes compared, sent, ETA) or the last one
     verify: Mapping[str, Any] | None = None  # the verify running (progress) or the last one's result
     prepared_sequence: int | None = None  # PreparedForFailover: the last cycle shipped, applied and verified
+    tracking_switch: Mapping[str, Any] | None = None  # bitmap tracking while the journal's backlog ships: why
 
     def to_json(self) -> dict:
         return {
@@ -68,6 +69,7 @@ class PrimaryStatus:
             "resync": dict(self.resync) if self.resync is not None else None,
             "verify": dict(self.verify) if self.verify is not None else None,
             "prepared_sequence": self.prepared_sequence,
+            "tracking_switch": dict(self.tracking_switch) if self.tracking_switch is not None else None,
         }
 
 
