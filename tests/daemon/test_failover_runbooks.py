@@ -95,8 +95,11 @@ def reverse_to(new: Site, sites: TwoSites, *, timeout_s: float = 180) -> int:
     return sites.sent_bytes(new)
 
 
-def planned_failover(old: Site, new: Site, sites: TwoSites, tmp_path: Path, step: str) -> tuple[Path, Path]:
-    """Prepare on ``old``, fail over and complete on ``new``, adopt on ``old``: (old's image, new's disk)."""
+def planned_failover(old: Site, new: Site, sites: TwoSites, tmp_path: Path, step: str,
+                     complete: bool = True) -> tuple[Path, Path]:
+    """Prepare on ``old``, fail over (and complete) on ``new``, adopt on ``old``: (old's image, new's disk).
+    Without ``complete``, the failover waits completion: ``vm set --reverse`` completes it (the issue's
+    planned runbook: prepare, fail over, reverse)."""
     old_disk = Path(old.agent_vm("web")["disks"][0]["path"])
     old.prepare("web")
     assert old.replication("web")["state"] == "PreparedForFailover"
@@ -106,8 +109,9 @@ def planned_failover(old: Site, new: Site, sites: TwoSites, tmp_path: Path, step
     assert view["state"] == "FailedOverWaitingCompletion" and view["agent"]["name"] == "web"
     new_disk = Path(view["disks"][0]["path"])
     same(new_disk, kept)
-    done = new.hvrctl_json("failover", "complete", "web")
-    assert done["state"] == "FailedOver" and done["agent"]["failover"] == "completed"
+    if complete:
+        done = new.hvrctl_json("failover", "complete", "web")
+        assert done["state"] == "FailedOver" and done["agent"]["failover"] == "completed"
     old.adopt_from_agent("web")
     assert old.agent_vm("web") is None
     same(old_disk, kept)
@@ -127,9 +131,13 @@ def test_planned_failover_reverse_and_fail_back_send_no_disk_copy(sites, tmp_pat
     same(disk_a, disk_b)
     at_b = sparse_copy(disk_b, tmp_path / "written-at-b.img")
 
-    disk_b, disk_a = planned_failover(b, a, sites, tmp_path, "b-to-a")  # fail back, the same runbook
+    # fail back, the same runbook as the issue gives it: prepare, fail over, reverse (which completes)
+    disk_b, disk_a = planned_failover(b, a, sites, tmp_path, "b-to-a", complete=False)
     same(disk_a, at_b)
+    assert a.replica("web")["state"] == "FailedOverWaitingCompletion"
     sent = reverse_to(a, sites)
+    assert a.replica("web")["state"] == "FailedOver"
+    assert a.agent_vm("web")["failover"] == "completed"
     assert sent < SIZE // 8, f"the reverse A -> B sent {sent} bytes: a disk copy"
     a.write("web", "sys", "write -P 0xa1 9M 64k")
     sites.sync(a, "web")
