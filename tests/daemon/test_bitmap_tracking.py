@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import AgentProcess, wait_for
+from daemons import AgentProcess, log_events, wait_for
 from hvr_common.shell.hrl_file import read_hrl_summary
 from fault_proxy import FaultProxy
 from replication_pair import MiB, Pair, make_disk, qemu_io
@@ -24,16 +24,6 @@ from hvrctl.client import AdminClient
 
 CLIENTS = Path(__file__).resolve().parents[1] / "support" / "clients"
 SYSTEM_PYTHON = "/usr/bin/python3"  # has libnbd's bindings (Debian python3-libnbd)
-
-
-def _events(pair: Pair, name: str) -> list[dict]:
-    out = []
-    for line in pair.agent.stdout_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            item = json.loads(line)
-            if item.get("event") == name:
-                out.append(item)
-    return out
 
 
 def test_a_bitmap_vm_writes_data_once_and_a_cut_without_replication_arms_nothing(tmp_path):
@@ -94,7 +84,7 @@ def test_copy_before_write_under_fire_ships_the_image_as_it_was_at_the_cut(tmp_p
                  context=pair.agent.log_tail)
         assert pair.replica("hot")["last_applied_sequence"] == cut_seq  # nothing cut since
         pair.assert_identical("hot", [at_cut])  # the replica is the image as it was at the cut
-        (built,) = [e for e in _events(pair, "cycle_built") if e["seq"] == cut_seq]
+        (built,) = [e for e in log_events(pair.agent.stdout_path, "cycle_built") if e["seq"] == cut_seq]
         assert built["cbw_bytes"] > 0, "no write reached a block of the cycle before the build read it"
         assert built["write_bytes"] == dirty
         # the overwrites travel in the next cycle
@@ -185,9 +175,9 @@ def test_link_down_and_copy_before_write_past_its_budget_abandons_the_cycle_and_
         wait_for(lambda: admin.request("GET", "/v1/vms/tight")["sequence"] > cut_seq, 30, "the cut")
         go.touch()
         assert writer.stdout.readline().strip() == "done" and writer.wait(60) == 0
-        wait_for(lambda: _events(pair, "cycle_abandoned"), 60, "the cycle to be abandoned",
+        wait_for(lambda: log_events(pair.agent.stdout_path, "cycle_abandoned"), 60, "the cycle to be abandoned",
                  context=pair.agent.log_tail)
-        (abandoned,) = _events(pair, "cycle_abandoned")
+        (abandoned,) = log_events(pair.agent.stdout_path, "cycle_abandoned")
         assert abandoned["seq"] == cut_seq and "budget" in abandoned["reason"]
         status = pair.status("tight")
         assert status["state"] == "Replicating" and "abandoned" in status["state_detail"]
@@ -267,7 +257,7 @@ def test_a_bitmap_cycle_streams_from_the_disks_without_a_spool_file(tmp_path):
         pair.wait_replica_applied("flow")
         pair.assert_identical("flow", [disk])
         assert not seen, f"spool files were written in bitmap mode: {sorted(set(seen))}"
-        built = _events(pair, "cycle_built")
+        built = log_events(pair.agent.stdout_path, "cycle_built")
         assert built and all(e.get("streamed") for e in built)
         assert sum(e["write_bytes"] for e in built) >= 32 * MiB
     finally:

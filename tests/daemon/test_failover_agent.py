@@ -8,7 +8,6 @@ of the listener's store while it is stopped (``replicas.generation``: g -> g + 1
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from daemons import client_env, wait_for
+from daemons import client_env, log_events, wait_for
+from two_sites import assert_same_image as compare
 from hvr_common.pure.errors import HvrError
 from hvrctl.client import AdminClient
 from replication_pair import MiB, Pair, make_disk, qemu_io
@@ -35,24 +35,6 @@ def protect(pair: Pair, tmp_path: Path) -> Path:
     qemu_io(pair.agent.nbd_uri("web", "sys"), "write -P 0x11 0 1M", "write -P 0x22 5M 64k")
     pair.initial("web")
     return disk
-
-
-def compare(a: Path, b: Path) -> None:
-    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{a} vs {b}: {result.stdout}{result.stderr}"
-
-
-def events(pair: Pair, name: str) -> list[dict]:
-    out = []
-    for line in pair.agent.stdout_path.read_text(errors="replace").splitlines():
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if ev.get("event") == name:
-            out.append(ev)
-    return out
 
 
 def heard(pair: Pair, vm_id: str) -> tuple[bool, int] | None:
@@ -119,7 +101,7 @@ def test_prepare_refuses_a_running_vm_then_ships_the_last_writes_verifies_and_ca
         pair.wait_replica_applied("web")
         compare(disk, pair.replica_image("web", "sys"))
         # the listener keeps the primary's heartbeats: the VM, replicating again with no client, said not running
-        assert events(pair, "heartbeat_unsupported") == []
+        assert log_events(pair.agent.stdout_path, "heartbeat_unsupported") == []
         wait_for(lambda: heard(pair, pair.status("web")["vm_id"]) == (False, 0), 60,
                  "a heartbeat saying the VM does not run", context=pair.agent.log_tail)
     finally:
@@ -150,7 +132,7 @@ def test_a_replica_at_a_newer_generation_fences_the_primary_into_error_and_nothi
         st = wait_for(fenced, 120, "the primary to be fenced", context=pair.agent.log_tail)
         assert "was failed over at the replica server (generation 2 there, 1 here)" in st["state_detail"]
         assert "hvrctl replica adopt web --from-agent" in st["state_detail"]
-        assert events(pair, "replication_fenced")
+        assert log_events(pair.agent.stdout_path, "replication_fenced")
         assert st["pending_cycles"] >= 1  # the unacknowledged writes are kept here
         assert replica_image.read_bytes() == before  # nothing reached the replica
         compare_differs = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(disk),
@@ -171,7 +153,7 @@ def test_a_sigkilled_prepare_is_finished_by_repeating_it_or_undone_by_cancelling
         disk = protect(pair, tmp_path)
         uri = pair.agent.nbd_uri("web", "sys")
         qemu_io(uri, *[f"write -P {i} {i * MiB} 512k" for i in range(1, 15)])
-        cuts = len(events(pair, "vm_cut"))
+        cuts = len(log_events(pair.agent.stdout_path, "vm_cut"))
 
         def prepare_in_background() -> None:
             try:
@@ -180,7 +162,7 @@ def test_a_sigkilled_prepare_is_finished_by_repeating_it_or_undone_by_cancelling
                 pass  # the agent dies under it
         caller = threading.Thread(target=prepare_in_background)
         caller.start()
-        wait_for(lambda: len(events(pair, "vm_cut")) > cuts, 120, "the final cut of the prepare",
+        wait_for(lambda: len(log_events(pair.agent.stdout_path, "vm_cut")) > cuts, 120, "the final cut of the prepare",
                  context=pair.agent.log_tail)
         pair.agent.process.send_signal(signal.SIGKILL)
         pair.agent.process.wait(timeout=30)

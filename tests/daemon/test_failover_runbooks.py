@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from daemons import client_env, wait_for
-from two_sites import MiB, Site, TwoSites, images_equal, qemu_io, sparse_copy
+from daemons import client_env, log_events, wait_for
+from two_sites import MiB, Site, TwoSites, assert_same_image as same, qemu_io, sparse_copy
 
 SIZE = 32 * MiB
 KILL_ENV = "HVR_TEST_FAILOVER_KILL"
@@ -50,23 +50,6 @@ def sites(tmp_path):
 
 def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def same(a, b) -> None:
-    equal, why = images_equal(a, b)
-    assert equal, f"{a} differs from {b}: {why}"
-
-
-def events(path: Path, name: str) -> list[dict]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if ev.get("event") == name:
-            out.append(ev)
-    return out
 
 
 def protect_at_a(sites: TwoSites, tmp_path: Path) -> Path:
@@ -185,7 +168,7 @@ def test_unplanned_failover_cancel_complete_fencing_reverse_and_the_kept_aside_p
              context=sites.log_tails)
     st = a.replication("web")
     assert FENCED in st["state_detail"] and "hvrctl replica adopt web --from-agent" in st["state_detail"]
-    assert events(a.agent.stdout_path, "replication_fenced")
+    assert log_events(a.agent.stdout_path, "replication_fenced")
     assert digest(disk_b) == b_before and b.replica("web")["generation"] == 2
     a_lost = sparse_copy(disk_a, tmp_path / "a-lost.img")  # its writes B never got, and the one after its return
 
@@ -214,10 +197,10 @@ def test_sigkill_in_the_middle_of_prepare_failover_complete_and_reverse_then_rep
     a.write("web", "sys", *[f"write -P {i} {i * MiB} 512k" for i in range(1, 15)])
 
     # prepare: A's agent killed once its final cut is made
-    cuts = len(events(a.agent.stdout_path, "vm_cut"))
+    cuts = len(log_events(a.agent.stdout_path, "vm_cut"))
     caller = threading.Thread(target=lambda: a.prepare("web", check=False, timeout_s=120))
     caller.start()
-    wait_for(lambda: len(events(a.agent.stdout_path, "vm_cut")) > cuts, 120, "the final cut of the prepare",
+    wait_for(lambda: len(log_events(a.agent.stdout_path, "vm_cut")) > cuts, 120, "the final cut of the prepare",
              context=sites.log_tails)
     a.agent.process.send_signal(signal.SIGKILL)
     a.agent.process.wait(timeout=30)
@@ -321,7 +304,7 @@ def test_failover_to_the_latest_point_applies_the_cycles_received_but_not_applie
         answer = {}
         caller = threading.Thread(target=lambda: answer.update(b.hvrctl_json("failover", "start", "web")))
         caller.start()
-        wait_for(lambda: events(b.listener.stdout_path, "failover_waiting_apply"), 60,
+        wait_for(lambda: log_events(b.listener.stdout_path, "failover_waiting_apply"), 60,
                  "the failover to wait for the applier", context=sites.log_tails)
         assert b.replica("web")["state"] == "Replicating"  # nothing decided while it waits
         hold.unlink()

@@ -12,29 +12,18 @@ sending far less than the disk.
 from __future__ import annotations
 
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from daemons import AgentProcess, wait_for
+from two_sites import assert_same_image as compare, sparse_copy
 from hvr_common.pure.errors import HvrError
 from hvrctl.client import AdminClient
 from listener_process import ListenerProcess
 from replication_pair import MiB, make_disk, qemu_io
 
 BLOCK = 4096
-
-
-def sparse_copy(src: Path, dst: Path) -> Path:
-    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True, timeout=120)
-    return dst
-
-
-def compare(a: Path, b: Path) -> None:
-    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{a} vs {b}: {result.stdout}{result.stderr}"
 
 
 def hook_script(path: Path, log: Path, exit_code: int = 0) -> Path:

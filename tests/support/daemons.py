@@ -184,6 +184,21 @@ def wait_for(
 MAX_SOCKET_NAME_BYTES = 40
 
 
+def log_events(path: Path | str, name: str) -> list[dict]:
+    """The JSON log lines of a daemon's log file whose ``event`` is ``name`` (other lines skipped)."""
+    out = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if item.get("event") == name:
+            out.append(item)
+    return out
+
+
 def short_socket_dir(preferred: Path) -> tuple[Path, bool]:
     """A directory whose socket paths fit in ``sun_path``.
 

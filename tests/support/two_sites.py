@@ -243,6 +243,11 @@ def images_equal(a: Path | str, b: Path | str) -> tuple[bool, str]:
     return result.returncode == 0, result.stdout + result.stderr
 
 
+def assert_same_image(a: Path | str, b: Path | str) -> None:
+    equal, why = images_equal(a, b)
+    assert equal, f"{a} differs from {b}: {why}"
+
+
 def sparse_copy(src: Path, dst: Path) -> Path:
     """A copy of an image that keeps its holes."""
     run(["cp", "--sparse=always", str(src), str(dst)], timeout_s=120)
