@@ -81,12 +81,11 @@ class TrackingSwitch:
             return
         self.switched = data
 
-    async def forget(self, why: str) -> None:
-        """End the switch without changing the mode (the operator chose one, or a crash left the marker)."""
-        had = self.switched is not None or self.path.exists()
+    async def forget(self, why: str | None) -> None:
+        """End the switch without changing the mode (the operator chose one, or a crash left the marker);
+        ``why`` None: the switch ended as planned (no event here)."""
         self.switched = None
-        await asyncio.to_thread(_remove_marker, self.path)
-        if had:
+        if await asyncio.to_thread(_remove_marker, self.path) and why is not None:
             event(log, "tracking_switch_dropped", vm=self.rel.name, reason=why)
 
     # --- the checks --------------------------------------------------------------------------
@@ -152,14 +151,10 @@ class TrackingSwitch:
             return
         since_ns = self.switched.get("since_ns")
         await rel.registry.plan_tracking(rel.name, TrackingMode.JOURNAL)
-        await self.forget_quietly()
+        await self.forget(None)
         event(log, "tracking_switched_back", vm=rel.name, tracking=TrackingMode.JOURNAL.value,
               seq=rel.vm().sequence,
               switched_s=round((time.time_ns() - since_ns) / 1e9, 3) if isinstance(since_ns, int) else None)
-
-    async def forget_quietly(self) -> None:
-        self.switched = None
-        await asyncio.to_thread(_remove_marker, self.path)
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -179,6 +174,9 @@ def _write_marker(path: Path, info: dict) -> None:
     write_file_durably(path, json.dumps(info).encode())
 
 
-def _remove_marker(path: Path) -> None:
+def _remove_marker(path: Path) -> bool:
+    """True if there was a marker to remove."""
     if unlink_if_exists(path):
         fsync_dir(path.parent)
+        return True
+    return False
