@@ -48,7 +48,7 @@ class BitmapCycles:
     async def abandon(self, vm, seq: int, why: str) -> None:
         """Abandon cycle ``seq`` and every later one cut: each disk's blocks of them go into the current
         cycle, they ship empty; the replica skips to the next consistent point, no resynchronization."""
-        gone = [d.dirty.abandon_from(seq, d.intent.period) for d in vm.disks.values() if d.dirty is not None]
+        gone = [d.dirty.abandon_from(seq, d.intent) for d in vm.disks.values() if d.dirty is not None]
         for later in [s for s in self.spools if s >= seq]:
             del self.spools[later]  # built with blocks of their own cycle only: built again
         self.stand_ins.update(range(seq, vm.sequence))

@@ -24,6 +24,7 @@ from pathlib import Path
 from hvr_common.pure.dirty_map import BLOCK_BYTES, DirtyMap
 from hvr_common.pure.intent_bitmap import IntentBitmap
 from hvr_agent.cut_snapshot import CutSnapshot, side_path
+from hvr_agent.intent import IntentBitmapFile
 
 
 class DirtyTracking:
@@ -65,18 +66,18 @@ class DirtyTracking:
         if snap is not None:
             snap.close()
 
-    def abandon_from(self, sequence: int, period: IntentBitmap) -> list[int]:
+    def abandon_from(self, sequence: int, intent: IntentBitmapFile) -> list[int]:
         """Abandon every frozen cycle from ``sequence`` on: their blocks go into the current cycle
         (whose regions stay marked until it is acknowledged); they ship empty.  Returns them."""
         gone = sorted(s for s in self.frozen if s >= sequence)
-        carried = IntentBitmap(period.disk_size, period.region_bytes)
+        carried = IntentBitmap(intent.disk_size, intent.region_bytes)
         for seq in gone:
             self.current.merge(self.frozen.pop(seq))
             self.built(seq)
         for seq, regions in self.cycle_regions.items():
             if seq >= sequence:
                 carried.mark(regions.marked_regions())
-        period.mark(carried.marked_regions())
+        intent.mark_carried(carried.marked_regions())  # the period's marks, and the digest cache's
         if self.carried is not None:
             carried.mark(self.carried.marked_regions())
         self.carried = carried

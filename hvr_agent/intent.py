@@ -5,6 +5,11 @@ trusts) is marked in the bitmap that is durable on disk.  ``period`` only
 grows under the lock after a durable write that includes the new regions,
 and a reset to a smaller on-disk set is written from ``period`` itself while
 holding the same lock, so the invariant holds across cuts.
+
+Every region entering ``period`` (``mark``, ``mark_carried``) is also handed to
+the disk's digest cache (``digests``), whose written set must hold every
+region a write may have touched since its chunks were hashed (C7,
+``docs/resync.md``).  No other code marks ``period``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import os
 from pathlib import Path
 
+from hvr_common.pure.digest_cache import DigestCache
 from hvr_common.pure.intent_bitmap import BitmapCorruptError, IntentBitmap, decode_file, slot_size
 
 
@@ -33,6 +39,7 @@ class IntentBitmapFile:
         self.log_sequence = 0
         self._lock = asyncio.Lock()
         self.fd = -1
+        self.digests: DigestCache | None = None  # the disk's cached chunk digests (hvr_agent.digest_cache)
 
     def load(self) -> IntentBitmap | None:
         """Open (creating if absent) and return the marks found on disk, or None if unreadable.
@@ -80,6 +87,14 @@ class IntentBitmapFile:
                 widened.mark(missing)
                 await self._persist(widened, self.log_sequence)
             self.period.mark(regions)
+            if self.digests is not None:
+                self.digests.note_marks(regions)
+
+    def mark_carried(self, regions: list[int]) -> None:
+        """Regions already durable in the bitmap (an abandoned cycle's) joining this period."""
+        self.period.mark(regions)
+        if self.digests is not None:
+            self.digests.note_marks(regions)
 
     def start_period(self) -> None:
         """A cut: the fast path forgets the marks; the durable bitmap keeps them until reset."""

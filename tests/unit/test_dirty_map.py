@@ -10,6 +10,9 @@ import pytest
 from hvr_common.pure.dirty_map import BLOCK_BYTES, DirtyMap
 from hvr_agent.cut_snapshot import CutSnapshot, SnapshotAbandoned
 from hvr_agent.dirty_tracking import DirtyTracking
+from hvr_agent.intent import IntentBitmapFile
+from hvr_common.pure import digest_tree as dt
+from hvr_common.pure.digest_cache import DigestCache
 from hvr_common.pure.intent_bitmap import IntentBitmap
 
 
@@ -113,11 +116,14 @@ def test_abandoned_cycles_merge_into_the_current_one_and_their_regions_stay(tmp_
         new_period.mark([6])
         tracking.current.mark(6 * region, 4096)
         tracking.freeze(5, new_period)
-        current = IntentBitmap(size, region)
-        assert tracking.abandon_from(4, current) == [4, 5]
+        intent = IntentBitmapFile(tmp_path / "disk.img.wib", size, region)
+        intent.digests = DigestCache(dt.Geometry(size), region)
+        assert tracking.abandon_from(4, intent) == [4, 5]
         assert not tracking.snapshots and not tracking.frozen
         assert [o // BLOCK_BYTES for o, _ in tracking.current.runs()] == [region // BLOCK_BYTES, 6 * region // BLOCK_BYTES]
-        assert current.marked_regions() == [1, 6]
+        assert intent.period.marked_regions() == [1, 6]
+        # the fast path takes writes to them unmarked from now on: the digest cache counts them as written
+        assert intent.digests.written.marked_regions() == [1, 6]
         # acknowledging the (empty) stand-ins keeps the regions: the current cycle carries the blocks
         assert tracking.acknowledged(5).marked_regions() == [1, 6]
         tracking.freeze(6, IntentBitmap(size, region))
@@ -142,7 +148,7 @@ def test_pending_bytes_are_the_dirty_blocks_of_every_cycle_not_yet_acknowledged(
         tracking.acknowledged(4)
         assert tracking.pending_bytes() == 3 * BLOCK_BYTES
         tracking.freeze(5, IntentBitmap(size, region))
-        tracking.abandon_from(5, IntentBitmap(size, region))  # merged back into the current cycle
+        tracking.abandon_from(5, IntentBitmapFile(tmp_path / "disk.img.wib", size, region))  # merged back into the current cycle
         assert tracking.pending_bytes() == 3 * BLOCK_BYTES
     finally:
         tracking.close()
