@@ -3,8 +3,11 @@
 Holes (SEEK_DATA/SEEK_HOLE) are not read: a chunk wholly inside a hole gets
 ``zero_digest``.  Data is read in large reads (``READ_BYTES``) into two
 reusable buffers, the next read running in a worker thread while this one's
-chunks are hashed (blake3 releases the GIL), so the pass costs about one read
-of the allocated bytes.  Blocking: call it in a worker thread.
+chunks are hashed by two threads (this one and a worker: blake3 releases the
+GIL), so the pass costs about one read of the allocated bytes and uses both
+cores.  A pass may read only some chunks (``only``): the digests of the
+others are given (the agent's digest cache).  Blocking: call it in a worker
+thread.
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from hvr_common.pure import byte_ranges as br
 from hvr_common.pure import digest_tree as dt
 from hvr_common.shell import sparse
 
 READ_BYTES = 8 * 1024 * 1024
+Runs = list[tuple[int, int]]
 
 
-def _data_chunks(fd: int, geometry: dt.Geometry) -> list[tuple[int, int]]:
+def _data_chunks(fd: int, geometry: dt.Geometry) -> Runs:
     """Runs ``(first, end)`` of chunk indices that hold data (touch a data extent)."""
     unit = geometry.chunk_size
-    runs: list[tuple[int, int]] = []
+    runs: Runs = []
     for offset, length, is_data in sparse.data_extents(fd, 0, geometry.size):
         if not is_data:
             continue
@@ -57,32 +62,62 @@ def _read_into(fd: int, buffer: bytearray, offset: int, end: int) -> memoryview:
     return view
 
 
-def scan(fd: int, geometry: dt.Geometry, progress: Callable[[int], None] | None = None) -> dt.DigestTree:
-    """The image's tree; ``progress(bytes)`` is called as chunks are done (holes included)."""
-    count = geometry.count(1)
-    digests = bytearray(count * dt.DIGEST_SIZE)
-    for index in range(count):  # holes first; data chunks overwrite theirs below
-        offset, end = geometry.node_range(1, index)
-        digests[index * dt.DIGEST_SIZE:(index + 1) * dt.DIGEST_SIZE] = dt.zero_digest(end - offset)
-    reads = _reads(_data_chunks(fd, geometry), geometry)
-    if hasattr(os, "posix_fadvise") and geometry.size:
+def _hash(view: memoryview, unit: int, helper: ThreadPoolExecutor | None) -> bytes:
+    """The units' digests, the first half hashed by ``helper`` while this thread hashes the second."""
+    half = len(view) // 2 // unit * unit
+    if helper is None or not half:
+        return dt.content_digests(view, unit)
+    first = helper.submit(dt.content_digests, view[:half], unit)
+    second = dt.content_digests(view[half:], unit)
+    return first.result() + second
+
+
+def _bytes_of(runs: Runs, geometry: dt.Geometry) -> int:
+    return br.total(br.clip([(a * geometry.chunk_size, b * geometry.chunk_size) for a, b in runs], geometry.size))
+
+
+def fill(fd: int, geometry: dt.Geometry, digests: bytearray, only: Runs,
+         progress: Callable[[int], None] | None = None, threads: int = 2) -> None:
+    """Put the digests of the chunks of ``only`` (runs of chunk indices) into ``digests``: holes as
+    ``zero_digest``, data read and hashed by ``threads`` (1 or 2) threads; ``progress(bytes)`` as runs are
+    done (holes included)."""
+    for first, end in only:  # holes first; data chunks overwrite theirs below
+        for index in range(first, end):
+            offset, stop = geometry.node_range(1, index)
+            digests[index * dt.DIGEST_SIZE:(index + 1) * dt.DIGEST_SIZE] = dt.zero_digest(stop - offset)
+    unit = geometry.chunk_size
+    data = br.intersect([(a * unit, b * unit) for a, b in _data_chunks(fd, geometry)],
+                        br.normalise((a * unit, b * unit) for a, b in only))
+    reads = _reads([(a // unit, b // unit) for a, b in data], geometry)
+    if hasattr(os, "posix_fadvise") and geometry.size and reads:
         os.posix_fadvise(fd, 0, geometry.size, os.POSIX_FADV_SEQUENTIAL)
-    buffers = [bytearray(READ_BYTES), bytearray(READ_BYTES)]
-    done_bytes = geometry.size - sum(end - offset for offset, end in reads)
+    done_bytes = _bytes_of(only, geometry) - sum(end - offset for offset, end in reads)
     if progress:
         progress(done_bytes)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_into, fd, buffers[0], *reads[0]) if reads else None
+    if not reads:
+        return
+    longest = max(end - offset for offset, end in reads)
+    buffers = [bytearray(longest) for _ in range(min(2, len(reads)))]
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as helper:
+        pending = reader.submit(_read_into, fd, buffers[0], *reads[0])
         for i, (offset, end) in enumerate(reads):
             view = pending.result()
             if i + 1 < len(reads):
-                pending = pool.submit(_read_into, fd, buffers[(i + 1) % 2], *reads[i + 1])
-            first = offset // geometry.chunk_size
-            chunk_digests = dt.content_digests(view, geometry.chunk_size)
+                pending = reader.submit(_read_into, fd, buffers[(i + 1) % 2], *reads[i + 1])
+            first = offset // unit
+            chunk_digests = _hash(view, unit, helper if threads > 1 else None)
             digests[first * dt.DIGEST_SIZE:first * dt.DIGEST_SIZE + len(chunk_digests)] = chunk_digests
             done_bytes += end - offset
             if progress:
                 progress(done_bytes)
+
+
+def scan(fd: int, geometry: dt.Geometry, progress: Callable[[int], None] | None = None, *,
+         only: Runs | None = None, digests: bytearray | None = None) -> dt.DigestTree:
+    """The image's tree; ``progress(bytes)`` is called as chunks are done (holes included).  With ``only``
+    just those chunk runs are read; ``digests`` holds the others' (and receives the new ones)."""
+    digests = bytearray(geometry.count(1) * dt.DIGEST_SIZE) if digests is None else digests
+    fill(fd, geometry, digests, [(0, geometry.count(1))] if only is None else only, progress)
     return dt.DigestTree.from_chunk_digests(geometry, bytes(digests))
 
 
