@@ -1,7 +1,8 @@
 """Comparing a VM's disks with its replica by digest tree (the compare engine's shell on the primary).
 
 Per disk: the image is read into its tree in one pass (``digest_scan.scan``,
-in a worker thread), then a :class:`~hvr_common.pure.digest_tree.Descent`
+in a worker thread; only the chunks written since the last pass: the rest
+comes from the disk's digest cache, :mod:`hvr_agent.digest_cache`), then a :class:`~hvr_common.pure.digest_tree.Descent`
 asks the replica for the digests of the nodes it needs
 (``POST /v1/replicas/{vm_id}/digests/{disk_id}``) and descends only below the
 nodes that differ; blocks (level 0) are hashed from the image when asked.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,6 +35,7 @@ from hvr_common.pure.wire.messages import DigestQuery
 from hvr_common.shell import digest_scan
 from hvr_common.shell.hrl_file import iter_hrl_file
 from hvr_common.shell.threads import finish_in_thread
+from hvr_agent import digest_cache
 from hvr_agent.journal import list_logs
 from hvr_agent.relationship import Stopped
 from hvr_agent.replica_client import ReplicaClient
@@ -47,7 +50,8 @@ class CompareProgress:
     """Counters of one compare (resync or verify), shown by ``vm get`` and the progress bar."""
 
     total_bytes: int = 0
-    scanned_bytes: int = 0  # read and hashed on this side
+    scanned_bytes: int = 0  # read and hashed on this side (holes included)
+    cached_bytes: int = 0  # taken from the digest cache: not written since they were hashed
     compared_bytes: int = 0  # proven equal, or found different
     differing_bytes: int = 0
     sent_bytes: int = 0  # re-journaled for the next cycle (resync)
@@ -59,7 +63,8 @@ class CompareProgress:
         if not self.total_bytes:
             return 1.0
         # the scan is most of the time; the descent's questions the rest
-        return min(1.0, 0.8 * self.scanned_bytes / self.total_bytes + 0.2 * self.compared_bytes / self.total_bytes)
+        hashed = self.scanned_bytes + self.cached_bytes
+        return min(1.0, 0.8 * hashed / self.total_bytes + 0.2 * self.compared_bytes / self.total_bytes)
 
     def eta_s(self, now_ns: int | None = None) -> float | None:
         fraction = self.done_fraction()
@@ -69,7 +74,7 @@ class CompareProgress:
         return round(elapsed * (1 - fraction) / fraction, 1)
 
     def to_json(self) -> dict:
-        return {"total_bytes": self.total_bytes, "scanned_bytes": self.scanned_bytes,
+        return {"total_bytes": self.total_bytes, "scanned_bytes": self.scanned_bytes, "cached_bytes": self.cached_bytes,
                 "compared_bytes": self.compared_bytes, "differing_bytes": self.differing_bytes,
                 "sent_bytes": self.sent_bytes, "resumed_bytes": self.resumed_bytes, "eta_s": self.eta_s(),
                 "percent": round(100 * self.done_fraction(), 1)}
@@ -149,16 +154,33 @@ class DiskCompare:
             raise
 
     def _start_scan(self) -> asyncio.Future | None:
-        """This side's tree, read in a worker thread (None: read already)."""
+        """This side's tree, read in a worker thread (None: read already): the chunks the digest cache does not
+        vouch for are read, the others' digests taken from it; the new digests become the cache."""
         if self.tree is not None:
             return None
         progress = self.progress
         base = progress.scanned_bytes
+        disk = self.disk
+        p = digest_cache.begin_pass(disk)
+        only = None if p is None else p.to_read
+        if p is not None:
+            progress.cached_bytes += disk.size - br.total(br.clip(
+                [(a * self.geometry.chunk_size, b * self.geometry.chunk_size) for a, b in only], disk.size))
 
         def scanned(n: int) -> None:
             progress.scanned_bytes = base + n
 
-        return asyncio.ensure_future(finish_in_thread(digest_scan.scan, self.disk.device.fd, self.geometry, scanned))
+        def ended(future: asyncio.Future) -> None:
+            completed = not future.cancelled() and future.exception() is None
+            if completed and p is not None:
+                p.read_all()
+            digest_cache.end_pass(disk, p, completed)
+
+        future = asyncio.ensure_future(finish_in_thread(
+            functools.partial(digest_scan.scan, disk.device.fd, self.geometry, scanned, only=only,
+                              digests=None if p is None else p.digests)))
+        future.add_done_callback(ended)
+        return future
 
     async def _ask(self, client: ReplicaClient, vm_id: uuid.UUID, query: dt.Query,
                    scan: asyncio.Future | None) -> tuple[list[bytes], list[bytes], int]:

@@ -30,7 +30,8 @@ def stamp_path(log_base: Path) -> Path:
     return log_base.with_name(log_base.name + ".stamp")
 
 
-def _identity(image: Path) -> dict:
+def identity(image: Path) -> dict:
+    """The image's size, mtime and ctime (ns), inode and device (a block device: size and identity only)."""
     st = os.stat(image)
     if stat.S_ISBLK(st.st_mode):
         with open(image, "rb") as fh:
@@ -42,7 +43,7 @@ def _identity(image: Path) -> dict:
 
 def write_stamp(image: Path, log_base: Path) -> None:
     """After a clean close (the image flushed and closed): record its identity (blocking)."""
-    write_file_durably(stamp_path(log_base), json.dumps(_identity(image), sort_keys=True).encode())
+    write_file_durably(stamp_path(log_base), json.dumps(identity(image), sort_keys=True).encode())
 
 
 def changed_since_close(image: Path, log_base: Path) -> str | None:
@@ -55,7 +56,7 @@ def changed_since_close(image: Path, log_base: Path) -> str | None:
         return None
     except (OSError, ValueError):
         recorded = {}
-    now = _identity(image)
+    now = identity(image)
     unlink_if_exists(path)
     if not isinstance(recorded, dict) or set(recorded) != set(FIELDS):
         return "its stamp from the last clean stop is unreadable"

@@ -21,7 +21,9 @@ from hvr_common.pure.measure import NS
 from hvr_common.pure.replication_state import Action, ReplicationState
 from hvr_common.pure.schedule import Backoff
 from hvr_common.shell.logs import event
-from hvr_agent import initial_window, shipper
+from hvr_common.pure import digest_tree as dt
+from hvr_common.shell import digest_scan
+from hvr_agent import digest_cache, initial_window, shipper
 from hvr_agent.housekeeping import allocated_below, delete_logs_upto
 from hvr_agent.relationship import Relationship
 from hvr_agent.replica_client import ReplicaClient, ReplicaConflictError
@@ -141,10 +143,16 @@ class _DiskCopy:
         self.next_start = self.progress.durable_offset  # where the next window to build begins
         self.ahead: asyncio.Future | None = None  # the window after those in flight, being built
         self.saving: asyncio.Future | None = None  # the progress of the latest answer, being saved
+        self.tracked = vm.disks.get(disk.name)
+        self.hashing = None  # the digest cache's pass: the chunks of each window are hashed as it is built
+        self.geometry = dt.Geometry(disk.size_bytes)
 
     async def run(self) -> None:
         progress, size = self.progress, self.disk.size_bytes
         self.fd = await asyncio.to_thread(os.open, self.disk.image_path, os.O_RDONLY | os.O_CLOEXEC)
+        if self.tracked is not None:
+            self.hashing = digest_cache.begin_pass(self.tracked)
+        completed = False
         try:
             while progress.durable_offset < size:
                 self.rel.check_state(S.INITIAL_REPLICATION_IN_PROGRESS)
@@ -166,12 +174,15 @@ class _DiskCopy:
                 await self._save_progress()
             if self.saving is not None:
                 await self.saving
+            completed = True
         finally:
             await _drop_windows(self.in_flight)
             if self.ahead is not None:
                 await _drop_build(self.ahead)
             if self.saving is not None and not self.saving.done():
                 await asyncio.wait([self.saving])
+            if self.tracked is not None:  # no build runs any more: the window's digests become the cache
+                digest_cache.end_pass(self.tracked, self.hashing, completed)
             os.close(self.fd)
 
     async def _fill(self) -> None:
@@ -180,8 +191,10 @@ class _DiskCopy:
         while len(self.in_flight) < INITIAL_WINDOWS_IN_FLIGHT and self.next_start < size:
             if self.ahead is None:
                 self.ahead = self._build_next(self.next_start)
-            window = await self.ahead
+            window, hashed = await self.ahead
             self.ahead = None
+            if self.hashing is not None:
+                self.hashing.read(*hashed)
             self.in_flight.append((window, asyncio.ensure_future(self._send(window))))
             self.next_start = window.end
         if self.ahead is None and self.next_start < size:
@@ -206,13 +219,20 @@ class _DiskCopy:
             InitialProgress(self.disk.disk_id, self.disk.size_bytes, p.durable_offset, p.allocated_bytes,
                             p.done_bytes)))
 
-    def _build(self, start: int, buffer: bytearray | None) -> initial_window.InitialWindow:
-        """Plan and build the window at ``start`` (blocking; runs in a thread)."""
+    def _build(self, start: int, buffer: bytearray | None) -> tuple[initial_window.InitialWindow, tuple[int, int]]:
+        """Plan and build the window at ``start`` (blocking; runs in a thread); with a digest cache, hash the
+        chunks wholly inside it (read again, from the page cache) and say which."""
         rec = self.rel.rec
         end = initial_window.plan_window(self.fd, start, self.disk.size_bytes, self.copy.window_bytes)
-        return initial_window.build_initial_bundle(
+        window = initial_window.build_initial_bundle(
             vm_id=self.vm_id, generation=rec.generation, disk=self.disk, image_fd=self.fd, start=start,
             end=end, compress=rec.compression, created_ns=time.time_ns(), buffer=buffer)
+        unit = self.geometry.chunk_size
+        first, last = -(-start // unit), (self.geometry.count(1) if end >= self.disk.size_bytes else end // unit)
+        if self.hashing is None or first >= last:
+            return window, (0, 0)
+        digest_scan.fill(self.fd, self.geometry, self.hashing.digests, [(first, last)], threads=1)
+        return window, (first, last)
 
     def _build_next(self, start: int) -> asyncio.Future:
         buffer = self.spare.pop() if self.spare else None

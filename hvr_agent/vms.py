@@ -20,6 +20,7 @@ from hvr_agent.intent import IntentBitmapFile, bitmap_path
 from hvr_agent.journal import ClosedLog
 from hvr_agent.recovery import recover_vm
 from hvr_agent.store import AgentStore, VmRecord
+from hvr_agent import digest_cache
 from hvr_agent.image_stamp import changed_since_close, write_stamp
 from hvr_agent.tracker import DiskIdentity, TrackedDisk
 
@@ -165,6 +166,7 @@ class VmRegistry:
                 opened.append(disk)
                 vm.disks[d.name] = disk
                 changed = await asyncio.to_thread(changed_since_close, d.path, log_base)
+                await asyncio.to_thread(digest_cache.attach, disk, changed is None)  # before recovery marks
                 if changed is not None:
                     vm.changed_offline[d.name] = changed
                     event(log, "image_changed_offline", logging.WARNING, vm=rec.name, disk=d.name, reason=changed)
@@ -249,9 +251,12 @@ class VmRegistry:
                 if stamp and end_logs and not disk.read_only and disk.log is None:  # a clean stop: stamp the image
                     try:
                         await asyncio.to_thread(write_stamp, disk.image_path, disk.log_base)
+                        await asyncio.to_thread(digest_cache.save, disk)
                     except OSError as exc:
                         event(log, "image_stamp_failed", logging.WARNING, vm=vm.name, disk=disk.identity.disk,
                               error=str(exc))
+                elif not stamp:  # removed: its digests go with it
+                    await asyncio.to_thread(digest_cache.remove, disk.log_base)
 
     async def cut(self, name: str, *, shipped: bool = True) -> list[ClosedLog]:
         """Switch all the VM's disks to new logs at one instant; return the closed logs once durable.
