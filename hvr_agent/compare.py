@@ -1,9 +1,9 @@
 """Comparing a VM's disks with its replica by digest tree (the compare engine's shell on the primary).
 
 Per disk: the image is read into its tree in one pass (``digest_scan.scan``,
-in a worker thread; only the chunks written since the last pass: the rest
-comes from the disk's digest cache, :mod:`hvr_agent.digest_cache`), then a :class:`~hvr_common.pure.digest_tree.Descent`
-asks the replica for the digests of the nodes it needs
+in a worker thread; only the chunks written since the last pass, the rest
+from the disk's digest cache, :mod:`hvr_agent.digest_cache`), then a
+:class:`~hvr_common.pure.digest_tree.Descent` asks the replica for the digests of the nodes it needs
 (``POST /v1/replicas/{vm_id}/digests/{disk_id}``) and descends only below the
 nodes that differ; blocks (level 0) are hashed from the image when asked.
 Differing blocks are handed to ``on_differences`` as they are found, so a

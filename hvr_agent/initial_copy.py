@@ -35,6 +35,7 @@ log = logging.getLogger("hvr.agent.replication")
 S = ReplicationState
 # Initial windows uploading at once per disk; with the one being built, this many + 1 are in memory.
 INITIAL_WINDOWS_IN_FLIGHT = 4
+HASH_READ_BYTES = 1024 * 1024  # a window's chunks are read again for the digest cache in pieces this big
 
 
 @dataclass
@@ -231,7 +232,8 @@ class _DiskCopy:
         first, last = -(-start // unit), (self.geometry.count(1) if end >= self.disk.size_bytes else end // unit)
         if self.hashing is None or first >= last:
             return window, (0, 0)
-        digest_scan.fill(self.fd, self.geometry, self.hashing.digests, [(first, last)], threads=1)
+        digest_scan.fill(self.fd, self.geometry, self.hashing.digests, [(first, last)], threads=1,
+                         read_bytes=HASH_READ_BYTES)
         return window, (first, last)
 
     def _build_next(self, start: int) -> asyncio.Future:

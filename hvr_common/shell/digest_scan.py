@@ -39,9 +39,9 @@ def _data_chunks(fd: int, geometry: dt.Geometry) -> Runs:
     return runs
 
 
-def _reads(runs: Iterable[tuple[int, int]], geometry: dt.Geometry) -> list[tuple[int, int]]:
-    """The byte ranges to read: the data chunks' runs cut into reads of at most READ_BYTES."""
-    per_read = max(1, READ_BYTES // geometry.chunk_size) * geometry.chunk_size
+def _reads(runs: Iterable[tuple[int, int]], geometry: dt.Geometry, read_bytes: int = READ_BYTES) -> Runs:
+    """The byte ranges to read: the data chunks' runs cut into reads of at most ``read_bytes``."""
+    per_read = max(1, read_bytes // geometry.chunk_size) * geometry.chunk_size
     reads = []
     for first, end in runs:
         offset, stop = first * geometry.chunk_size, min(end * geometry.chunk_size, geometry.size)
@@ -77,10 +77,10 @@ def _bytes_of(runs: Runs, geometry: dt.Geometry) -> int:
 
 
 def fill(fd: int, geometry: dt.Geometry, digests: bytearray, only: Runs,
-         progress: Callable[[int], None] | None = None, threads: int = 2) -> None:
+         progress: Callable[[int], None] | None = None, threads: int = 2, read_bytes: int = READ_BYTES) -> None:
     """Put the digests of the chunks of ``only`` (runs of chunk indices) into ``digests``: holes as
-    ``zero_digest``, data read and hashed by ``threads`` (1 or 2) threads; ``progress(bytes)`` as runs are
-    done (holes included)."""
+    ``zero_digest``, data read (``read_bytes`` at a time, two buffers) and hashed by ``threads`` (1 or 2)
+    threads; ``progress(bytes)`` as runs are done (holes included)."""
     for first, end in only:  # holes first; data chunks overwrite theirs below
         for index in range(first, end):
             offset, stop = geometry.node_range(1, index)
@@ -88,7 +88,7 @@ def fill(fd: int, geometry: dt.Geometry, digests: bytearray, only: Runs,
     unit = geometry.chunk_size
     data = br.intersect([(a * unit, b * unit) for a, b in _data_chunks(fd, geometry)],
                         br.normalise((a * unit, b * unit) for a, b in only))
-    reads = _reads([(a // unit, b // unit) for a, b in data], geometry)
+    reads = _reads([(a // unit, b // unit) for a, b in data], geometry, read_bytes)
     if hasattr(os, "posix_fadvise") and geometry.size and reads:
         os.posix_fadvise(fd, 0, geometry.size, os.POSIX_FADV_SEQUENTIAL)
     done_bytes = _bytes_of(only, geometry) - sum(end - offset for offset, end in reads)
@@ -123,7 +123,7 @@ def scan(fd: int, geometry: dt.Geometry, progress: Callable[[int], None] | None 
 
 def block_digests(fd: int, geometry: dt.Geometry, indices: Sequence[int]) -> list[bytes]:
     """Digests of blocks (level 0): each run of consecutive chunks they fall in read once, into one reused
-    buffer, and hashed in place."""
+    buffer, and every block of those chunks hashed in place (a chunk's last block may be short)."""
     per = geometry.blocks_per_chunk
     wanted: dict[int, list[int]] = {}
     for index in indices:
@@ -140,10 +140,20 @@ def block_digests(fd: int, geometry: dt.Geometry, indices: Sequence[int]) -> lis
         offset = chunks[i] * geometry.chunk_size
         end = min(chunks[j - 1] * geometry.chunk_size + geometry.chunk_size, geometry.size)
         view = _read_into(fd, buffer, offset, end)
+        size = dt.DIGEST_SIZE
         for chunk in chunks[i:j]:
-            for index in wanted[chunk]:
-                block_offset, block_end = geometry.node_range(0, index)
-                digest_of[index] = dt.content_digest(view[block_offset - offset:block_end - offset])
+            blocks = wanted[chunk]
+            if 2 * len(blocks) < per:  # a few blocks of the chunk: each on its own
+                for index in blocks:
+                    block_offset, block_end = geometry.node_range(0, index)
+                    digest_of[index] = dt.content_digest(view[block_offset - offset:block_end - offset])
+                continue
+            # most or all (the descent asks for all 16 of a differing chunk): every block in one pass
+            at = chunk * geometry.chunk_size - offset
+            first = chunk * per
+            digests = dt.content_digests(view[at:at + geometry.chunk_size], geometry.block_size)
+            for index in blocks:
+                digest_of[index] = digests[(index - first) * size:(index - first + 1) * size]
         i = j
     return [digest_of[index] for index in indices]
 
