@@ -17,7 +17,9 @@ One run:
    onto the damaged copy; timed; bytes through the proxy; ``qemu-img compare``.
 
 Printed: both times and their ratio (target: hvr at least 4x faster), bytes
-on the wire against the changed data (target: hvr at most 1.5x).
+on the wire against the changed data (target: hvr at most 1.5x), and the hvr
+resync's phases from the daemons' JSON events (request, replica digests read,
+replica rebased, resync completed, cycle shipped, cycle applied).
 
 ``--py-spy DIR`` records the agent and the listener during the hvr resync.
 
@@ -71,9 +73,51 @@ def damage(path: Path, fraction: float, seed: int) -> int:
     return len(chosen) * BLOCK
 
 
+PHASES = (  # (daemon, event): the resync's steps as the daemons log them
+    ("agent", "resync_started"), ("listener", "replica_digests_read"), ("listener", "replica_resynchronized"),
+    ("agent", "resync_completed"), ("agent", "cycle_shipped"), ("listener", "cycle_applied"))
+
+
+def _events(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "event" in obj and "ts" in obj:
+            out.append(obj)
+    return out
+
+
+def phases(pair: ReplicationPair, after_ts: str) -> list[tuple[str, str, str]]:
+    """When each step of the resync happened (first such event after ``after_ts``): from the JSON logs."""
+    logs = {"agent": _events(pair.agent.stdout_path), "listener": _events(pair.listener.stdout_path)}
+    found = []
+    for daemon, name in PHASES:
+        ts = next((e["ts"] for e in logs[daemon] if e["event"] == name and e["ts"] >= after_ts), None)
+        if ts is not None:
+            found.append((ts, daemon, name))
+    return sorted(found)
+
+
+def print_phases(found: list[tuple[str, str, str]], requested_ts: str) -> None:
+    def seconds(ts: str) -> float:
+        hms = ts.split("T", 1)[1].rstrip("Z")
+        h, m, sec = hms.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    start = previous = seconds(requested_ts)
+    print("hvr resync phases (from the daemons' events; s since the request, s since the previous step):")
+    for ts, daemon, name in found:
+        at = seconds(ts)
+        print(f"  {at - start:6.3f}  +{at - previous:6.3f}  {daemon:8s} {name}")
+        previous = at
+
+
 def run_hvr(pair: ReplicationPair, image: Path) -> dict:
     pair.proxy.reset()
     before = pair.replica(VM)["last_applied_sequence"]
+    requested_ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
     started = time.monotonic()
     pair.agent_api.request("POST", f"/v1/vms/{VM}/replication/resync", {})
 
@@ -92,8 +136,12 @@ def run_hvr(pair: ReplicationPair, image: Path) -> dict:
     up, down = pair.proxy.counts()
     resync = pair.status(VM)["resync"]
     same, text = qemu_img_compare(image, pair.replica_image(VM, image.stem))
+    found = phases(pair, requested_ts)
+    print_phases(found, requested_ts)
     return {"time_s": elapsed_s, "up_bytes": up, "down_bytes": down, "identical": same, "compare": text,
-            "differing_bytes": resync.get("differing_bytes"), "sent_bytes": resync.get("sent_bytes")}
+            "differing_bytes": resync.get("differing_bytes"), "sent_bytes": resync.get("sent_bytes"),
+            "scanned_bytes": resync.get("scanned_bytes"), "cached_bytes": resync.get("cached_bytes"),
+            "phases": [[ts, daemon, name] for ts, daemon, name in found]}
 
 
 def main(argv: list[str] | None = None) -> int:
