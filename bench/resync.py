@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(f"speed-up against rsync: {speedup:.2f}x (target >= {TARGET_SPEEDUP}x); hvr wire / changed data: "
           f"{hvr_wire / changed:.2f} (target <= {TARGET_WIRE_RATIO})")
+    if hvr.get("cached_bytes") is not None:
+        print(f"hvr primary: {human(hvr['scanned_bytes'])} read and hashed, {human(hvr['cached_bytes'])} from its "
+              f"digest cache")
     if args.py_spy:
         print_busiest_frames(args.py_spy, "the resync")
     if args.json_out:

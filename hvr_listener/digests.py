@@ -3,7 +3,7 @@
 The tree is read from the replica image as it is (its last applied point, or
 a cycle being applied: the compare is correct against any state between the
 last applied point and the newest received cycle, see ``docs/resync.md``),
-in one pass, in a worker thread, and kept while the image stays the same: the
+in one pass, in worker threads (two hash while a third reads ahead), and kept while the image stays the same: the
 cache is keyed by the applied sequence, the image's size, mtime and ctime, so
 a cycle applied meanwhile or a change made behind the listener's back
 (anything that writes the file) makes the next query read it again.  Blocks
