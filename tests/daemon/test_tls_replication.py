@@ -9,7 +9,9 @@ unusable certificate files, and the listener refuses to start with them.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
+import shutil
 import subprocess
 
 import pytest
@@ -177,26 +179,40 @@ def test_agent_refuses_to_enable_with_an_unusable_certificate(tmp_path, pki, bad
         pair.close()
 
 
-@pytest.mark.parametrize("case", ["expired", "not yet valid", "wrong usage", "key readable by others"])
+def _without_root_file_access() -> list[str]:
+    """A command prefix that takes from root the power to read any file, so a mode-0 file is unreadable."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed: as root every file is readable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("case", ["expired", "not yet valid", "wrong usage", "key readable by others",
+                                  "unreadable"])
 def test_listener_refuses_to_start_and_check_config_with_an_unusable_certificate(tmp_path, pki, case):
     now = dt.datetime.now(dt.timezone.utc)
     window = {"expired": (now - dt.timedelta(days=9), now - dt.timedelta(days=2)),
               "not yet valid": (now + dt.timedelta(days=2), now + dt.timedelta(days=9))}.get(case, (None, None))
     cert, key = pki.issue(SERVER_NAME, "client" if case == "wrong usage" else "server", folder="bad-server",
                           not_before=window[0], not_after=window[1])
+    prefix = []
     if case == "key readable by others":
         key.chmod(0o640)
+    if case == "unreadable":
+        cert.chmod(0)
+        prefix = _without_root_file_access()
     lp = ListenerProcess(tmp_path / "listener",
                          extra_config={"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(pki.ca)})
     lp.write_config()
-    check = subprocess.run([python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path),
+    check = subprocess.run([*prefix, python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path),
                             "--check-config"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert check.returncode == 78, check.stdout + check.stderr
-    start = subprocess.run([python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path)],
+    start = subprocess.run([*prefix, python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path)],
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert start.returncode == 78, start.stderr
     words = {"expired": "expired", "not yet valid": "not valid before", "wrong usage": "serverAuth",
-             "key readable by others": "readable by others"}[case]
+             "key readable by others": "readable by others", "unreadable": "not readable"}[case]
     assert words in check.stderr and words in start.stderr, (check.stderr, start.stderr)
 
 
