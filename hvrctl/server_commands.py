@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -156,8 +157,8 @@ def monitoring_interval_s(text: str) -> int:
     """``12h``, ``1d`` or a number of seconds."""
     unit = {"h": 3600, "d": 86400}.get(text[-1:].lower(), 1) if text else 1
     digits = text[:-1] if unit != 1 else text
-    if not digits.isdigit():
-        raise UsageError(f"monitoring interval {text!r} is not a duration", hint="for example 12h or 1d")
+    if re.fullmatch("[0-9]{1,9}", digits) is None:  # ASCII digits: str.isdigit() takes '²', which int() refuses
+        raise UsageError(f"monitoring interval {text!r:.80} is not a duration", hint="for example 12h or 1d")
     return int(digits) * unit
 
 

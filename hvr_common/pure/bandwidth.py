@@ -24,7 +24,7 @@ MAX_WINDOWS = 48
 
 _UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2, "gb": 1000 ** 3, "gib": 1024 ** 3}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)\s*/\s*s\s*$", re.IGNORECASE)
-_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})$")
+_TIME_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")  # ASCII digits, matched whole
 UNLIMITED = ("unlimited", "none", "off")
 
 
@@ -65,7 +65,7 @@ def format_rate(rate: int | None) -> str:
 
 def parse_time_of_day(text, *, end: bool = False) -> int:
     """``"08:30"`` -> seconds after midnight; ``"24:00"`` only as an ``end`` (midnight, taken as 0)."""
-    m = _TIME_RE.match(text) if isinstance(text, str) else None
+    m = _TIME_RE.fullmatch(text) if isinstance(text, str) else None
     if m is None:
         raise ValueError(f"{text!r} is not a time of day HH:MM")
     hours, minutes = int(m.group(1)), int(m.group(2))

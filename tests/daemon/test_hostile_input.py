@@ -16,7 +16,7 @@ import pytest
 from bundles import hrl_bytes
 from hvr_common.pure.bundle import CODEC_ZSTD, FRAME, BundleHeader, BundleKind, DiskEntry
 from listener_process import ListenerProcess, call, call_json
-from raw_http import exchange, signed
+from raw_http import exchange, exchange_unix, request_bytes, signed
 from replica_vm import SIZE, Vm
 from small_tmpfs import small_tmpfs
 
@@ -211,6 +211,44 @@ def test_an_unknown_route_and_a_wrong_method_are_json_too(listener):
         r = signed(listener.port, method, path, key=listener.key)
         assert r.status == status and r.content_type.startswith("application/json"), (r.status, r.body)
         assert json.loads(r.body)["code"] == "http_error"
+
+
+# --- numbers and times of the admin API: ASCII digits in range, or 400 -----------------------------
+# str.isdigit() takes '²' (int() then fails: a 500) and '١٢' (int() reads 12: a wrong value accepted)
+
+ODD_NUMBERS = ["²", "١٢", "+1", "1_0", " 1", str(TOO_BIG), "9" * 5000]
+
+
+def admin(lp: ListenerProcess, method: str, target: str, body: dict | None = None):
+    raw = json.dumps(body).encode() if body is not None else b""
+    return exchange_unix(lp.admin_socket, request_bytes(method, quote(target, safe="/?=&"), raw,
+                                                        {"Content-Type": "application/json"}))
+
+
+@pytest.mark.parametrize("number", ODD_NUMBERS)
+@pytest.mark.parametrize("route", ["backup data offset", "backup data length", "backup extents offset",
+                                   "recovery point release"])
+def test_numbers_in_admin_paths_and_queries_are_ascii_digits_in_range(listener, victim, route, number):
+    before, server = victim.snapshot(), listener.hvrctl_json("server", "get")
+    target = {"backup data offset": f"/v1/replicas/victim/backup/disks/d0/data?offset={number}&length=1",
+              "backup data length": f"/v1/replicas/victim/backup/disks/d0/data?offset=0&length={number}",
+              "backup extents offset": f"/v1/replicas/victim/backup/disks/d0/extents?offset={number}",
+              "recovery point release": f"/v1/replicas/victim/recovery-points/{number}/release"}[route]
+    r = admin(listener, "GET" if "backup" in route else "POST", target)
+    doc = refused(victim, r, 400, "bad_request", before)
+    assert len(doc["message"]) < 400, "the message repeats the whole hostile input"
+    assert listener.hvrctl_json("server", "get") == server
+
+
+@pytest.mark.parametrize("change", [{"monitoring_start": "²²:00"}, {"monitoring_start": "١٠:٠٠"},
+                                    {"monitoring_start": "10:00\n"}, {"listen": "127.0.0.1:٢٨٧١١"},
+                                    {"listen": "127.0.0.1:²"}], ids=["superscript", "arabic", "newline",
+                                                                     "arabic-port", "superscript-port"])
+def test_times_and_ports_of_the_server_settings_are_ascii_digits(listener, victim, change):
+    before, server = victim.snapshot(), listener.hvrctl_json("server", "get")
+    r = admin(listener, "PATCH", "/v1/server", change)
+    refused(victim, r, 400, "bad_request", before)
+    assert listener.hvrctl_json("server", "get") == server, "a refused setting was stored"
 
 
 def test_the_victim_still_takes_a_good_cycle_after_all_that(listener, victim):

@@ -61,3 +61,10 @@ def test_an_unreadable_local_file_is_an_error_line_not_a_traceback(capsys, tmp_p
     log.write_bytes(b"not a log")
     rc, err = run(capsys, "hrl", "apply", str(log), str(tmp_path / "missing-dir" / "image"))
     assert rc != 0 and err.startswith("hvrctl: error:")
+
+
+@pytest.mark.parametrize("interval", ["²h", "²", "١٢h", "9" * 5000, "h", "1.5d"])
+def test_a_monitoring_interval_that_is_not_ascii_digits_is_a_usage_error(capsys, tmp_path, interval):
+    rc, err = run(capsys, "--listener-socket", str(tmp_path / "no.sock"), "server", "set",
+                  "--monitoring-interval", interval)
+    assert rc == 2 and "is not a duration" in err and len(err) < 400, err
