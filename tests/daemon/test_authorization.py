@@ -90,6 +90,15 @@ def test_a_primary_of_another_trust_group_is_refused_for_every_request(sites, we
                   key=k, headers=gen)
     _refused(web1, window, 403, "other_trust_group", before)
     assert "trust group" in window.json()["message"] and window.json()["detail"]["trust_group"] == "site2"
+    for method, path, body in (  # the routes of streamed cycles, resync and the heartbeat too
+            ("POST", f"{base}/cycles/2/commit", {"sha256": "0" * 64, "bytes": 0}),
+            ("POST", f"{base}/digests/{web1.disk_ids[0]}", {"size_bytes": SIZE, "level": 0, "indices": [0]}),
+            ("POST", f"{base}/resync/complete", {"generation": 1, "next_sequence": 2}),
+            ("POST", f"{base}/heartbeat", {"running": False, "nbd_clients": 0})):
+        _refused(web1, call_json(sites.port, method, path, body, key=k, headers=gen), 403, "other_trust_group",
+                 before)
+    streamed = web1.stream_cycle(2, web1.cycle_body(2, [[("write", 0, b"x" * 4096)]], streamed=True), key=k)
+    _refused(web1, streamed, 403, "other_trust_group", before)
     log = sites.stdout_path.read_text() + sites.stderr_path.read_text()
     assert "other_trust_group" in log  # logged
 
