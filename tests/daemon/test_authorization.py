@@ -156,8 +156,18 @@ def test_bad_entry_commands_are_refused_and_change_nothing(sites, args, exit_cod
 
 def test_removing_an_entry_refuses_its_primaries_from_the_next_request(sites, web1):
     assert call(sites.port, "GET", "/v1/server", key=sites.site2).status == 200
+    site2_open = http.client.HTTPConnection("127.0.0.1", sites.port, timeout=30)
+    site1_open = http.client.HTTPConnection("127.0.0.1", sites.port, timeout=30)
+    assert _signed_keepalive_get(site2_open, sites.site2) == 200
+    assert _signed_keepalive_get(site1_open, sites.site1_a) == 200
     removed = sites.hvrctl_json("authz", "remove", "c.site2.example")
     assert removed["removed"] == "c.site2.example"
+    assert removed["connections_closed"] == 1  # the removed primary's open connection, not site1's
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine)):
+        _signed_keepalive_get(site2_open, sites.site2)
+    site2_open.close()
+    assert _signed_keepalive_get(site1_open, sites.site1_a) == 200
+    site1_open.close()
     r = call(sites.port, "GET", "/v1/server", key=sites.site2)
     assert r.status == 403 and r.code == "not_authorized"
     sites.hvrctl("authz", "add", "c.site2.example", "--storage", sites.s2, "--trust-group", "site2")
