@@ -174,6 +174,30 @@ def test_removing_an_entry_refuses_its_primaries_from_the_next_request(sites, we
     assert call(sites.port, "GET", "/v1/server", key=sites.site2).status == 200
 
 
+def test_allow_any_puts_new_replicas_in_the_default_storage_and_trust_group(tmp_path):
+    """The default mode: every authenticated primary, trust group DEFAULT, the default storage location;
+    entries are kept but not consulted."""
+    lp = ListenerProcess(tmp_path / "l")
+    lp.start().wait_ready()
+    try:
+        assert lp.hvrctl_json("server", "get")["allow_any_authenticated"] is True
+        first, _ = lp.new_key("p1.example")
+        second, _ = lp.new_key("p2.example")
+        lp.hvrctl("authz", "add", "p2.example", "--storage", tmp_path / "elsewhere", "--trust-group", "g2")
+        vm = Vm(_as(lp, first), "anyvm")
+        assert vm.folder() == lp.storage / str(vm.vm_id)
+        assert lp.hvrctl_json("replica", "get", "anyvm")["trust_group"] == "DEFAULT"
+        data = b"2" * 4096  # another DEFAULT primary (the entry is not consulted) may go on replicating it
+        r = vm.put_cycle(1, vm.cycle_body(1, [[("write", 0, data)]]), key=second)
+        assert r.status == 201, r.body
+        vm.expected[0][0:4096] = data
+        vm.wait_applied(1)
+        vm.assert_images()
+        assert not (tmp_path / "elsewhere").exists()
+    finally:
+        lp.close()
+
+
 # --- keys: two per principal, removal closes connections ------------------------------------
 
 def test_two_keys_per_principal_then_the_old_one_removed(tmp_path):
