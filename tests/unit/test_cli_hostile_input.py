@@ -68,3 +68,17 @@ def test_a_monitoring_interval_that_is_not_ascii_digits_is_a_usage_error(capsys,
     rc, err = run(capsys, "--listener-socket", str(tmp_path / "no.sock"), "server", "set",
                   "--monitoring-interval", interval)
     assert rc == 2 and "is not a duration" in err and len(err) < 400, err
+
+
+@pytest.mark.parametrize("flag", ["--key", "--ca", "--cert", "--cert-key"])
+def test_vm_enable_with_a_folder_for_a_file_says_so(capsys, tmp_path, flag):
+    files = {"--key": tmp_path / "k", "--ca": tmp_path / "ca.pem", "--cert": tmp_path / "c.pem",
+             "--cert-key": tmp_path / "c-key.pem"}
+    for f in files.values():
+        f.write_text("x")
+    files[flag] = tmp_path
+    auth = ["--key", str(files["--key"])] if flag == "--key" else [
+        "--auth", "certificate", "--cert", str(files["--cert"]), "--cert-key", str(files["--cert-key"])]
+    rc, err = run(capsys, "--agent-socket", str(tmp_path / "no.sock"), "vm", "enable", "web", "--replica-server",
+                  "replica1.example", "--port", "8443", *auth, "--ca", str(files["--ca"]))
+    assert rc == 2 and f"{tmp_path} is a folder" in err and "does not exist" not in err, err
