@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +85,32 @@ def test_vm_enable_with_a_folder_for_a_file_says_so(capsys, tmp_path, flag):
     rc, err = run(capsys, "--agent-socket", str(tmp_path / "no.sock"), "vm", "enable", "web", "--replica-server",
                   "replica1.example", "--port", "8443", *auth, "--ca", str(files["--ca"]))
     assert rc == 2 and f"{tmp_path} is a folder" in err and "does not exist" not in err, err
+
+
+def _hvrctl_without_root_file_access(*argv: str) -> subprocess.CompletedProcess:
+    """hvrctl in a child that may not bypass file modes (as root it otherwise reads and writes every file)."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, sys.executable, "-m", "hvrctl", *argv], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_key_new_into_a_folder_it_may_not_write(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o500)
+    done = _hvrctl_without_root_file_access("key", "new", "p.example", "--out", str(folder / "p.key"))
+    assert done.returncode == 2 and "permission denied" in done.stderr and "hint" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (folder / "p.key").exists()
+
+
+def test_server_key_add_of_a_key_file_it_may_not_read(tmp_path):
+    from hvr_common.pure.token_auth import Key
+    from hvr_common.shell.key_file import write_key
+    path = tmp_path / "p.key"
+    write_key(Key.generate("p.example"), path)
+    path.chmod(0)
+    done = _hvrctl_without_root_file_access("--listener-socket", str(tmp_path / "no.sock"), "server", "key", "add",
+                                            str(path))
+    assert done.returncode == 2 and "not readable" in done.stderr and "hint" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
