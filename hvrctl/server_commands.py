@@ -9,7 +9,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from hvr_common.pure.errors import UnavailableError, UsageError
+from hvr_common.pure.errors import HvrError, UnavailableError, UsageError
 from hvr_common.shell.key_file import read_key, write_key
 from hvr_common.pure.token_auth import Key
 from hvrctl import adopt_commands, transfer_commands
@@ -265,7 +265,10 @@ def cmd_key_list(args) -> int:
 
 
 def cmd_key_new(args) -> int:
-    key = Key.generate(args.principal)
+    try:
+        key = Key.generate(args.principal)
+    except HvrError as exc:  # a bad argument (exit 2), not a failed authentication (77)
+        raise UsageError(exc.message, hint=exc.hint) from None
     write_key(key, args.out, overwrite=args.force)
     if args.output == "json":
         emit_json({"principal": key.principal, "key_id": key.key_id, "file": str(args.out)})

@@ -114,3 +114,10 @@ def test_server_key_add_of_a_key_file_it_may_not_read(tmp_path):
                                             str(path))
     assert done.returncode == 2 and "not readable" in done.stderr and "hint" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("principal", ["p.example\n", "../p", "p p", "p/q", ""])
+def test_key_new_for_a_principal_that_is_not_valid_is_bad_usage(capsys, tmp_path, principal):
+    rc, err = run(capsys, "key", "new", principal, "--out", str(tmp_path / "p.key"))
+    assert rc == 2 and "is not valid" in err and "hint" in err, err
+    assert not (tmp_path / "p.key").exists()
