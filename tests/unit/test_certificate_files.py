@@ -198,3 +198,15 @@ def test_issuing_again_with_force_replaces_the_files_by_rename(ca, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ca.pem", "host1.example-key.pem",
                                                                    "host1.example.pem"]
     TlsFiles(ca=ca / "ca.pem", cert=cert, key=key).check(CLIENT)
+
+
+def test_lab_ca_folders_made_on_the_way_are_private_too(tmp_path, capsys):
+    old = os.umask(0)
+    try:
+        assert hvrctl(["cert", "ca", "new", str(tmp_path / "a" / "b" / "ca")]) == 0
+        assert hvrctl(["cert", "issue", "h.example", "--ca", str(tmp_path / "a" / "b" / "ca"),
+                       "--out", str(tmp_path / "x" / "y" / "h"), "--client"]) == 0
+    finally:
+        os.umask(old)
+    for folder in ("a", "a/b", "a/b/ca", "x", "x/y", "x/y/h"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
