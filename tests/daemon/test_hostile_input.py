@@ -181,7 +181,7 @@ def test_a_zstd_frame_followed_by_extra_data_is_refused_and_not_stored(listener,
 
 # --- HTTP framing errors are answered in JSON -----------------------------------------------------
 
-@pytest.mark.parametrize("request_bytes", [
+FRAMING_ERRORS = [
     b"GARBAGE\r\n\r\n",
     b"GET /v1/server HTTP/9.9\r\nHost: x\r\n\r\n",
     b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -192,8 +192,12 @@ def test_a_zstd_frame_followed_by_extra_data_is_refused_and_not_stored(listener,
     b"PUT /v1/server HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
     b"GET /v1/server HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
     b"GET /v1/server HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
-], ids=["garbage", "version", "long-line", "long-header", "many-headers", "bad-length", "two-lengths",
-        "bad-chunk", "bad-header-name", "nul-in-header"])
+]
+FRAMING_IDS = ["garbage", "version", "long-line", "long-header", "many-headers", "bad-length", "two-lengths",
+               "bad-chunk", "bad-header-name", "nul-in-header"]
+
+
+@pytest.mark.parametrize("request_bytes", FRAMING_ERRORS, ids=FRAMING_IDS)
 def test_http_framing_errors_are_answered_with_the_json_error_body(listener, victim, request_bytes):
     before = victim.snapshot()
     r = exchange(listener.port, request_bytes)
@@ -204,6 +208,18 @@ def test_http_framing_errors_are_answered_with_the_json_error_body(listener, vic
     assert len(r.body) < 1000
     assert victim.snapshot() == before
     assert listener.is_alive()
+
+
+@pytest.mark.parametrize("request_bytes", FRAMING_ERRORS, ids=FRAMING_IDS)
+def test_http_framing_errors_on_both_admin_sockets_are_json_too(listener, victim, agent, request_bytes):
+    before, vms = victim.snapshot(), _agent_state(agent)
+    for socket_path in (listener.admin_socket, agent.admin_socket):
+        r = exchange_unix(socket_path, request_bytes)
+        assert r.status == 400 and r.content_type.startswith("application/json"), (socket_path, r.status, r.body)
+        assert json.loads(r.body)["code"] == "http_malformed" and len(r.body) < 1000, r.body
+    assert victim.snapshot() == before and _agent_state(agent) == vms
+    assert listener.is_alive()
+    agent.assert_alive()
 
 
 def test_an_unknown_route_and_a_wrong_method_are_json_too(listener):
