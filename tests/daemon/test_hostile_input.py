@@ -222,6 +222,17 @@ def test_http_framing_errors_on_both_admin_sockets_are_json_too(listener, victim
     agent.assert_alive()
 
 
+def test_a_json_body_over_1_mib_on_either_admin_socket_is_413(listener, victim, agent):
+    before, vms, keys = victim.snapshot(), _agent_state(agent), listener.hvrctl_json("server", "key", "list")
+    big = json.dumps({"principal": "p.example", "secret": "A" * (2 * MiB)}).encode()
+    for socket_path, target in ((listener.admin_socket, "/v1/keys"), (agent.admin_socket, "/v1/vms")):
+        r = exchange_unix(socket_path, request_bytes("POST", target, big, {"Content-Type": "application/json"}))
+        assert r.status == 413 and r.content_type.startswith("application/json"), (r.status, r.body[:300])
+        assert json.loads(r.body)["code"] == "http_error"
+    assert victim.snapshot() == before and _agent_state(agent) == vms
+    assert listener.hvrctl_json("server", "key", "list") == keys
+
+
 def test_an_unknown_route_and_a_wrong_method_are_json_too(listener):
     for method, path, status in (("GET", "/nowhere", 404), ("DELETE", "/v1/server", 405)):
         r = signed(listener.port, method, path, key=listener.key)
