@@ -121,3 +121,21 @@ def test_key_new_for_a_principal_that_is_not_valid_is_bad_usage(capsys, tmp_path
     rc, err = run(capsys, "key", "new", principal, "--out", str(tmp_path / "p.key"))
     assert rc == 2 and "is not valid" in err and "hint" in err, err
     assert not (tmp_path / "p.key").exists()
+
+
+@pytest.mark.parametrize("argv", [["vm", "get"], ["vm", "remove"], ["replica", "get"], ["recovery-points", "list"],
+                                  ["vm", "sync-now"], ["backup", "get"]])
+@pytest.mark.parametrize("name", ["web\n", "web#x", "web?x=1", "a b", "../status", "web/x", "web\x00"])
+def test_a_vm_name_that_cannot_be_one_is_refused_before_any_request(capsys, tmp_path, argv, name):
+    """'web#x' would have reached VM web (the fragment cut off), 'web\\n' a traceback in http.client."""
+    rc, err = run(capsys, "--agent-socket", str(tmp_path / "no.sock"), "--listener-socket", str(tmp_path / "no.sock"),
+                  *argv, name)
+    assert rc == 2 and "VM name" in err and "is not valid" in err and "hint" in err, err
+
+
+def test_a_route_with_a_control_character_is_a_usage_error_not_a_traceback(tmp_path):
+    from hvr_common.pure.errors import UsageError
+    from hvrctl.client import AdminClient
+    with pytest.raises(UsageError) as info:
+        AdminClient(tmp_path / "no.sock", "hvr-listener").request("DELETE", "/v1/keys/p q\n")
+    assert info.value.exit_code == 2 and "no name can have" in info.value.message
