@@ -379,3 +379,20 @@ def test_the_agent_refuses_a_replica_server_that_is_not_a_host(agent, server, tm
     r = exchange_unix(agent.admin_socket, request_bytes("POST", "/v1/vms/vm1/replication", json.dumps(body).encode()))
     assert r.status == 400 and "replica_server" in json.loads(r.body)["message"], r.body[:300]
     assert _agent_state(agent) == before
+
+
+@pytest.mark.parametrize("change", [{"bandwidth_limit": "9" * 400 + "MiB/s"}, {"bandwidth_limit": 2 ** 80},
+                                    {"bandwidth_limit": "١٠MiB/s"},
+                                    {"bandwidth_schedule": [{"start": "²:00", "end": "06:00", "limit": "1MiB/s"}]},
+                                    {"bandwidth_schedule": [{"start": "01:00", "end": "06:00",
+                                                             "limit": "9" * 400 + "GiB/s"}]}],
+                         ids=["huge-rate-text", "huge-rate-int", "arabic-rate", "superscript-time", "huge-window-rate"])
+def test_the_agents_transfer_settings_refuse_odd_or_huge_numbers(agent, change):
+    from hvrctl.client import AdminClient
+    admin = AdminClient(agent.admin_socket, "hvr-agent")
+    before = admin.request("GET", "/v1/settings")
+    r = exchange_unix(agent.admin_socket, request_bytes("PATCH", "/v1/settings", json.dumps(change).encode(),
+                                                        {"Content-Type": "application/json"}))
+    assert r.status == 400 and json.loads(r.body)["code"] == "bad_request", (r.status, r.body[:300])
+    assert len(r.body) < 1000
+    assert admin.request("GET", "/v1/settings") == before

@@ -181,3 +181,12 @@ def test_a_listen_port_with_odd_digits_is_a_config_error(port):
     with pytest.raises(ConfigError) as info:
         parse_listener_config({"state_dir": "/var/lib/hvr", "listen": f"127.0.0.1:{port}"})
     assert any(p.startswith("listen:") and len(p) < 300 for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("rate", ["9" * 400 + "MiB/s", "١٠MiB/s", "10MiB/s\nx", 2 ** 80, "2TiB/s", "2048GiB/s",
+                                  "1" * 20 + "B/s"])
+def test_a_bandwidth_rate_with_odd_digits_or_beyond_any_link_is_refused(rate):
+    from hvr_common.pure.bandwidth import parse_rate
+    with pytest.raises(ValueError) as info:
+        parse_rate(rate)
+    assert len(str(info.value)) < 400
