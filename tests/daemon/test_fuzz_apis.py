@@ -161,8 +161,9 @@ def listener_admin_requests():
         method, path, fields = draw(st.sampled_from([
             # default_storage and listen are left out: a valid "/" or a new port would send the other
             # tests elsewhere (their hostile values are tested in test_hostile_input.py)
-            ("GET", "/v1/server", []), ("PATCH", "/v1/server", ["enabled", "auth_modes", "allow_any_authenticated", "max_active_applies",
-                                           "monitoring_interval_s", "monitoring_start"]),
+            ("GET", "/v1/server", []),
+            ("PATCH", "/v1/server", ["enabled", "auth_modes", "allow_any_authenticated", "max_active_applies",
+                                     "monitoring_interval_s", "monitoring_start"]),
             ("GET", "/v1/keys", []), ("POST", "/v1/keys", ["principal", "secret", "replace"]),
             ("DELETE", "/v1/keys/{hostile}", []), ("GET", "/v1/replicas", []), ("GET", "/v1/replicas/{name}", []),
             ("DELETE", "/v1/replicas/{hostile}", ["delete_storage"]),
@@ -180,7 +181,7 @@ def listener_admin_requests():
             ("GET", "/v1/replicas/{name}/backup", []), ("DELETE", "/v1/replicas/{hostile}/backup", []),
             ("GET", "/v1/replicas/{name}/backup/disks/{hostile}/extents", []),
             ("GET", "/v1/replicas/{name}/backup/disks/{hostile}/data", []),
-            ("POST", "/v1/replicas/{hostile}/failover", ["recovery_point", "point"]),
+            ("POST", "/v1/replicas/{hostile}/failover", ["recovery_point", "force"]),
             ("DELETE", "/v1/replicas/{hostile}/failover", []),
             ("POST", "/v1/replicas/{hostile}/failover/complete", []),
         ]))
@@ -254,12 +255,12 @@ def agent_requests(ag: AgentProcess):
         method, path, fields = draw(st.sampled_from([
             ("GET", "/v1/status", []), ("GET", "/v1/vms", []), ("POST", "/v1/vms", ["name", "disks", "read_only"]),
             ("GET", "/v1/vms/{name}", []), ("DELETE", "/v1/vms/{hostile}", []), ("POST", "/v1/vms/{name}/cut", []),
-            ("POST", "/v1/vms/{name}/replication", ["replica_server", "key_file", "frequency_s", "compression",
+            ("POST", "/v1/vms/{name}/replication", ["replica_server", "port", "key_file", "frequency_s", "compression",
                                                     "recovery_history", "fine_window_min", "app_consistent_hours",
-                                                    "initial_start", "initial_at"]),
+                                                    "auth", "tls", "ca_file", "cert_file", "cert_key_file"]),
             ("PATCH", "/v1/vms/{name}/replication", ["frequency_s", "compression", "recovery_history"]),
             ("DELETE", "/v1/vms/{hostile}/replication", []), ("GET", "/v1/vms/{name}/replication/measure", []),
-            ("POST", "/v1/vms/{name}/replication/initial", ["at"]),
+            ("POST", "/v1/vms/{name}/replication/initial", ["at_ns", "use_existing"]),
             ("POST", "/v1/vms/{name}/replication/sync-now", ["wait"]),
             ("POST", "/v1/vms/{name}/replication/suspend", []), ("POST", "/v1/vms/{name}/replication/resume", []),
             ("GET", "/v1/replication", []), ("GET", "/v1/replication/{name}", []),
@@ -271,11 +272,12 @@ def agent_requests(ag: AgentProcess):
             ("POST", "/v1/vms/{name}/replication/initial/export", ["directory", "chunk_bytes"]),
             ("POST", "/v1/vms/{name}/replication/resync", ["at_ns", "cancel"]),
             ("POST", "/v1/vms/{name}/replication/verify", ["repair"]),
-            ("POST", "/v1/vms/{hostile}/failover/prepare", ["planned"]),
+            ("POST", "/v1/vms/{hostile}/failover/prepare", []),
             ("DELETE", "/v1/vms/{hostile}/failover/prepare", []),
-            ("POST", "/v1/vms/{hostile}/failover/serve", []), ("DELETE", "/v1/vms/{hostile}/failover/serve", []),
+            ("POST", "/v1/vms/{hostile}/failover/serve", ["vm_id", "generation", "recovery_point", "disks"]),
+            ("DELETE", "/v1/vms/{hostile}/failover/serve", []),
             ("POST", "/v1/vms/{hostile}/failover/serve/complete", []),
-            ("POST", "/v1/vms/{hostile}/failover/reverse", ["replica_server", "port", "key_file"]),
+            ("POST", "/v1/vms/{hostile}/failover/reverse", ["replica_server", "port", "key_file", "frequency_s"]),
         ]))
         target = path.format(name=name, hostile=hostile)
         if path == "/v1/vms" and method == "POST" and draw(st.booleans()):

@@ -30,7 +30,8 @@ class LabPki:
         return issue(ca_dir or self.ca_dir, host, self.root / (folder or f"{host}-{usage}"), usage,
                      not_before=not_before, not_after=not_after, overwrite=overwrite)
 
-    def issue_odd(self, folder: str, *, common_name: str | None, san: str | None, client_auth: bool) -> tuple[Path, Path]:
+    def issue_odd(self, folder: str, *, common_name: str | None, san: str | None,
+                  client_auth: bool) -> tuple[Path, Path]:
         """A client certificate the lab tooling would not make, signed by the trusted CA: no extended key usage
         at all (``client_auth`` false), and/or no host name (no SAN, a CN that is not a host name or none)."""
         from cryptography import x509
