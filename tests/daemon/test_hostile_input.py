@@ -396,3 +396,27 @@ def test_the_agents_transfer_settings_refuse_odd_or_huge_numbers(agent, change):
     assert r.status == 400 and json.loads(r.body)["code"] == "bad_request", (r.status, r.body[:300])
     assert len(r.body) < 1000
     assert admin.request("GET", "/v1/settings") == before
+
+
+def test_a_start_time_beyond_sqlite_is_400_not_a_crash_of_the_clock(tmp_path):
+    """at_ns past 2^63 - 1 (year 2262) overflowed the date conversion of a VM ready for its initial copy: a 500."""
+    from daemons import make_image
+    from hvrctl.client import AdminClient
+    from replication_pair import Pair
+    pair = Pair(tmp_path).start()
+    try:
+        pair.protect("ready", [make_image(tmp_path / "ready.img", 4 * MiB)])
+        admin = AdminClient(pair.agent.admin_socket, "hvr-agent")
+        before = admin.request("GET", "/v1/replication/ready")
+        for route in ("initial", "resync"):
+            for at_ns in (TOO_BIG, 2 ** 80, -1, 1.5, True):
+                r = exchange_unix(pair.agent.admin_socket, request_bytes(
+                    "POST", f"/v1/vms/ready/replication/{route}", json.dumps({"at_ns": at_ns}).encode(),
+                    {"Content-Type": "application/json"}))
+                assert r.status == 400 and json.loads(r.body)["code"] == "bad_request", (route, at_ns, r.body[:300])
+        assert admin.request("GET", "/v1/replication/ready") == before
+        late = pair.agent.hvrctl("initial", "start", "ready", "--at", "+9999999999999h", check=False)
+        assert late.returncode == 2 and "at_ns" in late.stderr and "Traceback" not in late.stderr, late.stderr
+        assert admin.request("GET", "/v1/replication/ready") == before
+    finally:
+        pair.close()
