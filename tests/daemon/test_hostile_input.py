@@ -267,6 +267,17 @@ def test_numbers_in_admin_paths_and_queries_are_ascii_digits_in_range(listener, 
     assert listener.hvrctl_json("server", "get") == server
 
 
+@pytest.mark.parametrize("route", ["backup", "test-failover", "failover"])
+@pytest.mark.parametrize("point", [TOO_BIG, 2 ** 80, 0, -1, "1", 1.0, True])
+def test_a_recovery_point_id_outside_sqlite_or_not_an_integer_is_400(listener, victim, route, point):
+    """2^80 was taken as a point not applied yet (a 503 a backup product retries forever) or an unknown one."""
+    before, server = victim.snapshot(), listener.hvrctl_json("server", "get")
+    r = admin(listener, "POST", f"/v1/replicas/victim/{route}", {"recovery_point": point})
+    doc = refused(victim, r, 400, "bad_request", before)
+    assert "recovery_point" in doc["message"] and len(doc["message"]) < 400
+    assert listener.hvrctl_json("server", "get") == server
+
+
 @pytest.mark.parametrize("change", [{"monitoring_start": "²²:00"}, {"monitoring_start": "١٠:٠٠"},
                                     {"monitoring_start": "10:00\n"}, {"listen": "127.0.0.1:٢٨٧١١"},
                                     {"listen": "127.0.0.1:²"}], ids=["superscript", "arabic", "newline",
