@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvr_common.block.catalogue import Export, Withdrawn
-from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.backup_gate import Admitted, GateInput, backup_gate
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
+from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.health import replication_health
 from hvr_common.pure.nbd_events import ExportInfo
 from hvr_common.pure.recovery_points import Point

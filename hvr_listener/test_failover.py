@@ -30,8 +30,8 @@ from pathlib import Path
 
 from hvr_common.block.catalogue import Export, Withdrawn
 from hvr_common.block.overlay import Overlay
-from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
+from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.nbd_events import ExportInfo
 from hvr_common.pure.recovery_points import Point
 from hvr_common.pure.replication_state import ReplicationState

@@ -78,6 +78,16 @@ def test_an_enable_with_an_integer_beyond_sqlite_is_400_and_leaves_no_files(list
     listener.hvrctl("replica", "remove", "bigint", "--delete-storage")
 
 
+@pytest.mark.parametrize("field", ["generation", "next_sequence"])
+def test_resync_complete_with_a_number_beyond_sqlite_is_400(listener, victim, field):
+    before = victim.snapshot()
+    body = {"generation": 1, "next_sequence": victim.state()["next_sequence"], field: TOO_BIG}
+    r = call_json(listener.port, "POST", f"/v1/replicas/{victim.vm_id}/resync/complete", body, key=listener.key,
+                  headers=GEN1)
+    refused(victim, r, 400, "bad_request", before)
+    assert field in r.json()["message"]
+
+
 def test_initial_complete_with_next_sequence_beyond_sqlite_is_400(listener, victim):
     before = victim.snapshot()
     r = call_json(listener.port, "POST", f"/v1/replicas/{victim.vm_id}/initial/complete",
