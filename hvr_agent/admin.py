@@ -25,6 +25,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
+from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.recovery_points import HistorySettings
 from hvr_common.pure.media_manifest import DEFAULT_CHUNK_BYTES
 from hvr_common.pure.tracking_mode import parse_tracking
@@ -186,12 +187,18 @@ async def patch_server(request: web.Request) -> web.Response:
     return web.json_response(await request.app[REPLICATION].change_server(await read_json_object(request)))
 
 
+def _at_ns(body: dict) -> int | None:
+    """A start time: nanoseconds since the epoch in SQLite's range (a larger one overflowed the clock: a 500)."""
+    at_ns = body.get("at_ns")
+    if at_ns is not None and not is_int_in(at_ns, 0):
+        raise UsageError("field 'at_ns' must be a time in nanoseconds since the epoch (0 to 2^63 - 1)")
+    return at_ns
+
+
 async def start_initial(request: web.Request) -> web.Response:
     body = await read_json_object(request) if request.can_read_body else {}
     _fields(body, {"at_ns", "use_existing"})
-    at_ns = body.get("at_ns")
-    if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or at_ns < 0):
-        raise UsageError("field 'at_ns' must be a time in nanoseconds since the epoch")
+    at_ns = _at_ns(body)
     use_existing = body.get("use_existing", False)
     if not isinstance(use_existing, bool):
         raise UsageError("field 'use_existing' must be true or false")
@@ -247,9 +254,7 @@ async def reset_settings(request: web.Request) -> web.Response:
 async def resync_replication(request: web.Request) -> web.Response:
     body = await read_json_object(request) if request.can_read_body else {}
     _fields(body, {"at_ns", "cancel"})
-    at_ns = body.get("at_ns")
-    if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or at_ns < 0):
-        raise UsageError("field 'at_ns' must be a time in nanoseconds since the epoch")
+    at_ns = _at_ns(body)
     cancel = body.get("cancel", False)
     if not isinstance(cancel, bool):
         raise UsageError("field 'cancel' must be true or false")

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
 from hvr_common.pure.health import HealthReport, replica_health
+from hvr_common.pure.input_limits import decimal
 from hvr_common.shell.http_middleware import error_middleware, read_json_object
 from hvr_common.shell.progress_stream import stream_job
 from hvr_common.shell.threads import finish_in_thread
@@ -211,10 +212,7 @@ async def release_recovery_point(request: web.Request) -> web.Response:
     rep = await asyncio.to_thread(request.app[STORE].replica_by_name, name)
     if rep is None:
         raise NotFoundError(f"no replica VM named {name!r} on this server", hint="hvrctl replica get lists them")
-    try:
-        point_id = int(request.match_info["id"])
-    except ValueError:
-        raise UsageError("the recovery point id must be a number") from None
+    point_id = decimal(request.match_info["id"], "the recovery point id", minimum=1)
     histories = request.app[HISTORIES]
     async with request.app[SERVICE].image_lock(rep.vm_id):  # a pin changes only under the image lock
         await asyncio.to_thread(histories.kept_aside.release, rep, point_id)

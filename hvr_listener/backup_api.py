@@ -13,6 +13,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hvr_common.pure.errors import NotFoundError, UsageError
+from hvr_common.pure.input_limits import decimal
 from hvr_common.shell.http_middleware import read_json_object
 from hvr_listener.backups import Backups
 
@@ -23,9 +24,7 @@ def _int_query(request: web.Request, key: str, default: int | None) -> int | Non
     raw = request.query.get(key)
     if raw is None:
         return default
-    if not raw.isdigit():
-        raise UsageError(f"query parameter {key!r} must be a whole number of bytes, not {raw!r}")
-    return int(raw)
+    return decimal(raw, f"query parameter {key!r} (a whole number of bytes)")
 
 
 async def list_backups(request: web.Request) -> web.Response:

@@ -28,6 +28,7 @@ from pathlib import Path
 from hvr_common.block.catalogue import Export, Withdrawn
 from hvr_common.pure.backup_gate import Admitted, GateInput, backup_gate
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
+from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.health import replication_health
 from hvr_common.pure.nbd_events import ExportInfo
 from hvr_common.pure.recovery_points import Point
@@ -110,8 +111,8 @@ class Backups:
 
     # --- verbs ------------------------------------------------------------------------------
     async def begin(self, name: str, point_id: int | None) -> dict:
-        if point_id is not None and (not isinstance(point_id, int) or isinstance(point_id, bool) or point_id < 1):
-            raise UsageError(f"recovery_point must be a point id (a positive whole number), not {point_id!r}")
+        if point_id is not None and not is_int_in(point_id, 1):  # 1 to 2^63 - 1, as stored
+            raise UsageError(f"recovery_point must be a point id (a positive whole number), not {point_id!r:.80}")
         rep = await self._replica(name)
         async with self.access.lock(rep.vm_id), self.access.image_lock(rep.vm_id):
             rep = await self._replica(name)  # again, under the locks

@@ -21,6 +21,7 @@ import uuid
 
 from hvr_common.pure.authorization import Grant
 from hvr_common.pure.errors import UsageError
+from hvr_common.pure.input_limits import MAX_INT64, is_int_in
 from hvr_common.shell.files import unlink_if_exists
 from hvr_common.shell.logs import event
 from hvr_listener.replica_access import ReplicaAccess, check_generation, conflict
@@ -38,8 +39,8 @@ class ResyncCompletion:
     async def complete(self, vm_id: uuid.UUID, peer: Grant, body: dict) -> Replica:
         generation, next_sequence = body.get("generation"), body.get("next_sequence")
         for key, value in (("generation", generation), ("next_sequence", next_sequence)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"field {key!r} must be an integer >= 1")
+            if not is_int_in(value, 1):  # SQLite's range: 2^80 overflowed the store (a 500)
+                raise UsageError(f"field {key!r} must be an integer from 1 to {MAX_INT64}")
         if set(body) - {"generation", "next_sequence"}:
             raise UsageError(f"unknown field(s): {', '.join(sorted(set(body) - {'generation', 'next_sequence'}))}")
         async with await self.access.locked(vm_id, peer):

@@ -31,6 +31,7 @@ from pathlib import Path
 from hvr_common.block.catalogue import Export, Withdrawn
 from hvr_common.block.overlay import Overlay
 from hvr_common.pure.errors import HvrError, NotFoundError, UsageError
+from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.nbd_events import ExportInfo
 from hvr_common.pure.recovery_points import Point
 from hvr_common.pure.replication_state import ReplicationState
@@ -95,8 +96,8 @@ class TestFailovers:
         if self.nbd_socket is None:
             raise UsageError("test failover needs the listener's NBD socket, and none is configured",
                              hint="set nbd_socket in listener.toml and restart hvr-listener")
-        if point_id is not None and (not isinstance(point_id, int) or isinstance(point_id, bool) or point_id < 1):
-            raise UsageError(f"recovery_point must be a point id (a positive whole number), not {point_id!r}")
+        if point_id is not None and not is_int_in(point_id, 1):  # 1 to 2^63 - 1, as stored
+            raise UsageError(f"recovery_point must be a point id (a positive whole number), not {point_id!r:.80}")
         rep = await self._replica(name)
         async with self.access.lock(rep.vm_id), self.access.image_lock(rep.vm_id):
             rep = await self._replica(name)  # again, under the locks

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from hvr_common.pure.errors import HvrError, UnavailableError
+from hvr_common.pure.errors import HvrError, UnavailableError, UsageError
 from hvr_common.pure.wire.error_catalogue import error_from_body
 from hvr_common.pure.wire.routes import JSON_CONTENT_TYPE
 
@@ -54,6 +54,9 @@ class AdminClient:
             conn.request(method, route, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
+        except http.client.InvalidURL:  # a control character or a space in a name given to hvrctl
+            raise UsageError(f"{route!r:.120} holds a character no name can have",
+                             hint="names are letters, digits, '.', '_' and '-'") from None
         except (OSError, socket.timeout) as exc:
             raise self._unreachable(exc) from None
         finally:

@@ -36,8 +36,12 @@ def _file(path: Path | None, what: str, hint: str) -> str | None:
     if path is None:
         return None
     path = path.expanduser().resolve()
-    if not path.is_file():
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder, not a file", hint="name the file itself")
+    if not path.exists():
         raise UsageError(f"{what} {path} does not exist", hint=hint)
+    if not path.is_file():
+        raise UsageError(f"{what} {path} is not a regular file", hint="name the file itself")
     return str(path)
 
 

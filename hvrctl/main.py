@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from hvr_common.pure.errors import HvrError
+from hvr_common.pure.names import check_name
 from hvrctl import (authz_commands, backup_commands, cert_commands, compare_commands, examples, failover_commands,
                     hrl_commands, recovery_commands, replication_commands, server_commands, vm_commands)
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "listener_socket"):
         args.listener_socket = Path(os.environ.get("HVR_LISTENER_SOCKET") or DEFAULT_LISTENER_SOCKET)
     try:
+        if getattr(args, "name", None) is not None:  # every NAME argument is a VM's: it goes into a route
+            check_name("VM", args.name)  # ('web#x' would reach VM web; 'web\n' no route at all)
         return args.func(args) or 0
     except HvrError as exc:
         if args.output == "json":

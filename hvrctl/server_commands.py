@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import re
 import urllib.parse
 from pathlib import Path
 
-from hvr_common.pure.errors import UnavailableError, UsageError
+from hvr_common.pure.errors import HvrError, UnavailableError, UsageError
 from hvr_common.shell.key_file import read_key, write_key
 from hvr_common.pure.token_auth import Key
 from hvrctl import adopt_commands, transfer_commands
@@ -156,8 +157,8 @@ def monitoring_interval_s(text: str) -> int:
     """``12h``, ``1d`` or a number of seconds."""
     unit = {"h": 3600, "d": 86400}.get(text[-1:].lower(), 1) if text else 1
     digits = text[:-1] if unit != 1 else text
-    if not digits.isdigit():
-        raise UsageError(f"monitoring interval {text!r} is not a duration", hint="for example 12h or 1d")
+    if re.fullmatch("[0-9]{1,9}", digits) is None:  # ASCII digits: str.isdigit() takes '²', which int() refuses
+        raise UsageError(f"monitoring interval {text!r:.80} is not a duration", hint="for example 12h or 1d")
     return int(digits) * unit
 
 
@@ -264,7 +265,10 @@ def cmd_key_list(args) -> int:
 
 
 def cmd_key_new(args) -> int:
-    key = Key.generate(args.principal)
+    try:
+        key = Key.generate(args.principal)
+    except HvrError as exc:  # a bad argument (exit 2), not a failed authentication (77)
+        raise UsageError(exc.message, hint=exc.hint) from None
     write_key(key, args.out, overwrite=args.force)
     if args.output == "json":
         emit_json({"principal": key.principal, "key_id": key.key_id, "file": str(args.out)})

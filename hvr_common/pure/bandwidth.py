@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 DAY_S = 24 * 3600
 MIN_RATE_BYTES_PER_S = 64 * 1024
+MAX_RATE_BYTES_PER_S = 1024 ** 4  # 1 TiB/s: more than any link; a bigger number is a mistake (or an attack)
 MAX_WINDOWS = 48
 
 _UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2, "gb": 1000 ** 3, "gib": 1024 ** 3}
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)\s*/\s*s\s*$", re.IGNORECASE)
-_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})$")
+_RATE_RE = re.compile(r"\s*([0-9]{1,16}(?:\.[0-9]{1,9})?)\s*([kmg]i?b|b)\s*/\s*s\s*", re.IGNORECASE)  # ASCII, whole
+_TIME_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")  # ASCII digits, matched whole
 UNLIMITED = ("unlimited", "none", "off")
 
 
@@ -40,15 +41,17 @@ def parse_rate(value) -> int | None:
     if isinstance(value, int):
         rate = value
     elif isinstance(value, str):
-        m = _RATE_RE.match(value)
+        m = _RATE_RE.fullmatch(value)
         if m is None:
-            raise ValueError(f"{value!r} is not a rate: write a number and a unit, e.g. \"50MiB/s\", \"800KB/s\" "
+            raise ValueError(f"{value!r:.80} is not a rate: write a number and a unit, e.g. \"50MiB/s\", \"800KB/s\" "
                              f"(B, KB, KiB, MB, MiB, GB, GiB per second), or \"unlimited\"")
         rate = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     else:
         raise ValueError(f"{value!r} is not a rate")
     if rate < MIN_RATE_BYTES_PER_S:
-        raise ValueError(f"{value!r} is below the smallest cap, {format_rate(MIN_RATE_BYTES_PER_S)}")
+        raise ValueError(f"{value!r:.80} is below the smallest cap, {format_rate(MIN_RATE_BYTES_PER_S)}")
+    if rate > MAX_RATE_BYTES_PER_S:
+        raise ValueError(f"{value!r:.80} is above the largest cap, {format_rate(MAX_RATE_BYTES_PER_S)}")
     return rate
 
 
@@ -65,7 +68,7 @@ def format_rate(rate: int | None) -> str:
 
 def parse_time_of_day(text, *, end: bool = False) -> int:
     """``"08:30"`` -> seconds after midnight; ``"24:00"`` only as an ``end`` (midnight, taken as 0)."""
-    m = _TIME_RE.match(text) if isinstance(text, str) else None
+    m = _TIME_RE.fullmatch(text) if isinstance(text, str) else None
     if m is None:
         raise ValueError(f"{text!r} is not a time of day HH:MM")
     hours, minutes = int(m.group(1)), int(m.group(2))

@@ -8,6 +8,7 @@ key; nothing is half-applied.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,8 +125,8 @@ def parse_endpoint(value: str) -> tuple[str, int]:
     except ValueError:
         if host != "localhost":
             raise ValueError(f"{host!r} is not an IP address or localhost") from None
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ValueError(f"port {port_s!r} is not a number from 0 to 65535")
+    if re.fullmatch("[0-9]{1,5}", port_s) is None or not 0 <= int(port_s) <= 65535:  # ASCII digits only
+        raise ValueError(f"port {port_s!r:.80} is not a number from 0 to 65535")
     return host, int(port_s)
 
 

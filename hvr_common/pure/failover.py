@@ -22,6 +22,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hvr_common.pure.input_limits import is_int_in
 from hvr_common.pure.recovery_points import Point
 from hvr_common.pure.replication_state import ReplicationState
 from hvr_common.pure.wire.error_catalogue import error
@@ -108,8 +109,8 @@ def choose_point(name: str, points: Sequence[Point], point_id: int | None) -> Po
     Only the latest point and points that capture can be reached (the others
     are about to be dropped); the latest one not while a cycle that does not
     capture is replacing it (503 ``recovery_point_changing``)."""
-    if point_id is not None and (not isinstance(point_id, int) or isinstance(point_id, bool) or point_id < 1):
-        raise error("bad_request", f"recovery_point must be a point id (a positive whole number), not {point_id!r}")
+    if point_id is not None and not is_int_in(point_id, 1):  # 1 to 2^63 - 1, as stored
+        raise error("bad_request", f"recovery_point must be a point id (a positive whole number), not {point_id!r:.80}")
     if not points:
         raise error("unknown_recovery_point", f"VM {name} has no recovery point yet",
                     hint="one appears once the first cycle after the initial copy is applied")

@@ -10,6 +10,7 @@ collection inside the current window: the window then starts at the reset.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hvr_common.pure.errors import UsageError
@@ -19,6 +20,7 @@ DAY_S = 86_400
 DEFAULT_INTERVAL_S = 12 * 3600  # Hyper-V's default monitoring interval
 MIN_INTERVAL_S = 3600
 MAX_INTERVAL_S = 7 * DAY_S
+_HH_MM_RE = re.compile(r"[0-9]{2}:[0-9]{2}")  # ASCII digits only (str.isdigit() takes '²' and '١')
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +38,9 @@ class MonitoringSettings:
 
 def parse_start(text: str) -> int:
     """``HH:MM`` (UTC) into seconds after midnight."""
-    parts = text.split(":") if isinstance(text, str) else []
-    if len(parts) != 2 or not all(p.isdigit() and len(p) == 2 for p in parts):
-        raise UsageError(f"monitoring_start {text!r} is not HH:MM", hint="for example 09:00 (UTC)")
-    hours, minutes = int(parts[0]), int(parts[1])
+    if not isinstance(text, str) or _HH_MM_RE.fullmatch(text) is None:
+        raise UsageError(f"monitoring_start {text!r:.80} is not HH:MM", hint="for example 09:00 (UTC)")
+    hours, minutes = int(text[:2]), int(text[3:])
     if hours > 23 or minutes > 59:
         raise UsageError(f"monitoring_start {text!r} is not a time of day", hint="00:00 to 23:59 (UTC)")
     return hours * 3600 + minutes * 60

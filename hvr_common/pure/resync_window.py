@@ -14,7 +14,7 @@ import datetime
 import re
 from dataclasses import dataclass
 
-_WINDOW_RE = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
+_WINDOW_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})-([0-9]{1,2}):([0-9]{2})")  # ASCII digits, matched whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ def parse_window(text: str) -> ResyncWindow | None:
     """``"HH:MM-HH:MM"`` into a window; ``""`` into None (at once); ValueError otherwise."""
     if text == "":
         return None
-    m = _WINDOW_RE.match(text.strip())
+    m = _WINDOW_RE.fullmatch(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not HH:MM-HH:MM")
     h1, m1, h2, m2 = map(int, m.groups())

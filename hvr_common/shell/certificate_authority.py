@@ -32,12 +32,20 @@ USAGES = {"server": (ExtendedKeyUsageOID.SERVER_AUTH,), "client": (ExtendedKeyUs
 
 
 def _private_dir(path: Path) -> None:
+    """``path`` and every folder made on the way to it: 0700 whatever the umask (``mkdir -p`` would give
+    the parents the umask's mode, 0777 under umask 000)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in missing:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(folder, 0o700)
+        if not path.is_dir():
+            raise NotADirectoryError(path)
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"{path} exists and is not a folder") from None
     except PermissionError:
-        raise UsageError(f"cannot create folder {path}: permission denied") from None
+        raise UsageError(f"cannot create folder {path}: permission denied",
+                         hint="run as a user who may write there, or choose another folder") from None
     os.chmod(path, 0o700)
 
 

@@ -111,7 +111,8 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool = False,
     except IsADirectoryError:
         raise UsageError(f"cannot create {path}: it is a folder", hint="give a file name") from None
     except PermissionError:
-        raise UsageError(f"cannot create {path}: permission denied") from None
+        raise UsageError(f"cannot create {path}: permission denied",
+                         hint=f"run as a user who may write to {path.parent}, or choose another path") from None
     try:
         os.fchmod(fd, 0o600)
         pwrite_all(fd, data, 0)

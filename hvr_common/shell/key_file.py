@@ -69,7 +69,8 @@ def read_key(path: Path) -> Key:
     except FileNotFoundError:
         raise UsageError(f"key file {path} does not exist", hint="create one with: hvrctl key new PRINCIPAL --out FILE") from None
     except PermissionError:
-        raise UsageError(f"key file {path} is not readable by this user") from None
+        raise UsageError(f"key file {path} is not readable by this user",
+                         hint="run as the key file's owner or root (a key file is 0600)") from None
     if len(data) > MAX_KEY_FILE_BYTES:
         raise UsageError(f"key file {path} is not valid: larger than {MAX_KEY_FILE_BYTES} bytes")
     try:

@@ -90,6 +90,15 @@ def test_a_primary_of_another_trust_group_is_refused_for_every_request(sites, we
                   key=k, headers=gen)
     _refused(web1, window, 403, "other_trust_group", before)
     assert "trust group" in window.json()["message"] and window.json()["detail"]["trust_group"] == "site2"
+    for method, path, body in (  # the routes of streamed cycles, resync and the heartbeat too
+            ("POST", f"{base}/cycles/2/commit", {"sha256": "0" * 64, "bytes": 0}),
+            ("POST", f"{base}/digests/{web1.disk_ids[0]}", {"size_bytes": SIZE, "level": 0, "indices": [0]}),
+            ("POST", f"{base}/resync/complete", {"generation": 1, "next_sequence": 2}),
+            ("POST", f"{base}/heartbeat", {"running": False, "nbd_clients": 0})):
+        _refused(web1, call_json(sites.port, method, path, body, key=k, headers=gen), 403, "other_trust_group",
+                 before)
+    streamed = web1.stream_cycle(2, web1.cycle_body(2, [[("write", 0, b"x" * 4096)]], streamed=True), key=k)
+    _refused(web1, streamed, 403, "other_trust_group", before)
     log = sites.stdout_path.read_text() + sites.stderr_path.read_text()
     assert "other_trust_group" in log  # logged
 
@@ -147,12 +156,46 @@ def test_bad_entry_commands_are_refused_and_change_nothing(sites, args, exit_cod
 
 def test_removing_an_entry_refuses_its_primaries_from_the_next_request(sites, web1):
     assert call(sites.port, "GET", "/v1/server", key=sites.site2).status == 200
+    site2_open = http.client.HTTPConnection("127.0.0.1", sites.port, timeout=30)
+    site1_open = http.client.HTTPConnection("127.0.0.1", sites.port, timeout=30)
+    assert _signed_keepalive_get(site2_open, sites.site2) == 200
+    assert _signed_keepalive_get(site1_open, sites.site1_a) == 200
     removed = sites.hvrctl_json("authz", "remove", "c.site2.example")
     assert removed["removed"] == "c.site2.example"
+    assert removed["connections_closed"] == 1  # the removed primary's open connection, not site1's
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine)):
+        _signed_keepalive_get(site2_open, sites.site2)
+    site2_open.close()
+    assert _signed_keepalive_get(site1_open, sites.site1_a) == 200
+    site1_open.close()
     r = call(sites.port, "GET", "/v1/server", key=sites.site2)
     assert r.status == 403 and r.code == "not_authorized"
     sites.hvrctl("authz", "add", "c.site2.example", "--storage", sites.s2, "--trust-group", "site2")
     assert call(sites.port, "GET", "/v1/server", key=sites.site2).status == 200
+
+
+def test_allow_any_puts_new_replicas_in_the_default_storage_and_trust_group(tmp_path):
+    """The default mode: every authenticated primary, trust group DEFAULT, the default storage location;
+    entries are kept but not consulted."""
+    lp = ListenerProcess(tmp_path / "l")
+    lp.start().wait_ready()
+    try:
+        assert lp.hvrctl_json("server", "get")["allow_any_authenticated"] is True
+        first, _ = lp.new_key("p1.example")
+        second, _ = lp.new_key("p2.example")
+        lp.hvrctl("authz", "add", "p2.example", "--storage", tmp_path / "elsewhere", "--trust-group", "g2")
+        vm = Vm(_as(lp, first), "anyvm")
+        assert vm.folder() == lp.storage / str(vm.vm_id)
+        assert lp.hvrctl_json("replica", "get", "anyvm")["trust_group"] == "DEFAULT"
+        data = b"2" * 4096  # another DEFAULT primary (the entry is not consulted) may go on replicating it
+        r = vm.put_cycle(1, vm.cycle_body(1, [[("write", 0, data)]]), key=second)
+        assert r.status == 201, r.body
+        vm.expected[0][0:4096] = data
+        vm.wait_applied(1)
+        vm.assert_images()
+        assert not (tmp_path / "elsewhere").exists()
+    finally:
+        lp.close()
 
 
 # --- keys: two per principal, removal closes connections ------------------------------------

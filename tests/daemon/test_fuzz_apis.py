@@ -3,8 +3,9 @@
 hypothesis builds requests from each route's shape with hostile path
 segments, query values, headers and bodies (random JSON, deep JSON, bytes).
 Every answer must be a JSON body with an error code or a success, never a
-5xx; after every refusal (4xx) the state is as it was: the victim replica's
-images and record, the listener's settings, keys and replicas, the agent's
+500 (a 503/507 only with a transient code of the catalogue: "try later");
+after every refusal (4xx) the state is as it was: the victim replica's
+images and record, the listener's settings, keys, entries and replicas, the agent's
 VMs and relationships.  An input that happens to be valid may change state;
 the baseline is then taken again.  The default run takes a few dozen requests
 per API; the ``slow`` suite many more.
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from daemons import AgentProcess, make_image
+from hvr_common.pure.wire.error_catalogue import CATALOGUE
 from hvrctl.client import AdminClient
 from listener_process import ListenerProcess
 from raw_http import exchange_unix, request_bytes, signed
@@ -53,12 +55,17 @@ def segment(value: str) -> str:
 
 
 def _json_answer(reply) -> dict | list | None:
-    assert reply.status < 500, (reply.status, reply.body[:300])
+    """A JSON answer; never a failure of the server (500): a 5xx only as a documented transient refusal
+    (503 or 507 whose code the catalogue marks transient, e.g. a backup of a point not applied yet)."""
+    assert reply.status != 500, (reply.status, reply.body[:300])
     assert (reply.content_type or "").startswith("application/json"), (reply.status, reply.content_type,
                                                                        reply.body[:300])
     doc = json.loads(reply.body) if reply.body else None
     if reply.status >= 400:
         assert isinstance(doc, dict) and isinstance(doc.get("code"), str), doc
+    if reply.status >= 500:
+        entry = CATALOGUE.get(doc["code"])
+        assert entry is not None and entry.transient and entry.status == reply.status, (reply.status, doc)
     return doc
 
 
@@ -79,7 +86,8 @@ def listener_state(lp: ListenerProcess) -> tuple:
     images = tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in lp.victim.image_paths())
     replicas = sorted((r["name"], r["state"], r.get("next_sequence")) for r in admin.request("GET", "/v1/replicas"))
     return (images, json.dumps(admin.request("GET", "/v1/server"), sort_keys=True),
-            json.dumps(admin.request("GET", "/v1/keys"), sort_keys=True), replicas)
+            json.dumps(admin.request("GET", "/v1/keys"), sort_keys=True), replicas,
+            json.dumps(admin.request("GET", "/v1/authorization"), sort_keys=True))
 
 
 def replication_requests(lp: ListenerProcess):
@@ -90,7 +98,8 @@ def replication_requests(lp: ListenerProcess):
 
     @st.composite
     def build(draw):
-        route = draw(st.sampled_from(["server", "replica", "initial", "complete", "cycle", "settings"]))
+        route = draw(st.sampled_from(["server", "replica", "initial", "complete", "cycle", "settings", "stream",
+                                      "commit", "digests", "resync", "heartbeat"]))
         vm = segment(draw(vm_ids))
         method, path, fields = {
             "server": ("GET", "/v1/server", []),
@@ -101,6 +110,11 @@ def replication_requests(lp: ListenerProcess):
             "cycle": ("PUT", f"/v1/replicas/{vm}/cycles/{segment(draw(NUMBERS))}", []),
             "settings": ("PUT", f"/v1/replicas/{vm}/settings",
                          ["recovery_history", "fine_window_min", "app_consistent_hours"]),
+            "stream": ("PUT", f"/v1/replicas/{vm}/cycles/{segment(draw(NUMBERS))}/stream", []),
+            "commit": ("POST", f"/v1/replicas/{vm}/cycles/{segment(draw(NUMBERS))}/commit", ["sha256", "bytes"]),
+            "digests": ("POST", f"/v1/replicas/{vm}/digests/{segment(draw(disk_ids))}", ["level", "indices"]),
+            "resync": ("POST", f"/v1/replicas/{vm}/resync/complete", ["generation", "next_sequence"]),
+            "heartbeat": ("POST", f"/v1/replicas/{vm}/heartbeat", ["running", "nbd_clients"]),
         }[route]
         q = draw(query)
         target = path + ("?" + urlencode(q) if q else "")
@@ -147,15 +161,32 @@ def listener_admin_requests():
         method, path, fields = draw(st.sampled_from([
             # default_storage and listen are left out: a valid "/" or a new port would send the other
             # tests elsewhere (their hostile values are tested in test_hostile_input.py)
-            ("GET", "/v1/server", []), ("PATCH", "/v1/server", ["enabled", "auth_modes", "allow_any_authenticated"]),
+            ("GET", "/v1/server", []),
+            ("PATCH", "/v1/server", ["enabled", "auth_modes", "allow_any_authenticated", "max_active_applies",
+                                     "monitoring_interval_s", "monitoring_start"]),
             ("GET", "/v1/keys", []), ("POST", "/v1/keys", ["principal", "secret", "replace"]),
             ("DELETE", "/v1/keys/{hostile}", []), ("GET", "/v1/replicas", []), ("GET", "/v1/replicas/{name}", []),
             ("DELETE", "/v1/replicas/{hostile}", ["delete_storage"]),
             ("POST", "/v1/replicas/{name}/resume", []), ("GET", "/v1/replicas/{name}/recovery-points", []),
             ("POST", "/v1/replicas/{name}/test-failover", ["point", "recovery_point"]),
             ("DELETE", "/v1/replicas/{hostile}/test-failover", []),
+            ("GET", "/v1/authorization", []), ("POST", "/v1/authorization", ["pattern", "storage", "trust_group"]),
+            ("PATCH", "/v1/authorization/{hostile}", ["storage", "trust_group"]),
+            ("DELETE", "/v1/authorization/{hostile}", []),
+            ("POST", "/v1/adoptions", ["name", "vm_id", "disk_ids", "disks", "keep_aside"]),
+            ("GET", "/v1/adoptions/{name}", []),
+            ("POST", "/v1/replicas/{name}/recovery-points/{hostile}/release", []),
+            ("POST", "/v1/replicas/{hostile}/initial/import", ["directory"]),
+            ("GET", "/v1/backups", []), ("POST", "/v1/replicas/{name}/backup", ["recovery_point"]),
+            ("GET", "/v1/replicas/{name}/backup", []), ("DELETE", "/v1/replicas/{hostile}/backup", []),
+            ("GET", "/v1/replicas/{name}/backup/disks/{hostile}/extents", []),
+            ("GET", "/v1/replicas/{name}/backup/disks/{hostile}/data", []),
+            ("POST", "/v1/replicas/{hostile}/failover", ["recovery_point", "force"]),
+            ("DELETE", "/v1/replicas/{hostile}/failover", []),
+            ("POST", "/v1/replicas/{hostile}/failover/complete", []),
         ]))
-        query = draw(st.dictionaries(HOSTILE_TEXT, HOSTILE_TEXT, max_size=2))
+        query = draw(st.dictionaries(st.sampled_from(["offset", "length", "key_id", "delete_storage"]) | HOSTILE_TEXT,
+                                     NUMBERS, max_size=2))
         target = path.format(name=name, hostile=hostile) + ("?" + urlencode(query) if query else "")
         return method, target, draw(bodies(fields))
     return build()
@@ -224,15 +255,29 @@ def agent_requests(ag: AgentProcess):
         method, path, fields = draw(st.sampled_from([
             ("GET", "/v1/status", []), ("GET", "/v1/vms", []), ("POST", "/v1/vms", ["name", "disks", "read_only"]),
             ("GET", "/v1/vms/{name}", []), ("DELETE", "/v1/vms/{hostile}", []), ("POST", "/v1/vms/{name}/cut", []),
-            ("POST", "/v1/vms/{name}/replication", ["replica_server", "key_file", "frequency_s", "compression",
+            ("POST", "/v1/vms/{name}/replication", ["replica_server", "port", "key_file", "frequency_s", "compression",
                                                     "recovery_history", "fine_window_min", "app_consistent_hours",
-                                                    "initial_start", "initial_at"]),
+                                                    "auth", "tls", "ca_file", "cert_file", "cert_key_file"]),
             ("PATCH", "/v1/vms/{name}/replication", ["frequency_s", "compression", "recovery_history"]),
             ("DELETE", "/v1/vms/{hostile}/replication", []), ("GET", "/v1/vms/{name}/replication/measure", []),
-            ("POST", "/v1/vms/{name}/replication/initial", ["at"]),
+            ("POST", "/v1/vms/{name}/replication/initial", ["at_ns", "use_existing"]),
             ("POST", "/v1/vms/{name}/replication/sync-now", ["wait"]),
             ("POST", "/v1/vms/{name}/replication/suspend", []), ("POST", "/v1/vms/{name}/replication/resume", []),
             ("GET", "/v1/replication", []), ("GET", "/v1/replication/{name}", []),
+            ("GET", "/v1/settings", []), ("PATCH", "/v1/settings", ["bandwidth_limit", "bandwidth_schedule",
+                                                "max_active_transfers"]),
+            ("DELETE", "/v1/settings", []), ("PATCH", "/v1/vms/{name}", ["tracking"]),
+            ("POST", "/v1/vms/{name}/replication/statistics/reset", []),
+            ("GET", "/v1/server", []), ("PATCH", "/v1/server", ["monitoring_interval_s", "monitoring_start"]),
+            ("POST", "/v1/vms/{name}/replication/initial/export", ["directory", "chunk_bytes"]),
+            ("POST", "/v1/vms/{name}/replication/resync", ["at_ns", "cancel"]),
+            ("POST", "/v1/vms/{name}/replication/verify", ["repair"]),
+            ("POST", "/v1/vms/{hostile}/failover/prepare", []),
+            ("DELETE", "/v1/vms/{hostile}/failover/prepare", []),
+            ("POST", "/v1/vms/{hostile}/failover/serve", ["vm_id", "generation", "recovery_point", "disks"]),
+            ("DELETE", "/v1/vms/{hostile}/failover/serve", []),
+            ("POST", "/v1/vms/{hostile}/failover/serve/complete", []),
+            ("POST", "/v1/vms/{hostile}/failover/reverse", ["replica_server", "port", "key_file", "frequency_s"]),
         ]))
         target = path.format(name=name, hostile=hostile)
         if path == "/v1/vms" and method == "POST" and draw(st.booleans()):

@@ -16,7 +16,7 @@ import pytest
 from bundles import hrl_bytes
 from hvr_common.pure.bundle import CODEC_ZSTD, FRAME, BundleHeader, BundleKind, DiskEntry
 from listener_process import ListenerProcess, call, call_json
-from raw_http import exchange, signed
+from raw_http import exchange, exchange_unix, request_bytes, signed
 from replica_vm import SIZE, Vm
 from small_tmpfs import small_tmpfs
 
@@ -76,6 +76,16 @@ def test_an_enable_with_an_integer_beyond_sqlite_is_400_and_leaves_no_files(list
     ok = call_json(listener.port, "PUT", f"/v1/replicas/{vm_id}", enable_body("bigint"), key=listener.key)
     assert ok.status == 201, ok.body  # the name is not blocked
     listener.hvrctl("replica", "remove", "bigint", "--delete-storage")
+
+
+@pytest.mark.parametrize("field", ["generation", "next_sequence"])
+def test_resync_complete_with_a_number_beyond_sqlite_is_400(listener, victim, field):
+    before = victim.snapshot()
+    body = {"generation": 1, "next_sequence": victim.state()["next_sequence"], field: TOO_BIG}
+    r = call_json(listener.port, "POST", f"/v1/replicas/{victim.vm_id}/resync/complete", body, key=listener.key,
+                  headers=GEN1)
+    refused(victim, r, 400, "bad_request", before)
+    assert field in r.json()["message"]
 
 
 def test_initial_complete_with_next_sequence_beyond_sqlite_is_400(listener, victim):
@@ -181,7 +191,7 @@ def test_a_zstd_frame_followed_by_extra_data_is_refused_and_not_stored(listener,
 
 # --- HTTP framing errors are answered in JSON -----------------------------------------------------
 
-@pytest.mark.parametrize("request_bytes", [
+FRAMING_ERRORS = [
     b"GARBAGE\r\n\r\n",
     b"GET /v1/server HTTP/9.9\r\nHost: x\r\n\r\n",
     b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -192,8 +202,12 @@ def test_a_zstd_frame_followed_by_extra_data_is_refused_and_not_stored(listener,
     b"PUT /v1/server HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
     b"GET /v1/server HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
     b"GET /v1/server HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
-], ids=["garbage", "version", "long-line", "long-header", "many-headers", "bad-length", "two-lengths",
-        "bad-chunk", "bad-header-name", "nul-in-header"])
+]
+FRAMING_IDS = ["garbage", "version", "long-line", "long-header", "many-headers", "bad-length", "two-lengths",
+               "bad-chunk", "bad-header-name", "nul-in-header"]
+
+
+@pytest.mark.parametrize("request_bytes", FRAMING_ERRORS, ids=FRAMING_IDS)
 def test_http_framing_errors_are_answered_with_the_json_error_body(listener, victim, request_bytes):
     before = victim.snapshot()
     r = exchange(listener.port, request_bytes)
@@ -206,11 +220,90 @@ def test_http_framing_errors_are_answered_with_the_json_error_body(listener, vic
     assert listener.is_alive()
 
 
+@pytest.mark.parametrize("request_bytes", FRAMING_ERRORS, ids=FRAMING_IDS)
+def test_http_framing_errors_on_both_admin_sockets_are_json_too(listener, victim, agent, request_bytes):
+    before, vms = victim.snapshot(), _agent_state(agent)
+    for socket_path in (listener.admin_socket, agent.admin_socket):
+        r = exchange_unix(socket_path, request_bytes)
+        assert r.status == 400 and r.content_type.startswith("application/json"), (socket_path, r.status, r.body)
+        assert json.loads(r.body)["code"] == "http_malformed" and len(r.body) < 1000, r.body
+    assert victim.snapshot() == before and _agent_state(agent) == vms
+    assert listener.is_alive()
+    agent.assert_alive()
+
+
+def test_a_json_body_over_1_mib_on_either_admin_socket_is_413(listener, victim, agent):
+    before, vms, keys = victim.snapshot(), _agent_state(agent), listener.hvrctl_json("server", "key", "list")
+    big = json.dumps({"principal": "p.example", "secret": "A" * (2 * MiB)}).encode()
+    for socket_path, target in ((listener.admin_socket, "/v1/keys"), (agent.admin_socket, "/v1/vms")):
+        r = exchange_unix(socket_path, request_bytes("POST", target, big, {"Content-Type": "application/json"}))
+        assert r.status == 413 and r.content_type.startswith("application/json"), (r.status, r.body[:300])
+        assert json.loads(r.body)["code"] == "http_error"
+    assert victim.snapshot() == before and _agent_state(agent) == vms
+    assert listener.hvrctl_json("server", "key", "list") == keys
+
+
 def test_an_unknown_route_and_a_wrong_method_are_json_too(listener):
     for method, path, status in (("GET", "/nowhere", 404), ("DELETE", "/v1/server", 405)):
         r = signed(listener.port, method, path, key=listener.key)
         assert r.status == status and r.content_type.startswith("application/json"), (r.status, r.body)
         assert json.loads(r.body)["code"] == "http_error"
+
+
+# --- numbers and times of the admin API: ASCII digits in range, or 400 -----------------------------
+# str.isdigit() takes '²' (int() then fails: a 500) and '١٢' (int() reads 12: a wrong value accepted)
+
+ODD_NUMBERS = ["²", "١٢", "+1", "1_0", " 1", str(TOO_BIG), "9" * 5000]
+
+
+def server_settings(lp: ListenerProcess) -> dict:
+    """The server's settings as hvrctl shows them, without the applies running at this instant."""
+    view = lp.hvrctl_json("server", "get")
+    view.pop("active_applies", None)
+    return view
+
+
+def admin(lp: ListenerProcess, method: str, target: str, body: dict | None = None):
+    raw = json.dumps(body).encode() if body is not None else b""
+    return exchange_unix(lp.admin_socket, request_bytes(method, quote(target, safe="/?=&"), raw,
+                                                        {"Content-Type": "application/json"}))
+
+
+@pytest.mark.parametrize("number", ODD_NUMBERS)
+@pytest.mark.parametrize("route", ["backup data offset", "backup data length", "backup extents offset",
+                                   "recovery point release"])
+def test_numbers_in_admin_paths_and_queries_are_ascii_digits_in_range(listener, victim, route, number):
+    before, server = victim.snapshot(), server_settings(listener)
+    target = {"backup data offset": f"/v1/replicas/victim/backup/disks/d0/data?offset={number}&length=1",
+              "backup data length": f"/v1/replicas/victim/backup/disks/d0/data?offset=0&length={number}",
+              "backup extents offset": f"/v1/replicas/victim/backup/disks/d0/extents?offset={number}",
+              "recovery point release": f"/v1/replicas/victim/recovery-points/{number}/release"}[route]
+    r = admin(listener, "GET" if "backup" in route else "POST", target)
+    doc = refused(victim, r, 400, "bad_request", before)
+    assert len(doc["message"]) < 400, "the message repeats the whole hostile input"
+    assert server_settings(listener) == server
+
+
+@pytest.mark.parametrize("route", ["backup", "test-failover", "failover"])
+@pytest.mark.parametrize("point", [TOO_BIG, 2 ** 80, 0, -1, "1", 1.0, True])
+def test_a_recovery_point_id_outside_sqlite_or_not_an_integer_is_400(listener, victim, route, point):
+    """2^80 was taken as a point not applied yet (a 503 a backup product retries forever) or an unknown one."""
+    before, server = victim.snapshot(), server_settings(listener)
+    r = admin(listener, "POST", f"/v1/replicas/victim/{route}", {"recovery_point": point})
+    doc = refused(victim, r, 400, "bad_request", before)
+    assert "recovery_point" in doc["message"] and len(doc["message"]) < 400
+    assert server_settings(listener) == server
+
+
+@pytest.mark.parametrize("change", [{"monitoring_start": "²²:00"}, {"monitoring_start": "١٠:٠٠"},
+                                    {"monitoring_start": "10:00\n"}, {"listen": "127.0.0.1:٢٨٧١١"},
+                                    {"listen": "127.0.0.1:²"}], ids=["superscript", "arabic", "newline",
+                                                                     "arabic-port", "superscript-port"])
+def test_times_and_ports_of_the_server_settings_are_ascii_digits(listener, victim, change):
+    before, server = victim.snapshot(), server_settings(listener)
+    r = admin(listener, "PATCH", "/v1/server", change)
+    refused(victim, r, 400, "bad_request", before)
+    assert server_settings(listener) == server, "a refused setting was stored"
 
 
 def test_the_victim_still_takes_a_good_cycle_after_all_that(listener, victim):
@@ -314,3 +407,44 @@ def test_the_agent_refuses_a_replica_server_that_is_not_a_host(agent, server, tm
     r = exchange_unix(agent.admin_socket, request_bytes("POST", "/v1/vms/vm1/replication", json.dumps(body).encode()))
     assert r.status == 400 and "replica_server" in json.loads(r.body)["message"], r.body[:300]
     assert _agent_state(agent) == before
+
+
+@pytest.mark.parametrize("change", [{"bandwidth_limit": "9" * 400 + "MiB/s"}, {"bandwidth_limit": 2 ** 80},
+                                    {"bandwidth_limit": "١٠MiB/s"},
+                                    {"bandwidth_schedule": [{"start": "²:00", "end": "06:00", "limit": "1MiB/s"}]},
+                                    {"bandwidth_schedule": [{"start": "01:00", "end": "06:00",
+                                                             "limit": "9" * 400 + "GiB/s"}]}],
+                         ids=["huge-rate-text", "huge-rate-int", "arabic-rate", "superscript-time", "huge-window-rate"])
+def test_the_agents_transfer_settings_refuse_odd_or_huge_numbers(agent, change):
+    from hvrctl.client import AdminClient
+    admin = AdminClient(agent.admin_socket, "hvr-agent")
+    before = admin.request("GET", "/v1/settings")
+    r = exchange_unix(agent.admin_socket, request_bytes("PATCH", "/v1/settings", json.dumps(change).encode(),
+                                                        {"Content-Type": "application/json"}))
+    assert r.status == 400 and json.loads(r.body)["code"] == "bad_request", (r.status, r.body[:300])
+    assert len(r.body) < 1000
+    assert admin.request("GET", "/v1/settings") == before
+
+
+def test_a_start_time_beyond_sqlite_is_400_not_a_crash_of_the_clock(tmp_path):
+    """at_ns past 2^63 - 1 (year 2262) overflowed the date conversion of a VM ready for its initial copy: a 500."""
+    from daemons import make_image
+    from hvrctl.client import AdminClient
+    from replication_pair import Pair
+    pair = Pair(tmp_path).start()
+    try:
+        pair.protect("ready", [make_image(tmp_path / "ready.img", 4 * MiB)])
+        admin = AdminClient(pair.agent.admin_socket, "hvr-agent")
+        before = admin.request("GET", "/v1/replication/ready")
+        for route in ("initial", "resync"):
+            for at_ns in (TOO_BIG, 2 ** 80, -1, 1.5, True):
+                r = exchange_unix(pair.agent.admin_socket, request_bytes(
+                    "POST", f"/v1/vms/ready/replication/{route}", json.dumps({"at_ns": at_ns}).encode(),
+                    {"Content-Type": "application/json"}))
+                assert r.status == 400 and json.loads(r.body)["code"] == "bad_request", (route, at_ns, r.body[:300])
+        assert admin.request("GET", "/v1/replication/ready") == before
+        late = pair.agent.hvrctl("initial", "start", "ready", "--at", "+9999999999999h", check=False)
+        assert late.returncode == 2 and "at_ns" in late.stderr and "Traceback" not in late.stderr, late.stderr
+        assert admin.request("GET", "/v1/replication/ready") == before
+    finally:
+        pair.close()

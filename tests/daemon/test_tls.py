@@ -122,6 +122,21 @@ def test_client_certificate_no_entry_allows_is_refused(pki, victim):
     assert victim.snapshot() == before
 
 
+@pytest.mark.parametrize("folder, odd", [
+    ("no-eku", {"common_name": "primary1.example", "san": "primary1.example", "client_auth": False}),
+    ("no-name", {"common_name": None, "san": None, "client_auth": True}),
+    ("cn-not-a-host", {"common_name": "Primary One, Org1", "san": None, "client_auth": True}),
+])
+def test_a_chaining_client_certificate_without_client_auth_or_a_host_name_is_401(pki, victim, folder, odd):
+    """OpenSSL takes a certificate without any extended key usage as good for every purpose, and one without a
+    name: the listener itself refuses them, before any authorization."""
+    before = victim.snapshot()
+    reply = _attempt(victim, pki.client_context(pki.issue_odd(folder, **odd)))
+    assert not isinstance(reply, Exception), f"refused in the handshake: {reply}"
+    assert reply.status == 401 and reply.code == "unauthenticated", reply.body
+    assert victim.snapshot() == before
+
+
 def test_a_listener_that_does_not_match_the_replica_server_name_is_refused(pki, victim, cert_listener):
     ctx = pki.client_context(cert_listener.primary1)
     with pytest.raises(ssl.SSLCertVerificationError, match="mismatch|doesn't match"):

@@ -3,18 +3,24 @@
 A real agent and listener on loopback; the agent connects to ``localhost``,
 the name of the listener's certificate.  Each run: enable, initial copy,
 cycles, ``qemu-img compare``.  Also: the agent refuses to enable with
-unusable certificate files, and the listener refuses to start with them.
+unusable certificate files, and the listener refuses to start with them; the
+agent refuses a replica server it cannot verify (another CA, another name,
+a certificate without serverAuth, TLS 1.2 only: the last two played by
+``openssl s_server``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
+import shutil
+import socket
 import subprocess
 
 import pytest
 
-from daemons import python_executable, REPO_ROOT, wait_for
+from daemons import free_tcp_port, python_executable, REPO_ROOT, wait_for
 from lab_pki import SERVER_NAME, LabPki
 from listener_process import ListenerProcess, call
 from replication_pair import MiB, Pair, make_disk, qemu_io
@@ -177,26 +183,40 @@ def test_agent_refuses_to_enable_with_an_unusable_certificate(tmp_path, pki, bad
         pair.close()
 
 
-@pytest.mark.parametrize("case", ["expired", "not yet valid", "wrong usage", "key readable by others"])
+def _without_root_file_access() -> list[str]:
+    """A command prefix that takes from root the power to read any file, so a mode-0 file is unreadable."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed: as root every file is readable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("case", ["expired", "not yet valid", "wrong usage", "key readable by others",
+                                  "unreadable"])
 def test_listener_refuses_to_start_and_check_config_with_an_unusable_certificate(tmp_path, pki, case):
     now = dt.datetime.now(dt.timezone.utc)
     window = {"expired": (now - dt.timedelta(days=9), now - dt.timedelta(days=2)),
               "not yet valid": (now + dt.timedelta(days=2), now + dt.timedelta(days=9))}.get(case, (None, None))
     cert, key = pki.issue(SERVER_NAME, "client" if case == "wrong usage" else "server", folder="bad-server",
                           not_before=window[0], not_after=window[1])
+    prefix = []
     if case == "key readable by others":
         key.chmod(0o640)
+    if case == "unreadable":
+        cert.chmod(0)
+        prefix = _without_root_file_access()
     lp = ListenerProcess(tmp_path / "listener",
                          extra_config={"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(pki.ca)})
     lp.write_config()
-    check = subprocess.run([python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path),
+    check = subprocess.run([*prefix, python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path),
                             "--check-config"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert check.returncode == 78, check.stdout + check.stderr
-    start = subprocess.run([python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path)],
+    start = subprocess.run([*prefix, python_executable(), "-m", "hvr_listener", "--config", str(lp.config_path)],
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert start.returncode == 78, start.stderr
     words = {"expired": "expired", "not yet valid": "not valid before", "wrong usage": "serverAuth",
-             "key readable by others": "readable by others"}[case]
+             "key readable by others": "readable by others", "unreadable": "not readable"}[case]
     assert words in check.stderr and words in start.stderr, (check.stderr, start.stderr)
 
 
@@ -217,5 +237,49 @@ def test_agent_refuses_a_replica_server_it_cannot_verify(tmp_path, pki, case):
                               check=False)
         assert r.returncode == 77 and '"code": "tls_refused"' in r.stderr, r.stderr
         assert pair.listener.hvrctl_json("replica", "get") in ([], {"replicas": []}), "the replica was created"
+    finally:
+        pair.close()
+
+
+@pytest.fixture
+def foreign_server(tmp_path):
+    """``openssl s_server`` on a free port with the given certificate and protocol flags (an independent server)."""
+    started = []
+
+    def start(cert: tuple, *flags: str) -> int:
+        port = free_tcp_port()
+        proc = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert[0]),
+                                 "-key", str(cert[1]), "-www", "-quiet", *flags],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(proc)
+
+        def listening() -> bool:
+            assert proc.poll() is None, "openssl s_server exited"
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(listening, 30, "openssl s_server to listen", interval_s=0.1)
+        return port
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.parametrize("case", ["server certificate with clientAuth only", "server limited to TLS 1.2"])
+def test_agent_refuses_a_replica_server_with_the_wrong_usage_or_an_old_tls(tmp_path, pki, foreign_server, case):
+    if case == "server certificate with clientAuth only":
+        port = foreign_server(pki.issue(SERVER_NAME, "client", folder="client-only"))
+    else:
+        port = foreign_server((pki.server_cert, pki.server_key), "-tls1_2", "-cipher", "DEFAULT:@SECLEVEL=0")
+    pair = Pair(tmp_path, listener_config=pki.listener_config())
+    try:
+        pair.start()
+        pair.agent.add_vm("web", [make_disk(tmp_path / "d.img", MiB)])
+        r = pair.agent.hvrctl("-o", "json", "vm", "enable", "web", "--replica-server", SERVER_NAME, "--port",
+                              str(port), "--key", str(pair.key_path), "--tls", "--ca", str(pki.ca), check=False)
+        assert r.returncode == 77 and '"code": "tls_refused"' in r.stderr, r.stderr
+        assert ("certificate purpose" if "clientAuth" in case else "protocol version") in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
     finally:
         pair.close()

@@ -30,6 +30,35 @@ class LabPki:
         return issue(ca_dir or self.ca_dir, host, self.root / (folder or f"{host}-{usage}"), usage,
                      not_before=not_before, not_after=not_after, overwrite=overwrite)
 
+    def issue_odd(self, folder: str, *, common_name: str | None, san: str | None,
+                  client_auth: bool) -> tuple[Path, Path]:
+        """A client certificate the lab tooling would not make, signed by the trusted CA: no extended key usage
+        at all (``client_auth`` false), and/or no host name (no SAN, a CN that is not a host name or none)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        ca_key = serialization.load_pem_private_key((self.ca_dir / "ca-key.pem").read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate(self.ca.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
+        builder = (x509.CertificateBuilder().subject_name(x509.Name(subject)).issuer_name(ca_cert.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2)))
+        if client_auth:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        out = self.root / folder
+        out.mkdir(mode=0o700)
+        cert_path, key_path = out / "cert.pem", out / "key.pem"
+        cert_path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        key_path.chmod(0o600)
+        return cert_path, key_path
+
     @staticmethod
     def fingerprint(cert: Path) -> str:
         """The SHA-256 of the certificate's DER, as the listener logs it for each new connection."""

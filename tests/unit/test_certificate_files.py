@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -79,11 +82,23 @@ def test_missing_or_not_pem(ca, tmp_path, which):
     _refused(files, CLIENT, "PEM")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_unreadable(ca, tmp_path):
     files = _files(ca, tmp_path)
     files.cert.chmod(0)
-    _refused(files, CLIENT, "not readable")
+    if os.geteuid() != 0:
+        _refused(files, CLIENT, "not readable")
+        return
+    # root reads every file: check in a child that lacks the capabilities to
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed: as root every file is readable")
+    probe = ("import sys; from hvr_common.shell.certificate_files import CLIENT, TlsFiles\n"
+             "try:\n    TlsFiles(ca=sys.argv[1], cert=sys.argv[2], key=sys.argv[3]).check(CLIENT)\n"
+             "except Exception as exc:\n    print(exc.code, exc.exit_code, exc.message, sep='|')\n")
+    out = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", probe,
+                          str(files.ca), str(files.cert), str(files.key)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    code, exit_code, message = out.strip().split("|", 2)
+    assert code == "certificate_invalid" and exit_code == "78" and "not readable" in message, out
 
 
 def test_certificate_without_san_uses_its_cn(ca, tmp_path):
@@ -183,3 +198,15 @@ def test_issuing_again_with_force_replaces_the_files_by_rename(ca, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ca.pem", "host1.example-key.pem",
                                                                    "host1.example.pem"]
     TlsFiles(ca=ca / "ca.pem", cert=cert, key=key).check(CLIENT)
+
+
+def test_lab_ca_folders_made_on_the_way_are_private_too(tmp_path, capsys):
+    old = os.umask(0)
+    try:
+        assert hvrctl(["cert", "ca", "new", str(tmp_path / "a" / "b" / "ca")]) == 0
+        assert hvrctl(["cert", "issue", "h.example", "--ca", str(tmp_path / "a" / "b" / "ca"),
+                       "--out", str(tmp_path / "x" / "y" / "h"), "--client"]) == 0
+    finally:
+        os.umask(old)
+    for folder in ("a", "a/b", "a/b/ca", "x", "x/y", "x/y/h"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder

@@ -151,3 +151,42 @@ def test_the_agent_looks_up_only_export_names_of_the_rule():
         assert exports.lookup(name) is None
     assert registry.asked == []
     assert exports.lookup("vm1/d0") is None and registry.asked == ["vm1/d0"]
+
+
+# --- text numbers of settings: ASCII digits, the whole string --------------------------------------
+# str.isdigit() takes '²' (which int() refuses: a 500) and '١٢' (which int() reads: a wrong value accepted)
+
+@pytest.mark.parametrize("text", ["²²:00", "١٠:٠٠", "10:00\n", "1०:00", " 9:00", "09:00 "])
+def test_a_monitoring_start_with_odd_digits_is_a_usage_error(text):
+    from hvr_common.pure.monitoring import parse_start
+    with pytest.raises(UsageError):
+        parse_start(text)
+
+
+@pytest.mark.parametrize("text", ["²:00", "١٠:٠٠", "10:00\n", "1०:00"])
+def test_a_time_of_day_with_odd_digits_is_refused(text):
+    from hvr_common.pure.bandwidth import parse_time_of_day
+    from hvr_common.pure.resync_window import parse_window
+    with pytest.raises(ValueError):
+        parse_time_of_day(text)
+    if text.strip() == text:  # a window's surrounding blanks are stripped on purpose
+        with pytest.raises(ValueError):
+            parse_window(f"{text}-23:00")
+
+
+@pytest.mark.parametrize("port", ["²", "٢٨٧١١", "1_0", "+80", "9" * 5000])
+def test_a_listen_port_with_odd_digits_is_a_config_error(port):
+    from hvr_common.pure.config import parse_listener_config
+    from hvr_common.pure.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        parse_listener_config({"state_dir": "/var/lib/hvr", "listen": f"127.0.0.1:{port}"})
+    assert any(p.startswith("listen:") and len(p) < 300 for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("rate", ["9" * 400 + "MiB/s", "١٠MiB/s", "10MiB/s\nx", 2 ** 80, "2TiB/s", "2048GiB/s",
+                                  "1" * 20 + "B/s"])
+def test_a_bandwidth_rate_with_odd_digits_or_beyond_any_link_is_refused(rate):
+    from hvr_common.pure.bandwidth import parse_rate
+    with pytest.raises(ValueError) as info:
+        parse_rate(rate)
+    assert len(str(info.value)) < 400
