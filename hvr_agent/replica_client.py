@@ -52,7 +52,8 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
-from hvr_common.pure.errors import ConflictError, NotFoundError
+from hvr_common.pure.errors import ConflictError, NotFoundError, UsageError
+from hvr_common.pure.input_limits import decimal
 from hvr_common.pure.recovery_points import Consistency, HistorySettings
 from hvr_common.pure.token_auth import Key, authorization
 from hvr_common.pure.transfer_settings import TransferSettings
@@ -258,11 +259,11 @@ class ReplicaClient:
         status, raw, headers = await self._exchange("POST", path, json_body=query.to_json())
         if not 200 <= status < 300:
             _answer(status, raw, f"POST {path} on replica server {self.endpoint}")
-        applied = headers.get(routes.APPLIED_SEQUENCE_HEADER, "")
-        if not applied.isdigit():
-            raise ReplicaUnavailableError(f"replica server {self.endpoint} answered digests without "
-                                          f"{routes.APPLIED_SEQUENCE_HEADER}", status=status)
-        return raw, int(applied)
+        try:  # ASCII digits in range: str.isdigit() also takes '²', which int() refuses
+            applied = decimal(headers.get(routes.APPLIED_SEQUENCE_HEADER), routes.APPLIED_SEQUENCE_HEADER)
+        except UsageError as exc:
+            raise ReplicaUnavailableError(f"replica server {self.endpoint} answered digests: {exc}", status=status)
+        return raw, applied
 
     async def complete_resync(self, vm_id: uuid.UUID, generation: int, next_sequence: int) -> dict:
         """POST /v1/replicas/{vm_id}/resync/complete: the replica drops what the resync replaced."""
