@@ -50,8 +50,9 @@ def monitoring_settings(values: dict) -> MonitoringSettings:
     interval = values.get("monitoring_interval_s", DEFAULT_INTERVAL_S)
     if isinstance(interval, bool) or not isinstance(interval, int) or \
             not MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S or interval % 3600:
-        raise UsageError(f"monitoring_interval_s {interval!r} must be whole hours from 1 h to 7 days",
-                         hint="for example 43200 (12 h, the default)")
+        raise UsageError(f"the monitoring interval ({interval!r} s) must be whole hours from 1 h to 7 days",
+                         hint="for example hvrctl server set --monitoring-interval 12h (monitoring_interval_s "
+                              "43200, the default)")
     start = values.get("monitoring_start", "00:00")
     return MonitoringSettings(interval, parse_start(start))
 

@@ -166,6 +166,9 @@ def test_monitoring_settings_are_validated():
         with pytest.raises(UsageError):
             monitoring_settings(bad)
     assert parse_start("23:59") == 86340
+    with pytest.raises(UsageError) as refused:  # said in the operator's words as well as the field's
+        monitoring_settings({"monitoring_interval_s": 0})
+    assert "--monitoring-interval 12h" in refused.value.hint and "monitoring interval" in refused.value.message
 
 
 def test_the_replica_view_from_its_own_record():
