@@ -134,7 +134,9 @@ def transition(role: str, state: S | None, action: Action) -> S:
     except KeyError:
         shown = state.value if state is not None else "not enabled"
         raise InvalidTransition(f"cannot {action.value.replace('_', ' ')} a VM whose {role} replication state "
-                                f"is {shown}") from None
+                                f"is {shown}", hint=f"what a {shown} VM allows is in docs/state-machine.md; "
+                                                    "hvrctl vm get NAME (or replica get NAME) shows its state "
+                                                    "and why") from None
 
 
 def allowed_actions(role: str, state: S | None) -> list[Action]:
