@@ -59,6 +59,9 @@ def register(sub, common) -> None:
                         "(default 12h)")
     p.add_argument("--monitoring-start", metavar="HH:MM",
                    help="time of day (UTC) a monitoring window starts (default 00:00)")
+    p.add_argument("--latency-limit", metavar="DURATION",
+                   help="health is Warning when the average replication latency of the monitoring window is "
+                        "over it: 90s, 5m, 1h or seconds (default 5m)")
     p.set_defaults(func=cmd_server_set)
 
     key = ssub.add_parser("key", parents=[common], help="keys of primaries allowed to authenticate",
@@ -136,7 +139,8 @@ def _server_view(args, view: dict) -> int:
                   ("max active applies", view.get("max_active_applies")),
 
                   ("monitoring interval", f"{view['monitoring_interval_s'] // 3600} h"),
-                  ("monitoring start (UTC)", view["monitoring_start"])]))
+                  ("monitoring start (UTC)", view["monitoring_start"]),
+                  ("latency limit", f"{view.get('latency_limit_s')} s")]))
     return 0
 
 
@@ -161,12 +165,23 @@ def monitoring_interval_s(text: str) -> int:
     return int(digits) * unit
 
 
+def latency_limit_s(text: str) -> int:
+    """``90s``, ``5m``, ``1h`` or a number of seconds."""
+    unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower()) if text else None
+    digits = text[:-1] if unit is not None else text
+    if not digits.isdigit():
+        raise UsageError(f"latency limit {text!r} is not a duration", hint="for example 90s, 5m or 1h")
+    return int(digits) * (unit or 1)
+
+
 def _monitoring_changes(args) -> dict:
     changes: dict = {}
     if args.monitoring_interval is not None:
         changes["monitoring_interval_s"] = monitoring_interval_s(args.monitoring_interval)
     if args.monitoring_start is not None:
         changes["monitoring_start"] = args.monitoring_start
+    if args.latency_limit is not None:
+        changes["latency_limit_s"] = latency_limit_s(args.latency_limit)
     return changes
 
 
@@ -221,7 +236,8 @@ def _set_everywhere(args, changes: dict, monitoring: dict) -> int:
         else:
             print(kv([("agent", agent_view["server_name"]),
                       ("monitoring interval", f"{agent_view['monitoring_interval_s'] // 3600} h"),
-                      ("monitoring start (UTC)", agent_view["monitoring_start"])]))
+                      ("monitoring start (UTC)", agent_view["monitoring_start"]),
+                      ("latency limit", f"{agent_view['latency_limit_s']} s")]))
         return 0
     return _server_view(args, view)
 

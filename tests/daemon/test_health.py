@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemons import free_tcp_port, wait_for
+from daemons import free_tcp_port, run, wait_for
 from replication_pair import MiB, Pair, make_disk, qemu_io
 
 
@@ -144,3 +144,25 @@ def test_monitoring_settings_and_reset_statistics(pair, tmp_path):
     pair.sync("db")
     again = pair.agent.hvrctl_json("vm", "measure", "db", "-o", "json")
     assert again["SuccessfulReplicationCount"] == 1 and again["PendingReplicationSize"] == 0
+
+
+def test_the_latency_limit_is_a_server_setting_of_the_primary(pair, tmp_path):
+    """A cycle paced by the bandwidth cap takes seconds from cut to acknowledgement: over a latency limit of
+    1 s the primary's health is Warning with its sentence; with the default limit (5 minutes) it is Normal."""
+    disk = make_disk(tmp_path / "slow.img", 4 * MiB)
+    pair.protect("slow", [disk], frequency=300)
+    pair.initial("slow")
+    pair.agent.hvrctl("server", "set", "--bandwidth", "64KiB/s")
+    script = f"import os\nh.pwrite(os.urandom({256 * 1024}), 0)\nh.flush()\n"  # random: nothing to compress
+    run(["nbdsh", "-u", pair.agent.nbd_uri("slow", "slow"), "-c", script], timeout_s=60)
+    pair.sync("slow")
+    assert pair.status("slow")["health"] == "Normal"
+    view = pair.agent.hvrctl_json("server", "set", "--latency-limit", "1s", "-o", "json")
+    assert view["latency_limit_s"] == 1
+    status = pair.status("slow")
+    assert status["health"] == "Warning", status
+    assert any("average replication latency" in d and "over the limit of 1 s" in d for d in status["health_details"])
+    assert pair.agent.hvrctl_json("server", "set", "--latency-limit", "5m", "-o", "json")["latency_limit_s"] == 300
+    assert pair.status("slow")["health"] == "Normal"
+    bad = pair.agent.hvrctl("server", "set", "--latency-limit", "soon", check=False)
+    assert bad.returncode == 2 and "latency limit 'soon' is not a duration" in bad.stderr
