@@ -115,10 +115,17 @@ def register(sub, common) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--delete-storage", action="store_true", help="also delete the replica's disks and cycles")
     p.set_defaults(func=cmd_replica_remove)
-    p = rsub.add_parser("resume", parents=[common], help="leave Error and apply stored cycles again",
-                        description="After the cause of an Error was fixed, apply the stored cycles again.")
+    p = rsub.add_parser("suspend", parents=[common], help="pause replication on the replica",
+                        description="Suspend-VMReplication on the replica: cycles from the primary are still "
+                                    "received and stored, none is applied until 'hvrctl replica resume'; the "
+                                    "replica's health is Critical meanwhile (paused on the replica).")
     p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_replica_resume)
+    p.set_defaults(func=cmd_replica_resume, verb_route="suspend")
+    p = rsub.add_parser("resume", parents=[common], help="apply stored cycles again (after Error or a pause)",
+                        description="After the cause of an Error was fixed, or after 'hvrctl replica suspend', "
+                                    "apply the stored cycles (again).")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_replica_resume, verb_route="resume")
     adopt_commands.register(rsub, common)
 
 
@@ -344,7 +351,7 @@ def cmd_replica_remove(args) -> int:
 
 
 def cmd_replica_resume(args) -> int:
-    result = _client(args).request("POST", f"/v1/replicas/{args.name}/resume")
+    result = _client(args).request("POST", f"/v1/replicas/{args.name}/{args.verb_route}")
     if args.output == "json":
         emit_json(result)
     else:

@@ -115,6 +115,9 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("replica", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.REPLICATING, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.REPLICATING, Action.FAIL): S.ERROR,
+    # paused on the replica (hvrctl replica suspend): cycles are still received and stored, none is applied
+    ("replica", S.REPLICATING, Action.SUSPEND): S.SUSPENDED,
+    ("replica", S.SUSPENDED, Action.RESUME): S.REPLICATING,
     ("replica", S.ERROR, Action.RECOVER): S.REPLICATING,
     # The primary finished a resync: the stored cycles it replaced are dropped, cycles go on from its sequence.
     ("replica", S.REPLICATING, Action.COMPLETE_RESYNC): S.REPLICATING,

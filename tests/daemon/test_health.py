@@ -106,6 +106,33 @@ def test_a_replica_whose_apply_fails_is_critical_on_the_replica(tmp_path):
         pair.close()
 
 
+@pytest.mark.parametrize("pair", ["journal", "bitmap"], indirect=True)  # a cycle of each form arrives paused
+def test_paused_on_the_replica_is_critical_there_and_cycles_wait_for_the_resume(pair, tmp_path):
+    disk = make_disk(tmp_path / "app.img", 8 * MiB)
+    pair.protect("app", [disk], frequency=30)
+    pair.initial("app")
+    qemu_io(pair.agent.nbd_uri("app", "app"), "write -P 1 0 64k")
+    pair.sync("app")
+    pair.wait_replica_applied("app")
+    paused = pair.listener.hvrctl_json("replica", "suspend", "app", "-o", "json")
+    assert paused["state"] == "Suspended"
+    replica = pair.replica("app")
+    assert replica["health"] == "Critical"
+    assert replica["health_details"][0] == "Replication for virtual machine 'app' is paused on the replica."
+    # the primary goes on: its cycle is received and stored, not applied
+    qemu_io(pair.agent.nbd_uri("app", "app"), "write -P 2 64k 64k")
+    pair.sync("app")
+    replica = pair.replica("app")
+    assert replica["last_received_sequence"] > replica["last_applied_sequence"], replica
+    assert pair.status("app")["state"] == "Replicating"
+    again = pair.listener.hvrctl("replica", "suspend", "app", check=False)
+    assert again.returncode == 4 and "Suspended" in again.stderr
+    assert pair.listener.hvrctl_json("replica", "resume", "app", "-o", "json")["state"] == "Replicating"
+    pair.wait_replica_applied("app")
+    assert pair.replica("app")["health"] == "Normal"
+    pair.assert_identical("app", [disk])
+
+
 @pytest.mark.parametrize("pair", ["journal", "bitmap"], indirect=True)  # pending bytes in each mode
 def test_monitoring_settings_and_reset_statistics(pair, tmp_path):
     disk = make_disk(tmp_path / "db.img", 4 * MiB)
