@@ -351,7 +351,7 @@ class ReplicationManager:
         return {"server_name": self.primary_server, **settings.to_dict()}
 
     async def change_server(self, changes: dict) -> dict:
-        allowed = {"monitoring_interval_s", "monitoring_start"}
+        allowed = {"monitoring_interval_s", "monitoring_start", "latency_limit_s"}
         unknown = set(changes) - allowed
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}",

@@ -33,11 +33,13 @@ def monitoring_window(rel: Relationship, now_ns: int) -> tuple[int, int]:
 
 async def health_of(rel: Relationship, now_ns: int):
     rec = rel.rec
+    settings = monitoring_settings(await asyncio.to_thread(rel.store.monitoring))
     start, _ = await asyncio.to_thread(monitoring_window, rel, now_ns)
     rows = await asyncio.to_thread(rel.store.cycle_stats, rel.name, min(start, now_ns - 3600 * NS))
     return replication_health(rec.state, frequency_s=rec.frequency_s, rows=rows, now_ns=now_ns,
                               last_ack_ns=rec.last_replication_ns, replicating_since_ns=rec.initial_completed_ns,
-                              state_detail=rec.state_detail, vm=rel.name, window_start_ns=start)
+                              state_detail=rec.state_detail, vm=rel.name, window_start_ns=start,
+                              latency_limit_s=settings.latency_limit_s)
 
 
 async def status_of(rep: VmReplication, primary_server: str) -> dict:

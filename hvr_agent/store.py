@@ -302,15 +302,16 @@ class AgentStore(StateDatabase):
 
     # --- monitoring settings and statistics resets (in ``meta``: no schema change) ------------------
     def monitoring(self) -> dict:
-        """The stored monitoring settings (``monitoring_interval_s``, ``monitoring_start``); {} = defaults."""
+        """The stored monitoring settings (``monitoring_interval_s``, ``monitoring_start``,
+        ``latency_limit_s``); {} = defaults."""
         with self._lock:
             rows = self._db.execute("SELECT key, value FROM meta WHERE key IN "
-                                    "('monitoring_interval_s', 'monitoring_start')").fetchall()
-        return {k: int(v) if k == "monitoring_interval_s" else v for k, v in rows}
+                                    "('monitoring_interval_s', 'monitoring_start', 'latency_limit_s')").fetchall()
+        return {k: v if k == "monitoring_start" else int(v) for k, v in rows}
 
     def set_monitoring(self, values: dict) -> None:
         with self._lock, self.transaction():
-            for key in ("monitoring_interval_s", "monitoring_start"):
+            for key in ("monitoring_interval_s", "monitoring_start", "latency_limit_s"):
                 if key in values:
                     self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                      (key, str(values[key])))

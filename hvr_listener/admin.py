@@ -4,7 +4,7 @@
 * ``GET/POST /v1/keys``, ``DELETE /v1/keys/{principal}``, ``GET/POST /v1/authorization``,
   ``PATCH/DELETE /v1/authorization/{pattern}`` (:mod:`hvr_listener.access_control`)
 * ``GET /v1/replicas``, ``GET /v1/replicas/{name}``
-* ``DELETE /v1/replicas/{name}``, ``POST /v1/replicas/{name}/resume``
+* ``DELETE /v1/replicas/{name}``, ``POST /v1/replicas/{name}/suspend``, ``POST /v1/replicas/{name}/resume``
   (the operator verbs: :mod:`hvr_listener.operator_verbs`)
 * ``GET /v1/replicas/{name}/recovery-points``
 * ``POST /v1/replicas/{name}/initial/import`` (progress as NDJSON: :mod:`hvr_common.shell.progress_stream`;
@@ -171,8 +171,14 @@ async def get_adoption(request: web.Request) -> web.Response:
     return web.json_response(record)
 
 
+async def suspend_replica(request: web.Request) -> web.Response:
+    """Pause replication on the replica: cycles are stored, not applied, until it is resumed."""
+    rep = await operator_verbs.suspend_replica(request.app[SERVICE], request.match_info["name"])
+    return web.json_response(replica_status(rep))
+
+
 async def resume_replica(request: web.Request) -> web.Response:
-    """Leave Error once the cause is fixed: stored cycles are applied again."""
+    """Leave Error once the cause is fixed, or a pause on the replica: stored cycles are applied (again)."""
     rep = await operator_verbs.resume_replica(request.app[SERVICE], request.match_info["name"])
     return web.json_response(replica_status(rep))
 
@@ -252,6 +258,7 @@ def make_app(settings: ServerSettings, store: ListenerStore, on_listen_change: C
     app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_get("/v1/replicas/{name}", get_replica)
     app.router.add_delete("/v1/replicas/{name}", remove_replica)
+    app.router.add_post("/v1/replicas/{name}/suspend", suspend_replica)
     app.router.add_post("/v1/replicas/{name}/resume", resume_replica)
     app.router.add_post("/v1/adoptions", adopt_replica)
     app.router.add_get("/v1/replicas/{name}/recovery-points", list_recovery_points)

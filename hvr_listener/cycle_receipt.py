@@ -17,6 +17,8 @@ whose digest it names into ``cycles/`` and records it; a staged body of
 another digest is deleted and refused (``digest_mismatch``), so a cycle whose
 digest did not verify is never recorded, nor applied.  A bundle of the other
 form than its request is refused (``upload_form_mismatch``), never misread.
+A replica paused on this server (``Suspended``) keeps receiving and storing
+cycles; the applier applies them once it is resumed.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ from hvr_listener.store import ListenerStore, Replica
 
 log = logging.getLogger("hvr.listener.replicas")
 
+# states that store cycles: a replica paused on this server (Suspended) stores them and applies none
+RECEIVING = frozenset({ReplicationState.REPLICATING, ReplicationState.SUSPENDED})
+
 
 class CycleReceipt:
     def __init__(self, access: ReplicaAccess, max_bundle_bytes: int, wake_applier: asyncio.Event):
@@ -67,7 +72,7 @@ class CycleReceipt:
         async with await self.access.locked(vm_id, peer):
             rep = await self.access.get(vm_id, peer)
             check_generation(rep, generation)
-            if rep.state != ReplicationState.REPLICATING:
+            if rep.state not in RECEIVING:
                 raise conflict("wrong_state", f"VM {rep.name} is {rep.state}, not Replicating")
             if await self._already_held(rep, sequence, generation, digest):
                 return False, rep
@@ -118,7 +123,7 @@ class CycleReceipt:
         async with await self.access.locked(vm_id, peer):
             rep = await self.access.get(vm_id, peer)
             check_generation(rep, generation)
-            if rep.state != ReplicationState.REPLICATING:
+            if rep.state not in RECEIVING:
                 raise conflict("wrong_state", f"VM {rep.name} is {rep.state}, not Replicating")
             if sequence > rep.next_sequence:
                 raise conflict("out_of_order", f"cycle {sequence} of VM {rep.name} is out of order; "
@@ -155,7 +160,7 @@ class CycleReceipt:
             async with await self.access.locked(vm_id, peer):
                 rep = await self.access.get(vm_id, peer)
                 check_generation(rep, generation)
-                if rep.state != ReplicationState.REPLICATING:
+                if rep.state not in RECEIVING:
                     raise conflict("wrong_state", f"VM {rep.name} is {rep.state}, not Replicating")
                 if await self._already_held(rep, sequence, generation, digest):
                     await asyncio.to_thread(_drop_staged, rep.storage_dir / "incoming", sequence)

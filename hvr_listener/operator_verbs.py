@@ -1,4 +1,4 @@
-"""The operator's verbs on a replica VM (the admin API): remove and resume.
+"""The operator's verbs on a replica VM (the admin API): remove, suspend and resume.
 
 Both find the replica by name, then take its locks through the
 :class:`ReplicaService` in the documented order (per-VM lock, then image lock;
@@ -55,17 +55,33 @@ async def remove_replica(service: ReplicaService, name: str, delete_storage: boo
     return rep
 
 
-async def resume_replica(service: ReplicaService, name: str) -> Replica:
-    """Leave Error once the cause is fixed (``recover``): the applier tries the stored cycles again.
+async def suspend_replica(service: ReplicaService, name: str) -> Replica:
+    """Suspend-VMReplication on the replica: cycles are still received and stored, none is applied (its health
+    is Critical: paused on the replica). 409 ``wrong_state`` unless Replicating."""
+    rep = await _by_name(service, name)
+    async with service.lock(rep.vm_id), service.image_lock(rep.vm_id):  # no apply runs meanwhile
+        rep = await asyncio.to_thread(service.store.replica, rep.vm_id)  # again, under its locks
+        if rep is None:
+            raise NotFoundError(f"no replica VM named {name!r} on this server")
+        if not await asyncio.to_thread(service.states.suspend, rep):
+            raise InvalidTransition(f"the replication state of VM {name} changed while it was suspended")
+    event(log, "replica_suspended", vm=name)
+    return await _by_name(service, name)
 
-    409 ``wrong_state`` unless the replica is in Error. Returns the replica afterwards.
+
+async def resume_replica(service: ReplicaService, name: str) -> Replica:
+    """Leave Error once the cause is fixed (``recover``), or a pause on the replica (``resume``): the applier
+    applies the stored cycles (again).
+
+    409 ``wrong_state`` unless the replica is in Error or Suspended. Returns the replica afterwards.
     """
     rep = await _by_name(service, name)
     async with service.lock(rep.vm_id):
         rep = await asyncio.to_thread(service.store.replica, rep.vm_id)  # again, under its lock
         if rep is None:
             raise NotFoundError(f"no replica VM named {name!r} on this server")
-        if not await asyncio.to_thread(service.states.recover, rep):
+        verb = service.states.resume if rep.state is ReplicationState.SUSPENDED else service.states.recover
+        if not await asyncio.to_thread(verb, rep):
             raise InvalidTransition(f"the replication state of VM {name} changed while it was resumed")
     service.wake_applier.set()
     event(log, "replica_resumed", vm=name)

@@ -120,6 +120,19 @@ class ReplicaStates:
         state = transition(ROLE, rep.state, Action.FAIL)
         return self.store.change_replica_state(rep.vm_id, rep.created_ns, rep.state, state, state_detail=detail)
 
+    def suspend(self, rep: Replica) -> bool:
+        """The operator pauses ``rep`` on the replica: cycles are still stored, none is applied.
+
+        Raises :class:`InvalidTransition` unless ``rep`` is Replicating; False if it changed meanwhile.
+        """
+        state = transition(ROLE, rep.state, Action.SUSPEND)
+        return self.store.change_replica_state(rep.vm_id, rep.created_ns, rep.state, state, state_detail=None)
+
+    def resume(self, rep: Replica) -> bool:
+        """The operator resumes ``rep`` paused on the replica: the stored cycles are applied."""
+        state = transition(ROLE, rep.state, Action.RESUME)
+        return self.store.change_replica_state(rep.vm_id, rep.created_ns, rep.state, state, state_detail=None)
+
     def recover(self, rep: Replica) -> bool:
         """The operator resumes ``rep`` (in Error): it replicates again and its detail is cleared.
 

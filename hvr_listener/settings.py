@@ -175,7 +175,8 @@ class ServerSettings:
     def update(self, changes: dict) -> dict:
         """Validate every change first; apply all or nothing."""
         allowed = {"enabled", "auth_modes", "allow_any_authenticated", "default_storage", "listen",
-                   "max_active_applies", "monitoring_interval_s", "monitoring_start", *TLS_SETTINGS}
+                   "max_active_applies", "monitoring_interval_s", "monitoring_start", "latency_limit_s",
+                   *TLS_SETTINGS}
         unknown = set(changes) - allowed
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}",

@@ -136,9 +136,12 @@ def _export_disk(client: AdminClient, name: str, disk: dict, runs: list, folder:
 
 
 def cmd_export(args) -> int:
+    folder = args.dir
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder: the export writes one DISK.raw file per disk into a folder",
+                         hint="name a folder (it is created if missing)")
     client = _client(args)
     view = client.request("GET", _route(args.name))
-    folder = args.dir
     folder.mkdir(parents=True, exist_ok=True)
     total = 0
     plans = []

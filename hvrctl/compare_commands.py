@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import threading
 import time
 
 from hvrctl.client import AdminClient
 from hvrctl.output import emit_json, human_bytes
+from hvrctl.progress import progress_bar
 from hvrctl.replication_commands import parse_time
 
 POLL_S = 0.5
@@ -36,7 +37,8 @@ def register(vm_verbs, common) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compare the replica at its latest point with the primary while both run; report the "
                     "byte ranges that differ (none expected). Ranges written since that point are skipped. "
-                    "Exit code 1 when differences were found.",
+                    "Exit code 1 when differences were found. A progress bar on stderr follows the compare "
+                    "(none with -o json).",
         epilog="examples:\n  hvrctl vm verify web01\n  hvrctl vm verify web01 --repair -o json")
     p.add_argument("name")
     p.add_argument("--repair", action="store_true", help="send the differing ranges with the next cycle")
@@ -48,7 +50,7 @@ def cmd_resync(args) -> int:
     body = {"cancel": True} if args.cancel else ({"at_ns": args.at} if args.at is not None else {})
     status = client.request("POST", f"/v1/vms/{args.name}/replication/resync", body)
     if args.wait and not args.cancel:
-        status = _wait(client, args.name)
+        status = _wait(client, args.name, args.output)
     if args.output == "json":
         emit_json(status)
     else:
@@ -57,24 +59,20 @@ def cmd_resync(args) -> int:
     return 0
 
 
-def _wait(client: AdminClient, name: str) -> dict:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=None if sys.stderr.isatty() else _plain_console(), transient=False) as bar:
-        task = bar.add_task("resync", total=None)
+def _wait(client: AdminClient, name: str, output: str) -> dict:
+    with progress_bar(f"resync {name}", None, output=output) as bar:
         while True:
             status = client.request("GET", f"/v1/replication/{name}")
             state = status["state"]
             resync = status.get("resync") or {}
             if resync.get("running"):
                 total = resync.get("total_bytes") or 1
-                bar.update(task, total=total, completed=int(total * (resync.get("percent") or 0) / 100),
-                           description=f"{state}: {human_bytes(resync.get('sent_bytes'))} sent")
+                bar.update(total * (resync.get("percent") or 0) / 100, total=total,
+                           description=f"resync {name} ({state}, {human_bytes(resync.get('sent_bytes'))} sent)")
             else:
-                bar.update(task, description=state)
+                bar.update(bar.completed, description=f"resync {name} ({state})")
             if state == "Replicating" and not resync.get("running"):
-                bar.update(task, completed=bar.tasks[0].total or 1, total=bar.tasks[0].total or 1)
+                bar.update(bar.total or 1, total=bar.total or 1)
                 return status
             if state in ("Error", "ResynchronizeSuspended") or (state == "WaitingForStartResynchronize"
                                                                  and status.get("state_detail", "").startswith(
@@ -83,9 +81,30 @@ def _wait(client: AdminClient, name: str) -> dict:
             time.sleep(POLL_S)  # polling the agent's status: the wait has no event to block on
 
 
-def _plain_console():
-    from rich.console import Console
-    return Console(file=sys.stderr, force_terminal=False)
+def _verify_following(client: AdminClient, poller: AdminClient, args, bar) -> dict:
+    """The verify request (it answers when the compare is done) in a thread; meanwhile the bar follows the
+    progress the agent's status reports."""
+    answer: dict = {}
+
+    def run() -> None:
+        try:
+            answer["result"] = client.request("POST", f"/v1/vms/{args.name}/replication/verify",
+                                              {"repair": args.repair})
+        except BaseException as exc:  # handed to the main thread, raised there
+            answer["error"] = exc
+
+    worker = threading.Thread(target=run, name="verify", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(POLL_S)
+        if worker.is_alive() and args.output != "json":
+            running = (poller.request("GET", f"/v1/replication/{args.name}").get("verify") or {})
+            if running.get("running") and running.get("total_bytes"):
+                total = running["total_bytes"]
+                bar.update(total * (running.get("percent") or 0) / 100, total=total)
+    if "error" in answer:
+        raise answer["error"]
+    return answer["result"]
 
 
 def _print_resync(resync: dict | None) -> None:
@@ -98,7 +117,9 @@ def _print_resync(resync: dict | None) -> None:
 
 def cmd_verify(args) -> int:
     client = AdminClient(args.agent_socket, "hvr-agent", timeout_s=VERIFY_TIMEOUT_S)
-    result = client.request("POST", f"/v1/vms/{args.name}/replication/verify", {"repair": args.repair})
+    with progress_bar(f"verify {args.name}", None, output=args.output) as bar:
+        result = _verify_following(client, AdminClient(args.agent_socket, "hvr-agent"), args, bar)
+        bar.update(result["compared_bytes"], total=result["compared_bytes"])  # done
     if args.output == "json":
         emit_json(result)
     else:

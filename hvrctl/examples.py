@@ -38,6 +38,7 @@ EXAMPLES: dict[str, str] = {
     "replica get": "hvrctl replica get web01 -o json",
     "replica remove": "hvrctl replica remove web01 --delete-storage",
     "replica resume": "hvrctl replica resume web01",
+    "replica suspend": "hvrctl replica suspend web01",
     "recovery-points": "hvrctl recovery-points list web01",
     "recovery-points list": "hvrctl recovery-points list web01 -o json",
     "failover": "hvrctl failover start web01 --as-test --recovery-point 12",

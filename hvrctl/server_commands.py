@@ -60,6 +60,9 @@ def register(sub, common) -> None:
                         "(default 12h)")
     p.add_argument("--monitoring-start", metavar="HH:MM",
                    help="time of day (UTC) a monitoring window starts (default 00:00)")
+    p.add_argument("--latency-limit", metavar="DURATION",
+                   help="health is Warning when the average replication latency of the monitoring window is "
+                        "over it: 90s, 5m, 1h or seconds (default 5m)")
     p.set_defaults(func=cmd_server_set)
 
     key = ssub.add_parser("key", parents=[common], help="keys of primaries allowed to authenticate",
@@ -113,10 +116,17 @@ def register(sub, common) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--delete-storage", action="store_true", help="also delete the replica's disks and cycles")
     p.set_defaults(func=cmd_replica_remove)
-    p = rsub.add_parser("resume", parents=[common], help="leave Error and apply stored cycles again",
-                        description="After the cause of an Error was fixed, apply the stored cycles again.")
+    p = rsub.add_parser("suspend", parents=[common], help="pause replication on the replica",
+                        description="Suspend-VMReplication on the replica: cycles from the primary are still "
+                                    "received and stored, none is applied until 'hvrctl replica resume'; the "
+                                    "replica's health is Critical meanwhile (paused on the replica).")
     p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_replica_resume)
+    p.set_defaults(func=cmd_replica_resume, verb_route="suspend")
+    p = rsub.add_parser("resume", parents=[common], help="apply stored cycles again (after Error or a pause)",
+                        description="After the cause of an Error was fixed, or after 'hvrctl replica suspend', "
+                                    "apply the stored cycles (again).")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_replica_resume, verb_route="resume")
     adopt_commands.register(rsub, common)
 
 
@@ -137,7 +147,8 @@ def _server_view(args, view: dict) -> int:
                   ("max active applies", view.get("max_active_applies")),
 
                   ("monitoring interval", f"{view['monitoring_interval_s'] // 3600} h"),
-                  ("monitoring start (UTC)", view["monitoring_start"])]))
+                  ("monitoring start (UTC)", view["monitoring_start"]),
+                  ("latency limit", f"{view.get('latency_limit_s')} s")]))
     return 0
 
 
@@ -162,12 +173,23 @@ def monitoring_interval_s(text: str) -> int:
     return int(digits) * unit
 
 
+def latency_limit_s(text: str) -> int:
+    """``90s``, ``5m``, ``1h`` or a number of seconds."""
+    unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower()) if text else None
+    digits = text[:-1] if unit is not None else text
+    if not digits.isdigit():
+        raise UsageError(f"latency limit {text!r} is not a duration", hint="for example 90s, 5m or 1h")
+    return int(digits) * (unit or 1)
+
+
 def _monitoring_changes(args) -> dict:
     changes: dict = {}
     if args.monitoring_interval is not None:
         changes["monitoring_interval_s"] = monitoring_interval_s(args.monitoring_interval)
     if args.monitoring_start is not None:
         changes["monitoring_start"] = args.monitoring_start
+    if args.latency_limit is not None:
+        changes["latency_limit_s"] = latency_limit_s(args.latency_limit)
     return changes
 
 
@@ -222,7 +244,8 @@ def _set_everywhere(args, changes: dict, monitoring: dict) -> int:
         else:
             print(kv([("agent", agent_view["server_name"]),
                       ("monitoring interval", f"{agent_view['monitoring_interval_s'] // 3600} h"),
-                      ("monitoring start (UTC)", agent_view["monitoring_start"])]))
+                      ("monitoring start (UTC)", agent_view["monitoring_start"]),
+                      ("latency limit", f"{agent_view['latency_limit_s']} s")]))
         return 0
     return _server_view(args, view)
 
@@ -332,7 +355,7 @@ def cmd_replica_remove(args) -> int:
 
 
 def cmd_replica_resume(args) -> int:
-    result = _client(args).request("POST", f"/v1/replicas/{args.name}/resume")
+    result = _client(args).request("POST", f"/v1/replicas/{args.name}/{args.verb_route}")
     if args.output == "json":
         emit_json(result)
     else:

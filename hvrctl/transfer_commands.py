@@ -24,6 +24,7 @@ SET_EPILOG = """examples:
     hvrctl server set --reset-transfers          # agent.toml's settings again
   on either (every daemon of this host that answers):
     hvrctl server set --monitoring-interval 12h --monitoring-start 09:00
+    hvrctl server set --latency-limit 10m       # health Warning above 10 minutes on average
   on a replica server (hvr-listener):
     hvrctl server set --enabled true --max-applies 4
     hvrctl server set --enabled true --allow-any true

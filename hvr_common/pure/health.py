@@ -9,7 +9,7 @@ the statistics of the monitoring window (:mod:`hvr_common.pure.monitoring`):
   acknowledged for two intervals or more (the primary cannot send).
 * **Warning**: more than 20% of the window's cycles were missed; more than an
   hour since the last cycle was sent (primary) or received (replica); the
-  average latency of the window is over the limit (5 minutes by default); an
+  average latency of the window is over the limit (``hvrctl server set --latency-limit``, 5 minutes by default); an
   upload failed in the last hour of the window; initial replication is not complete; a
   failover has not been reversed; replication is paused on the primary.
 * **Normal** otherwise.
@@ -25,13 +25,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hvr_common.pure.measure import NS, CycleResult, CycleStat
-from hvr_common.pure.monitoring import DEFAULT_INTERVAL_S
+from hvr_common.pure.monitoring import DEFAULT_INTERVAL_S, DEFAULT_LATENCY_LIMIT_S
 
 ERROR_WINDOW_S = 3600
 LAST_CYCLE_WARNING_S = 3600
 MISSED_WARNING_RATIO = 0.20
 CRITICAL_INTERVALS = 2
-DEFAULT_LATENCY_LIMIT_S = 300
 
 
 class Health(enum.StrEnum):

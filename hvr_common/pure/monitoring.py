@@ -6,6 +6,10 @@ configured time of day (UTC) and follow each other every interval, so with the
 defaults (12 h from 00:00) a window runs 00:00-12:00 or 12:00-24:00, whatever
 the time of the query.  ``Reset-VMReplicationStatistics`` starts a new
 collection inside the current window: the window then starts at the reset.
+
+The latency limit is the health rule's "average latency within the
+configured limit" (Hyper-V's 5 minutes by default): above it, the primary's
+health is Warning.
 """
 
 from __future__ import annotations
@@ -21,19 +25,23 @@ DEFAULT_INTERVAL_S = 12 * 3600  # Hyper-V's default monitoring interval
 MIN_INTERVAL_S = 3600
 MAX_INTERVAL_S = 7 * DAY_S
 _HH_MM_RE = re.compile(r"[0-9]{2}:[0-9]{2}")  # ASCII digits only (str.isdigit() takes '²' and '١')
+DEFAULT_LATENCY_LIMIT_S = 300  # Hyper-V: average latency within 5 minutes
+MAX_LATENCY_LIMIT_S = DAY_S
 
 
 @dataclass(frozen=True, slots=True)
 class MonitoringSettings:
     interval_s: int = DEFAULT_INTERVAL_S
     start_s: int = 0  # seconds after midnight UTC when a window starts
+    latency_limit_s: int = DEFAULT_LATENCY_LIMIT_S  # over it on average in the window: Warning
 
     @property
     def start(self) -> str:
         return f"{self.start_s // 3600:02d}:{self.start_s % 3600 // 60:02d}"
 
     def to_dict(self) -> dict:
-        return {"monitoring_interval_s": self.interval_s, "monitoring_start": self.start}
+        return {"monitoring_interval_s": self.interval_s, "monitoring_start": self.start,
+                "latency_limit_s": self.latency_limit_s}
 
 
 def parse_start(text: str) -> int:
@@ -47,14 +55,20 @@ def parse_start(text: str) -> int:
 
 
 def monitoring_settings(values: dict) -> MonitoringSettings:
-    """From stored or requested values (``monitoring_interval_s``, ``monitoring_start``); others are ignored."""
+    """From stored or requested values (``monitoring_interval_s``, ``monitoring_start``, ``latency_limit_s``);
+    others are ignored."""
     interval = values.get("monitoring_interval_s", DEFAULT_INTERVAL_S)
     if isinstance(interval, bool) or not isinstance(interval, int) or \
             not MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S or interval % 3600:
-        raise UsageError(f"monitoring_interval_s {interval!r} must be whole hours from 1 h to 7 days",
-                         hint="for example 43200 (12 h, the default)")
+        raise UsageError(f"the monitoring interval ({interval!r} s) must be whole hours from 1 h to 7 days",
+                         hint="for example hvrctl server set --monitoring-interval 12h (monitoring_interval_s "
+                              "43200, the default)")
     start = values.get("monitoring_start", "00:00")
-    return MonitoringSettings(interval, parse_start(start))
+    limit = values.get("latency_limit_s", DEFAULT_LATENCY_LIMIT_S)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LATENCY_LIMIT_S:
+        raise UsageError(f"the latency limit ({limit!r} s) must be whole seconds from 1 s to 1 day",
+                         hint="for example hvrctl server set --latency-limit 5m (latency_limit_s 300, the default)")
+    return MonitoringSettings(interval, parse_start(start), limit)
 
 
 def window(now_ns: int, settings: MonitoringSettings, reset_ns: int | None = None) -> tuple[int, int]:

@@ -115,6 +115,9 @@ TRANSITIONS: dict[tuple[str, S | None, Action], S] = {
     ("replica", S.INITIAL_REPLICATION_IN_PROGRESS, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.REPLICATING, Action.COMPLETE_INITIAL): S.REPLICATING,
     ("replica", S.REPLICATING, Action.FAIL): S.ERROR,
+    # paused on the replica (hvrctl replica suspend): cycles are still received and stored, none is applied
+    ("replica", S.REPLICATING, Action.SUSPEND): S.SUSPENDED,
+    ("replica", S.SUSPENDED, Action.RESUME): S.REPLICATING,
     ("replica", S.ERROR, Action.RECOVER): S.REPLICATING,
     # The primary finished a resync: the stored cycles it replaced are dropped, cycles go on from its sequence.
     ("replica", S.REPLICATING, Action.COMPLETE_RESYNC): S.REPLICATING,
@@ -134,7 +137,9 @@ def transition(role: str, state: S | None, action: Action) -> S:
     except KeyError:
         shown = state.value if state is not None else "not enabled"
         raise InvalidTransition(f"cannot {action.value.replace('_', ' ')} a VM whose {role} replication state "
-                                f"is {shown}") from None
+                                f"is {shown}", hint=f"what a {shown} VM allows is in docs/state-machine.md; "
+                                                    "hvrctl vm get NAME (or replica get NAME) shows its state "
+                                                    "and why") from None
 
 
 def allowed_actions(role: str, state: S | None) -> list[Action]:

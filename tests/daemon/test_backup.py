@@ -255,3 +255,15 @@ def test_a_backup_is_refused_while_the_primary_resynchronizes_the_replica(pair, 
     # a real resync of the VM ends it (resync/complete)
     assert pair.agent.hvrctl("vm", "resync", "web", "--wait", timeout_s=300).returncode == 0
     wait_for(lambda: hvrctl(pair, "begin", "web").returncode == 0, 60, "a backup to be admitted after the resync")
+
+
+def test_a_backup_is_refused_while_a_failover_of_the_replica_runs(pair, tmp_path):
+    disks = protect(pair, tmp_path, "web", ndisks=1)
+    write_cycle(pair, "web", disks, random.Random(6), 3)
+    failover = ("--agent-socket", str(pair.workdir / "no-agent.sock"), "-o", "json")  # no agent on this host
+    started = pair.listener.hvrctl("failover", "start", "web", "--force", *failover, timeout_s=120)
+    assert json.loads(started.stdout)["state"] == "FailedOverWaitingCompletion"
+    assert refused_with(pair, "web") == "backup_failover_running"
+    pair.listener.hvrctl("failover", "stop", "web", *failover, timeout_s=120)  # cancelled: Replicating again
+    assert hvrctl(pair, "begin", "web").returncode == 0
+    assert hvrctl(pair, "end", "web").returncode == 0

@@ -20,6 +20,12 @@ def test_sample_config_in_deploy_is_valid():
     cfg = parse_agent_config(read_toml(REPO / "deploy" / "agent.toml"))
     assert cfg.nbd_socket == Path("/run/hvr/nbd.sock")
     assert cfg.bitmap_region_bytes == 4 * 1024 * 1024
+    assert cfg.http_listen == ("127.0.0.1", 9810)  # the probes: loopback in the sample
+
+
+def test_the_agent_serves_no_http_probes_unless_configured():
+    minimal = {"state_dir": "/var/lib/hvr", "admin_socket": "/run/hvr/agent.sock", "nbd_socket": "/run/hvr/nbd.sock"}
+    assert parse_agent_config(minimal).http_listen is None
 
 
 @pytest.mark.parametrize("bad, key", [
@@ -116,6 +122,7 @@ def test_sample_listener_config_in_deploy_is_valid():
     cfg = parse_listener_config(read_toml(REPO / "deploy" / "listener.toml"))
     assert cfg.listen == ("0.0.0.0", 8443) and cfg.storage == Path("/var/lib/hvr/replicas")
     assert cfg.nbd_socket == Path("/run/hvr/listener-nbd.sock")
+    assert cfg.http_listen == ("127.0.0.1", 9811)  # the probes: loopback in the sample
 
 
 @pytest.mark.parametrize("bad, key", [

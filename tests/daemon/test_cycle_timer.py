@@ -5,7 +5,8 @@ The timer test runs the agent with its replication clock ten times faster
 cycles are cut by the timer alone (no sync-now), one interval apart, and
 a cycle the replica acknowledges more than an interval after its cut is
 counted missed.
-The 5 and 15 minute intervals run the same pure rules (tests/unit/test_schedule.py).
+The 5 and 15 minute intervals run the same way, their clocks 100 and 300 times faster (an interval
+in 3 s each).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import datetime
 import time
 from pathlib import Path
+
+import pytest
 
 from daemons import REPO_ROOT, AgentProcess, python_executable, wait_for
 from fault_proxy import FaultProxy
@@ -23,10 +26,12 @@ SCALED_AGENT = Path(__file__).resolve().parents[1] / "support" / "scaled_clock_a
 
 
 class ScaledClockAgent(AgentProcess):
+    scale = SCALE
+
     def start(self) -> "ScaledClockAgent":
         self.write_config()
         env = self._agent_env()
-        env["HVR_TEST_CLOCK_SCALE"] = str(SCALE)
+        env["HVR_TEST_CLOCK_SCALE"] = str(self.scale)
         self._spawn([python_executable(), str(SCALED_AGENT), "--config", self.config_path], cwd=REPO_ROOT, env=env)
         return self
 
@@ -73,6 +78,38 @@ def test_the_30_s_timer_cuts_one_interval_apart_and_counts_a_late_cycle_missed(t
         pair.assert_identical("t", [disk])
     finally:
         proxy.close()
+        pair.close()
+
+
+@pytest.mark.parametrize("frequency_s", [300, 900])
+def test_the_5_and_15_minute_timers_cut_one_interval_apart(tmp_path, frequency_s):
+    """Cycles cut by the timer alone, one interval apart, with the clock scaled so an interval takes 3 s."""
+    scale = frequency_s / 3
+    pair = Pair(tmp_path)
+    pair.agent = ScaledClockAgent(tmp_path / "agent")
+    pair.agent.scale = scale
+    pair.start()
+    try:
+        disk = make_disk(tmp_path / "t.img", 4 * MiB)
+        pair.protect("t", [disk], frequency=frequency_s)
+        pair.initial("t")
+        qemu_io(pair.agent.nbd_uri("t", "t"), "write -P 3 0 64k")
+        seen: list[tuple[float, int]] = []
+
+        def a_new_cycle() -> bool:
+            n = pair.status("t")["next_sequence"]
+            if not seen or n > seen[-1][1]:
+                seen.append((time.monotonic(), n))
+            return len(seen) >= 4
+        wait_for(a_new_cycle, 120, f"three cycles cut by the {frequency_s} s timer alone", interval_s=0.1,
+                 context=pair.agent.log_tail)
+        gaps = [b[0] - a[0] for a, b in zip(seen[1:], seen[2:])]
+        # one interval (3 s real) apart, not back to back, and not at the 30 s pace (0.1 s here)
+        assert all(gap > 0.5 * frequency_s / scale for gap in gaps), gaps
+        assert all(b[1] - a[1] == 1 for a, b in zip(seen, seen[1:])), seen
+        pair.wait_replica_applied("t")
+        pair.assert_identical("t", [disk])
+    finally:
         pair.close()
 
 

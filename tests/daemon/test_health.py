@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemons import free_tcp_port, wait_for
+from daemons import free_tcp_port, run, wait_for
 from replication_pair import MiB, Pair, make_disk, qemu_io
 
 
@@ -106,6 +106,33 @@ def test_a_replica_whose_apply_fails_is_critical_on_the_replica(tmp_path):
         pair.close()
 
 
+@pytest.mark.parametrize("pair", ["journal", "bitmap"], indirect=True)  # a cycle of each form arrives paused
+def test_paused_on_the_replica_is_critical_there_and_cycles_wait_for_the_resume(pair, tmp_path):
+    disk = make_disk(tmp_path / "app.img", 8 * MiB)
+    pair.protect("app", [disk], frequency=30)
+    pair.initial("app")
+    qemu_io(pair.agent.nbd_uri("app", "app"), "write -P 1 0 64k")
+    pair.sync("app")
+    pair.wait_replica_applied("app")
+    paused = pair.listener.hvrctl_json("replica", "suspend", "app", "-o", "json")
+    assert paused["state"] == "Suspended"
+    replica = pair.replica("app")
+    assert replica["health"] == "Critical"
+    assert replica["health_details"][0] == "Replication for virtual machine 'app' is paused on the replica."
+    # the primary goes on: its cycle is received and stored, not applied
+    qemu_io(pair.agent.nbd_uri("app", "app"), "write -P 2 64k 64k")
+    pair.sync("app")
+    replica = pair.replica("app")
+    assert replica["last_received_sequence"] > replica["last_applied_sequence"], replica
+    assert pair.status("app")["state"] == "Replicating"
+    again = pair.listener.hvrctl("replica", "suspend", "app", check=False)
+    assert again.returncode == 4 and "Suspended" in again.stderr
+    assert pair.listener.hvrctl_json("replica", "resume", "app", "-o", "json")["state"] == "Replicating"
+    pair.wait_replica_applied("app")
+    assert pair.replica("app")["health"] == "Normal"
+    pair.assert_identical("app", [disk])
+
+
 @pytest.mark.parametrize("pair", ["journal", "bitmap"], indirect=True)  # pending bytes in each mode
 def test_monitoring_settings_and_reset_statistics(pair, tmp_path):
     disk = make_disk(tmp_path / "db.img", 4 * MiB)
@@ -144,3 +171,25 @@ def test_monitoring_settings_and_reset_statistics(pair, tmp_path):
     pair.sync("db")
     again = pair.agent.hvrctl_json("vm", "measure", "db", "-o", "json")
     assert again["SuccessfulReplicationCount"] == 1 and again["PendingReplicationSize"] == 0
+
+
+def test_the_latency_limit_is_a_server_setting_of_the_primary(pair, tmp_path):
+    """A cycle paced by the bandwidth cap takes seconds from cut to acknowledgement: over a latency limit of
+    1 s the primary's health is Warning with its sentence; with the default limit (5 minutes) it is Normal."""
+    disk = make_disk(tmp_path / "slow.img", 4 * MiB)
+    pair.protect("slow", [disk], frequency=300)
+    pair.initial("slow")
+    pair.agent.hvrctl("server", "set", "--bandwidth", "64KiB/s")
+    script = f"import os\nh.pwrite(os.urandom({256 * 1024}), 0)\nh.flush()\n"  # random: nothing to compress
+    run(["nbdsh", "-u", pair.agent.nbd_uri("slow", "slow"), "-c", script], timeout_s=60)
+    pair.sync("slow")
+    assert pair.status("slow")["health"] == "Normal"
+    view = pair.agent.hvrctl_json("server", "set", "--latency-limit", "1s", "-o", "json")
+    assert view["latency_limit_s"] == 1
+    status = pair.status("slow")
+    assert status["health"] == "Warning", status
+    assert any("average replication latency" in d and "over the limit of 1 s" in d for d in status["health_details"])
+    assert pair.agent.hvrctl_json("server", "set", "--latency-limit", "5m", "-o", "json")["latency_limit_s"] == 300
+    assert pair.status("slow")["health"] == "Normal"
+    bad = pair.agent.hvrctl("server", "set", "--latency-limit", "soon", check=False)
+    assert bad.returncode == 2 and "latency limit 'soon' is not a duration" in bad.stderr

@@ -20,7 +20,7 @@ from daemons import wait_for
 from hvr_common.pure.bundle import BundleKind
 from hvr_common.pure.token_auth import Key
 from hvrctl.client import AdminClient
-from replica_vm import SIZE, Vm
+from replica_vm import MiB, SIZE, Vm
 from listener_process import ListenerProcess, call, call_json, open_request, read_reply
 
 MiB = 1024 * 1024
@@ -48,6 +48,24 @@ def test_enable_creates_sparse_images_and_is_idempotent(listener):
     r = call_json(listener.port, "PUT", f"/v1/replicas/{vm.vm_id}", changed, key=listener.key)
     assert r.status == 409 and r.code == "replica_conflict"
     assert vm.state()["state"] == "WaitingForInitialReplication"
+
+
+def test_the_replica_stays_waiting_for_initial_replication_during_the_copy(listener):
+    """As in Hyper-V: windows stored do not move the replica out of WaitingForInitialReplication (its health
+    stays Warning, the copy is not complete); only the primary's completion does."""
+    vm = Vm(listener, "copying", disks=2, initial=False)
+    vm.send_initial_window(0, 0)
+    vm.send_initial_window(1, 0)
+    vm.send_initial_window(0, 2 * MiB)
+    assert vm.state()["state"] == "WaitingForInitialReplication"
+    seen = listener.hvrctl_json("replica", "get", "copying")
+    assert seen["state"] == "WaitingForInitialReplication" and seen["health"] == "Warning"
+    assert any("Initial replication" in d for d in seen["health_details"])
+    vm.send_initial_window(1, 2 * MiB)  # every byte stored: still waiting for the primary's completion
+    assert vm.state()["state"] == "WaitingForInitialReplication"
+    vm.complete_initial()
+    assert listener.hvrctl_json("replica", "get", "copying")["state"] == "Replicating"
+    vm.assert_images()
 
 
 def test_initial_then_cycles_are_applied_in_order(listener):

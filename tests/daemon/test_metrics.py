@@ -4,6 +4,7 @@ prometheus-client's own parser; the RPO gauge rises while the link is cut and fa
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -12,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemons import free_tcp_port, wait_for
 from fault_proxy import FaultProxy
+from listener_process import ListenerProcess
 from replication_pair import MiB, Pair, make_disk, qemu_io
+from small_tmpfs import small_tmpfs
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -63,6 +66,26 @@ def test_probes_answer_on_both_daemons(pair):
     assert get(pair.listener_http, "/readyz")[0] == 200
 
 
+def test_the_listener_is_unready_while_its_storage_is_not_writable(tmp_path):
+    """The storage's file system turned read-only under a running listener: /readyz says so (503), and
+    ready again once it is writable."""
+    http = free_tcp_port()
+    listener = ListenerProcess(tmp_path / "listener", extra_config={"http_listen": f"127.0.0.1:{http}"})
+    with small_tmpfs(listener.storage, "8m") as storage:
+        listener.start().wait_ready()
+        try:
+            assert get(http, "/readyz")[0] == 200
+            subprocess.run(["mount", "-o", "remount,ro", str(storage)], check=True)
+            status, body = get(http, "/readyz")
+            problems = json.loads(body)["problems"]
+            assert status == 503 and problems and f"the storage {storage} is not writable" in problems[0], body
+            assert scrape(http)[("hvr_ready", ())] == 0
+            subprocess.run(["mount", "-o", "remount,rw", str(storage)], check=True)
+            assert get(http, "/readyz") == (200, json.dumps({"ready": True, "problems": []}))
+        finally:
+            listener.close()
+
+
 def test_an_unavailable_vm_makes_the_agent_unready(pair, tmp_path):
     disk = make_disk(tmp_path / "gone.img", MiB)
     pair.agent.add_vm("gone", [disk])
@@ -93,6 +116,7 @@ def test_rpo_rises_while_the_link_is_cut_and_falls_after(pair, tmp_path):
         vm = (("vm", "web"),)
         assert samples[("hvr_replication_health", (("health", "Normal"), ("vm", "web")))] == 1
         assert samples[("hvr_replication_cycles_successful", vm)] >= 1
+        assert ("hvr_replication_cycles_missed", vm) in samples and ("hvr_replication_errors", vm) in samples
         assert samples[("hvr_replication_sent_bytes", vm)] > 0
         assert samples[("hvr_replication_compression_ratio", vm)] >= 1
         assert samples[("hvr_replication_pending_bytes", vm)] == 0

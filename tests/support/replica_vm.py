@@ -42,17 +42,27 @@ class Vm:
                           for i, d in enumerate(self.disk_ids)]}
 
     def initial(self) -> None:
-        for i, disk_id in enumerate(self.disk_ids):
+        for i in range(len(self.disk_ids)):
+            for start in range(0, SIZE, 2 * MiB):
+                self.send_initial_window(i, start)
+        self.complete_initial()
+
+    def send_initial_window(self, i: int, start: int) -> None:
+        """The initial copy's window of disk ``i`` from ``start`` (2 MiB); the first holds 64 KiB of data at 1 MiB."""
+        disk_id = self.disk_ids[i]
+        ops = []
+        if start == 0:
             data = os.urandom(65536)
             self.expected[i][MiB:MiB + len(data)] = data
-            for start in range(0, SIZE, 2 * MiB):
-                ops = [("write", MiB, data)] if start == 0 else []
-                log = hrl_bytes(self.vm_id, disk_id, 1, 0, SIZE, ops)
-                body = bundle(BundleKind.INITIAL, self.vm_id, 1, 0, [(disk_id, SIZE, start, start + 2 * MiB, log)])
-                r = call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/initial/{disk_id}?offset={start}"
-                         f"&end={start + 2 * MiB}", body, key=self.lp.key, headers={"X-Hvr-Generation": "1"},
-                         tls=self.lp.client_tls)
-                assert r.status == 200, r.body
+            ops = [("write", MiB, data)]
+        log = hrl_bytes(self.vm_id, disk_id, 1, 0, SIZE, ops)
+        body = bundle(BundleKind.INITIAL, self.vm_id, 1, 0, [(disk_id, SIZE, start, start + 2 * MiB, log)])
+        r = call(self.lp.port, "PUT", f"/v1/replicas/{self.vm_id}/initial/{disk_id}?offset={start}"
+                 f"&end={start + 2 * MiB}", body, key=self.lp.key, headers={"X-Hvr-Generation": "1"},
+                 tls=self.lp.client_tls)
+        assert r.status == 200, r.body
+
+    def complete_initial(self) -> None:
         r = call_json(self.lp.port, "POST", f"/v1/replicas/{self.vm_id}/initial/complete",
                       {"generation": 1, "next_sequence": 1}, key=self.lp.key, tls=self.lp.client_tls)
         assert r.status == 200, r.body

@@ -111,6 +111,15 @@ def test_average_latency_over_the_limit_warns():
     assert report.health is W and "latency" in report.details[0]
 
 
+def test_the_latency_limit_is_the_configured_one():
+    rows = [ok(30 * i, latency_s=40, seq=i) for i in range(1, 5)]
+    assert replication_health("Replicating", frequency_s=F, rows=rows, now_ns=NOW, last_ack_ns=NOW - 10 * NS,
+                              replicating_since_ns=NOW - 7200 * NS, vm="web").health is N  # 5 minutes
+    report = replication_health("Replicating", frequency_s=F, rows=rows, now_ns=NOW, last_ack_ns=NOW - 10 * NS,
+                                replicating_since_ns=NOW - 7200 * NS, vm="web", latency_limit_s=30)
+    assert report.health is W and "over the limit of 30 s" in report.details[0]
+
+
 def test_a_failed_upload_in_the_last_hour_warns_in_any_state():
     failed = CycleStat(None, NOW - 20 * NS, NOW - 20 * NS, 0, 0, CycleResult.ERROR, "replica_unavailable")
     assert health("Replicating", rows=[ok(10), failed]).health is W
@@ -159,13 +168,19 @@ def test_monitoring_settings_are_validated():
     assert monitoring_settings({}) == MonitoringSettings(12 * 3600, 0)
     got = monitoring_settings({"monitoring_interval_s": 6 * 3600, "monitoring_start": "09:30"})
     assert got == MonitoringSettings(6 * 3600, 9 * 3600 + 1800) and got.start == "09:30"
-    assert got.to_dict() == {"monitoring_interval_s": 21600, "monitoring_start": "09:30"}
+    assert got.to_dict() == {"monitoring_interval_s": 21600, "monitoring_start": "09:30", "latency_limit_s": 300}
+    assert monitoring_settings({"latency_limit_s": 30}).latency_limit_s == 30
     for bad in ({"monitoring_interval_s": 1800}, {"monitoring_interval_s": 8 * 86400},
                 {"monitoring_interval_s": 5400}, {"monitoring_interval_s": True},
-                {"monitoring_start": "9:30"}, {"monitoring_start": "24:00"}, {"monitoring_start": "12:60"}):
+                {"monitoring_start": "9:30"}, {"monitoring_start": "24:00"}, {"monitoring_start": "12:60"},
+                {"latency_limit_s": 0}, {"latency_limit_s": 86401}, {"latency_limit_s": 1.5},
+                {"latency_limit_s": True}, {"latency_limit_s": "300"}):
         with pytest.raises(UsageError):
             monitoring_settings(bad)
     assert parse_start("23:59") == 86340
+    with pytest.raises(UsageError) as refused:  # said in the operator's words as well as the field's
+        monitoring_settings({"monitoring_interval_s": 0})
+    assert "--monitoring-interval 12h" in refused.value.hint and "monitoring interval" in refused.value.message
 
 
 def test_the_replica_view_from_its_own_record():

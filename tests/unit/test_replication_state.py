@@ -30,6 +30,7 @@ def test_every_other_transition_raises(role, state, action):
         transition(role, state, action)
     assert info.value.code == "wrong_state"
     assert (state.value if state else "not enabled") in info.value.message
+    assert "docs/state-machine.md" in info.value.hint  # what to do, not only what is wrong
     assert action not in allowed_actions(role, state)
 
 
