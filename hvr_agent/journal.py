@@ -34,7 +34,7 @@ def parse_log_sequence(image_path: Path, candidate: Path) -> int | None:
     if not (name.startswith(prefix) and name.endswith(".hrl")):
         return None
     middle = name[len(prefix):-4]
-    if len(middle) != 10 or not middle.isdigit():
+    if len(middle) != 10 or not middle.isascii() or not middle.isdigit():  # '²' is a digit to isdigit()
         return None
     return int(middle)
 

@@ -98,7 +98,7 @@ class VmHistory:
         for p in self.dir.glob("*" + MERGING_SUFFIX):
             unlink_if_exists(p)
         files = {int(p.name[:-len(FILE_SUFFIX)]): p for p in self.dir.glob("*" + FILE_SUFFIX)
-                 if p.name[:-len(FILE_SUFFIX)].isdigit()}
+                 if p.name[:-len(FILE_SUFFIX)].isascii() and p.name[:-len(FILE_SUFFIX)].isdigit()}
         known = {p.id: p for p in points}
         capturing = [p.id for p in points if p.capturing]
         may_be_open = set(capturing[-2:])  # the target, and the one before it if a crash left it open

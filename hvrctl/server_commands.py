@@ -177,8 +177,8 @@ def latency_limit_s(text: str) -> int:
     """``90s``, ``5m``, ``1h`` or a number of seconds."""
     unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower()) if text else None
     digits = text[:-1] if unit is not None else text
-    if not digits.isdigit():
-        raise UsageError(f"latency limit {text!r} is not a duration", hint="for example 90s, 5m or 1h")
+    if re.fullmatch("[0-9]{1,9}", digits) is None:  # ASCII digits, bounded: int() refuses '²'
+        raise UsageError(f"latency limit {text!r:.80} is not a duration", hint="for example 90s, 5m or 1h")
     return int(digits) * (unit or 1)
 
 

@@ -73,6 +73,13 @@ def test_a_monitoring_interval_that_is_not_ascii_digits_is_a_usage_error(capsys,
     assert rc == 2 and "is not a duration" in err and len(err) < 400, err
 
 
+@pytest.mark.parametrize("limit", ["²m", "²", "١٢s", "9" * 5000, "m", "1.5h"])
+def test_a_latency_limit_that_is_not_ascii_digits_is_a_usage_error(capsys, tmp_path, limit):
+    rc, err = run(capsys, "--listener-socket", str(tmp_path / "no.sock"), "server", "set",
+                  "--latency-limit", limit)
+    assert rc == 2 and "is not a duration" in err and len(err) < 400, err
+
+
 @pytest.mark.parametrize("flag", ["--key", "--ca", "--cert", "--cert-key"])
 def test_vm_enable_with_a_folder_for_a_file_says_so(capsys, tmp_path, flag):
     files = {"--key": tmp_path / "k", "--ca": tmp_path / "ca.pem", "--cert": tmp_path / "c.pem",

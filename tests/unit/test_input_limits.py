@@ -190,3 +190,11 @@ def test_a_bandwidth_rate_with_odd_digits_or_beyond_any_link_is_refused(rate):
     with pytest.raises(ValueError) as info:
         parse_rate(rate)
     assert len(str(info.value)) < 400
+
+
+def test_a_log_file_name_with_non_ascii_digits_is_not_a_log(tmp_path):
+    from hvr_agent.journal import parse_log_sequence
+    image = tmp_path / "disk.img"
+    assert parse_log_sequence(image, tmp_path / "disk.img.0000000042.hrl") == 42
+    for odd in ("²" * 10, "١" * 10, "000000004²"):
+        assert parse_log_sequence(image, tmp_path / f"disk.img.{odd}.hrl") is None

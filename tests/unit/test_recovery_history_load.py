@@ -170,3 +170,13 @@ async def test_with_history_off_capture_stops_once_the_test_that_needed_it_ends(
     assert not (vm_dir / "points" / file_name(pinned.id)).exists()
     assert cycle(5) is None, "with history off, nothing is captured once no test needs it"
     assert [p.sequence for p in store.points(vm_id)] == [5]
+
+
+def test_a_file_named_with_non_ascii_digits_is_not_taken_for_a_point(setup):
+    store, vm_id, disk_id, vm_dir, fd = setup
+    history, truths = run_cycles(store, vm_id, disk_id, vm_dir, fd, 3)
+    odd = vm_dir / "points" / file_name(2).replace("2", "²")
+    odd.write_bytes(b"not an undo log")
+    again = fresh(store, vm_id, vm_dir)  # int('²') would raise here: the replica would not load
+    assert [p.sequence for p in again.points] == [p.sequence for p in history.points]
+    check_points(again, disk_id, fd, truths)
