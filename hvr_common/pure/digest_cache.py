@@ -38,6 +38,7 @@ VERSION = 1
 HEADER = struct.Struct("<8sHHIIQ16s16sQqqQQ")
 assert HEADER.size == 100
 CRC = struct.Struct("<I")
+_NOT = bytes.maketrans(b"\x00\x01", b"\x01\x00")  # region flags inverted: 1 = not written
 
 
 class DigestCacheError(CorruptError):
@@ -114,8 +115,12 @@ class DigestCache:
     def fresh(self) -> bytearray:
         """Per chunk: 1 when its cached digest is still its content's."""
         per = self.chunks_per_region
-        marks = self.written.marks
-        return bytearray(1 if self.known[c] and not marks[c // per] else 0 for c in range(self.chunks))
+        # per chunk, 1 where its region is unwritten: each region's flag repeated for its chunks (byte ops, not a
+        # Python loop per chunk: a 1 TiB disk has 16 M chunks and this runs on the event loop)
+        unwritten = bytes(self.written.marks).translate(_NOT).replace(b"\x00", b"\x00" * per).replace(
+            b"\x01", b"\x01" * per)[:self.chunks]
+        both = int.from_bytes(self.known, "little") & int.from_bytes(unwritten, "little")
+        return bytearray(both.to_bytes(self.chunks, "little"))
 
     def begin(self, period: IntentBitmap, reuse: bool = True) -> Pass:
         """A pass starting now (``period``: the marks the write fast path trusts now).  With ``reuse`` the
@@ -145,8 +150,11 @@ class DigestCache:
             p.spoiled = True
 
     def fresh_bytes(self) -> int:
-        return sum(self.geometry.node_range(1, c)[1] - self.geometry.node_range(1, c)[0]
-                   for c, f in enumerate(self.fresh()) if f)
+        fresh = self.fresh()
+        total = fresh.count(1) * self.geometry.chunk_size
+        if fresh and fresh[-1]:  # the last chunk may be short
+            total -= self.chunks * self.geometry.chunk_size - self.geometry.size
+        return total
 
     # --- the file beside the image -----------------------------------------------------------------
     def encode(self, vm_id: uuid.UUID, disk_id: uuid.UUID, identity: ImageIdentity) -> bytes:
