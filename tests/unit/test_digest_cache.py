@@ -196,3 +196,13 @@ def test_every_flipped_byte_and_every_truncation_is_refused():
     for n in range(len(raw)):
         with pytest.raises(DigestCacheError):
             DigestCache.decode(raw[:n], cache.geometry, REGION, VM, DISK, IDENTITY)
+
+
+def test_fresh_bytes_counts_a_short_last_chunk_by_its_length():
+    size = 3 * dt.CHUNK_SIZE + 100  # four chunks, the last 100 bytes long; one 4 MiB region
+    cache = DigestCache(dt.Geometry(size), 4 * 1024 * 1024)
+    cache.known[:] = b"\x01\x00\x01\x01"
+    assert cache.fresh() == bytearray(b"\x01\x00\x01\x01")
+    assert cache.fresh_bytes() == dt.CHUNK_SIZE + dt.CHUNK_SIZE + 100
+    cache.note_marks([0])
+    assert cache.fresh_bytes() == 0 and not any(cache.fresh())
