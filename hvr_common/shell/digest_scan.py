@@ -24,11 +24,13 @@ READ_BYTES = 8 * 1024 * 1024
 Runs = list[tuple[int, int]]
 
 
-def _data_chunks(fd: int, geometry: dt.Geometry) -> Runs:
-    """Runs ``(first, end)`` of chunk indices that hold data (touch a data extent)."""
+def _data_chunks(fd: int, geometry: dt.Geometry, first: int = 0, end: int | None = None) -> Runs:
+    """Runs ``(first, end)`` of chunk indices that hold data (touch a data extent), among chunks ``first`` to
+    ``end`` (the whole disk by default): only that span's extent map is asked for."""
     unit = geometry.chunk_size
+    start, stop = first * unit, geometry.size if end is None else min(end * unit, geometry.size)
     runs: Runs = []
-    for offset, length, is_data in sparse.data_extents(fd, 0, geometry.size):
+    for offset, length, is_data in sparse.data_extents(fd, start, max(0, stop - start)):
         if not is_data:
             continue
         first, end = offset // unit, -(-(offset + length) // unit)
@@ -86,7 +88,8 @@ def fill(fd: int, geometry: dt.Geometry, digests: bytearray, only: Runs,
             offset, stop = geometry.node_range(1, index)
             digests[index * dt.DIGEST_SIZE:(index + 1) * dt.DIGEST_SIZE] = dt.zero_digest(stop - offset)
     unit = geometry.chunk_size
-    data = br.intersect([(a * unit, b * unit) for a, b in _data_chunks(fd, geometry)],
+    span = (min(a for a, _b in only), max(b for _a, b in only)) if only else (0, 0)
+    data = br.intersect([(a * unit, b * unit) for a, b in _data_chunks(fd, geometry, *span)],
                         br.normalise((a * unit, b * unit) for a, b in only))
     reads = _reads([(a // unit, b // unit) for a, b in data], geometry, read_bytes)
     if hasattr(os, "posix_fadvise") and geometry.size and reads:

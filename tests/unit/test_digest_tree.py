@@ -212,3 +212,30 @@ def test_blocks_found_but_not_acted_on_are_asked_again():
     descent.reopen([3])
     assert descent.differing_blocks == [1] and descent.compared_bytes == geometry.size - 4096
     assert descent.next_query() == dt.Query(0, (3,))
+
+
+def test_fill_of_some_chunks_asks_only_their_span_of_the_extent_map(tmp_path, monkeypatch):
+    """The initial copy fills each window's chunks: the whole disk's extent map per window would grow
+    with the disk for every window."""
+    geometry = dt.Geometry(64 * dt.CHUNK_SIZE)
+    path = tmp_path / "img"
+    with open(path, "wb") as f:
+        f.truncate(geometry.size)
+        f.seek(5 * dt.CHUNK_SIZE)
+        f.write(os.urandom(dt.CHUNK_SIZE))  # chunk 5 holds data
+        f.seek(40 * dt.CHUNK_SIZE)
+        f.write(os.urandom(100))  # and part of chunk 40
+    asked, real = [], digest_scan.sparse.data_extents
+    monkeypatch.setattr(digest_scan.sparse, "data_extents",
+                        lambda fd, offset, length: asked.append((offset, length)) or real(fd, offset, length))
+    image = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        digests = bytearray(geometry.count(1) * dt.DIGEST_SIZE)
+        digest_scan.fill(fd, geometry, digests, [(4, 8)], threads=1)
+    finally:
+        os.close(fd)
+    assert asked == [(4 * dt.CHUNK_SIZE, 4 * dt.CHUNK_SIZE)]
+    for index in range(4, 8):
+        chunk = image[index * dt.CHUNK_SIZE:(index + 1) * dt.CHUNK_SIZE]
+        assert digests[index * dt.DIGEST_SIZE:(index + 1) * dt.DIGEST_SIZE] == dt.content_digest(chunk)
